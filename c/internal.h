@@ -1,0 +1,156 @@
+/* internal.h: helpers shared by the C sources (not part of the public API).
+ * Validation helpers set the thread-local error message and return an FA_ERR_* code so that an entry
+ * point can write `if ((rc = fa_check_...(...))) return rc;` before any kernel runs. */
+#ifndef FA_INTERNAL_H
+#define FA_INTERNAL_H
+#include "fastattn.h"
+#include <string.h>
+#include <math.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* sets the message (printf-style) and returns code */
+int fa_error(int code, const char *fmt, ...)
+#ifdef __GNUC__
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void fa_clear_error(void);
+
+static inline int64_t fa_numel(const fa_tensor *t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+  return n;
+}
+static inline int fa_is_contiguous(const fa_tensor *t) {
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; i--) {
+    if (t->shape[i] != 1 && t->stride[i] != s) return 0;
+    s *= t->shape[i];
+  }
+  return 1;
+}
+static inline int fa_is_float(int dtype) {
+  return dtype == FA_FLOAT32 || dtype == FA_FLOAT64 || dtype == FA_BFLOAT16 || dtype == FA_FLOAT16;
+}
+/* element offset of the i-th element (row-major order) of a strided tensor */
+static inline int64_t fa_offset(const fa_tensor *t, int64_t i) {
+  int64_t off = 0;
+  for (int d = t->ndim - 1; d >= 0; d--) {
+    int64_t n = t->shape[d];
+    if (n == 0) return 0;
+    off += (i % n) * t->stride[d];
+    i /= n;
+  }
+  return off;
+}
+/* writes "(2, 3, 4)" into buf (a caller-owned buffer of >= 200 bytes); returns buf */
+const char *fa_shape_str(const fa_tensor *t, char *buf);
+const char *fa_device_str(int device, char *buf);
+
+/* ---- validation: each names the function (fn) and the argument (arg) in its message ---- */
+int fa_check_defined(const char *fn, const char *arg, const fa_tensor *t);
+/* ndim < 0: any rank */
+int fa_check_ndim(const char *fn, const char *arg, const fa_tensor *t, int ndim);
+int fa_check_dtype(const char *fn, const char *arg, const fa_tensor *t, int dtype);
+/* float32/float64 on the CPU; float32/bfloat16/float16 on CUDA, unless cpu16 etc.: kernels that
+ * take every float check with fa_check_float_dtype */
+int fa_check_float_dtype(const char *fn, const char *arg, const fa_tensor *t);
+int fa_check_same_dtype(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
+int fa_check_same_device(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
+int fa_check_same_shape(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
+int fa_check_contiguous(const char *fn, const char *arg, const fa_tensor *t);
+/* t->shape[dim] == size */
+int fa_check_dim(const char *fn, const char *arg, const fa_tensor *t, int dim, int64_t size);
+/* all three at once: defined, same device and dtype as ref */
+int fa_check_like(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
+
+/* ---- 16-bit float conversions (round to nearest even) ---- */
+static inline float fa_bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t fa_f32_to_bf16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+float fa_f16_to_f32(uint16_t h);
+uint16_t fa_f32_to_f16(float f);
+
+/* ---- threads ---- */
+/* below this many elements a CPU kernel runs on one thread */
+enum { FA_PARALLEL_GRAIN = 32768 };
+
+/* ---- RNG: Philox4x32-10, counter-based; fills r[4] for (seed, counter) ---- */
+void fa_philox(uint64_t seed, uint64_t counter, uint32_t r[4]);
+/* uniform in [0, 1) from 32 random bits (float) / from 2x32 (double) */
+static inline float fa_u32_to_unit_float(uint32_t x) { return (float)(x >> 8) * (1.0f / 16777216.0f); }
+static inline double fa_u64_to_unit_double(uint32_t a, uint32_t b) {
+  return (double)((((uint64_t)a << 32) | b) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* ---- CUDA side: one fa_cu_<op> per public entry, same arguments, called after validation when the
+ * tensors are on a GPU. Defined in cuda/<op>.cu; c/cuda_stubs.c defines them when built without CUDA. */
+int fa_cu_alloc(int device, int64_t nbytes, void **ptr);
+void fa_cu_free(int device, void *ptr);
+int fa_cu_copy(fa_tensor *dst, const fa_tensor *src);           /* any side on a GPU */
+int fa_cu_fill(fa_tensor *dst, double value);
+int fa_cu_uniform(fa_tensor *out, double lo, double hi, uint64_t seed, uint64_t offset);
+int fa_cu_normal(fa_tensor *out, double mean, double std, uint64_t seed, uint64_t offset);
+int fa_cu_binary_forward(int op, fa_tensor *out, const fa_tensor *a, const fa_tensor *b, double alpha);
+int fa_cu_binary_backward(int op, fa_tensor *grad_a, fa_tensor *grad_b, const fa_tensor *grad_out,
+                          const fa_tensor *a, const fa_tensor *b);
+int fa_cu_scale_forward(fa_tensor *out, const fa_tensor *a, double scale, double shift);
+int fa_cu_addcmul_forward(fa_tensor *out, const fa_tensor *a, const fa_tensor *b, const fa_tensor *c, double value);
+int fa_cu_unary_forward(int op, fa_tensor *out, const fa_tensor *x);
+int fa_cu_unary_backward(int op, fa_tensor *grad_x, const fa_tensor *grad_y, const fa_tensor *x, const fa_tensor *y);
+int fa_cu_reduce_forward(int op, fa_tensor *out, fa_tensor *idx, const fa_tensor *x, int dim);
+int fa_cu_reduce_backward(int op, fa_tensor *grad_x, const fa_tensor *grad_out, const fa_tensor *idx, int dim);
+int fa_cu_matmul_forward(fa_tensor *out, const fa_tensor *a, const fa_tensor *b, int trans_a, int trans_b,
+                         double alpha, double beta);
+int fa_cu_linear_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias);
+int fa_cu_linear_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias,
+                          const fa_tensor *grad_out, const fa_tensor *x, const fa_tensor *weight);
+int fa_cu_conv2d_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias,
+                         const fa_conv2d_params *p);
+int fa_cu_conv2d_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias,
+                          const fa_tensor *grad_out, const fa_tensor *x, const fa_tensor *weight,
+                          const fa_conv2d_params *p);
+int fa_cu_layernorm_forward(fa_tensor *out, fa_tensor *mean, fa_tensor *rstd, const fa_tensor *x,
+                            const fa_tensor *weight, const fa_tensor *bias, int64_t norm_size, double eps);
+int fa_cu_layernorm_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias,
+                             const fa_tensor *grad_out, const fa_tensor *x, const fa_tensor *mean,
+                             const fa_tensor *rstd, const fa_tensor *weight, int64_t norm_size);
+int fa_cu_softmax_forward(fa_tensor *out, const fa_tensor *x, int dim, int log);
+int fa_cu_softmax_backward(fa_tensor *grad_x, const fa_tensor *grad_out, const fa_tensor *out, int dim, int log);
+int fa_cu_dropout_forward(fa_tensor *out, fa_tensor *mask, const fa_tensor *x, double p, uint64_t seed, uint64_t offset);
+int fa_cu_dropout_backward(fa_tensor *grad_x, const fa_tensor *grad_out, const fa_tensor *mask, double p);
+int fa_cu_grid_sample_forward(fa_tensor *out, const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners);
+int fa_cu_grid_sample_backward(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tensor *grad_out,
+                               const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners);
+int fa_cu_mse_forward(fa_tensor *loss, const fa_tensor *x, const fa_tensor *target, int reduction);
+int fa_cu_mse_backward(fa_tensor *grad_x, const fa_tensor *grad_loss, const fa_tensor *x, const fa_tensor *target,
+                       int reduction);
+int fa_cu_cross_entropy_forward(fa_tensor *loss, const fa_tensor *logits, const fa_tensor *target,
+                                int64_t ignore_index, double label_smoothing, int reduction);
+int fa_cu_cross_entropy_backward(fa_tensor *grad_logits, const fa_tensor *grad_loss, const fa_tensor *logits,
+                                 const fa_tensor *target, int64_t ignore_index, double label_smoothing, int reduction);
+int fa_cu_sgd_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *momentum_buf, double lr, double momentum,
+                   double dampening, double weight_decay, int nesterov, int first);
+int fa_cu_adam_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *exp_avg, fa_tensor *exp_avg_sq, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t step);
+int fa_cu_sumsq(fa_tensor *out, const fa_tensor *x);
+int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
+                       const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
+                       const fa_tensor *attention_weights, const fa_msda_opts *opts);
+int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, fa_tensor *grad_attention_weights,
+                        const fa_tensor *grad_out, const fa_tensor *value, const fa_tensor *spatial_shapes,
+                        const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
+                        const fa_tensor *attention_weights, const fa_msda_opts *opts);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,297 @@
+/* runtime.c: version, errors, dtypes, allocation, storage, threads, RNG and the validation helpers. */
+#include "internal.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FA_VERSION_STRING "0.1.0"
+
+static __thread char fa_errbuf[1024];
+
+const char *fa_version(void) { return FA_VERSION_STRING; }
+const char *fa_last_error(void) { return fa_errbuf; }
+void fa_clear_error(void) { fa_errbuf[0] = 0; }
+
+int fa_error(int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(fa_errbuf, sizeof fa_errbuf, fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+static const int fa_sizes[FA_NUM_DTYPES] = {4, 8, 2, 2, 4, 8, 1};
+static const char *fa_names[FA_NUM_DTYPES] = {"float32", "float64", "bfloat16", "float16", "int32", "int64", "bool"};
+
+int fa_dtype_size(int dtype) { return dtype >= 0 && dtype < FA_NUM_DTYPES ? fa_sizes[dtype] : 0; }
+const char *fa_dtype_name(int dtype) { return dtype >= 0 && dtype < FA_NUM_DTYPES ? fa_names[dtype] : "invalid"; }
+
+/* ------------------------------------------------------------------ allocation */
+void *fa_alloc(int device, int64_t nbytes) {
+  if (nbytes < 0) { fa_error(FA_ERR_ARG, "fa_alloc: argument 'nbytes': expected >= 0, got %lld", (long long)nbytes); return NULL; }
+  if (device >= 0) {
+    void *p = NULL;
+    if (fa_cu_alloc(device, nbytes, &p)) return NULL;
+    return p;
+  }
+  size_t n = (size_t)((nbytes + 63) / 64 * 64);
+  if (n == 0) n = 64;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, n) != 0 || !p) {
+    fa_error(FA_ERR_MEMORY, "fa_alloc: out of CPU memory allocating %lld bytes", (long long)nbytes);
+    return NULL;
+  }
+  return p;
+}
+
+void fa_free(int device, void *ptr) {
+  if (!ptr) return;
+  if (device >= 0) fa_cu_free(device, ptr);
+  else free(ptr);
+}
+
+fa_storage *fa_storage_new(int device, int64_t nbytes) {
+  fa_storage *s = (fa_storage *)malloc(sizeof *s);
+  if (!s) { fa_error(FA_ERR_MEMORY, "fa_storage_new: out of memory"); return NULL; }
+  s->data = fa_alloc(device, nbytes);
+  if (!s->data) { free(s); return NULL; }
+  s->nbytes = nbytes;
+  s->device = device;
+  s->refcount = 1;
+  return s;
+}
+
+void fa_storage_retain(fa_storage *s) {
+  if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED);
+}
+
+void fa_storage_release(fa_storage *s) {
+  if (!s) return;
+  if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+    fa_free(s->device, s->data);
+    free(s);
+  }
+}
+
+/* ------------------------------------------------------------------ threads */
+void fa_set_num_threads(int n) {
+#ifdef _OPENMP
+  if (n < 1) n = 1;
+  omp_set_num_threads(n);
+#else
+  (void)n;
+#endif
+}
+int fa_get_num_threads(void) {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ RNG */
+/* Philox4x32-10 (Salmon et al., SC'11): counter (lo, hi of `counter`, 0, 0), key = seed. */
+void fa_philox(uint64_t seed, uint64_t counter, uint32_t r[4]) {
+  uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int i = 0; i < 10; i++) {
+    uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
+    uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+    c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+  }
+  r[0] = c0; r[1] = c1; r[2] = c2; r[3] = c3;
+}
+
+static int rng_check(const char *fn, fa_tensor *out) {
+  int rc;
+  if ((rc = fa_check_defined(fn, "out", out))) return rc;
+  if (!fa_is_float(out->dtype))
+    return fa_error(FA_ERR_ARG, "%s: argument 'out': expected a floating-point tensor, got %s", fn, fa_dtype_name(out->dtype));
+  return 0;
+}
+
+static void store_double(fa_tensor *t, int64_t off, double v) {
+  switch (t->dtype) {
+    case FA_FLOAT32: ((float *)t->data)[off] = (float)v; break;
+    case FA_FLOAT64: ((double *)t->data)[off] = v; break;
+    case FA_BFLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_bf16((float)v); break;
+    case FA_FLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_f16((float)v); break;
+  }
+}
+
+/* element i uses counter offset + i (uniform) so a view fills the same as a fresh tensor */
+int fa_uniform(fa_tensor *out, double lo, double hi, uint64_t seed, uint64_t offset) {
+  int rc;
+  if ((rc = rng_check("fa_uniform", out))) return rc;
+  if (out->device >= 0) return fa_cu_uniform(out, lo, hi, seed, offset);
+  int64_t n = fa_numel(out);
+  int dbl = out->dtype == FA_FLOAT64;
+#pragma omp parallel for schedule(static) if (n > FA_PARALLEL_GRAIN)
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t r[4];
+    fa_philox(seed, offset + (uint64_t)i, r);
+    double u = dbl ? fa_u64_to_unit_double(r[0], r[1]) : (double)fa_u32_to_unit_float(r[0]);
+    store_double(out, fa_offset(out, i), lo + (hi - lo) * u);
+  }
+  return 0;
+}
+
+/* Box-Muller on (r0, r1) of counter offset + i; one normal per element */
+int fa_normal(fa_tensor *out, double mean, double std, uint64_t seed, uint64_t offset) {
+  int rc;
+  if ((rc = rng_check("fa_normal", out))) return rc;
+  if (out->device >= 0) return fa_cu_normal(out, mean, std, seed, offset);
+  int64_t n = fa_numel(out);
+#pragma omp parallel for schedule(static) if (n > FA_PARALLEL_GRAIN)
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t r[4];
+    fa_philox(seed, offset + (uint64_t)i, r);
+    double u1 = ((double)r[0] + 1.0) * (1.0 / 4294967296.0); /* (0, 1] */
+    double u2 = (double)r[1] * (1.0 / 4294967296.0);
+    double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    store_double(out, fa_offset(out, i), mean + std * z);
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------ float16 */
+float fa_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) u = sign;
+    else { /* subnormal */
+      int e = -1;
+      do { e++; man <<= 1; } while (!(man & 0x400));
+      u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
+  else u = sign | ((exp + 112) << 23) | (man << 13);
+  float f; memcpy(&f, &u, 4); return f;
+}
+
+uint16_t fa_f32_to_f16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00);            /* NaN */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);           /* overflow -> inf */
+  if (a < 0x38800000u) {                                            /* subnormal or zero */
+    if (a < 0x33000000u) return (uint16_t)sign;
+    uint32_t man = (a & 0x7fffff) | 0x800000;
+    int shift = 113 - (int)(a >> 23) + 13;                          /* 14..24 */
+    uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+  }
+  uint32_t r = a - 0x38000000u;                                     /* rebias exponent */
+  r += 0xfffu + ((r >> 13) & 1u);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+/* ------------------------------------------------------------------ validation */
+const char *fa_device_str(int device, char *buf) {
+  if (device < 0) strcpy(buf, "cpu");
+  else sprintf(buf, "cuda:%d", device);
+  return buf;
+}
+
+const char *fa_shape_str(const fa_tensor *t, char *buf) {
+  char *p = buf;
+  p += sprintf(p, "(");
+  for (int i = 0; i < t->ndim && i < FA_MAX_DIMS; i++) p += sprintf(p, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+  sprintf(p, t->ndim == 1 ? ",)" : ")");
+  return buf;
+}
+
+int fa_check_defined(const char *fn, const char *arg, const fa_tensor *t) {
+  if (!t) return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor, got nothing", fn, arg);
+  if (t->ndim < 0 || t->ndim > FA_MAX_DIMS)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected at most %d dimensions, got %d", fn, arg, FA_MAX_DIMS, t->ndim);
+  if (t->dtype < 0 || t->dtype >= FA_NUM_DTYPES)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': invalid dtype %d", fn, arg, t->dtype);
+  if (!t->data && fa_numel(t) > 0) return fa_error(FA_ERR_ARG, "%s: argument '%s': tensor has no data", fn, arg);
+  return 0;
+}
+
+int fa_check_ndim(const char *fn, const char *arg, const fa_tensor *t, int ndim) {
+  int rc;
+  if ((rc = fa_check_defined(fn, arg, t))) return rc;
+  if (ndim >= 0 && t->ndim != ndim) {
+    char b[256];
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a %d-D tensor, got a %d-D tensor of shape %s", fn, arg, ndim,
+                    t->ndim, fa_shape_str(t, b));
+  }
+  return 0;
+}
+
+int fa_check_dtype(const char *fn, const char *arg, const fa_tensor *t, int dtype) {
+  if (t->dtype != dtype)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected dtype %s, got %s", fn, arg, fa_dtype_name(dtype),
+                    fa_dtype_name(t->dtype));
+  return 0;
+}
+
+int fa_check_float_dtype(const char *fn, const char *arg, const fa_tensor *t) {
+  if (t->device < 0 && t->dtype != FA_FLOAT32 && t->dtype != FA_FLOAT64)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected float32 or float64 on the CPU, got %s", fn, arg,
+                    fa_dtype_name(t->dtype));
+  if (t->device >= 0 && t->dtype != FA_FLOAT32 && t->dtype != FA_BFLOAT16 && t->dtype != FA_FLOAT16)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected float32, bfloat16 or float16 on CUDA, got %s", fn, arg,
+                    fa_dtype_name(t->dtype));
+  return 0;
+}
+
+int fa_check_same_dtype(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
+  if (t->dtype != ref->dtype)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected dtype %s (as '%s'), got %s", fn, arg,
+                    fa_dtype_name(ref->dtype), ref_arg, fa_dtype_name(t->dtype));
+  return 0;
+}
+
+int fa_check_same_device(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
+  if (t->device != ref->device) {
+    char a[32], b[32];
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor on %s (as '%s'), got one on %s", fn, arg,
+                    fa_device_str(ref->device, a), ref_arg, fa_device_str(t->device, b));
+  }
+  return 0;
+}
+
+int fa_check_same_shape(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
+  int same = t->ndim == ref->ndim;
+  for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
+  if (!same) {
+    char a[256], b[256];
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s (as '%s'), got %s", fn, arg, fa_shape_str(ref, a),
+                    ref_arg, fa_shape_str(t, b));
+  }
+  return 0;
+}
+
+int fa_check_contiguous(const char *fn, const char *arg, const fa_tensor *t) {
+  if (!fa_is_contiguous(t))
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a contiguous tensor, got a non-contiguous view (call :contiguous())",
+                    fn, arg);
+  return 0;
+}
+
+int fa_check_dim(const char *fn, const char *arg, const fa_tensor *t, int dim, int64_t size) {
+  if (dim >= t->ndim || t->shape[dim] != size) {
+    char b[256];
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected size %lld in dimension %d, got shape %s", fn, arg,
+                    (long long)size, dim + 1, fa_shape_str(t, b));
+  }
+  return 0;
+}
+
+int fa_check_like(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
+  int rc;
+  if ((rc = fa_check_defined(fn, arg, t))) return rc;
+  if ((rc = fa_check_same_device(fn, arg, t, ref_arg, ref))) return rc;
+  return fa_check_same_dtype(fn, arg, t, ref_arg, ref);
+}

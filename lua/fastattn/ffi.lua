@@ -1,0 +1,53 @@
+-- ffi.lua: loads libfastattn and declares its API from c/fastattn.h (the one source of truth).
+local ffi = require 'ffi'
+
+local here = (debug.getinfo(1, 'S').source:match('^@(.*)/[^/]*$')) or '.'
+
+local function readfile(path)
+  local f = io.open(path, 'r')
+  if not f then return nil end
+  local s = f:read('*a')
+  f:close()
+  return s
+end
+
+-- the header: next to this module once installed, c/fastattn.h in a checkout
+local header_tried = { here .. '/fastattn.h', here .. '/../../c/fastattn.h' }
+local header
+for _, p in ipairs(header_tried) do
+  header = readfile(p)
+  if header then break end
+end
+if not header then
+  error('fastattn: cannot find fastattn.h; tried:\n  ' .. table.concat(header_tried, '\n  '), 0)
+end
+-- strip preprocessor lines and the C++ guards (as Torch's THNN did)
+header = header:gsub('#ifdef __cplusplus.-#endif', '')
+header = header:gsub('\n%s*#[^\n]*', '\n'):gsub('^%s*#[^\n]*', '')
+ffi.cdef(header)
+ffi.cdef [[
+typedef struct fa_Tensor { fa_tensor desc; fa_storage *storage; } fa_Tensor;
+]]
+
+local tried = {}
+local lib
+local function try(path)
+  tried[#tried + 1] = path
+  local ok, l = pcall(ffi.load, path)
+  if ok then lib = l end
+  return ok
+end
+local env = os.getenv('FASTATTN_LIB')
+if not (env and try(env)) then
+  if not (try(here .. '/../../build/libfastattn.so') or try(here .. '/libfastattn.so')
+          or try(here .. '/../../../lib/libfastattn.so')) then
+    try('fastattn')
+  end
+end
+if not lib then
+  error('fastattn: cannot load libfastattn.so; tried (FASTATTN_LIB, next to the module, the system):\n  '
+        .. table.concat(tried, '\n  ')
+        .. '\nBuild it with `make` in the fastattn checkout, or set FASTATTN_LIB to its path.', 0)
+end
+
+return lib

@@ -1,0 +1,33 @@
+-- fastattn: `local fa = require 'fastattn'`
+local lib = require 'fastattn.ffi'
+local ffi = require 'ffi'
+
+local fa = {}
+fa.C = lib
+fa.version = ffi.string(lib.fa_version())
+
+local function merge(m)
+  for k, v in pairs(m) do
+    if fa[k] == nil then fa[k] = v end
+  end
+end
+merge(require 'fastattn.tensor')
+merge(require 'fastattn.math')
+merge(require 'fastattn.io')
+
+function fa.setNumThreads(n) lib.fa_set_num_threads(n) end
+function fa.getNumThreads() return lib.fa_get_num_threads() end
+
+-- optional parts load lazily so that a missing one names itself in the error
+setmetatable(fa, {
+  __index = function(t, k)
+    local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional' }
+    if mods[k] then
+      local m = require(mods[k])
+      rawset(t, k, m)
+      return m
+    end
+  end,
+})
+package.loaded.fastattn = fa
+return fa

@@ -1,0 +1,245 @@
+-- math.lua: elementwise arithmetic with broadcasting, unary functions, reductions, matmul and the
+-- comparison helpers, as Tensor methods and fa.* functions. Each is one C call after shape checks.
+local ffi = require 'ffi'
+local lib = require 'fastattn.ffi'
+local T = require 'fastattn.tensor'
+local Tensor, check, new, isTensor = T.Tensor, T.check, T._new, T.isTensor
+
+local M = {}
+
+-- the broadcast shape of two shapes (PyTorch rules), or an error naming fn
+local function broadcast_shape(fn, a, b)
+  local sa, sb = a:size(), b:size()
+  local n = math.max(#sa, #sb)
+  local out = {}
+  for i = 1, n do
+    local x = sa[#sa - n + i] or 1
+    local y = sb[#sb - n + i] or 1
+    if x ~= y and x ~= 1 and y ~= 1 then
+      error(string.format('%s: sizes %s and %s cannot be broadcast (dimension %d: %d vs %d)', fn,
+            T._shape_str(a, 'x'), T._shape_str(b, 'x'), i, x, y), 3)
+    end
+    out[i] = x == 1 and y or x
+  end
+  return out
+end
+M.broadcast_shape = broadcast_shape
+
+local function same_device(fn, a, b)
+  if a.desc.device ~= b.desc.device then
+    error(string.format('%s: tensors on different devices (%s and %s)', fn, a:device(), b:device()), 3)
+  end
+end
+
+local function scalar_like(x, v)
+  return T.full({}, v, { dtype = x:dtype(), device = x:device() })
+end
+
+local OPS = { add = 0, sub = 1, mul = 2, div = 3 }
+
+-- out = a <op> alpha*b with broadcasting; b may be a number; `out` optional (may alias a)
+local function binary(name, a, b, alpha, out)
+  local fn = 'Tensor:' .. name
+  if type(a) == 'number' then a = scalar_like(b, a) end
+  if not isTensor(a) then error(fn .. ': expected a tensor, got ' .. type(a), 3) end
+  if type(b) == 'number' then
+    if name == 'add' or name == 'sub' then
+      local shift = name == 'add' and b * (alpha or 1) or -b * (alpha or 1)
+      out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
+      check(lib.fa_scale_forward(out.desc, a.desc, 1, shift), 3)
+      return out
+    elseif name == 'mul' or name == 'div' then
+      local s = name == 'mul' and b * (alpha or 1) or 1 / (b * (alpha or 1))
+      out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
+      check(lib.fa_scale_forward(out.desc, a.desc, s, 0), 3)
+      return out
+    end
+  end
+  if not isTensor(b) then error(fn .. ': expected a tensor or a number, got ' .. type(b), 3) end
+  same_device(fn, a, b)
+  local shape = broadcast_shape(fn, a, b)
+  out = out or new(shape, a.desc.dtype, a.desc.device, fn)
+  local ea = a:isSameSizeAs(out) and a or a:expand(shape)
+  local eb = b:isSameSizeAs(out) and b or b:expand(shape)
+  check(lib.fa_binary_forward(OPS[name], out.desc, ea.desc, eb.desc, alpha or 1), 3)
+  return out
+end
+
+-- x:add(y), x:add(y, alpha) (= x + alpha*y); x:add_(y) in place. Same for sub, mul, div.
+for name in pairs(OPS) do
+  Tensor[name] = function(self, b, alpha) return binary(name, self, b, alpha) end
+  Tensor[name .. '_'] = function(self, b, alpha) return binary(name, self, b, alpha, self) end
+  M[name] = function(a, b, alpha) return binary(name, a, b, alpha) end
+end
+
+-- x:addcmul(b, c, value) = x + value*b*c; addcmul_ in place
+function Tensor:addcmul(b, c, value, out)
+  out = out or new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:addcmul')
+  check(lib.fa_addcmul_forward(out.desc, self.desc, b.desc, c.desc, value or 1), 2)
+  return out
+end
+function Tensor:addcmul_(b, c, value) return self:addcmul(b, c, value, self) end
+function Tensor:scale(s, shift) -- s*x + shift
+  local out = new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:scale')
+  check(lib.fa_scale_forward(out.desc, self.desc, s, shift or 0), 2)
+  return out
+end
+function Tensor:scale_(s, shift)
+  check(lib.fa_scale_forward(self.desc, self.desc, s, shift or 0), 2)
+  return self
+end
+
+local UNARY = { exp = 0, log = 1, sqrt = 2, abs = 3, sign = 4, neg = 5, relu = 6, tanh = 7, sigmoid = 8, gelu = 9 }
+M.UNARY = UNARY
+for name, op in pairs(UNARY) do
+  Tensor[name] = function(self)
+    local out = new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:' .. name)
+    check(lib.fa_unary_forward(op, out.desc, self.desc), 2)
+    return out
+  end
+  Tensor[name .. '_'] = function(self)
+    check(lib.fa_unary_forward(op, self.desc, self.desc), 2)
+    return self
+  end
+  M[name] = function(x) return x[name](x) end
+end
+
+-- operators: + - * / between tensors and numbers, unary minus
+local mt = T._mt
+mt.__add = function(a, b) if type(a) == 'number' then a, b = b, a end return binary('add', a, b) end
+mt.__sub = function(a, b)
+  if type(a) == 'number' then return binary('add', b:neg(), a) end
+  return binary('sub', a, b)
+end
+mt.__mul = function(a, b) if type(a) == 'number' then a, b = b, a end return binary('mul', a, b) end
+mt.__div = function(a, b)
+  if type(a) == 'number' then return binary('div', scalar_like(b, a), b) end
+  return binary('div', a, b)
+end
+mt.__unm = function(a) return a:neg() end
+
+---------------------------------------------------------------------------- reductions
+local RED = { sum = 0, mean = 1, max = 2, argmax = 3 }
+
+local function reduce_out_shape(x, dim)
+  local s = x:size()
+  s[dim] = 1
+  return s
+end
+
+-- sum()/mean()/max() without a dim return a number (Torch7); with a dim a tensor that keeps the dim
+-- (size 1). max(dim) returns values and 1-based int64 indices; argmax(dim) the indices alone.
+local function reduce(name, x, dim)
+  local fn = 'Tensor:' .. name
+  local op = RED[name]
+  if dim == nil then
+    local out = new({}, (op == RED.argmax) and T.dtypes.int64 or x.desc.dtype, x.desc.device, fn)
+    check(lib.fa_reduce_forward(op, out.desc, nil, x.desc, -1), 3)
+    local v = out:item()
+    if op == RED.argmax then return v + 1 end
+    return v
+  end
+  dim = T._norm_dim(x, dim, fn)
+  local shape = reduce_out_shape(x, dim)
+  if op == RED.argmax then
+    local idx = new(shape, T.dtypes.int64, x.desc.device, fn)
+    check(lib.fa_reduce_forward(op, idx.desc, nil, x.desc, dim - 1), 3)
+    return idx:add_(1)
+  end
+  local out = new(shape, x.desc.dtype, x.desc.device, fn)
+  if op == RED.max then
+    local idx = new(shape, T.dtypes.int64, x.desc.device, fn)
+    check(lib.fa_reduce_forward(op, out.desc, idx.desc, x.desc, dim - 1), 3)
+    return out, idx:add_(1)
+  end
+  check(lib.fa_reduce_forward(op, out.desc, nil, x.desc, dim - 1), 3)
+  return out
+end
+for name in pairs(RED) do
+  Tensor[name] = function(self, dim) return reduce(name, self, dim) end
+end
+
+---------------------------------------------------------------------------- matmul
+-- 1-D·1-D, 2-D @ 2-D, batched (..., m, k) @ (..., k, n) with the batch dims broadcast
+function Tensor:matmul(b)
+  local fn = 'Tensor:matmul'
+  local a = self
+  if not isTensor(b) then error(fn .. ': expected a tensor, got ' .. type(b), 2) end
+  same_device(fn, a, b)
+  local na, nb = a:dim(), b:dim()
+  if na == 0 or nb == 0 then error(fn .. ': both arguments need at least 1 dimension', 2) end
+  local squeeze_a, squeeze_b = na == 1, nb == 1
+  if squeeze_a then a = a:view(1, a:size(1)) end
+  if squeeze_b then b = b:view(b:size(1), 1) end
+  local m, k, k2, n = a:size(-2), a:size(-1), b:size(-2), b:size(-1)
+  if k ~= k2 then
+    error(string.format('%s: inner sizes differ: %s @ %s', fn, T._shape_str(self, 'x'), T._shape_str(b, 'x')), 2)
+  end
+  local out
+  if a:dim() == 2 and b:dim() == 2 then
+    out = new({ m, n }, a.desc.dtype, a.desc.device, fn)
+    check(lib.fa_matmul_forward(out.desc, a.desc, b.desc, 0, 0, 1, 0), 2)
+  else
+    -- flatten broadcast batch dims into one
+    local ba, bb = a:size(), b:size()
+    table.remove(ba); table.remove(ba); table.remove(bb); table.remove(bb)
+    local bshape = broadcast_shape(fn, T.empty(ba), T.empty(bb))
+    local nbatch = 1
+    for _, s in ipairs(bshape) do nbatch = nbatch * s end
+    local function batched(x, bs, r, c)
+      local full = { unpack(bshape) }
+      full[#full + 1] = r; full[#full + 1] = c
+      local e = x:expand(full)
+      if #bs == 0 or (x:dim() == #full and e:isContiguous()) then
+        return e:reshape(nbatch, r, c)
+      end
+      return e:contiguous():view(nbatch, r, c)
+    end
+    local a3 = #ba == 0 and a:view(1, m, k) or batched(a, ba, m, k)
+    local b3 = #bb == 0 and b:view(1, k, n) or batched(b, bb, k, n)
+    out = new({ nbatch, m, n }, a.desc.dtype, a.desc.device, fn)
+    check(lib.fa_matmul_forward(out.desc, a3.desc, b3.desc, 0, 0, 1, 0), 2)
+    local full = { unpack(bshape) }
+    full[#full + 1] = m; full[#full + 1] = n
+    out = out:view(full)
+  end
+  if squeeze_a then out = out:squeeze(out:dim() - 1) end
+  if squeeze_b then out = out:squeeze(out:dim()) end
+  return out
+end
+M.matmul = function(a, b) return a:matmul(b) end
+Tensor.mm = Tensor.matmul
+
+---------------------------------------------------------------------------- comparisons
+-- fa.allclose(a, b, rtol, atol): |a - b| <= atol + rtol*|b| everywhere (computed in float64 on the CPU)
+function M.allclose(a, b, rtol, atol)
+  rtol, atol = rtol or 1e-5, atol or 1e-8
+  if not a:isSameSizeAs(b) then return false end
+  local x, y = a:to('float64', 'cpu'):contiguous(), b:to('float64', 'cpu'):contiguous()
+  local p, q = ffi.cast('double*', x.desc.data), ffi.cast('double*', y.desc.data)
+  for i = 0, x:numel() - 1 do
+    local u, v = p[i], q[i]
+    if u ~= v then
+      if u ~= u or v ~= v or math.abs(u - v) > atol + rtol * math.abs(v) then return false end
+    end
+  end
+  return true
+end
+function M.maxAbsDiff(a, b)
+  local x, y = a:to('float64', 'cpu'):contiguous(), b:to('float64', 'cpu'):contiguous()
+  local p, q = ffi.cast('double*', x.desc.data), ffi.cast('double*', y.desc.data)
+  local m = 0
+  for i = 0, x:numel() - 1 do
+    local d = math.abs(p[i] - q[i])
+    if d ~= d then return math.huge end
+    if d > m then m = d end
+  end
+  return m
+end
+-- x:equal(y): same shape and exactly the same values
+function Tensor:equal(b)
+  return self:isSameSizeAs(b) and M.allclose(self, b, 0, 0)
+end
+function Tensor:allclose(b, rtol, atol) return M.allclose(self, b, rtol, atol) end
+
+return M

@@ -1,0 +1,51 @@
+-- spec/helpers/check.lua: shared assertions for the specs: closeness with a useful message, fixtures,
+-- and float64 finite-difference gradients.
+local fa = require 'fastattn'
+
+local H = {}
+local here = (debug.getinfo(1, 'S').source:match('^@(.*)/helpers/[^/]*$')) or 'spec'
+H.fixtures_dir = here .. '/fixtures'
+
+-- fixture file spec/fixtures/<name>.safetensors -> {name = tensor}
+function H.fixture(name)
+  return (fa.load(H.fixtures_dir .. '/' .. name .. '.safetensors'))
+end
+
+-- asserts |a - b| <= atol + rtol*|b| elementwise; shapes must match exactly
+function H.assert_close(a, b, rtol, atol, what)
+  what = what or 'tensor'
+  assert(fa.isTensor(a), what .. ': expected a tensor, got ' .. type(a))
+  assert(fa.isTensor(b), what .. ': reference is not a tensor')
+  if not a:isSameSizeAs(b) then
+    error(string.format('%s: shape %s, expected %s', what, table.concat(a:size(), 'x'), table.concat(b:size(), 'x')), 2)
+  end
+  if not fa.allclose(a, b, rtol or 1e-5, atol or 1e-6) then
+    error(string.format('%s: max |difference| %.3e exceeds atol %.1e + rtol %.1e * |ref| (max |ref| %.3e)', what,
+      fa.maxAbsDiff(a, b), atol or 1e-6, rtol or 1e-5, b:to('float64', 'cpu'):abs():max()), 2)
+  end
+end
+
+-- numerical gradient of L = sum(f() * gout) with respect to x (float64, perturbed in place), by central
+-- differences; f reads x itself.
+function H.numgrad(f, x, gout, eps)
+  eps = eps or 1e-6
+  local g = fa.zeros_like(x, 'float64')
+  local flat = x:view(-1)
+  local gf = g:view(-1)
+  local function L()
+    local out = f()
+    return (out:double() * gout):sum()
+  end
+  for i = 1, flat:numel() do
+    local v = flat:get(i)
+    flat:set(i, v + eps)
+    local lp = L()
+    flat:set(i, v - eps)
+    local lm = L()
+    flat:set(i, v)
+    gf:set(i, (lp - lm) / (2 * eps))
+  end
+  return g
+end
+
+return H
