@@ -34,7 +34,15 @@ local lib
 local function try(path)
   tried[#tried + 1] = path
   local ok, l = pcall(ffi.load, path)
-  if ok then lib = l end
+  if ok then
+    lib = l
+    -- Pin the library: at lua_close LuaJIT may unload it before the finalizers of live tensors run,
+    -- and those finalizers call into it. A second dlopen reference keeps it mapped until exit.
+    pcall(function()
+      ffi.cdef 'void *dlopen(const char *filename, int flags);'
+      ffi.C.dlopen(path:find('/') and path or ('lib' .. path .. '.so'), 2 + 0x100) -- RTLD_NOW | RTLD_GLOBAL
+    end)
+  end
   return ok
 end
 local env = os.getenv('FASTATTN_LIB')
