@@ -50,23 +50,36 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-test: deps $(LIB)
-	$(BUSTED) --exclude-tags=gpu,slow spec
+NPROC := $(shell nproc 2>/dev/null || echo 2)
 
-test-gpu: $(LIB)
+test: deps
+	$(MAKE) -j$(NPROC) all
+	$(BUSTED) --exclude-tags=gpu spec
+
+# every spec; the GPU ones skip with a message where no GPU is found
+test-gpu:
+	$(MAKE) -j$(NPROC) all
 	$(BUSTED) spec
 
-demo: deps $(LIB)
+demo: deps
+	$(MAKE) -j$(NPROC) all
 	bin/fastattn examples/train_convnet.lua
 
-bench: $(LIB)
+# CPU benchmark against PyTorch on the CPU (same threads)
+bench-cpu: $(LIB)
 	bin/fastattn bench/cpu.lua
+
+# GPU benchmarks (on the GPU machine): core ops and MSDA, each with its PyTorch peer in the same run
+bench: $(LIB)
+	bin/fastattn bench/gpu.lua
+	bin/fastattn bench/msda.lua
 
 repl: deps $(LIB)
 	bin/fastattn
 
+# regenerates the spec fixtures with PyTorch (Debian's python3-torch)
 fixtures:
-	/usr/bin/python3 spec/fixtures/make_fixtures.py
+	cd spec/fixtures && for f in gen_*.py; do /usr/bin/python3 $$f || exit 1; done
 
 install: $(LIB)
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/share/lua/5.1/fastattn/nn $(DESTDIR)$(PREFIX)/bin

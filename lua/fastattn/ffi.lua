@@ -48,7 +48,7 @@ end
 local env = os.getenv('FASTATTN_LIB')
 if not (env and try(env)) then
   if not (try(here .. '/../../build/libfastattn.so') or try(here .. '/libfastattn.so')
-          or try(here .. '/../../../lib/libfastattn.so')) then
+          or try(here .. '/../../../../lib/libfastattn.so')) then
     try('fastattn')
   end
 end
