@@ -9,7 +9,7 @@ LUAJIT ?= luajit
 
 # No -march=native: the library must run on any x86-64 machine, not only the one that built it.
 CFLAGS ?= -O3
-CFLAGS += -std=gnu11 -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Ic -I/usr/include/x86_64-linux-gnu/openblas-pthread
+CFLAGS += -std=gnu11 -fPIC -fopenmp -fno-math-errno -Wall -Wextra -Wno-unused-parameter -Ic -I/usr/include/x86_64-linux-gnu/openblas-pthread
 LDLIBS := -lopenblas -lm -fopenmp
 NVFLAGS ?= -O3
 NVFLAGS += -std=c++17 -Xcompiler -fPIC -Ic --expt-relaxed-constexpr -lineinfo \

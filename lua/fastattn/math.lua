@@ -48,13 +48,15 @@ local function binary(name, a, b, alpha, out)
       out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
       check(lib.fa_scale_forward(out.desc, a.desc, 1, shift), 3)
       return out
-    elseif name == 'mul' or name == 'div' then
+    elseif name == 'mul' or (name == 'div' and a.desc.dtype ~= T.dtypes.int32 and a.desc.dtype ~= T.dtypes.int64) then
       local s = name == 'mul' and b * (alpha or 1) or 1 / (b * (alpha or 1))
       out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
       check(lib.fa_scale_forward(out.desc, a.desc, s, 0), 3)
       return out
     end
   end
+  -- integer division by a number stays exact (truncating) through the tensor path, not a float reciprocal
+  if type(b) == 'number' then b = scalar_like(a, b * (alpha or 1)); alpha = 1 end
   if not isTensor(b) then error(fn .. ': expected a tensor or a number, got ' .. type(b), 3) end
   same_device(fn, a, b)
   local shape = broadcast_shape(fn, a, b)
