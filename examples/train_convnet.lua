@@ -1,0 +1,189 @@
+-- train_convnet.lua: trains a small conv net on synthetic 16x16 images of four shapes (horizontal bar,
+-- vertical bar, diagonal, hollow square; random position and size, Gaussian noise), with AdamW, a cosine
+-- learning-rate schedule with warm-up and gradient clipping, then reports the accuracy on a held-out set.
+--
+--   bin/fastattn examples/train_convnet.lua [--steps 300] [--batch 64] [--lr 3e-3] [--device cpu|cuda]
+--                                           [--seed 1] [--threads N] [--test 1000] [--every 25]
+--
+-- `make demo` runs it. Loaded with dofile() (as spec/train_spec.lua does) it runs nothing and returns its
+-- parts: {makeBatch, makeModel, train, accuracy, parseArgs}.
+local ffi = require 'ffi'
+local fa = require 'fastattn'
+local nn = fa.nn
+
+local M = {}
+local SIZE, CLASSES = 16, 4
+local CLASS_NAMES = { 'horizontal bar', 'vertical bar', 'diagonal', 'square' }
+
+---------------------------------------------------------------------------- data
+-- a batch of n images (n, 1, SIZE, SIZE) and their 1-based classes (n, int64), drawn with Lua's RNG
+-- (math.randomseed decides them) and fa's for the noise (fa.manualSeed decides it)
+function M.makeBatch(n, noise)
+  noise = noise or 0.3
+  local x = fa.randn(n, 1, SIZE, SIZE):scale_(noise)
+  local y = fa.empty(n, 'int64')
+  local px = ffi.cast('float*', x.desc.data)
+  local py = ffi.cast('int64_t*', y.desc.data)
+  local rnd = math.random
+  for i = 0, n - 1 do
+    local img = px + i * SIZE * SIZE
+    local function dot(r, c) -- 0-based row, col; ignores points outside the image
+      if r >= 0 and r < SIZE and c >= 0 and c < SIZE then img[r * SIZE + c] = img[r * SIZE + c] + 1 end
+    end
+    local cls = rnd(CLASSES)
+    py[i] = cls
+    local len = rnd(6, 11)
+    if cls == 1 or cls == 2 then       -- a bar, 1 or 2 pixels thick
+      local a, b, thick = rnd(0, SIZE - 2), rnd(0, SIZE - len), rnd(1, 2)
+      for t = 0, thick - 1 do
+        for k = 0, len - 1 do
+          if cls == 1 then dot(a + t, b + k) else dot(b + k, a + t) end
+        end
+      end
+    elseif cls == 3 then               -- a diagonal, either direction
+      local r0, c0 = rnd(0, SIZE - len), rnd(0, SIZE - len)
+      local anti = rnd(2) == 1
+      for k = 0, len - 1 do
+        if anti then dot(r0 + k, c0 + len - 1 - k) else dot(r0 + k, c0 + k) end
+      end
+    else                               -- a hollow square
+      local s = rnd(5, 9)
+      local r0, c0 = rnd(0, SIZE - s), rnd(0, SIZE - s)
+      for k = 0, s - 1 do
+        dot(r0, c0 + k); dot(r0 + s - 1, c0 + k)
+        if k > 0 and k < s - 1 then dot(r0 + k, c0); dot(r0 + k, c0 + s - 1) end
+      end
+    end
+  end
+  return x, y
+end
+
+---------------------------------------------------------------------------- model
+function M.makeModel()
+  return nn.Sequential()
+    :add(nn.Conv2d(1, 16, 3, 1, 1)):add(nn.ReLU())        -- 16x16
+    :add(nn.Conv2d(16, 32, 3, 2, 1)):add(nn.ReLU())       -- 8x8
+    :add(nn.Conv2d(32, 32, 3, 2, 1)):add(nn.ReLU())       -- 4x4
+    :add(nn.Flatten())
+    :add(nn.Linear(32 * 4 * 4, 64)):add(nn.ReLU())
+    :add(nn.Dropout(0.1))
+    :add(nn.Linear(64, CLASSES))
+end
+
+---------------------------------------------------------------------------- helpers
+local now
+do
+  local ok = pcall(ffi.cdef, 'typedef struct { long sec, nsec; } fa_example_timespec; int clock_gettime(int, fa_example_timespec *);')
+  if ok then
+    local ts = ffi.new('fa_example_timespec')
+    now = function()
+      ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+      return tonumber(ts.sec) + tonumber(ts.nsec) * 1e-9
+    end
+  else
+    now = os.clock
+  end
+end
+
+-- fraction of correctly classified images of (x, y), in batches, in evaluate mode
+function M.accuracy(model, x, y, device)
+  model:evaluate()
+  local n, correct, bs = x:size(1), 0, 250
+  for i = 1, n, bs do
+    local m = math.min(bs, n - i + 1)
+    local xb = x:narrow(1, i, m)
+    if device == 'cuda' then xb = xb:cuda() end
+    local pred = model:forward(xb):argmax(2):view(-1):cpu():table()
+    local yt = y:narrow(1, i, m):table()
+    for k = 1, m do if pred[k] == yt[k] then correct = correct + 1 end end
+  end
+  model:training()
+  return correct / n
+end
+
+-- trains model for opts.steps steps; returns the per-step losses. opts: steps, batch, lr, device,
+-- every (print period; 0 = silent), weightDecay, clip
+function M.train(model, opts)
+  local device = opts.device or 'cpu'
+  local crit = nn.CrossEntropyCriterion()
+  if device == 'cuda' then model:cuda(); crit:cuda() end
+  local params, grads = model:getParameters()
+  local sched = fa.optim.CosineLR{ lr = opts.lr, T_max = opts.steps, warmup = math.max(1, math.floor(opts.steps / 20)),
+                                   eta_min = opts.lr * 0.01 }
+  local config = { learningRate = opts.lr, weightDecay = opts.weightDecay or 1e-4 }
+  local state = {}
+  local losses = {}
+  local t0, seen = now(), 0
+  for step = 1, opts.steps do
+    local x, y = M.makeBatch(opts.batch)
+    if device == 'cuda' then x, y = x:cuda(), y:cuda() end
+    config.learningRate = sched:get(step - 1)
+    local function feval()
+      grads:zero()
+      local out = model:forward(x)
+      local loss = crit:forward(out, y)
+      model:backward(x, crit:backward(out, y))
+      if opts.clip then fa.optim.clipGradNorm(grads, opts.clip) end
+      return loss, grads
+    end
+    local _, fx = fa.optim.adamw(feval, params, config, state)
+    losses[step] = fx[1]
+    seen = seen + opts.batch
+    if opts.every and opts.every > 0 and (step % opts.every == 0 or step == opts.steps) then
+      local dt = now() - t0
+      print(string.format('step %4d/%d  loss %.4f  lr %.2e  %7.0f img/s', step, opts.steps, fx[1],
+                          config.learningRate, seen / dt))
+      t0, seen = now(), 0
+    end
+  end
+  return losses
+end
+
+function M.parseArgs(args)
+  local o = { steps = 300, batch = 64, lr = 3e-3, device = 'cpu', seed = 1, test = 1000, every = 25, clip = 1.0 }
+  local i = 1
+  while args and args[i] do
+    local k = args[i]:match('^%-%-([%w_]+)$')
+    if not k or o[k] == nil and k ~= 'threads' then
+      error('train_convnet: unknown argument ' .. tostring(args[i]) ..
+            ' (expected --steps, --batch, --lr, --device, --seed, --threads, --test, --every, --clip)', 0)
+    end
+    local v = args[i + 1]
+    if v == nil then error('train_convnet: --' .. k .. ' needs a value', 0) end
+    o[k] = tonumber(v) or v
+    i = i + 2
+  end
+  if o.device ~= 'cpu' and o.device ~= 'cuda' then error('train_convnet: --device must be cpu or cuda', 0) end
+  return o
+end
+
+function M.main(args)
+  local o = M.parseArgs(args)
+  if o.threads then fa.setNumThreads(o.threads) end
+  if o.device == 'cuda' and fa.C.fa_cuda_device_count() < 1 then
+    error('train_convnet: --device cuda, but no CUDA device was found (built with CUDA: '
+          .. tostring(fa.C.fa_has_cuda() == 1) .. ')', 0)
+  end
+  math.randomseed(o.seed)
+  fa.manualSeed(o.seed)
+  local model = M.makeModel()
+  local nparams = model:getParameters():numel()
+  print(string.format('fastattn %s: conv net, %d parameters, %d classes (%s), %s, %d threads', fa.version, nparams,
+                      CLASSES, table.concat(CLASS_NAMES, ', '), o.device, fa.getNumThreads()))
+  local t0 = now()
+  M.train(model, o)
+  local train_time = now() - t0
+  math.randomseed(o.seed + 1000) -- a held-out set: other draws
+  local tx, ty = M.makeBatch(o.test)
+  local acc = M.accuracy(model, tx, ty, o.device)
+  print(string.format('trained %d steps of %d images in %.1f s; test accuracy %.1f%% on %d held-out images',
+                      o.steps, o.batch, train_time, 100 * acc, o.test))
+  return acc
+end
+
+-- run as a script (bin/fastattn examples/train_convnet.lua ...), or return the parts to dofile()
+local script = arg and arg[0] and arg[0]:match('train_convnet%.lua$')
+if script and not _G.__FASTATTN_NO_MAIN then
+  M.main(arg)
+end
+return M

@@ -1,0 +1,438 @@
+-- module.lua: the class helper and nn.Module, the base of every layer.
+--
+-- A module registers its parameters (registerParameter: the tensor in self[name], its gradient in
+-- self['grad' .. Name], e.g. weight/gradWeight), its persistent buffers (registerBuffer: saved in the
+-- state dict) and its children (registerModule: self[name]). Names in namedParameters()/stateDict() are
+-- PyTorch's state_dict names: 'weight', 'bias', 'child.weight', '0.weight' inside a Sequential.
+local ffi = require 'ffi'
+local fa = require 'fastattn'
+local nn = require 'fastattn.nn'
+local C = fa.C
+
+---------------------------------------------------------------------------- classes
+-- nn.class('Name', parent): a class table; calling it (nn.Name(...)) makes an instance and runs __init.
+-- Instances print with __tostring__ and are callable (m(x) = m:forward(x)).
+function nn.class(name, parent)
+  local cls = {}
+  cls.__index = cls
+  cls.__typename = 'nn.' .. name
+  cls.__call = function(self, ...) return self:forward(...) end
+  cls.__tostring = function(self) return self:__tostring__() end
+  setmetatable(cls, {
+    __index = parent,
+    __call = function(c, ...)
+      local o = setmetatable({}, c)
+      o:__init(...)
+      return o
+    end,
+    __tostring = function() return 'nn.' .. name end,
+  })
+  nn[name] = cls
+  return cls, parent
+end
+
+-- the Torch-style type name of a module ('nn.Linear'), nil for anything else
+function nn.typename(m)
+  local mt = type(m) == 'table' and getmetatable(m)
+  return mt and rawget(mt, '__typename') or nil
+end
+function nn.isModule(m)
+  return type(m) == 'table' and nn.typename(m) ~= nil and type(m.forward) == 'function'
+end
+
+---------------------------------------------------------------------------- helpers shared by the modules
+-- buffer(t, shape, like): t resized to shape with like's dtype and device (or `dtype`, `device`), reusing
+-- its storage when it can; a new tensor otherwise. Modules keep output/gradInput through this.
+function nn._buffer(t, shape, dtype, device)
+  if fa.isTensor(dtype) then dtype, device = dtype.desc.dtype, dtype.desc.device end
+  if t ~= nil and fa.isTensor(t) and t.desc.dtype == dtype and t.desc.device == device then
+    return t:resize(shape)
+  end
+  return fa.empty(shape, { dtype = dtype, device = device })
+end
+
+-- scales gradOutput when scale ~= 1 (into a kept buffer)
+function nn._scaled(self, gradOutput, scale)
+  if scale == nil or scale == 1 then return gradOutput end
+  self._scaledGrad = nn._buffer(self._scaledGrad, gradOutput:size(), gradOutput)
+  fa.check(fa.C.fa_scale_forward(self._scaledGrad.desc, gradOutput.desc, scale, 0), 2)
+  return self._scaledGrad
+end
+
+-- t itself when contiguous, else a contiguous copy in the kept buffer self[key] (for C entries that need
+-- contiguous tensors; no allocation in a steady loop)
+function nn._contiguous(self, key, t)
+  if t:isContiguous() then return t end
+  self[key] = nn._buffer(self[key], t:size(), t)
+  return self[key]:copy(t)
+end
+
+-- a short one-line description of a module (its __tostring__ when that is one line)
+function nn._describe(m)
+  local ok, s = pcall(tostring, m)
+  if not ok or type(s) ~= 'string' or s:find('\n') then return nn.typename(m) or tostring(m) end
+  return s
+end
+
+-- strips the "file.lua:12: " position that error() puts in front of a message
+function nn._strip_position(msg)
+  if type(msg) ~= 'string' then return msg end
+  return (msg:gsub('^[^\n]-%.lua:%d+: ', '', 1))
+end
+
+local function is_float_dtype(dt) return dt <= 3 end -- float32, float64, bfloat16, float16
+
+---------------------------------------------------------------------------- nn.Module
+local Module = nn.class('Module')
+
+function Module:__init()
+  self.train = true
+  self._paramNames = {}   -- registration order
+  self._bufferNames = {}
+  self._childNames = {}
+end
+
+function Module:__tostring__() return nn.typename(self) or 'nn.Module' end
+
+-- registerParameter(name, tensor[, gradName]): self[name] = tensor, self[gradName] = zeros like it
+-- (gradName defaults to 'grad' .. Name: weight -> gradWeight). A nil tensor registers nothing.
+function Module:registerParameter(name, t, gradName)
+  if t == nil then self[name] = nil; return end
+  gradName = gradName or ('grad' .. name:sub(1, 1):upper() .. name:sub(2))
+  self[name] = t
+  self[gradName] = fa.zeros_like(t)
+  self._paramNames[#self._paramNames + 1] = { name, gradName }
+  return t
+end
+-- registerBuffer(name, tensor, persistent = true): a tensor that moves with type()/cuda() and, when
+-- persistent, is part of the state dict (as PyTorch's running statistics)
+function Module:registerBuffer(name, t, persistent)
+  self[name] = t
+  self._bufferNames[#self._bufferNames + 1] = { name, persistent ~= false }
+  return t
+end
+-- registerModule(name, m): a child module in self[name]; its parameters are named 'name.<...>'
+function Module:registerModule(name, m)
+  self[name] = m
+  self._childNames[#self._childNames + 1] = name
+  return m
+end
+
+-- the children as an ordered list of {name, module}
+function Module:namedChildren()
+  local out = {}
+  for _, name in ipairs(self._childNames or {}) do
+    if self[name] ~= nil then out[#out + 1] = { name, self[name] } end
+  end
+  return out
+end
+
+---------------------------------------------------------------------------- forward / backward
+function Module:updateOutput(input) return self.output end
+function Module:updateGradInput(input, gradOutput) return self.gradInput end
+function Module:accGradParameters(input, gradOutput, scale) end
+
+function Module:forward(input)
+  return self:updateOutput(input)
+end
+
+-- backward = updateGradInput, then accGradParameters (which adds scale * dL/dparams into the gradients)
+function Module:backward(input, gradOutput, scale)
+  scale = scale or 1
+  self:updateGradInput(input, gradOutput)
+  self:accGradParameters(input, gradOutput, scale)
+  return self.gradInput
+end
+
+function Module:training()
+  self.train = true
+  for _, c in ipairs(self:namedChildren()) do c[2]:training() end
+  return self
+end
+function Module:evaluate()
+  self.train = false
+  for _, c in ipairs(self:namedChildren()) do c[2]:evaluate() end
+  return self
+end
+
+---------------------------------------------------------------------------- parameters
+-- ordered list of {name, param, grad, owner, field} over the module tree, each tensor once (a tensor
+-- shared by two modules is listed under its first name, as PyTorch does)
+function Module:_paramList(prefix, out, seen)
+  out, seen, prefix = out or {}, seen or {}, prefix or ''
+  for _, pn in ipairs(self._paramNames or {}) do
+    local p = self[pn[1]]
+    if p ~= nil and not seen[p] then
+      seen[p] = true
+      out[#out + 1] = { name = prefix .. pn[1], param = p, grad = self[pn[2]], owner = self, field = pn[1],
+                        gradField = pn[2] }
+    end
+  end
+  for _, c in ipairs(self:namedChildren()) do
+    c[2]:_paramList(prefix .. c[1] .. '.', out, seen)
+  end
+  return out
+end
+
+function Module:_bufferList(prefix, out)
+  out, prefix = out or {}, prefix or ''
+  for _, bn in ipairs(self._bufferNames or {}) do
+    if bn[2] and self[bn[1]] ~= nil then out[#out + 1] = { name = prefix .. bn[1], tensor = self[bn[1]], owner = self, field = bn[1] } end
+  end
+  for _, c in ipairs(self:namedChildren()) do c[2]:_bufferList(prefix .. c[1] .. '.', out) end
+  return out
+end
+
+-- parameters() -> {params}, {gradParams} (same order)
+function Module:parameters()
+  local ps, gs = {}, {}
+  for i, e in ipairs(self:_paramList()) do ps[i], gs[i] = e.param, e.grad end
+  return ps, gs
+end
+
+-- namedParameters() -> {name = tensor}, with PyTorch's state_dict names
+function Module:namedParameters()
+  local out = {}
+  for _, e in ipairs(self:_paramList()) do out[e.name] = e.param end
+  return out
+end
+
+function Module:zeroGradParameters()
+  for _, e in ipairs(self:_paramList()) do
+    if e.grad ~= nil then e.grad:zero() end
+  end
+end
+Module.zeroGrad = Module.zeroGradParameters
+
+-- points tensor t (in place: every reference to t sees it) at a contiguous view of flat's storage,
+-- `off` elements in
+local function rebind(t, flat, off)
+  local st = flat.storage
+  if t.storage ~= st then
+    C.fa_storage_retain(st)
+    C.fa_storage_release(t.storage)
+    t.storage = st
+  end
+  t.desc.data = ffi.cast('char*', flat.desc.data) + off * C.fa_dtype_size(t.desc.dtype)
+  local s = 1
+  for i = t.desc.ndim - 1, 0, -1 do
+    t.desc.stride[i] = s
+    s = s * t.desc.shape[i]
+  end
+end
+
+-- when the tensors already lie back to back, contiguous, in one storage that they fill exactly, a 1-D
+-- view of that storage; nil otherwise
+local function already_flat(tensors)
+  local first = tensors[1]
+  if first == nil then return nil end
+  local st = first.storage
+  local es = C.fa_dtype_size(first.desc.dtype)
+  local base = ffi.cast('char*', st.data)
+  local off = 0
+  for _, t in ipairs(tensors) do
+    if t.storage ~= st or t.desc.dtype ~= first.desc.dtype or not t:isContiguous()
+       or ffi.cast('char*', t.desc.data) ~= base + off * es then
+      return nil
+    end
+    off = off + t:numel()
+  end
+  if off * es ~= st.nbytes then return nil end
+  local v = fa._view_of(first)
+  v.desc.data = st.data
+  v.desc.ndim = 1
+  v.desc.shape[0] = off
+  v.desc.stride[0] = 1
+  return v
+end
+
+local function flatten(fn, tensors, what)
+  local v = already_flat(tensors)
+  if v then return v end
+  local total = 0
+  local dt, dev = tensors[1].desc.dtype, tensors[1].desc.device
+  for i, t in ipairs(tensors) do
+    if t.desc.dtype ~= dt or t.desc.device ~= dev then
+      error(string.format('%s: all %s must have one dtype and device: %s on %s and %s on %s', fn, what,
+            tensors[1]:dtype(), tensors[1]:device(), t:dtype(), t:device()), 3)
+    end
+    total = total + t:numel()
+  end
+  local flat = fa.empty(total, { dtype = dt, device = dev })
+  local off = 0
+  for _, t in ipairs(tensors) do
+    local n = t:numel()
+    if n > 0 then flat:narrow(1, off + 1, n):copy(t) end
+    rebind(t, flat, off)
+    off = off + n
+  end
+  return flat
+end
+
+-- getParameters() -> flatParams, flatGradParams: all parameters (and their gradients) are moved into one
+-- contiguous storage each and the module's tensors become views of it, so an optimiser updates the
+-- module through the flat tensor. Idempotent: a second call finds the parameters already flat and returns
+-- views of the same storage. type()/cuda() reallocate the parameters: call getParameters() after them.
+function Module:getParameters()
+  local ps, gs = self:parameters()
+  if #ps == 0 then
+    return fa.empty(0), fa.empty(0)
+  end
+  for i = 1, #ps do
+    if gs[i] == nil then error('getParameters: parameter ' .. i .. ' has no gradient tensor', 2) end
+  end
+  return flatten('getParameters', ps, 'parameters'), flatten('getParameters', gs, 'gradients')
+end
+
+---------------------------------------------------------------------------- state dict
+-- stateDict() -> {name = tensor}: the parameters and persistent buffers (the tensors themselves, not
+-- copies), with PyTorch's state_dict names, ready for fa.save
+function Module:stateDict()
+  local out = {}
+  for _, e in ipairs(self:_paramList()) do out[e.name] = e.param end
+  for _, e in ipairs(self:_bufferList()) do out[e.name] = e.tensor end
+  return out
+end
+Module.state_dict = Module.stateDict
+
+-- loadStateDict(dict, strict = true): copies dict's values into the parameters and buffers (any dtype or
+-- device; converted by the copy). strict: missing and unexpected names are errors. Every name and shape
+-- is checked before anything is copied, so a failed load changes nothing.
+function Module:loadStateDict(dict, strict)
+  if type(dict) ~= 'table' then error('loadStateDict: expected a table {name = tensor}, got ' .. type(dict), 2) end
+  strict = strict ~= false
+  local targets = {}
+  for _, e in ipairs(self:_paramList()) do targets[#targets + 1] = { e.name, e.param } end
+  for _, e in ipairs(self:_bufferList()) do targets[#targets + 1] = { e.name, e.tensor } end
+  local known, missing, plan = {}, {}, {}
+  for _, t in ipairs(targets) do
+    local name, dst = t[1], t[2]
+    known[name] = true
+    local src = dict[name]
+    if src == nil then
+      missing[#missing + 1] = name
+    else
+      if not fa.isTensor(src) then
+        error(string.format("loadStateDict: '%s': expected a tensor, got %s", name, type(src)), 2)
+      end
+      if not src:isSameSizeAs(dst) then
+        error(string.format("loadStateDict: parameter '%s': expected size %s, got %s", name,
+              fa._shape_str(dst, 'x'), fa._shape_str(src, 'x')), 2)
+      end
+      plan[#plan + 1] = { dst, src }
+    end
+  end
+  local unexpected = {}
+  for k in pairs(dict) do if not known[k] then unexpected[#unexpected + 1] = tostring(k) end end
+  table.sort(unexpected)
+  if strict and (#missing > 0 or #unexpected > 0) then
+    local parts = {}
+    if #missing > 0 then parts[#parts + 1] = 'missing: ' .. table.concat(missing, ', ') end
+    if #unexpected > 0 then parts[#parts + 1] = 'unexpected: ' .. table.concat(unexpected, ', ') end
+    error('loadStateDict: state dict does not match the module (' .. table.concat(parts, '; ') .. ')', 2)
+  end
+  for _, p in ipairs(plan) do p[1]:copy(p[2]) end
+  return missing, unexpected
+end
+Module.load_state_dict = Module.loadStateDict
+
+---------------------------------------------------------------------------- type conversion
+-- converts every tensor reachable from the module (parameters, gradients, buffers, outputs), keeping
+-- tensors that were shared shared. Floating tensors take `dtype` (when given); all take `device`.
+local function convert(obj, dtype, device, cache, seen)
+  if seen[obj] then return end
+  seen[obj] = true
+  for k, v in pairs(obj) do
+    if fa.isTensor(v) then
+      local c = cache[v]
+      if c == nil then
+        local dt = (dtype ~= nil and is_float_dtype(v.desc.dtype)) and dtype or v.desc.dtype
+        c = v:to(dt, device == nil and v.desc.device or device)
+        cache[v] = c
+      end
+      obj[k] = c
+    elseif type(v) == 'table' and not rawget(v, '__typename') then -- tables and child modules, not classes
+      convert(v, dtype, device, cache, seen)
+    end
+  end
+end
+
+-- to(dtype, device): e.g. m:to('float64'), m:to(nil, 'cuda'), m:to('float32', 'cpu')
+function Module:to(dtype, device)
+  local dt = dtype ~= nil and fa.dtype_id(dtype, 'Module:to') or nil
+  local dev = device ~= nil and fa.device_id(device, 'Module:to') or nil
+  convert(self, dt, dev, {}, {})
+  return self
+end
+
+-- type() -> 'fa.FloatTensor' (the parameters' type); type(name) converts ('torch.DoubleTensor',
+-- 'fa.FloatTensor', 'float64', 'torch.CudaTensor', ...)
+function Module:type(t)
+  if t == nil then
+    local ps = self:parameters()
+    return ps[1] and ps[1]:type() or fa.Tensor.type(fa.empty(0))
+  end
+  if t == 'torch.CudaTensor' or t == 'fa.CudaTensor' or t == 'cuda' then return self:cuda() end
+  return self:to(t)
+end
+function Module:float() return self:to('float32') end
+function Module:double() return self:to('float64') end
+function Module:half() return self:to('float16') end
+function Module:bfloat16() return self:to('bfloat16') end
+function Module:cuda(dev) return self:to(nil, dev or 'cuda') end
+function Module:cpu() return self:to(nil, 'cpu') end
+
+---------------------------------------------------------------------------- clone
+local function deepcopy(v, cache)
+  if cache[v] ~= nil then return cache[v] end
+  if fa.isTensor(v) then
+    local c = v:clone()
+    cache[v] = c
+    return c
+  elseif type(v) == 'cdata' then
+    local c = ffi.new(ffi.typeof(v))
+    ffi.copy(c, v, ffi.sizeof(v))
+    cache[v] = c
+    return c
+  elseif type(v) == 'table' then
+    if rawget(v, '__typename') then return v end -- a class table: shared, not copied
+    local c = {}
+    cache[v] = c
+    for k, x in pairs(v) do c[deepcopy(k, cache)] = deepcopy(x, cache) end
+    return setmetatable(c, getmetatable(v))
+  end
+  return v
+end
+
+-- clone(...): an independent deep copy. clone('weight', 'bias') shares those fields (and their
+-- gradients' storage is not shared) with the original, recursively, as Torch7's clone(...) does.
+function Module:clone(...)
+  local c = deepcopy(self, {})
+  local share = { ... }
+  if #share > 0 then
+    local function walk(a, b)
+      for _, name in ipairs(share) do
+        if fa.isTensor(a[name]) then b[name] = a[name] end
+      end
+      local ca, cb = a:namedChildren(), b:namedChildren()
+      for i = 1, #ca do walk(ca[i][2], cb[i][2]) end
+    end
+    walk(self, c)
+  end
+  return c
+end
+
+-- clearState(): drops the output/gradInput buffers (smaller saves, less memory when idle)
+function Module:clearState()
+  self.output, self.gradInput = nil, nil
+  for _, c in ipairs(self:namedChildren()) do c[2]:clearState() end
+  return self
+end
+
+-- apply(fn): fn(module) on this module and every descendant
+function Module:apply(fn)
+  fn(self)
+  for _, c in ipairs(self:namedChildren()) do c[2]:apply(fn) end
+end
+
+return Module

@@ -1,0 +1,492 @@
+-- fa.nn modules (lua/fastattn/nn/) and fa.F: forward and backward against PyTorch (spec/fixtures/nn.safetensors,
+-- made by spec/fixtures/gen_nn.py, float64), float64 finite differences, the Module API (getParameters,
+-- stateDict, clone, type, training/evaluate, buffer reuse) and error messages.
+local fa = require 'fastattn'
+local H = require 'helpers.check'
+local nn = fa.nn
+local F = fa.F
+
+local FX = H.fixture('nn')
+
+-- the fixture entries under `prefix.` (prefix stripped)
+local function under(prefix, tbl)
+  local out = {}
+  for k, v in pairs(tbl or FX) do
+    if k:sub(1, #prefix + 1) == prefix .. '.' then out[k:sub(#prefix + 2)] = v end
+  end
+  return out
+end
+
+local function keys(t)
+  local ks = {}
+  for k in pairs(t) do ks[#ks + 1] = k end
+  table.sort(ks)
+  return ks
+end
+
+-- float64: the fixture's precision; float32: the kernels' float32 accumulation
+local TOL = { float64 = { 1e-9, 1e-11 }, float32 = { 2e-4, 2e-5 } }
+
+-- runs module m (built by make()) on fixture `prefix` in dtype; compares output, gradInput and the
+-- parameter gradients (by their PyTorch state_dict names)
+local function check_module(prefix, make, dtype)
+  local f = under(prefix)
+  local m = make():type(dtype)
+  local sd = under('sd', f)
+  if next(sd) then m:loadStateDict(sd) end
+  assert.are.same(keys(under('grad', f)), keys(m:namedParameters()))
+  local rtol, atol = TOL[dtype][1], TOL[dtype][2]
+  local x, gy = f.x:to(dtype), f.gy:to(dtype)
+  m:zeroGradParameters()
+  local y = m:forward(x)
+  H.assert_close(y, f.y, rtol, atol, prefix .. ' output')
+  local gx = m:backward(x, gy)
+  H.assert_close(gx, f.gx, rtol, atol, prefix .. ' gradInput')
+  local _, grads = m:parameters()
+  local named = m:namedParameters()
+  local gradOf = {}
+  local ps = m:parameters()
+  for i, p in ipairs(ps) do gradOf[p] = grads[i] end
+  for name, p in pairs(named) do
+    H.assert_close(gradOf[p], f['grad.' .. name], rtol, atol, prefix .. ' grad ' .. name)
+  end
+  return m
+end
+
+local MODULES = {
+  seq = function()
+    return nn.Sequential()
+      :add(nn.Conv2d(3, 4, 3, 2, 1))
+      :add(nn.GELU())
+      :add(nn.Conv2d{ 4, 4, 3, groups = 2 })
+      :add(nn.ReLU())
+      :add(nn.Flatten())
+      :add(nn.Linear(48, 10))
+      :add(nn.LayerNorm(10))
+      :add(nn.Linear(10, 5))
+  end,
+  linear = function() return nn.Linear(7, 5) end,
+  linear_nobias = function() return nn.Linear(7, 1, false) end,
+  conv = function()
+    return nn.Conv2d{ in_channels = 3, out_channels = 6, kernel_size = { 3, 2 }, stride = { 2, 1 }, padding = { 1, 0 },
+                      dilation = { 1, 2 }, groups = 3 }
+  end,
+  conv_nobias = function() return nn.Conv2d(2, 3, 1, 1, 0, 1, 1, false) end,
+  layernorm = function() return nn.LayerNorm({ 3, 4 }) end,
+  layernorm_noaffine = function() return nn.LayerNorm(6, 1e-3, false) end,
+  gelu = function() return nn.GELU() end,
+  relu = function() return nn.ReLU() end,
+  tanh = function() return nn.Tanh() end,
+  sigmoid = function() return nn.Sigmoid() end,
+  softmax = function() return nn.Softmax(2) end,
+  logsoftmax = function() return nn.LogSoftmax(-1) end,
+}
+
+describe('fa.nn modules match PyTorch', function()
+  for _, name in ipairs(keys(MODULES)) do
+    for _, dtype in ipairs({ 'float64', 'float32' }) do
+      it(name .. ' (' .. dtype .. ')', function() check_module(name, MODULES[name], dtype) end)
+    end
+  end
+
+  it('Sequential parameter names are PyTorch state_dict names', function()
+    local names = keys(MODULES.seq():namedParameters())
+    assert.are.same({ '0.bias', '0.weight', '2.bias', '2.weight', '5.bias', '5.weight', '6.bias', '6.weight',
+                      '7.bias', '7.weight' }, names)
+    assert.are.same(keys(under('seq.sd')), keys(MODULES.seq():stateDict()))
+  end)
+
+  for _, name in ipairs({ 'gs_zeros', 'gs_border' }) do
+    it('GridSample ' .. name, function()
+      local f = under(name)
+      local m = name == 'gs_zeros' and nn.GridSample() or nn.GridSample{ padding_mode = 'border', align_corners = true }
+      for _, dtype in ipairs({ 'float64', 'float32' }) do
+        local rtol, atol = TOL[dtype][1], TOL[dtype][2]
+        local inp, grid = f.input:to(dtype), f.grid:to(dtype)
+        m:type(dtype)
+        H.assert_close(m:forward({ inp, grid }), f.y, rtol, atol, 'output')
+        local g = m:backward({ inp, grid }, f.gy:to(dtype))
+        H.assert_close(g[1], f.ginput, rtol, atol, 'gradInput')
+        H.assert_close(g[2], f.ggrid, rtol, atol * 10, 'gradGrid')
+        local opts = name == 'gs_zeros' and {} or { padding_mode = 'border', align_corners = true }
+        H.assert_close(fa.grid_sample(inp, grid, opts), f.y, rtol, atol, 'fa.grid_sample')
+        H.assert_close(F.grid_sample(inp, grid, 'bilinear', opts.padding_mode, opts.align_corners), f.y, rtol, atol,
+                       'F.grid_sample positional')
+      end
+    end)
+  end
+end)
+
+describe('criterions match PyTorch', function()
+  for _, red in ipairs({ 'mean', 'sum', 'none' }) do
+    it('MSECriterion ' .. red, function()
+      local f = under('mse_' .. red)
+      for _, dtype in ipairs({ 'float64', 'float32' }) do
+        local rtol, atol = TOL[dtype][1], TOL[dtype][2]
+        local c = nn.MSECriterion(red)
+        local x, t = f.x:to(dtype), f.t:to(dtype)
+        local loss = c:forward(x, t)
+        if red == 'none' then
+          H.assert_close(loss, f.loss, rtol, atol, 'loss')
+          H.assert_close(c:backward(x, t, f.gl:to(dtype)), f.gx, rtol, atol, 'gradInput')
+        else
+          assert.is_number(loss)
+          assert.is_near(f.loss:item(), loss, atol + rtol * math.abs(loss))
+          H.assert_close(c:backward(x, t), f.gx, rtol, atol, 'gradInput')
+          H.assert_close(F.mse_loss(x, t, red):view(1), f.loss:view(1), rtol, atol, 'F.mse_loss')
+        end
+      end
+    end)
+  end
+
+  local CE = {
+    ce_mean = function() return nn.CrossEntropyCriterion{ label_smoothing = 0.1 } end,   -- ignore_index -100
+    ce_sum = function() return nn.CrossEntropyCriterion{ ignore_index = 3, reduction = 'sum' } end, -- class 2 (0-based)
+    ce_none = function() return nn.CrossEntropyCriterion{ reduction = 'none' } end,
+  }
+  for _, name in ipairs(keys(CE)) do
+    it('CrossEntropyCriterion ' .. name, function()
+      local f = under(name)
+      -- fixture targets are PyTorch's 0-based classes; fa's are 1-based (-100 stays -100)
+      local t1 = f.t:clone()
+      local tt = t1:view(-1)
+      for i = 1, tt:numel() do
+        local v = tt:get(i)
+        if v >= 0 then tt:set(i, v + 1) end
+      end
+      for _, dtype in ipairs({ 'float64', 'float32' }) do
+        local rtol, atol = TOL[dtype][1], TOL[dtype][2]
+        local c = CE[name]()
+        local x = f.x:to(dtype)
+        local loss = c:forward(x, t1)
+        if name == 'ce_none' then
+          H.assert_close(loss, f.loss, rtol, atol, 'loss')
+          H.assert_close(c:backward(x, t1, f.gl:to(dtype)), f.gx, rtol, atol, 'gradInput')
+        else
+          assert.is_near(f.loss:item(), loss, atol + rtol * math.abs(loss))
+          H.assert_close(c:backward(x, t1), f.gx, rtol, atol, 'gradInput')
+          assert.is_near(f.loss:item(), c(x, t1), atol + rtol * math.abs(loss)) -- c(x, t) = c:forward(x, t)
+        end
+      end
+      if name == 'ce_mean' then
+        local l = F.cross_entropy(f.x, t1, { label_smoothing = 0.1 })
+        assert.is_near(f.loss:item(), l:item(), 1e-10)
+      end
+    end)
+  end
+end)
+
+describe('gradients by float64 finite differences', function()
+  local function fd_check(m, x)
+    m:double()
+    x = x:double()
+    local y = m:forward(x)
+    local gy = fa.randn(y:size(), 'float64')
+    m:zeroGradParameters()
+    local gx = m:backward(x, gy):clone()
+    local _, grads = m:parameters()
+    local analytic = {}
+    for i, g in ipairs(grads) do analytic[i] = g:clone() end
+    local function f() return m:forward(x) end
+    H.assert_close(gx, H.numgrad(f, x, gy), 1e-6, 1e-8, 'gradInput')
+    local ps = m:parameters()
+    for i, p in ipairs(ps) do
+      H.assert_close(analytic[i], H.numgrad(f, p, gy), 1e-6, 1e-8, 'gradient of parameter ' .. i)
+    end
+  end
+
+  it('a small Sequential (Conv2d, GELU, Flatten, Linear, LayerNorm, Tanh, Linear, Sigmoid)', function()
+    fa.manualSeed(7)
+    local m = nn.Sequential(
+      nn.Conv2d(2, 3, { 2, 3 }, 1, 1, 1, 1), nn.GELU(), nn.Flatten(), nn.Linear(3 * 5 * 2, 5),
+      nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3), nn.Sigmoid())
+    -- non-default LayerNorm affine parameters so their gradients are exercised
+    m:get(5).weight:uniform(0.5, 1.5)
+    m:get(5).bias:uniform(-0.5, 0.5)
+    fd_check(m, fa.randn(2, 2, 4, 2))
+  end)
+
+  it('Softmax, LogSoftmax and ReLU', function()
+    fa.manualSeed(8)
+    fd_check(nn.Sequential(nn.Linear(4, 5), nn.Softmax(2)), fa.randn(3, 4))
+    fd_check(nn.Sequential(nn.Linear(4, 5), nn.LogSoftmax(1)), fa.randn(3, 4))
+    fd_check(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), fa.randn(3, 4))
+  end)
+
+  it('the criterions', function()
+    fa.manualSeed(9)
+    local x = fa.randn(4, 3, 'float64')
+    local t = fa.tensor({ 1, 3, 2, 3 }, 'int64')
+    local c = nn.CrossEntropyCriterion{ label_smoothing = 0.2 }
+    local g = c:backward(x, t):clone()
+    local one = fa.ones({}, 'float64')
+    H.assert_close(g, H.numgrad(function() return fa.full({}, c:forward(x, t), 'float64') end, x, one), 1e-6, 1e-8,
+                   'cross entropy')
+    local tgt = fa.randn(4, 3, 'float64')
+    local mse = nn.MSECriterion('sum')
+    g = mse:backward(x, tgt):clone()
+    H.assert_close(g, H.numgrad(function() return fa.full({}, mse:forward(x, tgt), 'float64') end, x, one), 1e-6,
+                   1e-8, 'mse')
+  end)
+
+  it('backward accumulates parameter gradients; zeroGradParameters clears them', function()
+    fa.manualSeed(10)
+    local m = nn.Linear(3, 2)
+    local x, gy = fa.randn(4, 3), fa.randn(4, 2)
+    m:zeroGradParameters()
+    m:backward(x, gy)
+    local g1 = m.gradWeight:clone()
+    m:backward(x, gy)
+    H.assert_close(m.gradWeight, g1 * 2, 1e-6, 1e-6, 'accumulated')
+    m:backward(x, gy, 0.5)
+    H.assert_close(m.gradWeight, g1 * 2.5, 1e-6, 1e-6, 'accumulated with scale')
+    m:zeroGradParameters()
+    assert.are.equal(0, m.gradWeight:abs():sum())
+    assert.are.equal(0, m.gradBias:abs():sum())
+  end)
+end)
+
+describe('Module API', function()
+  it('getParameters: one storage, idempotent, and the modules still train through it', function()
+    fa.manualSeed(1)
+    local m = MODULES.seq()
+    local x = fa.randn(2, 3, 9, 11)
+    local y0 = m:forward(x):clone()
+    local p, g = m:getParameters()
+    assert.are.equal(753, p:numel())
+    assert.are.equal(p:numel(), g:numel())
+    H.assert_close(m:forward(x), y0, 0, 0, 'output unchanged by flattening')
+    local p2, g2 = m:getParameters()
+    assert.is_true(p2.storage == p.storage and g2.storage == g.storage)
+    assert.are.equal(p:numel(), p2:numel())
+    -- module tensors are views of the flat storage
+    local lin = m:get(6)
+    p:uniform(-0.3, 0.3)
+    local o5w = 108 + 4 + 72 + 4 -- 5.weight comes after 0.weight, 0.bias, 2.weight, 2.bias
+    assert.are.equal(p:get(o5w + 2 * 48 + 7), lin.weight:get(3, 7))
+    lin.bias:fill(-1)
+    assert.are.equal(-1, p:get(o5w + 480 + 1))
+    -- gradients land in the flat gradient tensor
+    g:zero()
+    m:forward(x)
+    m:backward(x, fa.ones(2, 5))
+    H.assert_close(g:narrow(1, 1, 108):view(4, 3, 3, 3), m:get(1).gradWeight, 0, 0, 'flat grad view')
+    assert.is_true(g:abs():sum() > 0)
+    -- a step on the flat tensor moves the module's weights
+    local before = lin.weight:clone()
+    fa.optim.sgd(function() return 0, g end, p, { learningRate = 0.1 })
+    assert.is_false(lin.weight:equal(before))
+  end)
+
+  it('stateDict round-trips through fa.save / fa.load', function()
+    fa.manualSeed(2)
+    local a, b = MODULES.seq(), MODULES.seq()
+    local path = os.tmpname()
+    fa.save(path, a:stateDict())
+    b:loadStateDict(fa.load(path))
+    os.remove(path)
+    local x = fa.randn(2, 3, 9, 11)
+    H.assert_close(b:forward(x), a:forward(x), 0, 0, 'same output after loading')
+    for k, v in pairs(a:stateDict()) do assert.is_true(b:stateDict()[k]:equal(v), k) end
+  end)
+
+  it('loadStateDict checks everything before copying', function()
+    local m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    local before = m:get(1).weight:clone()
+    local sd = {}
+    for k, v in pairs(m:stateDict()) do sd[k] = fa.zeros_like(v) end
+    sd['2.weight'] = fa.zeros(2, 4)
+    local ok, err = pcall(m.loadStateDict, m, sd)
+    assert.is_false(ok)
+    assert.truthy(err:find("parameter '2.weight': expected size 2x3, got 2x4", 1, true), err)
+    assert.is_true(m:get(1).weight:equal(before)) -- nothing written
+    sd['2.weight'] = nil
+    ok, err = pcall(m.loadStateDict, m, sd)
+    assert.truthy(err:find('missing: 2.weight', 1, true), err)
+    sd['2.weight'], sd['extra'] = fa.zeros(2, 3), fa.zeros(1)
+    ok, err = pcall(m.loadStateDict, m, sd)
+    assert.truthy(err:find('unexpected: extra', 1, true), err)
+    local missing, unexpected = m:loadStateDict(sd, false)
+    assert.are.same({}, missing)
+    assert.are.same({ 'extra' }, unexpected)
+    assert.are.equal(0, m:get(1).weight:abs():sum())
+  end)
+
+  it('clone is independent; clone(names) shares them', function()
+    local m = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    local c = m:clone()
+    c:get(1).weight:fill(5)
+    assert.is_false(m:get(1).weight:equal(c:get(1).weight))
+    local x = fa.randn(2, 3)
+    c:get(1):loadStateDict(m:get(1):stateDict())
+    H.assert_close(c:forward(x), m:forward(x), 0, 0, 'clone computes the same')
+    assert.are_not.equal(m:get(1).output, c:get(1).output)
+    local s = m:clone('weight', 'bias')
+    s:get(1).weight:fill(3)
+    assert.are.equal(3, m:get(1).weight:get(1, 1))
+  end)
+
+  it('type conversion moves parameters, gradients and buffers', function()
+    local m = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    m:forward(fa.randn(4, 3))
+    m:double()
+    assert.are.equal('fa.DoubleTensor', m:type())
+    assert.are.equal('float64', m:get(1).gradWeight:dtype())
+    assert.are.equal('float64', m:get(2).gradBias:dtype())
+    assert.are.equal('float64', m:get(1).output:dtype())
+    assert.are.equal('float64', m:forward(fa.randn(4, 3, 'float64')):dtype())
+    m:float()
+    assert.are.equal('fa.FloatTensor', m:type())
+    m:type('torch.DoubleTensor')
+    assert.are.equal('float64', m:get(1).weight:dtype())
+  end)
+
+  it('reuses its output and gradInput buffers across calls', function()
+    local m = nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.LayerNorm(4))
+    local x, gy = fa.randn(3, 5), fa.randn(3, 4)
+    local y1 = m:forward(x)
+    local p1 = tostring(y1.desc.data)
+    local g1 = m:backward(x, gy)
+    local q1 = tostring(g1.desc.data)
+    local y2 = m:forward(x)
+    local g2 = m:backward(x, gy)
+    assert.are.equal(p1, tostring(y2.desc.data))
+    assert.are.equal(q1, tostring(g2.desc.data))
+    assert.is_true(rawequal(y1, y2))
+  end)
+
+  it('m(x) is m:forward(x), and modules print as Torch7 does', function()
+    local m = nn.Linear(4, 3)
+    local x = fa.randn(2, 4)
+    H.assert_close(m(x):clone(), m:forward(x), 0, 0, 'call')
+    assert.are.equal('nn.Linear(4 -> 3)', tostring(m))
+    local s = tostring(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    assert.truthy(s:find('(1): nn.Linear(4 -> 3)', 1, true), s)
+    assert.truthy(s:find('(2): nn.ReLU', 1, true), s)
+  end)
+
+  it('accepts non-contiguous inputs', function()
+    fa.manualSeed(3)
+    local m = nn.Linear(4, 3)
+    local xt = fa.randn(4, 5):t()
+    local y = m:forward(xt):clone()
+    H.assert_close(y, m:forward(xt:contiguous()), 1e-6, 1e-6, 'Linear on a transposed input')
+    local ln = nn.LayerNorm(5)
+    local z = fa.randn(5, 3):t()
+    H.assert_close(ln:forward(z):clone(), ln:forward(z:contiguous()), 1e-6, 1e-6, 'LayerNorm on a transposed input')
+  end)
+
+  it('the functional API matches the modules', function()
+    fa.manualSeed(4)
+    local x = fa.randn(2, 3, 6, 5)
+    local conv = nn.Conv2d(3, 4, 3, 1, 1)
+    H.assert_close(F.conv2d(x, conv.weight, conv.bias, 1, 1), conv:forward(x), 1e-6, 1e-6, 'conv2d')
+    H.assert_close(F.conv2d(x, conv.weight, conv.bias, { padding = 1 }), conv:forward(x), 1e-6, 1e-6, 'conv2d opts')
+    local lin = nn.Linear(5, 2)
+    H.assert_close(F.linear(x, lin.weight, lin.bias), lin:forward(x), 1e-6, 1e-6, 'linear')
+    local ln = nn.LayerNorm(5)
+    H.assert_close((F.layer_norm(x, 5, ln.weight, ln.bias)), ln:forward(x), 1e-6, 1e-6, 'layer_norm')
+    H.assert_close(F.softmax(x, 2), nn.Softmax(2):forward(x), 1e-6, 1e-6, 'softmax')
+    H.assert_close(F.log_softmax(x), nn.LogSoftmax():forward(x), 1e-6, 1e-6, 'log_softmax')
+    for _, a in ipairs({ 'gelu', 'relu', 'tanh', 'sigmoid' }) do
+      H.assert_close(F[a](x), x[a](x), 1e-6, 1e-6, a)
+    end
+  end)
+end)
+
+describe('Dropout', function()
+  it('drops about p, scales the rest by 1/(1-p), and backward uses the same mask', function()
+    fa.manualSeed(5)
+    local d = nn.Dropout(0.3)
+    local x = fa.ones(100, 100)
+    local y = d:forward(x)
+    local t = y:view(-1):table()
+    local nz = 0
+    for _, v in ipairs(t) do
+      if v ~= 0 then
+        nz = nz + 1
+        assert.is_near(1 / 0.7, v, 1e-6)
+      end
+    end
+    assert.is_near(0.7, nz / 10000, 0.03)
+    local gy = fa.randn(100, 100)
+    local gx = d:backward(x, gy)
+    H.assert_close(gx, y * gy, 1e-6, 1e-6, 'gradInput = mask/(1-p) * gradOutput')
+    -- reproducible from the seed
+    fa.manualSeed(5)
+    local y2 = nn.Dropout(0.3):forward(x)
+    assert.is_true(y2:equal(y))
+  end)
+
+  it('is the identity in evaluate() mode (and for p = 0)', function()
+    local m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    local x = fa.randn(8, 4)
+    m:evaluate()
+    assert.is_false(m:get(2).train)
+    local y1 = m:forward(x):clone()
+    local y2 = m:forward(x):clone()
+    assert.is_true(y1:equal(y2))
+    H.assert_close(y1, m:get(1):forward(x), 0, 0, 'dropout off')
+    local gy = fa.randn(8, 4)
+    assert.is_true(m:get(2):backward(m:get(1).output, gy):equal(gy))
+    m:training()
+    assert.is_true(m:get(2).train)
+    assert.is_false(m:forward(x):equal(y1))
+    assert.is_true(nn.Dropout(0):forward(x):equal(x))
+  end)
+end)
+
+describe('error messages', function()
+  local function err_of(f, ...)
+    local ok, e = pcall(f, ...)
+    assert.is_false(ok, 'expected an error')
+    return tostring(e)
+  end
+  local function has(msg, ...)
+    for _, s in ipairs({ ... }) do
+      assert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
+    end
+  end
+
+  it('Linear names itself and the sizes', function()
+    local m = nn.Linear(4, 3)
+    has(err_of(m.forward, m, fa.randn(2, 5)), 'nn.Linear(4 -> 3)', 'expected input of size (..., 4)', 'got 2x5')
+  end)
+
+  it('Sequential names the failing child', function()
+    local m = nn.Sequential(nn.Linear(5, 4), nn.Linear(3, 2))
+    local e = err_of(m.forward, m, fa.randn(2, 5))
+    has(e, 'Sequential: module 2 (nn.Linear(3 -> 2)): nn.Linear(3 -> 2): expected input of size (..., 3), got 2x4')
+    -- nested
+    local outer = nn.Sequential(nn.Identity(), m)
+    has(err_of(outer.forward, outer, fa.randn(2, 5)), 'Sequential: module 2 (nn.Sequential): Sequential: module 2')
+  end)
+
+  it('Conv2d, LayerNorm, Softmax, criterions and F name what is wrong', function()
+    local conv = nn.Conv2d(3, 4, 3)
+    has(err_of(conv.forward, conv, fa.randn(1, 2, 5, 5)), 'nn.Conv2d(3 -> 4, 3x3)', 'expected size (N, 3, H, W)', 'got 1x2x5x5')
+    has(err_of(conv.forward, conv, fa.randn(1, 3, 2, 2)), 'smaller than the (dilated) kernel 3x3')
+    local ln = nn.LayerNorm({ 3, 4 })
+    has(err_of(ln.forward, ln, fa.randn(2, 4, 3)), 'nn.LayerNorm(3x4)', 'expected size (..., 3, 4)', 'got 2x4x3')
+    local sm = nn.Softmax(3)
+    has(err_of(sm.forward, sm, fa.randn(2, 4)), 'nn.Softmax(dim 3)', "argument 'dim'", 'got 3')
+    local ce = nn.CrossEntropyCriterion()
+    has(err_of(ce.forward, ce, fa.randn(4, 3), fa.tensor({ 1, 2, 3 }, 'int64')), "argument 'target'", 'expected size 4', 'got 3')
+    has(err_of(ce.forward, ce, fa.randn(4, 3), fa.tensor({ 1, 2, 3, 1 })), 'expected int64 class indices')
+    local mse = nn.MSECriterion()
+    has(err_of(mse.forward, mse, fa.randn(4, 3), fa.randn(3, 4)), "argument 'target'", 'expected size 4x3', 'got 3x4')
+    has(err_of(F.linear, fa.randn(2, 3), fa.randn(4, 5)), 'fa.F.linear', "argument 'input'", 'expected size (..., 5)', 'got 2x3')
+    has(err_of(F.conv2d, fa.randn(2, 3, 5, 5), fa.randn(4, 3, 3)), 'fa.F.conv2d', "argument 'weight'", 'expected a 4-D')
+    has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 3)), 'fa.F.grid_sample', "argument 'grid'", 'got 1x2x2x3')
+    has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 2), { padding_mode = 'reflection' }), "'padding_mode'")
+    has(err_of(nn.Dropout, 1.5), 'nn.Dropout', "argument 'p'")
+    has(err_of(nn.Conv2d, 3, 4, 3, 1, 0, 1, 2), 'groups 2 must divide in_channels 3')
+  end)
+
+  it('the C layer errors come through with the argument named', function()
+    local m = nn.Linear(3, 2)
+    m:forward(fa.randn(2, 3))
+    local e = err_of(m.backward, m, fa.randn(2, 3), fa.randn(2, 5))
+    has(e, 'fa_linear_backward')
+  end)
+end)

@@ -1,0 +1,113 @@
+-- fa.optim (lua/fastattn/optim.lua): SGD / Adam / AdamW steps, gradient clipping and the learning-rate
+-- schedules against PyTorch (spec/fixtures/optim.safetensors, made by spec/fixtures/gen_nn.py, float64).
+local fa = require 'fastattn'
+local H = require 'helpers.check'
+
+local FX = H.fixture('optim')
+
+-- fa's config for each PyTorch run of the fixture (Torch7 names and PyTorch names both used)
+local CONFIGS = {
+  sgd = { 'sgd', { learningRate = 0.1 } },
+  sgd_mom = { 'sgd', { lr = 0.1, momentum = 0.9, dampening = 0.1, weightDecay = 0.01 } },
+  sgd_nesterov = { 'sgd', { learningRate = 0.05, momentum = 0.8, nesterov = true, weight_decay = 0.02 } },
+  adam = { 'adam', { learningRate = 0.01, weightDecay = 0.01 } },
+  adamw = { 'adamw', { lr = 0.01, betas = { 0.8, 0.99 }, epsilon = 1e-6, weightDecay = 0.1 } },
+}
+local TOL = { float64 = { 1e-12, 1e-13 }, float32 = { 1e-5, 1e-6 } }
+
+describe('fa.optim steps match torch.optim', function()
+  local names = {}
+  for k in pairs(CONFIGS) do names[#names + 1] = k end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, dtype in ipairs({ 'float64', 'float32' }) do
+      it(name .. ' (' .. dtype .. '), 3 steps', function()
+        local method, cfg = CONFIGS[name][1], CONFIGS[name][2]
+        local config = {}
+        for k, v in pairs(cfg) do config[k] = v end
+        local state = {}
+        local x = FX.p0:to(dtype):clone() -- never the fixture itself (to() returns self for float64)
+        local grad = fa.zeros_like(x)
+        local rtol, atol = TOL[dtype][1], TOL[dtype][2]
+        for step = 1, 3 do
+          local calls = 0
+          local function feval(p)
+            assert.are.equal(x, p)
+            calls = calls + 1
+            grad:copy(FX['g' .. step])
+            return 1.5 * step, grad
+          end
+          local xr, fx = fa.optim[method](feval, x, config, state)
+          assert.are.equal(1, calls)
+          assert.are.equal(x, xr)
+          assert.are.same({ 1.5 * step }, fx)
+          H.assert_close(x, FX[name .. '.step' .. step], rtol, atol, name .. ' step ' .. step)
+        end
+      end)
+    end
+  end
+
+  it('keeps its state in config when no state table is given (Torch7)', function()
+    local x = FX.p0:clone()
+    local config = { learningRate = 0.01, weightDecay = 0.01 }
+    for step = 1, 3 do
+      fa.optim.adam(function() return 0, FX['g' .. step] end, x, config)
+    end
+    assert.are.equal(3, config.t)
+    H.assert_close(x, FX['adam.step3'], 1e-12, 1e-13, 'adam with state in config')
+  end)
+
+  it('names bad arguments', function()
+    local x = fa.zeros(4)
+    local ok, e = pcall(fa.optim.sgd, function() return 0, fa.zeros(5) end, x, { lr = 0.1 })
+    assert.is_false(ok)
+    assert.truthy(e:find('gradient of size 5 for parameters of size 4', 1, true), e)
+    ok, e = pcall(fa.optim.adamw, function() return 0 end, x, {})
+    assert.truthy(e:find('feval must return', 1, true), e)
+    ok, e = pcall(fa.optim.sgd, function() return 0, x end, x, { nesterov = true })
+    assert.truthy(e:find('nesterov momentum needs momentum > 0', 1, true), e)
+  end)
+end)
+
+describe('fa.optim.clipGradNorm', function()
+  it('matches torch.nn.utils.clip_grad_norm_', function()
+    for _, dtype in ipairs({ 'float64', 'float32' }) do
+      local a, b = FX['clip.a']:to(dtype):clone(), FX['clip.b']:to(dtype):clone()
+      local norm = fa.optim.clipGradNorm({ a, b }, 1.0)
+      assert.is_near(FX['clip.norm']:item(), norm, 1e-6)
+      H.assert_close(a, FX['clip.a_clipped'], 1e-6, 1e-7, 'a')
+      H.assert_close(b, FX['clip.b_clipped'], 1e-6, 1e-7, 'b')
+    end
+  end)
+
+  it('leaves gradients under the limit alone and takes a flat tensor', function()
+    local g = FX['clip.a']:clone()
+    local norm = fa.optim.clipGradNorm(g, 1e6)
+    assert.is_true(g:equal(FX['clip.a']))
+    local s = 0
+    for _, v in ipairs(FX['clip.a']:view(-1):table()) do s = s + v * v end
+    assert.is_near(math.sqrt(s), norm, 1e-12)
+  end)
+end)
+
+describe('learning-rate schedules', function()
+  it('StepLR matches torch.optim.lr_scheduler.StepLR', function()
+    local s = fa.optim.StepLR{ lr = 0.5, step_size = 4, gamma = 0.3 }
+    local ref = FX.steplr:table()
+    for k = 0, #ref - 1 do assert.is_near(ref[k + 1], s:get(k), 1e-12) end
+    for k = 0, #ref - 1 do assert.is_near(ref[k + 1], s:step(), 1e-12) end
+  end)
+
+  it('CosineLR matches CosineAnnealingLR, with a linear warm-up when asked', function()
+    local s = fa.optim.CosineLR{ lr = 0.5, T_max = 10, eta_min = 0.01 }
+    local ref = FX.cosinelr:table()
+    for k = 0, 10 do assert.is_near(ref[k + 1], s:get(k), 1e-12) end
+    assert.is_near(0.01, s:get(50), 1e-12)
+    local w = fa.optim.CosineLR{ lr = 1, T_max = 12, warmup = 4 }
+    assert.is_near(0.25, w:get(0), 1e-12)
+    assert.is_near(1.0, w:get(3), 1e-12)
+    assert.is_near(1.0, w:get(4), 1e-12)
+    assert.is_near(0.5, w:get(8), 1e-12)
+    assert.is_near(0.0, w:get(12), 1e-12)
+  end)
+end)
