@@ -21,11 +21,13 @@ function fa.getNumThreads() return lib.fa_get_num_threads() end
 -- optional parts load lazily so that a missing one names itself in the error
 setmetatable(fa, {
   __index = function(t, k)
-    local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional' }
+    local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional',
+                   grid_sample = 'fastattn.functional' }
     if mods[k] then
       local m = require(mods[k])
-      rawset(t, k, m)
-      return m
+      -- a module that sets fa[k] itself while loading (functional.lua sets fa.grid_sample) keeps its value
+      if rawget(t, k) == nil then rawset(t, k, m) end
+      return rawget(t, k)
     end
   end,
 })
