@@ -128,6 +128,14 @@ int fa_conv2d_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weigh
 int fa_conv2d_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias,
                        const fa_tensor *grad_out, const fa_tensor *x, const fa_tensor *weight,
                        const fa_conv2d_params *p);
+/* [conv2d section, added with c/conv2d.c] CPU algorithm for the convolutions that can use either:
+ * FA_CONV_AUTO picks per shape (Winograd F(4x4,3x3) for 3x3 stride-1 undilated convolutions with at least
+ * 32 in- and out-channels per group: 4x fewer multiplications, float32 error about 1e-5 relative instead
+ * of 1e-6); FA_CONV_GEMM forces im2col + GEMM; FA_CONV_WINOGRAD forces Winograd wherever it applies.
+ * Depthwise convolutions (groups == in-channels) always use the direct kernel. Process-wide; returns the
+ * previous setting, or -1 (and an error) for an unknown value. */
+typedef enum fa_conv2d_algo { FA_CONV_AUTO = 0, FA_CONV_GEMM = 1, FA_CONV_WINOGRAD = 2 } fa_conv2d_algo;
+int fa_conv2d_set_algorithm(int algo);
 
 /* ---------------------------------------------------------------- normalisation, softmax */
 /* Normalises over the last `norm_size` elements (the product of the normalized_shape).
