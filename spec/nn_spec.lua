@@ -490,3 +490,74 @@ describe('error messages', function()
     has(e, 'fa_linear_backward')
   end)
 end)
+
+describe('fa.nn on the GPU #gpu', function()
+  if fa.C.fa_cuda_device_count() < 1 then
+    it('skips: no CUDA device found', function() pending('no CUDA device found') end)
+    return
+  end
+  local tol = { 2e-4, 2e-5 }
+
+  it('modules match PyTorch on cuda (float32), through :cuda()', function()
+    for _, name in ipairs(keys(MODULES)) do
+      local f = under(name)
+      local m = MODULES[name]()
+      local sd = under('sd', f)
+      if next(sd) then m:loadStateDict(sd) end
+      m:cuda()
+      local x, gy = f.x:float():cuda(), f.gy:float():cuda()
+      local y = m:forward(x)
+      assert.are.equal('cuda:0', y:device())
+      H.assert_close(y, f.y, tol[1], tol[2], name .. ' output')
+      H.assert_close(m:backward(x, gy), f.gx, tol[1], tol[2], name .. ' gradInput')
+      local ps, gs = m:parameters()
+      local gradOf = {}
+      for i, p in ipairs(ps) do gradOf[p] = gs[i] end
+      for pname, p in pairs(m:namedParameters()) do
+        assert.are.equal('cuda:0', p:device())
+        H.assert_close(gradOf[p], f['grad.' .. pname], tol[1], tol[2], name .. ' grad ' .. pname)
+      end
+    end
+  end)
+
+  it('GridSample, criterions and Dropout on cuda', function()
+    local f = under('gs_border')
+    local m = nn.GridSample{ padding_mode = 'border', align_corners = true }
+    local inp, grid = f.input:float():cuda(), f.grid:float():cuda()
+    H.assert_close(m:forward({ inp, grid }), f.y, tol[1], tol[2], 'grid_sample output')
+    local g = m:backward({ inp, grid }, f.gy:float():cuda())
+    H.assert_close(g[1], f.ginput, tol[1], tol[2], 'gradInput')
+    H.assert_close(g[2], f.ggrid, tol[1], tol[2] * 10, 'gradGrid')
+    f = under('ce_sum')
+    local t1 = f.t:clone():add(1)
+    local c = nn.CrossEntropyCriterion{ ignore_index = 3, reduction = 'sum' }
+    local x = f.x:float():cuda()
+    assert.is_near(f.loss:item(), c:forward(x, t1:cuda()), 1e-4 * math.abs(f.loss:item()))
+    H.assert_close(c:backward(x, t1:cuda()), f.gx, tol[1], tol[2], 'cross entropy gradInput')
+    local d = nn.Dropout(0.25):cuda()
+    local ones = fa.ones(64, 64):cuda()
+    local y = d:forward(ones):cpu()
+    local kept = 0
+    for _, v in ipairs(y:view(-1):table()) do if v ~= 0 then kept = kept + 1 end end
+    assert.is_near(0.75, kept / 4096, 0.04)
+    d:evaluate()
+    assert.is_true(d:forward(ones):equal(ones))
+  end)
+
+  it('getParameters on cuda; the example trains on cuda', function()
+    _G.__FASTATTN_NO_MAIN = true
+    local ex = dofile('examples/train_convnet.lua')
+    _G.__FASTATTN_NO_MAIN = nil
+    math.randomseed(5)
+    fa.manualSeed(5)
+    local model = ex.makeModel()
+    local tx, ty = ex.makeBatch(200)
+    local losses = ex.train(model, { steps = 120, batch = 48, lr = 3e-3, every = 0, clip = 1.0, device = 'cuda' })
+    local p = model:getParameters()
+    assert.are.equal('cuda:0', p:device())
+    local a, b = 0, 0
+    for i = 1, 10 do a, b = a + losses[i], b + losses[#losses - 10 + i] end
+    assert(b < 0.7 * a, string.format('loss did not fall on cuda: %.4f -> %.4f', a / 10, b / 10))
+    assert.is_true(ex.accuracy(model, tx, ty, 'cuda') > 0.5)
+  end)
+end)

@@ -111,3 +111,30 @@ describe('learning-rate schedules', function()
     assert.is_near(0.0, w:get(12), 1e-12)
   end)
 end)
+
+describe('fa.optim on the GPU #gpu', function()
+  if fa.C.fa_cuda_device_count() < 1 then
+    it('skips: no CUDA device found', function() pending('no CUDA device found') end)
+    return
+  end
+  it('sgd_nesterov, adam and adamw steps match torch.optim on cuda (float32)', function()
+    for _, name in ipairs({ 'sgd_nesterov', 'adam', 'adamw' }) do
+      local method, cfg = CONFIGS[name][1], CONFIGS[name][2]
+      local config, state = {}, {}
+      for k, v in pairs(cfg) do config[k] = v end
+      local x = FX.p0:float():cuda()
+      local grad = fa.zeros_like(x)
+      for step = 1, 3 do
+        fa.optim[method](function() grad:copy(FX['g' .. step]); return 0, grad end, x, config, state)
+        assert.are.equal('cuda:0', x:device())
+        H.assert_close(x, FX[name .. '.step' .. step], 1e-5, 1e-6, name .. ' step ' .. step)
+      end
+    end
+  end)
+  it('clipGradNorm on cuda', function()
+    local a, b = FX['clip.a']:float():cuda(), FX['clip.b']:float():cuda()
+    assert.is_near(FX['clip.norm']:item(), fa.optim.clipGradNorm({ a, b }, 1.0), 1e-5)
+    H.assert_close(a, FX['clip.a_clipped'], 1e-5, 1e-6, 'a')
+    H.assert_close(b, FX['clip.b_clipped'], 1e-5, 1e-6, 'b')
+  end)
+end)

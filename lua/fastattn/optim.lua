@@ -113,8 +113,14 @@ function optim.adamw(feval, x, config, state) return adam('fa.optim.adamw', 1, 1
 
 ---------------------------------------------------------------------------- gradient clipping
 -- the sum of squares of a tensor, as a number (fa_sumsq: float64 on the CPU, float32 on CUDA)
+local sumsq_out = {} -- one 1-element result per device, kept
 local function sumsq(g)
-  local out = fa.empty({}, { dtype = g.desc.device < 0 and 'float64' or 'float32', device = g.desc.device })
+  local dev = g.desc.device
+  local out = sumsq_out[dev]
+  if out == nil then
+    out = fa.empty({}, { dtype = dev < 0 and 'float64' or 'float32', device = dev })
+    sumsq_out[dev] = out
+  end
   fa.check(C.fa_sumsq(out.desc, g.desc), 3)
   return out:item()
 end
