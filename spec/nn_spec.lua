@@ -341,6 +341,38 @@ describe('Module API', function()
     assert.are.equal('float64', m:get(1).weight:dtype())
   end)
 
+  it("initialises parameters as PyTorch's defaults", function()
+    fa.manualSeed(11)
+    local function check_uniform(t, bound, what)
+      local v = t:view(-1):table()
+      local mx, s2 = 0, 0
+      for _, x in ipairs(v) do
+        mx = math.max(mx, math.abs(x))
+        s2 = s2 + x * x
+      end
+      assert(mx <= bound, what .. ': |value| ' .. mx .. ' above the bound ' .. bound)
+      assert(mx > 0.9 * bound, what .. ': values do not fill U(-bound, bound)')
+      local std = math.sqrt(s2 / #v)
+      assert.is_near(bound / math.sqrt(3), std, 0.1 * bound / math.sqrt(3)) -- U(-b, b) has std b/sqrt(3)
+    end
+    local lin = nn.Linear(50, 40)
+    check_uniform(lin.weight, 1 / math.sqrt(50), 'Linear weight')
+    check_uniform(nn.Linear(3, 400).bias, 1 / math.sqrt(3), 'Linear bias')
+    local conv = nn.Conv2d(4, 60, 3, 1, 0, 1, 2)
+    check_uniform(conv.weight, 1 / math.sqrt(2 * 9), 'Conv2d weight (fan_in = in/groups * kh * kw)')
+    check_uniform(conv.bias, 1 / math.sqrt(2 * 9), 'Conv2d bias')
+    local ln = nn.LayerNorm({ 2, 3 })
+    assert.are.same({ { 1, 1, 1 }, { 1, 1, 1 } }, ln.weight:table())
+    assert.are.same({ { 0, 0, 0 }, { 0, 0, 0 } }, ln.bias:table())
+    assert.is_nil(nn.LayerNorm(4, 1e-5, false).weight)
+    assert.is_nil(nn.Linear(3, 2, false).bias)
+    -- the same seed gives the same model
+    fa.manualSeed(12)
+    local a = nn.Linear(5, 3)
+    fa.manualSeed(12)
+    assert.is_true(nn.Linear(5, 3).weight:equal(a.weight))
+  end)
+
   it('reuses its output and gradInput buffers across calls', function()
     local m = nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.LayerNorm(4))
     local x, gy = fa.randn(3, 5), fa.randn(3, 4)
@@ -416,6 +448,18 @@ describe('Dropout', function()
     fa.manualSeed(5)
     local y2 = nn.Dropout(0.3):forward(x)
     assert.is_true(y2:equal(y))
+  end)
+
+  it('F.dropout returns the output and its mask', function()
+    fa.manualSeed(6)
+    local x = fa.randn(50, 40)
+    local y, mask = F.dropout(x, 0.4)
+    assert.are.equal('bool', mask:dtype())
+    H.assert_close(y, x * mask:float() / 0.6, 1e-6, 1e-6, 'x * mask / (1 - p)')
+    local kept = mask:float():sum() / 2000
+    assert.is_near(0.6, kept, 0.05)
+    assert.are.equal(x, (F.dropout(x, 0.4, false)))
+    assert.are.equal(0, F.dropout(x, 1):abs():sum())
   end)
 
   it('is the identity in evaluate() mode (and for p = 0)', function()

@@ -339,7 +339,9 @@ Module.load_state_dict = Module.loadStateDict
 ---------------------------------------------------------------------------- type conversion
 -- converts every tensor reachable from the module (parameters, gradients, buffers, outputs), keeping
 -- tensors that were shared shared. Floating tensors take `dtype` (when given); all take `device`.
-local function convert(obj, dtype, device, cache, seen)
+-- first pass: converted copies of every tensor, recorded as {table, key, new tensor}; nothing is
+-- assigned until every conversion has succeeded, so a failed :cuda() leaves the module as it was
+local function convert(obj, dtype, device, cache, seen, plan)
   if seen[obj] then return end
   seen[obj] = true
   for k, v in pairs(obj) do
@@ -350,9 +352,9 @@ local function convert(obj, dtype, device, cache, seen)
         c = v:to(dt, device == nil and v.desc.device or device)
         cache[v] = c
       end
-      obj[k] = c
+      plan[#plan + 1] = { obj, k, c }
     elseif type(v) == 'table' and not rawget(v, '__typename') then -- tables and child modules, not classes
-      convert(v, dtype, device, cache, seen)
+      convert(v, dtype, device, cache, seen, plan)
     end
   end
 end
@@ -361,7 +363,9 @@ end
 function Module:to(dtype, device)
   local dt = dtype ~= nil and fa.dtype_id(dtype, 'Module:to') or nil
   local dev = device ~= nil and fa.device_id(device, 'Module:to') or nil
-  convert(self, dt, dev, {}, {})
+  local plan = {}
+  convert(self, dt, dev, {}, {}, plan)
+  for _, e in ipairs(plan) do e[1][e[2]] = e[3] end
   return self
 end
 
