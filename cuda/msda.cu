@@ -1,0 +1,703 @@
+// msda.cu: multi-scale deformable attention on the GPU (forward, backward, deterministic backward).
+//
+// value (N, S, M, D) T, sampling_locations (N, Lq, M, L, P, 2) float32, attention_weights (N, Lq, M, L, P)
+// float32 -> out (N, Lq, M*D) T; T = float32, bfloat16 or float16, arithmetic float32. Semantics as c/msda.c
+// (zeros/border padding, align_corners). Validation happened in c/msda.c; shapes come from the host.
+//
+// Layout of the work: a "group" of TPG lanes owns one (n, q, m) row of D channels, VEC channels per lane
+// (16-byte loads: 4 floats or 8 halves). The L*P sampling points of the row are handled in rounds: in each
+// round lane j computes the footprint of point s0 + j once (clamped corner pixel, 4 coefficients
+// attention * bilinear weight) and the group broadcasts it with shuffles, so the coordinate arithmetic is
+// not repeated per channel. Corners outside the level get coefficient 0 and a clamped (valid) address, so
+// every load is unconditional.
+//
+// Backward (fast path): per point the lanes gather the 4 corners (for the location gradient), form partial
+// dot products <grad_out, corner> over their channels, and scatter coefficient * grad_out into grad_value
+// with vector atomics (red.global.add.v4.f32 on sm_90: one instruction per 4 channels). The 4 partial dots
+// of each point of a round are reduced across the group by a reduce-scatter of shuffles (each lane ends up
+// with the totals of "its" point: ~4 shuffles per point instead of 4*log2(TPG)), and that lane writes the
+// point's attention and location gradients: no atomics there. 16-bit values accumulate grad_value in a
+// float32 buffer, cast at the end.
+//
+// Deterministic backward (opts.deterministic, or FA_MSDA_BWD=gather): no float atomics. The point gradients
+// come from the same kernel without the scatter (fixed shuffle order). grad_value is gathered: every point
+// gets a key = its top-left corner cell on an (H+1)x(W+1) grid per (n, m, level) (a point touches the 4
+// pixels right/below of that cell), keys are sorted stably with CUB (ties keep point order), and one group
+// per grad_value row (n, pixel, m) sums coefficient * grad_out over the points of the 4 cells around the
+// pixel, in that fixed order. Every row is written once: no memset, 16-bit output written directly.
+#include "common.cuh"
+#include <cub/cub.cuh>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+constexpr int MAXL = 16;   // levels per call on the GPU (kernel parameters)
+constexpr int THREADS = 256;
+constexpr unsigned FULL = 0xffffffffu;
+
+struct Params {
+  int N, Lq, M, D, L, P, LP, S;
+  int border, align;
+  int Sx;                         // (H+1)*(W+1) summed over levels: the key grid of one (n, m)
+  int H[MAXL], W[MAXL], start[MAXL], xstart[MAXL];
+};
+
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+template <typename T, int VEC> __device__ __forceinline__ void load_vec(float (&f)[VEC], const T *__restrict__ p) {
+  Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC> *>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; i++) f[i] = fa_to_f<T>(k.v[i]);
+}
+template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *p, const float (&f)[VEC]) {
+  Pack<T, VEC> k;
+#pragma unroll
+  for (int i = 0; i < VEC; i++) k.v[i] = fa_from_f<T>(f[i]);
+  *reinterpret_cast<Pack<T, VEC> *>(p) = k;
+}
+
+// grad_value[p .. p+VEC) += f (float32 buffer). sm_90 has vector reductions: one instruction per 4 floats.
+template <int VEC> __device__ __forceinline__ void red_add(float *p, const float (&f)[VEC]) {
+#if __CUDA_ARCH__ >= 900
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4)
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + i), "f"(f[i]), "f"(f[i + 1]),
+                   "f"(f[i + 2]), "f"(f[i + 3]) : "memory");
+  } else if constexpr (VEC == 2) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(f[0]), "f"(f[1]) : "memory");
+  } else {
+    atomicAdd(p, f[0]);
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < VEC; i++) atomicAdd(p + i, f[i]);
+#endif
+}
+
+// Sum of dot[j][k] over the TPG lanes of a group, in a fixed order. First an all-reduce over the lane bits
+// >= R (groups wider than R lanes), then a reduce-scatter over the low bits: at step H the lane keeps the
+// half of the points whose bit H matches its own and receives its partner's partials of that half, so
+// after log2(R) steps lane j holds in dot[0] the totals of point j % R (4*(R-1) shuffles for R points).
+template <int H, int R, int TPG> __device__ __forceinline__ void allreduce_high(float (&dot)[R][4]) {
+  if constexpr (H >= R) {
+#pragma unroll
+    for (int j = 0; j < R; j++)
+#pragma unroll
+      for (int k = 0; k < 4; k++) dot[j][k] += __shfl_xor_sync(FULL, dot[j][k], H, TPG);
+    allreduce_high<H / 2, R, TPG>(dot);
+  }
+}
+template <int H, int R, int TPG> __device__ __forceinline__ void reduce_scatter(float (&dot)[R][4], int lane) {
+  if constexpr (H >= 1) {
+    const bool up = (lane & H) != 0;
+#pragma unroll
+    for (int j = 0; j < H; j++)
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        const float send = up ? dot[j][k] : dot[j + H][k];
+        const float keep = up ? dot[j + H][k] : dot[j][k];
+        dot[j][k] = keep + __shfl_xor_sync(FULL, send, H, TPG);
+      }
+    reduce_scatter<H / 2, R, TPG>(dot, lane);
+  }
+}
+
+// The cell of a sampling point on level l: top-left corner (x0, y0), fractions (fx, fy) and
+// d(pixel)/d(loc) (sx, sy; 0 where border-clamped). false: the point touches no pixel (zeros padding).
+// Rounding pinned with _rn intrinsics so that every kernel computes the same cell for the same point.
+__device__ __forceinline__ bool cell(const Params &p, int l, float lx, float ly, int &x0, int &y0, float &fx,
+                                     float &fy, float &sx, float &sy) {
+  const float fw = (float)p.W[l], fh = (float)p.H[l];
+  float x, y;
+  if (p.align) {
+    sx = fw - 1.f; sy = fh - 1.f;
+    x = __fmul_rn(lx, sx); y = __fmul_rn(ly, sy);
+  } else {
+    sx = fw; sy = fh;
+    x = __fmaf_rn(lx, fw, -0.5f); y = __fmaf_rn(ly, fh, -0.5f);
+  }
+  if (p.border) {  // the borders themselves count as clamped (zero gradient), NaN goes to 0: as PyTorch
+    if (!(x > 0.f)) { x = 0.f; sx = 0.f; } else if (x >= fw - 1.f) { x = fw - 1.f; sx = 0.f; }
+    if (!(y > 0.f)) { y = 0.f; sy = 0.f; } else if (y >= fh - 1.f) { y = fh - 1.f; sy = 0.f; }
+  } else if (!(x > -1.f && x < fw && y > -1.f && y < fh)) {
+    return false;
+  }
+  const float xf = floorf(x), yf = floorf(y);
+  fx = __fsub_rn(x, xf);
+  fy = __fsub_rn(y, yf);
+  x0 = (int)xf;
+  y0 = (int)yf;
+  return true;
+}
+
+// The footprint of a point for the channel loops: pixel of the (clamped) top-left corner in value's
+// (N*S) pixel numbering, the steps to the right/lower corners (0 where clamped), 4 coefficients
+// a * bilinear weight (0 for corners outside) and the mask of corners inside (bit k = corner k:
+// 00, 01, 10, 11 = (y0,x0), (y0,x0+1), (y0+1,x0), (y0+1,x0+1)).
+struct Foot {
+  int pix, step;  // step = (d10 << 5) | (d01 << 4) | mask, d01 in {0,1}, d10 in {0,W}
+  float c[4];
+  unsigned mask;
+};
+
+__device__ __forceinline__ void footprint(const Params &p, int n, int l, int x0, int y0, float fx, float fy, float a,
+                                          Foot &f) {
+  const int H = p.H[l], W = p.W[l];
+  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < W, vy0 = y0 >= 0, vy1 = y0 + 1 < H;
+  const int xc0 = max(x0, 0), xc1 = min(x0 + 1, W - 1), yc0 = max(y0, 0), yc1 = min(y0 + 1, H - 1);
+  const float hx = __fsub_rn(1.f, fx), hy = __fsub_rn(1.f, fy);
+  f.pix = n * p.S + p.start[l] + yc0 * W + xc0;
+  f.mask = (vx0 && vy0 ? 1u : 0u) | (vx1 && vy0 ? 2u : 0u) | (vx0 && vy1 ? 4u : 0u) | (vx1 && vy1 ? 8u : 0u);
+  f.step = ((yc1 - yc0) * W << 5) | ((xc1 - xc0) << 4) | (int)f.mask;
+  f.c[0] = (f.mask & 1u) ? __fmul_rn(a, __fmul_rn(hx, hy)) : 0.f;
+  f.c[1] = (f.mask & 2u) ? __fmul_rn(a, __fmul_rn(fx, hy)) : 0.f;
+  f.c[2] = (f.mask & 4u) ? __fmul_rn(a, __fmul_rn(hx, fy)) : 0.f;
+  f.c[3] = (f.mask & 8u) ? __fmul_rn(a, __fmul_rn(fx, fy)) : 0.f;
+}
+
+__device__ __forceinline__ void no_footprint(const Params &p, int n, Foot &f) {
+  f.pix = n * p.S;
+  f.step = 0;
+  f.mask = 0;
+  f.c[0] = f.c[1] = f.c[2] = f.c[3] = 0.f;
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+// grid (ceil(groups*TPG/THREADS), chunks); channel chunk blockIdx.y covers TPG*VEC channels.
+// BCAST: footprints computed once per point and shuffled to the group (else every lane recomputes them).
+template <typename T, int VEC, int TPG, bool BCAST>
+__global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const T *__restrict__ value,
+                                                      const float *__restrict__ loc, const float *__restrict__ attn,
+                                                      const __grid_constant__ Params p, int groups) {
+  const int lane = threadIdx.x % TPG;
+  const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
+  const bool active = gid < groups;
+  const int g = active ? gid : groups - 1;  // idle lanes stay in bounds and in the shuffles
+  const int m = g % p.M, n = g / (p.M * p.Lq);
+  const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
+  const bool chan = c < p.D;
+  const int64_t MD = (int64_t)p.M * p.D;
+  const T *__restrict__ vb = value + (int64_t)m * p.D + (chan ? c : 0);
+  const int i0 = g * p.LP;
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; i++) acc[i] = 0.f;
+
+  auto accumulate = [&](const Foot &f) {
+    if (chan && (f.c[0] != 0.f || f.c[1] != 0.f || f.c[2] != 0.f || f.c[3] != 0.f)) {
+      const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
+      const T *b = vb + (int64_t)f.pix * MD;
+      float v0[VEC], v1[VEC], v2[VEC], v3[VEC];
+      load_vec<T, VEC>(v0, b);
+      load_vec<T, VEC>(v1, b + d01);
+      load_vec<T, VEC>(v2, b + d10);
+      load_vec<T, VEC>(v3, b + d10 + d01);
+#pragma unroll
+      for (int i = 0; i < VEC; i++)
+        acc[i] = fmaf(f.c[3], v3[i], fmaf(f.c[2], v2[i], fmaf(f.c[1], v1[i], fmaf(f.c[0], v0[i], acc[i]))));
+    }
+  };
+  auto point = [&](int s, Foot &f) {
+    const int l = s / p.P;
+    const float lx = loc[2 * (i0 + s)], ly = loc[2 * (i0 + s) + 1], a = attn[i0 + s];
+    int x0, y0;
+    float fx, fy, sx, sy;
+    if (cell(p, l, lx, ly, x0, y0, fx, fy, sx, sy)) footprint(p, n, l, x0, y0, fx, fy, a, f);
+    else no_footprint(p, n, f);
+  };
+
+  if constexpr (BCAST) {
+    for (int s0 = 0; s0 < p.LP; s0 += TPG) {
+      Foot mine;
+      if (s0 + lane < p.LP) point(s0 + lane, mine);
+      else no_footprint(p, n, mine);
+#pragma unroll
+      for (int j = 0; j < TPG; j++) {
+        if (s0 + j >= p.LP) break;  // uniform over the warp
+        Foot f;
+        f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
+        f.step = __shfl_sync(FULL, mine.step, j, TPG);
+#pragma unroll
+        for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
+        accumulate(f);
+      }
+    }
+  } else {
+    for (int s = 0; s < p.LP; s++) {
+      Foot f;
+      point(s, f);
+      accumulate(f);
+    }
+  }
+  if (active && chan) store_vec<T, VEC>(out + (int64_t)g * p.D + c, acc);
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+// One kernel for the fast path (scatter = atomics into gv32, points = attention/location gradients) and for
+// the point gradients of the deterministic path (scatter = 0). With several channel chunks the point
+// gradients are partial sums, written to part[chunk][point][3] and added by finish_points_kernel.
+template <typename T, int VEC, int TPG>
+__global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, float *__restrict__ gloc,
+                                                      float *__restrict__ gattn, float *__restrict__ part,
+                                                      const T *__restrict__ gout, const T *__restrict__ value,
+                                                      const float *__restrict__ loc, const float *__restrict__ attn,
+                                                      const __grid_constant__ Params p, int groups, int scatter, int points) {
+  constexpr int R = TPG < 8 ? TPG : 8;  // points per round (the reduce-scatter keeps R x 4 partials per lane)
+  const int lane = threadIdx.x % TPG;
+  const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
+  const bool active = gid < groups;
+  const int g = active ? gid : groups - 1;
+  const int m = g % p.M, n = g / (p.M * p.Lq);
+  const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
+  const bool chan = c < p.D;
+  const int64_t MD = (int64_t)p.M * p.D;
+  const int64_t coff = (int64_t)m * p.D + (chan ? c : 0);
+  const int i0 = g * p.LP;
+  float go[VEC];
+  if (chan) load_vec<T, VEC>(go, gout + (int64_t)g * p.D + c);
+  else
+#pragma unroll
+    for (int i = 0; i < VEC; i++) go[i] = 0.f;
+
+  for (int s0 = 0; s0 < p.LP; s0 += R) {
+    // the owner lane (lane < R) of point s0 + lane computes its footprint and keeps what the point
+    // gradients need
+    const int s = s0 + lane;
+    const bool own = lane < R && s < p.LP;
+    Foot mine;
+    float fx = 0.f, fy = 0.f, gx = 0.f, gy = 0.f;
+    no_footprint(p, n, mine);
+    if (own) {
+      const int l = s / p.P;
+      const float lx = loc[2 * (i0 + s)], ly = loc[2 * (i0 + s) + 1], a = attn[i0 + s];
+      int x0, y0;
+      float sx, sy;
+      if (cell(p, l, lx, ly, x0, y0, fx, fy, sx, sy)) {
+        footprint(p, n, l, x0, y0, fx, fy, a, mine);
+        gx = a * sx;
+        gy = a * sy;
+      }
+    }
+    float dot[R][4];
+#pragma unroll
+    for (int j = 0; j < R; j++) {
+#pragma unroll
+      for (int k = 0; k < 4; k++) dot[j][k] = 0.f;
+      if (s0 + j < p.LP) {  // uniform over the warp
+        Foot f;
+        f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
+        f.step = __shfl_sync(FULL, mine.step, j, TPG);
+#pragma unroll
+        for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
+        // a point with attention 0 still has an attention gradient: skip only points that touch nothing
+        if (chan && (f.step & 15)) {
+          const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
+          const int64_t off[4] = {0, d01, d10, d10 + d01};
+          const int64_t base = (int64_t)f.pix * MD + coff;
+          if (points) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+              float v[VEC];
+              load_vec<T, VEC>(v, value + base + off[k]);
+              float d = 0.f;
+#pragma unroll
+              for (int i = 0; i < VEC; i++) d = fmaf(go[i], v[i], d);
+              dot[j][k] = d;
+            }
+          }
+          if (scatter && active) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+              if (f.c[k] == 0.f) continue;
+              float u[VEC];
+#pragma unroll
+              for (int i = 0; i < VEC; i++) u[i] = f.c[k] * go[i];
+              red_add<VEC>(gv32 + base + off[k], u);
+            }
+          }
+        }
+      }
+    }
+    if (points) {
+      allreduce_high<TPG / 2, R, TPG>(dot);
+      reduce_scatter<R / 2, R, TPG>(dot, lane);
+      if (own && active) {
+        float t[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) t[k] = (mine.mask >> k & 1u) ? dot[0][k] : 0.f;
+        const float hx = 1.f - fx, hy = 1.f - fy;
+        const float dA = hx * hy * t[0] + fx * hy * t[1] + hx * fy * t[2] + fx * fy * t[3];
+        const float dx = gx * (hy * (t[1] - t[0]) + fy * (t[3] - t[2]));
+        const float dy = gy * (hx * (t[2] - t[0]) + fx * (t[3] - t[1]));
+        const int i = i0 + s;
+        if (part) {
+          float *q = part + ((int64_t)blockIdx.y * groups * p.LP + i) * 3;
+          q[0] = dA; q[1] = dx; q[2] = dy;
+        } else {
+          if (gattn) gattn[i] = dA;
+          if (gloc) { gloc[2 * i] = dx; gloc[2 * i + 1] = dy; }
+        }
+      }
+    }
+  }
+}
+
+// point gradients = sum of the channel chunks' partials, in chunk order
+__global__ void finish_points_kernel(float *__restrict__ gloc, float *__restrict__ gattn,
+                                     const float *__restrict__ part, int64_t npts, int chunks) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < npts; i += (int64_t)gridDim.x * blockDim.x) {
+    float a = 0.f, x = 0.f, y = 0.f;
+    for (int k = 0; k < chunks; k++) {
+      const float *q = part + ((int64_t)k * npts + i) * 3;
+      a += q[0]; x += q[1]; y += q[2];
+    }
+    if (gattn) gattn[i] = a;
+    if (gloc) { gloc[2 * i] = x; gloc[2 * i + 1] = y; }
+  }
+}
+
+template <typename T>
+__global__ void cast_kernel(T *__restrict__ dst, const float *__restrict__ src, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = fa_from_f<T>(src[i]);
+}
+
+// ------------------------------------------------------------------------------------------------ gather
+// key of each point = its cell (x0, y0) on the (H+1)x(W+1) grid of (n, m, level); points that touch nothing
+// get key nkeys (sorted last, never read). coef[i] = the 4 coefficients; counts[key] += 1.
+__global__ void keys_kernel(unsigned *__restrict__ keys, unsigned *__restrict__ ids, float4 *__restrict__ coef,
+                            int *__restrict__ counts, const float *__restrict__ loc, const float *__restrict__ attn,
+                            const __grid_constant__ Params p, int npts, unsigned nkeys) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < npts; i += gridDim.x * blockDim.x) {
+    const int g = i / p.LP, s = i - g * p.LP, l = s / p.P, m = g % p.M, n = g / (p.M * p.Lq);
+    int x0, y0;
+    float fx, fy, sx, sy;
+    unsigned key = nkeys;
+    Foot f;
+    if (cell(p, l, loc[2 * i], loc[2 * i + 1], x0, y0, fx, fy, sx, sy)) {
+      footprint(p, n, l, x0, y0, fx, fy, attn[i], f);
+      key = (unsigned)((n * p.M + m) * p.Sx + p.xstart[l] + (y0 + 1) * (p.W[l] + 1) + (x0 + 1));
+      atomicAdd(counts + key, 1);
+    } else {
+      no_footprint(p, n, f);
+    }
+    keys[i] = key;
+    ids[i] = (unsigned)i;
+    coef[i] = make_float4(f.c[0], f.c[1], f.c[2], f.c[3]);
+  }
+}
+
+// one group of TPG lanes per grad_value row (n, pixel, m): sums coefficient * grad_out over the points of
+// the 4 cells around the pixel (cell order fixed, points in sorted = original order within a cell).
+// Rows are taken in reverse order so that the coarse levels (many points per pixel) start first.
+template <typename T, int VEC, int TPG>
+__global__ void __launch_bounds__(THREADS) gather_kernel(T *__restrict__ gv, const unsigned *__restrict__ ids,
+                                                         const float *__restrict__ coef, const int *__restrict__ offs,
+                                                         const T *__restrict__ gout, const __grid_constant__ Params p, int rows) {
+  const int lane = threadIdx.x % TPG;
+  const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
+  if (gid >= rows) return;  // whole groups leave together (the shuffles below use the group's mask)
+  const unsigned gmask = TPG == 32 ? FULL : (((1u << TPG) - 1u) << ((threadIdx.x % 32) & ~(TPG - 1)));
+  const int r = rows - 1 - gid;
+  const int m = r % p.M, ns = r / p.M, s = ns % p.S, n = ns / p.S;
+  int l = 0;
+  while (l + 1 < p.L && p.start[l + 1] <= s) l++;
+  const int W = p.W[l], pi = (s - p.start[l]) / W, pj = (s - p.start[l]) - pi * W, Wx = W + 1;
+  const int kb = (n * p.M + m) * p.Sx + p.xstart[l];
+  // cells whose point has this pixel as corner k: k=0 top-left at (pi, pj), 1 at (pi, pj-1), 2 at (pi-1, pj),
+  // 3 at (pi-1, pj-1); on the (H+1)x(W+1) grid the cell (y0, x0) is (y0+1)*(W+1) + (x0+1)
+  const int k0 = kb + (pi + 1) * Wx + pj + 1, k2 = kb + pi * Wx + pj + 1;
+  const int b0 = offs[k0], b1 = offs[k0 - 1], b2 = offs[k2], b3 = offs[k2 - 1];
+  const int c1 = offs[k0 + 1] - b0, c2 = c1 + b0 - b1, c3 = c2 + offs[k2 + 1] - b2, total = c3 + b2 - b3;
+  const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
+  const bool chan = c < p.D;
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; i++) acc[i] = 0.f;
+  for (int v0 = 0; v0 < total; v0 += TPG) {
+    const int v = v0 + lane;
+    int row = 0;
+    float cf = 0.f;
+    if (v < total) {
+      const int k = v < c1 ? 0 : v < c2 ? 1 : v < c3 ? 2 : 3;
+      const unsigned id = ids[k == 0 ? b0 + v : k == 1 ? b1 + v - c1 : k == 2 ? b2 + v - c2 : b3 + v - c3];
+      cf = coef[4 * (int64_t)id + k];
+      row = (int)(id / (unsigned)p.LP);
+    }
+#pragma unroll 4
+    for (int j = 0; j < TPG; j++) {
+      if (v0 + j >= total) break;  // uniform over the group
+      const int rj = __shfl_sync(gmask, row, j, TPG);
+      const float cj = __shfl_sync(gmask, cf, j, TPG);
+      if (chan) {
+        float gg[VEC];
+        load_vec<T, VEC>(gg, gout + (int64_t)rj * p.D + c);
+#pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] = fmaf(cj, gg[i], acc[i]);
+      }
+    }
+  }
+  if (chan) store_vec<T, VEC>(gv + (int64_t)r * p.D + c, acc);
+}
+
+// ------------------------------------------------------------------------------------------------ host
+struct Plan {
+  Params p;
+  int vec, tpg, chunks, groups;
+  int64_t npts;
+};
+
+// vector width: 16 bytes when D and every pointer allow it, else 1 (then 32 lanes per group)
+static int make_plan(const char *fn, Plan &pl, const fa_tensor *value, const fa_tensor *shapes, const fa_tensor *lsi,
+                     const fa_tensor *loc, const fa_msda_opts *opts, const void *const *ptrs, int nptrs) {
+  Params &p = pl.p;
+  memset(&p, 0, sizeof p);
+  const int64_t N = value->shape[0], S = value->shape[1], M = value->shape[2], D = value->shape[3];
+  const int64_t L = shapes->shape[0], Lq = loc->shape[1], P = loc->shape[4];
+  if (L > MAXL)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'spatial_shapes': at most %d levels on CUDA, got %lld", fn, MAXL,
+                    (long long)L);
+  int64_t Sx = 0;
+  for (int l = 0; l < L; l++) {
+    const int64_t h = ((const int64_t *)shapes->data)[fa_offset(shapes, 2 * l)];
+    const int64_t w = ((const int64_t *)shapes->data)[fa_offset(shapes, 2 * l + 1)];
+    if (w >= (1 << 25) || h >= (1 << 25))
+      return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'spatial_shapes': levels of up to 2^25 pixels a side on CUDA, got %lld x %lld",
+                      fn, (long long)h, (long long)w);
+    p.H[l] = (int)h;
+    p.W[l] = (int)w;
+    p.start[l] = (int)((const int64_t *)lsi->data)[fa_offset(lsi, l)];
+    p.xstart[l] = (int)Sx;
+    Sx += (h + 1) * (w + 1);
+  }
+  const int64_t big = (int64_t)1 << 31;
+  if (N * S * M * D >= big * 8 || N * S >= big / 2 || N * Lq * M * L * P >= big || N * M * Sx >= big / 2 ||
+      N * Lq * M * D >= big * 8)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'value': too large for the CUDA kernels (32-bit point and pixel indices)", fn);
+  p.N = (int)N; p.S = (int)S; p.M = (int)M; p.D = (int)D; p.L = (int)L; p.Lq = (int)Lq; p.P = (int)P;
+  p.LP = (int)(L * P);
+  p.Sx = (int)Sx;
+  p.border = opts ? opts->padding == FA_PAD_BORDER : 0;
+  p.align = opts ? opts->align_corners != 0 : 0;
+  const int es = fa_dtype_size(value->dtype), maxvec = 16 / es;
+  bool aligned = D % maxvec == 0;
+  for (int i = 0; i < nptrs; i++)
+    if (ptrs[i] && ((uintptr_t)ptrs[i] % 16)) aligned = false;
+  pl.vec = aligned ? maxvec : 1;
+  int need = (int)((D + pl.vec - 1) / pl.vec), t = 1;
+  while (t < need && t < 32) t *= 2;
+  pl.tpg = pl.vec == 1 ? 32 : t;
+  pl.chunks = (int)((D + pl.tpg * pl.vec - 1) / (pl.tpg * pl.vec));
+  pl.groups = (int)(N * Lq * M);
+  pl.npts = N * Lq * M * L * P;
+  return 0;
+}
+
+static dim3 grid_of(const Plan &pl, int64_t groups) {
+  return dim3((unsigned)((groups * pl.tpg + THREADS - 1) / THREADS), (unsigned)pl.chunks);
+}
+
+static bool env_is(const char *name, const char *value) {
+  const char *e = getenv(name);
+  return e && !strcmp(e, value);
+}
+
+// dispatch on the group width (a compile-time constant)
+#define MSDA_TPG_SWITCH(tpg, ...)                                     \
+  switch (tpg) {                                                      \
+    case 1: { constexpr int TPG_ = 1; __VA_ARGS__; } break;           \
+    case 2: { constexpr int TPG_ = 2; __VA_ARGS__; } break;           \
+    case 4: { constexpr int TPG_ = 4; __VA_ARGS__; } break;           \
+    case 8: { constexpr int TPG_ = 8; __VA_ARGS__; } break;           \
+    case 16: { constexpr int TPG_ = 16; __VA_ARGS__; } break;         \
+    default: { constexpr int TPG_ = 32; __VA_ARGS__; } break;         \
+  }
+
+template <typename T>
+static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, const float *loc, const float *attn,
+                       bool bcast) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid = grid_of(pl, pl.groups);
+  if (pl.vec == 1) {
+    if (bcast) fwd_kernel<T, 1, 32, true><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
+    else fwd_kernel<T, 1, 32, false><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
+    return;
+  }
+  MSDA_TPG_SWITCH(pl.tpg,
+    if (bcast) fwd_kernel<T, V, TPG_, true><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
+    else fwd_kernel<T, V, TPG_, false><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups))
+}
+
+template <typename T>
+static void launch_bwd(const Plan &pl, cudaStream_t st, float *gv32, float *gloc, float *gattn, float *part,
+                       const T *gout, const T *value, const float *loc, const float *attn, int scatter, int points) {
+  constexpr int V = 16 / sizeof(T);
+  const dim3 grid = grid_of(pl, pl.groups);
+  if (pl.vec == 1) {
+    bwd_kernel<T, 1, 32><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc, attn, pl.p, pl.groups,
+                                                   scatter, points);
+    return;
+  }
+  MSDA_TPG_SWITCH(pl.tpg, bwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc,
+                                                                          attn, pl.p, pl.groups, scatter, points))
+}
+
+template <typename T>
+static void launch_gather(const Plan &pl, cudaStream_t st, T *gv, const unsigned *ids, const float *coef,
+                          const int *offs, const T *gout) {
+  constexpr int V = 16 / sizeof(T);
+  const int rows = pl.p.N * pl.p.S * pl.p.M;
+  const dim3 grid = grid_of(pl, rows);
+  if (pl.vec == 1) {
+    gather_kernel<T, 1, 32><<<grid, THREADS, 0, st>>>(gv, ids, coef, offs, gout, pl.p, rows);
+    return;
+  }
+  MSDA_TPG_SWITCH(pl.tpg, gather_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv, ids, coef, offs, gout, pl.p, rows))
+}
+
+// temporaries freed on every exit path
+struct Temps {
+  int dev;
+  void *p[8] = {nullptr};
+  int n = 0;
+  explicit Temps(int d) : dev(d) {}
+  ~Temps() { for (int i = 0; i < n; i++) fa_cu_temp_free(dev, p[i]); }
+  void *get(int64_t bytes) {
+    void *q = fa_cu_temp_alloc(dev, bytes > 0 ? bytes : 16);
+    if (q) p[n++] = q;
+    return q;
+  }
+};
+
+template <typename T>
+static int forward_t(const Plan &pl, cudaStream_t st, fa_tensor *out, const fa_tensor *value, const fa_tensor *loc,
+                     const fa_tensor *attn) {
+  launch_fwd<T>(pl, st, (T *)out->data, (const T *)value->data, (const float *)loc->data, (const float *)attn->data,
+                !env_is("FA_MSDA_FWD", "redundant"));
+  return fa_cu_launch_check("fa_msda_forward");
+}
+
+template <typename T>
+static int backward_t(const Plan &pl, cudaStream_t st, int dev, bool det, fa_tensor *gv, fa_tensor *gl, fa_tensor *ga,
+                      const fa_tensor *gout, const fa_tensor *value, const fa_tensor *loc, const fa_tensor *attn) {
+  static const char *fn = "fa_msda_backward";
+  int rc;
+  Temps tmp(dev);
+  const Params &p = pl.p;
+  const int64_t nv = (int64_t)p.N * p.S * p.M * p.D;
+  const bool points = gl || ga;
+  float *gloc = gl ? (float *)gl->data : nullptr, *gattn = ga ? (float *)ga->data : nullptr;
+  const T *go = (const T *)gout->data, *val = (const T *)value->data;
+  const float *lc = (const float *)loc->data, *at = (const float *)attn->data;
+  if (pl.npts == 0) {  // no points: grad_value is zero, the point gradients are empty
+    if (gv && nv) return fa_cu_check(cudaMemsetAsync(gv->data, 0, nv * sizeof(T), st), fn);
+    return 0;
+  }
+  float *part = nullptr;
+  if (points && pl.chunks > 1 && !(part = (float *)tmp.get(pl.chunks * pl.npts * 3 * sizeof(float)))) return FA_ERR_MEMORY;
+  auto finish_points = [&]() {
+    if (part) {
+      const int64_t blocks = (pl.npts + 255) / 256 < 4096 ? (pl.npts + 255) / 256 : 4096;
+      finish_points_kernel<<<(unsigned)blocks, 256, 0, st>>>(gloc, gattn, part, pl.npts, pl.chunks);
+    }
+  };
+  if (!det) {
+    float *gv32 = nullptr;
+    if (gv) {
+      gv32 = sizeof(T) == 4 ? (float *)gv->data : (float *)tmp.get(nv * sizeof(float));
+      if (!gv32) return FA_ERR_MEMORY;
+      if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nv * sizeof(float), st), fn))) return rc;
+    }
+    launch_bwd<T>(pl, st, gv32, gloc, gattn, part, go, val, lc, at, gv != nullptr, points);
+    finish_points();
+    if (gv && sizeof(T) != 4)
+      cast_kernel<T><<<fa_cu_blocks(nv, 256, dev), 256, 0, st>>>((T *)gv->data, gv32, nv);
+    return fa_cu_launch_check(fn);
+  }
+  // deterministic: point gradients without atomics, then grad_value by sorting and gathering
+  if (points) {
+    launch_bwd<T>(pl, st, nullptr, gloc, gattn, part, go, val, lc, at, 0, 1);
+    finish_points();
+    if ((rc = fa_cu_launch_check(fn))) return rc;
+  }
+  if (!gv) return 0;
+  const int npts = (int)pl.npts;
+  const unsigned nkeys = (unsigned)((int64_t)p.N * p.M * p.Sx);
+  int bits = 1;
+  while (bits < 32 && ((uint64_t)1 << bits) <= nkeys) bits++;
+  unsigned *keys = (unsigned *)tmp.get((int64_t)npts * 4), *ids = (unsigned *)tmp.get((int64_t)npts * 4);
+  unsigned *skeys = (unsigned *)tmp.get((int64_t)npts * 4), *sids = (unsigned *)tmp.get((int64_t)npts * 4);
+  float4 *coef = (float4 *)tmp.get((int64_t)npts * 16);
+  int *counts = (int *)tmp.get(((int64_t)nkeys + 2) * 4), *offs = (int *)tmp.get(((int64_t)nkeys + 2) * 4);
+  if (!keys || !ids || !skeys || !sids || !coef || !counts || !offs) return FA_ERR_MEMORY;
+  if ((rc = fa_cu_check(cudaMemsetAsync(counts, 0, ((int64_t)nkeys + 2) * 4, st), fn))) return rc;
+  keys_kernel<<<fa_cu_blocks(npts, 256, dev), 256, 0, st>>>(keys, ids, coef, counts, lc, at, p, npts, nkeys);
+  if ((rc = fa_cu_launch_check(fn))) return rc;
+  size_t b1 = 0, b2 = 0;
+  if ((rc = fa_cu_check(cub::DeviceRadixSort::SortPairs(nullptr, b1, keys, skeys, ids, sids, npts, 0, bits, st), fn)) ||
+      (rc = fa_cu_check(cub::DeviceScan::ExclusiveSum(nullptr, b2, counts, offs, (int)nkeys + 1, st), fn)))
+    return rc;
+  void *cubtmp = tmp.get((int64_t)(b1 > b2 ? b1 : b2));
+  if (!cubtmp) return FA_ERR_MEMORY;
+  if ((rc = fa_cu_check(cub::DeviceScan::ExclusiveSum(cubtmp, b2, counts, offs, (int)nkeys + 1, st), fn)) ||
+      (rc = fa_cu_check(cub::DeviceRadixSort::SortPairs(cubtmp, b1, keys, skeys, ids, sids, npts, 0, bits, st), fn)))
+    return rc;
+  launch_gather<T>(pl, st, (T *)gv->data, sids, (const float *)coef, offs, go);
+  return fa_cu_launch_check(fn);
+}
+
+}  // namespace
+
+int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
+                       const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
+                       const fa_tensor *attention_weights, const fa_msda_opts *opts) {
+  static const char *fn = "fa_msda_forward";
+  Plan pl;
+  const void *ptrs[2] = {value->data, out->data};
+  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 2);
+  if (rc) return rc;
+  cudaStream_t st = fa_cu_stream(value->device);
+  if (pl.npts == 0 || pl.p.D == 0)  // no points (L or P = 0): zeros
+    return fa_cu_check(cudaMemsetAsync(out->data, 0, fa_numel(out) * fa_dtype_size(out->dtype), st), fn);
+  switch (value->dtype) {
+    case FA_FLOAT32: return forward_t<float>(pl, st, out, value, sampling_locations, attention_weights);
+    case FA_BFLOAT16: return forward_t<__nv_bfloat16>(pl, st, out, value, sampling_locations, attention_weights);
+    case FA_FLOAT16: return forward_t<__half>(pl, st, out, value, sampling_locations, attention_weights);
+  }
+  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s", fn, fa_dtype_name(value->dtype));
+}
+
+int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, fa_tensor *grad_attention_weights,
+                        const fa_tensor *grad_out, const fa_tensor *value, const fa_tensor *spatial_shapes,
+                        const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
+                        const fa_tensor *attention_weights, const fa_msda_opts *opts) {
+  static const char *fn = "fa_msda_backward";
+  fa_tensor *gv = grad_value && fa_numel(grad_value) ? grad_value : nullptr;
+  fa_tensor *gl = grad_sampling_locations && fa_numel(grad_sampling_locations) ? grad_sampling_locations : nullptr;
+  fa_tensor *ga = grad_attention_weights && fa_numel(grad_attention_weights) ? grad_attention_weights : nullptr;
+  if (!gv && !gl && !ga) return 0;
+  Plan pl;
+  const void *ptrs[3] = {value->data, grad_out->data, gv ? gv->data : nullptr};
+  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 3);
+  if (rc) return rc;
+  const int dev = value->device;
+  cudaStream_t st = fa_cu_stream(dev);
+  if (pl.p.D == 0) {  // no channels: every gradient is 0
+    if (gl && (rc = fa_cu_check(cudaMemsetAsync(gl->data, 0, fa_numel(gl) * 4, st), fn))) return rc;
+    if (ga && (rc = fa_cu_check(cudaMemsetAsync(ga->data, 0, fa_numel(ga) * 4, st), fn))) return rc;
+    return 0;
+  }
+  const bool det = (opts && opts->deterministic) || env_is("FA_MSDA_BWD", "gather");
+  switch (value->dtype) {
+    case FA_FLOAT32:
+      return backward_t<float>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations, attention_weights);
+    case FA_BFLOAT16:
+      return backward_t<__nv_bfloat16>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations,
+                                       attention_weights);
+    case FA_FLOAT16:
+      return backward_t<__half>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations, attention_weights);
+  }
+  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s", fn, fa_dtype_name(value->dtype));
+}
