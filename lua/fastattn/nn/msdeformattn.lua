@@ -37,7 +37,7 @@ local C = fa.C
 local MSDeformAttn = nn.class('MSDeformAttn', nn.Module)
 
 local NAME = 'MSDeformAttn'
-local ADD, SUB, MUL, DIV = 0, 1, 2, 3
+local ADD, MUL = 0, 2 -- fa_binary_op
 
 local function fail(fmt, ...) error(NAME .. ': ' .. string.format(fmt, ...), 0) end
 local function shape_str(x) return fa._shape_str(x, 'x') end
@@ -118,15 +118,6 @@ function MSDeformAttn:__tostring__()
 end
 
 ---------------------------------------------------------------------------- helpers
--- out = a <op> b, a and b broadcast to out's shape (views with zero strides; out may alias a)
-local function binop(op, out, a, b)
-  local shape = out:size()
-  if not a:isSameSizeAs(out) then a = a:expand(shape) end
-  if not b:isSameSizeAs(out) then b = b:expand(shape) end
-  fa.check(C.fa_binary_forward(op, out.desc, a.desc, b.desc, 1), 2)
-  return out
-end
-
 local function buffer(self, key, shape, like)
   self[key] = nn._buffer(self[key], shape, like)
   return self[key]
@@ -205,20 +196,65 @@ function MSDeformAttn:_levels(shapes, lsi, S)
     self._shapesCPU = fa.tensor(t, 'int64')
     self._lsiCPU = fa.tensor(starts, 'int64')
     self._levelKey = key
-    self._normalizer = nil
   end
   return self._shapesCPU, self._lsiCPU
 end
 
--- (1, 1, 1, L, 1, 2) tensor of (W_l, H_l) with like's dtype and device (the 2-d offset normaliser)
-function MSDeformAttn:_normalizerLike(like)
-  local z = self._normalizer
-  if z == nil or z.desc.dtype ~= like.desc.dtype or z.desc.device ~= like.desc.device then
-    local s = self._shapesCPU:table()
-    local t = {}
-    for l = 1, #s do t[l] = { s[l][2], s[l][1] } end
-    z = fa.tensor(t, 'float64'):to(like:dtype(), like:device()):view(1, 1, 1, self.n_levels, 1, 2)
-    self._normalizer = z
+-- selection matrices (cached per reference-point kind, dtype and device) that broadcast reference points
+-- (rows of L*nref values) to the sampling-location layout (M*L*P*2 columns) by a GEMM:
+--   xy (L*nref, M*L*P*2): 1 where column (m, l, p, c) takes ref[l, c] (c = x, y)
+--   wh (L*4, M*L*P*2): 0.5/P where column (m, l, p, c) takes ref[l, 2 + c] (boxes only)
+function MSDeformAttn:_selection(nref, like)
+  local key = nref .. like:dtype() .. like:device()
+  self._sel = self._sel or {}
+  local s = self._sel[key]
+  if s and s.xy.desc.dtype == like.desc.dtype and s.xy.desc.device == like.desc.device then return s end
+  local M, L, P = self.n_heads, self.n_levels, self.n_points
+  local cols = M * L * P * 2
+  local xy = fa.zeros(L * nref, cols, 'float64')
+  local wh = nref == 4 and fa.zeros(L * nref, cols, 'float64') or nil
+  local pxy = ffi.cast('double*', xy.desc.data)
+  local pwh = wh and ffi.cast('double*', wh.desc.data)
+  for m = 0, M - 1 do
+    for l = 0, L - 1 do
+      for p = 0, P - 1 do
+        for c = 0, 1 do
+          local col = ((m * L + l) * P + p) * 2 + c
+          pxy[(l * nref + c) * cols + col] = 1
+          if pwh then pwh[(l * nref + 2 + c) * cols + col] = 0.5 / P end
+        end
+      end
+    end
+  end
+  s = { xy = xy:to(like:dtype(), like:device()), wh = wh and wh:to(like:dtype(), like:device()) }
+  self._sel[key] = s
+  return s
+end
+
+-- (rows, M*L*P*2): (1/W_l, 1/H_l) at every column (m, l, p, c) of every row (the 2-d offset normaliser),
+-- cached for the current levels, row count, dtype and device
+function MSDeformAttn:_invNormRows(rows, like)
+  local z = self._invNorm
+  if z == nil or z:size(1) ~= rows or self._invNormKey ~= self._levelKey or z.desc.dtype ~= like.desc.dtype
+     or z.desc.device ~= like.desc.device then
+    local M, L, P = self.n_heads, self.n_levels, self.n_points
+    local hw = self._shapesCPU:table()
+    local row = fa.empty(1, M * L * P * 2, 'float64')
+    local pr = ffi.cast('double*', row.desc.data)
+    for m = 0, M - 1 do
+      for l = 0, L - 1 do
+        for p = 0, P - 1 do
+          local col = ((m * L + l) * P + p) * 2
+          pr[col], pr[col + 1] = 1 / hw[l + 1][2], 1 / hw[l + 1][1]
+        end
+      end
+    end
+    row = row:to(like:dtype(), like:device())
+    z = fa.empty(rows, M * L * P * 2, { dtype = like:dtype(), device = like:device() })
+    -- ones (rows, 1) @ row (1, cols): the broadcast, written contiguous
+    local ones = fa.ones(rows, 1, { dtype = like:dtype(), device = like:device() })
+    fa.check(C.fa_matmul_forward(z.desc, ones.desc, row.desc, 0, 0, 1, 0))
+    self._invNorm, self._invNormKey = z, self._levelKey
   end
   return z
 end
@@ -297,14 +333,22 @@ function MSDeformAttn:updateOutput(input)
   local q, ref, x, shapes, lsi, mask, N, Lq, S, nref = self:_unpack(input)
   local M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.d_head
 
-  -- value = value_proj(x), zeroed at padding (masked_fill(mask, 0)): multiplied in place by keep = 1 - mask
+  -- value = value_proj(x), zeroed at padding (masked_fill(mask, 0)): multiplied in place by keep = 1 - mask,
+  -- broadcast over the channels by a GEMM with a row of ones (so that the product is a contiguous op)
   local value = self.value_proj:forward(x)
   if mask ~= nil then
     if mask.desc.device ~= q.desc.device then mask = mask:to(nil, q.desc.device) end
-    local keep = buffer(self, '_keep', { N, S, 1 }, q)
-    keep:view(N, S):copy(mask)
-    fa.check(C.fa_scale_forward(keep.desc, keep.desc, -1, 1))
-    binop(MUL, value, value, keep)
+    local keep1 = buffer(self, '_keep1', { N * S, 1 }, q)
+    keep1:view(N, S):copy(mask)
+    fa.check(C.fa_scale_forward(keep1.desc, keep1.desc, -1, 1))
+    local ones = self._onesRow
+    if ones == nil or ones.desc.dtype ~= q.desc.dtype or ones.desc.device ~= q.desc.device then
+      ones = fa.ones(1, self.d_model, { dtype = q:dtype(), device = q:device() })
+      self._onesRow = ones
+    end
+    local keep = buffer(self, '_keep', { N, S, self.d_model }, q)
+    fa.check(C.fa_matmul_forward(keep:view(N * S, self.d_model).desc, keep1.desc, ones.desc, 0, 0, 1, 0))
+    fa.check(C.fa_binary_forward(MUL, value.desc, value.desc, keep.desc, 1))
   end
   self._masked = mask ~= nil
   self._nref = nref
@@ -316,18 +360,24 @@ function MSDeformAttn:updateOutput(input)
   local A = buffer(self, '_attn', { N, Lq, M, L, P }, q)
   F.softmax_forward(A:view(N, Lq, M, L * P), logits, 3, false)
 
-  -- sampling locations
-  local loc = buffer(self, '_loc', { N, Lq, M, L, P, 2 }, q)
-  local rxy = ref:narrow(4, 1, 2):unsqueeze(3):unsqueeze(5) -- (N, Lq, 1, L, 1, 2)
+  -- sampling locations, as (N*Lq, M*L*P*2) rows: loc = ref_xy + off * scale, where ref_xy and scale are
+  -- ref broadcast over heads and points (a GEMM with a 0/1 selection matrix does the broadcast, so every
+  -- elementwise op below runs on contiguous tensors of one shape)
+  local rows, cols = N * Lq, M * L * P * 2
+  local refC = nn._contiguous(self, '_refC', ref):view(rows, L * nref)
+  local sel = self:_selection(nref, q)
+  local rxy = buffer(self, '_refXY', { rows, cols }, q)
+  fa.check(C.fa_matmul_forward(rxy.desc, refC.desc, sel.xy.desc, 0, 0, 1, 0))
+  local scale
   if nref == 2 then
-    binop(DIV, loc, off, self:_normalizerLike(q))
+    scale = self:_invNormRows(rows, q) -- (1/W_l, 1/H_l) on every row
   else
-    -- scale = ref_wh * 0.5 / P (N, Lq, 1, L, 1, 2), kept for backward
-    local scale = buffer(self, '_whScale', { N, Lq, 1, L, 1, 2 }, q)
-    fa.check(C.fa_scale_forward(scale.desc, ref:narrow(4, 3, 2):unsqueeze(3):unsqueeze(5).desc, 0.5 / P, 0))
-    binop(MUL, loc, off, scale)
+    scale = buffer(self, '_whScale', { rows, cols }, q) -- ref_wh * 0.5 / P
+    fa.check(C.fa_matmul_forward(scale.desc, refC.desc, sel.wh.desc, 0, 0, 1, 0))
   end
-  binop(ADD, loc, loc, rxy)
+  self._scale = scale
+  local loc = buffer(self, '_loc', { N, Lq, M, L, P, 2 }, q)
+  fa.check(C.fa_addcmul_forward(loc:view(rows, cols).desc, rxy.desc, off:view(rows, cols).desc, scale.desc, 1))
 
   -- core, then output_proj
   local core = buffer(self, '_core', { N, Lq, M * D }, q)
@@ -368,38 +418,33 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
   local gLogits = buffer(self, '_gLogits', { N, Lq, M * L * P }, q)
   F.softmax_backward(gLogits:view(N, Lq, M, L * P), gA:view(N, Lq, M, L * P), self._attn:view(N, Lq, M, L * P), 3, false)
 
-  -- offsets and reference points
-  local gOff = buffer(self, '_gOff', { N, Lq, M, L, P, 2 }, q)
+  -- offsets: d loc / d off = scale; reference points: the sums over heads and points (GEMMs with the
+  -- transposed selection matrices), plus, for boxes, d loc / d ref_wh = off * 0.5 / P
+  local rows, cols = N * Lq, M * L * P * 2
+  local sel = self:_selection(nref, q)
+  local gLoc2 = gLoc:view(rows, cols)
+  local gOff = buffer(self, '_gOff', { rows, cols }, q)
+  fa.check(C.fa_binary_forward(MUL, gOff.desc, gLoc2.desc, self._scale.desc, 1))
   local gRef = buffer(self, '_gRef', { N, Lq, L, nref }, q)
-  local sumP = buffer(self, '_sumP', { N, Lq, M, L, 1, 2 }, q)
-  local sumMP = buffer(self, '_sumMP', { N, Lq, 1, L, 1, 2 }, q)
-  local function sum_MP(t) -- (N, Lq, M, L, P, 2) -> sumMP (N, Lq, 1, L, 1, 2)
-    fa.check(C.fa_reduce_forward(0, sumP.desc, nil, t.desc, 4))
-    fa.check(C.fa_reduce_forward(0, sumMP.desc, nil, sumP.desc, 2))
-    return sumMP:view(N, Lq, L, 2)
-  end
-  if nref == 2 then
-    binop(DIV, gOff, gLoc, self:_normalizerLike(q))
-    gRef:copy(sum_MP(gLoc))
-  else
-    binop(MUL, gOff, gLoc, self._whScale)
-    gRef:narrow(4, 1, 2):copy(sum_MP(gLoc))
-    -- d loc / d ref_wh = offsets * 0.5 / P
-    local t = buffer(self, '_gTmp', { N, Lq, M, L, P, 2 }, q)
-    binop(MUL, t, gLoc, self.sampling_offsets.output:view(N, Lq, M, L, P, 2))
-    gRef:narrow(4, 3, 2):copy(sum_MP(t)):scale_(0.5 / P)
+  local gRef2 = gRef:view(rows, L * nref)
+  fa.check(C.fa_matmul_forward(gRef2.desc, gLoc2.desc, sel.xy.desc, 0, 1, 1, 0))
+  if nref == 4 then
+    local t = buffer(self, '_gTmp', { rows, cols }, q)
+    fa.check(C.fa_binary_forward(MUL, t.desc, gLoc2.desc, self.sampling_offsets.output:view(rows, cols).desc, 1))
+    fa.check(C.fa_matmul_forward(gRef2.desc, t.desc, sel.wh.desc, 0, 1, 1, 1))
   end
 
   -- query: through both projections of the query
-  local gq1 = child(self.sampling_offsets, q, gOff:view(N, Lq, M * L * P * 2))
+  local gq1 = child(self.sampling_offsets, q, gOff:view(N, Lq, cols))
   local gq2 = child(self.attention_weights, q, gLogits)
   local gQuery = buffer(self, '_gQuery', { N, Lq, self.d_model }, q)
-  binop(ADD, gQuery, gq1, gq2)
+  fa.check(C.fa_binary_forward(ADD, gQuery.desc, gq1.desc, gq2.desc, 1))
 
   -- input_flatten: through the mask and value_proj
   local gVal = gV:view(N, S, self.d_model)
   if self._masked then
-    gVal = binop(MUL, buffer(self, '_gValMasked', { N, S, self.d_model }, q), gVal, self._keep)
+    gVal = buffer(self, '_gValMasked', { N, S, self.d_model }, q)
+    fa.check(C.fa_binary_forward(MUL, gVal.desc, gV:view(N, S, self.d_model).desc, self._keep.desc, 1))
   end
   self._gValProj = gVal
   local gX = child(self.value_proj, x, gVal)
