@@ -46,7 +46,6 @@ static inline float fast_expf(float x) {
   float y = p * s;
   return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
 }
-static inline double ex(double v, int dbl) { return dbl ? exp(v) : (double)fast_expf((float)v); }
 
 /* Double-accumulator reductions. `#pragma omp simd` is lowered before inlining, so a reduction loop
  * vectorises only where its pointer types are fixed: hence float and double versions. */
@@ -264,24 +263,35 @@ static int ce_check(const char *fn, const fa_tensor *logits, const fa_tensor *ta
   return 0;
 }
 
+/* float32 max and exp(x - m): exact / accurate in float, so these loops stay 4-wide */
+static inline float max_f32(const float *x, int64_t s, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; k++) m = x[k * s] > m ? x[k * s] : m;
+  return m;
+}
+static inline double max_f64(const double *x, int64_t s, int64_t n) {
+  double m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; k++) m = x[k * s] > m ? x[k * s] : m;
+  return m;
+}
+
 /* log-sum-exp of one line x (C elements, stride sx); *sum_x = sum of x when sum_x is not NULL.
  * The exps go through a small typed tile so that both loops vectorise. */
 static inline __attribute__((always_inline)) double ce_lse(int dbl, const void *x, int64_t sx, int64_t C, double *sum_x) {
-  double m = -INFINITY, s = 0;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; c++) {
-    double v = ld(x, c * sx, dbl);
-    m = v > m ? v : m;
-  }
+  double m = dbl ? max_f64((const double *)x, sx, C) : max_f32((const float *)x, sx, C), s = 0;
   for (int64_t c0 = 0; c0 < C; c0 += CE_TILE) {
     int64_t n = C - c0 < CE_TILE ? C - c0 : CE_TILE;
     if (dbl) {
+      const double *xd = (const double *)x + c0 * sx;
       double tile[CE_TILE];
-      for (int64_t c = 0; c < n; c++) tile[c] = exp(ld(x, (c0 + c) * sx, 1) - m);
+      for (int64_t c = 0; c < n; c++) tile[c] = exp(xd[c * sx] - m);
       s += sum_f64(tile, 1, n);
     } else {
-      float tile[CE_TILE];
-      for (int64_t c = 0; c < n; c++) tile[c] = fast_expf((float)(ld(x, (c0 + c) * sx, 0) - m));
+      const float *xf = (const float *)x + c0 * sx;
+      float tile[CE_TILE], mf = (float)m;
+      for (int64_t c = 0; c < n; c++) tile[c] = fast_expf(xf[c * sx] - mf);
       s += sum_f32(tile, 1, n);
     }
   }
@@ -301,16 +311,23 @@ static inline __attribute__((always_inline)) double ce_line_loss(int dbl, const 
  * stored in gx first and scaled in place (one exp per element) */
 static inline __attribute__((always_inline)) void ce_line_grad(int dbl, void *gx, int64_t sgx, const void *x, int64_t sx,
                                                                int64_t C, int64_t t, double ls, double scale) {
-  double m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; c++) {
-    double v = ld(x, c * sx, dbl);
-    m = v > m ? v : m;
+  double inv, off = ls / (double)C, et;
+  if (dbl) {
+    const double *xd = (const double *)x;
+    double *gd = (double *)gx, m = max_f64(xd, sx, C);
+    for (int64_t c = 0; c < C; c++) gd[c * sgx] = exp(xd[c * sx] - m);
+    inv = 1.0 / sum_f64(gd, sgx, C);
+    et = gd[t * sgx];
+    for (int64_t c = 0; c < C; c++) gd[c * sgx] = scale * (gd[c * sgx] * inv - off);
+  } else {
+    const float *xf = (const float *)x;
+    float *gf = (float *)gx, m = max_f32(xf, sx, C);
+    for (int64_t c = 0; c < C; c++) gf[c * sgx] = fast_expf(xf[c * sx] - m);
+    inv = 1.0 / sum_f32(gf, sgx, C);
+    et = gf[t * sgx];
+    float a = (float)(scale * inv), b = (float)(-scale * off);
+    for (int64_t c = 0; c < C; c++) gf[c * sgx] = gf[c * sgx] * a + b;
   }
-  for (int64_t c = 0; c < C; c++) st(gx, c * sgx, ex(ld(x, c * sx, dbl) - m, dbl), dbl);
-  double inv = 1.0 / (dbl ? sum_f64((const double *)gx, sgx, C) : sum_f32((const float *)gx, sgx, C));
-  double off = ls / (double)C, et = ld(gx, t * sgx, dbl);
-  for (int64_t c = 0; c < C; c++) st(gx, c * sgx, scale * (ld(gx, c * sgx, dbl) * inv - off), dbl);
   st(gx, t * sgx, scale * (et * inv - off - (1 - ls)), dbl);
 }
 

@@ -80,6 +80,18 @@ static inline double vdot(const void *a, int64_t sa, const void *b, int64_t sb, 
   return dbl ? dot_f64((const double *)a, sa, (const double *)b, sb, n) : dot_f32((const float *)a, sa, (const float *)b, sb, n);
 }
 
+/* float32 helpers for the forward: the max and exp(x - max) are exact / accurate in float, so those
+ * loops stay 4-wide (the sums still accumulate in double) */
+static inline float max_f32(const float *x, int64_t s, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; k++) m = x[k * s] > m ? x[k * s] : m;
+  return m;
+}
+static inline void exp_shift_f32(float *y, int64_t sy, const float *x, int64_t sx, int64_t n, float m) {
+  for (int64_t k = 0; k < n; k++) y[k * sy] = fast_expf(x[k * sx] - m);
+}
+
 /* element offset of the l-th line along dim (lines numbered in row-major order of the other dims) */
 static int64_t line_base(const fa_tensor *t, int dim, int64_t l) {
   int64_t off = 0;
@@ -95,21 +107,28 @@ static int64_t line_base(const fa_tensor *t, int dim, int64_t l) {
 /* ------------------------------------------------------------------ one line: D elements, strides sy, sx */
 static inline __attribute__((always_inline)) void fwd_line(int dbl, int lg, void *y, int64_t sy, const void *x,
                                                            int64_t sx, int64_t D) {
-  double m = -INFINITY, s = 0;
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < D; k++) {
-    double v = ld(x, k * sx, dbl);
-    m = v > m ? v : m;
-  }
+  double m = -INFINITY, s;
   /* exp into y first, then its sum: two simple loops that vectorise (one fused loop does not) */
-  for (int64_t k = 0; k < D; k++) st(y, k * sy, ex(ld(x, k * sx, dbl) - m, dbl), dbl);
-  s = vsum(y, sy, D, dbl);
+  if (dbl) {
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < D; k++) m = ((const double *)x)[k * sx] > m ? ((const double *)x)[k * sx] : m;
+    for (int64_t k = 0; k < D; k++) ((double *)y)[k * sy] = exp(((const double *)x)[k * sx] - m);
+    s = sum_f64((const double *)y, sy, D);
+  } else {
+    float mf = max_f32((const float *)x, sx, D);
+    exp_shift_f32((float *)y, sy, (const float *)x, sx, D, mf);
+    s = sum_f32((const float *)y, sy, D);
+    m = mf;
+  }
   if (lg) {
     double lse = m + log(s);
     for (int64_t k = 0; k < D; k++) st(y, k * sy, ld(x, k * sx, dbl) - lse, dbl);
-  } else {
+  } else if (dbl) {
     double inv = 1.0 / s;
-    for (int64_t k = 0; k < D; k++) st(y, k * sy, ld(y, k * sy, dbl) * inv, dbl);
+    for (int64_t k = 0; k < D; k++) ((double *)y)[k * sy] *= inv;
+  } else {
+    float inv = (float)(1.0 / s);
+    for (int64_t k = 0; k < D; k++) ((float *)y)[k * sy] *= inv;
   }
 }
 
@@ -129,25 +148,43 @@ static inline __attribute__((always_inline)) void bwd_line(int dbl, int lg, void
 /* x, y point at (o, 0, i0) of contiguous (outer, D, inner) tensors */
 static inline __attribute__((always_inline)) void fwd_block(int dbl, int lg, void *y, const void *x, int64_t D,
                                                             int64_t inner, int nb) {
-  double m[SM_BLOCK], s[SM_BLOCK];
-  for (int i = 0; i < nb; i++) { m[i] = -INFINITY; s[i] = 0; }
-  for (int64_t k = 0; k < D; k++)
-    for (int i = 0; i < nb; i++) {
-      double v = ld(x, k * inner + i, dbl);
-      m[i] = v > m[i] ? v : m[i];
+  double s[SM_BLOCK], m[SM_BLOCK];
+  for (int i = 0; i < nb; i++) s[i] = 0;
+  if (dbl) {
+    const double *xd = (const double *)x;
+    double *yd = (double *)y;
+    for (int i = 0; i < nb; i++) m[i] = -INFINITY;
+    for (int64_t k = 0; k < D; k++)
+      for (int i = 0; i < nb; i++) m[i] = xd[k * inner + i] > m[i] ? xd[k * inner + i] : m[i];
+    for (int64_t k = 0; k < D; k++) {
+      for (int i = 0; i < nb; i++) yd[k * inner + i] = exp(xd[k * inner + i] - m[i]);
+      for (int i = 0; i < nb; i++) s[i] += yd[k * inner + i];
     }
-  for (int64_t k = 0; k < D; k++) {
-    for (int i = 0; i < nb; i++) st(y, k * inner + i, ex(ld(x, k * inner + i, dbl) - m[i], dbl), dbl);
-    for (int i = 0; i < nb; i++) s[i] += ld(y, k * inner + i, dbl);
+  } else { /* max and exp in float (4-wide), sums in double */
+    const float *xf = (const float *)x;
+    float *yf = (float *)y, mf[SM_BLOCK];
+    for (int i = 0; i < nb; i++) mf[i] = -INFINITY;
+    for (int64_t k = 0; k < D; k++)
+      for (int i = 0; i < nb; i++) mf[i] = xf[k * inner + i] > mf[i] ? xf[k * inner + i] : mf[i];
+    for (int64_t k = 0; k < D; k++) {
+      for (int i = 0; i < nb; i++) yf[k * inner + i] = fast_expf(xf[k * inner + i] - mf[i]);
+      for (int i = 0; i < nb; i++) s[i] += yf[k * inner + i];
+    }
+    for (int i = 0; i < nb; i++) m[i] = mf[i];
   }
   if (lg) {
     for (int i = 0; i < nb; i++) s[i] = m[i] + log(s[i]); /* log-sum-exp */
     for (int64_t k = 0; k < D; k++)
       for (int i = 0; i < nb; i++) st(y, k * inner + i, ld(x, k * inner + i, dbl) - s[i], dbl);
-  } else {
+  } else if (dbl) {
     for (int i = 0; i < nb; i++) s[i] = 1.0 / s[i];
     for (int64_t k = 0; k < D; k++)
-      for (int i = 0; i < nb; i++) st(y, k * inner + i, ld(y, k * inner + i, dbl) * s[i], dbl);
+      for (int i = 0; i < nb; i++) ((double *)y)[k * inner + i] *= s[i];
+  } else {
+    float inv[SM_BLOCK];
+    for (int i = 0; i < nb; i++) inv[i] = (float)(1.0 / s[i]);
+    for (int64_t k = 0; k < D; k++)
+      for (int i = 0; i < nb; i++) ((float *)y)[k * inner + i] *= inv[i];
   }
 }
 

@@ -111,6 +111,13 @@ describe('fa_dropout', function()
     H.assert_close(g32, (gout * mask:double() / (1 - p)):float(), 1e-6, 1e-7, 'grad_x float32')
   end)
 
+  it('takes a NULL mask when none is needed (inference)', function()
+    local x = fa.randn(50, 3)
+    local out = fa.empty_like(x)
+    fa.check(C.fa_dropout_forward(out.desc, nil, x.desc, 0.3, 7, 5))
+    assert.is_true(out:equal((forward(x, 0.3, 7, 5))))
+  end)
+
   it('takes non-contiguous tensors (the mask follows the logical element order)', function()
     local x = fa.randn(6, 9)
     local xt = x:t()

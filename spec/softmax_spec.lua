@@ -112,6 +112,32 @@ describe('fa_softmax', function()
     end
   end)
 
+  it('agrees in float32 with the float64 kernel on long rows and wide blocks', function()
+    fa.manualSeed(8)
+    local x = (fa.randn(3, 7, 150) * 6):float() -- float32 values, exactly representable in float64
+    local go = fa.randn(3, 7, 150)
+    for _, d in ipairs({ 1, 2 }) do
+      for _, lg in ipairs({ false, true }) do
+        local y32 = forward(x, d, lg)
+        local y64 = forward(x:double(), d, lg)
+        H.assert_close(y32, y64, 2e-6, lg and 2e-6 or 1e-9, ('out dim %d log %s'):format(d, tostring(lg)))
+        H.assert_close(backward(go, y32, d, lg), backward(go:double(), y64, d, lg), 1e-5, 1e-6,
+          ('grad_x dim %d log %s'):format(d, tostring(lg)))
+      end
+    end
+  end)
+
+  it('gives exact zeros for -inf logits (masks) and tiny values for very negative ones', function()
+    for _, dt in ipairs({ 'float32', 'float64' }) do
+      local x = fa.tensor({ 0, -math.huge, 1, -200 }, dt)
+      local y = forward(x, 0, false)
+      local e = math.exp(1)
+      H.assert_close(y, fa.tensor({ 1 / (1 + e), 0, e / (1 + e), 0 }, dt), 1e-6, 1e-80, 'softmax ' .. dt)
+      assert.are.equal(0, y:get(2))
+      assert.are.equal(-math.huge, forward(x, 0, true):get(2))
+    end
+  end)
+
   it('is stable for large logits and handles a 0-d tensor', function()
     local x = fa.tensor({ 1000, 1001, 1002 }, 'float32')
     local y = forward(x, 0, false)
