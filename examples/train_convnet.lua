@@ -71,19 +71,7 @@ function M.makeModel()
 end
 
 ---------------------------------------------------------------------------- helpers
-local now
-do
-  local ok = pcall(ffi.cdef, 'typedef struct { long sec, nsec; } fa_example_timespec; int clock_gettime(int, fa_example_timespec *);')
-  if ok then
-    local ts = ffi.new('fa_example_timespec')
-    now = function()
-      ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-      return tonumber(ts.sec) + tonumber(ts.nsec) * 1e-9
-    end
-  else
-    now = os.clock
-  end
-end
+local now = fa.clock
 
 -- fraction of correctly classified images of (x, y), in batches, in evaluate mode
 function M.accuracy(model, x, y, device)

@@ -1,6 +1,10 @@
 -- ffi.lua: loads libfastattn and declares its API from c/fastattn.h (the one source of truth).
 local ffi = require 'ffi'
 
+-- once per Lua state: a second load (package.loaded cleared) must not cdef the header twice
+local registry = debug.getregistry()
+if registry.fastattn_lib then return registry.fastattn_lib end
+
 local here = (debug.getinfo(1, 'S').source:match('^@(.*)/[^/]*$')) or '.'
 
 local function readfile(path)
@@ -58,4 +62,5 @@ if not lib then
         .. '\nBuild it with `make` in the fastattn checkout, or set FASTATTN_LIB to its path.', 0)
 end
 
+registry.fastattn_lib = lib
 return lib

@@ -15,6 +15,14 @@ merge(require 'fastattn.tensor')
 merge(require 'fastattn.math')
 merge(require 'fastattn.io')
 
+-- monotonic wall-clock seconds (for progress lines and benchmarks; os.clock counts CPU time of all threads)
+pcall(ffi.cdef, 'typedef struct { long tv_sec, tv_nsec; } fa_timespec; int clock_gettime(int, fa_timespec *);')
+local ts = ffi.new('fa_timespec')
+function fa.clock()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
 function fa.setNumThreads(n) lib.fa_set_num_threads(n) end
 function fa.getNumThreads() return lib.fa_get_num_threads() end
 
@@ -22,7 +30,7 @@ function fa.getNumThreads() return lib.fa_get_num_threads() end
 setmetatable(fa, {
   __index = function(t, k)
     local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional',
-                   grid_sample = 'fastattn.functional' }
+                   grid_sample = 'fastattn.functional', msda = 'fastattn.msda', msda_backward = 'fastattn.msda' }
     if mods[k] then
       local m = require(mods[k])
       -- a module that sets fa[k] itself while loading (functional.lua sets fa.grid_sample) keeps its value

@@ -3,6 +3,11 @@
 local ffi = require 'ffi'
 local lib = require 'fastattn.ffi'
 
+-- The metatype and the RNG state exist once per Lua state: when the module is loaded again (busted's
+-- insulation, or a user clearing package.loaded) return the first instance instead of a second RNG.
+local registry = debug.getregistry()
+if registry.fastattn_tensor then return registry.fastattn_tensor end
+
 local M = {}          -- module-level functions (merged into `fa` by init.lua)
 local Tensor = {}     -- methods
 M.Tensor = Tensor
@@ -749,4 +754,5 @@ M._ctype = ctype
 
 function M.isTensor(x) return ffi.istype(ctype, x) end
 
+registry.fastattn_tensor = M
 return M
