@@ -15,21 +15,21 @@
  *   instead of 144. The backward is the exact adjoint of that forward (the same 36 GEMMs transposed).
  * - a direct kernel for depthwise convolutions (groups == C, any channel multiplier): one plane per task.
  *
- * Threads: the GEMMs of one big product use OpenBLAS's threads; many small products (images, groups,
- * Winograd tile elements) run one per OpenMP thread with single-threaded BLAS. Every reduction is in a
- * fixed order, so results do not change from run to run. */
+ * Threads: OpenMP only (OpenBLAS runs single-threaded, see matmul.c): many small products (images,
+ * groups, Winograd tile elements) run one per thread, one big product is split over the threads. Every
+ * reduction is in a fixed order, so results do not change from run to run. */
 #include "internal.h"
 #include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* defined in matmul.c */
-void fa_blas_sync_threads(void);
-int fa_blas_serial_begin(void);
-void fa_blas_serial_end(int prev);
+/* defined in matmul.c: OpenBLAS on one thread; a product on the calling thread / split over OpenMP's */
+void fa_blas_single_thread(void);
 void fa_cpu_gemm(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
+void fa_cpu_gemm_par(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                     const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
 
 static const char *FWD = "fa_conv2d_forward", *BWD = "fa_conv2d_backward";
 
@@ -223,7 +223,6 @@ static int gemm_forward(int dbl, const void *x, const void *w, void *out, const 
     size_t per = pw ? 0 : align64((size_t)(K * HoWo * es));
     char *ws = pw ? NULL : (char *)workspace(per * nt);
     if (!pw && !ws) return FA_ERR_MEMORY;
-    int prev = fa_blas_serial_begin();
 #pragma omp parallel for schedule(static)
     for (int64_t q = 0; q < g->N * g->G; q++) {
       int64_t n = q / g->G, gi = q % g->G;
@@ -233,7 +232,6 @@ static int gemm_forward(int dbl, const void *x, const void *w, void *out, const 
       fa_cpu_gemm(dbl, 0, 0, g->Og, HoWo, K, 1, (const char *)w + gi * g->Og * K * es, K, col, HoWo, 0,
                   (char *)out + (n * g->O + gi * g->Og) * HoWo * es, HoWo);
     }
-    fa_blas_serial_end(prev);
     return 0;
   }
   int64_t chunk = chunk_positions(g);
@@ -246,8 +244,8 @@ static int gemm_forward(int dbl, const void *x, const void *w, void *out, const 
         int64_t p1 = imin(HoWo, p0 + chunk);
         const void *b = pw ? xg + p0 * es : col;
         if (!pw) im2col(dbl, xg, col, g, p0, p1, 1);
-        fa_cpu_gemm(dbl, 0, 0, g->Og, p1 - p0, K, 1, (const char *)w + gi * g->Og * K * es, K, b, pw ? HW : p1 - p0, 0,
-                    (char *)out + ((n * g->O + gi * g->Og) * HoWo + p0) * es, HoWo);
+        fa_cpu_gemm_par(dbl, 0, 0, g->Og, p1 - p0, K, 1, (const char *)w + gi * g->Og * K * es, K, b, pw ? HW : p1 - p0, 0,
+                        (char *)out + ((n * g->O + gi * g->Og) * HoWo + p0) * es, HoWo);
       }
     }
   return 0;
@@ -265,7 +263,6 @@ static int gemm_backward(int dbl, void *gx, void *gw, const void *gy, const void
     char *ws = (char *)workspace((per_col + per_gw) * nt + 64);
     if (!ws) return FA_ERR_MEMORY;
     if (gw) memset(ws + per_col * nt, 0, per_gw * nt);
-    int prev = fa_blas_serial_begin();
 #pragma omp parallel num_threads(nt)
     {
       int t = thread_id();
@@ -291,7 +288,6 @@ static int gemm_backward(int dbl, void *gx, void *gw, const void *gy, const void
         }
       }
     }
-    fa_blas_serial_end(prev);
     if (gw) {
       int64_t n = g->O * K;
 #pragma omp parallel for schedule(static) if (n > FA_PARALLEL_GRAIN)
@@ -319,12 +315,12 @@ static int gemm_backward(int dbl, void *gx, void *gw, const void *gy, const void
         if (gw) {
           const void *b = xg + p0 * es;
           if (!pw) { im2col(dbl, xg, col, g, p0, p1, 1); b = col; }
-          fa_cpu_gemm(dbl, 0, 1, g->Og, K, P, 1, gyg, HoWo, b, pw ? HW : P, 1, (char *)gw + gi * g->Og * K * es, K);
+          fa_cpu_gemm_par(dbl, 0, 1, g->Og, K, P, 1, gyg, HoWo, b, pw ? HW : P, 1, (char *)gw + gi * g->Og * K * es, K);
         }
         if (gx) {
-          if (pw) fa_cpu_gemm(dbl, 1, 0, K, P, g->Og, 1, wg, K, gyg, HoWo, 0, gxg + p0 * es, HW);
+          if (pw) fa_cpu_gemm_par(dbl, 1, 0, K, P, g->Og, 1, wg, K, gyg, HoWo, 0, gxg + p0 * es, HW);
           else {
-            fa_cpu_gemm(dbl, 1, 0, K, P, g->Og, 1, wg, K, gyg, HoWo, 0, col, P);
+            fa_cpu_gemm_par(dbl, 1, 0, K, P, g->Og, 1, wg, K, gyg, HoWo, 0, col, P);
             col2im(dbl, col, gxg, g, p0, p1, 1);
           }
         }
@@ -338,6 +334,11 @@ static int gemm_backward(int dbl, void *gx, void *gw, const void *gy, const void
  * interpolation points 0, +-1, +-2, inf). The tile math runs in double on LW tiles at a time (lanes, which
  * the compiler vectorises) for both dtypes: the float32 path then loses accuracy only in the GEMMs. */
 enum { LW = 16 };
+
+/* The tile transforms are compiled three times and picked at load time by the CPU's features (the library
+ * itself targets baseline x86-64): vectorised 8 doubles wide with AVX-512 they cost a fraction of the
+ * GEMMs, 2 wide with SSE2 they cost as much. */
+#define SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 /* 1-D transforms of 6 (or 3, 4) lane vectors; in/out stride is `st` lane vectors */
 static inline void bt6(double *o, const double *d, int st) { /* B^T d */
@@ -416,7 +417,7 @@ typedef struct wino {
 
 /* V[xi][c][t] for the tiles of row R of channel c: xc is channel c of image n (H, W); v points at
  * V + c*TBb + t(R, 0); xi planes are vs apart */
-static void wino_input_row(int dbl, const void *xc, void *v, int64_t vs, const geom *g, int64_t th, int64_t ntw) {
+SIMD_CLONES static void wino_input_row(int dbl, const void *xc, void *v, int64_t vs, const geom *g, int64_t th, int64_t ntw) {
   double d[36 * LW], t[36 * LW];
   for (int64_t tw0 = 0; tw0 < ntw; tw0 += LW) {
     int64_t L = imin(LW, ntw - tw0);
@@ -441,7 +442,7 @@ static void wino_input_row(int dbl, const void *xc, void *v, int64_t vs, const g
 }
 
 /* out rows of tile row th of output plane yo from M[xi][o][t] (m points at M + o*TBb + t(R, 0)), + bias */
-static void wino_output_row(int dbl, const void *m, int64_t ms, void *yo, double bias, const geom *g, int64_t th, int64_t ntw) {
+SIMD_CLONES static void wino_output_row(int dbl, const void *m, int64_t ms, void *yo, double bias, const geom *g, int64_t th, int64_t ntw) {
   double a[36 * LW], t[24 * LW];
   for (int64_t tw0 = 0; tw0 < ntw; tw0 += LW) {
     int64_t L = imin(LW, ntw - tw0);
@@ -468,7 +469,7 @@ static void wino_output_row(int dbl, const void *m, int64_t ms, void *yo, double
 }
 
 /* dM[xi][o][t] = A gy A^T of the 4x4 gradient tiles of row th of gradient plane gyo (0 past Ho, Wo) */
-static void wino_grad_output_row(int dbl, const void *gyo, void *m, int64_t ms, const geom *g, int64_t th, int64_t ntw) {
+SIMD_CLONES static void wino_grad_output_row(int dbl, const void *gyo, void *m, int64_t ms, const geom *g, int64_t th, int64_t ntw) {
   double y[16 * LW], t[24 * LW], a[36 * LW];
   for (int64_t tw0 = 0; tw0 < ntw; tw0 += LW) {
     int64_t L = imin(LW, ntw - tw0);
@@ -493,7 +494,7 @@ static void wino_grad_output_row(int dbl, const void *gyo, void *m, int64_t ms, 
 }
 
 /* gxc (channel c of image n) += B dV B^T of the tiles of row th; tiles overlap, so lanes add in order */
-static void wino_grad_input_row(int dbl, const void *v, int64_t vs, void *gxc, const geom *g, int64_t th, int64_t ntw) {
+SIMD_CLONES static void wino_grad_input_row(int dbl, const void *v, int64_t vs, void *gxc, const geom *g, int64_t th, int64_t ntw) {
   double a[36 * LW], t[36 * LW];
   for (int64_t tw0 = 0; tw0 < ntw; tw0 += LW) {
     int64_t L = imin(LW, ntw - tw0);
@@ -520,7 +521,7 @@ static void wino_grad_input_row(int dbl, const void *v, int64_t vs, void *gxc, c
 }
 
 /* U[xi][o][c] = (G w[o][c] G^T)[xi] for all c of output channel o (w is (O, Cg, 3, 3)) */
-static void wino_weight(int dbl, const void *w, void *U, const geom *g, int64_t o) {
+SIMD_CLONES static void wino_weight(int dbl, const void *w, void *U, const geom *g, int64_t o) {
   double k[9 * LW], t[18 * LW], u[36 * LW];
   int64_t OC = g->O * g->Cg;
   for (int64_t c0 = 0; c0 < g->Cg; c0 += LW) {
@@ -541,7 +542,7 @@ static void wino_weight(int dbl, const void *w, void *U, const geom *g, int64_t 
 }
 
 /* gw[o][c] += G^T dU[.][o][c] G */
-static void wino_grad_weight(int dbl, const void *dU, void *gw, const geom *g, int64_t o) {
+SIMD_CLONES static void wino_grad_weight(int dbl, const void *dU, void *gw, const geom *g, int64_t o) {
   double u[36 * LW], t[18 * LW], k[9 * LW];
   int64_t OC = g->O * g->Cg;
   for (int64_t c0 = 0; c0 < g->Cg; c0 += LW) {
@@ -596,18 +597,16 @@ static int wino_forward(int dbl, const void *x, const void *w, const fa_tensor *
         wino_input_row(dbl, (const char *)x + (n * g->C + c) * HW * es, V + (c * TBb + (R - R0) * ntw) * es, g->C * TBb, g, th, ntw);
       }
     if (wino_jobs_parallel(njobs, 2.0 * (double)(g->Og * g->Cg * TBb) * (double)njobs)) {
-      int prev = fa_blas_serial_begin();
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t j = 0; j < njobs; j++) {
         int64_t e = j / g->G, gi = j % g->G;
         fa_cpu_gemm(dbl, 0, 0, g->Og, TBb, g->Cg, 1, U + (e * g->O + gi * g->Og) * g->Cg * es, g->Cg,
                     V + (e * g->C + gi * g->Cg) * TBb * es, TBb, 0, M + (e * g->O + gi * g->Og) * TBb * es, TBb);
       }
-      fa_blas_serial_end(prev);
     } else {
       for (int64_t j = 0; j < njobs; j++) {
         int64_t e = j / g->G, gi = j % g->G;
-        fa_cpu_gemm(dbl, 0, 0, g->Og, TBb, g->Cg, 1, U + (e * g->O + gi * g->Og) * g->Cg * es, g->Cg,
+        fa_cpu_gemm_par(dbl, 0, 0, g->Og, TBb, g->Cg, 1, U + (e * g->O + gi * g->Og) * g->Cg * es, g->Cg,
                     V + (e * g->C + gi * g->Cg) * TBb * es, TBb, 0, M + (e * g->O + gi * g->Og) * TBb * es, TBb);
       }
     }
@@ -654,17 +653,17 @@ static int wino_backward(int dbl, void *gx, void *gw, const void *gy, const void
         }
     }
     /* per job: dU += dM V^T, then dV = U^T dM over V's slice (which that job alone reads) */
+    /* with too few jobs for the threads, each product is split over them instead (fa_cpu_gemm_par runs
+     * on the calling thread inside a parallel region) */
     int par = wino_jobs_parallel(njobs, 4.0 * (double)(g->Og * g->Cg * TBb) * (double)njobs);
-    int prev = par ? fa_blas_serial_begin() : 0;
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int64_t j = 0; j < njobs; j++) {
       int64_t e = j / g->G, gi = j % g->G;
       char *Mj = M + (e * g->O + gi * g->Og) * TBb * es, *Vj = V + (e * g->C + gi * g->Cg) * TBb * es;
       int64_t uoff = (e * g->O + gi * g->Og) * g->Cg * es;
-      if (gw) fa_cpu_gemm(dbl, 0, 1, g->Og, g->Cg, TBb, 1, Mj, TBb, Vj, TBb, 1, dU + uoff, g->Cg);
-      if (gx) fa_cpu_gemm(dbl, 1, 0, g->Cg, TBb, g->Og, 1, U + uoff, g->Cg, Mj, TBb, 0, Vj, TBb);
+      if (gw) fa_cpu_gemm_par(dbl, 0, 1, g->Og, g->Cg, TBb, 1, Mj, TBb, Vj, TBb, 1, dU + uoff, g->Cg);
+      if (gx) fa_cpu_gemm_par(dbl, 1, 0, g->Cg, TBb, g->Og, 1, U + uoff, g->Cg, Mj, TBb, 0, Vj, TBb);
     }
-    if (par) fa_blas_serial_end(prev);
     if (gx) {
 #pragma omp parallel for schedule(static) if (36 * g->C * TBb > FA_PARALLEL_GRAIN)
       for (int64_t c = 0; c < g->C; c++)
@@ -682,93 +681,250 @@ static int wino_backward(int dbl, void *gx, void *gw, const void *gy, const void
 }
 
 /* ------------------------------------------------------------------ depthwise (groups == C) */
-/* out[n][o] (Ho, Wo) from x[n][o / mult] (H, W) and w[o] (kh, kw): direct, one plane per task */
-static void dw_forward_plane(int dbl, const void *xc, const void *wo_, void *yo, double bias, const geom *g) {
-  for (int64_t ho = 0; ho < g->Ho; ho++) {
-    if (dbl) {
-      double *y = (double *)yo + ho * g->Wo;
-      for (int64_t k = 0; k < g->Wo; k++) y[k] = bias;
+/* Direct kernel, one channel plane per task, on a 2-D polyphase copy of the zero-padded plane:
+ *   T[qh][qw][mh][mw] = x[mh*sh + qh - ph][mw*sw + qw - pw]   (0 in the padding)
+ * with Mh = Ho + ((kh-1)*dh)/sh rows and Mw = Wo + ((kw-1)*dw)/sw columns per phase. Kernel tap (i, j) then
+ * reads, for every output (ho, wo), T[(i*dh)%sh][(j*dw)%sw][ho + (i*dh)/sh][wo + (j*dw)/sw]: the output
+ * plane, computed Mw wide (columns Wo..Mw-1 are scratch), is one contiguous multiply-add over Ho*Mw
+ * elements per tap, vectorised and without bounds tests. The reads of a tap run at most (kw-1)*dw/sw
+ * elements past its phase, into the scratch columns only (hence the slack at the end of T). */
+typedef struct dw_layout {
+  int64_t Mh, Mw, phase, size; /* phase = Mh*Mw; size = sh*sw*phase + slack */
+  int64_t *tap;                /* kh*kw offsets into T: tap[i*kw + j] */
+} dw_layout;
+
+static dw_layout dw_layout_of(const geom *g) {
+  dw_layout l;
+  l.Mh = g->Ho + ((g->kh - 1) * g->dh) / g->sh;
+  l.Mw = g->Wo + ((g->kw - 1) * g->dw) / g->sw;
+  l.phase = l.Mh * l.Mw;
+  l.size = g->sh * g->sw * l.phase + ((g->kw - 1) * g->dw) / g->sw + 16;
+  l.tap = (int64_t *)malloc(sizeof(int64_t) * (size_t)(g->kh * g->kw));
+  if (l.tap)
+    for (int64_t i = 0; i < g->kh; i++)
+      for (int64_t j = 0; j < g->kw; j++)
+        l.tap[i * g->kw + j] = (((i * g->dh) % g->sh) * g->sw + (j * g->dw) % g->sw) * l.phase +
+                               ((i * g->dh) / g->sh) * l.Mw + (j * g->dw) / g->sw;
+  return l;
+}
+
+/* Rows of phase group qh, zero-padded and still interleaved: P[mh][v] = x[mh*sh + qh - ph][v - pw] for
+ * v in [0, sw*Mw). Flattened, P[k*sw + qw] = T[qh][qw][k] for k = mh*Mw + mw: one long deinterleave. */
+static void dw_pad_rows(int dbl, const void *xc, void *P, const geom *g, const dw_layout *L, int64_t qh) {
+  int64_t es = dbl ? 8 : 4, pitch = g->sw * L->Mw;
+  int64_t lead = imin(g->pw, pitch), ncopy = imax(0, imin(g->W, pitch - g->pw));
+  for (int64_t mh = 0; mh < L->Mh; mh++) {
+    int64_t h = mh * g->sh + qh - g->ph;
+    char *d = (char *)P + mh * pitch * es;
+    if (h < 0 || h >= g->H) { memset(d, 0, (size_t)(pitch * es)); continue; }
+    memset(d, 0, (size_t)(lead * es));
+    memcpy(d + lead * es, (const char *)xc + h * g->W * es, (size_t)(ncopy * es));
+    memset(d + (lead + ncopy) * es, 0, (size_t)((pitch - lead - ncopy) * es));
+  }
+}
+
+/* T[qh] (sw phases of n = Mh*Mw elements, ps apart) <-> P (n*sw interleaved), either direction */
+SIMD_CLONES static void dw_interleave(int dbl, void *T, void *P, int64_t n, int64_t sw, int64_t ps, int to_phases) {
+  if (dbl) {
+    double *t = (double *)T, *p = (double *)P;
+    if (to_phases) {
+      if (sw == 2) for (int64_t k = 0; k < n; k++) { t[k] = p[2 * k]; t[ps + k] = p[2 * k + 1]; }
+      else if (sw == 4) for (int64_t k = 0; k < n; k++) { t[k] = p[4 * k]; t[ps + k] = p[4 * k + 1]; t[2 * ps + k] = p[4 * k + 2]; t[3 * ps + k] = p[4 * k + 3]; }
+      else for (int64_t q = 0; q < sw; q++) for (int64_t k = 0; k < n; k++) t[q * ps + k] = p[k * sw + q];
     } else {
-      float *y = (float *)yo + ho * g->Wo;
-      for (int64_t k = 0; k < g->Wo; k++) y[k] = (float)bias;
+      if (sw == 2) for (int64_t k = 0; k < n; k++) { p[2 * k] = t[k]; p[2 * k + 1] = t[ps + k]; }
+      else if (sw == 4) for (int64_t k = 0; k < n; k++) { p[4 * k] = t[k]; p[4 * k + 1] = t[ps + k]; p[4 * k + 2] = t[2 * ps + k]; p[4 * k + 3] = t[3 * ps + k]; }
+      else for (int64_t q = 0; q < sw; q++) for (int64_t k = 0; k < n; k++) p[k * sw + q] = t[q * ps + k];
     }
-    for (int64_t i = 0; i < g->kh; i++) {
-      int64_t hi = ho * g->sh - g->ph + i * g->dh;
-      if (hi < 0 || hi >= g->H) continue;
-      for (int64_t j = 0; j < g->kw; j++) {
-        int64_t off = j * g->dw - g->pw, lo, hv;
-        valid_cols(g->W, g->sw, off, 0, g->Wo, &lo, &hv);
-        if (dbl) {
-          double wv = ((const double *)wo_)[i * g->kw + j], *y = (double *)yo + ho * g->Wo;
-          const double *s = (const double *)xc + hi * g->W + off;
-          for (int64_t k = lo; k < hv; k++) y[k] += wv * s[k * g->sw];
-        } else {
-          float wv = ((const float *)wo_)[i * g->kw + j], *y = (float *)yo + ho * g->Wo;
-          const float *s = (const float *)xc + hi * g->W + off;
-          for (int64_t k = lo; k < hv; k++) y[k] += wv * s[k * g->sw];
-        }
+  } else {
+    float *t = (float *)T, *p = (float *)P;
+    if (to_phases) {
+      if (sw == 2) for (int64_t k = 0; k < n; k++) { t[k] = p[2 * k]; t[ps + k] = p[2 * k + 1]; }
+      else if (sw == 4) for (int64_t k = 0; k < n; k++) { t[k] = p[4 * k]; t[ps + k] = p[4 * k + 1]; t[2 * ps + k] = p[4 * k + 2]; t[3 * ps + k] = p[4 * k + 3]; }
+      else for (int64_t q = 0; q < sw; q++) for (int64_t k = 0; k < n; k++) t[q * ps + k] = p[k * sw + q];
+    } else {
+      if (sw == 2) for (int64_t k = 0; k < n; k++) { p[2 * k] = t[k]; p[2 * k + 1] = t[ps + k]; }
+      else if (sw == 4) for (int64_t k = 0; k < n; k++) { p[4 * k] = t[k]; p[4 * k + 1] = t[ps + k]; p[4 * k + 2] = t[2 * ps + k]; p[4 * k + 3] = t[3 * ps + k]; }
+      else for (int64_t q = 0; q < sw; q++) for (int64_t k = 0; k < n; k++) p[k * sw + q] = t[q * ps + k];
+    }
+  }
+}
+
+/* T from the plane xc (H, W); P is scratch of Mh*sw*Mw elements (unused for sw == 1) */
+static void dw_split(int dbl, const void *xc, void *T, void *P, const geom *g, const dw_layout *L) {
+  int64_t es = dbl ? 8 : 4;
+  for (int64_t qh = 0; qh < g->sh; qh++) {
+    char *Tq = (char *)T + qh * g->sw * L->phase * es;
+    if (g->sw == 1) { dw_pad_rows(dbl, xc, Tq, g, L, qh); continue; }
+    dw_pad_rows(dbl, xc, P, g, L, qh);
+    dw_interleave(dbl, Tq, P, L->phase, g->sw, L->phase, 1);
+  }
+}
+
+/* the adjoint, overwriting: gxc (H, W) from gT; input pixels that no output reads get 0 */
+static void dw_merge(int dbl, void *gT, void *P, void *gxc, const geom *g, const dw_layout *L) {
+  int64_t es = dbl ? 8 : 4, pitch = g->sw * L->Mw;
+  int64_t lead = imin(g->pw, pitch), ncopy = imax(0, imin(g->W, pitch - g->pw));
+  for (int64_t h = 0; h < g->H; h++) /* rows past the last phase row: no output reads them */
+    if ((h + g->ph) / g->sh >= L->Mh) memset((char *)gxc + h * g->W * es, 0, (size_t)(g->W * es));
+  for (int64_t qh = 0; qh < g->sh; qh++) {
+    char *Tq = (char *)gT + qh * g->sw * L->phase * es, *R = (char *)P;
+    if (g->sw == 1) R = Tq;
+    else dw_interleave(dbl, Tq, P, L->phase, g->sw, L->phase, 0);
+    for (int64_t mh = 0; mh < L->Mh; mh++) {
+      int64_t h = mh * g->sh + qh - g->ph;
+      if (h < 0 || h >= g->H) continue;
+      char *d = (char *)gxc + h * g->W * es;
+      memcpy(d, R + (mh * pitch + lead) * es, (size_t)(ncopy * es));
+      memset(d + ncopy * es, 0, (size_t)((g->W - ncopy) * es)); /* columns past the last phase column */
+    }
+  }
+}
+
+/* yo (Ho, Wo) = bias + sum over taps; Y is an Ho*Mw scratch plane */
+SIMD_CLONES static void dw_forward_plane(int dbl, const void *T, const void *wk, void *Y, void *yo, double bias,
+                                         const geom *g, const dw_layout *L) {
+  int64_t n = g->Ho * L->Mw;
+  if (dbl) {
+    double *y = (double *)Y;
+    const double *t = (const double *)T, *w = (const double *)wk;
+    for (int64_t k = 0; k < n; k++) y[k] = bias;
+    for (int64_t e = 0; e < g->kh * g->kw; e += 3) { /* three taps per pass over y */
+      const double *t0 = t + L->tap[e];
+      double w0 = w[e];
+      if (e + 3 <= g->kh * g->kw) {
+        const double *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2];
+        double w1 = w[e + 1], w2 = w[e + 2];
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k];
+      } else {
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k];
+        if (e + 2 == g->kh * g->kw) { const double *t1 = t + L->tap[e + 1]; double w1 = w[e + 1]; for (int64_t k = 0; k < n; k++) y[k] += w1 * t1[k]; }
       }
     }
+    for (int64_t ho = 0; ho < g->Ho; ho++) memcpy((double *)yo + ho * g->Wo, y + ho * L->Mw, (size_t)g->Wo * 8);
+  } else {
+    float *y = (float *)Y;
+    const float *t = (const float *)T, *w = (const float *)wk;
+    for (int64_t k = 0; k < n; k++) y[k] = (float)bias;
+    for (int64_t e = 0; e < g->kh * g->kw; e += 3) {
+      const float *t0 = t + L->tap[e];
+      float w0 = w[e];
+      if (e + 3 <= g->kh * g->kw) {
+        const float *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2];
+        float w1 = w[e + 1], w2 = w[e + 2];
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k];
+      } else {
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k];
+        if (e + 2 == g->kh * g->kw) { const float *t1 = t + L->tap[e + 1]; float w1 = w[e + 1]; for (int64_t k = 0; k < n; k++) y[k] += w1 * t1[k]; }
+      }
+    }
+    for (int64_t ho = 0; ho < g->Ho; ho++) memcpy((float *)yo + ho * g->Wo, y + ho * L->Mw, (size_t)g->Wo * 4);
   }
 }
 
-static void dw_forward(int dbl, const void *x, const void *w, const fa_tensor *bias, void *out, const geom *g) {
-  int64_t es = dbl ? 8 : 4, mult = g->O / g->C, HW = g->H * g->W, HoWo = g->Ho * g->Wo, kk = g->kh * g->kw;
-#pragma omp parallel for schedule(static) if (g->N * g->O * HoWo * kk > FA_PARALLEL_GRAIN)
-  for (int64_t q = 0; q < g->N * g->O; q++) {
-    int64_t n = q / g->O, o = q % g->O;
-    double b = !bias ? 0 : dbl ? ((const double *)bias->data)[o * bias->stride[0]] : ((const float *)bias->data)[o * bias->stride[0]];
-    dw_forward_plane(dbl, (const char *)x + (n * g->C + o / mult) * HW * es, (const char *)w + o * kk * es,
-                     (char *)out + q * HoWo * es, b, g);
+/* one output plane gyo: Y = gyo widened to Mw columns with zeros; per tap acc[ij] += <Y, tap of T> (float
+ * sums per plane for float32, double totals) and tap of gT += w[i][j] * Y */
+SIMD_CLONES static void dw_backward_plane(int dbl, const void *T, void *gT, const void *gyo, void *Y, const void *wk,
+                                          double *acc, const geom *g, const dw_layout *L) {
+  int64_t n = g->Ho * L->Mw;
+  if (dbl) {
+    double *y = (double *)Y;
+    for (int64_t ho = 0; ho < g->Ho; ho++) {
+      memcpy(y + ho * L->Mw, (const double *)gyo + ho * g->Wo, (size_t)g->Wo * 8);
+      for (int64_t k = g->Wo; k < L->Mw; k++) y[ho * L->Mw + k] = 0;
+    }
+    for (int64_t i = 0; i < g->kh; i++)
+      for (int64_t j = 0; j < g->kw; j++) {
+        int64_t off = L->tap[i * g->kw + j];
+        if (T) {
+          const double *t = (const double *)T + off;
+          double a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t k = 0; k < n; k++) a += y[k] * t[k];
+          acc[i * g->kw + j] += a;
+        }
+        if (gT) { double wv = ((const double *)wk)[i * g->kw + j], *d = (double *)gT + off; for (int64_t k = 0; k < n; k++) d[k] += wv * y[k]; }
+      }
+  } else {
+    float *y = (float *)Y;
+    for (int64_t ho = 0; ho < g->Ho; ho++) {
+      memcpy(y + ho * L->Mw, (const float *)gyo + ho * g->Wo, (size_t)g->Wo * 4);
+      for (int64_t k = g->Wo; k < L->Mw; k++) y[ho * L->Mw + k] = 0;
+    }
+    for (int64_t i = 0; i < g->kh; i++)
+      for (int64_t j = 0; j < g->kw; j++) {
+        int64_t off = L->tap[i * g->kw + j];
+        if (T) { /* lane-wise partial sums (a fixed order for a given build and CPU) */
+          const float *t = (const float *)T + off;
+          float a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t k = 0; k < n; k++) a += y[k] * t[k];
+          acc[i * g->kw + j] += a;
+        }
+        if (gT) { float wv = ((const float *)wk)[i * g->kw + j], *d = (float *)gT + off; for (int64_t k = 0; k < n; k++) d[k] += wv * y[k]; }
+      }
   }
 }
 
-/* per channel c: gx[n][c] = sum over its mult outputs of the scattered gradient (overwritten), and
- * gw[o] += correlation of x[n][c] with gy[n][o] summed over n (in double); each task owns its planes */
-static void dw_backward(int dbl, void *gx, void *gw, const void *gy, const void *x, const void *w, const geom *g) {
+static int dw_forward(int dbl, const void *x, const void *w, const fa_tensor *bias, void *out, const geom *g) {
   int64_t es = dbl ? 8 : 4, mult = g->O / g->C, HW = g->H * g->W, HoWo = g->Ho * g->Wo, kk = g->kh * g->kw;
+  dw_layout L = dw_layout_of(g);
+  int nt = num_threads();
+  size_t szT = align64((size_t)(L.size * es)), szY = align64((size_t)(g->Ho * L.Mw * es));
+  size_t szP = align64((size_t)(L.Mh * g->sw * L.Mw * es)), per = szT + szY + szP;
+  char *ws = L.tap ? (char *)workspace(per * nt) : NULL;
+  if (!ws) { free(L.tap); return FA_ERR_MEMORY; }
+  /* one task per (image, channel): split the plane once, then its mult output planes */
 #pragma omp parallel for schedule(static) if (g->N * g->O * HoWo * kk > FA_PARALLEL_GRAIN)
-  for (int64_t c = 0; c < g->C; c++) {
-    double acc[64];
-    double *accp = kk <= 64 ? acc : (double *)malloc(sizeof(double) * kk); /* kernels above 8x8 are rare */
+  for (int64_t q = 0; q < g->N * g->C; q++) {
+    int64_t n = q / g->C, c = q % g->C;
+    char *T = ws + per * thread_id(), *Y = T + szT, *P = Y + szY;
+    dw_split(dbl, (const char *)x + q * HW * es, T, P, g, &L);
     for (int64_t m = 0; m < mult; m++) {
       int64_t o = c * mult + m;
-      for (int64_t e = 0; e < kk; e++) accp[e] = 0;
-      for (int64_t n = 0; n < g->N; n++) {
-        const char *xc = (const char *)x + (n * g->C + c) * HW * es, *gyo = (const char *)gy + (n * g->O + o) * HoWo * es;
-        char *gxc = gx ? (char *)gx + (n * g->C + c) * HW * es : NULL;
-        if (gxc && m == 0) memset(gxc, 0, (size_t)(HW * es));
-        for (int64_t ho = 0; ho < g->Ho; ho++)
-          for (int64_t i = 0; i < g->kh; i++) {
-            int64_t hi = ho * g->sh - g->ph + i * g->dh;
-            if (hi < 0 || hi >= g->H) continue;
-            for (int64_t j = 0; j < g->kw; j++) {
-              int64_t off = j * g->dw - g->pw, lo, hv;
-              valid_cols(g->W, g->sw, off, 0, g->Wo, &lo, &hv);
-              if (dbl) {
-                const double *dy = (const double *)gyo + ho * g->Wo, *s = (const double *)xc + hi * g->W + off;
-                double wv = ((const double *)w)[o * kk + i * g->kw + j], a = 0;
-                if (gw) for (int64_t k = lo; k < hv; k++) a += dy[k] * s[k * g->sw];
-                accp[i * g->kw + j] += a;
-                if (gxc) { double *d = (double *)gxc + hi * g->W + off; for (int64_t k = lo; k < hv; k++) d[k * g->sw] += wv * dy[k]; }
-              } else {
-                const float *dy = (const float *)gyo + ho * g->Wo, *s = (const float *)xc + hi * g->W + off;
-                float wv = ((const float *)w)[o * kk + i * g->kw + j], a = 0;
-                if (gw) for (int64_t k = lo; k < hv; k++) a += dy[k] * s[k * g->sw];
-                accp[i * g->kw + j] += a;
-                if (gxc) { float *d = (float *)gxc + hi * g->W + off; for (int64_t k = lo; k < hv; k++) d[k * g->sw] += wv * dy[k]; }
-              }
-            }
-          }
-      }
-      if (gw)
-        for (int64_t e = 0; e < kk; e++) {
-          if (dbl) ((double *)gw)[o * kk + e] += accp[e];
-          else ((float *)gw)[o * kk + e] += (float)accp[e];
-        }
+      double b = !bias ? 0 : dbl ? ((const double *)bias->data)[o * bias->stride[0]] : ((const float *)bias->data)[o * bias->stride[0]];
+      dw_forward_plane(dbl, T, (const char *)w + o * kk * es, Y, (char *)out + (n * g->O + o) * HoWo * es, b, g, &L);
     }
-    if (accp != acc) free(accp);
   }
+  free(L.tap);
+  return 0;
+}
+
+/* one task per channel c, over all images: gx[n][c] (overwritten) gathers its mult outputs' gradients,
+ * gw[o] += the correlations summed over n in double; each task owns its planes and weights */
+static int dw_backward(int dbl, void *gx, void *gw, const void *gy, const void *x, const void *w, const geom *g) {
+  int64_t es = dbl ? 8 : 4, mult = g->O / g->C, HW = g->H * g->W, HoWo = g->Ho * g->Wo, kk = g->kh * g->kw;
+  dw_layout L = dw_layout_of(g);
+  int nt = num_threads();
+  size_t szT = align64((size_t)(L.size * es)), szY = align64((size_t)(g->Ho * L.Mw * es));
+  size_t szP = align64((size_t)(L.Mh * g->sw * L.Mw * es));
+  size_t accb = align64((size_t)(mult * kk) * sizeof(double)), per = 2 * szT + szY + szP + accb;
+  char *ws = L.tap ? (char *)workspace(per * nt) : NULL;
+  if (!ws) { free(L.tap); return FA_ERR_MEMORY; }
+#pragma omp parallel for schedule(static) if (g->N * g->O * HoWo * kk > FA_PARALLEL_GRAIN)
+  for (int64_t c = 0; c < g->C; c++) {
+    char *base = ws + per * thread_id();
+    char *T = gw ? base : NULL, *gT = gx ? base + szT : NULL, *Y = base + 2 * szT, *P = Y + szY;
+    double *acc = (double *)(P + szP);
+    for (int64_t e = 0; e < mult * kk; e++) acc[e] = 0;
+    for (int64_t n = 0; n < g->N; n++) {
+      if (T) dw_split(dbl, (const char *)x + (n * g->C + c) * HW * es, T, P, g, &L);
+      if (gT) memset(gT, 0, (size_t)(L.size * es));
+      for (int64_t m = 0; m < mult; m++) {
+        int64_t o = c * mult + m;
+        dw_backward_plane(dbl, T, gT, (const char *)gy + (n * g->O + o) * HoWo * es, Y, (const char *)w + o * kk * es,
+                          acc + m * kk, g, &L);
+      }
+      if (gT) dw_merge(dbl, gT, P, (char *)gx + (n * g->C + c) * HW * es, g, &L);
+    }
+    if (gw)
+      for (int64_t e = 0; e < mult * kk; e++) {
+        if (dbl) ((double *)gw)[c * mult * kk + e] += acc[e];
+        else ((float *)gw)[c * mult * kk + e] += (float)acc[e];
+      }
+  }
+  free(L.tap);
+  return 0;
 }
 
 /* ------------------------------------------------------------------ validation, dispatch */
@@ -872,12 +1028,12 @@ int fa_conv2d_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weigh
   void *tx = NULL, *tw = NULL;
   const void *xd, *wd;
   if ((rc = contiguous_data(x, &xd, &tx)) || (rc = contiguous_data(weight, &wd, &tw))) { fa_free(-1, tx); return rc; }
-  fa_blas_sync_threads();
+  fa_blas_single_thread();
   if (fa_numel(x) == 0) { /* no input channels: the output is the bias */
     memset(out->data, 0, (size_t)(fa_numel(out) * (dbl ? 8 : 4)));
     if (bias) add_bias(dbl, out->data, bias, g.N, g.O, g.Ho * g.Wo);
   } else if (is_depthwise(&g)) {
-    dw_forward(dbl, xd, wd, bias, out->data, &g);
+    rc = dw_forward(dbl, xd, wd, bias, out->data, &g);
   } else if (use_winograd(&g)) {
     rc = wino_forward(dbl, xd, wd, bias, out->data, &g);
   } else {
@@ -919,12 +1075,12 @@ int fa_conv2d_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *gra
     fa_free(-1, tg); fa_free(-1, tx);
     return rc;
   }
-  fa_blas_sync_threads();
+  fa_blas_single_thread();
   if (grad_bias) bias_grad(dbl, grad_bias, gyd, g.N, g.O, g.Ho * g.Wo);
   void *gx = grad_x && fa_numel(grad_x) > 0 ? grad_x->data : NULL;
   void *gw = grad_weight && fa_numel(grad_weight) > 0 ? grad_weight->data : NULL;
   if (gx || gw) {
-    if (is_depthwise(&g)) dw_backward(dbl, gx, gw, gyd, xd, wd, &g);
+    if (is_depthwise(&g)) rc = dw_backward(dbl, gx, gw, gyd, xd, wd, &g);
     else if (use_winograd(&g)) rc = wino_backward(dbl, gx, gw, gyd, xd, wd, &g);
     else rc = gemm_backward(dbl, gx, gw, gyd, xd, wd, &g);
   }

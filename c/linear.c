@@ -8,7 +8,7 @@
 #include <stdlib.h>
 
 /* defined in matmul.c */
-void fa_blas_sync_threads(void);
+void fa_blas_single_thread(void);
 
 static const char *FWD = "fa_linear_forward", *BWD = "fa_linear_backward";
 
@@ -133,7 +133,7 @@ int fa_linear_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *gra
   if (x->device >= 0) return fa_cu_linear_backward(grad_x, grad_weight, grad_bias, grad_out, x, weight);
   fa_tensor g2 = rows_view(grad_out, outf), x2 = rows_view(x, in);
   int64_t R = g2.shape[0];
-  fa_blas_sync_threads();
+  fa_blas_single_thread();
   if (grad_x && fa_numel(grad_x) > 0) {
     fa_tensor gx2 = rows_view(grad_x, in);
     if ((rc = fa_matmul_forward(&gx2, &g2, weight, 0, 0, 1, 0))) return rc;

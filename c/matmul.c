@@ -13,25 +13,13 @@
 #endif
 
 /* ------------------------------------------------------------------ BLAS threads */
-/* OpenBLAS (pthread build) keeps its own thread pool, separate from OpenMP. fa_blas_sync_threads makes it
- * follow fa_set_num_threads; fa_blas_serial_begin/end bracket OpenMP regions whose threads each call BLAS
- * (one BLAS thread per caller, else the two pools oversubscribe the cores). Call them outside parallel
- * regions only: openblas_set_num_threads is process-wide. */
-void fa_blas_sync_threads(void) {
-#ifdef _OPENMP
-  int n = omp_get_max_threads();
-#else
-  int n = 1;
-#endif
-  if (openblas_get_num_threads() != n) openblas_set_num_threads(n);
-}
-int fa_blas_serial_begin(void) {
-  int prev = openblas_get_num_threads();
-  if (prev != 1) openblas_set_num_threads(1);
-  return prev;
-}
-void fa_blas_serial_end(int prev) {
-  if (prev != 1) openblas_set_num_threads(prev);
+/* One thread pool: OpenBLAS (a pthread build with its own pool) always runs on one thread, and the large
+ * products are split over OpenMP's threads here (fa_cpu_gemm_par). Two pools on the same cores fight:
+ * OpenMP's workers spin for a while after every parallel region, and an OpenBLAS thread started then
+ * shares a core with one of them (measured: a 4096x512x512 sgemm after an OpenMP loop took 14 ms
+ * instead of 9.6 on 2 cores). The split costs nothing measurable (each thread packs its own panels). */
+void fa_blas_single_thread(void) {
+  if (openblas_get_num_threads() != 1) openblas_set_num_threads(1);
 }
 
 /* Row-major C (m x n) = alpha * op(A) @ op(B) + beta * C with leading dimensions in elements; dbl picks
@@ -54,6 +42,33 @@ void fa_cpu_gemm(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, doubl
   else
     cblas_sgemm(CblasRowMajor, TA, TB, (int)m, (int)n, (int)k, (float)alpha, (const float *)a, (int)lda,
                 (const float *)b, (int)ldb, (float)beta, (float *)c, (int)ldc);
+}
+
+/* fa_cpu_gemm over OpenMP's threads: C is cut into blocks of rows (or of columns when it is wider than
+ * tall), multiples of 16, one single-threaded BLAS call each. Small products (< 4 MFLOP) and calls from
+ * inside a parallel region run on the calling thread. */
+void fa_cpu_gemm_par(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                     const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+  int nt = 1;
+#ifdef _OPENMP
+  if (!omp_in_parallel()) nt = omp_get_max_threads();
+#endif
+  if (nt <= 1 || 2.0 * (double)m * (double)n * (double)k < 4e6 || (m < 32 && n < 32)) {
+    fa_cpu_gemm(dbl, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  int64_t es = dbl ? 8 : 4, split_m = m >= n, dim = split_m ? m : n;
+  int64_t chunk = ((dim + nt - 1) / nt + 15) / 16 * 16, nchunks = (dim + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(nchunks < nt ? (int)nchunks : nt)
+  for (int64_t t = 0; t < nchunks; t++) {
+    int64_t s = t * chunk, e = s + chunk < dim ? s + chunk : dim;
+    if (split_m)
+      fa_cpu_gemm(dbl, ta, tb, e - s, n, k, alpha, (const char *)a + (ta ? s : s * lda) * es, lda, b, ldb, beta,
+                  (char *)c + s * ldc * es, ldc);
+    else
+      fa_cpu_gemm(dbl, ta, tb, m, e - s, k, alpha, a, lda, (const char *)b + (tb ? s * ldb : s) * es, ldb, beta,
+                  (char *)c + s * es, ldc);
+  }
 }
 
 /* ------------------------------------------------------------------ validation */
@@ -192,18 +207,16 @@ static int matmul_cpu(fa_tensor *out, const fa_tensor *a, const fa_tensor *b, in
       int t = eta; eta = !etb; etb = !t;
       int64_t tm = m; m = n; n = tm;
     }
-    fa_blas_sync_threads();
+    fa_blas_single_thread();
     double flops = 2.0 * (double)m * (double)n * (double)k;
     if (batch > 1 && flops < 4e6 && flops * (double)batch > 1e6 && fa_get_num_threads() > 1) {
-      /* many small products: one per OpenMP thread, BLAS on one thread each */
-      int prev = fa_blas_serial_begin();
+      /* many small products: one per OpenMP thread */
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < batch; i++)
         fa_cpu_gemm(dbl, eta, etb, m, n, k, alpha, pda + i * sba, lda, pdb + i * sbb, ldb, beta, pdo + i * sbo, ldc);
-      fa_blas_serial_end(prev);
     } else {
       for (int64_t i = 0; i < batch; i++)
-        fa_cpu_gemm(dbl, eta, etb, m, n, k, alpha, pda + i * sba, lda, pdb + i * sbb, ldb, beta, pdo + i * sbo, ldc);
+        fa_cpu_gemm_par(dbl, eta, etb, m, n, k, alpha, pda + i * sba, lda, pdb + i * sbb, ldb, beta, pdo + i * sbo, ldc);
     }
   }
   if (fo_) rc = fa_copy(out, &co);

@@ -79,10 +79,30 @@ describe('fa_matmul', function()
 
   it('many small products (one per thread) equal one at a time', function()
     fa.manualSeed(11)
-    local a, b = fa.randn(64, 9, 7, 'float64'), fa.randn(64, 7, 5, 'float64')
+    local a, b = fa.randn(64, 40, 30, 'float64'), fa.randn(64, 30, 20, 'float64') -- 48 kFLOP each, 3 MFLOP in all
     local out = mm(a, b)
     for i = 1, 64, 9 do
       H.assert_close(out:select(1, i), mm(a:select(1, i), b:select(1, i)), 1e-13, 1e-13, 'batch ' .. i)
+    end
+  end)
+
+  it('large products split over threads (by rows or by columns) equal row-by-row products', function()
+    fa.manualSeed(15)
+    for _, s in ipairs({ { 300, 200, 50 }, { 40, 200, 333 } }) do -- m >= n splits rows, m < n columns
+      local m, k, n = s[1], s[2], s[3]
+      for ta = 0, 1 do
+        for tb = 0, 1 do
+          local a = ta == 1 and fa.randn(k, m, 'float64') or fa.randn(m, k, 'float64')
+          local b = tb == 1 and fa.randn(n, k, 'float64') or fa.randn(k, n, 'float64')
+          local out = mm(a, b, ta, tb)
+          local ac = ta == 1 and a:t():contiguous() or a
+          local bc = tb == 1 and b:t():contiguous() or b
+          for i = 1, m, 37 do -- each row alone is a small product on one thread
+            H.assert_close(out:narrow(1, i, 1), mm(ac:narrow(1, i, 1), bc), 1e-12, 1e-12,
+              string.format('%dx%dx%d ta %d tb %d row %d', m, k, n, ta, tb, i))
+          end
+        end
+      end
     end
   end)
 

@@ -1,0 +1,169 @@
+-- bench/cpu.lua: CPU timings of fastattn's dense kernels, the same shapes as bench/peers/torch_cpu.py.
+--
+--   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--only SUBSTRING] [--compare torch.tsv]
+--
+-- Prints a table of median wall-clock milliseconds (forward, and forward + backward) after warm-up runs.
+-- With --compare, reads the TSV that `torch_cpu.py --tsv` writes and adds PyTorch's times and the ratios
+-- (ours / torch: below 1 means faster). Threads: OpenMP and OpenBLAS both get N (default 2).
+local fa = require 'fastattn'
+local ffi = require 'ffi'
+local C = fa.C
+
+-- CLOCK_MONOTONIC wall time (os.clock() is CPU time summed over threads, wrong for parallel kernels):
+-- fa.clock where the library has it, else clock_gettime under a private name (another module may have
+-- declared clock_gettime with its own struct)
+local now = fa.clock
+if not now then
+  ffi.cdef [[
+  typedef struct { int64_t tv_sec, tv_nsec; } fa_bench_timespec;
+  int fa_bench_clock_gettime(int clk, fa_bench_timespec *ts) __asm__("clock_gettime");
+  ]]
+  local ts = ffi.new('fa_bench_timespec')
+  now = function()
+    ffi.C.fa_bench_clock_gettime(1, ts)
+    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+  end
+end
+
+local opts = { threads = 2, runs = 11, only = nil, compare = nil }
+do
+  local i = 1
+  while i <= #arg do
+    local k, v = arg[i], arg[i + 1]
+    if k == '--threads' then opts.threads = tonumber(v)
+    elseif k == '--runs' then opts.runs = tonumber(v)
+    elseif k == '--only' then opts.only = v
+    elseif k == '--compare' then opts.compare = v
+    else error('bench/cpu.lua: unknown argument ' .. tostring(k) .. ' (see the header of the script)') end
+    i = i + 2
+  end
+end
+fa.setNumThreads(opts.threads)
+
+-- median seconds of fn over `runs` timed calls after 2 warm-up calls; stops early past ~20 s
+local function median_time(fn, runs)
+  fn(); fn()
+  local t = {}
+  local start = now()
+  for i = 1, runs do
+    local t0 = now()
+    fn()
+    t[i] = now() - t0
+    if now() - start > 20 and i >= 3 then break end
+  end
+  table.sort(t)
+  return t[math.floor((#t + 1) / 2)]
+end
+
+local cases = {}
+local function case(name, shape, setup) cases[#cases + 1] = { name = name, shape = shape, setup = setup } end
+
+local function conv_case(name, shape, N, Cin, Hh, W, O, k, stride, pad, groups)
+  case(name, shape, function()
+    fa.manualSeed(1)
+    local x = fa.randn(N, Cin, Hh, W)
+    local w = fa.randn(O, Cin / groups, k, k):scale(1 / math.sqrt(Cin / groups * k * k))
+    local b = fa.randn(O)
+    local p = ffi.new('fa_conv2d_params', { stride, stride, pad, pad, 1, 1, groups })
+    local Ho, Wo = math.floor((Hh + 2 * pad - k) / stride) + 1, math.floor((W + 2 * pad - k) / stride) + 1
+    local out, gout = fa.empty(N, O, Ho, Wo), fa.randn(N, O, Ho, Wo)
+    local gx, gw, gb = fa.empty(x:size()), fa.zeros(w:size()), fa.zeros(O)
+    local function fwd() fa.check(C.fa_conv2d_forward(out.desc, x.desc, w.desc, b.desc, p)) end
+    return fwd, function()
+      fwd()
+      fa.check(C.fa_conv2d_backward(gx.desc, gw.desc, gb.desc, gout.desc, x.desc, w.desc, p))
+    end
+  end)
+end
+
+conv_case('conv2d 3x3 pad 1', '1x512x64x64 -> 512', 1, 512, 64, 64, 512, 3, 1, 1, 1)
+conv_case('conv2d 3x3 pad 1', '1x128x64x64 -> 128', 1, 128, 64, 64, 128, 3, 1, 1, 1)
+conv_case('conv2d depthwise 6x6 s4 p1', '1x512x64x64, groups 512', 1, 512, 64, 64, 512, 6, 4, 1, 512)
+
+case('linear', '4096x512 -> 512', function()
+  fa.manualSeed(2)
+  local x, w, b = fa.randn(4096, 512), fa.randn(512, 512):scale(1 / math.sqrt(512)), fa.randn(512)
+  local out, gout = fa.empty(4096, 512), fa.randn(4096, 512)
+  local gx, gw, gb = fa.empty(4096, 512), fa.zeros(512, 512), fa.zeros(512)
+  local function fwd() fa.check(C.fa_linear_forward(out.desc, x.desc, w.desc, b.desc)) end
+  return fwd, function()
+    fwd()
+    fa.check(C.fa_linear_backward(gx.desc, gw.desc, gb.desc, gout.desc, x.desc, w.desc))
+  end
+end)
+
+case('layer norm', '4096x512, over 512', function()
+  fa.manualSeed(3)
+  local x, w, b = fa.randn(4096, 512), fa.randn(512), fa.randn(512)
+  local out, mean, rstd, gout = fa.empty(4096, 512), fa.empty(4096), fa.empty(4096), fa.randn(4096, 512)
+  local gx, gw, gb = fa.empty(4096, 512), fa.zeros(512), fa.zeros(512)
+  local function fwd() fa.check(C.fa_layernorm_forward(out.desc, mean.desc, rstd.desc, x.desc, w.desc, b.desc, 512, 1e-5)) end
+  return fwd, function()
+    fwd()
+    fa.check(C.fa_layernorm_backward(gx.desc, gw.desc, gb.desc, gout.desc, x.desc, mean.desc, rstd.desc, w.desc, 512))
+  end
+end)
+
+case('softmax', '8x4096x256, last dim', function()
+  fa.manualSeed(4)
+  local x, out, gout, gx = fa.randn(8, 4096, 256), fa.empty(8, 4096, 256), fa.randn(8, 4096, 256), fa.empty(8, 4096, 256)
+  local function fwd() fa.check(C.fa_softmax_forward(out.desc, x.desc, 2, 0)) end
+  return fwd, function()
+    fwd()
+    fa.check(C.fa_softmax_backward(gx.desc, gout.desc, out.desc, 2, 0))
+  end
+end)
+
+case('grid_sample bilinear', '1x512x64x64, grid 16x16', function()
+  fa.manualSeed(5)
+  local input = fa.randn(1, 512, 64, 64)
+  local grid = fa.rand(1, 16, 16, 2):scale(2.2, -1.1) -- a few points outside [-1, 1]
+  local out, gout = fa.empty(1, 512, 16, 16), fa.randn(1, 512, 16, 16)
+  local gin, ggrid = fa.empty(1, 512, 64, 64), fa.empty(1, 16, 16, 2)
+  local function fwd() fa.check(C.fa_grid_sample_forward(out.desc, input.desc, grid.desc, 0, 0)) end
+  return fwd, function()
+    fwd()
+    fa.check(C.fa_grid_sample_backward(gin.desc, ggrid.desc, gout.desc, input.desc, grid.desc, 0, 0))
+  end
+end)
+
+-- PyTorch's numbers, from `torch_cpu.py --tsv`: name \t shape \t fwd_ms \t fwdbwd_ms
+local peer = {}
+if opts.compare then
+  local f = assert(io.open(opts.compare, 'r'))
+  for line in f:lines() do
+    local name, shape, a, b = line:match('^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]+)$')
+    if name then peer[name .. '|' .. shape] = { tonumber(a), tonumber(b) } end
+  end
+  f:close()
+end
+
+local function fmt(v) return v and string.format('%9.3f', v) or '      n/a' end
+local function ratio(a, b) return (a and b) and string.format('%6.2f', a / b) or '   n/a' end
+
+print(string.format('fastattn %s CPU benchmark: %d threads, median of up to %d runs after 2 warm-up runs (ms)',
+  fa.version, opts.threads, opts.runs))
+print('OPENBLAS_CORETYPE=' .. tostring(os.getenv('OPENBLAS_CORETYPE')) .. '  OMP_NUM_THREADS=' .. tostring(os.getenv('OMP_NUM_THREADS')))
+local header = string.format('%-28s %-26s %9s %9s', 'op', 'shape', 'fwd', 'fwd+bwd')
+if opts.compare then header = header .. string.format(' %9s %9s %6s %6s', 'torch fwd', 'torch f+b', 'ratio', 'ratio') end
+print(header)
+for _, c in ipairs(cases) do
+  if not opts.only or (c.name .. ' ' .. c.shape):find(opts.only, 1, true) then
+    local ok, fwd, both = pcall(c.setup)
+    local tf, tb, err
+    if ok then
+      ok, err = pcall(function()
+        tf = median_time(fwd, opts.runs) * 1e3
+        tb = median_time(both, opts.runs) * 1e3
+      end)
+    else err = fwd end
+    local line = string.format('%-28s %-26s %s %s', c.name, c.shape, fmt(tf), fmt(tb))
+    if opts.compare then
+      local p = peer[c.name .. '|' .. c.shape] or {}
+      line = line .. string.format(' %s %s %s %s', fmt(p[1]), fmt(p[2]), ratio(tf, p[1]), ratio(tb, p[2]))
+    end
+    if not ok then line = line .. '  (' .. tostring(err):gsub('\n.*', '') .. ')' end
+    print(line)
+    collectgarbage()
+  end
+end
