@@ -317,19 +317,7 @@ function Loss:backward(out, tg)
 end
 
 ---------------------------------------------------------------------------- helpers
-local now
-do
-  local ok = pcall(ffi.cdef, 'typedef struct { long sec, nsec; } fa_msda_example_timespec; int clock_gettime(int, fa_msda_example_timespec *);')
-  if ok then
-    local ts = ffi.new('fa_msda_example_timespec')
-    now = function()
-      ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-      return tonumber(ts.sec) + tonumber(ts.nsec) * 1e-9
-    end
-  else
-    now = os.clock
-  end
-end
+local now = fa.clock or os.clock -- monotonic wall-clock seconds
 M.now = now
 
 local function batchOnDevice(o, n)
