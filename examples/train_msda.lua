@@ -20,7 +20,7 @@
 --
 --   bin/fastattn examples/train_msda.lua [--steps 600] [--batch 24] [--lr 2e-3] [--size 64]
 --        [--device cpu|cuda] [--layers 1] [--d_model 32] [--heads 4] [--points 4] [--seed 1]
---        [--threads N] [--test 400] [--every 50] [--clip 1] [--noise 0.15] [--plot msda_loss.svg]
+--        [--threads N] [--test 400] [--every 50] [--clip 1] [--noise 0.15] [--plot build/msda_loss.svg]
 --   e.g. on the GPU: bin/fastattn examples/train_msda.lua --device cuda --size 128 --batch 64 --steps 1500 --layers 2
 --
 -- Prints a progress line every --every steps (step, loss, learning rate, images/s), the final metric on
@@ -38,7 +38,9 @@ local CLASS_NAMES = { 'small', 'medium', 'large' }
 local NLEVELS = 4
 
 M.defaults = { steps = 600, batch = 24, lr = 2e-3, size = 64, device = 'cpu', layers = 1, d_model = 32, heads = 4,
-               points = 4, seed = 1, test = 400, every = 50, clip = 1.0, noise = 0.15, plot = 'msda_loss.svg',
+               points = 4, seed = 1, test = 400, every = 50, clip = 1.0, noise = 0.15,
+               -- into build/ (ignored by git) when run from the repository, else the current directory
+               plot = os.rename('build', 'build') and 'build/msda_loss.svg' or 'msda_loss.svg',
                offset_weight = 4 }
 
 ---------------------------------------------------------------------------- data

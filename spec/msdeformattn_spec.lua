@@ -240,6 +240,20 @@ describe('nn.MSDeformAttn', function()
       H.assert_close(y, full:narrow(1, 2, 1):narrow(2, 3, 1), 1e-12, 1e-14, 'row')
     end)
 
+    it('takes Lq = 0 (empty output, zero input_flatten gradient)', function()
+      local c = case('ref4')
+      local m = layer(c, 'float64')
+      local inp = { c.query:narrow(2, 1, 0), c.reference_points:narrow(2, 1, 0), c.input_flatten, c.spatial_shapes,
+                    c.level_start_index, c.input_padding_mask }
+      assert.are.same({ 2, 0, 16 }, m:forward(inp):size())
+      m:zeroGradParameters()
+      local g = m:backward(inp, fa.zeros(2, 0, 16, 'float64'))
+      assert.are.same({ 2, 0, 16 }, g[1]:size())
+      assert.are.same({ 2, 0, 3, 4 }, g[2]:size())
+      assert.are.equal(0, g[3]:abs():max())
+      assert.are.equal(0, m.value_proj.gradWeight:abs():max())
+    end)
+
     it('converts with :float() and prints', function()
       local m = nn.MSDeformAttn(CFG):double():float()
       assert.are.equal('float32', m.value_proj.weight:dtype())

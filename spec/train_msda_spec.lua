@@ -67,3 +67,27 @@ describe('examples/train_msda.lua', function()
     assert.matches('unknown argument %-%-nope', err)
   end)
 end)
+
+describe('examples/train_msda.lua on the GPU #gpu', function()
+  if fa.C.fa_cuda_device_count() < 1 then
+    it('skips: no CUDA device found', function() pending('no CUDA device found') end)
+    return
+  end
+  it('the loss falls in a short run with --device cuda', function()
+    local ex = load_example()
+    local o = ex.parseArgs({ '--size', '64', '--steps', '80', '--batch', '32', '--lr', '3e-3', '--every', '0',
+                             '--device', 'cuda' })
+    math.randomseed(7)
+    fa.manualSeed(7)
+    local model = ex.makeModel(o):cuda()
+    math.randomseed(1234); fa.manualSeed(1234)
+    local before = ex.evaluate(model, o, 64)
+    math.randomseed(7); fa.manualSeed(7)
+    ex.train(model, o)
+    assert.are.equal('cuda:0', model.head.weight:device())
+    math.randomseed(1234); fa.manualSeed(1234)
+    local after = ex.evaluate(model, o, 64)
+    assert(after.loss < 0.6 * before.loss,
+           string.format('held-out loss did not fall enough: %.4f -> %.4f', before.loss, after.loss))
+  end)
+end)
