@@ -1,8 +1,10 @@
 -- bench/cpu.lua: CPU timings of fastattn's dense kernels, the same shapes as bench/peers/torch_cpu.py.
 --
---   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--only SUBSTRING] [--compare torch.tsv]
+--   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--rounds R] [--only SUBSTRING] [--compare torch.tsv]
 --
--- Prints a table of median wall-clock milliseconds (forward, and forward + backward) after warm-up runs.
+-- Prints a table of wall-clock milliseconds (forward, and forward + backward): the median of N timed runs
+-- after 2 warm-up runs, taken R times (default 3) and the smallest of those medians reported, so that a
+-- round disturbed by another process on a shared machine does not count.
 -- With --compare, reads the TSV that `torch_cpu.py --tsv` writes and adds PyTorch's times and the ratios
 -- (ours / torch: below 1 means faster). Threads: OpenMP and OpenBLAS both get N (default 2).
 local fa = require 'fastattn'
@@ -25,13 +27,14 @@ if not now then
   end
 end
 
-local opts = { threads = 2, runs = 11, only = nil, compare = nil }
+local opts = { threads = 2, runs = 11, rounds = 3, only = nil, compare = nil }
 do
   local i = 1
   while i <= #arg do
     local k, v = arg[i], arg[i + 1]
     if k == '--threads' then opts.threads = tonumber(v)
     elseif k == '--runs' then opts.runs = tonumber(v)
+    elseif k == '--rounds' then opts.rounds = tonumber(v)
     elseif k == '--only' then opts.only = v
     elseif k == '--compare' then opts.compare = v
     else error('bench/cpu.lua: unknown argument ' .. tostring(k) .. ' (see the header of the script)') end
@@ -141,8 +144,8 @@ end
 local function fmt(v) return v and string.format('%9.3f', v) or '      n/a' end
 local function ratio(a, b) return (a and b) and string.format('%6.2f', a / b) or '   n/a' end
 
-print(string.format('fastattn %s CPU benchmark: %d threads, median of up to %d runs after 2 warm-up runs (ms)',
-  fa.version, opts.threads, opts.runs))
+print(string.format('fastattn %s CPU benchmark: %d threads, best of %d medians of up to %d runs after 2 warm-up runs (ms)',
+  fa.version, opts.threads, opts.rounds, opts.runs))
 print('OPENBLAS_CORETYPE=' .. tostring(os.getenv('OPENBLAS_CORETYPE')) .. '  OMP_NUM_THREADS=' .. tostring(os.getenv('OMP_NUM_THREADS')))
 local header = string.format('%-28s %-26s %9s %9s', 'op', 'shape', 'fwd', 'fwd+bwd')
 if opts.compare then header = header .. string.format(' %9s %9s %6s %6s', 'torch fwd', 'torch f+b', 'ratio', 'ratio') end
@@ -153,8 +156,10 @@ for _, c in ipairs(cases) do
     local tf, tb, err
     if ok then
       ok, err = pcall(function()
-        tf = median_time(fwd, opts.runs) * 1e3
-        tb = median_time(both, opts.runs) * 1e3
+        for _ = 1, opts.rounds do
+          tf = math.min(tf or math.huge, median_time(fwd, opts.runs) * 1e3)
+          tb = math.min(tb or math.huge, median_time(both, opts.runs) * 1e3)
+        end
       end)
     else err = fwd end
     local line = string.format('%-28s %-26s %s %s', c.name, c.shape, fmt(tf), fmt(tb))

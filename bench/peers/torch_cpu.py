@@ -1,8 +1,9 @@
 """PyTorch CPU timings for the shapes of bench/cpu.lua (same names, same order).
 
-    /usr/bin/python3 bench/peers/torch_cpu.py [--threads N] [--runs N] [--only SUBSTRING] [--tsv FILE]
+    /usr/bin/python3 bench/peers/torch_cpu.py [--threads N] [--runs N] [--rounds R] [--only SUBSTRING] [--tsv FILE]
 
-Median wall-clock milliseconds after 2 warm-up runs, forward (under no_grad) and forward + backward
+Wall-clock milliseconds, as bench/cpu.lua: the median of N runs after 2 warm-up runs, taken R times (default
+3), the smallest median reported. Forward (under no_grad) and forward + backward
 (autograd, every input that fastattn differentiates requires grad; .grad reset to None each run).
 --tsv also writes name \\t shape \\t fwd_ms \\t fwdbwd_ms for `bin/fastattn bench/cpu.lua --compare FILE`.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--runs", type=int, default=11)
+ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--only", default=None)
 ap.add_argument("--tsv", default=None)
 args = ap.parse_args()
@@ -139,7 +141,7 @@ def _():
 
 
 print(f"PyTorch {torch.__version__} CPU benchmark: {torch.get_num_threads()} threads, "
-      f"median of up to {args.runs} runs after 2 warm-up runs (ms)")
+      f"best of {args.rounds} medians of up to {args.runs} runs after 2 warm-up runs (ms)")
 print(f"mkldnn enabled={torch.backends.mkldnn.is_available()}  OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
 print(f"{'op':<28} {'shape':<26} {'fwd':>9} {'fwd+bwd':>9}")
 rows = []
@@ -147,8 +149,8 @@ for name, shape, setup in cases:
     if args.only and args.only not in f"{name} {shape}":
         continue
     fwd, both = setup()
-    tf = median_time(fwd, args.runs) * 1e3
-    tb = median_time(both, args.runs) * 1e3
+    tf = min(median_time(fwd, args.runs) for _ in range(args.rounds)) * 1e3
+    tb = min(median_time(both, args.runs) for _ in range(args.rounds)) * 1e3
     rows.append((name, shape, tf, tb))
     print(f"{name:<28} {shape:<26} {tf:9.3f} {tb:9.3f}", flush=True)
 if args.tsv:
