@@ -710,16 +710,24 @@ static dw_layout dw_layout_of(const geom *g) {
 
 /* Rows of phase group qh, zero-padded and still interleaved: P[mh][v] = x[mh*sh + qh - ph][v - pw] for
  * v in [0, sw*Mw). Flattened, P[k*sw + qw] = T[qh][qw][k] for k = mh*Mw + mw: one long deinterleave. */
-static void dw_pad_rows(int dbl, const void *xc, void *P, const geom *g, const dw_layout *L, int64_t qh) {
-  int64_t es = dbl ? 8 : 4, pitch = g->sw * L->Mw;
+SIMD_CLONES static void dw_pad_rows(int dbl, const void *xc, void *P, const geom *g, const dw_layout *L, int64_t qh) {
+  int64_t pitch = g->sw * L->Mw;
   int64_t lead = imin(g->pw, pitch), ncopy = imax(0, imin(g->W, pitch - g->pw));
-  for (int64_t mh = 0; mh < L->Mh; mh++) {
-    int64_t h = mh * g->sh + qh - g->ph;
-    char *d = (char *)P + mh * pitch * es;
-    if (h < 0 || h >= g->H) { memset(d, 0, (size_t)(pitch * es)); continue; }
-    memset(d, 0, (size_t)(lead * es));
-    memcpy(d + lead * es, (const char *)xc + h * g->W * es, (size_t)(ncopy * es));
-    memset(d + (lead + ncopy) * es, 0, (size_t)((pitch - lead - ncopy) * es));
+  for (int64_t mh = 0; mh < L->Mh; mh++) { /* rows are short: plain loops, not libc calls */
+    int64_t h = mh * g->sh + qh - g->ph, n = h < 0 || h >= g->H ? 0 : ncopy, a = n ? lead : 0;
+    if (dbl) {
+      double *d = (double *)P + mh * pitch;
+      const double *x = (const double *)xc + h * g->W;
+      for (int64_t v = 0; v < a; v++) d[v] = 0;
+      for (int64_t v = 0; v < n; v++) d[a + v] = x[v];
+      for (int64_t v = a + n; v < pitch; v++) d[v] = 0;
+    } else {
+      float *d = (float *)P + mh * pitch;
+      const float *x = (const float *)xc + h * g->W;
+      for (int64_t v = 0; v < a; v++) d[v] = 0;
+      for (int64_t v = 0; v < n; v++) d[a + v] = x[v];
+      for (int64_t v = a + n; v < pitch; v++) d[v] = 0;
+    }
   }
 }
 
@@ -789,10 +797,15 @@ SIMD_CLONES static void dw_forward_plane(int dbl, const void *T, const void *wk,
     double *y = (double *)Y;
     const double *t = (const double *)T, *w = (const double *)wk;
     for (int64_t k = 0; k < n; k++) y[k] = bias;
-    for (int64_t e = 0; e < g->kh * g->kw; e += 3) { /* three taps per pass over y */
+    for (int64_t e = 0; e < g->kh * g->kw; e += 3) { /* three or six taps per pass over y */
       const double *t0 = t + L->tap[e];
       double w0 = w[e];
-      if (e + 3 <= g->kh * g->kw) {
+      if (e + 6 <= g->kh * g->kw) {
+        const double *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2], *t3 = t + L->tap[e + 3], *t4 = t + L->tap[e + 4], *t5 = t + L->tap[e + 5];
+        double w1 = w[e + 1], w2 = w[e + 2], w3 = w[e + 3], w4 = w[e + 4], w5 = w[e + 5];
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k] + w3 * t3[k] + w4 * t4[k] + w5 * t5[k];
+        e += 3;
+      } else if (e + 3 <= g->kh * g->kw) {
         const double *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2];
         double w1 = w[e + 1], w2 = w[e + 2];
         for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k];
@@ -809,7 +822,12 @@ SIMD_CLONES static void dw_forward_plane(int dbl, const void *T, const void *wk,
     for (int64_t e = 0; e < g->kh * g->kw; e += 3) {
       const float *t0 = t + L->tap[e];
       float w0 = w[e];
-      if (e + 3 <= g->kh * g->kw) {
+      if (e + 6 <= g->kh * g->kw) {
+        const float *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2], *t3 = t + L->tap[e + 3], *t4 = t + L->tap[e + 4], *t5 = t + L->tap[e + 5];
+        float w1 = w[e + 1], w2 = w[e + 2], w3 = w[e + 3], w4 = w[e + 4], w5 = w[e + 5];
+        for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k] + w3 * t3[k] + w4 * t4[k] + w5 * t5[k];
+        e += 3;
+      } else if (e + 3 <= g->kh * g->kw) {
         const float *t1 = t + L->tap[e + 1], *t2 = t + L->tap[e + 2];
         float w1 = w[e + 1], w2 = w[e + 2];
         for (int64_t k = 0; k < n; k++) y[k] += w0 * t0[k] + w1 * t1[k] + w2 * t2[k];

@@ -140,6 +140,7 @@ describe('fa_conv2d gradients by finite differences (float64)', function()
     { 'depthwise 6x6 stride 4 pad 1', { 1, 2, 9, 10 }, { 2, 1, 6, 6 }, { 4, 4, 1, 1, 1, 1, 2 } },
     { 'dilation 2', { 1, 2, 7, 7 }, { 2, 2, 3, 3 }, { 1, 1, 1, 2, 2, 2, 1 } },
     { '1x1', { 2, 3, 3, 4 }, { 2, 3, 1, 1 }, { 1, 1, 0, 0, 1, 1, 1 } },
+    { '3x3 padding (2, 0)', { 1, 2, 6, 7 }, { 2, 2, 3, 3 }, { 1, 1, 2, 0, 1, 1, 1 } },
   }
   for _, algo in ipairs({ GEMM, WINO }) do
     for _, s in ipairs(specs) do
@@ -218,6 +219,40 @@ describe('fa_conv2d algorithms agree on larger shapes', function()
       local gx2, gw2 = conv_back(gout, x, w, p)
       assert.is_true(gx1:equal(gx2))
       assert.is_true(gw1:equal(gw2))
+    end
+  end)
+end)
+
+describe('fa_conv2d edge sizes', function()
+  it('an empty batch gives empty outputs and no work', function()
+    local x, w, b = fa.randn(0, 3, 5, 5), fa.randn(4, 3, 3, 3), fa.randn(4)
+    local p = { 1, 1, 1, 1, 1, 1, 1 }
+    assert.are.same({ 0, 4, 5, 5 }, conv(x, w, b, p):size())
+    local gb = fa.zeros(4)
+    local gx, gw = conv_back(fa.empty(0, 4, 5, 5), x, w, p, nil, gb)
+    assert.are.same({ 0, 3, 5, 5 }, gx:size())
+    assert.are.equal(0, gw:abs():max())
+  end)
+  it('no input channels: the output is the bias, the bias gradient the sum of grad_out', function()
+    local x, w, b = fa.randn(2, 0, 4, 3, 'float64'), fa.randn(3, 0, 2, 2, 'float64'), fa.tensor({ 1, 2, 3 }, 'float64')
+    local p = { 1, 1, 0, 0, 1, 1, 1 }
+    local out = conv(x, w, b, p)
+    H.assert_close(out, b:view(1, 3, 1, 1):expand(2, 3, 3, 2), 0, 0, 'out')
+    local gout = fa.randn(out:size(), 'float64')
+    local _, _, gb = conv_back(gout, x, w, p, nil, fa.zeros(3, 'float64'))
+    H.assert_close(gb, gout:sum(4):sum(3):sum(1):view(3), 1e-12, 1e-12, 'grad bias')
+  end)
+  it('a 1x1 image with padding', function()
+    fa.manualSeed(9)
+    local x, w, b = fa.randn(1, 2, 1, 1, 'float64'), fa.randn(3, 2, 3, 3, 'float64'), fa.randn(3, 'float64')
+    for _, algo in ipairs({ GEMM, WINO }) do
+      local prev = set_algo(algo)
+      local out = conv(x, w, b, { 1, 1, 1, 1, 1, 1, 1 })
+      set_algo(prev)
+      -- only the centre tap sees the pixel
+      local ref = b:clone()
+      for o = 1, 3 do ref:set(o, ref:get(o) + w:get(o, 1, 2, 2) * x:get(1, 1, 1, 1) + w:get(o, 2, 2, 2) * x:get(1, 2, 1, 1)) end
+      H.assert_close(out:view(3), ref, 1e-12, 1e-12, 'algo ' .. algo)
     end
   end)
 end)
