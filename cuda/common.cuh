@@ -25,6 +25,9 @@ void *fa_cu_temp_alloc(int device, int64_t nbytes);   // NULL + error message on
 void fa_cu_temp_free(int device, void *p);
 // number of SMs of device (cached)
 int fa_cu_sm_count(int device);
+// out += sum of x over dim (0-based; -1 = all), out of x's shape with size 1 at dim; any strides, float
+// dtypes, deterministic, float32 accumulation (cuda/reduce.cu; for bias gradients)
+int fa_cu_sum_into(fa_tensor *out, const fa_tensor *x, int dim);
 
 // ---- 16-bit storage, float32 arithmetic
 template <typename T> __device__ __forceinline__ float fa_to_f(T v) { return (float)v; }
@@ -64,3 +67,101 @@ static inline unsigned fa_cu_blocks(int64_t n, int threads, int device) {
   if (b < 1) b = 1;
   return (unsigned)b;
 }
+
+// ---- multi-tensor strided iteration (added by the runtime engineer; used by copy/elementwise/optim)
+// N tensors of the same shape walked in row-major order; dims that are contiguous in every tensor are merged
+// on the host (fa_cu_iter_make) so a broadcast add of (B, C) + (C) walks 2 dims, not 8.
+template <int N> struct fa_cu_iter {
+  int ndim;
+  int64_t shape[FA_MAX_DIMS];
+  int64_t stride[N][FA_MAX_DIMS];
+};
+// ts[k] must all have ts[0]'s number of elements; shapes are taken from ts[0] (callers pass same-shaped
+// tensors or contiguous ones, whose strides are recomputed from ts[0]'s shape when shapes differ).
+template <int N> static inline fa_cu_iter<N> fa_cu_iter_make(const fa_tensor *const *ts) {
+  fa_cu_iter<N> it;
+  const fa_tensor *t0 = ts[0];
+  int64_t shape[FA_MAX_DIMS], stride[N][FA_MAX_DIMS];
+  int nd = t0->ndim;
+  for (int d = 0; d < nd; d++) shape[d] = t0->shape[d];
+  for (int k = 0; k < N; k++) {
+    const fa_tensor *t = ts[k];
+    int same = t->ndim == nd;
+    for (int d = 0; same && d < nd; d++) same = t->shape[d] == shape[d];
+    if (same) {
+      for (int d = 0; d < nd; d++) stride[k][d] = t->stride[d];
+    } else { // contiguous with another shape (validated by the entry): row-major strides of shape
+      int64_t s = 1;
+      for (int d = nd - 1; d >= 0; d--) { stride[k][d] = s; s *= shape[d]; }
+    }
+  }
+  // drop size-1 dims, merge an outer dim into the next inner one when every tensor allows it
+  int m = 0;
+  for (int d = 0; d < nd; d++) {
+    if (shape[d] == 1) continue;
+    if (m > 0) {
+      int ok = 1;
+      for (int k = 0; k < N && ok; k++) ok = it.stride[k][m - 1] == stride[k][d] * shape[d];
+      if (ok) {
+        it.shape[m - 1] *= shape[d];
+        for (int k = 0; k < N; k++) it.stride[k][m - 1] = stride[k][d];
+        continue;
+      }
+    }
+    it.shape[m] = shape[d];
+    for (int k = 0; k < N; k++) it.stride[k][m] = stride[k][d];
+    m++;
+  }
+  it.ndim = m;
+  for (int d = m; d < FA_MAX_DIMS; d++) {
+    it.shape[d] = 1;
+    for (int k = 0; k < N; k++) it.stride[k][d] = 0;
+  }
+  return it;
+}
+// offsets of the i-th element in each tensor; I = uint32_t when numel < 2^32 (cheaper divisions)
+template <typename I, int N>
+__device__ __forceinline__ void fa_cu_iter_offsets(const fa_cu_iter<N> &it, int64_t i64, int64_t (&off)[N]) {
+  I i = (I)i64;
+#pragma unroll
+  for (int k = 0; k < N; k++) off[k] = 0;
+  for (int d = it.ndim - 1; d >= 0; d--) {
+    I n = (I)it.shape[d];
+    I q = i / n, r = i - q * n;
+    i = q;
+#pragma unroll
+    for (int k = 0; k < N; k++) off[k] += (int64_t)r * it.stride[k][d];
+  }
+}
+
+// ---- Philox4x32-10, bit-identical to fa_philox in c/runtime.c: counter (lo, hi, 0, 0), key = seed
+__device__ __forceinline__ void fa_cu_philox(uint64_t seed, uint64_t counter, uint32_t r[4]) {
+  uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma unroll
+  for (int i = 0; i < 10; i++) {
+    uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c1 = lo1; c3 = lo0; c0 = n0; c2 = n2;
+    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+  }
+  r[0] = c0; r[1] = c1; r[2] = c2; r[3] = c3;
+}
+// uniform in [0, 1) from 32 bits, as fa_u32_to_unit_float
+__device__ __forceinline__ float fa_cu_u32_to_unit_float(uint32_t x) { return (float)(x >> 8) * (1.0f / 16777216.0f); }
+
+// ---- warp reductions
+__device__ __forceinline__ float fa_cu_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float fa_cu_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// 1 when every pointer is 16-byte aligned (vector loads allowed)
+static inline int fa_cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }

@@ -1,0 +1,189 @@
+// matmul.cu: matrix products through cuBLAS (c/matmul.c and c/linear.c validate and dispatch here).
+//
+// fa_cu_matmul_forward: out (B, m, n) = alpha * op(a) (Ba, m, k) @ op(b) (Bb, k, n) + beta * out, Ba and Bb
+// each B or 1 (broadcast: batch stride 0); 2-D operands are batch 1. One cublasGemmStridedBatchedEx per
+// call. As on the CPU, an operand with a unit stride in one of its last two dims is read in place (a
+// transposed view only flips the transpose flag); others are copied to a contiguous buffer first.
+// dtypes: float32 (FP32 compute; TF32 tensor cores only after fa_cuda_allow_tf32(1)), bfloat16 and float16
+// (inputs and output in 16 bits, FP32 accumulation).
+//
+// Row-major C = op(A) @ op(B) is column-major C^T = op(B)^T @ op(A)^T, so cuBLAS is called with the
+// operands swapped and m, n exchanged; no data moves.
+//
+// fa_cu_linear_forward / backward: x (R, in) rows (contiguous), weight (out, in), bias (out):
+//   out = x @ W^T + b: out is first filled with the bias rows, then one GEMM with beta = 1 (as the CPU);
+//   grad_x = grad_out @ W; grad_weight += grad_out^T @ x (beta = 1); grad_bias += column sums of grad_out.
+#include "common.cuh"
+#include <limits.h>
+
+namespace {
+struct Mat {
+  char *data;
+  int64_t batch, rows, cols, sb, sr, sc;
+};
+Mat mat_of(const fa_tensor *t) {
+  Mat m;
+  int d = t->ndim;
+  m.data = (char *)t->data;
+  m.batch = d == 3 ? t->shape[0] : 1;
+  m.sb = d == 3 ? t->stride[0] : 0;
+  m.rows = t->shape[d - 2];
+  m.cols = t->shape[d - 1];
+  m.sr = t->stride[d - 2];
+  m.sc = t->stride[d - 1];
+  if (m.batch == 1) m.sb = 0;
+  return m;
+}
+// 0 = row-major with leading dim *ld, 1 = the transpose of a row-major (cols x rows) matrix, -1 = copy it
+int mat_layout(const Mat &m, int64_t *ld) {
+  int64_t r = m.rows, c = m.cols;
+  if ((c <= 1 || m.sc == 1) && (r <= 1 || m.sr >= (c > 1 ? c : 1))) {
+    *ld = r <= 1 ? (c > 1 ? c : 1) : m.sr;
+    return 0;
+  }
+  if ((r <= 1 || m.sr == 1) && (c <= 1 || m.sc >= (r > 1 ? r : 1))) {
+    *ld = c <= 1 ? (r > 1 ? r : 1) : m.sc;
+    return 1;
+  }
+  return -1;
+}
+// a contiguous device copy of t (same shape/dtype/device) in *tmp; copy_values = 0 leaves it uninitialised
+int contiguous_tmp(fa_tensor *tmp, const fa_tensor *t, int copy_values) {
+  *tmp = *t;
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; i--) { tmp->stride[i] = s; s *= t->shape[i]; }
+  tmp->data = fa_cu_temp_alloc(t->device, fa_numel(t) * fa_dtype_size(t->dtype));
+  if (!tmp->data) return FA_ERR_MEMORY;
+  int rc = copy_values ? fa_cu_copy(tmp, t) : 0;
+  if (rc) { fa_cu_temp_free(t->device, tmp->data); tmp->data = NULL; }
+  return rc;
+}
+int check_int(const char *fn, const char *arg, int64_t v) {
+  if (v > INT_MAX)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument '%s': a matrix dimension or stride of %lld exceeds the cuBLAS limit of %d", fn,
+                    arg, (long long)v, INT_MAX);
+  return 0;
+}
+cudaDataType_t cuda_type(int dtype) {
+  return dtype == FA_BFLOAT16 ? CUDA_R_16BF : dtype == FA_FLOAT16 ? CUDA_R_16F : CUDA_R_32F;
+}
+} // namespace
+
+int fa_cu_matmul_forward(fa_tensor *out, const fa_tensor *a, const fa_tensor *b, int ta, int tb, double alpha, double beta) {
+  static const char *fn = "fa_matmul_forward";
+  const int dev = out->device;
+  const int64_t es = fa_dtype_size(out->dtype);
+  int rc = 0;
+  fa_tensor ca, cb, co;
+  void *fa_ = NULL, *fb_ = NULL, *fo_ = NULL;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  Mat A = mat_of(a), B = mat_of(b), O = mat_of(out);
+  int la = mat_layout(A, &lda), lb = mat_layout(B, &ldb), lo = mat_layout(O, &ldc);
+  if (la < 0) { if ((rc = contiguous_tmp(&ca, a, 1))) goto done; fa_ = ca.data; A = mat_of(&ca); la = mat_layout(A, &lda); }
+  if (lb < 0) { if ((rc = contiguous_tmp(&cb, b, 1))) goto done; fb_ = cb.data; B = mat_of(&cb); lb = mat_layout(B, &ldb); }
+  if (lo < 0) {
+    if ((rc = contiguous_tmp(&co, out, beta != 0))) goto done;
+    fo_ = co.data; O = mat_of(&co); lo = mat_layout(O, &ldc);
+  }
+  if ((rc = check_int(fn, "a", lda)) || (rc = check_int(fn, "b", ldb)) || (rc = check_int(fn, "out", ldc)) ||
+      (rc = check_int(fn, "out", O.rows)) || (rc = check_int(fn, "out", O.cols)) || (rc = check_int(fn, "a", A.rows)) ||
+      (rc = check_int(fn, "a", A.cols)) || (rc = check_int(fn, "out", O.batch)))
+    goto done;
+  {
+    int64_t m = O.rows, n = O.cols, k = ta ? A.rows : A.cols, batch = O.batch;
+    if (k == 0) { // no products: out = beta * out (0 clears it, NaNs included)
+      fa_tensor *t = fo_ ? &co : out;
+      rc = beta == 0 ? fa_cu_fill(t, 0.0) : fa_cu_scale_forward(t, t, beta, 0.0);
+      goto copy_back;
+    }
+    int eta = ta ^ la, etb = tb ^ lb; // op(A) with A read as stored: a flipped layout flips the flag
+    const char *pda = A.data, *pdb = B.data;
+    char *pdo = O.data;
+    int64_t sba = A.sb, sbb = B.sb, sbo = O.sb;
+    if (lo == 1) { // out stored transposed: out^T (n x m) = op(b)^T @ op(a)^T
+      const char *tp = pda; pda = pdb; pdb = tp;
+      int64_t tl = lda; lda = ldb; ldb = tl;
+      int64_t ts = sba; sba = sbb; sbb = ts;
+      int t = eta; eta = !etb; etb = !t;
+      int64_t tm = m; m = n; n = tm;
+    }
+    cublasHandle_t h = fa_cu_blas(dev);
+    if (!h) { rc = fa_error(FA_ERR_CUDA, "%s: could not create a cuBLAS handle on cuda:%d", fn, dev); goto done; }
+    cudaDataType_t ty = cuda_type(out->dtype);
+    cublasComputeType_t ct = out->dtype == FA_FLOAT32 && fa_cu_tf32_allowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    float fal = (float)alpha, fbe = (float)beta;
+    // row-major (m x n) = op(A) (m x k) @ op(B) (k x n)  ==  column-major (n x m) = op(B) @ op(A)
+    cublasStatus_t s;
+    if (batch == 1)
+      s = cublasGemmEx(h, etb ? CUBLAS_OP_T : CUBLAS_OP_N, eta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k, &fal, pdb,
+                       ty, (int)ldb, pda, ty, (int)lda, &fbe, pdo, ty, (int)ldc, ct, CUBLAS_GEMM_DEFAULT);
+    else
+      s = cublasGemmStridedBatchedEx(h, etb ? CUBLAS_OP_T : CUBLAS_OP_N, eta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k,
+                                     &fal, pdb, ty, (int)ldb, (long long)sbb, pda, ty, (int)lda, (long long)sba, &fbe, pdo, ty,
+                                     (int)ldc, (long long)sbo, (int)batch, ct, CUBLAS_GEMM_DEFAULT);
+    (void)es;
+    if ((rc = fa_cu_blas_check(s, fn))) goto done;
+  }
+copy_back:
+  if (!rc && fo_) rc = fa_cu_copy(out, &co);
+done:
+  // stream-ordered frees: the GEMM and the copy back run before any reuse of these blocks
+  if (fa_) fa_cu_temp_free(dev, fa_);
+  if (fb_) fa_cu_temp_free(dev, fb_);
+  if (fo_) fa_cu_temp_free(dev, fo_);
+  return rc;
+}
+
+// ------------------------------------------------------------------ linear
+// rows x cols 2-D view of a contiguous tensor whose last dim is cols
+static fa_tensor rows_view(const fa_tensor *t, int64_t cols) {
+  fa_tensor v = *t;
+  int64_t n = fa_numel(t);
+  v.ndim = 2;
+  v.shape[0] = cols ? n / cols : 0;
+  v.shape[1] = cols;
+  v.stride[0] = cols;
+  v.stride[1] = 1;
+  return v;
+}
+
+int fa_cu_linear_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias) {
+  int64_t in = weight->shape[1], outf = weight->shape[0];
+  fa_tensor o2 = rows_view(out, outf), x2 = rows_view(x, in);
+  int rc;
+  double beta = 0;
+  if (bias) { // out rows start as the bias (a broadcast copy), then the GEMM adds x @ W^T
+    fa_tensor bb = o2;
+    bb.data = bias->data;
+    bb.stride[0] = 0;
+    bb.stride[1] = bias->stride[0];
+    if ((rc = fa_cu_copy(&o2, &bb))) return rc;
+    beta = 1;
+  }
+  return fa_cu_matmul_forward(&o2, &x2, weight, 0, 1, 1, beta);
+}
+
+int fa_cu_linear_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias, const fa_tensor *grad_out,
+                          const fa_tensor *x, const fa_tensor *weight) {
+  int64_t in = weight->shape[1], outf = weight->shape[0];
+  fa_tensor g2 = rows_view(grad_out, outf), x2 = rows_view(x, in);
+  int64_t R = g2.shape[0];
+  int rc;
+  if (grad_x && fa_numel(grad_x) > 0) {
+    fa_tensor gx2 = rows_view(grad_x, in);
+    if ((rc = fa_cu_matmul_forward(&gx2, &g2, weight, 0, 0, 1, 0))) return rc;
+  }
+  if (grad_weight && fa_numel(grad_weight) > 0 && R > 0) {
+    if ((rc = fa_cu_matmul_forward(grad_weight, &g2, &x2, 1, 0, 1, 1))) return rc;
+  }
+  if (grad_bias && outf > 0 && R > 0) {
+    fa_tensor gb = *grad_bias; // (1, out) view of grad_bias: the column sums of g2 are added into it
+    gb.ndim = 2;
+    gb.shape[0] = 1;
+    gb.shape[1] = outf;
+    gb.stride[0] = 0;
+    gb.stride[1] = grad_bias->stride[0];
+    if ((rc = fa_cu_sum_into(&gb, &g2, 0))) return rc;
+  }
+  return 0;
+}
