@@ -1,12 +1,14 @@
 -- bench/cpu.lua: CPU timings of fastattn's dense kernels, the same shapes as bench/peers/torch_cpu.py.
 --
 --   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--rounds R] [--only SUBSTRING] [--compare torch.tsv]
+--                              [--tsv FILE]
 --
 -- Prints a table of wall-clock milliseconds (forward, and forward + backward): the median of N timed runs
 -- after 2 warm-up runs, taken R times (default 3) and the smallest of those medians reported, so that a
 -- round disturbed by another process on a shared machine does not count.
 -- With --compare, reads the TSV that `torch_cpu.py --tsv` writes and adds PyTorch's times and the ratios
--- (ours / torch: below 1 means faster). Threads: OpenMP and OpenBLAS both get N (default 2).
+-- (ours / torch: below 1 means faster); --tsv writes our times in the same TSV format. Threads: N OpenMP
+-- threads (default 2); OpenBLAS runs single-threaded inside them (c/matmul.c).
 local fa = require 'fastattn'
 local ffi = require 'ffi'
 local C = fa.C
@@ -27,7 +29,7 @@ if not now then
   end
 end
 
-local opts = { threads = 2, runs = 11, rounds = 3, only = nil, compare = nil }
+local opts = { threads = 2, runs = 11, rounds = 3, only = nil, compare = nil, tsv = nil }
 do
   local i = 1
   while i <= #arg do
@@ -37,6 +39,7 @@ do
     elseif k == '--rounds' then opts.rounds = tonumber(v)
     elseif k == '--only' then opts.only = v
     elseif k == '--compare' then opts.compare = v
+    elseif k == '--tsv' then opts.tsv = v
     else error('bench/cpu.lua: unknown argument ' .. tostring(k) .. ' (see the header of the script)') end
     i = i + 2
   end
@@ -147,6 +150,7 @@ local function ratio(a, b) return (a and b) and string.format('%6.2f', a / b) or
 print(string.format('fastattn %s CPU benchmark: %d threads, best of %d medians of up to %d runs after 2 warm-up runs (ms)',
   fa.version, opts.threads, opts.rounds, opts.runs))
 print('OPENBLAS_CORETYPE=' .. tostring(os.getenv('OPENBLAS_CORETYPE')) .. '  OMP_NUM_THREADS=' .. tostring(os.getenv('OMP_NUM_THREADS')))
+local tsv = opts.tsv and assert(io.open(opts.tsv, 'w'))
 local header = string.format('%-28s %-26s %9s %9s', 'op', 'shape', 'fwd', 'fwd+bwd')
 if opts.compare then header = header .. string.format(' %9s %9s %6s %6s', 'torch fwd', 'torch f+b', 'ratio', 'ratio') end
 print(header)
@@ -169,6 +173,8 @@ for _, c in ipairs(cases) do
     end
     if not ok then line = line .. '  (' .. tostring(err):gsub('\n.*', '') .. ')' end
     print(line)
+    if tsv and tf and tb then tsv:write(string.format('%s\t%s\t%.4f\t%.4f\n', c.name, c.shape, tf, tb)) end
     collectgarbage()
   end
 end
+if tsv then tsv:close() end
