@@ -1,0 +1,301 @@
+// grid_sample.cu: 2-D bilinear grid sampling (PyTorch's F.grid_sample, mode='bilinear') on the GPU, the
+// same arithmetic as c/grid_sample.c.
+//
+// input (N, C, H, W), grid (N, Ho, Wo, 2) with (x, y) in [-1, 1] -> out (N, C, Ho, Wo)
+//   u = (x + 1) * s - 0.5 with s = W / 2 (align_corners = 0), or u = (x + 1) * s with s = (W - 1) / 2
+//   (float32, no fused multiply-add: the CPU's and PyTorch's rounding); v likewise from y with H.
+//   padding border: u clamped to [0, W - 1], its gradient 0 where clamped (borders included); zeros: taps
+//   outside read 0. out = sum of the 4 taps (x0 = floor(u), y0 = floor(v), +1) with bilinear weights.
+// backward: grad_input (overwritten; float atomics into a float32 buffer: fast, not bit-reproducible) and
+//   grad_grid (overwritten; deterministic: per-channel-chunk partial sums added in chunk order). Either may
+//   be NULL.
+//
+// Parallelism: one thread per (output point, chunk of channels): a thread computes the taps once and
+// reuses them for its channels; the chunks give enough threads when N * Ho * Wo is small (batch 1).
+// Output writes are coalesced along Wo; the four gathers of neighbouring points hit the same cache lines.
+// Every tensor may have any strides. Storage float32, bfloat16 or float16; arithmetic float32.
+#include "common.cuh"
+
+namespace {
+
+struct GsArgs {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t si[4], sg[4], so[4]; // strides of input, grid, out / grad_out
+  int border, align;
+  int64_t cc;                  // channels per thread
+};
+
+struct Taps {
+  int64_t x0, y0;
+  int64_t off[4];  // element offsets in an input plane (valid where in[k])
+  bool in[4];
+  float w[4];      // bilinear weights (0 where outside)
+  float dx, dy;    // u - x0, v - y0
+  float gxm, gym;  // du/dx, dv/dy
+};
+
+__device__ __forceinline__ float source_index(float g, int64_t size, int border, int align, float &dmult) {
+  float s = align ? (float)(size - 1) / 2.f : (float)size / 2.f;
+  float u = __fmul_rn(__fadd_rn(g, 1.0f), s);
+  if (!align) u = __fsub_rn(u, 0.5f);
+  dmult = s;
+  if (border) {
+    if (!(u > 0.f)) { u = 0.f; dmult = 0.f; }
+    else if (u >= (float)(size - 1)) { u = (float)(size - 1); dmult = 0.f; }
+  }
+  return u;
+}
+
+__device__ __forceinline__ void make_taps(float gx, float gy, const GsArgs &a, int64_t sh, int64_t sw, Taps &t) {
+  float u = source_index(gx, a.W, a.border, a.align, t.gxm);
+  float v = source_index(gy, a.H, a.border, a.align, t.gym);
+  if (!(u > -2.f && u < (float)a.W + 1.f && v > -2.f && v < (float)a.H + 1.f)) { // all taps outside, or NaN
+    t.dx = t.dy = 0.f;
+    t.x0 = t.y0 = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) { t.in[k] = false; t.w[k] = 0.f; t.off[k] = 0; }
+    return;
+  }
+  float fx = floorf(u), fy = floorf(v);
+  int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;
+  t.x0 = x0;
+  t.y0 = y0;
+  t.dx = u - fx;
+  t.dy = v - fy;
+  bool inx0 = x0 >= 0 && x0 < a.W, inx1 = x0 + 1 >= 0 && x0 + 1 < a.W;
+  bool iny0 = y0 >= 0 && y0 < a.H, iny1 = y0 + 1 >= 0 && y0 + 1 < a.H;
+  t.in[0] = inx0 && iny0;
+  t.in[1] = inx1 && iny0;
+  t.in[2] = inx0 && iny1;
+  t.in[3] = inx1 && iny1;
+  float ex = 1.f - t.dx, ey = 1.f - t.dy;
+  t.w[0] = t.in[0] ? ex * ey : 0.f;
+  t.w[1] = t.in[1] ? t.dx * ey : 0.f;
+  t.w[2] = t.in[2] ? ex * t.dy : 0.f;
+  t.w[3] = t.in[3] ? t.dx * t.dy : 0.f;
+  t.off[0] = y0 * sh + x0 * sw;
+  t.off[1] = t.off[0] + sw;
+  t.off[2] = t.off[0] + sh;
+  t.off[3] = t.off[2] + sw;
+}
+
+template <typename T>
+__device__ __forceinline__ void point_taps(const T *grid, const GsArgs &a, int64_t n, int64_t h, int64_t w,
+                                           int64_t sh, int64_t sw, Taps &t) {
+  const T *g = grid + n * a.sg[0] + h * a.sg[1] + w * a.sg[2];
+  make_taps(fa_to_f<T>(g[0]), fa_to_f<T>(g[a.sg[3]]), a, sh, sw, t);
+}
+
+// ------------------------------------------------------------------ forward
+template <typename T>
+__global__ void __launch_bounds__(256) gs_fwd(T *out, const T *in, const T *grid, GsArgs a) {
+  int64_t P = a.Ho * a.Wo;
+  int64_t np = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (np >= a.N * P) return;
+  int64_t n = np / P, p = np - n * P, h = p / a.Wo, w = p - h * a.Wo;
+  Taps t;
+  point_taps(grid, a, n, h, w, a.si[2], a.si[3], t);
+  int64_t c0 = (int64_t)blockIdx.y * a.cc, c1 = min(a.C, c0 + a.cc);
+  const T *ib = in + n * a.si[0];
+  T *ob = out + n * a.so[0] + h * a.so[2] + w * a.so[3];
+  // 4 channels at a time: 16 independent gathers in flight per thread (one at a time leaves the loop
+  // latency-bound when a thread has many channels)
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) {
+    float v[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const T *pl = ib + (c + u) * a.si[1];
+#pragma unroll
+      for (int k = 0; k < 4; k++) v[u][k] = t.in[k] ? fa_to_f<T>(pl[t.off[k]]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+      ob[(c + u) * a.so[1]] = fa_from_f<T>(t.w[0] * v[u][0] + t.w[1] * v[u][1] + t.w[2] * v[u][2] + t.w[3] * v[u][3]);
+  }
+  for (; c < c1; c++) {
+    const T *pl = ib + c * a.si[1];
+    float v = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (t.in[k]) v += t.w[k] * fa_to_f<T>(pl[t.off[k]]);
+    ob[c * a.so[1]] = fa_from_f<T>(v);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// gin: dense float32 (N, C, H, W) zeroed, or NULL; part: (chunks, N * Ho * Wo, 2) float32 or NULL
+template <typename T>
+__global__ void __launch_bounds__(256) gs_bwd(float *gin, float *part, const T *gout, const T *in, const T *grid,
+                                              GsArgs a) {
+  int64_t P = a.Ho * a.Wo, NP = a.N * P;
+  int64_t np = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (np >= NP) return;
+  int64_t n = np / P, p = np - n * P, h = p / a.Wo, w = p - h * a.Wo;
+  Taps t;
+  point_taps(grid, a, n, h, w, a.si[2], a.si[3], t);
+  // the same taps in the dense float32 gradient plane (strides W, 1)
+  int64_t doff = t.y0 * a.W + t.x0;
+  int64_t dof[4] = {doff, doff + 1, doff + a.W, doff + a.W + 1};
+  int64_t c0 = (int64_t)blockIdx.y * a.cc, c1 = min(a.C, c0 + a.cc);
+  const T *ib = in + n * a.si[0];
+  const T *gb = gout + n * a.so[0] + h * a.so[2] + w * a.so[3];
+  float ex = 1.f - t.dx, ey = 1.f - t.dy, gx = 0.f, gy = 0.f;
+  for (int64_t c = c0; c < c1; c++) {
+    float go = fa_to_f<T>(gb[c * a.so[1]]);
+    if (gin) {
+      float *gp = gin + (n * a.C + c) * a.H * a.W;
+#pragma unroll
+      for (int k = 0; k < 4; k++)
+        if (t.in[k]) atomicAdd(gp + dof[k], t.w[k] * go);
+    }
+    if (part) {
+      const T *pl = ib + c * a.si[1];
+      float v[4];
+#pragma unroll
+      for (int k = 0; k < 4; k++) v[k] = t.in[k] ? fa_to_f<T>(pl[t.off[k]]) : 0.f;
+      gx += ((v[1] - v[0]) * ey + (v[3] - v[2]) * t.dy) * go;
+      gy += ((v[2] - v[0]) * ex + (v[3] - v[1]) * t.dx) * go;
+    }
+  }
+  if (part) {
+    float *q = part + ((int64_t)blockIdx.y * NP + np) * 2;
+    q[0] = gx * t.gxm;
+    q[1] = gy * t.gym;
+  }
+}
+
+// grad_grid[n, h, w, :] = sum over chunks (in chunk order)
+template <typename T>
+__global__ void gs_grid_final(T *gg, fa_cu_geom g, const float *part, int64_t NP, int64_t Ho, int64_t Wo, int chunks) {
+  int64_t np = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (np >= NP) return;
+  float sx = 0.f, sy = 0.f;
+  for (int k = 0; k < chunks; k++) {
+    sx += part[((int64_t)k * NP + np) * 2];
+    sy += part[((int64_t)k * NP + np) * 2 + 1];
+  }
+  int64_t P = Ho * Wo, n = np / P, p = np - n * P, h = p / Wo, w = p - h * Wo;
+  int64_t o = n * g.stride[0] + h * g.stride[1] + w * g.stride[2];
+  gg[o] = fa_from_f<T>(sx);
+  gg[o + g.stride[3]] = fa_from_f<T>(sy);
+}
+
+// strided (N, C, H, W) grad_input from the dense float32 buffer
+template <typename T>
+__global__ void gs_input_final(T *gi, fa_cu_geom g, const float *src, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    gi[fa_cu_offset(g, i)] = fa_from_f<T>(src[i]);
+}
+
+static GsArgs args_of(const fa_tensor *input, const fa_tensor *grid, const fa_tensor *out, int padding, int align) {
+  GsArgs a;
+  a.N = input->shape[0];
+  a.C = input->shape[1];
+  a.H = input->shape[2];
+  a.W = input->shape[3];
+  a.Ho = grid->shape[1];
+  a.Wo = grid->shape[2];
+  for (int d = 0; d < 4; d++) {
+    a.si[d] = input->stride[d];
+    a.sg[d] = grid->stride[d];
+    a.so[d] = out->stride[d];
+  }
+  a.border = padding == FA_PAD_BORDER;
+  a.align = align != 0;
+  return a;
+}
+
+// channel chunks: enough (point, chunk) threads to fill the device (about 2048 per SM)
+static int64_t chunks_for(const GsArgs &a, int dev) {
+  int64_t NP = a.N * a.Ho * a.Wo;
+  int64_t want = ((int64_t)fa_cu_sm_count(dev) * 2048 + NP - 1) / NP;
+  if (want > a.C) want = a.C;
+  if (want > 65535) want = 65535;
+  if (want < 1) want = 1;
+  return want;
+}
+
+template <typename T>
+static int forward_t(fa_tensor *out, const fa_tensor *input, const fa_tensor *grid, int padding, int align) {
+  int dev = input->device;
+  GsArgs a = args_of(input, grid, out, padding, align);
+  int64_t NP = a.N * a.Ho * a.Wo;
+  int64_t chunks = chunks_for(a, dev);
+  a.cc = (a.C + chunks - 1) / chunks;
+  chunks = (a.C + a.cc - 1) / a.cc;
+  dim3 blocks((unsigned)((NP + 255) / 256), (unsigned)chunks);
+  gs_fwd<T><<<blocks, 256, 0, fa_cu_stream(dev)>>>((T *)out->data, (const T *)input->data, (const T *)grid->data, a);
+  return fa_cu_launch_check("fa_grid_sample_forward");
+}
+
+template <typename T>
+static int backward_t(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tensor *grad_out, const fa_tensor *input,
+                      const fa_tensor *grid, int padding, int align) {
+  static const char *fn = "fa_grid_sample_backward";
+  int dev = input->device, rc = 0;
+  cudaStream_t st = fa_cu_stream(dev);
+  GsArgs a = args_of(input, grid, grad_out, padding, align);
+  int64_t NP = a.N * a.Ho * a.Wo, nin = a.N * a.C * a.H * a.W;
+  if (grad_input && nin > 0 && (NP == 0 || a.C == 0)) { // nothing samples the input: zero gradient
+    if ((rc = fa_fill(grad_input, 0))) return rc;
+    grad_input = nullptr;
+  }
+  if (grad_input && nin == 0) grad_input = nullptr;
+  if (grad_grid && NP > 0 && a.C == 0) {
+    if ((rc = fa_fill(grad_grid, 0))) return rc;
+    grad_grid = nullptr;
+  }
+  if ((!grad_input && !grad_grid) || NP == 0) return 0;
+  int64_t chunks = chunks_for(a, dev);
+  a.cc = (a.C + chunks - 1) / chunks;
+  chunks = (a.C + a.cc - 1) / a.cc;
+  // grad_input: atomics straight into it when it is dense float32, else into a float32 buffer
+  bool direct = grad_input && grad_input->dtype == FA_FLOAT32 && fa_is_contiguous(grad_input);
+  float *gin = nullptr, *part = nullptr;
+  if (grad_input) {
+    gin = direct ? (float *)grad_input->data : (float *)fa_cu_temp_alloc(dev, nin * 4);
+    if (!gin) return FA_ERR_MEMORY;
+    rc = fa_cu_check(cudaMemsetAsync(gin, 0, (size_t)nin * 4, st), fn);
+  }
+  if (!rc && grad_grid && !(part = (float *)fa_cu_temp_alloc(dev, chunks * NP * 2 * 4))) rc = FA_ERR_MEMORY;
+  if (!rc) {
+    dim3 blocks((unsigned)((NP + 255) / 256), (unsigned)chunks);
+    gs_bwd<T><<<blocks, 256, 0, st>>>(gin, part, (const T *)grad_out->data, (const T *)input->data, (const T *)grid->data, a);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc && grad_grid) {
+    gs_grid_final<T><<<(unsigned)((NP + 255) / 256), 256, 0, st>>>((T *)grad_grid->data, fa_cu_geom_of(grad_grid), part,
+                                                                    NP, a.Ho, a.Wo, (int)chunks);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc && grad_input && !direct) {
+    gs_input_final<T><<<fa_cu_blocks(nin, 256, dev), 256, 0, st>>>((T *)grad_input->data, fa_cu_geom_of(grad_input), gin, nin);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (gin && !direct) fa_cu_temp_free(dev, gin);
+  if (part) fa_cu_temp_free(dev, part);
+  return rc;
+}
+
+} // namespace
+
+int fa_cu_grid_sample_forward(fa_tensor *out, const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners) {
+  if (fa_numel(out) == 0) return 0;
+  switch (input->dtype) {
+    case FA_FLOAT32: return forward_t<float>(out, input, grid, padding, align_corners);
+    case FA_BFLOAT16: return forward_t<__nv_bfloat16>(out, input, grid, padding, align_corners);
+    case FA_FLOAT16: return forward_t<__half>(out, input, grid, padding, align_corners);
+  }
+  return fa_error(FA_ERR_UNSUPPORTED, "fa_grid_sample_forward: dtype %s is not supported on CUDA", fa_dtype_name(input->dtype));
+}
+
+int fa_cu_grid_sample_backward(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tensor *grad_out,
+                               const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners) {
+  switch (input->dtype) {
+    case FA_FLOAT32: return backward_t<float>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
+    case FA_BFLOAT16: return backward_t<__nv_bfloat16>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
+    case FA_FLOAT16: return backward_t<__half>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
+  }
+  return fa_error(FA_ERR_UNSUPPORTED, "fa_grid_sample_backward: dtype %s is not supported on CUDA", fa_dtype_name(input->dtype));
+}
