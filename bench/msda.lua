@@ -3,7 +3,7 @@
 --   bin/fastattn bench/msda.lua                 GPU: enc/dec/tri x float32/bfloat16 x locations uniform/local
 --   bin/fastattn bench/msda.lua --cpu           CPU: reduced enc (N=1, Lq=S=5017) vs torch on the CPU, same threads
 -- options: --configs enc,dec,tri  --dtypes float32,bfloat16  --locs uniform,local  --reps 25  --sets 3
---          --variants default,gather,redundant  --peer 0 (skip torch)  --python PATH  --out FILE (markdown)
+--          --variants default,mq,qm,qmmerge,gather,redundant  --peer 0 (skip torch)  --python PATH  --out FILE (markdown)
 --          --threads N (CPU)
 --
 -- GPU timing: CUDA events around each call, the L2 flushed before every call by writing a 256 MB buffer
@@ -26,7 +26,7 @@ int clock_gettime(int clk, fa_bench_timespec *ts);
 
 ---------------------------------------------------------------------------- options
 local opt = { configs = nil, dtypes = 'float32,bfloat16', locs = 'uniform,local', reps = 25, sets = 3,
-              variants = 'default,gather,redundant', peer = '1', python = nil, out = nil, threads = nil }
+              variants = 'default,mq,qm,qmmerge,gather', peer = '1', python = nil, out = nil, threads = nil }
 local i = 1
 while i <= #arg do
   local a = arg[i]
@@ -221,6 +221,16 @@ local function bench_cpu()
 end
 
 ---------------------------------------------------------------------------- GPU
+-- kernel variants (cuda/msda.cu reads these environment variables at every call)
+local ENVS = { 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE' }
+local VARIANT_ENV = {
+  default = {},                                           -- the library's choice (cuda/msda.cu make_plan)
+  mq = { FA_MSDA_ORDER = 'mq', FA_MSDA_MERGE = '0' },     -- groups in (n, q, m) order
+  qm = { FA_MSDA_ORDER = 'qm', FA_MSDA_MERGE = '0' },     -- groups in (n, m, q) order
+  qmmerge = { FA_MSDA_ORDER = 'qm', FA_MSDA_MERGE = '1' },-- (n, m, q) + same-footprint groups add before the atomics
+  gather = { FA_MSDA_BWD = 'gather' },                    -- the deterministic backward (sort + gather)
+  redundant = { FA_MSDA_FWD = 'redundant' },              -- forward: every lane computes every footprint
+}
 local function bench_gpu()
   assert(fa.cuda.isAvailable(), 'bench/msda.lua: no GPU (use --cpu for the CPU comparison)')
   local dev = fa.cuda.deviceName()
@@ -270,9 +280,8 @@ local function bench_gpu()
           sets[k] = s
         end
         for _, var in ipairs(variants) do
-          ffi.C.unsetenv('FA_MSDA_FWD'); ffi.C.unsetenv('FA_MSDA_BWD')
-          if var == 'gather' then ffi.C.setenv('FA_MSDA_BWD', 'gather', 1) end
-          if var == 'redundant' then ffi.C.setenv('FA_MSDA_FWD', 'redundant', 1) end
+          for _, e in ipairs(ENVS) do ffi.C.unsetenv(e) end
+          for e, v in pairs(VARIANT_ENV[var] or {}) do ffi.C.setenv(e, v, 1) end
           local function fwd(s) fa.msda(s.value, shapes, lsi, s.loc, s.attn, s.o) end
           local function bwd(s) fa.msda_backward(s.grad, s.value, shapes, lsi, s.loc, s.attn, s.o) end
           local r = { config = cname, dtype = dtype, locs = locs, variant = var }
@@ -284,7 +293,7 @@ local function bench_gpu()
           io.stderr:write(string.format('%s %s %s %s: fwd %.4f bwd %.4f fwd+bwd %.4f ms\n', cname, dtype, locs, var,
             r.fwd, r.bwd, r.fb))
         end
-        ffi.C.unsetenv('FA_MSDA_FWD'); ffi.C.unsetenv('FA_MSDA_BWD')
+        for _, e in ipairs(ENVS) do ffi.C.unsetenv(e) end
         sets = nil
         collectgarbage()
       end

@@ -39,6 +39,8 @@ constexpr unsigned FULL = 0xffffffffu;
 struct Params {
   int N, Lq, M, D, L, P, LP, S;
   int border, align;
+  int qfast;                      // groups ordered (n, m, q): a block holds consecutive queries of one head
+  int merge;                      // backward: groups of a warp with the same footprint add up before the atomics
   int Sx;                         // (H+1)*(W+1) summed over levels: the key grid of one (n, m)
   int H[MAXL], W[MAXL], start[MAXL], xstart[MAXL];
 };
@@ -164,6 +166,14 @@ __device__ __forceinline__ void no_footprint(const Params &p, int n, Foot &f) {
   f.c[0] = f.c[1] = f.c[2] = f.c[3] = 0.f;
 }
 
+// the (n, q, m) row of group gi: (n, q, m) order, or (n, m, q) with qfast (neighbouring queries of one head
+// share a block and an SM, so their nearby points share L1 lines)
+__device__ __forceinline__ int group_of(const Params &p, int gi) {
+  if (!p.qfast) return gi;
+  const int q = gi % p.Lq, t = gi / p.Lq;
+  return (t / p.M * p.Lq + q) * p.M + t % p.M;
+}
+
 // ------------------------------------------------------------------------------------------------ forward
 // grid (ceil(groups*TPG/THREADS), chunks); channel chunk blockIdx.y covers TPG*VEC channels.
 // BCAST: footprints computed once per point and shuffled to the group (else every lane recomputes them).
@@ -174,7 +184,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const
   const int lane = threadIdx.x % TPG;
   const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
   const bool active = gid < groups;
-  const int g = active ? gid : groups - 1;  // idle lanes stay in bounds and in the shuffles
+  const int g = group_of(p, active ? gid : groups - 1);  // idle lanes stay in bounds and in the shuffles
   const int m = g % p.M, n = g / (p.M * p.Lq);
   const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
   const bool chan = c < p.D;
@@ -248,18 +258,48 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
   const int lane = threadIdx.x % TPG;
   const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
   const bool active = gid < groups;
-  const int g = active ? gid : groups - 1;
+  const int g = group_of(p, active ? gid : groups - 1);
   const int m = g % p.M, n = g / (p.M * p.Lq);
-  const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
+  const int c0 = blockIdx.y * (TPG * VEC), c = c0 + lane * VEC;
   const bool chan = c < p.D;
   const int64_t MD = (int64_t)p.M * p.D;
   const int64_t coff = (int64_t)m * p.D + (chan ? c : 0);
+  const int64_t roff = (int64_t)m * p.D + c0;  // row offset of the chunk (scatter addresses)
+  const int wl = threadIdx.x % 32;
   const int i0 = g * p.LP;
   float go[VEC];
   if (chan) load_vec<T, VEC>(go, gout + (int64_t)g * p.D + c);
   else
 #pragma unroll
     for (int i = 0; i < VEC; i++) go[i] = 0.f;
+  // grad_out in the layout of the scatter: segments of 4 channels contiguous across the group's lanes, so a
+  // red.v4 instruction of the group covers whole 32-byte sectors. With 8 channels per lane (16-bit) lane j
+  // scatters channels [4j, 4j+4) and [4*TPG + 4j, 4*TPG + 4j + 4): fetched from their owners by shuffles.
+  constexpr int NSEG = VEC == 8 ? 2 : 1, SEGW = VEC / NSEG;
+  float sgo[VEC];
+  int segoff[NSEG];
+  bool segok[NSEG];
+  if constexpr (VEC == 8) {
+#pragma unroll
+    for (int sg = 0; sg < 2; sg++) {
+      const int ch = sg * 4 * TPG + 4 * lane, src = ch >> 3;
+      const bool hi = (ch & 4) != 0;
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float lo_v = __shfl_sync(FULL, go[e], src, TPG), hi_v = __shfl_sync(FULL, go[4 + e], src, TPG);
+        sgo[sg * 4 + e] = hi ? hi_v : lo_v;
+      }
+      segoff[sg] = ch;
+      segok[sg] = c0 + ch < p.D;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i++) sgo[i] = go[i];
+    segoff[0] = lane * VEC;
+    segok[0] = chan;
+  }
+  // merge steps: partner groups at lane distance TPG, 2*TPG, ... < 32
+  constexpr int NSTEP = TPG >= 32 ? 0 : TPG == 16 ? 1 : TPG == 8 ? 2 : TPG == 4 ? 3 : TPG == 2 ? 4 : 5;
 
   for (int s0 = 0; s0 < p.LP; s0 += R) {
     // the owner lane (lane < R) of point s0 + lane computes its footprint and keeps what the point
@@ -292,11 +332,11 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
 #pragma unroll
         for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
         // a point with attention 0 still has an attention gradient: skip only points that touch nothing
-        if (chan && (f.step & 15)) {
+        if (points && chan && (f.step & 15)) {
           const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
           const int64_t off[4] = {0, d01, d10, d10 + d01};
           const int64_t base = (int64_t)f.pix * MD + coff;
-          if (points) {
+          {
 #pragma unroll
             for (int k = 0; k < 4; k++) {
               float v[VEC];
@@ -307,14 +347,52 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
               dot[j][k] = d;
             }
           }
-          if (scatter && active) {
+        }
+        if (scatter) {
+          // outside the divergent branch: the merge shuffles need the whole warp
+          bool alive = active && (f.step & 15) != 0;
+          bool mt[NSTEP > 0 ? NSTEP : 1], any[NSTEP > 0 ? NSTEP : 1];
+          if (p.merge) {
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-              if (f.c[k] == 0.f) continue;
-              float u[VEC];
+            for (int t = 0; t < NSTEP; t++) {
+              const int d = TPG << t;
+              const int opix = __shfl_xor_sync(FULL, f.pix, d), ostep = __shfl_xor_sync(FULL, f.step, d);
+              const int oalive = __shfl_xor_sync(FULL, (int)alive, d), om = __shfl_xor_sync(FULL, m, d);
+              mt[t] = alive && oalive && opix == f.pix && ostep == f.step && om == m;
+              any[t] = __any_sync(FULL, mt[t]);
+              if (mt[t] && (wl & d)) alive = false;  // the upper group hands its share to the lower one
+            }
+          }
+          const int64_t rb = (int64_t)f.pix * MD + roff;
+          const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
+          const int64_t off[4] = {0, d01, d10, d10 + d01};
 #pragma unroll
-              for (int i = 0; i < VEC; i++) u[i] = f.c[k] * go[i];
-              red_add<VEC>(gv32 + base + off[k], u);
+          for (int k = 0; k < 4; k++) {
+            float u[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; i++) u[i] = f.c[k] * sgo[i];
+            if (p.merge) {
+#pragma unroll
+              for (int t = 0; t < NSTEP; t++) {
+                if (!any[t]) continue;  // uniform over the warp
+                const int d = TPG << t;
+#pragma unroll
+                for (int i = 0; i < VEC; i++) {
+                  const float o = __shfl_xor_sync(FULL, u[i], d);
+                  if (mt[t] && !(wl & d)) u[i] += o;
+                }
+              }
+            }
+            const bool need = p.merge ? ((f.step >> k) & 1) != 0 : f.c[k] != 0.f;
+            if (alive && need) {
+#pragma unroll
+              for (int sg = 0; sg < NSEG; sg++) {
+                if (!segok[sg]) continue;
+                float w[SEGW];
+#pragma unroll
+                for (int i = 0; i < SEGW; i++) w[i] = u[sg * SEGW + i];
+                red_add<SEGW>(gv32 + rb + off[k] + segoff[sg], w);
+              }
             }
           }
         }
@@ -449,9 +527,14 @@ struct Plan {
   int64_t npts;
 };
 
+static bool env_is(const char *name, const char *value) {
+  const char *e = getenv(name);
+  return e && !strcmp(e, value);
+}
+
 // vector width: 16 bytes when D and every pointer allow it, else 1 (then 32 lanes per group)
 static int make_plan(const char *fn, Plan &pl, const fa_tensor *value, const fa_tensor *shapes, const fa_tensor *lsi,
-                     const fa_tensor *loc, const fa_msda_opts *opts, const void *const *ptrs, int nptrs) {
+                     const fa_tensor *loc, const fa_msda_opts *opts, const void *const *ptrs, int nptrs, bool backward) {
   Params &p = pl.p;
   memset(&p, 0, sizeof p);
   const int64_t N = value->shape[0], S = value->shape[1], M = value->shape[2], D = value->shape[3];
@@ -479,6 +562,19 @@ static int make_plan(const char *fn, Plan &pl, const fa_tensor *value, const fa_
   p.N = (int)N; p.S = (int)S; p.M = (int)M; p.D = (int)D; p.L = (int)L; p.Lq = (int)Lq; p.P = (int)P;
   p.LP = (int)(L * P);
   p.Sx = (int)Sx;
+  // Group order and warp merge (measured on the H100, bench/MSDA_NOTES.md): the forward is fastest with
+  // (n, m, q) order everywhere (a block's queries share one head's value column in L1). The backward gains
+  // from (n, m, q) order plus the warp merge when the queries are the value's own pixels (Lq == S, encoder
+  // self-attention: neighbouring queries sample neighbouring cells); otherwise (n, q, m) order is faster
+  // (the atomics of concurrent blocks spread over every head's columns, hence over more L2 slices).
+  // FA_MSDA_ORDER=mq|qm and FA_MSDA_MERGE=0|1 override (bench and spec variants).
+  const bool self = Lq == S;
+  p.qfast = backward ? self : 1;
+  p.merge = backward ? self : 0;
+  if (env_is("FA_MSDA_ORDER", "mq")) p.qfast = 0;
+  if (env_is("FA_MSDA_ORDER", "qm")) p.qfast = 1;
+  if (env_is("FA_MSDA_MERGE", "1")) p.merge = 1;
+  if (env_is("FA_MSDA_MERGE", "0")) p.merge = 0;
   p.border = opts ? opts->padding == FA_PAD_BORDER : 0;
   p.align = opts ? opts->align_corners != 0 : 0;
   const int es = fa_dtype_size(value->dtype), maxvec = 16 / es;
@@ -499,10 +595,6 @@ static dim3 grid_of(const Plan &pl, int64_t groups) {
   return dim3((unsigned)((groups * pl.tpg + THREADS - 1) / THREADS), (unsigned)pl.chunks);
 }
 
-static bool env_is(const char *name, const char *value) {
-  const char *e = getenv(name);
-  return e && !strcmp(e, value);
-}
 
 // dispatch on the group width (a compile-time constant)
 #define MSDA_TPG_SWITCH(tpg, ...)                                     \
@@ -560,7 +652,7 @@ static void launch_gather(const Plan &pl, cudaStream_t st, T *gv, const unsigned
 // temporaries freed on every exit path
 struct Temps {
   int dev;
-  void *p[8] = {nullptr};
+  void *p[16] = {nullptr};
   int n = 0;
   explicit Temps(int d) : dev(d) {}
   ~Temps() { for (int i = 0; i < n; i++) fa_cu_temp_free(dev, p[i]); }
@@ -656,7 +748,7 @@ int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *
   static const char *fn = "fa_msda_forward";
   Plan pl;
   const void *ptrs[2] = {value->data, out->data};
-  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 2);
+  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 2, false);
   if (rc) return rc;
   cudaStream_t st = fa_cu_stream(value->device);
   if (pl.npts == 0 || pl.p.D == 0)  // no points (L or P = 0): zeros
@@ -680,7 +772,7 @@ int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_location
   if (!gv && !gl && !ga) return 0;
   Plan pl;
   const void *ptrs[3] = {value->data, grad_out->data, gv ? gv->data : nullptr};
-  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 3);
+  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 3, true);
   if (rc) return rc;
   const int dev = value->device;
   cudaStream_t st = fa_cu_stream(dev);

@@ -60,8 +60,13 @@ end
 local TOL = { float32 = 2e-5, bfloat16 = 1e-2, float16 = 2e-3 }
 
 -- runs the GPU op (dtype) and the float64 CPU op on the same rounded inputs; compares everything
-local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants)
+local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants, clustered)
   local value, loc, attn, gout = random_case(N, Lq, M, D, shapes, P, opts)
+  if clustered then -- every query and head samples where query 1, head 1 does: the warp merge path runs (and
+    -- must not merge different heads, whose grad_value rows differ)
+    local q1 = loc:narrow(2, 1, 1):narrow(3, 1, 1):contiguous()
+    loc = q1:expand(N, Lq, M, #shapes, P, 2):contiguous()
+  end
   local v16, g16 = value:to(dtype), gout:to(dtype)
   local ref_out = fa.msda(v16:double(), shapes, nil, loc:double(), attn:double(), opts)
   local rgv, rgl, rga = fa.msda_backward(g16:double(), v16:double(), shapes, nil, loc:double(), attn:double(), opts)
@@ -71,8 +76,10 @@ local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants)
     local o = {}
     for k, v in pairs(opts) do o[k] = v end
     o.deterministic = var.det
-    if var.fwd then ffi.C.setenv('FA_MSDA_FWD', var.fwd, 1) else ffi.C.unsetenv('FA_MSDA_FWD') end
-    if var.bwd then ffi.C.setenv('FA_MSDA_BWD', var.bwd, 1) else ffi.C.unsetenv('FA_MSDA_BWD') end
+    for env, val in pairs({ FA_MSDA_FWD = var.fwd, FA_MSDA_BWD = var.bwd, FA_MSDA_ORDER = var.order,
+                            FA_MSDA_MERGE = var.merge }) do
+      ffi.C.setenv(env, val, 1)
+    end
     -- poisoned outputs: every element must be written
     o.out = fa.full({ N, Lq, M * D }, 0 / 0, { dtype = dtype, device = 'cuda' })
     o.grad_value = fa.full(vc:size(), 0 / 0, { dtype = dtype, device = 'cuda' })
@@ -80,8 +87,7 @@ local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants)
     o.grad_attention_weights = fa.full(ac:size(), 0 / 0, { dtype = 'float32', device = 'cuda' })
     local out = fa.msda(vc, shapes, nil, lc, ac, o)
     local gv, gl, ga = fa.msda_backward(gc, vc, shapes, nil, lc, ac, o)
-    ffi.C.unsetenv('FA_MSDA_FWD')
-    ffi.C.unsetenv('FA_MSDA_BWD')
+    for _, env in ipairs({ 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE' }) do ffi.C.unsetenv(env) end
     local what = string.format('%s %s [%s]', name, dtype, var.name)
     assert.are.equal(dtype, out:dtype())
     assert.are.equal(dtype, gv:dtype())
@@ -94,10 +100,14 @@ local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants)
 end
 
 local VARIANTS = {
-  { name = 'atomic' },
+  { name = 'default' },
   { name = 'deterministic', det = true },
   { name = 'gather env', bwd = 'gather' },
   { name = 'redundant fwd', fwd = 'redundant' },
+  { name = '(n,q,m) order', order = 'mq', merge = '0' },
+  { name = '(n,m,q) order', order = 'qm', merge = '0' },
+  { name = 'warp merge, (n,m,q) order', merge = '1', order = 'qm' },
+  { name = 'warp merge, (n,q,m) order', merge = '1', order = 'mq' },
 }
 
 describe('fa.msda on CUDA #gpu', function()
@@ -130,6 +140,19 @@ describe('fa.msda on CUDA #gpu', function()
     it('matches the CPU on an encoder-like shape (many points per pixel): ' .. dtype, function()
       fa.manualSeed(3)
       check_case('enc-like', dtype, 2, 300, 8, 32, { { 20, 30 }, { 10, 15 }, { 5, 8 }, { 3, 4 } }, 4, {}, VARIANTS)
+    end)
+    it('matches the CPU when the queries are the value pixels (Lq = S, encoder self-attention): ' .. dtype, function()
+      fa.manualSeed(5)
+      check_case('self', dtype, 2, 36, 4, 32, { { 5, 6 }, { 2, 3 } }, 4, {}, VARIANTS)
+      check_case('self clustered', dtype, 1, 36, 2, 16, { { 5, 6 }, { 2, 3 } }, 2, {}, VARIANTS, true)
+    end)
+    it('matches the CPU when queries share their sampling locations (atomics merged in the warp): ' .. dtype, function()
+      fa.manualSeed(4)
+      for _, D in ipairs({ 32, 8, 64 }) do
+        check_case('clustered D' .. D, dtype, 2, 45, 3, D, { { 6, 7 }, { 2, 3 }, { 1, 1 } }, 3, {}, VARIANTS, true)
+        check_case('clustered border D' .. D, dtype, 1, 33, 2, D, { { 6, 7 }, { 2, 3 } }, 2,
+          { padding = 'border', align_corners = true }, VARIANTS, true)
+      end
     end)
   end
 
