@@ -27,7 +27,7 @@ LIB := build/libfastattn.so
 BUSTED := busted
 DEPS_PKGS := luajit libluajit-5.1-dev lua-busted libopenblas-dev rlwrap
 
-.PHONY: all deps test test-gpu demo bench bench-cpu repl install clean fixtures
+.PHONY: all deps test test-gpu demo demo-convnet bench bench-cpu repl install clean fixtures
 all: $(LIB)
 
 $(LIB): $(C_OBJ) $(CU_OBJ)
@@ -61,7 +61,12 @@ test-gpu:
 	$(MAKE) -j$(NPROC) all
 	$(BUSTED) spec
 
+# the default example: a small Deformable-DETR-style model (MSDA encoder) on synthetic blobs
 demo: deps
+	$(MAKE) -j$(NPROC) all
+	bin/fastattn examples/train_msda.lua
+
+demo-convnet: deps
 	$(MAKE) -j$(NPROC) all
 	bin/fastattn examples/train_convnet.lua
 

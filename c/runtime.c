@@ -77,13 +77,16 @@ void fa_storage_release(fa_storage *s) {
 }
 
 /* ------------------------------------------------------------------ threads */
+/* OpenBLAS keeps its own pool (one thread per core by default): keep it at the same count, so that
+ * fa.setNumThreads(n) bounds every CPU kernel and benchmarks compare like with like. */
+void openblas_set_num_threads(int n);
+
 void fa_set_num_threads(int n) {
-#ifdef _OPENMP
   if (n < 1) n = 1;
+#ifdef _OPENMP
   omp_set_num_threads(n);
-#else
-  (void)n;
 #endif
+  openblas_set_num_threads(n);
 }
 int fa_get_num_threads(void) {
 #ifdef _OPENMP

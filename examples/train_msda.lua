@@ -319,7 +319,7 @@ function Loss:backward(out, tg)
 end
 
 ---------------------------------------------------------------------------- helpers
-local now = fa.clock or os.clock -- monotonic wall-clock seconds
+local now = fa.clock -- monotonic wall-clock seconds
 M.now = now
 
 local function batchOnDevice(o, n)
