@@ -21,7 +21,7 @@ ffi.cdef [[
 int setenv(const char *name, const char *value, int overwrite);
 int unsetenv(const char *name);
 typedef struct { long tv_sec; long tv_nsec; } fa_bench_timespec;
-int clock_gettime(int clk, fa_bench_timespec *ts);
+int fa_bench_clock_gettime(int clk, fa_bench_timespec *ts) __asm__("clock_gettime");
 ]]
 
 ---------------------------------------------------------------------------- options
@@ -142,7 +142,7 @@ end
 
 local function now_ms()
   local ts = ffi.new('fa_bench_timespec')
-  ffi.C.clock_gettime(1, ts)
+  ffi.C.fa_bench_clock_gettime(1, ts)
   return tonumber(ts.tv_sec) * 1e3 + tonumber(ts.tv_nsec) * 1e-6
 end
 
