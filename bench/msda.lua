@@ -17,12 +17,9 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 
-ffi.cdef [[
-int setenv(const char *name, const char *value, int overwrite);
-int unsetenv(const char *name);
-typedef struct { long tv_sec; long tv_nsec; } fa_bench_timespec;
-int fa_bench_clock_gettime(int clk, fa_bench_timespec *ts) __asm__("clock_gettime");
-]]
+-- (pcall: another module may have declared them already)
+pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite);')
+pcall(ffi.cdef, 'int unsetenv(const char *name);')
 
 ---------------------------------------------------------------------------- options
 local opt = { configs = nil, dtypes = 'float32,bfloat16', locs = 'uniform,local', reps = 25, sets = 3,
@@ -140,11 +137,7 @@ local function median(t)
   return s[math.floor((#s + 1) / 2)]
 end
 
-local function now_ms()
-  local ts = ffi.new('fa_bench_timespec')
-  ffi.C.fa_bench_clock_gettime(1, ts)
-  return tonumber(ts.tv_sec) * 1e3 + tonumber(ts.tv_nsec) * 1e-6
-end
+local function now_ms() return fa.clock() * 1e3 end
 
 ---------------------------------------------------------------------------- the torch peer
 local function find_python()

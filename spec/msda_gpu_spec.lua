@@ -6,10 +6,9 @@ local ffi = require 'ffi'
 local fa = require 'fastattn'
 local H = require 'helpers.check'
 
-ffi.cdef [[
-int setenv(const char *name, const char *value, int overwrite);
-int unsetenv(const char *name);
-]]
+-- (pcall: another module may have declared them already)
+pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite);')
+pcall(ffi.cdef, 'int unsetenv(const char *name);')
 
 local has_gpu = fa.cuda.isAvailable()
 
