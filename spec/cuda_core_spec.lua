@@ -239,6 +239,26 @@ describe('fa.cuda copies and casts #gpu', function()
     assert.are.equal(0, yg:get(1))
     assert.are.equal(0, yg:get(1009))
   end)
+  git('transposes and permutes made contiguous match the CPU for every element size', function()
+    for _, d in ipairs({ 'float32', 'bfloat16', 'float64', 'bool', 'int32' }) do
+      local x = values(37 * 1009):view(37, 1009):to(d)
+      local xg = x:cuda()
+      exact(xg:t():contiguous():cpu(), x:t():contiguous(), 't() ' .. d)
+      exact(xg:narrow(2, 3, 1000):t():contiguous():cpu(), x:narrow(2, 3, 1000):t():contiguous(), 'narrowed t() ' .. d)
+      local y = values(5 * 33 * 65):view(5, 33, 65):to(d)
+      local yg = y:cuda()
+      exact(yg:permute(1, 3, 2):contiguous():cpu(), y:permute(1, 3, 2):contiguous(), 'batched permute ' .. d)
+      exact(yg:permute(3, 1, 2):contiguous():cpu(), y:permute(3, 1, 2):contiguous(), 'permute (3, 1, 2) ' .. d)
+      local z = values(2 * 3 * 40 * 50):view(2, 3, 40, 50):to(d)
+      exact(z:cuda():permute(1, 4, 2, 3):contiguous():cpu(), z:permute(1, 4, 2, 3):contiguous(), '4-D permute ' .. d)
+      -- into a strided destination with a unit last stride
+      local g = fa.zeros(1009, 40, { dtype = d, device = 'cuda' })
+      g:narrow(2, 2, 37):copy(xg:t())
+      local c = fa.zeros(1009, 40, d)
+      c:narrow(2, 2, 37):copy(x:t())
+      exact(g:cpu(), c, 'into a narrowed destination ' .. d)
+    end
+  end)
   git('moves 3x1000003 elements both ways', function()
     local x = fa.randn(3, 1000003)
     local xg = x:cuda()
@@ -515,6 +535,27 @@ describe('fa.cuda reductions #gpu', function()
     end)
   end
 
+  for _, dt in ipairs(FLOATS) do
+    git('reductions of narrowed rows (unaligned starts) against the CPU (' .. dt .. ')', function()
+      local rel = dt == 'float32' and 1e-5 or ULP16[dt]
+      for _, c in ipairs({ { 3, 1009, 2, 1000 }, { 5, 100003, 3, 99999 }, { 7, 64, 2, 61 }, { 9, 300, 4, 293 } }) do
+        local x = q(fa.randn(c[1], c[2]), dt)
+        local xn, xgn = x:narrow(2, c[3], c[4]), up(x, dt):narrow(2, c[3], c[4])
+        local what = string.format('%dx%d narrowed to %d from %d', c[1], c[2], c[4], c[3])
+        check_sum(xgn:sum(2), ref(xn:sum(2), dt), xn:abs():double():sum(2), rel, 'sum ' .. what)
+        local m, i = xgn:max(2)
+        local mc, ic = xn:max(2)
+        exact(m, mc, 'max ' .. what)
+        exact(i, ic, 'max idx ' .. what)
+        exact(xgn:argmax(2), xn:argmax(2), 'argmax ' .. what)
+        local row, rowg = xn:select(1, 2), xgn:select(1, 2) -- one row: dim -1 on a contiguous, unaligned view
+        local want = ref(fa.tensor({ row:sum() }), dt):item()
+        assert.is_true(math.abs(rowg:sum() - want) <= rel * row:abs():sum(), 'sum all ' .. what)
+        assert.are.equal(row:argmax(), rowg:argmax())
+      end
+    end)
+  end
+
   git('max picks the first maximum and NaN, as the CPU', function()
     local x = fa.tensor({ { 1, 5, 5, 2 }, { 0 / 0, 3, 0 / 0, 9 }, { -1, -1, -1, -1 } })
     for _, dt in ipairs(FLOATS) do
@@ -666,6 +707,33 @@ describe('fa.cuda matmul and linear #gpu', function()
     fa.cuda.allowTF32(false)
     H.assert_close(t, want, 2e-2, 0.2, 'tf32 (10-bit mantissa inputs)')
     H.assert_close(ag:matmul(bg), want, 1e-5, 1e-4, 'fp32 again after TF32 off')
+  end)
+
+  git('linear forward with bias at larger sizes, TF32 on and off, aligned and unaligned bias', function()
+    local x, w, b = fa.randn(2048, 256), fa.randn(384, 256), fa.randn(384)
+    local want = fa.empty(2048, 384)
+    fa.check(cc('fa_linear_forward', want, x, w, b))
+    local xg, wg, bg = x:cuda(), w:cuda(), b:cuda()
+    local out = fa.empty(2048, 384, { device = 'cuda' })
+    fa.check(cc('fa_linear_forward', out, xg, wg, bg))
+    H.assert_close(out, want, 1e-5, 1e-3, 'fp32')
+    fa.cuda.allowTF32(true)
+    fa.check(cc('fa_linear_forward', out, xg, wg, bg))
+    fa.cuda.allowTF32(false)
+    H.assert_close(out, want, 2e-2, 0.15, 'tf32')
+    fa.check(cc('fa_linear_forward', out, xg, wg, bg))
+    H.assert_close(out, want, 1e-5, 1e-3, 'fp32 again')
+    local xb, wb, bb = q(x, 'bfloat16'), q(w, 'bfloat16'), q(b, 'bfloat16')
+    fa.check(cc('fa_linear_forward', want, xb, wb, bb))
+    local outb = fa.empty(2048, 384, { dtype = 'bfloat16', device = 'cuda' })
+    fa.check(cc('fa_linear_forward', outb, up(xb, 'bfloat16'), up(wb, 'bfloat16'), up(bb, 'bfloat16')))
+    H.assert_close(outb, ref(want, 'bfloat16'), ULP16.bfloat16, 1e-3, 'bf16')
+    -- a bias that is not 16-byte aligned (a narrowed view): same numbers
+    local b2 = fa.randn(385)
+    fa.check(cc('fa_linear_forward', want, x, w, b2:narrow(1, 2, 384)))
+    local b2g = b2:cuda()
+    fa.check(cc('fa_linear_forward', out, xg, wg, b2g:narrow(1, 2, 384)))
+    H.assert_close(out, want, 1e-5, 1e-3, 'unaligned bias')
   end)
 
   for _, dt in ipairs(FLOATS) do
