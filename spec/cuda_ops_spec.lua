@@ -224,7 +224,8 @@ describe('CUDA kernels against the CPU #gpu', function()
           local gw64, gwg, gb64, gbg
           if wr then gw64, gwg = rand({ n }, dt) end
           if br then gb64, gbg = rand({ n }, dt) end
-          call('fa_layernorm_backward', gx64.desc, d(gw64), d(gb64), gr.desc, xr.desc, m:to('float64', 'cpu').desc, r:to('float64', 'cpu').desc, d(wr), n)
+          local m64, r64 = m:to('float64', 'cpu'), r:to('float64', 'cpu') -- locals keep the temporaries alive
+          call('fa_layernorm_backward', gx64.desc, d(gw64), d(gb64), gr.desc, xr.desc, m64.desc, r64.desc, d(wr), n)
           local gx = gpu_out(shape, dt, strided)
           call('fa_layernorm_backward', gx.desc, d(gwg), d(gbg), gg.desc, xg.desc, m.desc, r.desc, d(wg), n)
           close(gx, gx64, TOL[dt], 'grad_x')
@@ -267,7 +268,8 @@ describe('CUDA kernels against the CPU #gpu', function()
           same(y, y_c, 'out')
           local _, gg = rand(shape, 'float32')
           local gx_c = fa.empty(shape, 'float32')
-          call('fa_dropout_backward', gx_c.desc, gg:cpu().desc, m_c.desc, p)
+          local gg_c = gg:cpu()
+          call('fa_dropout_backward', gx_c.desc, gg_c.desc, m_c.desc, p)
           local gx = gpu_out(shape, 'float32')
           call('fa_dropout_backward', gx.desc, gg.desc, m.desc, p)
           same(gx, gx_c, 'grad_x')

@@ -347,7 +347,8 @@ function MSDeformAttn:updateOutput(input)
       self._onesRow = ones
     end
     local keep = buffer(self, '_keep', { N, S, self.d_model }, q)
-    fa.check(C.fa_matmul_forward(keep:view(N * S, self.d_model).desc, keep1.desc, ones.desc, 0, 0, 1, 0))
+    local keep2 = keep:view(N * S, self.d_model) -- a local: a `.desc` of a temporary would not keep it alive
+    fa.check(C.fa_matmul_forward(keep2.desc, keep1.desc, ones.desc, 0, 0, 1, 0))
     fa.check(C.fa_binary_forward(MUL, value.desc, value.desc, keep.desc, 1))
   end
   self._masked = mask ~= nil
@@ -377,7 +378,8 @@ function MSDeformAttn:updateOutput(input)
   end
   self._scale = scale
   local loc = buffer(self, '_loc', { N, Lq, M, L, P, 2 }, q)
-  fa.check(C.fa_addcmul_forward(loc:view(rows, cols).desc, rxy.desc, off:view(rows, cols).desc, scale.desc, 1))
+  local loc2, off2 = loc:view(rows, cols), off:view(rows, cols)
+  fa.check(C.fa_addcmul_forward(loc2.desc, rxy.desc, off2.desc, scale.desc, 1))
 
   -- core, then output_proj
   local core = buffer(self, '_core', { N, Lq, M * D }, q)
@@ -430,7 +432,8 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
   fa.check(C.fa_matmul_forward(gRef2.desc, gLoc2.desc, sel.xy.desc, 0, 1, 1, 0))
   if nref == 4 then
     local t = buffer(self, '_gTmp', { rows, cols }, q)
-    fa.check(C.fa_binary_forward(MUL, t.desc, gLoc2.desc, self.sampling_offsets.output:view(rows, cols).desc, 1))
+    local off2 = self.sampling_offsets.output:view(rows, cols)
+    fa.check(C.fa_binary_forward(MUL, t.desc, gLoc2.desc, off2.desc, 1))
     fa.check(C.fa_matmul_forward(gRef2.desc, t.desc, sel.wh.desc, 0, 1, 1, 1))
   end
 
@@ -444,7 +447,8 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
   local gVal = gV:view(N, S, self.d_model)
   if self._masked then
     gVal = buffer(self, '_gValMasked', { N, S, self.d_model }, q)
-    fa.check(C.fa_binary_forward(MUL, gVal.desc, gV:view(N, S, self.d_model).desc, self._keep.desc, 1))
+    local gV3 = gV:view(N, S, self.d_model)
+    fa.check(C.fa_binary_forward(MUL, gVal.desc, gV3.desc, self._keep.desc, 1))
   end
   self._gValProj = gVal
   local gX = child(self.value_proj, x, gVal)
