@@ -77,8 +77,8 @@ void fa_storage_release(fa_storage *s) {
 }
 
 /* ------------------------------------------------------------------ threads */
-/* OpenBLAS keeps its own pool (one thread per core by default): keep it at the same count, so that
- * fa.setNumThreads(n) bounds every CPU kernel and benchmarks compare like with like. */
+/* One thread pool: OpenMP's. OpenBLAS runs single-threaded (its own pool would fight OpenMP's spinning
+ * workers for the cores); c/matmul.c splits large products over OpenMP's threads instead. */
 void openblas_set_num_threads(int n);
 
 void fa_set_num_threads(int n) {
@@ -86,7 +86,7 @@ void fa_set_num_threads(int n) {
 #ifdef _OPENMP
   omp_set_num_threads(n);
 #endif
-  openblas_set_num_threads(n);
+  openblas_set_num_threads(1);
 }
 int fa_get_num_threads(void) {
 #ifdef _OPENMP
