@@ -257,8 +257,65 @@ struct Dw {
 // stride. Each tap's (weight, offset in the planes) pair sits after the patch. The patch is loaded row by row,
 // a warp per row and NQ 32-column chunks per lane, 4 rows at a time: no index division, 4 * NQ loads in
 // flight per thread (at batch 1 a block is often all an SM has, so latency decides).
+// NQ == 0: 16-byte loads instead (x rows contiguous and 16-byte aligned, W a multiple of V = 16 / sizeof(T),
+// V a multiple of sw; checked by the host): the patch's in-image part is read as aligned V-element chunks,
+// (row, chunk) pairs spread over the block with DWV_U loads in flight per thread, so a 64-column fp32 plane
+// is one round trip instead of three; element j of a chunk lands in phase plane (j + pw) % sw. The cells
+// outside the image (padding) are zeroed separately.
+enum { DWV_U = 4 };
+template <typename T>
+__device__ __forceinline__ void dw_load_patch_vec(float *patch, const T *xp, const Conv &g, const Dw &d, int ih0, int iw0, int tx0) {
+  constexpr int V = 16 / sizeof(T);
+  const int plane_words = d.PH * d.RQ, PW = d.PW, PH = d.PH;
+  // patch rows [ra, rb) and columns [qa, qb) are inside the image
+  const int ra = min(PH, max(0, -ih0)), rb = max(ra, min(PH, (int)g.H - ih0));
+  const int qa = min(PW, max(0, -iw0)), qb = max(qa, min(PW, (int)g.W - iw0));
+  const int nzr = PH - (rb - ra), npad = PW - (qb - qa);
+  for (int e = threadIdx.x; e < nzr * PW; e += blockDim.x) { // whole rows outside the image
+    int k = e / PW, q = e - k * PW, r = k < ra ? k : rb + (k - ra);
+    patch[(q % g.sw) * plane_words + r * d.RQ + q / g.sw] = 0.f;
+  }
+  for (int e = threadIdx.x; e < (rb - ra) * npad; e += blockDim.x) { // padding columns of the rows inside
+    int k = e / npad, j = e - k * npad, q = j < qa ? j : qb + (j - qa);
+    patch[(q % g.sw) * plane_words + (ra + k) * d.RQ + q / g.sw] = 0.f;
+  }
+  if (qb <= qa || rb <= ra) return;
+  // image columns [a, b) = chunks m0 .. m1 (each chunk lies inside the row: W % V == 0)
+  const int a = iw0 + qa, b = iw0 + qb, m0 = a / V, nch = (b - 1) / V - m0 + 1;
+  // patch column of element j of chunk m: q = V m + j - iw0 = sw (V/sw m - tx0) + (j + pw)
+  int jo[V];
+#pragma unroll
+  for (int j = 0; j < V; j++) jo[j] = ((j + g.pw) % g.sw) * plane_words + (j + g.pw) / g.sw - tx0;
+  const int vs = V / g.sw, items = (rb - ra) * nch;
+  for (int i0 = threadIdx.x; i0 < items; i0 += DWV_U * blockDim.x) {
+    uint4 v[DWV_U];
+    int rr[DWV_U], mm[DWV_U];
+#pragma unroll
+    for (int u = 0; u < DWV_U; u++) {
+      int it = i0 + u * blockDim.x;
+      rr[u] = -1;
+      if (it < items) {
+        int k = it / nch;
+        rr[u] = ra + k;
+        mm[u] = m0 + (it - k * nch);
+        v[u] = *reinterpret_cast<const uint4 *>(xp + (int64_t)(ih0 + rr[u]) * g.xs[2] + (int64_t)mm[u] * V);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DWV_U; u++) {
+      if (rr[u] < 0) continue;
+      const T *e = reinterpret_cast<const T *>(&v[u]);
+      float *pr = patch + rr[u] * d.RQ + vs * mm[u];
+      const int iwc = mm[u] * V;
+#pragma unroll
+      for (int j = 0; j < V; j++)
+        if (iwc + j >= a && iwc + j < b) pr[jo[j]] = fa_to_f<T>(e[j]);
+    }
+  }
+}
+
 template <typename T, int NQ>
-__global__ void __launch_bounds__(256) dw_fwd_tiled(T *out, const T *x, const T *w, const T *bias, Conv g, Dw d) {
+__global__ void __launch_bounds__(256, NQ == 0 ? 5 : 1) dw_fwd_tiled(T *out, const T *x, const T *w, const T *bias, Conv g, Dw d) {
   extern __shared__ float sm[];
   const int plane_words = d.PH * d.RQ;
   float *patch = sm;
@@ -273,36 +330,41 @@ __global__ void __launch_bounds__(256) dw_fwd_tiled(T *out, const T *x, const T 
     int off = (cq % g.sw) * plane_words + i * g.dh * d.RQ + cq / g.sw;
     taps[t] = make_float2(fa_to_f<T>(w[(int64_t)o * g.kk + t]), __int_as_float(off));
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int sidx[NQ];
+  if (NQ == 0) {
+    dw_load_patch_vec<T>(patch, xp, g, d, ih0, iw0, tx0);
+  } else {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    constexpr int NQS = NQ > 0 ? NQ : 1;
+    int sidx[NQS];
 #pragma unroll
-  for (int k = 0; k < NQ; k++) {
-    int q = lane + 32 * k;
-    sidx[k] = (q % g.sw) * plane_words + q / g.sw;
-  }
-  for (int r0 = warp; r0 < d.PH; r0 += 4 * nw) {
-    float v[4][NQ];
+    for (int k = 0; k < NQ; k++) {
+      int q = lane + 32 * k;
+      sidx[k] = (q % g.sw) * plane_words + q / g.sw;
+    }
+    for (int r0 = warp; r0 < d.PH; r0 += 4 * nw) {
+      float v[4][NQS];
 #pragma unroll
-    for (int u = 0; u < 4; u++) {
-      int r = r0 + u * nw, ih = ih0 + r;
-      bool rv = r < d.PH && ih >= 0 && ih < g.H;
-      const T *rp = xp + (int64_t)ih * g.xs[2];
+      for (int u = 0; u < 4; u++) {
+        int r = r0 + u * nw, ih = ih0 + r;
+        bool rv = r < d.PH && ih >= 0 && ih < g.H;
+        const T *rp = xp + (int64_t)ih * g.xs[2];
 #pragma unroll
-      for (int k = 0; k < NQ; k++) {
-        int q = lane + 32 * k, iw = iw0 + q;
-        v[u][k] = (rv && q < d.PW && iw >= 0 && iw < g.W) ? fa_to_f<T>(rp[(int64_t)iw * g.xs[3]]) : 0.f;
+        for (int k = 0; k < NQ; k++) {
+          int q = lane + 32 * k, iw = iw0 + q;
+          v[u][k] = (rv && q < d.PW && iw >= 0 && iw < g.W) ? fa_to_f<T>(rp[(int64_t)iw * g.xs[3]]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        int r = r0 + u * nw;
+        if (r < d.PH) {
+#pragma unroll
+          for (int k = 0; k < NQ; k++)
+            if (lane + 32 * k < d.PW) patch[sidx[k] + r * d.RQ] = v[u][k];
+        }
       }
     }
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      int r = r0 + u * nw;
-      if (r < d.PH) {
-#pragma unroll
-        for (int k = 0; k < NQ; k++)
-          if (lane + 32 * k < d.PW) patch[sidx[k] + r * d.RQ] = v[u][k];
-      }
-    }
-  }
+  } // scalar loads
   __syncthreads();
   float b = bias ? fa_to_f<T>(bias[o]) : 0.f;
   T *op = out + (int64_t)plane * g.P;
@@ -447,7 +509,11 @@ static int dw_forward(T *out, const T *x, const T *w, const T *bias, const Conv 
     int threads = (int)std::min<int64_t>(256, ((int64_t)d.TH * d.TW + 31) / 32 * 32);
     unsigned nb = (unsigned)blocks;
     size_t sb = (size_t)smem;
-    if (nq == 1) dw_fwd_tiled<T, 1><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = V % g.sw == 0 && g.xs[3] == 1 && g.xs[2] % V == 0 && g.xs[1] % V == 0 && g.xs[0] % V == 0 && g.W % V == 0 &&
+                     fa_cu_aligned16(x);
+    if (vec) dw_fwd_tiled<T, 0><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
+    else if (nq == 1) dw_fwd_tiled<T, 1><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 2) dw_fwd_tiled<T, 2><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 3) dw_fwd_tiled<T, 3><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 4) dw_fwd_tiled<T, 4><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);

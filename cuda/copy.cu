@@ -97,6 +97,35 @@ __global__ void __launch_bounds__(CP_THREADS) k_move_strided(int64_t n, fa_cu_it
   }
 }
 
+// same dtype, a (batched) 2-D transpose: dst has unit stride along its last dim, src along the one before.
+// 32x32 tiles go through shared memory so that the reads (along src's unit stride) and the writes (along
+// dst's) are both coalesced. bit walks the batch dims (the iterator's leading ndim - 2 dims).
+enum { TT = 32, TR = 8 };
+template <typename S>
+__global__ void __launch_bounds__(TT * TR) k_transpose(int64_t nbatch, int64_t R, int64_t Cn, fa_cu_iter<2> bit, S *dst,
+                                                       const S *src, int64_t ds_r, int64_t ss_c) {
+  __shared__ S tile[TT][TT + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t tiles_r = (R + TT - 1) / TT, tiles_c = (Cn + TT - 1) / TT, per = tiles_r * tiles_c;
+  const int64_t ntiles = nbatch * per;
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    int64_t b = t / per, rem = t - b * per;
+    int64_t r0 = (rem / tiles_c) * TT, c0 = (rem % tiles_c) * TT;
+    int64_t off[2];
+    fa_cu_iter_offsets<int64_t, 2>(bit, b, off);
+    for (int k = ty; k < TT; k += TR) { // element (r0 + tx, c0 + k): consecutive tx read consecutive src
+      int64_t r = r0 + tx, c = c0 + k;
+      if (r < R && c < Cn) tile[k][tx] = src[off[1] + r + c * ss_c];
+    }
+    __syncthreads();
+    for (int k = ty; k < TT; k += TR) { // element (r0 + k, c0 + tx): consecutive tx write consecutive dst
+      int64_t r = r0 + k, c = c0 + tx;
+      if (r < R && c < Cn) dst[off[0] + r * ds_r + c] = tile[tx][k];
+    }
+    __syncthreads();
+  }
+}
+
 template <typename To, typename Ti> static void launch_cast(int device, const fa_tensor *dst, const fa_tensor *src) {
   int64_t n = fa_numel(dst);
   cudaStream_t st = fa_cu_stream(device);
@@ -117,6 +146,18 @@ template <typename S> static void launch_move(int device, const fa_tensor *dst, 
   unsigned blocks = fa_cu_blocks(n, CP_THREADS, device);
   const fa_tensor *ts[2] = {dst, src};
   fa_cu_iter<2> it = fa_cu_iter_make<2>(ts);
+  const int nd = it.ndim;
+  if (nd >= 2 && it.stride[0][nd - 1] == 1 && it.stride[1][nd - 2] == 1 && it.stride[1][nd - 1] != 1 && it.shape[nd - 1] >= 16 &&
+      it.shape[nd - 2] >= 16) {
+    int64_t R = it.shape[nd - 2], Cn = it.shape[nd - 1];
+    fa_cu_iter<2> bit = it;
+    bit.ndim = nd - 2;
+    int64_t nbatch = n / (R * Cn), ntiles = nbatch * ((R + TT - 1) / TT) * ((Cn + TT - 1) / TT);
+    unsigned tb = (unsigned)(ntiles < (int64_t)fa_cu_sm_count(device) * 16 ? ntiles : (int64_t)fa_cu_sm_count(device) * 16);
+    k_transpose<S><<<tb, dim3(TT, TR), 0, st>>>(nbatch, R, Cn, bit, (S *)dst->data, (const S *)src->data, it.stride[0][nd - 2],
+                                                it.stride[1][nd - 1]);
+    return;
+  }
   if (n < ((int64_t)1 << 32)) k_move_strided<S, uint32_t><<<blocks, CP_THREADS, 0, st>>>(n, it, (S *)dst->data, (const S *)src->data);
   else k_move_strided<S, int64_t><<<blocks, CP_THREADS, 0, st>>>(n, it, (S *)dst->data, (const S *)src->data);
 }

@@ -98,19 +98,21 @@ __global__ void __launch_bounds__(256) gs_fwd(T *out, const T *in, const T *grid
   int64_t c0 = (int64_t)blockIdx.y * a.cc, c1 = min(a.C, c0 + a.cc);
   const T *ib = in + n * a.si[0];
   T *ob = out + n * a.so[0] + h * a.so[2] + w * a.so[3];
-  // 4 channels at a time: 16 independent gathers in flight per thread (one at a time leaves the loop
-  // latency-bound when a thread has many channels)
+  // CU channels at a time: 4 * CU independent gathers in flight per thread (one at a time leaves the loop
+  // latency-bound when a thread has many channels); 8 for the 16-bit types, whose gathers bring half the
+  // bytes each, so that a thread keeps as many bytes in flight as in float32
+  constexpr int CU = sizeof(T) == 2 ? 8 : 4;
   int64_t c = c0;
-  for (; c + 4 <= c1; c += 4) {
-    float v[4][4];
+  for (; c + CU <= c1; c += CU) {
+    float v[CU][4];
 #pragma unroll
-    for (int u = 0; u < 4; u++) {
+    for (int u = 0; u < CU; u++) {
       const T *pl = ib + (c + u) * a.si[1];
 #pragma unroll
       for (int k = 0; k < 4; k++) v[u][k] = t.in[k] ? fa_to_f<T>(pl[t.off[k]]) : 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < 4; u++)
+    for (int u = 0; u < CU; u++)
       ob[(c + u) * a.so[1]] = fa_from_f<T>(t.w[0] * v[u][0] + t.w[1] * v[u][1] + t.w[2] * v[u][2] + t.w[3] * v[u][3]);
   }
   for (; c < c1; c++) {

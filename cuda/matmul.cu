@@ -11,10 +11,16 @@
 // operands swapped and m, n exchanged; no data moves.
 //
 // fa_cu_linear_forward / backward: x (R, in) rows (contiguous), weight (out, in), bias (out):
-//   out = x @ W^T + b: out is first filled with the bias rows, then one GEMM with beta = 1 (as the CPU);
+//   out = x @ W^T + b: one cublasLt matmul with the bias epilogue (the bias is added to the float32
+//   accumulators before the single rounding to out's dtype), falling back to a broadcast copy of the bias
+//   into out followed by a GEMM with beta = 1 (as the CPU) where cublasLt has no algorithm for the layout;
 //   grad_x = grad_out @ W; grad_weight += grad_out^T @ x (beta = 1); grad_bias += column sums of grad_out.
 #include "common.cuh"
+#include <cublasLt.h>
 #include <limits.h>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace {
 struct Mat {
@@ -147,11 +153,130 @@ static fa_tensor rows_view(const fa_tensor *t, int64_t cols) {
   return v;
 }
 
+// ------------------------------------------------------------------ cublasLt: GEMM + bias epilogue
+namespace {
+enum { LT_MAX_DEVICES = 64 };
+const size_t LT_WORKSPACE = (size_t)4 << 20;
+std::mutex g_lt_mu;
+cublasLtHandle_t g_lt[LT_MAX_DEVICES];
+void *g_lt_ws[LT_MAX_DEVICES];   // cudaMalloc'ed once per device, outside the caching allocator's counts
+// heuristic results, keyed on everything the choice depends on
+typedef std::tuple<int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int> LtKey;
+std::map<LtKey, cublasLtMatmulAlgo_t> &g_lt_algos = *new std::map<LtKey, cublasLtMatmulAlgo_t>();
+
+int lt_align(const void *p) { // largest power-of-two alignment of p, up to 256 bytes
+  uintptr_t a = (uintptr_t)p;
+  int al = 256;
+  while (al > 1 && (a & (uintptr_t)(al - 1))) al >>= 1;
+  return al;
+}
+
+// out2 (R, O) = x2 (R, I) @ W^T + bias, all contiguous but W (any BLAS-readable layout); returns -1 when
+// cublasLt cannot do it (the caller falls back), else 0 or an error code.
+int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, const fa_tensor *bias) {
+  static const char *fn = "fa_linear_forward";
+  const int dev = out2->device;
+  if (dev < 0 || dev >= LT_MAX_DEVICES) return -1;
+  if (bias->shape[0] > 1 && bias->stride[0] != 1) return -1;
+  Mat W = mat_of(w);
+  int64_t ldw;
+  int lw = mat_layout(W, &ldw);
+  int64_t R = x2->shape[0], I = x2->shape[1], O = w->shape[0];
+  if (lw < 0 || R < 1 || I < 1 || O < 1 || R > INT_MAX || I > INT_MAX || O > INT_MAX || ldw > INT_MAX) return -1;
+  int ab = lt_align(bias->data), aw = lt_align(w->data), ax = lt_align(x2->data), ao = lt_align(out2->data);
+  if (ab < 16) return -1;
+  cudaStream_t st = fa_cu_stream(dev);
+  {
+    std::lock_guard<std::mutex> lk(g_lt_mu);
+    if (!g_lt[dev]) {
+      cublasLtHandle_t h;
+      if (cublasLtCreate(&h) != CUBLAS_STATUS_SUCCESS) return -1;
+      void *ws = NULL;
+      if (cudaMalloc(&ws, LT_WORKSPACE) != cudaSuccess) { cudaGetLastError(); cublasLtDestroy(h); return -1; }
+      g_lt[dev] = h;
+      g_lt_ws[dev] = ws;
+    }
+  }
+  cublasLtHandle_t lt = g_lt[dev];
+  cudaDataType_t ty = cuda_type(out2->dtype);
+  cublasComputeType_t ct = out2->dtype == FA_FLOAT32 && fa_cu_tf32_allowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // column-major: D (O x R, ld O) = op(Wcm) (O x I) @ Xcm (I x R, ld I). W row-major (O x I) is the
+  // column-major (I x O) matrix: transposed; W stored transposed is the column-major (O x I): as is.
+  cublasOperation_t ta = lw == 0 ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
+  uint64_t arows = lw == 0 ? (uint64_t)I : (uint64_t)O, acols = lw == 0 ? (uint64_t)O : (uint64_t)I;
+  cublasLtMatmulDesc_t desc = NULL;
+  cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+  cublasLtMatmulPreference_t pref = NULL;
+  int rc = -1;
+  cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+  const void *bptr = bias->data;
+  float alpha = 1.0f, beta = 0.0f;
+  if (cublasLtMatmulDescCreate(&desc, ct, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) goto done;
+  if (cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bptr, sizeof bptr) != CUBLAS_STATUS_SUCCESS)
+    goto done;
+  if (cublasLtMatrixLayoutCreate(&la, ty, arows, acols, ldw) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutCreate(&lb, ty, (uint64_t)I, (uint64_t)R, I) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutCreate(&lc, ty, (uint64_t)O, (uint64_t)R, O) != CUBLAS_STATUS_SUCCESS)
+    goto done;
+  {
+    LtKey key(dev, out2->dtype, (int)ct, (int)ta, ab * 1000 + aw, (int64_t)R, (int64_t)I, (int64_t)O, ldw, ax * 1000 + ao);
+    cublasLtMatmulAlgo_t algo;
+    bool have = false;
+    {
+      std::lock_guard<std::mutex> lk(g_lt_mu);
+      auto it = g_lt_algos.find(key);
+      if (it != g_lt_algos.end()) { algo = it->second; have = true; }
+    }
+    if (!have) {
+      if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) goto done;
+      size_t wsb = LT_WORKSPACE;
+      uint32_t a_al = (uint32_t)aw, b_al = (uint32_t)ax, c_al = (uint32_t)ao;
+      if (cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb) != CUBLAS_STATUS_SUCCESS ||
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_al, sizeof a_al) != CUBLAS_STATUS_SUCCESS ||
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b_al, sizeof b_al) != CUBLAS_STATUS_SUCCESS ||
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c_al, sizeof c_al) != CUBLAS_STATUS_SUCCESS ||
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &c_al, sizeof c_al) != CUBLAS_STATUS_SUCCESS)
+        goto done;
+      cublasLtMatmulHeuristicResult_t res;
+      int nres = 0;
+      if (cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &nres) != CUBLAS_STATUS_SUCCESS || nres < 1 ||
+          res.state != CUBLAS_STATUS_SUCCESS) {
+        cudaGetLastError();
+        goto done;
+      }
+      algo = res.algo;
+      std::lock_guard<std::mutex> lk(g_lt_mu);
+      g_lt_algos[key] = algo;
+    }
+    cublasStatus_t s = cublasLtMatmul(lt, desc, &alpha, w->data, la, x2->data, lb, &beta, out2->data, lc, out2->data, lc, &algo,
+                                      g_lt_ws[dev], LT_WORKSPACE, st);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
+      cudaGetLastError();
+      std::lock_guard<std::mutex> lk(g_lt_mu);
+      g_lt_algos.erase(key); // rc stays -1: the caller falls back
+    } else {
+      rc = fa_cu_blas_check(s, fn);
+    }
+  }
+done:
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (desc) cublasLtMatmulDescDestroy(desc);
+  return rc;
+}
+} // namespace
+
 int fa_cu_linear_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias) {
   int64_t in = weight->shape[1], outf = weight->shape[0];
   fa_tensor o2 = rows_view(out, outf), x2 = rows_view(x, in);
   int rc;
   double beta = 0;
+  if (bias && (rc = linear_lt(&o2, &x2, weight, bias)) != -1) return rc;
   if (bias) { // out rows start as the bias (a broadcast copy), then the GEMM adds x @ W^T
     fa_tensor bb = o2;
     bb.data = bias->data;

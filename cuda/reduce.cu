@@ -129,11 +129,32 @@ __global__ void __launch_bounds__(RED_THREADS) k_red_rows(RedArgs a) {
     }
     RedVal<A, OP> acc;
     acc.init();
-    for (int64_t r = r0 + lane; r < r1; r += 32) {
-      int64_t xo;
-      if (XIT) { int64_t q[1]; fa_cu_iter_offsets<int64_t, 1>(a.xit, r, q); xo = q[0]; }
-      else xo = base + r * a.sr;
-      acc.push(red_load<T, A>(x[xo]), r);
+    if (XIT) {
+      for (int64_t r = r0 + lane; r < r1; r += 32) {
+        int64_t q[1];
+        fa_cu_iter_offsets<int64_t, 1>(a.xit, r, q);
+        acc.push(red_load<T, A>(x[q[0]]), r);
+      }
+    } else if (a.sr == 1) {
+      // unit stride: scalar head up to a 16-byte boundary, 16-byte vector loads, scalar tail
+      constexpr int V = 16 / sizeof(T);
+      const T *xr = x + base;
+      int64_t mis = (int64_t)(((16 - ((uintptr_t)(xr + r0) & 15)) & 15) / sizeof(T));
+      int64_t rh = min(r1, r0 + mis);
+      for (int64_t r = r0 + lane; r < rh; r += 32) acc.push(red_load<T, A>(xr[r]), r);
+      const int64_t nvec = (r1 - rh) / V;
+      const uint4 *pv = reinterpret_cast<const uint4 *>(xr + rh);
+#pragma unroll 4
+      for (int64_t v = lane; v < nvec; v += 32) {
+        alignas(16) T e[V];
+        *reinterpret_cast<uint4 *>(e) = pv[v];
+#pragma unroll
+        for (int j = 0; j < V; j++) acc.push(red_load<T, A>(e[j]), rh + v * V + j);
+      }
+      for (int64_t r = rh + nvec * V + lane; r < r1; r += 32) acc.push(red_load<T, A>(xr[r]), r);
+    } else {
+#pragma unroll 4
+      for (int64_t r = r0 + lane; r < r1; r += 32) acc.push(red_load<T, A>(x[base + r * a.sr]), r);
     }
     acc.warp_merge();
     if (lane == 0) {
@@ -160,6 +181,7 @@ __global__ void __launch_bounds__(RED_THREADS) k_red_cols(RedArgs a, int64_t nti
     if (o < a.O) {
       int64_t off[3];
       fa_cu_iter_offsets<int64_t, 3>(a.oit, o, off);
+#pragma unroll 4
       for (int64_t r = r0 + ty; r < r1; r += by) acc.push(red_load<T, A>(x[off[2] + r * a.sr]), r);
     }
     if (by > 1) {

@@ -308,6 +308,8 @@ describe('CUDA kernels against the CPU #gpu', function()
     local cases = {
       { 2, 3, 5, 7, 4, 6 }, { 1, 1, 1, 1, 3, 2 }, { 3, 17, 9, 4, 11, 13 }, { 1, 64, 16, 16, 32, 32 }, { 2, 5, 8, 8, 1, 1 },
       { 1, 300, 6, 5, 3, 4 },
+      -- enough points that each thread takes 10 channels: the unrolled channel groups and their tail
+      { 1, 37, 12, 10, 300, 300 },
     }
     for _, dt in ipairs(DTYPES) do
       for ci, c in ipairs(cases) do
@@ -463,6 +465,16 @@ describe('CUDA kernels against the CPU #gpu', function()
       { 1, 3, 20, 70, 3, 9, 9, 1, 1, 4, 4, 1, 1, 3, false, 'depthwise 9x9 (81 taps), several tiles' },
       { 1, 2, 112, 112, 2, 12, 12, 1, 1, 0, 0, 10, 10, 2, true, 'depthwise, patch too big for shared memory' },
       { 2, 64, 16, 16, 64, 6, 6, 4, 4, 1, 1, 1, 1, 64, true, 'depthwise 6x6/4, 64 channels' },
+      -- odd-numbered cases have dense x: those whose W is a multiple of 8 take the 16-byte patch loads
+      -- (several tiles, tiles cut inside a 16-byte chunk, padding rows/columns, strides 1/2/4, dilation)
+      { 1, 3, 24, 40, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3, true, 'depthwise 3x3' },
+      { 2, 4, 21, 72, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, true, 'depthwise 3x3, W = 72 (3 tile columns, 3 tile rows)' },
+      { 1, 2, 9, 16, 2, 3, 3, 1, 1, 1, 1, 1, 1, 2, false, 'depthwise 3x3, W = 16' },
+      { 2, 3, 33, 64, 6, 5, 5, 2, 2, 2, 2, 1, 1, 3, true, 'depthwise 5x5 stride 2, multiplier 2, W = 64' },
+      { 1, 2, 16, 32, 2, 6, 6, 4, 4, 2, 2, 1, 1, 2, false, 'depthwise 6x6 stride 4, padding 2' },
+      { 1, 2, 12, 48, 2, 3, 3, 1, 1, 2, 2, 2, 2, 2, true, 'depthwise 3x3 dilated 2, W = 48 (2 tile columns)' },
+      { 1, 5, 64, 64, 5, 6, 6, 4, 4, 1, 1, 1, 1, 5, false, 'depthwise 6x6 stride 4 (the offset network)' },
+      { 1, 4, 64, 64, 4, 6, 6, 4, 4, 1, 1, 1, 1, 4, true, 'depthwise 6x6 stride 4 (the offset network)' },
     }
     for _, dt in ipairs(DTYPES) do
       for ci, c in ipairs(cases) do

@@ -3,7 +3,7 @@
 local ffi = require 'ffi'
 local lib = require 'fastattn.ffi'
 local T = require 'fastattn.tensor'
-local Tensor, check, new, isTensor = T.Tensor, T.check, T._new, T.isTensor
+local Tensor, check, new, new_like, isTensor = T.Tensor, T.check, T._new, T._new_like, T.isTensor
 
 local M = {}
 
@@ -36,21 +36,40 @@ local function scalar_like(x, v)
 end
 
 local OPS = { add = 0, sub = 1, mul = 2, div = 3 }
+local FN = {}
+for name in pairs(OPS) do FN[name] = 'Tensor:' .. name end
+
+-- do two descriptors have the same sizes? (no Lua tables: the hot path)
+local function same_shape(a, b)
+  local n = a.ndim
+  if n ~= b.ndim then return false end
+  for i = 0, n - 1 do if a.shape[i] ~= b.shape[i] then return false end end
+  return true
+end
 
 -- out = a <op> alpha*b with broadcasting; b may be a number; `out` optional (may alias a)
 local function binary(name, a, b, alpha, out)
-  local fn = 'Tensor:' .. name
+  -- fast path: two tensors of one shape on one device, `out` absent or of that shape (C checks the rest)
+  if isTensor(a) and isTensor(b) then
+    local ad, bd = a.desc, b.desc
+    if ad.device == bd.device and same_shape(ad, bd) and (out == nil or same_shape(out.desc, ad)) then
+      out = out or new_like(a, nil, nil, FN[name])
+      check(lib.fa_binary_forward(OPS[name], out.desc, ad, bd, alpha or 1), 3)
+      return out
+    end
+  end
+  local fn = FN[name]
   if type(a) == 'number' then a = scalar_like(b, a) end
   if not isTensor(a) then error(fn .. ': expected a tensor, got ' .. type(a), 3) end
   if type(b) == 'number' then
     if name == 'add' or name == 'sub' then
       local shift = name == 'add' and b * (alpha or 1) or -b * (alpha or 1)
-      out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
+      out = out or new_like(a, nil, nil, fn)
       check(lib.fa_scale_forward(out.desc, a.desc, 1, shift), 3)
       return out
     elseif name == 'mul' or (name == 'div' and a.desc.dtype ~= T.dtypes.int32 and a.desc.dtype ~= T.dtypes.int64) then
       local s = name == 'mul' and b * (alpha or 1) or 1 / (b * (alpha or 1))
-      out = out or new(a:size(), a.desc.dtype, a.desc.device, fn)
+      out = out or new_like(a, nil, nil, fn)
       check(lib.fa_scale_forward(out.desc, a.desc, s, 0), 3)
       return out
     end
@@ -76,13 +95,13 @@ end
 
 -- x:addcmul(b, c, value) = x + value*b*c; addcmul_ in place
 function Tensor:addcmul(b, c, value, out)
-  out = out or new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:addcmul')
+  out = out or new_like(self, nil, nil, 'Tensor:addcmul')
   check(lib.fa_addcmul_forward(out.desc, self.desc, b.desc, c.desc, value or 1), 2)
   return out
 end
 function Tensor:addcmul_(b, c, value) return self:addcmul(b, c, value, self) end
 function Tensor:scale(s, shift) -- s*x + shift
-  local out = new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:scale')
+  local out = new_like(self, nil, nil, 'Tensor:scale')
   check(lib.fa_scale_forward(out.desc, self.desc, s, shift or 0), 2)
   return out
 end
@@ -94,8 +113,9 @@ end
 local UNARY = { exp = 0, log = 1, sqrt = 2, abs = 3, sign = 4, neg = 5, relu = 6, tanh = 7, sigmoid = 8, gelu = 9 }
 M.UNARY = UNARY
 for name, op in pairs(UNARY) do
+  local fn = 'Tensor:' .. name
   Tensor[name] = function(self)
-    local out = new(self:size(), self.desc.dtype, self.desc.device, 'Tensor:' .. name)
+    local out = new_like(self, nil, nil, fn)
     check(lib.fa_unary_forward(op, out.desc, self.desc), 2)
     return out
   end

@@ -67,9 +67,17 @@ local ctype -- set below by ffi.metatype
 -- GC hook for GPU memory (DESIGN §3): the CUDA allocator counts bytes allocated since the last collection;
 -- past a threshold a full collection frees the storages of unreachable tensors, so a training loop never
 -- runs out of memory because the collector lagged. The threshold grows with the memory in use.
+-- Asking the allocator costs a C call and a lock, so it is asked only every GC_CHECK_COUNT allocations or
+-- every GC_CHECK_BYTES allocated from Lua, whichever comes first: the collection may come that much later
+-- (a few MiB), which the threshold (256 MiB or half the memory in use) dwarfs.
 local gc_stats = ffi.new('int64_t[4]')
 M.gcThresholdBytes = 256 * 1024 * 1024
-local function after_cuda_alloc(device)
+local GC_CHECK_COUNT, GC_CHECK_BYTES = 64, 4 * 1024 * 1024
+local gc_count, gc_bytes = 0, 0
+local function after_cuda_alloc(device, nbytes)
+  gc_count, gc_bytes = gc_count + 1, gc_bytes + nbytes
+  if gc_count < GC_CHECK_COUNT and gc_bytes < GC_CHECK_BYTES then return end
+  gc_count, gc_bytes = 0, 0
   if lib.fa_cuda_memory_stats(device, gc_stats) ~= 0 then return end
   local since, inuse = tonumber(gc_stats[3]), tonumber(gc_stats[0])
   if since > math.max(M.gcThresholdBytes, inuse * 0.5) then
@@ -84,6 +92,19 @@ local function contiguous_strides(x)
     d.stride[i] = s
     s = s * d.shape[i]
   end
+end
+
+-- storage of nbytes for the new tensor x (descriptor filled in), collecting once on a CUDA out-of-memory
+local function alloc_storage(x, device, nbytes, fn)
+  local st = lib.fa_storage_new(device, nbytes)
+  if st == nil then
+    if device >= 0 then collectgarbage('collect'); st = lib.fa_storage_new(device, nbytes) end
+    if st == nil then error((fn or 'fa.empty') .. ': ' .. ffi.string(lib.fa_last_error()), 4) end
+  end
+  x.storage = st
+  x.desc.data = st.data
+  if device >= 0 then after_cuda_alloc(device, nbytes) end
+  return x
 end
 
 -- a new, uninitialised, contiguous tensor of the given shape (a Lua array of sizes)
@@ -103,17 +124,29 @@ local function new(shape, dtype, device, fn)
     numel = numel * s
   end
   contiguous_strides(x)
-  local st = lib.fa_storage_new(device, numel * lib.fa_dtype_size(dtype))
-  if st == nil then
-    if device >= 0 then collectgarbage('collect'); st = lib.fa_storage_new(device, numel * lib.fa_dtype_size(dtype)) end
-    if st == nil then error((fn or 'fa.empty') .. ': ' .. ffi.string(lib.fa_last_error()), 3) end
-  end
-  x.storage = st
-  d.data = st.data
-  if device >= 0 then after_cuda_alloc(device) end
-  return x
+  return alloc_storage(x, device, numel * lib.fa_dtype_size(dtype), fn)
 end
 M._new = new
+
+-- a new, uninitialised, contiguous tensor of src's shape (src a tensor), of the given dtype and device
+-- (src's when nil): the hot path of elementwise ops, without the Lua tables of size() and new()
+local function new_like(src, dtype, device, fn)
+  local sd = src.desc
+  dtype, device = dtype or sd.dtype, device or sd.device
+  local x = ctype()
+  local d = x.desc
+  local n = sd.ndim
+  d.dtype, d.device, d.ndim = dtype, device, n
+  local numel = 1
+  for i = n - 1, 0, -1 do
+    local s = tonumber(sd.shape[i])
+    d.shape[i] = s
+    d.stride[i] = numel
+    numel = numel * s
+  end
+  return alloc_storage(x, device, numel * lib.fa_dtype_size(dtype), fn)
+end
+M._new_like = new_like
 
 -- a view of x's storage with the given descriptor fields (shares storage, adds a reference)
 local function view_of(x)
