@@ -3,7 +3,8 @@
 --   bin/fastattn bench/msda.lua                 GPU: enc/dec/tri x float32/bfloat16 x locations uniform/local
 --   bin/fastattn bench/msda.lua --cpu           CPU: reduced enc (N=1, Lq=S=5017) vs torch on the CPU, same threads
 -- options: --configs enc,dec,tri  --dtypes float32,bfloat16  --locs uniform,local  --reps 25  --sets 3
---          --variants default,mq,qm,qmmerge,gather,redundant  --peer 0 (skip torch)  --python PATH  --out FILE (markdown)
+--          --variants default,mq,qm,qmmerge,gather,redundant,staged,bstaged,bstaged40  --peer 0 (skip torch)  --python PATH
+--          --out FILE (markdown)
 --          --threads N (CPU)
 --
 -- GPU timing: CUDA events around each call, the L2 flushed before every call by writing a 256 MB buffer
@@ -23,7 +24,7 @@ pcall(ffi.cdef, 'int unsetenv(const char *name);')
 
 ---------------------------------------------------------------------------- options
 local opt = { configs = nil, dtypes = 'float32,bfloat16', locs = 'uniform,local', reps = 25, sets = 3,
-              variants = 'default,mq,qm,qmmerge,gather', peer = '1', python = nil, out = nil, threads = nil }
+              variants = 'default,staged', peer = '1', python = nil, out = nil, threads = nil }
 local i = 1
 while i <= #arg do
   local a = arg[i]
@@ -215,7 +216,7 @@ end
 
 ---------------------------------------------------------------------------- GPU
 -- kernel variants (cuda/msda.cu reads these environment variables at every call)
-local ENVS = { 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE' }
+local ENVS = { 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE', 'FA_MSDA_SMEM', 'FA_MSDA_FSMEM' }
 local VARIANT_ENV = {
   default = {},                                           -- the library's choice (cuda/msda.cu make_plan)
   mq = { FA_MSDA_ORDER = 'mq', FA_MSDA_MERGE = '0' },     -- groups in (n, q, m) order
@@ -223,6 +224,10 @@ local VARIANT_ENV = {
   qmmerge = { FA_MSDA_ORDER = 'qm', FA_MSDA_MERGE = '1' },-- (n, m, q) + same-footprint groups add before the atomics
   gather = { FA_MSDA_BWD = 'gather' },                    -- the deterministic backward (sort + gather)
   redundant = { FA_MSDA_FWD = 'redundant' },              -- forward: every lane computes every footprint
+  -- persistent kernels with the coarse levels in shared memory (run 4: slower except tri bf16 backward)
+  staged = { FA_MSDA_SMEM = '200', FA_MSDA_FSMEM = '200' }, -- forward and backward, levels that fit in 200 KB
+  bstaged = { FA_MSDA_SMEM = '200' },                     -- backward only
+  bstaged40 = { FA_MSDA_SMEM = '40' },                    -- backward only, levels that fit in 40 KB
 }
 local function bench_gpu()
   assert(fa.cuda.isAvailable(), 'bench/msda.lua: no GPU (use --cpu for the CPU comparison)')

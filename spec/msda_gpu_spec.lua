@@ -1,6 +1,7 @@
 -- fa.msda on CUDA #gpu: against the CPU op (float64, on the same 16-bit-rounded inputs) for float32, bfloat16
 -- and float16 on awkward shapes, forward and all three gradients, every kernel variant (atomic backward,
--- deterministic backward, broadcast/redundant forward); deterministic backward bit-identical across runs;
+-- deterministic backward, broadcast/redundant forward, persistent kernels with shared-memory levels);
+-- deterministic backward bit-identical across runs;
 -- errors. Skips with a message where no GPU is found.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
@@ -76,7 +77,8 @@ local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants, c
     for k, v in pairs(opts) do o[k] = v end
     o.deterministic = var.det
     for env, val in pairs({ FA_MSDA_FWD = var.fwd, FA_MSDA_BWD = var.bwd, FA_MSDA_ORDER = var.order,
-                            FA_MSDA_MERGE = var.merge }) do
+                            FA_MSDA_MERGE = var.merge, FA_MSDA_SMEM = var.smem, FA_MSDA_FSMEM = var.fsmem,
+                            FA_MSDA_SMEM_ALWAYS = var.always }) do
       ffi.C.setenv(env, val, 1)
     end
     -- poisoned outputs: every element must be written
@@ -86,7 +88,10 @@ local function check_case(name, dtype, N, Lq, M, D, shapes, P, opts, variants, c
     o.grad_attention_weights = fa.full(ac:size(), 0 / 0, { dtype = 'float32', device = 'cuda' })
     local out = fa.msda(vc, shapes, nil, lc, ac, o)
     local gv, gl, ga = fa.msda_backward(gc, vc, shapes, nil, lc, ac, o)
-    for _, env in ipairs({ 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE' }) do ffi.C.unsetenv(env) end
+    for _, env in ipairs({ 'FA_MSDA_FWD', 'FA_MSDA_BWD', 'FA_MSDA_ORDER', 'FA_MSDA_MERGE', 'FA_MSDA_SMEM',
+                           'FA_MSDA_FSMEM', 'FA_MSDA_SMEM_ALWAYS' }) do
+      ffi.C.unsetenv(env)
+    end
     local what = string.format('%s %s [%s]', name, dtype, var.name)
     assert.are.equal(dtype, out:dtype())
     assert.are.equal(dtype, gv:dtype())
@@ -107,6 +112,10 @@ local VARIANTS = {
   { name = '(n,m,q) order', order = 'qm', merge = '0' },
   { name = 'warp merge, (n,m,q) order', merge = '1', order = 'qm' },
   { name = 'warp merge, (n,q,m) order', merge = '1', order = 'mq' },
+  -- persistent kernels with the coarse levels in shared memory (off by default; forced on here whatever
+  -- the size); 2 KB holds only the smallest level(s), the others take the global path
+  { name = 'shared-memory levels (all that fit)', smem = '200', fsmem = '200', always = '1' },
+  { name = 'shared-memory levels (2 KB) + warp merge', smem = '2', fsmem = '2', always = '1', merge = '1' },
 }
 
 describe('fa.msda on CUDA #gpu', function()
