@@ -91,6 +91,47 @@ static inline double fa_u64_to_unit_double(uint32_t a, uint32_t b) {
   return (double)((((uint64_t)a << 32) | b) >> 11) * (1.0 / 9007199254740992.0);
 }
 
+/* ---- runtime ISA dispatch and vectorisable math for the hot CPU loops ----
+ * The library is built without -march (it must run on any x86-64), so plain loops get SSE2 only.
+ * FA_HOT_CLONES on a function makes GCC compile it twice, for x86-64-v3 (AVX2, FMA, BMI2) and for the
+ * baseline, and pick one at load time (an ifunc). Put it on the non-inlined function that holds a hot
+ * loop (not on the OpenMP-outlined body: call a cloned function from it). x86-64-v3 allows FMA
+ * contraction: a file that needs results identical across machines adds
+ * `#pragma GCC optimize("fp-contract=off")` before its includes. */
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && defined(__x86_64__) && defined(__GLIBC__)
+#if __GNUC__ >= 11
+#define FA_HOT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FA_HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#else
+#define FA_HOT_CLONES
+#endif
+
+/* exp for the float32 kernels: Cephes' expf (range reduction by ln 2, degree-6 polynomial; within
+ * about 1 ulp from -87.3 to 88.37) in plain arithmetic, so that the loops calling it vectorise
+ * (libm's expf is an opaque call). 0 below -87.3 (no subnormal results; exp(-inf) = 0 for masked
+ * logits), inf above 88.37, NaN stays NaN. Files that use it in loops compile with -fno-trapping-math
+ * (`#pragma GCC optimize("no-trapping-math")` before the includes) so that GCC if-converts the clamps. */
+static inline float fa_fast_expf(float x) {
+  float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
+  float s;
+  memcpy(&s, &bits, 4);
+  float y = p * s;
+  return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
+}
+
 /* ---- CUDA side: one fa_cu_<op> per public entry, same arguments, called after validation when the
  * tensors are on a GPU. Defined in cuda/<op>.cu; c/cuda_stubs.c defines them when built without CUDA. */
 int fa_cu_alloc(int device, int64_t nbytes, void **ptr);

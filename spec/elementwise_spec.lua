@@ -303,3 +303,116 @@ describe('unary ops', function()
     end
   end)
 end)
+
+describe('the iteration over strided and broadcast operands', function()
+  -- plain-Lua float64 reference of f over every element of (out-shaped) views, read through their strides
+  local function ref_of(shape, f, ...)
+    local ins = { ... }
+    local dins = {}
+    for i, t in ipairs(ins) do dins[i] = t:double():contiguous() end
+    local n = 1
+    for _, s in ipairs(shape) do n = n * s end
+    local r = fa.empty(shape, 'float64')
+    local pr = ffi.cast('double*', r.desc.data)
+    local ps = {}
+    for i, t in ipairs(dins) do ps[i] = ffi.cast('double*', t.desc.data) end
+    for i = 0, n - 1 do
+      local v = {}
+      for k = 1, #ps do v[k] = ps[k][i] end
+      pr[i] = f(unpack(v))
+    end
+    return r
+  end
+
+  it('merge, broadcast and walk chunk boundaries inside rows (threaded sizes)', function()
+    fa.manualSeed(11)
+    -- (257, 129, 3): 99459 elements, > FA_PARALLEL_GRAIN, so chunks of 8192 split rows of 3 and of 387
+    local a = fa.randn(257, 129, 3)
+    local b = fa.randn(129, 3):expand(257, 129, 3)       -- stride 0 along dim 1; dims 2-3 merge
+    local c = fa.randn(257, 1, 3):expand(257, 129, 3)    -- stride 0 in the middle
+    local d = fa.randn(3, 129, 257):permute(3, 2, 1)      -- fully transposed
+    local e = fa.randn(257, 129, 1):expand(257, 129, 3)  -- stride 0 innermost (short broadcast rows)
+    local sh = { 257, 129, 3 }
+    local function close(got, ref, what) H.assert_close(got:double(), ref, 1e-6, 1e-6, what) end
+    close(a + b, ref_of(sh, function(x, y) return x + y end, a, b), 'a + b (row broadcast)')
+    close(c * d, ref_of(sh, function(x, y) return x * y end, c, d), 'c * d (middle broadcast, transposed)')
+    close(e - a, ref_of(sh, function(x, y) return x - y end, e, a), 'e - a (innermost broadcast)')
+    close(d:add(e, 2.5), ref_of(sh, function(x, y) return x + 2.5 * y end, d, e), 'transposed + innermost broadcast')
+    close(b:addcmul(d, e, 0.5), ref_of(sh, function(x, y, z) return x + 0.5 * y * z end, b, d, e), 'addcmul on views')
+    close(d:scale(2, 1), ref_of(sh, function(x) return 2 * x + 1 end, d), 'scale of a transposed view')
+    -- a strided output: every other element of a wider buffer
+    local out = fa.empty(257, 129, 6):narrow(3, 2, 3)
+    fa.check(C.fa_binary_forward(OP.mul, out.desc, d.desc, b.desc, 1))
+    close(out, ref_of(sh, function(x, y) return x * y end, d, b), 'strided out')
+    -- the same numbers, bit for bit, on contiguous copies (one arithmetic for every layout)
+    assert.is_true((c * d):equal(c:contiguous() * d:contiguous()), 'c * d equals its contiguous version')
+    assert.is_true((e - a):equal(e:contiguous() - a), 'e - a equals its contiguous version')
+    assert.is_true(d:gelu():equal(d:contiguous():gelu()), 'gelu of a transposed view')
+    -- integers through the same walk
+    local ai, bi = a:scale(100):to('int64'), b:scale(100):to('int64')
+    local ri = ai:add(bi, 3)
+    local ref = ref_of(sh, function(x, y) return x + 3 * y end, ai, bi)
+    assert.is_true(ri:to('float64'):equal(ref), 'int64 add with a broadcast operand')
+  end)
+
+  it('handle size-1 dimensions, 0-d tensors and empty tensors', function()
+    local a = fa.randn(1, 5, 1, 4, 1)
+    local b = fa.randn(1, 1, 1, 4, 1):expand(1, 5, 1, 4, 1)
+    H.assert_close((a + b):double(), ref_of({ 1, 5, 1, 4, 1 }, function(x, y) return x + y end, a, b), 1e-6, 1e-6, 'size-1 dims')
+    local s, t = fa.tensor(2.5), fa.tensor(-1)
+    assert.are.equal(1.5, (s + t):item())
+    local z = fa.empty(3, 0, 2)
+    assert.are.equal(0, (z * z):numel())
+  end)
+end)
+
+describe('float32 exp, tanh, sigmoid and gelu (vectorised approximations)', function()
+  -- every 4099th float32 from -20 to 20 (both signs, all exponents down to 1e-30), and a fine grid
+  local function sweep(lo, hi)
+    local v = {}
+    for i = 0, 40000 do v[#v + 1] = lo + (hi - lo) * i / 40000 end
+    local x = 1e-30
+    while x < hi do
+      v[#v + 1] = x
+      v[#v + 1] = -x
+      x = x * 1.37
+    end
+    return fa.tensor(v):float()
+  end
+  -- float32 results within ~ulps of the float64 (libm) results for the same inputs: |d| <= rtol |ref| + atol
+  local cases = {
+    { 'exp', -87, 88, 3e-7, 0 },
+    { 'tanh', -20, 20, 2e-7, 1e-38 },
+    { 'sigmoid', -80, 80, 4e-7, 1e-38 },
+    { 'gelu', -12, 20, 5e-7, 1e-37 },
+  }
+  for _, c in ipairs(cases) do
+    local name, lo, hi, rtol, atol = c[1], c[2], c[3], c[4], c[5]
+    it(name .. ' forward and backward match float64 over a dense range', function()
+      local x = sweep(lo, hi)
+      local xd = x:double()
+      local y, yd = x[name](x), xd[name](xd)
+      H.assert_close(y:double(), yd, rtol, atol, name)
+      local gy = fa.ones_like(x)
+      local gx, gxd = fa.empty_like(x), fa.empty_like(xd)
+      fa.check(C.fa_unary_backward(fa.UNARY[name], gx.desc, gy.desc, x.desc, nil))
+      fa.check(C.fa_unary_backward(fa.UNARY[name], gxd.desc, gy:double().desc, xd.desc, nil))
+      -- derivatives: cancellation (1 - y^2 near |y| = 1, gelu' near its zero) needs an absolute term
+      H.assert_close(gx:double(), gxd, 2 * rtol, 3e-7, name .. ' backward')
+    end)
+  end
+
+  it('give the special values of the float64 path', function()
+    local x = fa.tensor({ 0, -0.0, 1 / 0, -1 / 0, 0 / 0, 50, -50, 1e-30, -1e-30 }, 'float32')
+    local xd = x:double()
+    local function same(a, b) return a == b or (a ~= a and b ~= b) end
+    for _, name in ipairs({ 'exp', 'tanh', 'sigmoid', 'gelu' }) do
+      local got, want = x[name](x):table(), xd[name](xd):float():table()
+      for i = 1, #want do
+        assert(same(got[i], want[i]), string.format('%s(%s) = %s, expected %s', name, xd:get(i), got[i], want[i]))
+      end
+    end
+    -- tanh keeps the sign of zero
+    assert.are.equal(-1 / 0, 1 / fa.tensor({ -0.0 }):tanh():item())
+  end)
+end)
