@@ -29,6 +29,18 @@ int fa_cu_sm_count(int device);
 // dtypes, deterministic, float32 accumulation (cuda/reduce.cu; for bias gradients)
 int fa_cu_sum_into(fa_tensor *out, const fa_tensor *x, int dim);
 
+// GEMM with the bias added in cuBLASLt's epilogue, to the float32 accumulators before the one rounding to
+// D's dtype (no separate pass over D; cuda/matmul.cu). Row-major, for b < batch:
+//   D_b (m x n, row stride ldd) = op(A_b) (m x k) @ op(B_b) (k x n) + bias
+// bias_on_rows = 1: bias[i] (length m) is added to row i; 0: bias[j] (length n) to column j.
+// A is stored (m x k) with row stride lda, or (k x m) when ta; B (k x n) with row stride ldb, or (n x k)
+// when tb. A_b = A + b * sa elements (sa = 0: one A for every b); likewise B (sb) and D (sd). A, B, D and
+// the bias (dense) are of dtype on device. Returns -1 when cuBLASLt cannot do it (nothing is written: the
+// caller falls back to another path), else 0 or an error code (with the message naming fn).
+int fa_cu_gemm_bias(int device, int dtype, int64_t batch, int64_t m, int64_t n, int64_t k, const void *A, int ta, int64_t lda,
+                    int64_t sa, const void *B, int tb, int64_t ldb, int64_t sb, const void *bias, int bias_on_rows, void *D,
+                    int64_t ldd, int64_t sd, const char *fn);
+
 // ---- 16-bit storage, float32 arithmetic
 template <typename T> __device__ __forceinline__ float fa_to_f(T v) { return (float)v; }
 template <> __device__ __forceinline__ float fa_to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -10,10 +10,13 @@
 //     once (the op is memory-bound: 6x6 stride 4 reads 16x more than it writes). grad_x gathers over the
 //     taps that reach each input pixel (no atomics); grad_weight: per-(channel, position slice) partial sums
 //     for every tap, added in slice order by a second kernel (deterministic).
-//   1x1, stride 1, no padding: out_n = W_g @ x_n,g, one strided-batched cuBLAS GEMM per group over the batch.
+//   1x1, stride 1, no padding: out_n = W_g @ x_n,g, one strided-batched cuBLAS GEMM per group over the batch;
+//     with a bias, a strided-batched cuBLASLt GEMM whose epilogue adds it (fa_cu_gemm_bias, bias per row of
+//     out_n,g), no separate pass over the output.
 //   general: im2col of a chunk of images into a temporary (at most ~256 MiB), cuBLAS GEMMs per group;
 //     grad_x by GEMM into columns and a gathering col2im (deterministic).
-// Bias: written into the output first and the GEMM accumulates onto it (beta = 1). grad_bias: per-channel
+// Bias (general path, and 1x1 groups cuBLASLt cannot do): written into the output first and the GEMM
+// accumulates onto it (beta = 1). grad_bias: per-channel
 // partial sums over position slices, added in order. grad_weight of the GEMM paths: the per-image GEMMs
 // accumulate (beta = 1) in order into a float32 buffer that is then added to grad_weight.
 // Storage float32, bfloat16 or float16, float32 accumulation (cuBLAS compute type 32F; TF32 only after
@@ -107,12 +110,14 @@ static int gemm(int dev, int ab, bool c_f32, bool ta, bool tb, int64_t m, int64_
 }
 
 // ------------------------------------------------------------------ small kernels
-// out (N, O, P) dense = bias[o] (or 0)
+// channels o0 .. o0 + Oc - 1 of out (N, O, P) dense = bias[o] (or 0); rows = N * Oc
 template <typename T>
-__global__ void bias_fill(T *out, const T *bias, int64_t O, int64_t P, int64_t NO) {
-  for (int64_t r = blockIdx.y; r < NO; r += gridDim.y) {
-    T v = bias ? bias[r % O] : fa_from_f<T>(0.f);
-    for (int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; p < P; p += (int64_t)gridDim.x * blockDim.x) out[r * P + p] = v;
+__global__ void bias_fill(T *out, const T *bias, int64_t O, int64_t o0, int64_t Oc, int64_t P, int64_t rows) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    int64_t n = r / Oc, o = o0 + (r - n * Oc);
+    T v = bias ? bias[o] : fa_from_f<T>(0.f);
+    T *row = out + (n * O + o) * P;
+    for (int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; p < P; p += (int64_t)gridDim.x * blockDim.x) row[p] = v;
   }
 }
 
@@ -181,6 +186,14 @@ static int bias_grad(fa_tensor *grad_bias, const T *gout, const Conv &g, int dev
   }
   fa_cu_temp_free(dev, part);
   return rc;
+}
+
+template <typename T>
+static int fill_channels(T *out, const T *bias, const Conv &g, int64_t o0, int64_t Oc, cudaStream_t st) {
+  int64_t rows = g.N * Oc;
+  dim3 grid((unsigned)std::min<int64_t>((g.P + 255) / 256, 64), (unsigned)std::min<int64_t>(rows, 65535));
+  bias_fill<T><<<grid, 256, 0, st>>>(out, bias, g.O, o0, Oc, g.P, rows);
+  return fa_cu_launch_check(FWD);
 }
 
 // ------------------------------------------------------------------ im2col / col2im
@@ -580,12 +593,10 @@ static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight
   if ((rc = dout.out(out)) || (rc = dw.in(weight)) || (rc = db.in(bias))) return rc;
   T *y = dout.p<T>();
   const T *w = dw.p<T>(), *b = db.p<T>();
-  if (g.C == 0 || is_depthwise(g) == false) {
-    // GEMM paths (and the empty-input case) start from the bias (or zero when C == 0)
+  if (g.C == 0 || (!is_depthwise(g) && !is_pointwise(g))) {
+    // im2col path (and the empty-input case) start from the bias (or zero when C == 0)
     if (b || g.C == 0) {
-      dim3 grid((unsigned)std::min<int64_t>((g.P + 255) / 256, 64), (unsigned)std::min<int64_t>(g.N * g.O, 65535));
-      bias_fill<T><<<grid, 256, 0, st>>>(y, b, g.O, g.P, g.N * g.O);
-      if ((rc = fa_cu_launch_check(FWD))) return rc;
+      if ((rc = fill_channels<T>(y, b, g, 0, g.O, st))) return rc;
     }
   }
   float beta = b ? 1.f : 0.f;
@@ -597,9 +608,18 @@ static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight
     DenseView dx;
     if ((rc = dx.in(x))) return rc;
     const T *xp = dx.p<T>();
-    for (int64_t k = 0; k < g.G && !rc; k++) // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P)
-      rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, w + k * g.Og * g.Cg, g.Cg, 0, xp + k * g.Cg * g.P, g.P, g.C * g.P,
-                beta, y + k * g.Og * g.P, g.P, g.O * g.P, g.N, FWD);
+    for (int64_t k = 0; k < g.G && !rc; k++) { // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P) [+ b_g per row]
+      const T *wk = w + k * g.Og * g.Cg, *xk = xp + k * g.Cg * g.P;
+      T *yk = y + k * g.Og * g.P;
+      if (b) {
+        rc = fa_cu_gemm_bias(dev, dt, g.N, g.Og, g.P, g.Cg, wk, 0, g.Cg, 0, xk, 0, g.P, g.C * g.P, b + k * g.Og, 1, yk, g.P,
+                             g.O * g.P, FWD);
+        if (rc != -1) continue;
+        // no cuBLASLt algorithm: this group's channels start as the bias, the GEMM adds onto them
+        if ((rc = fill_channels<T>(y, b, g, k * g.Og, g.Og, st))) break;
+      }
+      rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, wk, g.Cg, 0, xk, g.P, g.C * g.P, beta, yk, g.P, g.O * g.P, g.N, FWD);
+    }
   } else {
     int64_t nb = chunk_images(g, es), ckk = g.Cg * g.kk;
     T *col = (T *)fa_cu_temp_alloc(dev, nb * g.C * g.kk * g.P * es);

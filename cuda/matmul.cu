@@ -11,16 +11,18 @@
 // operands swapped and m, n exchanged; no data moves.
 //
 // fa_cu_linear_forward / backward: x (R, in) rows (contiguous), weight (out, in), bias (out):
-//   out = x @ W^T + b: one cublasLt matmul with the bias epilogue (the bias is added to the float32
-//   accumulators before the single rounding to out's dtype), falling back to a broadcast copy of the bias
-//   into out followed by a GEMM with beta = 1 (as the CPU) where cublasLt has no algorithm for the layout;
+//   out = x @ W^T + b: one cublasLt matmul with the bias epilogue (fa_cu_gemm_bias, shared with the 1x1
+//   convolution: the bias is added to the float32 accumulators before the single rounding to out's dtype),
+//   falling back to a broadcast copy of the bias into out followed by a GEMM with beta = 1 (as the CPU)
+//   where cublasLt has no algorithm for the layout;
 //   grad_x = grad_out @ W; grad_weight += grad_out^T @ x (beta = 1); grad_bias += column sums of grad_out.
 #include "common.cuh"
 #include <cublasLt.h>
 #include <limits.h>
+#include <array>
 #include <map>
 #include <mutex>
-#include <tuple>
+#include <set>
 
 namespace {
 struct Mat {
@@ -160,9 +162,11 @@ const size_t LT_WORKSPACE = (size_t)4 << 20;
 std::mutex g_lt_mu;
 cublasLtHandle_t g_lt[LT_MAX_DEVICES];
 void *g_lt_ws[LT_MAX_DEVICES];   // cudaMalloc'ed once per device, outside the caching allocator's counts
-// heuristic results, keyed on everything the choice depends on
-typedef std::tuple<int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int> LtKey;
+// heuristic results, keyed on everything the choice depends on (see fa_cu_gemm_bias)
+typedef std::array<int64_t, 20> LtKey;
 std::map<LtKey, cublasLtMatmulAlgo_t> &g_lt_algos = *new std::map<LtKey, cublasLtMatmulAlgo_t>();
+// cases cuBLASLt has no algorithm for: answered -1 at once, without asking the heuristic on every call
+std::set<LtKey> &g_lt_none = *new std::set<LtKey>();
 
 int lt_align(const void *p) { // largest power-of-two alignment of p, up to 256 bytes
   uintptr_t a = (uintptr_t)p;
@@ -170,24 +174,55 @@ int lt_align(const void *p) { // largest power-of-two alignment of p, up to 256 
   while (al > 1 && (a & (uintptr_t)(al - 1))) al >>= 1;
   return al;
 }
+// alignment of every matrix of a strided batch: that of the first, reduced by that of the batch stride
+int lt_align_batch(const void *p, int64_t stride_bytes, int64_t batch) {
+  int al = lt_align(p);
+  if (batch > 1)
+    while (al > 1 && stride_bytes % al) al >>= 1;
+  return al;
+}
+// a layout of rows x cols with leading dimension ld (row order when row), batched when batch > 1
+cublasLtMatrixLayout_t lt_layout(cudaDataType_t ty, int64_t rows, int64_t cols, int64_t ld, bool row, int64_t batch,
+                                 int64_t stride) {
+  cublasLtMatrixLayout_t l = NULL;
+  if (cublasLtMatrixLayoutCreate(&l, ty, (uint64_t)rows, (uint64_t)cols, ld) != CUBLAS_STATUS_SUCCESS) return NULL;
+  cublasLtOrder_t order = CUBLASLT_ORDER_ROW;
+  int32_t bc = (int32_t)batch;
+  if ((row && cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_ORDER, &order, sizeof order) != CUBLAS_STATUS_SUCCESS) ||
+      (batch > 1 && (cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &bc, sizeof bc) != CUBLAS_STATUS_SUCCESS ||
+                     cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride) !=
+                         CUBLAS_STATUS_SUCCESS))) {
+    cublasLtMatrixLayoutDestroy(l);
+    return NULL;
+  }
+  return l;
+}
+} // namespace
 
-// out2 (R, O) = x2 (R, I) @ W^T + bias, all contiguous but W (any BLAS-readable layout); returns -1 when
-// cublasLt cannot do it (the caller falls back), else 0 or an error code.
-int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, const fa_tensor *bias) {
-  static const char *fn = "fa_linear_forward";
-  const int dev = out2->device;
+// Declared in common.cuh. Two formulations, both with the bias per row of cuBLASLt's D ("bias vector length
+// must match matrix D rows"):
+//   bias on columns (linear): the usual swap, column-major D^T (n x m, ld ldd) = op(B)^T @ op(A)^T, whose
+//     rows are the columns of D;
+//   bias on rows (1x1 convolution): every layout in row order (CUBLASLT_ORDER_ROW), D (m x n) = op(A) @ op(B)
+//     as stored.
+int fa_cu_gemm_bias(int device, int dtype, int64_t batch, int64_t m, int64_t n, int64_t k, const void *A, int ta, int64_t lda,
+                    int64_t sa, const void *B, int tb, int64_t ldb, int64_t sb, const void *bias, int bias_on_rows, void *D,
+                    int64_t ldd, int64_t sd, const char *fn) {
+  const int dev = device;
   if (dev < 0 || dev >= LT_MAX_DEVICES) return -1;
-  if (bias->shape[0] > 1 && bias->stride[0] != 1) return -1;
-  Mat W = mat_of(w);
-  int64_t ldw;
-  int lw = mat_layout(W, &ldw);
-  int64_t R = x2->shape[0], I = x2->shape[1], O = w->shape[0];
-  if (lw < 0 || R < 1 || I < 1 || O < 1 || R > INT_MAX || I > INT_MAX || O > INT_MAX || ldw > INT_MAX) return -1;
-  int ab = lt_align(bias->data), aw = lt_align(w->data), ax = lt_align(x2->data), ao = lt_align(out2->data);
+  if (batch < 1 || m < 1 || n < 1 || k < 1 || batch > INT_MAX || m > INT_MAX || n > INT_MAX || k > INT_MAX || lda > INT_MAX ||
+      ldb > INT_MAX || ldd > INT_MAX)
+    return -1;
+  const int64_t es = fa_dtype_size(dtype);
+  int ab = lt_align(bias);
   if (ab < 16) return -1;
+  int aa = lt_align_batch(A, sa * es, batch), abb = lt_align_batch(B, sb * es, batch), ad = lt_align_batch(D, sd * es, batch);
+  cublasComputeType_t ct = dtype == FA_FLOAT32 && fa_cu_tf32_allowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  const LtKey key = {dev, dtype, (int64_t)ct, bias_on_rows, ta, tb, m, n, k, lda, ldb, ldd, batch, sa, sb, sd, aa, abb, ad, ab};
   cudaStream_t st = fa_cu_stream(dev);
   {
     std::lock_guard<std::mutex> lk(g_lt_mu);
+    if (g_lt_none.count(key)) return -1;
     if (!g_lt[dev]) {
       cublasLtHandle_t h;
       if (cublasLtCreate(&h) != CUBLAS_STATUS_SUCCESS) return -1;
@@ -198,31 +233,38 @@ int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, co
     }
   }
   cublasLtHandle_t lt = g_lt[dev];
-  cudaDataType_t ty = cuda_type(out2->dtype);
-  cublasComputeType_t ct = out2->dtype == FA_FLOAT32 && fa_cu_tf32_allowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  // column-major: D (O x R, ld O) = op(Wcm) (O x I) @ Xcm (I x R, ld I). W row-major (O x I) is the
-  // column-major (I x O) matrix: transposed; W stored transposed is the column-major (O x I): as is.
-  cublasOperation_t ta = lw == 0 ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
-  uint64_t arows = lw == 0 ? (uint64_t)I : (uint64_t)O, acols = lw == 0 ? (uint64_t)O : (uint64_t)I;
+  cudaDataType_t ty = cuda_type(dtype);
+  // cuBLASLt's operands: L1 @ L2 -> D
+  const void *p1, *p2;
+  cublasOperation_t op1, op2;
+  cublasLtMatrixLayout_t l1 = NULL, l2 = NULL, ld_ = NULL;
+  int al1, al2;
+  if (bias_on_rows) { // row order: A (m x k, or k x m when ta) and B (k x n, or n x k when tb) as stored
+    p1 = A; op1 = ta ? CUBLAS_OP_T : CUBLAS_OP_N; al1 = aa;
+    p2 = B; op2 = tb ? CUBLAS_OP_T : CUBLAS_OP_N; al2 = abb;
+    l1 = ta ? lt_layout(ty, k, m, lda, true, batch, sa) : lt_layout(ty, m, k, lda, true, batch, sa);
+    l2 = tb ? lt_layout(ty, n, k, ldb, true, batch, sb) : lt_layout(ty, k, n, ldb, true, batch, sb);
+    ld_ = lt_layout(ty, m, n, ldd, true, batch, sd);
+  } else { // column order: row-major B (k x n, ld ldb) is the column-major (n x k) B^T; likewise A
+    p1 = B; op1 = tb ? CUBLAS_OP_T : CUBLAS_OP_N; al1 = abb;
+    p2 = A; op2 = ta ? CUBLAS_OP_T : CUBLAS_OP_N; al2 = aa;
+    l1 = tb ? lt_layout(ty, k, n, ldb, false, batch, sb) : lt_layout(ty, n, k, ldb, false, batch, sb);
+    l2 = ta ? lt_layout(ty, m, k, lda, false, batch, sa) : lt_layout(ty, k, m, lda, false, batch, sa);
+    ld_ = lt_layout(ty, n, m, ldd, false, batch, sd);
+  }
   cublasLtMatmulDesc_t desc = NULL;
-  cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
   cublasLtMatmulPreference_t pref = NULL;
   int rc = -1;
   cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-  const void *bptr = bias->data;
   float alpha = 1.0f, beta = 0.0f;
+  if (!l1 || !l2 || !ld_) goto done;
   if (cublasLtMatmulDescCreate(&desc, ct, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) goto done;
-  if (cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) != CUBLAS_STATUS_SUCCESS ||
+  if (cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof op1) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof op2) != CUBLAS_STATUS_SUCCESS ||
       cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bptr, sizeof bptr) != CUBLAS_STATUS_SUCCESS)
-    goto done;
-  if (cublasLtMatrixLayoutCreate(&la, ty, arows, acols, ldw) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatrixLayoutCreate(&lb, ty, (uint64_t)I, (uint64_t)R, I) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatrixLayoutCreate(&lc, ty, (uint64_t)O, (uint64_t)R, O) != CUBLAS_STATUS_SUCCESS)
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias) != CUBLAS_STATUS_SUCCESS)
     goto done;
   {
-    LtKey key(dev, out2->dtype, (int)ct, (int)ta, ab * 1000 + aw, (int64_t)R, (int64_t)I, (int64_t)O, ldw, ax * 1000 + ao);
     cublasLtMatmulAlgo_t algo;
     bool have = false;
     {
@@ -233,7 +275,7 @@ int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, co
     if (!have) {
       if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) goto done;
       size_t wsb = LT_WORKSPACE;
-      uint32_t a_al = (uint32_t)aw, b_al = (uint32_t)ax, c_al = (uint32_t)ao;
+      uint32_t a_al = (uint32_t)al1, b_al = (uint32_t)al2, c_al = (uint32_t)ad;
       if (cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb) != CUBLAS_STATUS_SUCCESS ||
           cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_al, sizeof a_al) != CUBLAS_STATUS_SUCCESS ||
           cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b_al, sizeof b_al) != CUBLAS_STATUS_SUCCESS ||
@@ -242,32 +284,50 @@ int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, co
         goto done;
       cublasLtMatmulHeuristicResult_t res;
       int nres = 0;
-      if (cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &nres) != CUBLAS_STATUS_SUCCESS || nres < 1 ||
+      if (cublasLtMatmulAlgoGetHeuristic(lt, desc, l1, l2, ld_, ld_, pref, 1, &res, &nres) != CUBLAS_STATUS_SUCCESS || nres < 1 ||
           res.state != CUBLAS_STATUS_SUCCESS) {
         cudaGetLastError();
+        std::lock_guard<std::mutex> lk(g_lt_mu);
+        g_lt_none.insert(key);
         goto done;
       }
       algo = res.algo;
       std::lock_guard<std::mutex> lk(g_lt_mu);
       g_lt_algos[key] = algo;
     }
-    cublasStatus_t s = cublasLtMatmul(lt, desc, &alpha, w->data, la, x2->data, lb, &beta, out2->data, lc, out2->data, lc, &algo,
-                                      g_lt_ws[dev], LT_WORKSPACE, st);
+    cublasStatus_t s = cublasLtMatmul(lt, desc, &alpha, p1, l1, p2, l2, &beta, D, ld_, D, ld_, &algo, g_lt_ws[dev], LT_WORKSPACE, st);
     if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
       cudaGetLastError();
       std::lock_guard<std::mutex> lk(g_lt_mu);
-      g_lt_algos.erase(key); // rc stays -1: the caller falls back
+      g_lt_algos.erase(key); // rc stays -1: the caller falls back, now and in later calls
+      g_lt_none.insert(key);
     } else {
       rc = fa_cu_blas_check(s, fn);
     }
   }
 done:
   if (pref) cublasLtMatmulPreferenceDestroy(pref);
-  if (la) cublasLtMatrixLayoutDestroy(la);
-  if (lb) cublasLtMatrixLayoutDestroy(lb);
-  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (l1) cublasLtMatrixLayoutDestroy(l1);
+  if (l2) cublasLtMatrixLayoutDestroy(l2);
+  if (ld_) cublasLtMatrixLayoutDestroy(ld_);
   if (desc) cublasLtMatmulDescDestroy(desc);
   return rc;
+}
+
+namespace {
+// out2 (R, O) = x2 (R, I) @ W^T + bias, all contiguous but W (any BLAS-readable layout); returns -1 when
+// cublasLt cannot do it (the caller falls back), else 0 or an error code.
+int linear_lt(const fa_tensor *out2, const fa_tensor *x2, const fa_tensor *w, const fa_tensor *bias) {
+  if (bias->shape[0] > 1 && bias->stride[0] != 1) return -1;
+  Mat W = mat_of(w);
+  int64_t ldw;
+  int lw = mat_layout(W, &ldw);
+  if (lw < 0) return -1;
+  int64_t R = x2->shape[0], I = x2->shape[1], O = w->shape[0];
+  // op(B) = W^T (I x O): W row-major (O x I) is stored (n x k): transposed; W stored transposed is W^T
+  // row-major (I x O): as is
+  return fa_cu_gemm_bias(out2->device, out2->dtype, 1, R, O, I, x2->data, 0, I, 0, w->data, lw == 0, ldw, 0, bias->data, 0,
+                         out2->data, O, 0, "fa_linear_forward");
 }
 } // namespace
 

@@ -475,6 +475,10 @@ describe('CUDA kernels against the CPU #gpu', function()
       { 1, 2, 12, 48, 2, 3, 3, 1, 1, 2, 2, 2, 2, 2, true, 'depthwise 3x3 dilated 2, W = 48 (2 tile columns)' },
       { 1, 5, 64, 64, 5, 6, 6, 4, 4, 1, 1, 1, 1, 5, false, 'depthwise 6x6 stride 4 (the offset network)' },
       { 1, 4, 64, 64, 4, 6, 6, 4, 4, 1, 1, 1, 1, 4, true, 'depthwise 6x6 stride 4 (the offset network)' },
+      -- 1x1 with a bias: the cuBLASLt bias epilogue over the images; with 3 groups of 3 channels the bias of
+      -- groups 1 and 2 is not 16-byte aligned, so those take the fallback (bias written first, GEMM beta = 1)
+      { 3, 6, 5, 7, 9, 1, 1, 1, 1, 0, 0, 1, 1, 3, true, 'grouped 1x1 with bias' },
+      { 5, 16, 12, 20, 24, 1, 1, 1, 1, 0, 0, 1, 1, 1, true, '1x1 with bias, 5 images' },
     }
     for _, dt in ipairs(DTYPES) do
       for ci, c in ipairs(cases) do
@@ -536,6 +540,33 @@ describe('CUDA kernels against the CPU #gpu', function()
         end
         same(res[1][1], res[2][1], 'grad_weight, second run')
         same(res[1][2], res[2][2], 'grad_bias, second run')
+      end
+    end)
+    it('1x1 with bias over 6 images: every dtype, TF32 on and off, aligned and unaligned (fallback) bias', function()
+      if not needs('fa_conv2d_forward') then return end
+      local N, Cc, H, W, O = 6, 64, 14, 15, 48
+      local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+      for _, dt in ipairs(DTYPES) do
+        local xr, xg = rand({ N, Cc, H, W }, dt)
+        local wr, wg = rand({ O, Cc, 1, 1 }, dt, { scale = 1 / math.sqrt(Cc) })
+        for _, unaligned in ipairs({ false, true }) do
+          -- narrow: a view one element into a wider tensor, so the bias is not 16-byte aligned
+          local br, bg = rand({ O }, dt, { narrow = unaligned })
+          local what = dt .. (unaligned and ', unaligned bias' or '')
+          local o64 = cpu_out({ N, O, H, W })
+          call('fa_conv2d_forward', o64.desc, xr.desc, wr.desc, br.desc, p)
+          local o = gpu_out({ N, O, H, W }, dt)
+          call('fa_conv2d_forward', o.desc, xg.desc, wg.desc, bg.desc, p)
+          close(o, o64, TOL[dt], what)
+          if dt == 'float32' and not ON_CPU then
+            local ot = gpu_out({ N, O, H, W }, dt)
+            C.fa_cuda_allow_tf32(1)
+            local ok, err = pcall(call, 'fa_conv2d_forward', ot.desc, xg.desc, wg.desc, bg.desc, p)
+            C.fa_cuda_allow_tf32(0)
+            assert(ok, err)
+            close(ot, o64, 5e-3, what .. ', TF32 (10-bit mantissa inputs)')
+          end
+        end
       end
     end)
     it('names the argument on another device', function()
