@@ -177,3 +177,13 @@ __device__ __forceinline__ float fa_cu_warp_max(float v) {
 
 // 1 when every pointer is 16-byte aligned (vector loads allowed)
 static inline int fa_cu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// ---- float dtype dispatch of an entry point: `call` (a template call using T) returned for float32,
+// bfloat16 and float16; other dtypes are FA_ERR_UNSUPPORTED with "<fn>: dtype <name> is not supported on CUDA"
+#define FA_CU_FLOAT_DISPATCH(fn, dtype, call)                                                                      \
+  switch (dtype) {                                                                                                \
+    case FA_FLOAT32: { typedef float T; return call; }                                                             \
+    case FA_BFLOAT16: { typedef __nv_bfloat16 T; return call; }                                                    \
+    case FA_FLOAT16: { typedef __half T; return call; }                                                            \
+  }                                                                                                               \
+  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s is not supported on CUDA", fn, fa_dtype_name(dtype));

@@ -21,46 +21,13 @@
 // accumulate (beta = 1) in order into a float32 buffer that is then added to grad_weight.
 // Storage float32, bfloat16 or float16, float32 accumulation (cuBLAS compute type 32F; TF32 only after
 // fa_cuda_allow_tf32(1)). x may be any strided view; other operands are made dense when they are not.
-#include "common.cuh"
+#include "dense.cuh"
 #include <algorithm>
 
 namespace {
 
 static const char *FWD = "fa_conv2d_forward";
 static const char *BWD = "fa_conv2d_backward";
-
-struct DenseView {
-  fa_tensor t;
-  fa_tensor *dst = nullptr;
-  void *buf = nullptr;
-  int dev = 0;
-  DenseView() { memset(&t, 0, sizeof t); }
-  DenseView(const DenseView &) = delete;
-  ~DenseView() { if (buf) fa_cu_temp_free(dev, buf); }
-  int alloc_like(const fa_tensor *x) {
-    t = *x;
-    dev = x->device;
-    int64_t s = 1;
-    for (int d = t.ndim - 1; d >= 0; d--) { t.stride[d] = s; s *= t.shape[d]; }
-    if (!(buf = fa_cu_temp_alloc(dev, (s > 0 ? s : 1) * fa_dtype_size(t.dtype)))) return FA_ERR_MEMORY;
-    t.data = buf;
-    return 0;
-  }
-  int in(const fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    int rc = alloc_like(x);
-    return rc ? rc : fa_copy(&t, x);
-  }
-  int out(fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    dst = x;
-    return alloc_like(x);
-  }
-  int finish() { return dst ? fa_copy(dst, &t) : 0; }
-  template <typename T> T *p() const { return (T *)t.data; }
-};
 
 struct Conv {
   int64_t N, C, H, W, O, Ho, Wo, P, G, Cg, Og;
@@ -713,19 +680,11 @@ static int backward_t(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad
 
 } // namespace
 
-#define CONV_DISPATCH(fn, dtype, call)                                                                              \
-  switch (dtype) {                                                                                                \
-    case FA_FLOAT32: { typedef float T; return call; }                                                             \
-    case FA_BFLOAT16: { typedef __nv_bfloat16 T; return call; }                                                    \
-    case FA_FLOAT16: { typedef __half T; return call; }                                                            \
-  }                                                                                                               \
-  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s is not supported on CUDA", fn, fa_dtype_name(dtype));
-
 int fa_cu_conv2d_forward(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias,
                          const fa_conv2d_params *p) {
   if (fa_numel(out) == 0) return 0;
   Conv g = conv_of(x, weight, p);
-  CONV_DISPATCH(FWD, x->dtype, forward_t<T>(out, x, weight, bias, g))
+  FA_CU_FLOAT_DISPATCH(FWD, x->dtype, forward_t<T>(out, x, weight, bias, g))
 }
 
 int fa_cu_conv2d_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad_bias, const fa_tensor *grad_out,
@@ -735,5 +694,5 @@ int fa_cu_conv2d_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *
     if (grad_x && fa_numel(grad_x) > 0) return fa_fill(grad_x, 0);
     return 0;
   }
-  CONV_DISPATCH(BWD, x->dtype, backward_t<T>(grad_x, grad_weight, grad_bias, grad_out, x, weight, g))
+  FA_CU_FLOAT_DISPATCH(BWD, x->dtype, backward_t<T>(grad_x, grad_weight, grad_bias, grad_out, x, weight, g))
 }

@@ -14,42 +14,9 @@
 // Reductions: a fixed number of blocks (a function of the size only) writes double partial sums that one
 // block adds in order: deterministic, on every device. Storage float32, bfloat16 or float16; any strides
 // (strided logits, targets and losses go through dense temporaries).
-#include "common.cuh"
+#include "dense.cuh"
 
 namespace {
-
-struct DenseView {
-  fa_tensor t;
-  fa_tensor *dst = nullptr;
-  void *buf = nullptr;
-  int dev = 0;
-  DenseView() { memset(&t, 0, sizeof t); }
-  DenseView(const DenseView &) = delete;
-  ~DenseView() { if (buf) fa_cu_temp_free(dev, buf); }
-  int alloc_like(const fa_tensor *x) {
-    t = *x;
-    dev = x->device;
-    int64_t s = 1;
-    for (int d = t.ndim - 1; d >= 0; d--) { t.stride[d] = s; s *= t.shape[d]; }
-    if (!(buf = fa_cu_temp_alloc(dev, (s > 0 ? s : 1) * fa_dtype_size(t.dtype)))) return FA_ERR_MEMORY;
-    t.data = buf;
-    return 0;
-  }
-  int in(const fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    int rc = alloc_like(x);
-    return rc ? rc : fa_copy(&t, x);
-  }
-  int out(fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    dst = x;
-    return alloc_like(x);
-  }
-  int finish() { return dst ? fa_copy(dst, &t) : 0; }
-  template <typename T> T *p() const { return (T *)t.data; }
-};
 
 enum { RED_THREADS = 256, RED_MAX_BLOCKS = 1024 };
 
@@ -180,20 +147,6 @@ __global__ void ce_check_kernel(unsigned long long *st, const int64_t *target, i
   }
   for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(0xffffffffu, valid, o);
   if ((threadIdx.x & 31) == 0 && valid) atomicAdd(&st[0], valid);
-}
-
-// running (max, sum exp) as in softmax.cu
-__device__ __forceinline__ void online_add(float &m, float &s, float v) {
-  if (v > m) { s = s * expf(m - v) + 1.f; m = v; }
-  else if (m != -INFINITY) s += expf(v - m);
-  else if (v != v) { m = v; s = v; }
-}
-__device__ __forceinline__ void online_merge(float &m, float &s, float m2, float s2) {
-  float mm = fmaxf(m, m2);
-  if (m != m || m2 != m2) { m = s = m + m2; return; }
-  if (mm == -INFINITY) return;
-  s = (m == -INFINITY ? 0.f : s * expf(m - mm)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mm));
-  m = mm;
 }
 
 // base offset of position i in dense (N, C, inner) logits
@@ -379,27 +332,19 @@ static int ce_backward_t(fa_tensor *grad_logits, const fa_tensor *grad_loss, con
 
 } // namespace
 
-#define CRIT_DISPATCH(fn, dtype, call)                                                                              \
-  switch (dtype) {                                                                                                \
-    case FA_FLOAT32: { typedef float T; return call; }                                                             \
-    case FA_BFLOAT16: { typedef __nv_bfloat16 T; return call; }                                                    \
-    case FA_FLOAT16: { typedef __half T; return call; }                                                            \
-  }                                                                                                               \
-  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s is not supported on CUDA", fn, fa_dtype_name(dtype));
-
 int fa_cu_mse_forward(fa_tensor *loss, const fa_tensor *x, const fa_tensor *target, int reduction) {
-  CRIT_DISPATCH("fa_mse_forward", x->dtype, mse_forward_t<T>(loss, x, target, reduction))
+  FA_CU_FLOAT_DISPATCH("fa_mse_forward", x->dtype, mse_forward_t<T>(loss, x, target, reduction))
 }
 int fa_cu_mse_backward(fa_tensor *grad_x, const fa_tensor *grad_loss, const fa_tensor *x, const fa_tensor *target, int reduction) {
-  CRIT_DISPATCH("fa_mse_backward", x->dtype, mse_backward_t<T>(grad_x, grad_loss, x, target, reduction))
+  FA_CU_FLOAT_DISPATCH("fa_mse_backward", x->dtype, mse_backward_t<T>(grad_x, grad_loss, x, target, reduction))
 }
 int fa_cu_cross_entropy_forward(fa_tensor *loss, const fa_tensor *logits, const fa_tensor *target, int64_t ignore_index,
                                 double label_smoothing, int reduction) {
-  CRIT_DISPATCH("fa_cross_entropy_forward", logits->dtype,
+  FA_CU_FLOAT_DISPATCH("fa_cross_entropy_forward", logits->dtype,
                 ce_forward_t<T>(loss, logits, target, ignore_index, label_smoothing, reduction))
 }
 int fa_cu_cross_entropy_backward(fa_tensor *grad_logits, const fa_tensor *grad_loss, const fa_tensor *logits,
                                  const fa_tensor *target, int64_t ignore_index, double label_smoothing, int reduction) {
-  CRIT_DISPATCH("fa_cross_entropy_backward", logits->dtype,
+  FA_CU_FLOAT_DISPATCH("fa_cross_entropy_backward", logits->dtype,
                 ce_backward_t<T>(grad_logits, grad_loss, logits, target, ignore_index, label_smoothing, reduction))
 }

@@ -73,20 +73,10 @@ static int backward_t(fa_tensor *gx, const fa_tensor *go, const fa_tensor *mask,
 
 int fa_cu_dropout_forward(fa_tensor *out, fa_tensor *mask, const fa_tensor *x, double p, uint64_t seed, uint64_t offset) {
   if (fa_numel(x) == 0) return 0;
-  switch (x->dtype) {
-    case FA_FLOAT32: return forward_t<float>(out, mask, x, p, seed, offset);
-    case FA_BFLOAT16: return forward_t<__nv_bfloat16>(out, mask, x, p, seed, offset);
-    case FA_FLOAT16: return forward_t<__half>(out, mask, x, p, seed, offset);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_dropout_forward: dtype %s is not supported on CUDA", fa_dtype_name(x->dtype));
+  FA_CU_FLOAT_DISPATCH("fa_dropout_forward", x->dtype, forward_t<T>(out, mask, x, p, seed, offset))
 }
 
 int fa_cu_dropout_backward(fa_tensor *grad_x, const fa_tensor *grad_out, const fa_tensor *mask, double p) {
   if (fa_numel(grad_out) == 0) return 0;
-  switch (grad_out->dtype) {
-    case FA_FLOAT32: return backward_t<float>(grad_x, grad_out, mask, p);
-    case FA_BFLOAT16: return backward_t<__nv_bfloat16>(grad_x, grad_out, mask, p);
-    case FA_FLOAT16: return backward_t<__half>(grad_x, grad_out, mask, p);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_dropout_backward: dtype %s is not supported on CUDA", fa_dtype_name(grad_out->dtype));
+  FA_CU_FLOAT_DISPATCH("fa_dropout_backward", grad_out->dtype, backward_t<T>(grad_x, grad_out, mask, p))
 }

@@ -284,20 +284,11 @@ static int backward_t(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tens
 
 int fa_cu_grid_sample_forward(fa_tensor *out, const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners) {
   if (fa_numel(out) == 0) return 0;
-  switch (input->dtype) {
-    case FA_FLOAT32: return forward_t<float>(out, input, grid, padding, align_corners);
-    case FA_BFLOAT16: return forward_t<__nv_bfloat16>(out, input, grid, padding, align_corners);
-    case FA_FLOAT16: return forward_t<__half>(out, input, grid, padding, align_corners);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_grid_sample_forward: dtype %s is not supported on CUDA", fa_dtype_name(input->dtype));
+  FA_CU_FLOAT_DISPATCH("fa_grid_sample_forward", input->dtype, forward_t<T>(out, input, grid, padding, align_corners))
 }
 
 int fa_cu_grid_sample_backward(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tensor *grad_out,
                                const fa_tensor *input, const fa_tensor *grid, int padding, int align_corners) {
-  switch (input->dtype) {
-    case FA_FLOAT32: return backward_t<float>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
-    case FA_BFLOAT16: return backward_t<__nv_bfloat16>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
-    case FA_FLOAT16: return backward_t<__half>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_grid_sample_backward: dtype %s is not supported on CUDA", fa_dtype_name(input->dtype));
+  FA_CU_FLOAT_DISPATCH("fa_grid_sample_backward", input->dtype,
+                       backward_t<T>(grad_input, grad_grid, grad_out, input, grid, padding, align_corners))
 }

@@ -13,59 +13,9 @@
 // gradients are reduced deterministically: fixed row slices give per-slice partial sums (columns across a
 // warp, so the loads coalesce), added in slice order by a second kernel. Strided views are copied to dense
 // temporaries first (DenseView).
-#include "common.cuh"
+#include "dense.cuh"
 
 namespace {
-
-// A dense stand-in for a tensor that may be a strided view. Inputs: the view itself when contiguous, else a
-// dense copy. Outputs: computed into a temporary that finish() copies back. NULL stays NULL.
-struct DenseView {
-  fa_tensor t;
-  fa_tensor *dst = nullptr;
-  void *buf = nullptr;
-  int dev = 0;
-  DenseView() { memset(&t, 0, sizeof t); }
-  DenseView(const DenseView &) = delete;
-  ~DenseView() { if (buf) fa_cu_temp_free(dev, buf); }
-  int alloc_like(const fa_tensor *x) {
-    t = *x;
-    dev = x->device;
-    int64_t s = 1;
-    for (int d = t.ndim - 1; d >= 0; d--) { t.stride[d] = s; s *= t.shape[d]; }
-    if (!(buf = fa_cu_temp_alloc(dev, s * fa_dtype_size(t.dtype)))) return FA_ERR_MEMORY;
-    t.data = buf;
-    return 0;
-  }
-  int in(const fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    int rc = alloc_like(x);
-    return rc ? rc : fa_copy(&t, x);
-  }
-  int out(fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    dst = x;
-    return alloc_like(x);
-  }
-  int finish() { return dst ? fa_copy(dst, &t) : 0; }
-  template <typename T> T *p() const { return (T *)t.data; }
-};
-
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
-
-// loads VEC elements at p (16-byte aligned when VEC > 1) as floats
-template <typename T, int VEC> __device__ __forceinline__ void load_vec(float (&f)[VEC], const T *p) {
-  Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC> *>(p);
-#pragma unroll
-  for (int e = 0; e < VEC; e++) f[e] = fa_to_f<T>(k.v[e]);
-}
-template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *p, const float (&f)[VEC]) {
-  Pack<T, VEC> k;
-#pragma unroll
-  for (int e = 0; e < VEC; e++) k.v[e] = fa_from_f<T>(f[e]);
-  *reinterpret_cast<Pack<T, VEC> *>(p) = k;
-}
 
 // sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result; red has 32 floats
 __device__ __forceinline__ float block_sum(float v, float *red) {
@@ -275,12 +225,6 @@ __global__ void ln_param_final(T *gw, fa_cu_geom gwg, T *gb, fa_cu_geom gbg, con
 }
 
 // ------------------------------------------------------------------ launchers
-// the warp-per-row kernels hold NV*VEC values per lane; NV is the smallest power of two that covers n
-static int pick_nv(int64_t n, int vec, int max_nv) {
-  for (int nv = 1; nv <= max_nv; nv *= 2)
-    if ((int64_t)32 * vec * nv >= n) return nv;
-  return 0;
-}
 
 template <typename T, int VEC>
 static void fwd_warp_launch(int nv, dim3 grid, cudaStream_t st, T *out, float *mean, float *rstd, const T *x,
@@ -305,15 +249,6 @@ static void bwd_warp_launch(int nv, dim3 grid, cudaStream_t st, T *gx, const T *
     case 16: if (VEC == 1) ln_bwd_warp<T, 1, 16><<<grid, 256, 0, st>>>(gx, gy, x, mean, rstd, w, rows, n); break;
     case 32: if (VEC == 1) ln_bwd_warp<T, 1, 32><<<grid, 256, 0, st>>>(gx, gy, x, mean, rstd, w, rows, n); break;
   }
-}
-
-// 16-byte vectors when every row starts 16-byte aligned
-template <typename T> static int vec_ok(int64_t n, const void *const *ptrs, int k) {
-  const int V = 16 / (int)sizeof(T);
-  if (n % V) return 0;
-  for (int i = 0; i < k; i++)
-    if (ptrs[i] && !fa_cu_aligned16(ptrs[i])) return 0;
-  return 1;
 }
 
 template <typename T>

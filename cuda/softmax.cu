@@ -11,69 +11,9 @@
 //   dim innermost, longer rows: one block per row, running (max, sum) in one pass, then a writing pass;
 //   dim not innermost: one thread per (outer, inner) line, adjacent threads on adjacent inner positions so
 //     every load along dim is coalesced.
-#include "common.cuh"
+#include "dense.cuh"
 
 namespace {
-
-struct DenseView {
-  fa_tensor t;
-  fa_tensor *dst = nullptr;
-  void *buf = nullptr;
-  int dev = 0;
-  DenseView() { memset(&t, 0, sizeof t); }
-  DenseView(const DenseView &) = delete;
-  ~DenseView() { if (buf) fa_cu_temp_free(dev, buf); }
-  int alloc_like(const fa_tensor *x) {
-    t = *x;
-    dev = x->device;
-    int64_t s = 1;
-    for (int d = t.ndim - 1; d >= 0; d--) { t.stride[d] = s; s *= t.shape[d]; }
-    if (!(buf = fa_cu_temp_alloc(dev, s * fa_dtype_size(t.dtype)))) return FA_ERR_MEMORY;
-    t.data = buf;
-    return 0;
-  }
-  int in(const fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    int rc = alloc_like(x);
-    return rc ? rc : fa_copy(&t, x);
-  }
-  int out(fa_tensor *x) {
-    if (!x) return 0;
-    if (fa_is_contiguous(x)) { t = *x; return 0; }
-    dst = x;
-    return alloc_like(x);
-  }
-  int finish() { return dst ? fa_copy(dst, &t) : 0; }
-  template <typename T> T *p() const { return (T *)t.data; }
-};
-
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
-template <typename T, int VEC> __device__ __forceinline__ void load_vec(float (&f)[VEC], const T *p) {
-  Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC> *>(p);
-#pragma unroll
-  for (int e = 0; e < VEC; e++) f[e] = fa_to_f<T>(k.v[e]);
-}
-template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *p, const float (&f)[VEC]) {
-  Pack<T, VEC> k;
-#pragma unroll
-  for (int e = 0; e < VEC; e++) k.v[e] = fa_from_f<T>(f[e]);
-  *reinterpret_cast<Pack<T, VEC> *>(p) = k;
-}
-
-// running (max, sum of exp(x - max)); a -inf max contributes nothing (an all -inf line gives NaN, as the CPU)
-__device__ __forceinline__ void online_add(float &m, float &s, float v) {
-  if (v > m) { s = s * expf(m - v) + 1.f; m = v; }
-  else if (m != -INFINITY) s += expf(v - m);
-  else if (v != v) { m = v; s = v; } // NaN propagates
-}
-__device__ __forceinline__ void online_merge(float &m, float &s, float m2, float s2) {
-  float mm = fmaxf(m, m2);
-  if (m != m || m2 != m2) { m = s = m + m2; return; }
-  if (mm == -INFINITY) return;
-  s = (m == -INFINITY ? 0.f : s * expf(m - mm)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mm));
-  m = mm;
-}
 
 // ------------------------------------------------------------------ warp per row
 template <typename T, int VEC, int NV, bool LOG>
@@ -242,17 +182,6 @@ static Geom geom_of(const fa_tensor *t, int dim) {
   for (int d = dim + 1; d < t->ndim; d++) g.inner *= t->shape[d];
   g.D = t->shape[dim];
   return g;
-}
-static int pick_nv(int64_t n, int vec, int max_nv) {
-  for (int nv = 1; nv <= max_nv; nv *= 2)
-    if ((int64_t)32 * vec * nv >= n) return nv;
-  return 0;
-}
-template <typename T> static int vec_ok(int64_t D, const void *const *ptrs, int k) {
-  if (D % (16 / (int)sizeof(T))) return 0;
-  for (int i = 0; i < k; i++)
-    if (!fa_cu_aligned16(ptrs[i])) return 0;
-  return 1;
 }
 
 #define SM_NV_CASES(KERNEL, VEC, LOG, ...)                                                        \
