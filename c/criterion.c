@@ -12,7 +12,7 @@
  * Targets that are not ignore_index and outside [0, C) are an error, found before anything is written.
  * Reductions sum fixed-size chunks in parallel and then the chunk sums in order (double), so the result
  * does not depend on the thread count. Every tensor may have any strides. */
-/* -fno-trapping-math (PyTorch builds with it too): lets GCC if-convert and vectorise the fast_expf loops.
+/* -fno-trapping-math (PyTorch builds with it too): lets GCC if-convert and vectorise the fa_fast_expf loops.
  * Nothing here reads the floating-point exception flags. Before the includes, so that every function of
  * this file, the inline helpers included, is compiled with the same options. */
 #pragma GCC optimize("no-trapping-math")
@@ -27,49 +27,30 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
   if (dbl) ((double *)p)[i] = v;
   else ((float *)p)[i] = (float)v;
 }
-/* exp for the float32 kernels: Cephes' expf (as in softmax.c), plain arithmetic so that loops vectorise */
-static inline float fast_expf(float x) {
-  float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
-  float s;
-  memcpy(&s, &bits, 4);
-  float y = p * s;
-  return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
-}
-
 /* Double-accumulator reductions. `#pragma omp simd` is lowered before inlining, so a reduction loop
- * vectorises only where its pointer types are fixed: hence float and double versions. */
+ * vectorises only where its pointer types are fixed: hence float and double versions. simdlen(8):
+ * eight partial sums, so that the adds are not one long dependency chain. */
 static inline double sum_f32(const float *p, int64_t s, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += p[k * s];
   return t;
 }
 static inline double sum_f64(const double *p, int64_t s, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += p[k * s];
   return t;
 }
 static inline double sqdiff_f32(const float *x, const float *y, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += ((double)x[k] - y[k]) * ((double)x[k] - y[k]);
   return t;
 }
 static inline double sqdiff_f64(const double *x, const double *y, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += (x[k] - y[k]) * (x[k] - y[k]);
   return t;
 }
@@ -118,10 +99,12 @@ static inline __attribute__((always_inline)) double mse_chunk(int dbl, int sum, 
     return dbl ? sqdiff_f64((const double *)xp, (const double *)tp, i1 - i0)
                : sqdiff_f32((const float *)xp, (const float *)tp, i1 - i0);
   }
-  if (contig) {
+  if (contig) { /* the data pointers in locals: a store through loss->data could change x->data */
+    void *lp = loss->data;
+    const void *xp = x->data, *tp = t->data;
     for (int64_t i = i0; i < i1; i++) {
-      double d = ld(x->data, i, dbl) - ld(t->data, i, dbl);
-      st(loss->data, i, d * d, dbl);
+      double d = ld(xp, i, dbl) - ld(tp, i, dbl);
+      st(lp, i, d * d, dbl);
     }
     return 0;
   }
@@ -134,6 +117,13 @@ static inline __attribute__((always_inline)) double mse_chunk(int dbl, int sum, 
   return s;
 }
 
+/* the chunk kernels with a literal dbl, compiled for AVX2 + FMA and the baseline (FA_HOT_CLONES); called
+ * from the parallel loops (which OpenMP outlines before inlining) */
+FA_HOT_CLONES static double mse_chunk_any(int dbl, int sum, fa_tensor *loss, const fa_tensor *x, const fa_tensor *t,
+                                          int contig, int64_t i0, int64_t i1) {
+  return dbl ? mse_chunk(1, sum, loss, x, t, contig, i0, i1) : mse_chunk(0, sum, loss, x, t, contig, i0, i1);
+}
+
 static int mse_forward_cpu(fa_tensor *loss, const fa_tensor *x, const fa_tensor *t, int reduction) {
   int64_t n = fa_numel(x), nch = (n + MSE_CHUNK - 1) / MSE_CHUNK;
   int dbl = x->dtype == FA_FLOAT64, sum = reduction != FA_REDUCE_NONE;
@@ -143,7 +133,7 @@ static int mse_forward_cpu(fa_tensor *loss, const fa_tensor *x, const fa_tensor 
 #pragma omp parallel for schedule(static) if (n > FA_PARALLEL_GRAIN)
   for (int64_t k = 0; k < nch; k++) {
     int64_t i0 = k * MSE_CHUNK, i1 = i0 + MSE_CHUNK < n ? i0 + MSE_CHUNK : n;
-    double v = dbl ? mse_chunk(1, sum, loss, x, t, contig, i0, i1) : mse_chunk(0, sum, loss, x, t, contig, i0, i1);
+    double v = mse_chunk_any(dbl, sum, loss, x, t, contig, i0, i1);
     if (part) part[k] = v;
   }
   if (!sum) return 0;
@@ -157,10 +147,12 @@ static int mse_forward_cpu(fa_tensor *loss, const fa_tensor *x, const fa_tensor 
 static inline __attribute__((always_inline)) void mse_grad_chunk(int dbl, int none, fa_tensor *gx, const fa_tensor *gl,
                                                                  const fa_tensor *x, const fa_tensor *t, int contig,
                                                                  double g1, int64_t i0, int64_t i1) {
-  if (contig) {
+  if (contig) { /* the data pointers in locals (see mse_chunk) */
+    void *gp = gx->data;
+    const void *glp = gl->data, *xp = x->data, *tp = t->data;
     for (int64_t i = i0; i < i1; i++) {
-      double g = none ? 2 * ld(gl->data, i, dbl) : g1;
-      st(gx->data, i, (ld(x->data, i, dbl) - ld(t->data, i, dbl)) * g, dbl);
+      double g = none ? 2 * ld(glp, i, dbl) : g1;
+      st(gp, i, (ld(xp, i, dbl) - ld(tp, i, dbl)) * g, dbl);
     }
     return;
   }
@@ -168,6 +160,12 @@ static inline __attribute__((always_inline)) void mse_grad_chunk(int dbl, int no
     double g = none ? 2 * ld(gl->data, fa_offset(gl, i), dbl) : g1;
     st(gx->data, fa_offset(gx, i), (ld(x->data, fa_offset(x, i), dbl) - ld(t->data, fa_offset(t, i), dbl)) * g, dbl);
   }
+}
+
+FA_HOT_CLONES static void mse_grad_chunk_any(int dbl, int none, fa_tensor *gx, const fa_tensor *gl, const fa_tensor *x,
+                                             const fa_tensor *t, int contig, double g1, int64_t i0, int64_t i1) {
+  if (dbl) mse_grad_chunk(1, none, gx, gl, x, t, contig, g1, i0, i1);
+  else mse_grad_chunk(0, none, gx, gl, x, t, contig, g1, i0, i1);
 }
 
 static void mse_backward_cpu(fa_tensor *gx, const fa_tensor *gl, const fa_tensor *x, const fa_tensor *t, int reduction) {
@@ -178,8 +176,7 @@ static void mse_backward_cpu(fa_tensor *gx, const fa_tensor *gl, const fa_tensor
 #pragma omp parallel for schedule(static) if (n > FA_PARALLEL_GRAIN)
   for (int64_t k = 0; k < nch; k++) {
     int64_t i0 = k * MSE_CHUNK, i1 = i0 + MSE_CHUNK < n ? i0 + MSE_CHUNK : n;
-    if (dbl) mse_grad_chunk(1, none, gx, gl, x, t, contig, g1, i0, i1);
-    else mse_grad_chunk(0, none, gx, gl, x, t, contig, g1, i0, i1);
+    mse_grad_chunk_any(dbl, none, gx, gl, x, t, contig, g1, i0, i1);
   }
 }
 
@@ -291,7 +288,7 @@ static inline __attribute__((always_inline)) double ce_lse(int dbl, const void *
     } else {
       const float *xf = (const float *)x + c0 * sx;
       float tile[CE_TILE], mf = (float)m;
-      for (int64_t c = 0; c < n; c++) tile[c] = fast_expf(xf[c * sx] - mf);
+      for (int64_t c = 0; c < n; c++) tile[c] = fa_fast_expf(xf[c * sx] - mf);
       s += sum_f32(tile, 1, n);
     }
   }
@@ -322,7 +319,7 @@ static inline __attribute__((always_inline)) void ce_line_grad(int dbl, void *gx
   } else {
     const float *xf = (const float *)x;
     float *gf = (float *)gx, m = max_f32(xf, sx, C);
-    for (int64_t c = 0; c < C; c++) gf[c * sgx] = fast_expf(xf[c * sx] - m);
+    for (int64_t c = 0; c < C; c++) gf[c * sgx] = fa_fast_expf(xf[c * sx] - m);
     inv = 1.0 / sum_f32(gf, sgx, C);
     et = gf[t * sgx];
     float a = (float)(scale * inv), b = (float)(-scale * off);
@@ -342,13 +339,14 @@ typedef struct {
 } ce_ctx;
 
 /* The parallel loops are outlined by OpenMP before inlining, so dbl would be a run-time value inside
- * them: these hand the kernels literal constants (dbl, flat), one branch per position. */
+ * them: these hand the kernels literal constants (dbl, flat), one branch per position. The two *_any
+ * functions are compiled for AVX2 + FMA and the baseline (FA_HOT_CLONES), picked at load time. */
 static inline __attribute__((always_inline)) double ce_pos_loss(int dbl, int flat, const ce_ctx *c, int64_t i, int64_t t) {
   const char *xp = (const char *)c->logits->data;
   if (flat) return ce_line_loss(dbl, xp + i * c->C * c->es, 1, c->C, t, c->ls);
   return ce_line_loss(dbl, xp + line_base(c->logits, 1, i) * c->es, c->sx, c->C, t, c->ls);
 }
-static double ce_pos_loss_any(int dbl, const ce_ctx *c, int64_t i, int64_t t) {
+FA_HOT_CLONES static double ce_pos_loss_any(int dbl, const ce_ctx *c, int64_t i, int64_t t) {
   if (dbl) return c->flat ? ce_pos_loss(1, 1, c, i, t) : ce_pos_loss(1, 0, c, i, t);
   return c->flat ? ce_pos_loss(0, 1, c, i, t) : ce_pos_loss(0, 0, c, i, t);
 }
@@ -361,7 +359,7 @@ static inline __attribute__((always_inline)) void ce_pos_grad(int dbl, int flat,
     ce_line_grad(dbl, gp + line_base(c->gx, 1, i) * c->es, c->sgx, xp + line_base(c->logits, 1, i) * c->es, c->sx, c->C,
                  t, c->ls, scale);
 }
-static void ce_pos_grad_any(int dbl, const ce_ctx *c, int64_t i, int64_t t, double scale) {
+FA_HOT_CLONES static void ce_pos_grad_any(int dbl, const ce_ctx *c, int64_t i, int64_t t, double scale) {
   if (dbl) {
     if (c->flat) ce_pos_grad(1, 1, c, i, t, scale);
     else ce_pos_grad(1, 0, c, i, t, scale);

@@ -12,6 +12,11 @@
  *   grad_input is made by one thread per (n, c) plane, each scattering its own plane in output order:
  *   deterministic, no atomics. grad_grid is a separate pass over output points with a loop over
  *   channels. Every tensor may have any strides. */
+/* fp-contract=off: no FMA in the AVX2 clones (FA_HOT_CLONES below), so that the source coordinates are
+ * rounded as PyTorch's kernel rounds them (a point on a pixel boundary picks the same cell) and the result
+ * does not depend on the machine. Before the includes, so that every function of this file, the inline
+ * helpers included, is compiled with the same options. */
+#pragma GCC optimize("fp-contract=off")
 #include "internal.h"
 #include <stdlib.h>
 
@@ -157,6 +162,14 @@ static inline __attribute__((always_inline)) void gs_fwd_tile(int dbl, const gs_
   }
 }
 
+/* the tile kernels with a literal dbl, compiled for AVX2 and the baseline (FA_HOT_CLONES), picked at load
+ * time; called from the parallel loops */
+FA_HOT_CLONES static void gs_fwd_tile_any(int dbl, const gs_geom *g, fa_tensor *out, const fa_tensor *input,
+                                          const fa_tensor *grid, int64_t n, int64_t h, int64_t w0, int nw) {
+  if (dbl) gs_fwd_tile(1, g, out, input, grid, n, h, w0, nw);
+  else gs_fwd_tile(0, g, out, input, grid, n, h, w0, nw);
+}
+
 static void gs_forward_cpu(int dbl, const gs_geom *g, fa_tensor *out, const fa_tensor *input, const fa_tensor *grid) {
   gs_tiling tl = tiling(g);
 #pragma omp parallel for schedule(static) if (g->N * g->Ho * g->Wo * g->C > FA_PARALLEL_GRAIN / 4)
@@ -164,8 +177,7 @@ static void gs_forward_cpu(int dbl, const gs_geom *g, fa_tensor *out, const fa_t
     int64_t n, h, w0;
     int nw;
     tile_of(g, &tl, k, &n, &h, &w0, &nw);
-    if (dbl) gs_fwd_tile(1, g, out, input, grid, n, h, w0, nw);
-    else gs_fwd_tile(0, g, out, input, grid, n, h, w0, nw);
+    gs_fwd_tile_any(dbl, g, out, input, grid, n, h, w0, nw);
   }
 }
 
@@ -241,6 +253,24 @@ static inline __attribute__((always_inline)) void gs_ggrid_tile(int dbl, const g
   }
 }
 
+/* the backward kernels with a literal dbl, compiled for AVX2 and the baseline (FA_HOT_CLONES) */
+FA_HOT_CLONES static void gs_scatter_tile_any(int dbl, const gs_geom *g, const fa_tensor *gin, const fa_tensor *grid,
+                                              gs_scatter *sc, int64_t n, int64_t h, int64_t w0, int nw) {
+  if (dbl) gs_scatter_tile(1, g, gin, grid, sc, n, h, w0, nw);
+  else gs_scatter_tile(0, g, gin, grid, sc, n, h, w0, nw);
+}
+FA_HOT_CLONES static void gs_gin_plane_any(int dbl, const gs_geom *g, fa_tensor *gin, const fa_tensor *gout,
+                                           const gs_scatter *sc, int64_t n, int64_t c) {
+  if (dbl) gs_gin_plane(1, g, gin, gout, sc, n, c);
+  else gs_gin_plane(0, g, gin, gout, sc, n, c);
+}
+FA_HOT_CLONES static void gs_ggrid_tile_any(int dbl, const gs_geom *g, fa_tensor *ggrid, const fa_tensor *gout,
+                                            const fa_tensor *input, const fa_tensor *grid, int64_t n, int64_t h,
+                                            int64_t w0, int nw) {
+  if (dbl) gs_ggrid_tile(1, g, ggrid, gout, input, grid, n, h, w0, nw);
+  else gs_ggrid_tile(0, g, ggrid, gout, input, grid, n, h, w0, nw);
+}
+
 static void gs_backward_cpu(int dbl, const gs_geom *g, fa_tensor *gin, fa_tensor *ggrid, const fa_tensor *gout,
                             const fa_tensor *input, const fa_tensor *grid, gs_scatter *sc) {
   gs_tiling tl = tiling(g);
@@ -251,13 +281,11 @@ static void gs_backward_cpu(int dbl, const gs_geom *g, fa_tensor *gin, fa_tensor
       int64_t n, h, w0;
       int nw;
       tile_of(g, &tl, k, &n, &h, &w0, &nw);
-      if (dbl) gs_scatter_tile(1, g, gin, grid, sc, n, h, w0, nw);
-      else gs_scatter_tile(0, g, gin, grid, sc, n, h, w0, nw);
+      gs_scatter_tile_any(dbl, g, gin, grid, sc, n, h, w0, nw);
     }
 #pragma omp parallel for schedule(static) if (work > FA_PARALLEL_GRAIN / 4)
     for (int64_t nc = 0; nc < g->N * g->C; nc++) {
-      if (dbl) gs_gin_plane(1, g, gin, gout, sc, nc / g->C, nc % g->C);
-      else gs_gin_plane(0, g, gin, gout, sc, nc / g->C, nc % g->C);
+      gs_gin_plane_any(dbl, g, gin, gout, sc, nc / g->C, nc % g->C);
     }
   }
   if (ggrid) {
@@ -266,8 +294,7 @@ static void gs_backward_cpu(int dbl, const gs_geom *g, fa_tensor *gin, fa_tensor
       int64_t n, h, w0;
       int nw;
       tile_of(g, &tl, k, &n, &h, &w0, &nw);
-      if (dbl) gs_ggrid_tile(1, g, ggrid, gout, input, grid, n, h, w0, nw);
-      else gs_ggrid_tile(0, g, ggrid, gout, input, grid, n, h, w0, nw);
+      gs_ggrid_tile_any(dbl, g, ggrid, gout, input, grid, n, h, w0, nw);
     }
   }
 }

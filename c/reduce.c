@@ -33,6 +33,26 @@ static inline int beats(double v, double best) { return v > best || (v != v && b
 /* the result of reducing a run: sums/max in v (floats) or iv (ints), arg = index of the max in the run */
 typedef struct { double v; int64_t iv, arg; } red_val;
 
+/* Contiguous float sums: eight partial sums in a fixed order (lanes, then ((0+1)+(2+3))+((4+5)+(6+7)),
+ * the tail into lane 0), so the adds are not one dependency chain and the loop vectorises; compiled for
+ * AVX2 and the baseline (FA_HOT_CLONES). Deterministic: the same order on every machine and thread count. */
+FA_HOT_CLONES static double sum_run_f32(const float *p, int64_t len) {
+  double a[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int k = 0; k < 8; k++) a[k] += p[i + k];
+  for (; i < len; i++) a[0] += p[i];
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+FA_HOT_CLONES static double sum_run_f64(const double *p, int64_t len) {
+  double a[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int k = 0; k < 8; k++) a[k] += p[i + k];
+  for (; i < len; i++) a[0] += p[i];
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 /* reduces len elements at p (element stride st) */
 static red_val reduce_run(int op, const char *p, int dt, int64_t len, int64_t st) {
   red_val r = { 0, 0, 0 };
@@ -57,14 +77,8 @@ static red_val reduce_run(int op, const char *p, int dt, int64_t len, int64_t st
       double v = ldf(p, dt, i * st);
       if (beats(v, r.v)) { r.v = v; r.arg = i; }
     }
-  } else if (st == 1) { /* four partial sums: breaks the add latency chain; the order is still fixed */
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int64_t i = 0;
-    for (; i + 4 <= len; i += 4) {
-      a0 += ldf(p, dt, i); a1 += ldf(p, dt, i + 1); a2 += ldf(p, dt, i + 2); a3 += ldf(p, dt, i + 3);
-    }
-    for (; i < len; i++) a0 += ldf(p, dt, i);
-    r.v = (a0 + a1) + (a2 + a3);
+  } else if (st == 1) {
+    r.v = dt == FA_FLOAT64 ? sum_run_f64((const double *)p, len) : sum_run_f32((const float *)p, len);
   } else {
     double acc = 0;
     for (int64_t i = 0; i < len; i++) acc += ldf(p, dt, i * st);
@@ -134,6 +148,18 @@ static int reduce_all_cpu(int op, fa_tensor *out, fa_tensor *idx, const fa_tenso
   return 0;
 }
 
+/* acc[j] = sum over r of p[r * inner + j], j < w <= CB, row by row (a vectorised run per row) */
+FA_HOT_CLONES static void sum_cols_f32(const float *p, int64_t R, int64_t inner, int64_t w, double *acc) {
+  for (int64_t j = 0; j < w; j++) acc[j] = 0;
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t j = 0; j < w; j++) acc[j] += p[r * inner + j];
+}
+FA_HOT_CLONES static void sum_cols_f64(const double *p, int64_t R, int64_t inner, int64_t w, double *acc) {
+  for (int64_t j = 0; j < w; j++) acc[j] = 0;
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t j = 0; j < w; j++) acc[j] += p[r * inner + j];
+}
+
 /* (2) contiguous float x (outer, R, inner), inner > 1: tiles of CB columns of one outer slice */
 static void reduce_cols_cpu(int op, fa_tensor *out, fa_tensor *idx, const fa_tensor *x, int64_t outer, int64_t R,
                             int64_t inner) {
@@ -153,10 +179,10 @@ static void reduce_cols_cpu(int op, fa_tensor *out, fa_tensor *idx, const fa_ten
           double v = ldf(p0, dt, r * inner + j);
           if (beats(v, acc[j])) { acc[j] = v; arg[j] = r; }
         }
+    } else if (dt == FA_FLOAT64) {
+      sum_cols_f64((const double *)p0, R, inner, w, acc);
     } else {
-      for (int64_t j = 0; j < w; j++) acc[j] = 0;
-      for (int64_t r = 0; r < R; r++)
-        for (int64_t j = 0; j < w; j++) acc[j] += ldf(p0, dt, r * inner + j);
+      sum_cols_f32((const float *)p0, R, inner, w, acc);
     }
     for (int64_t j = 0; j < w; j++) {
       red_val v = { acc[j], 0, is_max ? arg[j] : 0 };

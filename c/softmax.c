@@ -8,8 +8,9 @@
  * Three paths, same arithmetic: (a) every tensor contiguous and dim innermost: contiguous rows;
  * (b) every tensor contiguous, dim not innermost: blocks of up to SM_BLOCK adjacent inner positions
  * processed together so the loads along dim stay contiguous; (c) any strides: one strided line per
- * (outer, inner) position. Sums accumulate in double; float32 uses a vectorisable expf (fast_expf). */
-/* -fno-trapping-math (PyTorch builds with it too): lets GCC if-convert and vectorise the fast_expf loops.
+ * (outer, inner) position. Sums accumulate in double; float32 uses a vectorisable expf (fa_fast_expf,
+ * internal.h). */
+/* -fno-trapping-math (PyTorch builds with it too): lets GCC if-convert and vectorise the fa_fast_expf loops.
  * Nothing here reads the floating-point exception flags. Before the includes, so that every function of
  * this file, the inline helpers included, is compiled with the same options. */
 #pragma GCC optimize("no-trapping-math")
@@ -24,40 +25,20 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
   if (dbl) ((double *)p)[i] = v;
   else ((float *)p)[i] = (float)v;
 }
-/* exp for the float32 kernels: Cephes' expf (range reduction by ln 2, degree-6 polynomial; relative
- * error ~1e-7) in plain arithmetic, so that the loops calling it vectorise (libm's expf is an opaque
- * call). 0 below -87.3 (so exp(-inf) = 0 for masked logits), inf above 88.4, NaN stays NaN. */
-static inline float fast_expf(float x) {
-  float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
-  float s;
-  memcpy(&s, &bits, 4);
-  float y = p * s;
-  return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
-}
-static inline double ex(double v, int dbl) { return dbl ? exp(v) : (double)fast_expf((float)v); }
+static inline double ex(double v, int dbl) { return dbl ? exp(v) : (double)fa_fast_expf((float)v); }
 
 /* Reductions with double accumulators. `#pragma omp simd` is lowered before inlining, so a reduction
- * loop vectorises only where its pointer types are fixed: hence a float and a double version. */
+ * loop vectorises only where its pointer types are fixed: hence a float and a double version.
+ * simdlen(8): eight partial sums, so that the adds are not one long dependency chain. */
 static inline double sum_f32(const float *p, int64_t s, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += p[k * s];
   return t;
 }
 static inline double sum_f64(const double *p, int64_t s, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += p[k * s];
   return t;
 }
@@ -66,13 +47,13 @@ static inline double vsum(const void *p, int64_t s, int64_t n, int dbl) {
 }
 static inline double dot_f32(const float *a, int64_t sa, const float *b, int64_t sb, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += (double)a[k * sa] * b[k * sb];
   return t;
 }
 static inline double dot_f64(const double *a, int64_t sa, const double *b, int64_t sb, int64_t n) {
   double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(4)
+#pragma omp simd reduction(+ : t) simdlen(8)
   for (int64_t k = 0; k < n; k++) t += a[k * sa] * b[k * sb];
   return t;
 }
@@ -89,7 +70,7 @@ static inline float max_f32(const float *x, int64_t s, int64_t n) {
   return m;
 }
 static inline void exp_shift_f32(float *y, int64_t sy, const float *x, int64_t sx, int64_t n, float m) {
-  for (int64_t k = 0; k < n; k++) y[k * sy] = fast_expf(x[k * sx] - m);
+  for (int64_t k = 0; k < n; k++) y[k * sy] = fa_fast_expf(x[k * sx] - m);
 }
 
 /* element offset of the l-th line along dim (lines numbered in row-major order of the other dims) */
@@ -167,7 +148,7 @@ static inline __attribute__((always_inline)) void fwd_block(int dbl, int lg, voi
     for (int64_t k = 0; k < D; k++)
       for (int i = 0; i < nb; i++) mf[i] = xf[k * inner + i] > mf[i] ? xf[k * inner + i] : mf[i];
     for (int64_t k = 0; k < D; k++) {
-      for (int i = 0; i < nb; i++) yf[k * inner + i] = fast_expf(xf[k * inner + i] - mf[i]);
+      for (int i = 0; i < nb; i++) yf[k * inner + i] = fa_fast_expf(xf[k * inner + i] - mf[i]);
       for (int i = 0; i < nb; i++) s[i] += yf[k * inner + i];
     }
     for (int i = 0; i < nb; i++) m[i] = mf[i];
@@ -229,8 +210,9 @@ static sm_geom geom(const fa_tensor *t, int dim, int contig) {
 
 /* The parallel loops below are outlined by OpenMP before inlining, so dbl and lg would be run-time
  * values inside them; these dispatchers hand the kernels literal constants instead, so that each of
- * the four (dtype, log) variants is compiled (and vectorised) on its own. One branch per line/block. */
-static inline void fwd_line_any(int dbl, int lg, void *y, int64_t sy, const void *x, int64_t sx, int64_t D) {
+ * the four (dtype, log) variants is compiled (and vectorised) on its own. One branch per line/block.
+ * They are compiled for AVX2 + FMA as well as the baseline (FA_HOT_CLONES), picked at load time. */
+FA_HOT_CLONES static void fwd_line_any(int dbl, int lg, void *y, int64_t sy, const void *x, int64_t sx, int64_t D) {
   if (dbl) {
     if (lg) fwd_line(1, 1, y, sy, x, sx, D);
     else fwd_line(1, 0, y, sy, x, sx, D);
@@ -239,7 +221,7 @@ static inline void fwd_line_any(int dbl, int lg, void *y, int64_t sy, const void
     else fwd_line(0, 0, y, sy, x, sx, D);
   }
 }
-static inline void fwd_line_any_contig(int dbl, int lg, void *y, const void *x, int64_t D) {
+FA_HOT_CLONES static void fwd_line_any_contig(int dbl, int lg, void *y, const void *x, int64_t D) {
   if (dbl) {
     if (lg) fwd_line(1, 1, y, 1, x, 1, D);
     else fwd_line(1, 0, y, 1, x, 1, D);
@@ -248,7 +230,7 @@ static inline void fwd_line_any_contig(int dbl, int lg, void *y, const void *x, 
     else fwd_line(0, 0, y, 1, x, 1, D);
   }
 }
-static inline void fwd_block_any(int dbl, int lg, void *y, const void *x, int64_t D, int64_t inner, int nb) {
+FA_HOT_CLONES static void fwd_block_any(int dbl, int lg, void *y, const void *x, int64_t D, int64_t inner, int nb) {
   if (dbl) {
     if (lg) fwd_block(1, 1, y, x, D, inner, nb);
     else fwd_block(1, 0, y, x, D, inner, nb);
@@ -257,7 +239,7 @@ static inline void fwd_block_any(int dbl, int lg, void *y, const void *x, int64_
     else fwd_block(0, 0, y, x, D, inner, nb);
   }
 }
-static inline void bwd_line_any(int dbl, int lg, void *gx, int64_t sgx, const void *g, int64_t sg, const void *y,
+FA_HOT_CLONES static void bwd_line_any(int dbl, int lg, void *gx, int64_t sgx, const void *g, int64_t sg, const void *y,
                                 int64_t sy, int64_t D) {
   if (dbl) {
     if (lg) bwd_line(1, 1, gx, sgx, g, sg, y, sy, D);
@@ -267,7 +249,7 @@ static inline void bwd_line_any(int dbl, int lg, void *gx, int64_t sgx, const vo
     else bwd_line(0, 0, gx, sgx, g, sg, y, sy, D);
   }
 }
-static inline void bwd_line_any_contig(int dbl, int lg, void *gx, const void *g, const void *y, int64_t D) {
+FA_HOT_CLONES static void bwd_line_any_contig(int dbl, int lg, void *gx, const void *g, const void *y, int64_t D) {
   if (dbl) {
     if (lg) bwd_line(1, 1, gx, 1, g, 1, y, 1, D);
     else bwd_line(1, 0, gx, 1, g, 1, y, 1, D);
@@ -276,7 +258,7 @@ static inline void bwd_line_any_contig(int dbl, int lg, void *gx, const void *g,
     else bwd_line(0, 0, gx, 1, g, 1, y, 1, D);
   }
 }
-static inline void bwd_block_any(int dbl, int lg, void *gx, const void *g, const void *y, int64_t D, int64_t inner,
+FA_HOT_CLONES static void bwd_block_any(int dbl, int lg, void *gx, const void *g, const void *y, int64_t D, int64_t inner,
                                  int nb) {
   if (dbl) {
     if (lg) bwd_block(1, 1, gx, g, y, D, inner, nb);

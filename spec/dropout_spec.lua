@@ -74,6 +74,31 @@ describe('fa_dropout', function()
     local _ = ua, ma
   end)
 
+  it('draws the same numbers in the vectorised float32 path, across the 2^32 counter carry', function()
+    -- threaded, contiguous float32 chunks; counters offset .. offset + n - 1 cross 2^32 (the high word)
+    local n, seed, offset = 70001, 0x123456789, 2 ^ 32 - 30000
+    local x = fa.randn(n)
+    local u = fa.empty(n, 'float32')
+    fa.check(C.fa_uniform(u.desc, 0, 1, seed, offset))
+    local up, ua = ptr(u)
+    local xp, xa = ptr(x)
+    -- p = up[123] sits exactly on the float uniform grid: that element must be kept (u >= p)
+    for _, p in ipairs({ 0.25, up[123], 0.9 }) do
+      local out, mask = forward(x, p, seed, offset)
+      local op, oa = ptr(out)
+      local mp, ma = ptr(mask)
+      local scale = 1 / (1 - p)
+      for i = 0, n - 1 do
+        local k = up[i] >= p
+        if (mp[i] ~= 0) ~= k then error(('p %g, element %d: mask %d, uniform %.9g'):format(p, i, mp[i], up[i])) end
+        local want = k and tonumber(ffi.cast('float', xp[i] * scale)) or 0
+        if op[i] ~= want then error(('p %g, element %d: out %.9g, expected %.9g'):format(p, i, op[i], want)) end
+      end
+      local _ = oa, ma
+    end
+    local _ = ua, xa
+  end)
+
   it('gives the same mask for the same (seed, offset) with 1 and 2 threads', function()
     local nthreads = fa.getNumThreads()
     local x = fa.randn(300, 301)
