@@ -31,7 +31,7 @@
 #define EW_INLINE static inline __attribute__((always_inline))
 
 /* ------------------------------------------------------------------ the iteration */
-enum { EW_MAX_T = 4, EW_CHUNK = 8192 };
+enum { EW_MAX_T = 4, EW_CHUNK = 8192, EW_TILE = 8 };
 
 /* A kernel processes a 2-D block: `rows` rows of `n` elements; p[k] points at the block's first element
  * of operand k (operand 0 is the output by convention); ro[k] and si[k] are operand k's strides
@@ -80,9 +80,13 @@ static void ew_plan(int nt, const fa_tensor *const *t, ew_iter *it) {
 }
 
 /* the elements [i0, i1) (flat row-major index): a partial row at either end, whole rows in between,
- * as many consecutive rows per call as the row dimension (the second innermost) allows */
+ * as many consecutive rows per call as the row dimension (the second innermost) allows. When an operand
+ * jumps along the rows (a transposed view: inner stride >= 16 elements), whole rows go in tiles of
+ * EW_TILE = 8 columns: the 8 cache lines such an operand touches in a tile are reused by the next rows
+ * (a power-of-two stride maps them all to one L1 set, so a wider tile evicts them: 64 columns were no
+ * faster than none, 8 columns 3x faster on a transposed (4096, 512) add). */
 static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i0, int64_t i1) {
-  int nt = it->nt, nd = it->nd, rd = nd - 2; /* rd: the row dimension, -1 for a single row */
+  int nt = it->nt, nd = it->nd, rd = nd - 2, tiled = 0; /* rd: the row dimension, -1 for a single row */
   int64_t inner = it->shape[nd - 1], idx[FA_MAX_DIMS], ro[EW_MAX_T], si[EW_MAX_T];
   char *p[EW_MAX_T], *q[EW_MAX_T];
   int64_t rest = i0 / inner, j = i0 % inner; /* the only divisions of the range */
@@ -90,7 +94,9 @@ static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i
     p[k] = it->data[k];
     si[k] = it->stride[k][nd - 1];
     ro[k] = rd >= 0 ? it->stride[k][rd] : 0;
+    tiled = tiled || si[k] >= 16 || si[k] <= -16;
   }
+  tiled = tiled && inner > EW_TILE;
   for (int d = nd - 2; d >= 0; d--) {
     idx[d] = rest % it->shape[d];
     rest /= it->shape[d];
@@ -101,7 +107,14 @@ static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i
     if (j == 0 && i1 - i >= inner && rd >= 0) { /* whole rows */
       cnt = (i1 - i) / inner;
       if (cnt > it->shape[rd] - idx[rd]) cnt = it->shape[rd] - idx[rd];
-      fn(ctx, cnt, inner, p, ro, si);
+      if (tiled && cnt > 1) {
+        for (int64_t j0 = 0; j0 < inner; j0 += EW_TILE) {
+          for (int k = 0; k < nt; k++) q[k] = p[k] + j0 * si[k] * it->es[k];
+          fn(ctx, cnt, inner - j0 < EW_TILE ? inner - j0 : EW_TILE, q, ro, si);
+        }
+      } else {
+        fn(ctx, cnt, inner, p, ro, si);
+      }
       i += cnt * inner;
     } else { /* part of one row */
       int64_t len = inner - j < i1 - i ? inner - j : i1 - i;

@@ -33,24 +33,30 @@ static inline int beats(double v, double best) { return v > best || (v != v && b
 /* the result of reducing a run: sums/max in v (floats) or iv (ints), arg = index of the max in the run */
 typedef struct { double v; int64_t iv, arg; } red_val;
 
-/* Contiguous float sums: eight partial sums in a fixed order (lanes, then ((0+1)+(2+3))+((4+5)+(6+7)),
- * the tail into lane 0), so the adds are not one dependency chain and the loop vectorises; compiled for
- * AVX2 and the baseline (FA_HOT_CLONES). Deterministic: the same order on every machine and thread count. */
+/* Contiguous float sums: sixteen partial sums in a fixed order (lanes, then pairwise: 0+1, 2+3, ..., then
+ * those in pairs, ...; the tail into lane 0), so the adds are not one dependency chain (four AVX2
+ * registers in flight) and the loop vectorises; compiled for AVX2 and the baseline (FA_HOT_CLONES).
+ * Deterministic: the same order on every machine and thread count. */
+static inline double sum16(double *a) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int k = 0; k < w; k++) a[k] = a[2 * k] + a[2 * k + 1];
+  return a[0];
+}
 FA_HOT_CLONES static double sum_run_f32(const float *p, int64_t len) {
-  double a[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+  double a[16] = { 0 };
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8)
-    for (int k = 0; k < 8; k++) a[k] += p[i + k];
+  for (; i + 16 <= len; i += 16)
+    for (int k = 0; k < 16; k++) a[k] += p[i + k];
   for (; i < len; i++) a[0] += p[i];
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  return sum16(a);
 }
 FA_HOT_CLONES static double sum_run_f64(const double *p, int64_t len) {
-  double a[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+  double a[16] = { 0 };
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8)
-    for (int k = 0; k < 8; k++) a[k] += p[i + k];
+  for (; i + 16 <= len; i += 16)
+    for (int k = 0; k < 16; k++) a[k] += p[i + k];
   for (; i < len; i++) a[0] += p[i];
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  return sum16(a);
 }
 
 /* reduces len elements at p (element stride st) */

@@ -340,6 +340,13 @@ describe('the iteration over strided and broadcast operands', function()
     close(d:add(e, 2.5), ref_of(sh, function(x, y) return x + 2.5 * y end, d, e), 'transposed + innermost broadcast')
     close(b:addcmul(d, e, 0.5), ref_of(sh, function(x, y, z) return x + 0.5 * y * z end, b, d, e), 'addcmul on views')
     close(d:scale(2, 1), ref_of(sh, function(x) return 2 * x + 1 end, d), 'scale of a transposed view')
+    -- transposed operands with long rows (the column-tiled walk), threaded, partial tiles and rows
+    local x, y = fa.randn(257, 387), fa.randn(387, 257):t()
+    close(x + y, ref_of({ 257, 387 }, function(u, v) return u + v end, x, y), 'x + transposed y (tiled)')
+    close(y:addcmul(y, x, 0.25), ref_of({ 257, 387 }, function(u, v) return u + 0.25 * u * v end, y, x), 'tiled addcmul')
+    local yo = fa.empty(387, 257):t()
+    fa.check(C.fa_binary_forward(OP.div, yo.desc, x.desc, y.desc, 1))
+    close(yo, ref_of({ 257, 387 }, function(u, v) return u / v end, x, y), 'transposed output (tiled)')
     -- a strided output: every other element of a wider buffer
     local out = fa.empty(257, 129, 6):narrow(3, 2, 3)
     fa.check(C.fa_binary_forward(OP.mul, out.desc, d.desc, b.desc, 1))
