@@ -31,7 +31,7 @@
 #define EW_INLINE static inline __attribute__((always_inline))
 
 /* ------------------------------------------------------------------ the iteration */
-enum { EW_MAX_T = 4, EW_CHUNK = 8192, EW_TILE = 8 };
+enum { EW_MAX_T = 4, EW_CHUNK = 8192, EW_TILE = 64 };
 
 /* A kernel processes a 2-D block: `rows` rows of `n` elements; p[k] points at the block's first element
  * of operand k (operand 0 is the output by convention); ro[k] and si[k] are operand k's strides
@@ -42,6 +42,7 @@ typedef void (*ew_blk_fn)(const void *ctx, int64_t rows, int64_t n, char *const 
 /* the simplified shape shared by every operand */
 typedef struct {
   int nt, nd;                        /* operands, dimensions (>= 1) */
+  int64_t tile;                      /* > 0: an operand jumps along the rows: whole rows in column tiles */
   int64_t shape[FA_MAX_DIMS];
   int64_t stride[EW_MAX_T][FA_MAX_DIMS];
   int64_t es[EW_MAX_T];              /* element sizes (bytes) */
@@ -77,16 +78,30 @@ static void ew_plan(int nt, const fa_tensor *const *t, ew_iter *it) {
     it->shape[0] = 1;
     for (int k = 0; k < nt; k++) it->stride[k][0] = 1;
   }
+  /* Column tiles for operands whose inner stride is 16 elements or more, so that the lines such an
+   * operand touches in one tile stay in L1 for the next rows. L1 is (typically) 64 sets x 8 ways of
+   * 64-byte lines; lines `l` lines apart fall into only 64 / gcd(l, 64) sets: a tile of 4 columns per
+   * set (half the ways: the other operands need some) and at most EW_TILE, but 8 for one or two sets
+   * (power-of-two strides of 2 KiB and more; measured best: 4 and 16 columns were slower). */
+  it->tile = 0;
+  for (int k = 0; k < nt; k++) {
+    int64_t s = it->stride[k][it->nd - 1], l = (s < 0 ? -s : s) * it->es[k] / 64, g = 64;
+    if (s > -16 && s < 16) continue;
+    for (int64_t a = l % 64; a > 0;) { int64_t r = g % a; g = a; a = r; } /* gcd(l, 64) */
+    int64_t sets = 64 / g, w = sets <= 2 ? 8 : (4 * sets < EW_TILE ? 4 * sets : EW_TILE);
+    if (it->tile == 0 || w < it->tile) it->tile = w;
+  }
+  if (it->nd < 2 || it->shape[it->nd - 1] <= it->tile) it->tile = 0;
 }
 
 /* the elements [i0, i1) (flat row-major index): a partial row at either end, whole rows in between,
  * as many consecutive rows per call as the row dimension (the second innermost) allows. When an operand
- * jumps along the rows (a transposed view: inner stride >= 16 elements), whole rows go in tiles of
- * EW_TILE = 8 columns: the 8 cache lines such an operand touches in a tile are reused by the next rows
- * (a power-of-two stride maps them all to one L1 set, so a wider tile evicts them: 64 columns were no
- * faster than none, 8 columns 3x faster on a transposed (4096, 512) add). */
+ * jumps along the rows (a transposed view), whole rows go in tiles of it->tile columns (see ew_plan):
+ * 3x faster on a transposed (4096, 512) add, where untiled rows or 64-column tiles miss L1 on every
+ * element of the transposed operand. */
 static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i0, int64_t i1) {
-  int nt = it->nt, nd = it->nd, rd = nd - 2, tiled = 0; /* rd: the row dimension, -1 for a single row */
+  int nt = it->nt, nd = it->nd, rd = nd - 2; /* rd: the row dimension, -1 for a single row */
+  int64_t tile = it->tile;
   int64_t inner = it->shape[nd - 1], idx[FA_MAX_DIMS], ro[EW_MAX_T], si[EW_MAX_T];
   char *p[EW_MAX_T], *q[EW_MAX_T];
   int64_t rest = i0 / inner, j = i0 % inner; /* the only divisions of the range */
@@ -94,9 +109,7 @@ static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i
     p[k] = it->data[k];
     si[k] = it->stride[k][nd - 1];
     ro[k] = rd >= 0 ? it->stride[k][rd] : 0;
-    tiled = tiled || si[k] >= 16 || si[k] <= -16;
   }
-  tiled = tiled && inner > EW_TILE;
   for (int d = nd - 2; d >= 0; d--) {
     idx[d] = rest % it->shape[d];
     rest /= it->shape[d];
@@ -107,10 +120,10 @@ static void ew_range(const ew_iter *it, ew_blk_fn fn, const void *ctx, int64_t i
     if (j == 0 && i1 - i >= inner && rd >= 0) { /* whole rows */
       cnt = (i1 - i) / inner;
       if (cnt > it->shape[rd] - idx[rd]) cnt = it->shape[rd] - idx[rd];
-      if (tiled && cnt > 1) {
-        for (int64_t j0 = 0; j0 < inner; j0 += EW_TILE) {
+      if (tile && cnt > 1) {
+        for (int64_t j0 = 0; j0 < inner; j0 += tile) {
           for (int k = 0; k < nt; k++) q[k] = p[k] + j0 * si[k] * it->es[k];
-          fn(ctx, cnt, inner - j0 < EW_TILE ? inner - j0 : EW_TILE, q, ro, si);
+          fn(ctx, cnt, inner - j0 < tile ? inner - j0 : tile, q, ro, si);
         }
       } else {
         fn(ctx, cnt, inner, p, ro, si);
@@ -144,8 +157,10 @@ static void ew_loop(int nt, const fa_tensor *const *t, ew_blk_fn fn, const void 
   if (n == 0) return;
   ew_iter it;
   ew_plan(nt, t, &it);
-  int64_t nchunks = n > FA_PARALLEL_GRAIN ? (n + EW_CHUNK - 1) / EW_CHUNK : 1;
-  int64_t chunk = nchunks == 1 ? n : EW_CHUNK;
+  /* a tiled walk wants 16 rows per chunk at least (a 64-byte line of a transposed float32 operand) */
+  int64_t csize = it.tile && 16 * it.shape[it.nd - 1] > EW_CHUNK ? 16 * it.shape[it.nd - 1] : EW_CHUNK;
+  int64_t nchunks = n > FA_PARALLEL_GRAIN ? (n + csize - 1) / csize : 1;
+  int64_t chunk = nchunks == 1 ? n : csize;
 #pragma omp parallel for schedule(static) if (nchunks > 1)
   for (int64_t c = 0; c < nchunks; c++) ew_range(&it, fn, ctx, c * chunk, c * chunk + chunk < n ? c * chunk + chunk : n);
 }
