@@ -94,6 +94,20 @@ local function contiguous_strides(x)
   end
 end
 
+-- The same hook for CPU memory: the collector sees a tensor as a small cdata, not as its megabytes, so an
+-- allocating loop would grow the heap by gigabytes before a collection. Collect after every
+-- cpuGcThresholdBytes of tensor allocations (a full collection costs in proportion to the Lua heap, not to
+-- the tensor bytes).
+M.cpuGcThresholdBytes = 64 * 1024 * 1024
+local cpu_since = 0
+local function after_cpu_alloc(nbytes)
+  cpu_since = cpu_since + nbytes
+  if cpu_since > M.cpuGcThresholdBytes then
+    cpu_since = 0
+    collectgarbage('collect')
+  end
+end
+
 -- storage of nbytes for the new tensor x (descriptor filled in), collecting once on a CUDA out-of-memory
 local function alloc_storage(x, device, nbytes, fn)
   local st = lib.fa_storage_new(device, nbytes)
@@ -103,7 +117,8 @@ local function alloc_storage(x, device, nbytes, fn)
   end
   x.storage = st
   x.desc.data = st.data
-  if device >= 0 then after_cuda_alloc(device, nbytes) end
+  if device >= 0 then after_cuda_alloc(device, nbytes)
+  else after_cpu_alloc(nbytes) end
   return x
 end
 
