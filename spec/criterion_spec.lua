@@ -32,11 +32,7 @@ local function mse_backward(gl, x, t, red)
   return gx
 end
 
-local function err_of(f)
-  local ok, e = pcall(f)
-  assert.is_false(ok, 'expected an error')
-  return e
-end
+local err_of = H.err_of
 
 local CE = { ce2d = -100, ce4d = 2 } -- fixture name -> ignore_index
 

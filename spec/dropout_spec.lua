@@ -25,11 +25,7 @@ local function ptr(t)
   return ffi.cast(ct, t.desc.data), t
 end
 
-local function err_of(f)
-  local ok, e = pcall(f)
-  assert.is_false(ok, 'expected an error')
-  return e
-end
+local err_of = H.err_of
 
 describe('fa_dropout', function()
   it('keeps a fraction 1 - p and scales the kept elements by 1 / (1 - p)', function()

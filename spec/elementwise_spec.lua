@@ -13,17 +13,7 @@ local POSITIVE = { log = true, sqrt = true }
 local OP = { add = 0, sub = 1, mul = 2, div = 3 }
 local TOL = { f32 = { 2e-6, 1e-6 }, f64 = { 1e-12, 1e-13 } } -- rtol, atol
 
--- calls fa.C.<name>(...) and returns the error message (asserting that it failed)
-local function c_error(name, ...)
-  local rc = C[name](...)
-  assert.are_not.equal(0, rc, name .. ' should have failed')
-  return ffi.string(C.fa_last_error())
-end
-local function has(msg, ...)
-  for _, s in ipairs({ ... }) do
-    assert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
-  end
-end
+local c_error, has = H.c_error, H.has
 
 describe('binary ops', function()
   for _, dt in ipairs({ 'f32', 'f64' }) do

@@ -31,11 +31,7 @@ local function strided(t, perm, inv)
   return r:copy(t)
 end
 
-local function err_of(f)
-  local ok, e = pcall(f)
-  assert.is_false(ok, 'expected an error')
-  return e
-end
+local err_of = H.err_of
 
 -- a random grid whose source coordinates stay at least 0.15 pixel away from integers (where the
 -- bilinear gradient jumps) and from the border clamps; taps partly outside the image included

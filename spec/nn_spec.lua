@@ -481,16 +481,7 @@ describe('Dropout', function()
 end)
 
 describe('error messages', function()
-  local function err_of(f, ...)
-    local ok, e = pcall(f, ...)
-    assert.is_false(ok, 'expected an error')
-    return tostring(e)
-  end
-  local function has(msg, ...)
-    for _, s in ipairs({ ... }) do
-      assert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
-    end
-  end
+  local err_of, has = H.err_of, H.has
 
   it('Linear names itself and the sizes', function()
     local m = nn.Linear(4, 3)
@@ -589,9 +580,7 @@ describe('fa.nn on the GPU #gpu', function()
   end)
 
   it('getParameters on cuda; the example trains on cuda', function()
-    _G.__FASTATTN_NO_MAIN = true
-    local ex = dofile('examples/train_convnet.lua')
-    _G.__FASTATTN_NO_MAIN = nil
+    local ex = H.load_example('examples/train_convnet.lua')
     math.randomseed(5)
     fa.manualSeed(5)
     local model = ex.makeModel()

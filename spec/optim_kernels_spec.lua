@@ -23,16 +23,7 @@ local ADAM = {
 local DT = { f32 = 'float32', f64 = 'float64' }
 local TOL = { f32 = { 1e-6, 1e-7 }, f64 = { 1e-13, 1e-15 } } -- agreement is within an ulp or two
 
-local function c_error(name, ...)
-  local rc = C[name](...)
-  assert.are_not.equal(0, rc, name .. ' should have failed')
-  return ffi.string(C.fa_last_error())
-end
-local function has(msg, ...)
-  for _, s in ipairs({ ... }) do
-    assert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
-  end
-end
+local c_error, has = H.c_error, H.has
 
 describe('optimiser kernels', function()
   for dname, dtype in pairs(DT) do

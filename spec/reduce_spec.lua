@@ -12,16 +12,7 @@ local SHAPES = { '357', '11', '17' }
 local NDIM = { ['357'] = 3, ['11'] = 2, ['17'] = 1 }
 local TOL = { f32 = { 2e-6, 1e-6 }, f64 = { 1e-12, 1e-13 } }
 
-local function c_error(name, ...)
-  local rc = C[name](...)
-  assert.are_not.equal(0, rc, name .. ' should have failed')
-  return ffi.string(C.fa_last_error())
-end
-local function has(msg, ...)
-  for _, s in ipairs({ ... }) do
-    assert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
-  end
-end
+local c_error, has = H.c_error, H.has
 
 -- the reduced shape for 0-based dim (-1: a 0-D tensor)
 local function reduced(x, dim)

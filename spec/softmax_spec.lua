@@ -25,11 +25,7 @@ local function strided(t)
   return r:copy(t)
 end
 
-local function err_of(f)
-  local ok, e = pcall(f)
-  assert.is_false(ok, 'expected an error')
-  return e
-end
+local err_of = H.err_of
 
 describe('fa_softmax', function()
   for d = 0, 2 do

@@ -1,14 +1,9 @@
 -- examples/train_msda.lua in a short run: the Deformable-DETR-style model (conv backbone, 4 levels, an
 -- nn.MSDeformAttn encoder layer, per-cell heads) trains on its synthetic disc images and its loss falls.
 local fa = require 'fastattn'
+local H = require 'helpers.check'
 
-local function load_example()
-  _G.__FASTATTN_NO_MAIN = true
-  local ok, ex = pcall(dofile, 'examples/train_msda.lua')
-  _G.__FASTATTN_NO_MAIN = nil
-  assert(ok, ex)
-  return ex
-end
+local function load_example() return H.load_example('examples/train_msda.lua') end
 
 describe('examples/train_msda.lua', function()
   it('the loss falls in a short run (size 32: levels 8x8, 4x4, 2x2, 1x1)', function()

@@ -2,6 +2,7 @@
 -- here) with fa.optim.adamw, and examples/train_convnet.lua trains for a few steps; the losses must fall.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
+local H = require 'helpers.check'
 local nn = fa.nn
 
 -- n noisy 12x12 images, each a horizontal (class 1) or vertical (class 2) bar of random position and length
@@ -66,9 +67,7 @@ describe('training', function()
   end)
 
   it('examples/train_convnet.lua: the loss falls in a few steps', function()
-    _G.__FASTATTN_NO_MAIN = true
-    local ex = dofile('examples/train_convnet.lua')
-    _G.__FASTATTN_NO_MAIN = nil
+    local ex = H.load_example('examples/train_convnet.lua')
     math.randomseed(5)
     fa.manualSeed(5)
     local model = ex.makeModel()

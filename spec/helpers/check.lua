@@ -1,6 +1,8 @@
 -- spec/helpers/check.lua: shared assertions for the specs: closeness with a useful message, fixtures,
 -- and float64 finite-difference gradients.
 local fa = require 'fastattn'
+local ffi = require 'ffi'
+local luassert = require 'luassert'
 
 local H = {}
 local here = (debug.getinfo(1, 'S').source:match('^@(.*)/helpers/[^/]*$')) or 'spec'
@@ -46,6 +48,37 @@ function H.numgrad(f, x, gout, eps)
     gf:set(i, (lp - lm) / (2 * eps))
   end
   return g
+end
+
+-- calls fa.C.<name>(...) directly and returns the C error message (asserting that the call failed)
+function H.c_error(name, ...)
+  local rc = fa.C[name](...)
+  luassert.are_not.equal(0, rc, name .. ' should have failed')
+  return ffi.string(fa.C.fa_last_error())
+end
+
+-- calls f(...) and returns its error message (asserting that it raised one)
+function H.err_of(f, ...)
+  local ok, e = pcall(f, ...)
+  luassert.is_false(ok, 'expected an error')
+  return tostring(e)
+end
+
+-- asserts that msg contains each of the given plain strings
+function H.has(msg, ...)
+  for _, s in ipairs({ ... }) do
+    luassert(msg:find(s, 1, true), string.format('message %q does not contain %q', msg, s))
+  end
+end
+
+-- runs an example script (path from the repo root) without its main part (_G.__FASTATTN_NO_MAIN) and
+-- returns what it returns: its parts (model, batches, train loop)
+function H.load_example(path)
+  _G.__FASTATTN_NO_MAIN = true
+  local ok, ex = pcall(dofile, path)
+  _G.__FASTATTN_NO_MAIN = nil
+  luassert(ok, ex)
+  return ex
 end
 
 return H
