@@ -172,6 +172,19 @@ static inline __attribute__((always_inline)) void ln_fwd_row(int dbl, void *o, c
 static inline __attribute__((always_inline)) void ln_bwd_row(int dbl, void *gx, const void *go, const void *x,
                                                              const void *w, double mean, double rstd, int64_t n,
                                                              double *pdw, double *pdb) {
+  if (gx && w && pdw && pdb) { /* the training case: grad_x and both partials in one pass after the sums */
+    double sg, sgx;
+    if (dbl) gsums_f64(go, x, w, n, mean, &sg, &sgx);
+    else gsums_f32(go, x, w, n, mean, &sg, &sgx);
+    double mg = sg / (double)n, mgx = sgx * rstd / (double)n;
+    for (int64_t j = 0; j < n; j++) {
+      double g = ld(go, j, dbl), xc = ld(x, j, dbl) - mean;
+      pdw[j] += g * xc * rstd; /* the same expressions as below: identical results */
+      pdb[j] += g;
+      st(gx, j, rstd * (g * ld(w, j, dbl) - mg - xc * rstd * mgx), dbl);
+    }
+    return;
+  }
   if (pdw && pdb) /* one pass for both (the same sums as the two loops below) */
     for (int64_t j = 0; j < n; j++) {
       double g = ld(go, j, dbl);
