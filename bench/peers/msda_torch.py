@@ -11,10 +11,14 @@ CPU: wall clock, median. Also reports whether the Triton/CUDA peers (msda-triton
 import argparse
 import json
 import math
+import os
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "spec", "fixtures"))
+from msda_ref import ms_deform_attn_core_pytorch  # noqa: E402
 
 CONFIGS = {
     # name: (N, Lq or None (= S), M, D, P, levels)
@@ -23,24 +27,6 @@ CONFIGS = {
     "tri": (4, 10000, 8, 32, 4, [(64, 64), (32, 32), (16, 16), (8, 8)]),
     "cpu": (1, None, 8, 32, 4, [(50, 75), (25, 38), (13, 19), (7, 10)]),
 }
-
-
-def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations, attention_weights):
-    # Deformable DETR models/ops/functions/ms_deform_attn_func.py, verbatim
-    N_, S_, M_, D_ = value.shape
-    _, Lq_, M_, L_, P_, _ = sampling_locations.shape
-    value_list = value.split([H_ * W_ for H_, W_ in value_spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid_, (H_, W_) in enumerate(value_spatial_shapes):
-        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(N_ * M_, D_, H_, W_)
-        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
-        sampling_value_l_ = F.grid_sample(value_l_, sampling_grid_l_, mode="bilinear", padding_mode="zeros",
-                                          align_corners=False)
-        sampling_value_list.append(sampling_value_l_)
-    attention_weights = attention_weights.transpose(1, 2).reshape(N_ * M_, 1, Lq_, L_ * P_)
-    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1).view(N_, M_ * D_, Lq_)
-    return output.transpose(1, 2).contiguous()
 
 
 def make_inputs(cfg, dtype, device, locs, seed=0):
