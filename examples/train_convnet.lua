@@ -6,7 +6,7 @@
 --                                           [--seed 1] [--threads N] [--test 1000] [--every 25]
 --
 -- `make demo` runs it. Loaded with dofile() (as spec/train_spec.lua does) it runs nothing and returns its
--- parts: {makeBatch, makeModel, train, accuracy, parseArgs}.
+-- parts: {defaults, makeBatch, makeModel, train, accuracy, parseArgs, main}.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
@@ -127,31 +127,16 @@ function M.train(model, opts)
   return losses
 end
 
+M.defaults = { steps = 300, batch = 64, lr = 3e-3, device = 'cpu', seed = 1, test = 1000, every = 25, clip = 1.0 }
+
 function M.parseArgs(args)
-  local o = { steps = 300, batch = 64, lr = 3e-3, device = 'cpu', seed = 1, test = 1000, every = 25, clip = 1.0 }
-  local i = 1
-  while args and args[i] do
-    local k = args[i]:match('^%-%-([%w_]+)$')
-    if not k or o[k] == nil and k ~= 'threads' then
-      error('train_convnet: unknown argument ' .. tostring(args[i]) ..
-            ' (expected --steps, --batch, --lr, --device, --seed, --threads, --test, --every, --clip)', 0)
-    end
-    local v = args[i + 1]
-    if v == nil then error('train_convnet: --' .. k .. ' needs a value', 0) end
-    o[k] = tonumber(v) or v
-    i = i + 2
-  end
-  if o.device ~= 'cpu' and o.device ~= 'cuda' then error('train_convnet: --device must be cpu or cuda', 0) end
-  return o
+  return fa.util.parseArgs('train_convnet', M.defaults, args, { optional = { 'threads' },
+    expected = { 'steps', 'batch', 'lr', 'device', 'seed', 'threads', 'test', 'every', 'clip' } })
 end
 
 function M.main(args)
   local o = M.parseArgs(args)
-  if o.threads then fa.setNumThreads(o.threads) end
-  if o.device == 'cuda' and fa.C.fa_cuda_device_count() < 1 then
-    error('train_convnet: --device cuda, but no CUDA device was found (built with CUDA: '
-          .. tostring(fa.C.fa_has_cuda() == 1) .. ')', 0)
-  end
+  fa.util.setupDevice('train_convnet', o)
   math.randomseed(o.seed)
   fa.manualSeed(o.seed)
   local model = M.makeModel()

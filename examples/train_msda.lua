@@ -468,24 +468,7 @@ end
 
 ---------------------------------------------------------------------------- main
 function M.parseArgs(args)
-  local o = {}
-  for k, v in pairs(M.defaults) do o[k] = v end
-  local i = 1
-  while args and args[i] do
-    local k = args[i]:match('^%-%-([%w_]+)$')
-    if not k or (o[k] == nil and k ~= 'threads') then
-      local names = {}
-      for name in pairs(M.defaults) do names[#names + 1] = '--' .. name end
-      table.sort(names)
-      error('train_msda: unknown argument ' .. tostring(args[i]) .. ' (expected ' .. table.concat(names, ', ')
-            .. ', --threads)', 0)
-    end
-    local v = args[i + 1]
-    if v == nil then error('train_msda: --' .. k .. ' needs a value', 0) end
-    o[k] = tonumber(v) or v
-    i = i + 2
-  end
-  if o.device ~= 'cpu' and o.device ~= 'cuda' then error('train_msda: --device must be cpu or cuda', 0) end
+  local o = fa.util.parseArgs('train_msda', M.defaults, args, { optional = { 'threads' } })
   if o.size < 32 or o.size % 32 ~= 0 then error('train_msda: --size must be a multiple of 32 (4 levels, stride 32)', 0) end
   if o.d_model % 4 ~= 0 or o.d_model % o.heads ~= 0 then
     error('train_msda: --d_model must be a multiple of 4 and of --heads', 0)
@@ -495,11 +478,7 @@ end
 
 function M.main(args)
   local o = M.parseArgs(args)
-  if o.threads then fa.setNumThreads(o.threads) end
-  if o.device == 'cuda' and fa.C.fa_cuda_device_count() < 1 then
-    error('train_msda: --device cuda, but no CUDA device was found (built with CUDA: '
-          .. tostring(fa.C.fa_has_cuda() == 1) .. ')', 0)
-  end
+  fa.util.setupDevice('train_msda', o)
   math.randomseed(o.seed)
   fa.manualSeed(o.seed)
   local model = M.makeModel(o)

@@ -30,7 +30,8 @@ function fa.getNumThreads() return lib.fa_get_num_threads() end
 setmetatable(fa, {
   __index = function(t, k)
     local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional',
-                   grid_sample = 'fastattn.functional', msda = 'fastattn.msda', msda_backward = 'fastattn.msda' }
+                   grid_sample = 'fastattn.functional', msda = 'fastattn.msda', msda_backward = 'fastattn.msda',
+                   util = 'fastattn.util' }
     if mods[k] then
       local m = require(mods[k])
       -- a module that sets fa[k] itself while loading (functional.lua sets fa.grid_sample) keeps its value
