@@ -44,20 +44,6 @@ int fa_conv2d_set_algorithm(int algo) {
   return prev;
 }
 
-static int num_threads(void) {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-static int thread_id(void) {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 typedef struct geom {
   int64_t N, C, H, W, O, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, G, Cg, Og;
@@ -209,7 +195,7 @@ static int64_t chunk_positions(const geom *g) {
 /* one OpenMP thread per (image, group) when there are enough of them, each col is small and the whole is
  * worth a parallel region (below ~1 MFLOP the threads' start costs more than they save) */
 static int outer_parallel(const geom *g) {
-  int nt = num_threads();
+  int nt = fa_max_threads();
   int64_t per = g->Cg * g->kh * g->kw * g->Ho * g->Wo;
   return nt > 1 && g->N * g->G >= nt && per <= ((int64_t)1 << 22) && 2.0 * (double)per * (double)(g->Og * g->N * g->G) > 1e6;
 }
@@ -219,7 +205,7 @@ static int gemm_forward(int dbl, const void *x, const void *w, void *out, const 
   int64_t es = dbl ? 8 : 4, K = g->Cg * g->kh * g->kw, HW = g->H * g->W, HoWo = g->Ho * g->Wo;
   int pw = is_pointwise(g);
   if (outer_parallel(g)) {
-    int nt = num_threads();
+    int nt = fa_max_threads();
     size_t per = pw ? 0 : align64((size_t)(K * HoWo * es));
     char *ws = pw ? NULL : (char *)workspace(per * nt);
     if (!pw && !ws) return FA_ERR_MEMORY;
@@ -228,7 +214,7 @@ static int gemm_forward(int dbl, const void *x, const void *w, void *out, const 
       int64_t n = q / g->G, gi = q % g->G;
       const char *xg = (const char *)x + (n * g->C + gi * g->Cg) * HW * es;
       const void *col = xg;
-      if (!pw) { im2col(dbl, xg, ws + per * thread_id(), g, 0, HoWo, 0); col = ws + per * thread_id(); }
+      if (!pw) { im2col(dbl, xg, ws + per * fa_thread_id(), g, 0, HoWo, 0); col = ws + per * fa_thread_id(); }
       fa_cpu_gemm(dbl, 0, 0, g->Og, HoWo, K, 1, (const char *)w + gi * g->Og * K * es, K, col, HoWo, 0,
                   (char *)out + (n * g->O + gi * g->Og) * HoWo * es, HoWo);
     }
@@ -258,14 +244,14 @@ static int gemm_backward(int dbl, void *gx, void *gw, const void *gy, const void
   if (gx && !pw) memset(gx, 0, (size_t)(g->N * g->C * HW * es));
   if (outer_parallel(g)) {
     /* per-thread col buffer and per-thread partial weight gradient, summed in thread order at the end */
-    int nt = num_threads();
+    int nt = fa_max_threads();
     size_t per_col = pw ? 0 : align64((size_t)(K * HoWo * es)), per_gw = gw ? align64((size_t)(g->O * K * es)) : 0;
     char *ws = (char *)workspace((per_col + per_gw) * nt + 64);
     if (!ws) return FA_ERR_MEMORY;
     if (gw) memset(ws + per_col * nt, 0, per_gw * nt);
 #pragma omp parallel num_threads(nt)
     {
-      int t = thread_id();
+      int t = fa_thread_id();
       char *col = ws + per_col * t, *pgw = ws + per_col * nt + per_gw * t;
 #pragma omp for schedule(static)
       for (int64_t q = 0; q < g->N * g->G; q++) {
@@ -575,7 +561,7 @@ static int64_t wino_rows_per_block(const geom *g, int64_t es, int64_t ntw, int64
 
 /* the 36*G GEMMs of a block: one per OpenMP thread with single-threaded BLAS when there are enough,
  * else one after another with BLAS's threads */
-static int wino_jobs_parallel(int64_t njobs, double flops) { return num_threads() > 1 && njobs >= num_threads() && flops > 1e6; }
+static int wino_jobs_parallel(int64_t njobs, double flops) { return fa_max_threads() > 1 && njobs >= fa_max_threads() && flops > 1e6; }
 
 static int wino_forward(int dbl, const void *x, const void *w, const fa_tensor *bias, void *out, const geom *g) {
   int64_t es = dbl ? 8 : 4, nth = cdiv(g->Ho, 4), ntw = cdiv(g->Wo, 4), rows = g->N * nth;
@@ -887,7 +873,7 @@ SIMD_CLONES static void dw_backward_plane(int dbl, const void *T, void *gT, cons
 static int dw_forward(int dbl, const void *x, const void *w, const fa_tensor *bias, void *out, const geom *g) {
   int64_t es = dbl ? 8 : 4, mult = g->O / g->C, HW = g->H * g->W, HoWo = g->Ho * g->Wo, kk = g->kh * g->kw;
   dw_layout L = dw_layout_of(g);
-  int nt = num_threads();
+  int nt = fa_max_threads();
   size_t szT = align64((size_t)(L.size * es)), szY = align64((size_t)(g->Ho * L.Mw * es));
   size_t szP = align64((size_t)(L.Mh * g->sw * L.Mw * es)), per = szT + szY + szP;
   char *ws = L.tap ? (char *)workspace(per * nt) : NULL;
@@ -896,7 +882,7 @@ static int dw_forward(int dbl, const void *x, const void *w, const fa_tensor *bi
 #pragma omp parallel for schedule(static) if (g->N * g->O * HoWo * kk > FA_PARALLEL_GRAIN)
   for (int64_t q = 0; q < g->N * g->C; q++) {
     int64_t n = q / g->C, c = q % g->C;
-    char *T = ws + per * thread_id(), *Y = T + szT, *P = Y + szY;
+    char *T = ws + per * fa_thread_id(), *Y = T + szT, *P = Y + szY;
     dw_split(dbl, (const char *)x + q * HW * es, T, P, g, &L);
     for (int64_t m = 0; m < mult; m++) {
       int64_t o = c * mult + m;
@@ -913,7 +899,7 @@ static int dw_forward(int dbl, const void *x, const void *w, const fa_tensor *bi
 static int dw_backward(int dbl, void *gx, void *gw, const void *gy, const void *x, const void *w, const geom *g) {
   int64_t es = dbl ? 8 : 4, mult = g->O / g->C, HW = g->H * g->W, HoWo = g->Ho * g->Wo, kk = g->kh * g->kw;
   dw_layout L = dw_layout_of(g);
-  int nt = num_threads();
+  int nt = fa_max_threads();
   size_t szT = align64((size_t)(L.size * es)), szY = align64((size_t)(g->Ho * L.Mw * es));
   size_t szP = align64((size_t)(L.Mh * g->sw * L.Mw * es));
   size_t accb = align64((size_t)(mult * kk) * sizeof(double)), per = 2 * szT + szY + szP + accb;
@@ -921,7 +907,7 @@ static int dw_backward(int dbl, void *gx, void *gw, const void *gy, const void *
   if (!ws) { free(L.tap); return FA_ERR_MEMORY; }
 #pragma omp parallel for schedule(static) if (g->N * g->O * HoWo * kk > FA_PARALLEL_GRAIN)
   for (int64_t c = 0; c < g->C; c++) {
-    char *base = ws + per * thread_id();
+    char *base = ws + per * fa_thread_id();
     char *T = gw ? base : NULL, *gT = gx ? base + szT : NULL, *Y = base + 2 * szT, *P = Y + szY;
     double *acc = (double *)(P + szP);
     for (int64_t e = 0; e < mult * kk; e++) acc[e] = 0;

@@ -27,21 +27,6 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
   if (dbl) ((double *)p)[i] = v;
   else ((float *)p)[i] = (float)v;
 }
-/* Double-accumulator reductions. `#pragma omp simd` is lowered before inlining, so a reduction loop
- * vectorises only where its pointer types are fixed: hence float and double versions. simdlen(8):
- * eight partial sums, so that the adds are not one long dependency chain. */
-static inline double sum_f32(const float *p, int64_t s, int64_t n) {
-  double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(8)
-  for (int64_t k = 0; k < n; k++) t += p[k * s];
-  return t;
-}
-static inline double sum_f64(const double *p, int64_t s, int64_t n) {
-  double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(8)
-  for (int64_t k = 0; k < n; k++) t += p[k * s];
-  return t;
-}
 static inline double sqdiff_f32(const float *x, const float *y, int64_t n) {
   double t = 0;
 #pragma omp simd reduction(+ : t) simdlen(8)
@@ -284,15 +269,15 @@ static inline __attribute__((always_inline)) double ce_lse(int dbl, const void *
       const double *xd = (const double *)x + c0 * sx;
       double tile[CE_TILE];
       for (int64_t c = 0; c < n; c++) tile[c] = exp(xd[c * sx] - m);
-      s += sum_f64(tile, 1, n);
+      s += fa_sum_f64(tile, 1, n);
     } else {
       const float *xf = (const float *)x + c0 * sx;
       float tile[CE_TILE], mf = (float)m;
       for (int64_t c = 0; c < n; c++) tile[c] = fa_fast_expf(xf[c * sx] - mf);
-      s += sum_f32(tile, 1, n);
+      s += fa_sum_f32(tile, 1, n);
     }
   }
-  if (sum_x) *sum_x = dbl ? sum_f64((const double *)x, sx, C) : sum_f32((const float *)x, sx, C);
+  if (sum_x) *sum_x = dbl ? fa_sum_f64((const double *)x, sx, C) : fa_sum_f32((const float *)x, sx, C);
   return m + log(s);
 }
 
@@ -313,14 +298,14 @@ static inline __attribute__((always_inline)) void ce_line_grad(int dbl, void *gx
     const double *xd = (const double *)x;
     double *gd = (double *)gx, m = max_f64(xd, sx, C);
     for (int64_t c = 0; c < C; c++) gd[c * sgx] = exp(xd[c * sx] - m);
-    inv = 1.0 / sum_f64(gd, sgx, C);
+    inv = 1.0 / fa_sum_f64(gd, sgx, C);
     et = gd[t * sgx];
     for (int64_t c = 0; c < C; c++) gd[c * sgx] = scale * (gd[c * sgx] * inv - off);
   } else {
     const float *xf = (const float *)x;
     float *gf = (float *)gx, m = max_f32(xf, sx, C);
     for (int64_t c = 0; c < C; c++) gf[c * sgx] = fa_fast_expf(xf[c * sx] - m);
-    inv = 1.0 / sum_f32(gf, sgx, C);
+    inv = 1.0 / fa_sum_f32(gf, sgx, C);
     et = gf[t * sgx];
     float a = (float)(scale * inv), b = (float)(-scale * off);
     for (int64_t c = 0; c < C; c++) gf[c * sgx] = gf[c * sgx] * a + b;

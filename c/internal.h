@@ -79,6 +79,32 @@ static inline uint16_t fa_f32_to_bf16(float f) {
 float fa_f16_to_f32(uint16_t h);
 uint16_t fa_f32_to_f16(float f);
 
+/* ---- strided sums with double accumulators (softmax, criterion). `#pragma omp simd` is lowered before
+ * inlining, so a reduction loop vectorises only where its pointer types are fixed: hence a float and a
+ * double version. simdlen(8): eight partial sums, so that the adds are not one long dependency chain. */
+static inline double fa_sum_f32(const float *p, int64_t s, int64_t n) {
+  double t = 0;
+#pragma omp simd reduction(+ : t) simdlen(8)
+  for (int64_t k = 0; k < n; k++) t += p[k * s];
+  return t;
+}
+static inline double fa_sum_f64(const double *p, int64_t s, int64_t n) {
+  double t = 0;
+#pragma omp simd reduction(+ : t) simdlen(8)
+  for (int64_t k = 0; k < n; k++) t += p[k * s];
+  return t;
+}
+
+/* ---- OpenMP thread count and id (1 and 0 without OpenMP) */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int fa_max_threads(void) { return omp_get_max_threads(); }
+static inline int fa_thread_id(void) { return omp_get_thread_num(); }
+#else
+static inline int fa_max_threads(void) { return 1; }
+static inline int fa_thread_id(void) { return 0; }
+#endif
+
 /* ---- threads ---- */
 /* below this many elements a CPU kernel runs on one thread */
 enum { FA_PARALLEL_GRAIN = 32768 };

@@ -32,20 +32,6 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
 }
 static inline int64_t eoff(const fa_tensor *t, int contig, int64_t i) { return contig ? i : fa_offset(t, i); }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-static int thread_id(void) {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 /* row r of t: a pointer into t when t is contiguous, else gathered into buf */
 static const void *row_in(const fa_tensor *t, int contig, int64_t r, int64_t n, void *buf) {
@@ -238,7 +224,7 @@ static void ln_forward_cpu(int dbl, const ln_fwd_args *a) {
   int cm = a->mean && fa_is_contiguous(a->mean), cr = a->rstd && fa_is_contiguous(a->rstd);
 #pragma omp parallel for schedule(static) if (rows * n > FA_PARALLEL_GRAIN)
   for (int64_t r = 0; r < rows; r++) {
-    char *buf = a->scratch ? a->scratch + (size_t)thread_id() * 2 * n * es : NULL;
+    char *buf = a->scratch ? a->scratch + (size_t)fa_thread_id() * 2 * n * es : NULL;
     const void *xr = row_in(a->x, cx, r, n, buf);
     void *orow = row_out(a->out, co, r, n, buf ? buf + n * es : NULL);
     double mean, rstd;
@@ -265,7 +251,7 @@ static void ln_backward_cpu(int dbl, const ln_bwd_args *a) {
   int cm = fa_is_contiguous(a->mean), cr = fa_is_contiguous(a->rstd);
 #pragma omp parallel for schedule(static) if (rows * n > FA_PARALLEL_GRAIN)
   for (int64_t p = 0; p < parts; p++) {
-    char *buf = a->scratch ? a->scratch + (size_t)thread_id() * 3 * n * es : NULL;
+    char *buf = a->scratch ? a->scratch + (size_t)fa_thread_id() * 3 * n * es : NULL;
     double *pdw = a->pdw ? a->pdw + p * n : NULL, *pdb = a->pdb ? a->pdb + p * n : NULL;
     for (int64_t r = p * rows / parts; r < (p + 1) * rows / parts; r++) {
       const void *xr = row_in(a->x, cx, r, n, buf);
@@ -345,7 +331,7 @@ int fa_layernorm_forward(fa_tensor *out, fa_tensor *mean, fa_tensor *rstd, const
   int dbl = x->dtype == FA_FLOAT64, es = dbl ? 8 : 4;
   const fa_tensor *strided[2] = {x, out};
   char *scratch = NULL, *pbuf = NULL;
-  if (needs_scratch(strided, 2) && !(scratch = fa_alloc(FA_CPU, (int64_t)max_threads() * 2 * n * es))) return FA_ERR_MEMORY;
+  if (needs_scratch(strided, 2) && !(scratch = fa_alloc(FA_CPU, (int64_t)fa_max_threads() * 2 * n * es))) return FA_ERR_MEMORY;
   if (!(pbuf = fa_alloc(FA_CPU, 2 * n * es))) {
     fa_free(FA_CPU, scratch);
     return FA_ERR_MEMORY;
@@ -383,7 +369,7 @@ int fa_layernorm_backward(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *
   const fa_tensor *strided[3] = {x, grad_out, grad_x};
   char *scratch = NULL, *wbuf = NULL;
   double *pdw = NULL, *pdb = NULL;
-  int fail = (needs_scratch(strided, 3) && !(scratch = fa_alloc(FA_CPU, (int64_t)max_threads() * 3 * n * es))) ||
+  int fail = (needs_scratch(strided, 3) && !(scratch = fa_alloc(FA_CPU, (int64_t)fa_max_threads() * 3 * n * es))) ||
              (weight && !(wbuf = fa_alloc(FA_CPU, n * es))) ||
              (grad_weight && !(pdw = fa_alloc(FA_CPU, parts * n * 8))) ||
              (grad_bias && !(pdb = fa_alloc(FA_CPU, parts * n * 8)));

@@ -27,23 +27,8 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
 }
 static inline double ex(double v, int dbl) { return dbl ? exp(v) : (double)fa_fast_expf((float)v); }
 
-/* Reductions with double accumulators. `#pragma omp simd` is lowered before inlining, so a reduction
- * loop vectorises only where its pointer types are fixed: hence a float and a double version.
- * simdlen(8): eight partial sums, so that the adds are not one long dependency chain. */
-static inline double sum_f32(const float *p, int64_t s, int64_t n) {
-  double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(8)
-  for (int64_t k = 0; k < n; k++) t += p[k * s];
-  return t;
-}
-static inline double sum_f64(const double *p, int64_t s, int64_t n) {
-  double t = 0;
-#pragma omp simd reduction(+ : t) simdlen(8)
-  for (int64_t k = 0; k < n; k++) t += p[k * s];
-  return t;
-}
 static inline double vsum(const void *p, int64_t s, int64_t n, int dbl) {
-  return dbl ? sum_f64((const double *)p, s, n) : sum_f32((const float *)p, s, n);
+  return dbl ? fa_sum_f64((const double *)p, s, n) : fa_sum_f32((const float *)p, s, n);
 }
 static inline double dot_f32(const float *a, int64_t sa, const float *b, int64_t sb, int64_t n) {
   double t = 0;
@@ -94,11 +79,11 @@ static inline __attribute__((always_inline)) void fwd_line(int dbl, int lg, void
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < D; k++) m = ((const double *)x)[k * sx] > m ? ((const double *)x)[k * sx] : m;
     for (int64_t k = 0; k < D; k++) ((double *)y)[k * sy] = exp(((const double *)x)[k * sx] - m);
-    s = sum_f64((const double *)y, sy, D);
+    s = fa_sum_f64((const double *)y, sy, D);
   } else {
     float mf = max_f32((const float *)x, sx, D);
     exp_shift_f32((float *)y, sy, (const float *)x, sx, D, mf);
-    s = sum_f32((const float *)y, sy, D);
+    s = fa_sum_f32((const float *)y, sy, D);
     m = mf;
   }
   if (lg) {
