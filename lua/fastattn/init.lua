@@ -4,6 +4,7 @@ local ffi = require 'ffi'
 
 local fa = {}
 fa.C = lib
+fa.errors = require 'fastattn.errors' -- the one error helper (messages at the caller's line)
 fa.version = ffi.string(lib.fa_version())
 
 local function merge(m)

@@ -801,6 +801,7 @@ ctype = ffi.metatype('fa_Tensor', mt)
 M._ctype = ctype
 
 function M.isTensor(x) return ffi.istype(ctype, x) end
+require('fastattn.errors').isTensor = M.isTensor
 
 registry.fastattn_tensor = M
 return M
