@@ -343,6 +343,9 @@ function Tensor:stride(d)
 end
 function Tensor:dtype() return DT_NAME[self.desc.dtype] end
 function Tensor:device() return device_name(self.desc.device) end
+-- true for float32/float64/bfloat16/float16 (PyTorch's is_floating_point); the one dtype predicate to use
+local FLOAT_DT = { [lib.FA_FLOAT32] = true, [lib.FA_FLOAT64] = true, [lib.FA_BFLOAT16] = true, [lib.FA_FLOAT16] = true }
+function Tensor:isFloatingPoint() return FLOAT_DT[tonumber(self.desc.dtype)] == true end
 function Tensor:deviceIndex() return self.desc.device end
 function Tensor:isCuda() return self.desc.device >= 0 end
 function Tensor:isContiguous()
