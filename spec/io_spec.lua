@@ -92,7 +92,7 @@ describe('fa.save / fa.load round trips', function()
 
   it('keeps non-ASCII and tricky names distinct, and the metadata', function()
     local names = { 'caf\195\169', 'cafe\204\129', '\240\159\152\128', 'a"b', 'a\\b', 'tab\there', 'nl\n',
-                    'ctl\1\31', 'del\127', '__metadata', ' ', '{}', '[0, 8]' }
+                    'ctl\1\31', 'nul\0x', 'del\127', '__metadata', ' ', '{}', '[0, 8]' }
     local t = {}
     for i, k in ipairs(names) do t[k] = fa.tensor({ i }) end
     local path = D .. '/names.safetensors'
@@ -106,6 +106,7 @@ describe('fa.save / fa.load round trips', function()
     -- control characters are escaped in the header, non-ASCII is raw UTF-8
     local s = readall(path)
     assert.truthy(s:find('"ctl\\u0001\\u001f"', 1, true))
+    assert.truthy(s:find('"nul\\u0000x"', 1, true))
     assert.truthy(s:find('"caf\195\169"', 1, true))
     assert.truthy(s:find('"a\\"b"', 1, true))
   end)
@@ -173,6 +174,12 @@ describe('fa.save / fa.load round trips', function()
     assert.is_true(sh_ok("test -L '" .. d .. "/link'"))
     assert.are.same({ 4 }, fa.load(d .. '/m.safetensors').w:table())
     assert.are.equal('link m.safetensors', ls_a(d))
+    -- a replaced file keeps its permission bits
+    assert.is_true(sh_ok("chmod 600 '" .. d .. "/m.safetensors'"))
+    fa.save(d .. '/m.safetensors', { w = fa.tensor({ 5 }) })
+    local p = io.popen("stat -c %a '" .. d .. "/m.safetensors'")
+    assert.are.equal('600', p:read('*l'))
+    p:close()
     rmrf(d)
   end)
 end)

@@ -27,6 +27,7 @@ int fa_io_fclose(fa_io_FILE *f) __asm__("fclose");
 int fa_io_ferror(fa_io_FILE *f) __asm__("ferror");
 int fa_io_fileno(fa_io_FILE *f) __asm__("fileno");
 int fa_io_fsync(int fd) __asm__("fsync");
+int fa_io_fchmod(int fd, unsigned mode) __asm__("fchmod");
 int fa_io_open(const char *path, int flags) __asm__("open");
 int fa_io_close(int fd) __asm__("close");
 int fa_io_rename(const char *from, const char *to) __asm__("rename");
@@ -40,7 +41,7 @@ int fa_io_getpid(void) __asm__("getpid");
 end
 local C = ffi.C
 
-local AT_FDCWD, STATX_TYPE, STATX_SIZE = -100, 0x1, 0x200
+local AT_FDCWD, STATX_TYPE, STATX_MODE, STATX_SIZE = -100, 0x1, 0x2, 0x200
 local S_IFMT, S_IFDIR, S_IFREG = 0xF000, 0x4000, 0x8000
 local MAX_HEADER = 100000000 -- the reference implementation's limit (MAX_HEADER_SIZE)
 local MAX_DIMS = 8           -- fa_tensor's shape[8]
@@ -232,7 +233,7 @@ end
 
 -- a JSON value as it appears in a message
 local function show(v)
-  if type(v) == 'string' then return string.format('%q', #v > 40 and v:sub(1, 37) .. '...' or v) end
+  if type(v) == 'string' then return '"' .. q(#v > 40 and v:sub(1, 37) .. '...' or v):sub(2, -2) .. '"' end
   if type(v) == 'boolean' then return tostring(v) end
   if v.kind == 'null' then return 'null' end
   if v.kind == 'number' then return v.text end
@@ -478,7 +479,7 @@ function M.save(path, tbl, metadata)
   local where = FN .. ': ' .. q(path) .. ': '
   local function bad(fmt, ...) E.raise(where .. string.format(fmt, ...)) end
   local st = ffi.new('fa_io_stat')
-  local exists = C.fa_io_statx(AT_FDCWD, target, 0, STATX_TYPE, st) == 0
+  local exists = C.fa_io_statx(AT_FDCWD, target, 0, STATX_TYPE + STATX_MODE, st) == 0
   local mode = exists and bit.band(st.mode, S_IFMT) or S_IFREG
   if mode == S_IFDIR then bad('is a directory') end
   -- an existing device, fifo or socket is written in place: renaming over it would replace the node
@@ -498,6 +499,13 @@ function M.save(path, tbl, metadata)
       if f ~= nil or ffi.errno() ~= 17 then break end -- 17: EEXIST
     end
     if f == nil then bad('cannot create a temporary file in %s: %s', q(dir == '' and '.' or dir), errtext()) end
+    -- a replaced file keeps its permission bits (a private checkpoint stays private)
+    if exists and C.fa_io_fchmod(C.fa_io_fileno(f), bit.band(st.mode, 4095)) ~= 0 then
+      local msg = errtext()
+      C.fa_io_fclose(f)
+      C.fa_io_unlink(tmp)
+      bad('cannot set the permissions of the temporary file: %s', msg)
+    end
   end
 
   local function write(ptr, n)
