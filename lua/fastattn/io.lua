@@ -400,7 +400,7 @@ end
 
 -- fa.load(path) -> {name = tensor}, metadata (a table of strings, or nil)
 function M.load(path)
-  if type(path) ~= 'string' then E.argv('fa.load', 'path', 'a string', path) end
+  if type(path) ~= 'string' or path:find('%z') then E.argv('fa.load', 'path', 'a string without NUL bytes', path) end
   local where = 'fa.load: ' .. q(path) .. ': '
   local function bad(fmt, ...) E.raise(where .. string.format(fmt, ...)) end
   local st = ffi.new('fa_io_stat')
@@ -429,7 +429,10 @@ local tmp_counter = 0
 -- fa.save(path, {name = tensor, ...}, [metadata: a table of string -> string])
 function M.save(path, tbl, metadata)
   local FN = 'fa.save'
-  if type(path) ~= 'string' or path == '' then E.argv(FN, 'path', 'a non-empty string', path) end
+  -- a NUL would cut the path short in C: 'a.st\0x' must not write 'a.st'
+  if type(path) ~= 'string' or path == '' or path:find('%z') then
+    E.argv(FN, 'path', 'a non-empty string without NUL bytes', path)
+  end
   if type(tbl) ~= 'table' then E.argv(FN, 'tensors', 'a table of name -> tensor', tbl) end
   local function bad_arg(arg, fmt, ...) E.raise(string.format("%s: argument '%s': ", FN, arg) .. string.format(fmt, ...)) end
   local names = {}
