@@ -497,7 +497,7 @@ function M.save(path, tbl, metadata)
     if not dir then dir, base = '', target end
     for _ = 1, 100 do
       tmp_counter = tmp_counter + 1
-      tmp = string.format('%s.%s.tmp%d.%d', dir, base, C.fa_io_getpid(), tmp_counter)
+      tmp = string.format('%s.%s.tmp%d.%d', dir, base:sub(1, 200), C.fa_io_getpid(), tmp_counter) -- NAME_MAX 255
       f = C.fa_io_fopen(tmp, 'wbx') -- O_EXCL: never reuse someone else's file
       if f ~= nil or ffi.errno() ~= 17 then break end -- 17: EEXIST
     end
