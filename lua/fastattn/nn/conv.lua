@@ -19,12 +19,12 @@ local function pair(v)
 end
 
 local KEYS = { in_channels = true, out_channels = true, kernel_size = true, stride = true, padding = true,
-               dilation = true, groups = true, bias = true, [1] = true, [2] = true, [3] = true }
+               dilation = true, groups = true, bias = true }
 function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bias)
   nn.Module.__init(self)
   local fn = 'fa.nn.Conv2d'
   if type(inC) == 'table' then
-    local o = E.opts(fn, 'opts', inC, KEYS)
+    local o = nn._opts(fn, inC, KEYS, 3)
     inC, outC, kernel = o.in_channels or o[1], o.out_channels or o[2], o.kernel_size or o[3]
     stride, padding, dilation, groups, bias = o.stride, o.padding, o.dilation, o.groups, o.bias
   end
