@@ -79,7 +79,7 @@ describe('fa.optim steps match torch.optim', function()
     { function() fa.optim.adam(fe, x, { betas = { 1, 0.9 } }) end,
       "fa.optim.adam: argument 'config.betas[1]': expected a finite number in [0, 1), got 1" },
     { function() fa.optim.adam(fe, x, { beta2 = -0.5 }) end, "fa.optim.adam: argument 'config.beta2': expected a finite number in [0, 1), got -0.5" },
-    { function() fa.optim.adam(fe, x, { betas = 0.9 }) end, "fa.optim.adam: argument 'config.betas': expected a table {beta1, beta2}, got 0.9" },
+    { function() fa.optim.adam(fe, x, { betas = 0.5 }) end, "fa.optim.adam: argument 'config.betas': expected a table {beta1, beta2}, got 0.5" },
     { function() fa.optim.adam(fe, x, { eps = -1 }) end, "fa.optim.adam: argument 'config.eps': expected a finite number >= 0, got -1" },
     { function() fa.optim.sgd(fe, x, { momentum = -0.5 }) end, "fa.optim.sgd: argument 'config.momentum': expected a finite number >= 0, got -0.5" },
     { function() fa.optim.sgd(fe, x, { momentum = 0.9, dampening = 2 }) end,
