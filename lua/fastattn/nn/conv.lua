@@ -36,7 +36,8 @@ function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bia
   end
   E.boolean(fn, 'bias', bias, true)
   local kh, kw = pair(kernel)
-  if type(kh) ~= 'number' or type(kw) ~= 'number' or kh < 1 or kw < 1 or kh ~= math.floor(kh) or kw ~= math.floor(kw) then
+  if type(kh) ~= 'number' or type(kw) ~= 'number' or not (kh >= 1 and kw >= 1 and kh < 2^31 and kw < 2^31)
+     or kh ~= math.floor(kh) or kw ~= math.floor(kw) then
     E.argv(fn, 'kernel_size', 'a positive integer or {h, w}', kernel)
   end
   self.in_channels, self.out_channels, self.groups = inC, outC, groups
