@@ -311,20 +311,31 @@ local function ptrs(list)
   return out
 end
 
--- whether record r still describes r.module: the same parameter and gradient tensors, still at the
--- places the flat tensors cover
-local function flat_valid(r)
-  local ps, gs = r.module:parameters()
-  if #ps ~= #r.params then return false end
-  for i = 1, #ps do
-    local p, g = ps[i], gs[i]
-    if not rawequal(p, r.params[i]) or not rawequal(g, r.grads[i]) or p.storage ~= r.pstorage
-       or g.storage ~= r.gstorage or ffi.cast('char*', p.desc.data) ~= r.pptr[i]
-       or ffi.cast('char*', g.desc.data) ~= r.gptr[i] or not p:isContiguous() or not g:isContiguous() then
-      return false
+-- whether record r still describes r.module: the same parameter and gradient tensors (in _paramList's
+-- order, each tensor once), still at the places the flat tensors cover. Walks the tree without building
+-- the list: this runs on every optimiser step.
+local function covers(m, r, i, seen)
+  for _, pn in ipairs(m._paramNames or {}) do
+    local p = m[pn[1]]
+    if p ~= nil and not seen[p] then
+      seen[p] = true
+      i = i + 1
+      local g = m[pn[2]]
+      if not rawequal(p, r.params[i]) or not rawequal(g, r.grads[i]) or p.storage ~= r.pstorage
+         or g.storage ~= r.gstorage or ffi.cast('char*', p.desc.data) ~= r.pptr[i]
+         or ffi.cast('char*', g.desc.data) ~= r.gptr[i] then
+        return nil
+      end
     end
   end
-  return true
+  for _, c in ipairs(m:namedChildren()) do
+    i = covers(c[2], r, i, seen)
+    if i == nil then return nil end
+  end
+  return i
+end
+local function flat_valid(r)
+  return covers(r.module, r, 0, {}) == #r.params
 end
 
 -- raises (naming fn) when x or dfdx is a flat tensor from getParameters() that went stale
