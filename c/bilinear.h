@@ -42,10 +42,10 @@ static inline double fa_bl_border(double u, int64_t size, double *scale) {
   return u;
 }
 
-/* 1 when some tap of (u, v) can be inside an H x W image with a non-zero weight (msda's test: points on the
- * lines u = -1, v = -1 are skipped as on the GPU); 0 for NaN */
-static inline int fa_bl_touches(double u, double v, int64_t H, int64_t W) {
-  return u > -1 && u < (double)W && v > -1 && v < (double)H;
+/* msda's test: 1 when no tap of (u, v) can be inside an H x W image with a non-zero weight (points on the
+ * lines u = -1, v = -1 are skipped, as on the GPU); 1 for NaN */
+static inline int fa_bl_outside(double u, double v, int64_t H, int64_t W) {
+  return !(u > -1 && u < (double)W && v > -1 && v < (double)H);
 }
 /* 1 when the taps of (u, v) can be computed as PyTorch does (grid_sample's test: the floor fits, and the
  * zero-weight tap of a point on u = -1 still counts for the gradient); 0 for NaN */
@@ -60,7 +60,8 @@ typedef struct {
   double fx, fy; /* u - x0, v - y0 */
 } fa_bl_taps;
 
-/* the taps of (u, v) inside an H x W image; u, v must have passed fa_bl_near (or fa_bl_touches) */
+/* the taps of (u, v) inside an H x W image; u, v must have passed fa_bl_near (or fa_bl_outside, or the border
+ * clamp) */
 static inline void fa_bl_taps_at(double u, double v, int64_t H, int64_t W, fa_bl_taps *t) {
   /* floor of a value in (-2, size + 1), without a libm call */
   t->x0 = (int64_t)u - ((double)(int64_t)u > u);

@@ -192,7 +192,7 @@ static inline int msda_taps(const fa_msda_geom *g, int64_t l, double lx, double 
   if (g->border) {
     x = fa_bl_border(x, W, sx);
     y = fa_bl_border(y, H, sy);
-  } else if (!fa_bl_touches(x, y, H, W)) {
+  } else if (fa_bl_outside(x, y, H, W)) {
     return 0;
   }
   fa_bl_taps_at(x, y, H, W, t);

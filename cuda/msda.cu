@@ -102,15 +102,15 @@ template <int H, int R, int TPG> __device__ __forceinline__ void reduce_scatter(
 __device__ __forceinline__ bool cell(const Params &p, int l, float lx, float ly, int &x0, int &y0, float &fx,
                                      float &fy, float &sx, float &sy) {
   const float fw = (float)p.W[l], fh = (float)p.H[l];
-  float x = fa_bl_src_unit(lx, fw, p.align, sx), y = fa_bl_src_unit(ly, fh, p.align, sy);
+  float x, y;
+  fa_bl_src_unit(lx, ly, fw, fh, p.align, x, y, sx, sy);
   if (p.border) {
-    fa_bl_border(x, sx, fw - 1.f);
-    fa_bl_border(y, sy, fh - 1.f);
-  } else if (!fa_bl_touches(x, y, fw, fh)) {
+    fa_bl_border(x, sx, fw);
+    fa_bl_border(y, sy, fh);
+  } else if (fa_bl_outside(x, y, fw, fh)) {
     return false;
   }
-  x0 = (int)fa_bl_floor(x, fx);
-  y0 = (int)fa_bl_floor(y, fy);
+  fa_bl_cell(x, y, x0, y0, fx, fy);
   return true;
 }
 
@@ -127,16 +127,17 @@ struct Foot {
 __device__ __forceinline__ void footprint(const Params &p, int n, int l, int x0, int y0, float fx, float fy, float a,
                                           Foot &f) {
   const int H = p.H[l], W = p.W[l];
+  bool vx0, vx1, vy0, vy1;
+  fa_bl_inside(x0, y0, H, W, vx0, vx1, vy0, vy1);
   const int xc0 = max(x0, 0), xc1 = min(x0 + 1, W - 1), yc0 = max(y0, 0), yc1 = min(y0 + 1, H - 1);
-  float w[4];
-  fa_bl_weights(fx, fy, w);
+  const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
   f.pix = n * p.S + p.start[l] + yc0 * W + xc0;
-  f.mask = fa_bl_mask(x0, y0, H, W);
+  f.mask = fa_bl_mask(vx0, vx1, vy0, vy1);
   f.step = ((yc1 - yc0) * W << 5) | ((xc1 - xc0) << 4) | (int)f.mask;
-  f.c[0] = (f.mask & 1u) ? __fmul_rn(a, w[0]) : 0.f;
-  f.c[1] = (f.mask & 2u) ? __fmul_rn(a, w[1]) : 0.f;
-  f.c[2] = (f.mask & 4u) ? __fmul_rn(a, w[2]) : 0.f;
-  f.c[3] = (f.mask & 8u) ? __fmul_rn(a, w[3]) : 0.f;
+  f.c[0] = (f.mask & 1u) ? __fmul_rn(a, fa_bl_weight<0>(fx, fy, hx, hy)) : 0.f;
+  f.c[1] = (f.mask & 2u) ? __fmul_rn(a, fa_bl_weight<1>(fx, fy, hx, hy)) : 0.f;
+  f.c[2] = (f.mask & 4u) ? __fmul_rn(a, fa_bl_weight<2>(fx, fy, hx, hy)) : 0.f;
+  f.c[3] = (f.mask & 8u) ? __fmul_rn(a, fa_bl_weight<3>(fx, fy, hx, hy)) : 0.f;
 }
 
 __device__ __forceinline__ void no_footprint(const Params &p, int n, Foot &f) {
@@ -378,8 +379,8 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
         for (int k = 0; k < 4; k++) t[k] = (mine.mask >> k & 1u) ? dot[0][k] : 0.f;
         const float hx = 1.f - fx, hy = 1.f - fy;
         const float dA = hx * hy * t[0] + fx * hy * t[1] + hx * fy * t[2] + fx * fy * t[3];
-        const float dx = gx * fa_bl_du(t, fy);
-        const float dy = gy * fa_bl_dv(t, fx);
+        const float dx = gx * fa_bl_du(t, fy, hy);
+        const float dy = gy * fa_bl_dv(t, fx, hx);
         const int i = i0 + s;
         if (part) {
           float *q = part + ((int64_t)blockIdx.y * groups * p.LP + i) * 3;
