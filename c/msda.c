@@ -172,12 +172,20 @@ static int msda_check(const char *fn, const fa_tensor *out, const char *out_name
   return read_levels(fn, shapes, lsi, g, lv);
 }
 
-/* an output: shaped, typed and placed as ref, contiguous */
+/* outputs are written in place: they must be dense */
+static int check_dense_output(const char *fn, const char *arg, const fa_tensor *t) {
+  if (!fa_is_contiguous(t))
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a contiguous tensor (the result is written into it), got a non-contiguous view",
+                    fn, arg);
+  return 0;
+}
+
+/* a gradient: shaped, typed and placed as ref, contiguous; NULL = not wanted */
 static int check_output(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
   int rc;
   if (!t) return 0;
   if ((rc = fa_check_like(fn, arg, t, ref_arg, ref)) || (rc = fa_check_same_shape(fn, arg, t, ref_arg, ref)) ||
-      (rc = fa_check_contiguous(fn, arg, t)))
+      (rc = check_dense_output(fn, arg, t)))
     return rc;
   return 0;
 }
@@ -438,7 +446,7 @@ int fa_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spa
   fa_msda_geom g;
   rc = msda_check(fn, out, "out", value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                   opts, &g, &lv);
-  if (!rc) rc = fa_check_contiguous(fn, "out", out);
+  if (!rc) rc = check_dense_output(fn, "out", out);
   if (rc || fa_numel(out) == 0) { free(lv); return rc; }
   const fa_tensor *in[3] = {value, sampling_locations, attention_weights};
   const void *p[3];
