@@ -1,6 +1,7 @@
 /* cuda_stubs.c: what a build without CUDA answers. Every symbol here is weak: when the CUDA objects are
  * linked in, their definitions replace these. */
 #include "internal.h"
+#include "msda.h"
 
 #define FA_NO_CUDA(fn) fa_error(FA_ERR_UNSUPPORTED, "%s: this fastattn was built without CUDA (rebuild where nvcc is found, without FA_CUDA=0)", fn)
 #define WEAK __attribute__((weak))
@@ -55,13 +56,13 @@ WEAK int fa_cu_sgd_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *mome
 WEAK int fa_cu_adam_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *exp_avg, fa_tensor *exp_avg_sq, double lr,
                          double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t step) { return FA_NO_CUDA("fa_adam_step"); }
 WEAK int fa_cu_sumsq(fa_tensor *out, const fa_tensor *x) { return FA_NO_CUDA("fa_sumsq"); }
-WEAK int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                            const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                            const fa_tensor *attention_weights, const fa_msda_opts *opts) { return FA_NO_CUDA("fa_msda_forward"); }
-WEAK int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, fa_tensor *grad_attention_weights,
-                             const fa_tensor *grad_out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                             const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                             const fa_tensor *attention_weights, const fa_msda_opts *opts) { return FA_NO_CUDA("fa_msda_backward"); }
+WEAK int fa_cu_msda_forward(const fa_msda_geom *g, void *out, const void *value, const float *loc, const float *attn) {
+  return FA_NO_CUDA("fa_msda_forward");
+}
+WEAK int fa_cu_msda_backward(const fa_msda_geom *g, void *grad_value, float *grad_loc, float *grad_attn,
+                             const void *grad_out, const void *value, const float *loc, const float *attn) {
+  return FA_NO_CUDA("fa_msda_backward");
+}
 
 /* public CUDA runtime: no device */
 WEAK int fa_has_cuda(void) { return 0; }

@@ -190,14 +190,24 @@ int fa_adam_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *exp_avg, fa
 int fa_sumsq(fa_tensor *out, const fa_tensor *x);
 
 /* ---------------------------------------------------------------- multi-scale deformable attention */
+typedef enum fa_msda_order { FA_MSDA_ORDER_AUTO = 0, FA_MSDA_ORDER_QUERY = 1, FA_MSDA_ORDER_HEAD = 2 } fa_msda_order;
+typedef enum fa_msda_switch { FA_MSDA_AUTO = 0, FA_MSDA_OFF = 1, FA_MSDA_ON = 2 } fa_msda_switch;
+/* A zeroed struct (or NULL) is the default: zeros padding, align_corners off, atomics, the planner's kernels. */
 typedef struct fa_msda_opts {
-  int32_t padding;        /* fa_padding */
-  int32_t align_corners;
-  int32_t deterministic;  /* GPU: no float atomics in backward; the CPU is always deterministic */
+  int32_t padding;        /* fa_padding: FA_PAD_ZEROS or FA_PAD_BORDER */
+  int32_t align_corners;  /* 0 or 1 */
+  int32_t deterministic;  /* 1: GPU backward without float atomics (sort and gather); the CPU always is */
+  int32_t order; /* GPU kernel choice, for tests and benchmarks: FA_MSDA_ORDER_AUTO (0, the planner), FA_MSDA_ORDER_QUERY (1: groups (n,q,m)), FA_MSDA_ORDER_HEAD (2: groups (n,m,q)) */
+  int32_t merge;  /* backward: FA_MSDA_AUTO (0), FA_MSDA_OFF (1), FA_MSDA_ON (2) */
+                  /* (the warp merge: groups of a warp that sample the same cell of the same head add up
+                   * before the atomics; the planner picks (n,m,q) order and the merge when Lq == S) */
 } fa_msda_opts;
-/* value (N, S, M, D), spatial_shapes int64 (L, 2) as (H, W), level_start_index int64 (L),
- * sampling_locations (N, Lq, M, L, P, 2) x first, attention_weights (N, Lq, M, L, P) -> out (N, Lq, M*D).
- * spatial_shapes and level_start_index live on the CPU (they are small and read by the host). */
+/* value (N, S, M, D), spatial_shapes int64 or int32 (L, 2) as (H, W), level_start_index int64 or int32 (L),
+ * or NULL (then the running sum of H*W), sampling_locations (N, Lq, M, L, P, 2) x first, attention_weights
+ * (N, Lq, M, L, P) -> out (N, Lq, M*D), contiguous. Inputs may be strided views (copied when they are not
+ * contiguous). spatial_shapes and level_start_index live on the CPU (they are small and read by the host).
+ * CPU: float32 or float64 throughout. CUDA: float32, bfloat16 or float16 value (and out, grad_out), float32
+ * locations and weights. Backward: gradients overwritten, NULL = not wanted. */
 int fa_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
                     const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
                     const fa_tensor *attention_weights, const fa_msda_opts *opts);

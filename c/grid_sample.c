@@ -1,13 +1,10 @@
 /* grid_sample.c: 2-D bilinear grid sampling (PyTorch's F.grid_sample, mode='bilinear'), CPU.
  *
  * input (N, C, H, W), grid (N, Ho, Wo, 2) with (x, y) in [-1, 1] -> out (N, C, Ho, Wo)
- *   u = unnormalize(x): align_corners: (x + 1) * (W - 1) / 2;  else: (x + 1) * W / 2 - 0.5
- *   (the same expressions, in the input's precision, as PyTorch's CPU kernel, so that points that
- *   fall exactly on a pixel centre pick the same cell); likewise v from y with H.
- *   padding 'border': u clamped to [0, W - 1] (its gradient is 0 where clamped, borders included, as
- *   PyTorch); 'zeros': taps outside the image read 0.
- *   out = sum over the 4 taps (x0 = floor(u), y0 = floor(v), +1) of weight * input, weights
- *   (1 - du)(1 - dv), du (1 - dv), (1 - du) dv, du dv.
+ *   with the sampling rules of c/bilinear.h: u = (x + 1) * W / 2 - 0.5 (align_corners: (x + 1) * (W - 1) / 2)
+ *   in the input's precision, as PyTorch's CPU kernel, so that points exactly on a pixel centre pick the
+ *   same cell; likewise v from y with H; 'zeros' or 'border' padding; out = sum over the 4 taps of
+ *   weight * input.
  * backward: grad_input (overwritten) and grad_grid (overwritten); either may be NULL.
  *   grad_input is made by one thread per (n, c) plane, each scattering its own plane in output order:
  *   deterministic, no atomics. grad_grid is a separate pass over output points with a loop over
@@ -18,6 +15,7 @@
  * helpers included, is compiled with the same options. */
 #pragma GCC optimize("fp-contract=off")
 #include "internal.h"
+#include "bilinear.h"
 #include <stdlib.h>
 
 static inline double ld(const void *p, int64_t i, int dbl) {
@@ -28,75 +26,20 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
   else ((float *)p)[i] = (float)v;
 }
 
-/* the source coordinate for grid coordinate g along an axis of `size` pixels, and its derivative with
- * respect to g (*dmult) */
-static inline double source_index(int dbl, double g, int64_t size, int border, int align, double *dmult) {
-  double u, scale;
-  if (dbl) {
-    scale = align ? (double)(size - 1) / 2 : (double)size / 2;
-    u = (g + 1) * scale;
-    if (!align) u -= 0.5;
-  } else { /* float32 arithmetic, as PyTorch's float kernel */
-    float s = align ? (float)(size - 1) / 2 : (float)size / 2, v = ((float)g + 1.0f) * s;
-    if (!align) v -= 0.5f;
-    scale = s;
-    u = v;
-  }
-  *dmult = scale;
-  if (border) { /* clamp; the borders themselves count as clamped (zero gradient), NaN goes to 0 */
-    if (!(u > 0)) {
-      u = 0;
-      *dmult = 0;
-    } else if (u >= (double)(size - 1)) {
-      u = (double)(size - 1);
-      *dmult = 0;
-    }
-  }
-  return u;
-}
-
-/* the four taps of one sampling point: nw, ne, sw, se */
+/* the taps of one sampling point (c/bilinear.h) and du/dgrid_x, dv/dgrid_y */
 typedef struct {
-  int64_t x0, y0;
-  int in[4];         /* tap inside the image */
-  double w[4];       /* bilinear weights, 0 for taps outside */
-  double dx, dy;     /* u - x0, v - y0 */
-  double gxm, gym;   /* du/dgrid_x, dv/dgrid_y */
+  fa_bl_taps b;
+  double gxm, gym;
 } gs_taps;
 
 static inline void taps(int dbl, double gx, double gy, int64_t H, int64_t W, int border, int align, gs_taps *t) {
-  double u = source_index(dbl, gx, W, border, align, &t->gxm);
-  double v = source_index(dbl, gy, H, border, align, &t->gym);
-  if (!(u > -2 && u < (double)W + 1 && v > -2 && v < (double)H + 1)) { /* all taps outside (or NaN) */
-    t->x0 = t->y0 = 0;
-    t->dx = t->dy = 0;
-    for (int k = 0; k < 4; k++) { t->in[k] = 0; t->w[k] = 0; }
-    return;
+  double u = fa_bl_src_signed(dbl, gx, W, align, &t->gxm), v = fa_bl_src_signed(dbl, gy, H, align, &t->gym);
+  if (border) {
+    u = fa_bl_border(u, W, &t->gxm);
+    v = fa_bl_border(v, H, &t->gym);
   }
-  /* floor of a value in (-2, size + 1), without a libm call */
-  t->x0 = (int64_t)u - ((double)(int64_t)u > u);
-  t->y0 = (int64_t)v - ((double)(int64_t)v > v);
-  t->dx = u - (double)t->x0;
-  t->dy = v - (double)t->y0;
-  int inx0 = t->x0 >= 0 && t->x0 < W, inx1 = t->x0 + 1 >= 0 && t->x0 + 1 < W;
-  int iny0 = t->y0 >= 0 && t->y0 < H, iny1 = t->y0 + 1 >= 0 && t->y0 + 1 < H;
-  t->in[0] = inx0 && iny0;
-  t->in[1] = inx1 && iny0;
-  t->in[2] = inx0 && iny1;
-  t->in[3] = inx1 && iny1;
-  double ex = 1 - t->dx, ey = 1 - t->dy;
-  t->w[0] = t->in[0] ? ex * ey : 0;
-  t->w[1] = t->in[1] ? t->dx * ey : 0;
-  t->w[2] = t->in[2] ? ex * t->dy : 0;
-  t->w[3] = t->in[3] ? t->dx * t->dy : 0;
-}
-
-/* element offsets of the four taps in a plane with strides (sh, sw); 0 for taps outside */
-static inline void tap_offsets(const gs_taps *t, int64_t sh, int64_t sw, int64_t off[4]) {
-  off[0] = t->in[0] ? t->y0 * sh + t->x0 * sw : 0;
-  off[1] = t->in[1] ? t->y0 * sh + (t->x0 + 1) * sw : 0;
-  off[2] = t->in[2] ? (t->y0 + 1) * sh + t->x0 * sw : 0;
-  off[3] = t->in[3] ? (t->y0 + 1) * sh + (t->x0 + 1) * sw : 0;
+  if (fa_bl_near(u, v, H, W)) fa_bl_taps_at(u, v, H, W, &t->b);
+  else fa_bl_no_taps(&t->b); /* all taps outside (or NaN) */
 }
 
 typedef struct {
@@ -147,7 +90,7 @@ static inline __attribute__((always_inline)) void gs_fwd_tile(int dbl, const gs_
   int64_t off[GS_TILE][4];
   for (int i = 0; i < nw; i++) {
     point_taps(dbl, g, grid, n, h, w0 + i, &t[i]);
-    tap_offsets(&t[i], si[2], si[3], off[i]);
+    fa_bl_offsets(&t[i].b, si[2], si[3], off[i]);
   }
   int es = dbl ? 8 : 4;
   for (int64_t c = 0; c < g->C; c++) {
@@ -156,7 +99,7 @@ static inline __attribute__((always_inline)) void gs_fwd_tile(int dbl, const gs_
     for (int i = 0; i < nw; i++) {
       double v = 0;
       for (int k = 0; k < 4; k++) /* taps outside are skipped, not multiplied by 0: inf/NaN elsewhere stay out */
-        if (t[i].in[k]) v += t[i].w[k] * ld(ip, off[i][k], dbl);
+        if (t[i].b.in[k]) v += t[i].b.w[k] * ld(ip, off[i][k], dbl);
       st(out->data, ob + i * so[3], v, dbl);
     }
   }
@@ -195,10 +138,10 @@ static inline __attribute__((always_inline)) void gs_scatter_tile(int dbl, const
     gs_taps t;
     gs_scatter *s = &sc[(n * g->Ho + h) * g->Wo + w0 + i];
     point_taps(dbl, g, grid, n, h, w0 + i, &t);
-    tap_offsets(&t, gin->stride[2], gin->stride[3], s->off);
+    fa_bl_offsets(&t.b, gin->stride[2], gin->stride[3], s->off);
     for (int k = 0; k < 4; k++) {
-      s->w[k] = t.w[k];
-      if (!t.in[k]) s->off[k] = -1;
+      s->w[k] = t.b.w[k];
+      if (!t.b.in[k]) s->off[k] = -1;
     }
   }
 }
@@ -232,7 +175,7 @@ static inline __attribute__((always_inline)) void gs_ggrid_tile(int dbl, const g
   double gx[GS_TILE], gy[GS_TILE];
   for (int i = 0; i < nw; i++) {
     point_taps(dbl, g, grid, n, h, w0 + i, &t[i]);
-    tap_offsets(&t[i], si[2], si[3], off[i]);
+    fa_bl_offsets(&t[i].b, si[2], si[3], off[i]);
     gx[i] = gy[i] = 0;
   }
   int es = dbl ? 8 : 4;
@@ -241,9 +184,9 @@ static inline __attribute__((always_inline)) void gs_ggrid_tile(int dbl, const g
     const char *gop = (const char *)gout->data + (n * sgo[0] + c * sgo[1] + h * sgo[2] + w0 * sgo[3]) * es;
     for (int i = 0; i < nw; i++) {
       double v[4], go = ld(gop, i * sgo[3], dbl);
-      for (int k = 0; k < 4; k++) v[k] = t[i].in[k] ? ld(ip, off[i][k], dbl) : 0.0;
-      gx[i] += ((v[1] - v[0]) * (1 - t[i].dy) + (v[3] - v[2]) * t[i].dy) * go;
-      gy[i] += ((v[2] - v[0]) * (1 - t[i].dx) + (v[3] - v[1]) * t[i].dx) * go;
+      for (int k = 0; k < 4; k++) v[k] = t[i].b.in[k] ? ld(ip, off[i][k], dbl) : 0.0;
+      gx[i] += fa_bl_du(v, t[i].b.fy) * go;
+      gy[i] += fa_bl_dv(v, t[i].b.fx) * go;
     }
   }
   for (int i = 0; i < nw; i++) {

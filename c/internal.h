@@ -158,8 +158,27 @@ static inline float fa_fast_expf(float x) {
   return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
 }
 
+/* ---- copy to contiguous, the one helper for the C entries that want dense inputs: *data = t's data, or a
+ * fresh contiguous copy's on t's device (also in *tmp: fa_free(t->device, *tmp) when done). */
+static inline int fa_contiguous_data(const fa_tensor *t, const void **data, void **tmp) {
+  *tmp = NULL;
+  *data = t->data;
+  if (fa_is_contiguous(t)) return 0;
+  fa_tensor c = *t;
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; i--) { c.stride[i] = s; s *= t->shape[i]; }
+  c.data = fa_alloc(t->device, fa_numel(t) * fa_dtype_size(t->dtype));
+  if (!c.data) return FA_ERR_MEMORY;
+  int rc = fa_copy(&c, t);
+  if (rc) { fa_free(t->device, c.data); return rc; }
+  *tmp = c.data;
+  *data = c.data;
+  return 0;
+}
+
 /* ---- CUDA side: one fa_cu_<op> per public entry, same arguments, called after validation when the
- * tensors are on a GPU. Defined in cuda/<op>.cu; c/cuda_stubs.c defines them when built without CUDA. */
+ * tensors are on a GPU. Defined in cuda/<op>.cu; c/cuda_stubs.c defines them when built without CUDA.
+ * Ops with a private header (c/msda.h) declare theirs there. */
 int fa_cu_alloc(int device, int64_t nbytes, void **ptr);
 void fa_cu_free(int device, void *ptr);
 int fa_cu_copy(fa_tensor *dst, const fa_tensor *src);           /* any side on a GPU */
@@ -209,13 +228,6 @@ int fa_cu_sgd_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *momentum_
 int fa_cu_adam_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *exp_avg, fa_tensor *exp_avg_sq, double lr,
                     double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t step);
 int fa_cu_sumsq(fa_tensor *out, const fa_tensor *x);
-int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                       const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                       const fa_tensor *attention_weights, const fa_msda_opts *opts);
-int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, fa_tensor *grad_attention_weights,
-                        const fa_tensor *grad_out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                        const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                        const fa_tensor *attention_weights, const fa_msda_opts *opts);
 
 #ifdef __cplusplus
 }

@@ -85,3 +85,20 @@ __device__ __forceinline__ void online_merge(float &m, float &s, float m2, float
   s = (m == -INFINITY ? 0.f : s * expf(m - mm)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mm));
   m = mm;
 }
+
+// ---- the temporaries of one call on `dev`, freed on every exit path (msda, grid_sample)
+struct Temps {
+  int dev;
+  void *p[16] = {nullptr};
+  int n = 0;
+  explicit Temps(int d) : dev(d) {}
+  Temps(const Temps &) = delete;
+  ~Temps() { for (int i = 0; i < n; i++) fa_cu_temp_free(dev, p[i]); }
+  // NULL (and the error message) when out of memory or of slots
+  void *get(int64_t bytes) {
+    if (n == 16) { fa_error(FA_ERR_MEMORY, "Temps: more than 16 temporaries"); return nullptr; }
+    void *q = fa_cu_temp_alloc(dev, bytes > 0 ? bytes : 16);
+    if (q) p[n++] = q;
+    return q;
+  }
+};

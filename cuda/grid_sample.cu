@@ -2,10 +2,8 @@
 // same arithmetic as c/grid_sample.c.
 //
 // input (N, C, H, W), grid (N, Ho, Wo, 2) with (x, y) in [-1, 1] -> out (N, C, Ho, Wo)
-//   u = (x + 1) * s - 0.5 with s = W / 2 (align_corners = 0), or u = (x + 1) * s with s = (W - 1) / 2
-//   (float32, no fused multiply-add: the CPU's and PyTorch's rounding); v likewise from y with H.
-//   padding border: u clamped to [0, W - 1], its gradient 0 where clamped (borders included); zeros: taps
-//   outside read 0. out = sum of the 4 taps (x0 = floor(u), y0 = floor(v), +1) with bilinear weights.
+//   with the sampling rules of cuda/bilinear.cuh: u = (x + 1) * W / 2 - 0.5 (align_corners: (x + 1) * (W - 1) / 2)
+//   in float32 without fused multiply-add (the CPU's and PyTorch's rounding); 'zeros' or 'border' padding.
 // backward: grad_input (overwritten; float atomics into a float32 buffer: fast, not bit-reproducible) and
 //   grad_grid (overwritten; deterministic: per-channel-chunk partial sums added in chunk order). Either may
 //   be NULL.
@@ -14,7 +12,8 @@
 // reuses them for its channels; the chunks give enough threads when N * Ho * Wo is small (batch 1).
 // Output writes are coalesced along Wo; the four gathers of neighbouring points hit the same cache lines.
 // Every tensor may have any strides. Storage float32, bfloat16 or float16; arithmetic float32.
-#include "common.cuh"
+#include "dense.cuh"
+#include "bilinear.cuh"
 
 namespace {
 
@@ -34,45 +33,36 @@ struct Taps {
   float gxm, gym;  // du/dx, dv/dy
 };
 
-__device__ __forceinline__ float source_index(float g, int64_t size, int border, int align, float &dmult) {
-  float s = align ? (float)(size - 1) / 2.f : (float)size / 2.f;
-  float u = __fmul_rn(__fadd_rn(g, 1.0f), s);
-  if (!align) u = __fsub_rn(u, 0.5f);
-  dmult = s;
-  if (border) {
-    if (!(u > 0.f)) { u = 0.f; dmult = 0.f; }
-    else if (u >= (float)(size - 1)) { u = (float)(size - 1); dmult = 0.f; }
-  }
-  return u;
-}
-
+// the taps of grid point (gx, gy) with the rules of bilinear.cuh (PyTorch's: every tap of a point near the
+// image counts, the zero-weight one of a point on u = -1 included)
 __device__ __forceinline__ void make_taps(float gx, float gy, const GsArgs &a, int64_t sh, int64_t sw, Taps &t) {
-  float u = source_index(gx, a.W, a.border, a.align, t.gxm);
-  float v = source_index(gy, a.H, a.border, a.align, t.gym);
-  if (!(u > -2.f && u < (float)a.W + 1.f && v > -2.f && v < (float)a.H + 1.f)) { // all taps outside, or NaN
+  float u = fa_bl_src_signed(gx, a.W, a.align, t.gxm);
+  float v = fa_bl_src_signed(gy, a.H, a.align, t.gym);
+  if (a.border) {
+    fa_bl_border(u, t.gxm, a.W);
+    fa_bl_border(v, t.gym, a.H);
+  }
+  if (!fa_bl_near(u, v, a.H, a.W)) { // all taps outside, or NaN
     t.dx = t.dy = 0.f;
     t.x0 = t.y0 = 0;
 #pragma unroll
     for (int k = 0; k < 4; k++) { t.in[k] = false; t.w[k] = 0.f; t.off[k] = 0; }
     return;
   }
-  float fx = floorf(u), fy = floorf(v);
-  int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;
+  int64_t x0, y0;
+  fa_bl_cell(u, v, x0, y0, t.dx, t.dy);
   t.x0 = x0;
   t.y0 = y0;
-  t.dx = u - fx;
-  t.dy = v - fy;
-  bool inx0 = x0 >= 0 && x0 < a.W, inx1 = x0 + 1 >= 0 && x0 + 1 < a.W;
-  bool iny0 = y0 >= 0 && y0 < a.H, iny1 = y0 + 1 >= 0 && y0 + 1 < a.H;
-  t.in[0] = inx0 && iny0;
-  t.in[1] = inx1 && iny0;
-  t.in[2] = inx0 && iny1;
-  t.in[3] = inx1 && iny1;
-  float ex = 1.f - t.dx, ey = 1.f - t.dy;
-  t.w[0] = t.in[0] ? ex * ey : 0.f;
-  t.w[1] = t.in[1] ? t.dx * ey : 0.f;
-  t.w[2] = t.in[2] ? ex * t.dy : 0.f;
-  t.w[3] = t.in[3] ? t.dx * t.dy : 0.f;
+  bool vx0, vx1, vy0, vy1;
+  fa_bl_inside(x0, y0, a.H, a.W, vx0, vx1, vy0, vy1);
+  const unsigned mask = fa_bl_cell_near(x0, y0, a.H, a.W) ? fa_bl_mask(vx0, vx1, vy0, vy1) : 0u;
+#pragma unroll
+  for (int k = 0; k < 4; k++) t.in[k] = (mask >> k & 1u) != 0;
+  const float ex = fa_bl_comp(t.dx), ey = fa_bl_comp(t.dy);
+  t.w[0] = t.in[0] ? fa_bl_weight<0>(t.dx, t.dy, ex, ey) : 0.f;
+  t.w[1] = t.in[1] ? fa_bl_weight<1>(t.dx, t.dy, ex, ey) : 0.f;
+  t.w[2] = t.in[2] ? fa_bl_weight<2>(t.dx, t.dy, ex, ey) : 0.f;
+  t.w[3] = t.in[3] ? fa_bl_weight<3>(t.dx, t.dy, ex, ey) : 0.f;
   t.off[0] = y0 * sh + x0 * sw;
   t.off[1] = t.off[0] + sw;
   t.off[2] = t.off[0] + sh;
@@ -156,8 +146,8 @@ __global__ void __launch_bounds__(256) gs_bwd(float *gin, float *part, const T *
       float v[4];
 #pragma unroll
       for (int k = 0; k < 4; k++) v[k] = t.in[k] ? fa_to_f<T>(pl[t.off[k]]) : 0.f;
-      gx += ((v[1] - v[0]) * ey + (v[3] - v[2]) * t.dy) * go;
-      gy += ((v[2] - v[0]) * ex + (v[3] - v[1]) * t.dx) * go;
+      gx += fa_bl_du(v, t.dy, ey) * go;
+      gy += fa_bl_dv(v, t.dx, ex) * go;
     }
   }
   if (part) {
@@ -254,13 +244,14 @@ static int backward_t(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tens
   chunks = (a.C + a.cc - 1) / a.cc;
   // grad_input: atomics straight into it when it is dense float32, else into a float32 buffer
   bool direct = grad_input && grad_input->dtype == FA_FLOAT32 && fa_is_contiguous(grad_input);
+  Temps tmp(dev);
   float *gin = nullptr, *part = nullptr;
   if (grad_input) {
-    gin = direct ? (float *)grad_input->data : (float *)fa_cu_temp_alloc(dev, nin * 4);
+    gin = direct ? (float *)grad_input->data : (float *)tmp.get(nin * 4);
     if (!gin) return FA_ERR_MEMORY;
     rc = fa_cu_check(cudaMemsetAsync(gin, 0, (size_t)nin * 4, st), fn);
   }
-  if (!rc && grad_grid && !(part = (float *)fa_cu_temp_alloc(dev, chunks * NP * 2 * 4))) rc = FA_ERR_MEMORY;
+  if (!rc && grad_grid && !(part = (float *)tmp.get(chunks * NP * 2 * 4))) rc = FA_ERR_MEMORY;
   if (!rc) {
     dim3 blocks((unsigned)((NP + 255) / 256), (unsigned)chunks);
     gs_bwd<T><<<blocks, 256, 0, st>>>(gin, part, (const T *)grad_out->data, (const T *)input->data, (const T *)grid->data, a);
@@ -275,8 +266,6 @@ static int backward_t(fa_tensor *grad_input, fa_tensor *grad_grid, const fa_tens
     gs_input_final<T><<<fa_cu_blocks(nin, 256, dev), 256, 0, st>>>((T *)grad_input->data, fa_cu_geom_of(grad_input), gin, nin);
     rc = fa_cu_launch_check(fn);
   }
-  if (gin && !direct) fa_cu_temp_free(dev, gin);
-  if (part) fa_cu_temp_free(dev, part);
   return rc;
 }
 

@@ -1,8 +1,9 @@
 // msda.cu: multi-scale deformable attention on the GPU (forward, backward, deterministic backward).
 //
 // value (N, S, M, D) T, sampling_locations (N, Lq, M, L, P, 2) float32, attention_weights (N, Lq, M, L, P)
-// float32 -> out (N, Lq, M*D) T; T = float32, bfloat16 or float16, arithmetic float32. Semantics as c/msda.c
-// (zeros/border padding, align_corners). Validation happened in c/msda.c; shapes come from the host.
+// float32 -> out (N, Lq, M*D) T; T = float32, bfloat16 or float16, arithmetic float32. Sampling rules of
+// cuda/bilinear.cuh (as c/msda.c). c/msda.c has validated everything and hands over a fa_msda_geom (c/msda.h)
+// and dense buffers; this file plans the launches (make_plan) and checks the device's limits only.
 //
 // Layout of the work: a "group" of TPG lanes owns one (n, q, m) row of D channels, VEC channels per lane
 // (16-byte loads: 4 floats or 8 halves). The L*P sampling points of the row are handled in rounds: in each
@@ -19,24 +20,24 @@
 // point's attention and location gradients: no atomics there. 16-bit values accumulate grad_value in a
 // float32 buffer, cast at the end.
 //
-// Deterministic backward (opts.deterministic, or FA_MSDA_BWD=gather): no float atomics. The point gradients
-// come from the same kernel without the scatter (fixed shuffle order). grad_value is gathered: every point
-// gets a key = its top-left corner cell on an (H+1)x(W+1) grid per (n, m, level) (a point touches the 4
-// pixels right/below of that cell), keys are sorted stably with CUB (ties keep point order), and one group
-// per grad_value row (n, pixel, m) sums coefficient * grad_out over the points of the 4 cells around the
-// pixel, in that fixed order. Every row is written once: no memset, 16-bit output written directly.
+// Deterministic backward (opts.deterministic): no float atomics. The point gradients come from the same
+// kernel without the scatter (fixed shuffle order). grad_value is gathered: every point gets a key = its
+// top-left corner cell on an (H+1)x(W+1) grid per (n, m, level) (a point touches the 4 pixels right/below of
+// that cell), keys are sorted stably with CUB (ties keep point order), and one group per grad_value row
+// (n, pixel, m) sums coefficient * grad_out over the points of the 4 cells around the pixel, in that fixed
+// order. Every row is written once: no memset, 16-bit output written directly.
 //
-// Staged variants (off by default; FA_MSDA_SMEM / FA_MSDA_FSMEM): persistent blocks that keep one head's
-// column of the coarse levels in shared memory (grad_value accumulators in the backward, value copies in
-// the forward). Measured slower on the encoder (bench/MSDA_NOTES.md, v3); kept for the spec and the bench.
-#include "common.cuh"
+// Variants (group order, warp merge) are Params fields set by make_plan, overridable through fa_msda_opts'
+// order/merge for tests and benchmarks. The rejected v3 staged kernels are in git at 69998e3
+// (bench/MSDA_NOTES.md).
+#include "dense.cuh"
+#include "bilinear.cuh"
+#include "msda.h"
 #include <cub/cub.cuh>
-#include <stdlib.h>
-#include <string.h>
 
 namespace {
 
-constexpr int MAXL = 16;   // levels per call on the GPU (kernel parameters)
+constexpr int MAXL = FA_MSDA_CUDA_MAX_LEVELS;  // levels per call on the GPU (kernel parameters)
 constexpr int THREADS = 256;
 constexpr unsigned FULL = 0xffffffffu;
 
@@ -47,24 +48,7 @@ struct Params {
   int merge;                      // backward: groups of a warp with the same footprint add up before the atomics
   int Sx;                         // (H+1)*(W+1) summed over levels: the key grid of one (n, m)
   int H[MAXL], W[MAXL], start[MAXL], xstart[MAXL];
-  // persistent kernels with shared-memory levels (fwd_staged_kernel, bwd_staged_kernel) only:
-  int smpix;                      // pixels of one head's column held in shared memory (the staged levels)
-  int smoff[MAXL];                // first shared-memory pixel of level l, -1 = level not staged
 };
-
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
-
-template <typename T, int VEC> __device__ __forceinline__ void load_vec(float (&f)[VEC], const T *__restrict__ p) {
-  Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC> *>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; i++) f[i] = fa_to_f<T>(k.v[i]);
-}
-template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *p, const float (&f)[VEC]) {
-  Pack<T, VEC> k;
-#pragma unroll
-  for (int i = 0; i < VEC; i++) k.v[i] = fa_from_f<T>(f[i]);
-  *reinterpret_cast<Pack<T, VEC> *>(p) = k;
-}
 
 // grad_value[p .. p+VEC) += f (float32 buffer). sm_90 has vector reductions: one instruction per 4 floats.
 template <int VEC> __device__ __forceinline__ void red_add(float *p, const float (&f)[VEC]) {
@@ -83,11 +67,6 @@ template <int VEC> __device__ __forceinline__ void red_add(float *p, const float
 #pragma unroll
   for (int i = 0; i < VEC; i++) atomicAdd(p + i, f[i]);
 #endif
-}
-
-// shared-memory float add without a return value (the accumulators of bwd_staged_kernel)
-__device__ __forceinline__ void red_shared(float *p, float v) {
-  asm volatile("red.shared.add.f32 [%0], %1;" ::"r"((unsigned)__cvta_generic_to_shared(p)), "f"(v) : "memory");
 }
 
 // Sum of dot[j][k] over the TPG lanes of a group, in a fixed order. First an all-reduce over the lane bits
@@ -120,29 +99,18 @@ template <int H, int R, int TPG> __device__ __forceinline__ void reduce_scatter(
 
 // The cell of a sampling point on level l: top-left corner (x0, y0), fractions (fx, fy) and
 // d(pixel)/d(loc) (sx, sy; 0 where border-clamped). false: the point touches no pixel (zeros padding).
-// Rounding pinned with _rn intrinsics so that every kernel computes the same cell for the same point.
 __device__ __forceinline__ bool cell(const Params &p, int l, float lx, float ly, int &x0, int &y0, float &fx,
                                      float &fy, float &sx, float &sy) {
   const float fw = (float)p.W[l], fh = (float)p.H[l];
   float x, y;
-  if (p.align) {
-    sx = fw - 1.f; sy = fh - 1.f;
-    x = __fmul_rn(lx, sx); y = __fmul_rn(ly, sy);
-  } else {
-    sx = fw; sy = fh;
-    x = __fmaf_rn(lx, fw, -0.5f); y = __fmaf_rn(ly, fh, -0.5f);
-  }
-  if (p.border) {  // the borders themselves count as clamped (zero gradient), NaN goes to 0: as PyTorch
-    if (!(x > 0.f)) { x = 0.f; sx = 0.f; } else if (x >= fw - 1.f) { x = fw - 1.f; sx = 0.f; }
-    if (!(y > 0.f)) { y = 0.f; sy = 0.f; } else if (y >= fh - 1.f) { y = fh - 1.f; sy = 0.f; }
-  } else if (!(x > -1.f && x < fw && y > -1.f && y < fh)) {
+  fa_bl_src_unit(lx, ly, fw, fh, p.align, x, y, sx, sy);
+  if (p.border) {
+    fa_bl_border(x, sx, fw);
+    fa_bl_border(y, sy, fh);
+  } else if (fa_bl_outside(x, y, fw, fh)) {
     return false;
   }
-  const float xf = floorf(x), yf = floorf(y);
-  fx = __fsub_rn(x, xf);
-  fy = __fsub_rn(y, yf);
-  x0 = (int)xf;
-  y0 = (int)yf;
+  fa_bl_cell(x, y, x0, y0, fx, fy);
   return true;
 }
 
@@ -159,16 +127,17 @@ struct Foot {
 __device__ __forceinline__ void footprint(const Params &p, int n, int l, int x0, int y0, float fx, float fy, float a,
                                           Foot &f) {
   const int H = p.H[l], W = p.W[l];
-  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < W, vy0 = y0 >= 0, vy1 = y0 + 1 < H;
+  bool vx0, vx1, vy0, vy1;
+  fa_bl_inside(x0, y0, H, W, vx0, vx1, vy0, vy1);
   const int xc0 = max(x0, 0), xc1 = min(x0 + 1, W - 1), yc0 = max(y0, 0), yc1 = min(y0 + 1, H - 1);
-  const float hx = __fsub_rn(1.f, fx), hy = __fsub_rn(1.f, fy);
+  const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
   f.pix = n * p.S + p.start[l] + yc0 * W + xc0;
-  f.mask = (vx0 && vy0 ? 1u : 0u) | (vx1 && vy0 ? 2u : 0u) | (vx0 && vy1 ? 4u : 0u) | (vx1 && vy1 ? 8u : 0u);
+  f.mask = fa_bl_mask(vx0, vx1, vy0, vy1);
   f.step = ((yc1 - yc0) * W << 5) | ((xc1 - xc0) << 4) | (int)f.mask;
-  f.c[0] = (f.mask & 1u) ? __fmul_rn(a, __fmul_rn(hx, hy)) : 0.f;
-  f.c[1] = (f.mask & 2u) ? __fmul_rn(a, __fmul_rn(fx, hy)) : 0.f;
-  f.c[2] = (f.mask & 4u) ? __fmul_rn(a, __fmul_rn(hx, fy)) : 0.f;
-  f.c[3] = (f.mask & 8u) ? __fmul_rn(a, __fmul_rn(fx, fy)) : 0.f;
+  f.c[0] = (f.mask & 1u) ? __fmul_rn(a, fa_bl_weight<0>(fx, fy, hx, hy)) : 0.f;
+  f.c[1] = (f.mask & 2u) ? __fmul_rn(a, fa_bl_weight<1>(fx, fy, hx, hy)) : 0.f;
+  f.c[2] = (f.mask & 4u) ? __fmul_rn(a, fa_bl_weight<2>(fx, fy, hx, hy)) : 0.f;
+  f.c[3] = (f.mask & 8u) ? __fmul_rn(a, fa_bl_weight<3>(fx, fy, hx, hy)) : 0.f;
 }
 
 __device__ __forceinline__ void no_footprint(const Params &p, int n, Foot &f) {
@@ -185,16 +154,10 @@ __device__ __forceinline__ int group_of(const Params &p, int gi) {
   const int q = gi % p.Lq, t = gi / p.Lq;
   return (t / p.M * p.Lq + q) * p.M + t % p.M;
 }
-// the row of index gi in (n, m, q) order (the persistent kernels)
-__device__ __forceinline__ int group_nmq(const Params &p, int gi) {
-  const int q = gi % p.Lq, t = gi / p.Lq;
-  return (t / p.M * p.Lq + q) * p.M + t % p.M;
-}
 
 // ------------------------------------------------------------------------------------------------ forward
 // grid (ceil(groups*TPG/THREADS), chunks); channel chunk blockIdx.y covers TPG*VEC channels.
-// BCAST: footprints computed once per point and shuffled to the group (else every lane recomputes them).
-template <typename T, int VEC, int TPG, bool BCAST>
+template <typename T, int VEC, int TPG>
 __global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const T *__restrict__ value,
                                                       const float *__restrict__ loc, const float *__restrict__ attn,
                                                       const __grid_constant__ Params p, int groups) {
@@ -235,26 +198,18 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const
     else no_footprint(p, n, f);
   };
 
-  if constexpr (BCAST) {
-    for (int s0 = 0; s0 < p.LP; s0 += TPG) {
-      Foot mine;
-      if (s0 + lane < p.LP) point(s0 + lane, mine);
-      else no_footprint(p, n, mine);
+  for (int s0 = 0; s0 < p.LP; s0 += TPG) {
+    Foot mine;
+    if (s0 + lane < p.LP) point(s0 + lane, mine);
+    else no_footprint(p, n, mine);
 #pragma unroll
-      for (int j = 0; j < TPG; j++) {
-        if (s0 + j >= p.LP) break;  // uniform over the warp
-        Foot f;
-        f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
-        f.step = __shfl_sync(FULL, mine.step, j, TPG);
-#pragma unroll
-        for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
-        accumulate(f);
-      }
-    }
-  } else {
-    for (int s = 0; s < p.LP; s++) {
+    for (int j = 0; j < TPG; j++) {
+      if (s0 + j >= p.LP) break;  // uniform over the warp
       Foot f;
-      point(s, f);
+      f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
+      f.step = __shfl_sync(FULL, mine.step, j, TPG);
+#pragma unroll
+      for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
       accumulate(f);
     }
   }
@@ -424,8 +379,8 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
         for (int k = 0; k < 4; k++) t[k] = (mine.mask >> k & 1u) ? dot[0][k] : 0.f;
         const float hx = 1.f - fx, hy = 1.f - fy;
         const float dA = hx * hy * t[0] + fx * hy * t[1] + hx * fy * t[2] + fx * fy * t[3];
-        const float dx = gx * (hy * (t[1] - t[0]) + fy * (t[3] - t[2]));
-        const float dy = gy * (hx * (t[2] - t[0]) + fx * (t[3] - t[1]));
+        const float dx = gx * fa_bl_du(t, fy, hy);
+        const float dy = gy * fa_bl_dv(t, fx, hx);
         const int i = i0 + s;
         if (part) {
           float *q = part + ((int64_t)blockIdx.y * groups * p.LP + i) * 3;
@@ -457,379 +412,6 @@ template <typename T>
 __global__ void cast_kernel(T *__restrict__ dst, const float *__restrict__ src, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     dst[i] = fa_from_f<T>(src[i]);
-}
-
-// ------------------------------------------------------------------------------------------------ staged
-// Persistent kernels with the coarse levels in shared memory (run 4, bench/MSDA_NOTES.md v3): slower than
-// the kernels above on the encoder (every head's value and grad_value column is live at once, more than the
-// L2 holds; shared-memory float adds are CAS loops on sm_80/sm_90), faster only for the bf16 backward of
-// the small `tri` problem. Off by default: FA_MSDA_SMEM / FA_MSDA_FSMEM = KB of levels to stage.
-// The group bodies are the forward/backward bodies above plus the shared-memory paths (kept separate so the
-// default kernels compile exactly as measured).
-template <typename T, int VEC, int TPG>
-__device__ __forceinline__ void fwd_staged_group(T *__restrict__ out, const T *__restrict__ value,
-                                                 const float *__restrict__ loc, const float *__restrict__ attn,
-                                                 const Params &p, int g, bool active, const T *__restrict__ sval) {
-  constexpr int CW = TPG * VEC;
-  const int lane = threadIdx.x % TPG;
-  const int m = g % p.M, n = g / (p.M * p.Lq);
-  const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
-  const bool chan = c < p.D;
-  const int64_t MD = (int64_t)p.M * p.D;
-  const T *__restrict__ vb = value + (int64_t)m * p.D + (chan ? c : 0);
-  const int i0 = g * p.LP;
-  float acc[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; i++) acc[i] = 0.f;
-
-  auto accumulate = [&](const Foot &f, int l) {
-    if (chan && (f.c[0] != 0.f || f.c[1] != 0.f || f.c[2] != 0.f || f.c[3] != 0.f)) {
-      float v0[VEC], v1[VEC], v2[VEC], v3[VEC];
-      if (p.smoff[l] >= 0) {
-        const int d01 = (f.step >> 4 & 1) * CW, d10 = (f.step >> 5) * CW;
-        const T *b = sval + (f.pix - n * p.S - p.start[l] + p.smoff[l]) * CW + lane * VEC;
-        load_vec<T, VEC>(v0, b);
-        load_vec<T, VEC>(v1, b + d01);
-        load_vec<T, VEC>(v2, b + d10);
-        load_vec<T, VEC>(v3, b + d10 + d01);
-      } else {
-        const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
-        const T *b = vb + (int64_t)f.pix * MD;
-        load_vec<T, VEC>(v0, b);
-        load_vec<T, VEC>(v1, b + d01);
-        load_vec<T, VEC>(v2, b + d10);
-        load_vec<T, VEC>(v3, b + d10 + d01);
-      }
-#pragma unroll
-      for (int i = 0; i < VEC; i++)
-        acc[i] = fmaf(f.c[3], v3[i], fmaf(f.c[2], v2[i], fmaf(f.c[1], v1[i], fmaf(f.c[0], v0[i], acc[i]))));
-    }
-  };
-  auto point = [&](int s, Foot &f) {
-    const int l = s / p.P;
-    const float lx = loc[2 * (i0 + s)], ly = loc[2 * (i0 + s) + 1], a = attn[i0 + s];
-    int x0, y0;
-    float fx, fy, sx, sy;
-    if (cell(p, l, lx, ly, x0, y0, fx, fy, sx, sy)) footprint(p, n, l, x0, y0, fx, fy, a, f);
-    else no_footprint(p, n, f);
-  };
-
-  for (int s0 = 0; s0 < p.LP; s0 += TPG) {
-    Foot mine;
-    if (s0 + lane < p.LP) point(s0 + lane, mine);
-    else no_footprint(p, n, mine);
-#pragma unroll
-    for (int j = 0; j < TPG; j++) {
-      if (s0 + j >= p.LP) break;  // uniform over the warp
-      Foot f;
-      f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
-      f.step = __shfl_sync(FULL, mine.step, j, TPG);
-#pragma unroll
-      for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
-      accumulate(f, (s0 + j) / p.P);
-    }
-  }
-  if (active && chan) store_vec<T, VEC>(out + (int64_t)g * p.D + c, acc);
-}
-
-// Persistent blocks over the rows in (n, m, q) order: block b takes rows [b*per, (b+1)*per), cut into
-// segments of one head (n, m). Per segment the block copies head m's column of the staged levels (the
-// coarse ones: p.smoff) into shared memory once, so their corner gathers (half of all with 4 levels) are
-// served by shared memory instead of L2.
-constexpr int FSMT = 1024;
-template <typename T, int VEC, int TPG>
-__global__ void __launch_bounds__(FSMT, 1) fwd_staged_kernel(T *__restrict__ out, const T *__restrict__ value,
-                                                          const float *__restrict__ loc, const float *__restrict__ attn,
-                                                          const __grid_constant__ Params p, int groups, int per) {
-  extern __shared__ float4 smem_f4[];
-  T *sval = reinterpret_cast<T *>(smem_f4);
-  constexpr int CW = TPG * VEC, GPB = FSMT / TPG;
-  const int c0 = blockIdx.y * CW;
-  const int64_t MD = (int64_t)p.M * p.D;
-  const int a1 = min(groups, (int)(blockIdx.x + 1) * per);
-  for (int a = blockIdx.x * per; a < a1;) {
-    const int t = a / p.Lq, n = t / p.M, m = t % p.M;  // segment = rows of head (n, m)
-    const int b = min(a1, (t + 1) * p.Lq);
-    __syncthreads();  // the previous segment's reads are done
-    for (int l = 0; l < p.L; l++) {
-      if (p.smoff[l] < 0) continue;
-      const int npx = p.H[l] * p.W[l];
-      const T *src = value + ((int64_t)n * p.S + p.start[l]) * MD + (int64_t)m * p.D + c0;
-      T *dst = sval + (int64_t)p.smoff[l] * CW;
-      for (int i = threadIdx.x; i < npx * TPG; i += FSMT) {
-        const int px = i / TPG, q = (i % TPG) * VEC;
-        Pack<T, VEC> k;
-        if (c0 + q < p.D) k = *reinterpret_cast<const Pack<T, VEC> *>(src + px * MD + q);
-        else
-#pragma unroll
-          for (int e = 0; e < VEC; e++) k.v[e] = fa_from_f<T>(0.f);
-        *reinterpret_cast<Pack<T, VEC> *>(dst + px * CW + q) = k;
-      }
-    }
-    __syncthreads();
-    for (int base = a; base < b; base += GPB) {
-      const int gid = base + (int)threadIdx.x / TPG;
-      const bool active = gid < b;
-      const int g = group_nmq(p, active ? gid : b - 1);
-      fwd_staged_group<T, VEC, TPG>(out, value, loc, attn, p, g, active, sval);
-    }
-    a = b;
-  }
-}
-
-template <typename T, int VEC, int TPG>
-__device__ __forceinline__ void bwd_staged_group(float *__restrict__ gv32, float *__restrict__ gloc,
-                                                 float *__restrict__ gattn, float *__restrict__ part,
-                                                 const T *__restrict__ gout, const T *__restrict__ value,
-                                                 const float *__restrict__ loc, const float *__restrict__ attn,
-                                                 const Params &p, int g, bool active, int groups, int scatter,
-                                                 int points, float *sacc) {
-  constexpr int R = TPG < 8 ? TPG : 8;  // points per round (the reduce-scatter keeps R x 4 partials per lane)
-  constexpr int CW = TPG * VEC;
-  const int lane = threadIdx.x % TPG;
-  const int m = g % p.M, n = g / (p.M * p.Lq);
-  const int c0 = blockIdx.y * (TPG * VEC), c = c0 + lane * VEC;
-  const bool chan = c < p.D;
-  const int64_t MD = (int64_t)p.M * p.D;
-  const int64_t coff = (int64_t)m * p.D + (chan ? c : 0);
-  const int64_t roff = (int64_t)m * p.D + c0;  // row offset of the chunk (scatter addresses)
-  const int wl = threadIdx.x % 32;
-  const int i0 = g * p.LP;
-  float go[VEC];
-  if (chan) load_vec<T, VEC>(go, gout + (int64_t)g * p.D + c);
-  else
-#pragma unroll
-    for (int i = 0; i < VEC; i++) go[i] = 0.f;
-  // grad_out in the layout of the scatter: segments of 4 channels contiguous across the group's lanes, so a
-  // red.v4 instruction of the group covers whole 32-byte sectors. With 8 channels per lane (16-bit) lane j
-  // scatters channels [4j, 4j+4) and [4*TPG + 4j, 4*TPG + 4j + 4): fetched from their owners by shuffles.
-  constexpr int NSEG = VEC == 8 ? 2 : 1, SEGW = VEC / NSEG;
-  float sgo[VEC];
-  int segoff[NSEG];
-  bool segok[NSEG];
-  if constexpr (VEC == 8) {
-#pragma unroll
-    for (int sg = 0; sg < 2; sg++) {
-      const int ch = sg * 4 * TPG + 4 * lane, src = ch >> 3;
-      const bool hi = (ch & 4) != 0;
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float lo_v = __shfl_sync(FULL, go[e], src, TPG), hi_v = __shfl_sync(FULL, go[4 + e], src, TPG);
-        sgo[sg * 4 + e] = hi ? hi_v : lo_v;
-      }
-      segoff[sg] = ch;
-      segok[sg] = c0 + ch < p.D;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; i++) sgo[i] = go[i];
-    segoff[0] = lane * VEC;
-    segok[0] = chan;
-  }
-  // shared-memory atomics: the groups of a warp start at different elements of their VEC channels
-  // (rotation by the group's index in the warp), so one instruction of the warp touches 32 different banks
-  // (rows of CW = 32 floats) and never one address twice. rsgo[t] = grad_out of channel offset soff[t].
-  float rsgo[VEC];
-  int soff[VEC];
-  {
-    const int rot = (wl / TPG) & (VEC - 1);
-#pragma unroll
-    for (int t = 0; t < VEC; t++) {
-      const int e = (t + rot) & (VEC - 1);
-      float v = 0.f;
-#pragma unroll
-      for (int k = 0; k < VEC; k++) v = e == k ? sgo[k] : v;  // no run-time register index
-      rsgo[t] = v;
-      soff[t] = NSEG == 2 ? (e >> 2) * 4 * TPG + 4 * lane + (e & 3) : lane * VEC + e;
-    }
-  }
-  // merge steps: partner groups at lane distance TPG, 2*TPG, ... < 32
-  constexpr int NSTEP = TPG >= 32 ? 0 : TPG == 16 ? 1 : TPG == 8 ? 2 : TPG == 4 ? 3 : TPG == 2 ? 4 : 5;
-
-  for (int s0 = 0; s0 < p.LP; s0 += R) {
-    // the owner lane (lane < R) of point s0 + lane computes its footprint and keeps what the point
-    // gradients need
-    const int s = s0 + lane;
-    const bool own = lane < R && s < p.LP;
-    Foot mine;
-    float fx = 0.f, fy = 0.f, gx = 0.f, gy = 0.f;
-    no_footprint(p, n, mine);
-    if (own) {
-      const int l = s / p.P;
-      const float lx = loc[2 * (i0 + s)], ly = loc[2 * (i0 + s) + 1], a = attn[i0 + s];
-      int x0, y0;
-      float sx, sy;
-      if (cell(p, l, lx, ly, x0, y0, fx, fy, sx, sy)) {
-        footprint(p, n, l, x0, y0, fx, fy, a, mine);
-        gx = a * sx;
-        gy = a * sy;
-      }
-    }
-    float dot[R][4];
-#pragma unroll
-    for (int j = 0; j < R; j++) {
-#pragma unroll
-      for (int k = 0; k < 4; k++) dot[j][k] = 0.f;
-      if (s0 + j < p.LP) {  // uniform over the warp
-        Foot f;
-        f.pix = __shfl_sync(FULL, mine.pix, j, TPG);
-        f.step = __shfl_sync(FULL, mine.step, j, TPG);
-#pragma unroll
-        for (int k = 0; k < 4; k++) f.c[k] = __shfl_sync(FULL, mine.c[k], j, TPG);
-        // a point with attention 0 still has an attention gradient: skip only points that touch nothing
-        if (points && chan && (f.step & 15)) {
-          const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
-          const int64_t off[4] = {0, d01, d10, d10 + d01};
-          const int64_t base = (int64_t)f.pix * MD + coff;
-          {
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-              float v[VEC];
-              load_vec<T, VEC>(v, value + base + off[k]);
-              float d = 0.f;
-#pragma unroll
-              for (int i = 0; i < VEC; i++) d = fmaf(go[i], v[i], d);
-              dot[j][k] = d;
-            }
-          }
-        }
-        const int lj = (s0 + j) / p.P;  // the point's level (uniform over the warp)
-        if (scatter && p.smoff[lj] >= 0) {
-          if (active && (f.step & 15)) {
-            const int lp = f.pix - n * p.S - p.start[lj] + p.smoff[lj];
-            const int d01 = (f.step >> 4 & 1) * CW, d10 = (f.step >> 5) * CW;
-            const int off[4] = {0, d01, d10, d10 + d01};
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-              if (f.c[k] == 0.f) continue;
-              float *row = sacc + lp * CW + off[k];
-#pragma unroll
-              for (int t = 0; t < VEC; t++) red_shared(row + soff[t], f.c[k] * rsgo[t]);
-            }
-          }
-        } else if (scatter) {
-          // outside the divergent branch: the merge shuffles need the whole warp
-          bool alive = active && (f.step & 15) != 0;
-          bool mt[NSTEP > 0 ? NSTEP : 1], any[NSTEP > 0 ? NSTEP : 1];
-          if (p.merge) {
-#pragma unroll
-            for (int t = 0; t < NSTEP; t++) {
-              const int d = TPG << t;
-              const int opix = __shfl_xor_sync(FULL, f.pix, d), ostep = __shfl_xor_sync(FULL, f.step, d);
-              const int oalive = __shfl_xor_sync(FULL, (int)alive, d), om = __shfl_xor_sync(FULL, m, d);
-              mt[t] = alive && oalive && opix == f.pix && ostep == f.step && om == m;
-              any[t] = __any_sync(FULL, mt[t]);
-              if (mt[t] && (wl & d)) alive = false;  // the upper group hands its share to the lower one
-            }
-          }
-          const int64_t rb = (int64_t)f.pix * MD + roff;
-          const int64_t d01 = (f.step >> 4 & 1) * MD, d10 = (int64_t)(f.step >> 5) * MD;
-          const int64_t off[4] = {0, d01, d10, d10 + d01};
-#pragma unroll
-          for (int k = 0; k < 4; k++) {
-            float u[VEC];
-#pragma unroll
-            for (int i = 0; i < VEC; i++) u[i] = f.c[k] * sgo[i];
-            if (p.merge) {
-#pragma unroll
-              for (int t = 0; t < NSTEP; t++) {
-                if (!any[t]) continue;  // uniform over the warp
-                const int d = TPG << t;
-#pragma unroll
-                for (int i = 0; i < VEC; i++) {
-                  const float o = __shfl_xor_sync(FULL, u[i], d);
-                  if (mt[t] && !(wl & d)) u[i] += o;
-                }
-              }
-            }
-            const bool need = p.merge ? ((f.step >> k) & 1) != 0 : f.c[k] != 0.f;
-            if (alive && need) {
-#pragma unroll
-              for (int sg = 0; sg < NSEG; sg++) {
-                if (!segok[sg]) continue;
-                float w[SEGW];
-#pragma unroll
-                for (int i = 0; i < SEGW; i++) w[i] = u[sg * SEGW + i];
-                red_add<SEGW>(gv32 + rb + off[k] + segoff[sg], w);
-              }
-            }
-          }
-        }
-      }
-    }
-    if (points) {
-      allreduce_high<TPG / 2, R, TPG>(dot);
-      reduce_scatter<R / 2, R, TPG>(dot, lane);
-      if (own && active) {
-        float t[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) t[k] = (mine.mask >> k & 1u) ? dot[0][k] : 0.f;
-        const float hx = 1.f - fx, hy = 1.f - fy;
-        const float dA = hx * hy * t[0] + fx * hy * t[1] + hx * fy * t[2] + fx * fy * t[3];
-        const float dx = gx * (hy * (t[1] - t[0]) + fy * (t[3] - t[2]));
-        const float dy = gy * (hx * (t[2] - t[0]) + fx * (t[3] - t[1]));
-        const int i = i0 + s;
-        if (part) {
-          float *q = part + ((int64_t)blockIdx.y * groups * p.LP + i) * 3;
-          q[0] = dA; q[1] = dx; q[2] = dy;
-        } else {
-          if (gattn) gattn[i] = dA;
-          if (gloc) { gloc[2 * i] = dx; gloc[2 * i + 1] = dy; }
-        }
-      }
-    }
-  }
-}
-
-// Persistent blocks over the rows in (n, m, q) order, as fwd_staged_kernel: per segment (rows of one head
-// (n, m)) the grad_value contributions to the staged levels (the coarse ones, which take a quarter of the
-// points each and, being small, most of the same-address atomic traffic) accumulate in shared memory and
-// go to gv32 once per segment (one red.v4 per 4 channels of every touched pixel) instead of once per point
-// and corner. The finer levels take the usual global vector atomics.
-constexpr int BSMT = 512;
-template <typename T, int VEC, int TPG>
-__global__ void __launch_bounds__(BSMT, 1) bwd_staged_kernel(float *__restrict__ gv32, float *__restrict__ gloc,
-                                                          float *__restrict__ gattn, float *__restrict__ part,
-                                                          const T *__restrict__ gout, const T *__restrict__ value,
-                                                          const float *__restrict__ loc, const float *__restrict__ attn,
-                                                          const __grid_constant__ Params p, int groups, int per,
-                                                          int points) {
-  extern __shared__ float4 smem_f4[];
-  float *sacc = reinterpret_cast<float *>(smem_f4);
-  constexpr int CW = TPG * VEC, GPB = BSMT / TPG, Q = CW / 4;
-  const int c0 = blockIdx.y * CW;
-  const int64_t MD = (int64_t)p.M * p.D;
-  const int a1 = min(groups, (int)(blockIdx.x + 1) * per);
-  for (int a = blockIdx.x * per; a < a1;) {
-    const int t = a / p.Lq, n = t / p.M, m = t % p.M;  // segment = rows of head (n, m)
-    const int b = min(a1, (t + 1) * p.Lq);
-    for (int i = threadIdx.x; i < p.smpix * Q; i += BSMT) smem_f4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    __syncthreads();
-    for (int base = a; base < b; base += GPB) {
-      const int gid = base + (int)threadIdx.x / TPG;
-      const bool active = gid < b;
-      const int g = group_nmq(p, active ? gid : b - 1);
-      bwd_staged_group<T, VEC, TPG>(gv32, gloc, gattn, part, gout, value, loc, attn, p, g, active, groups, 1, points,
-                                   sacc);
-    }
-    __syncthreads();
-    for (int l = 0; l < p.L; l++) {
-      if (p.smoff[l] < 0) continue;
-      const int npx = p.H[l] * p.W[l];
-      float *dst = gv32 + ((int64_t)n * p.S + p.start[l]) * MD + (int64_t)m * p.D + c0;
-      const float4 *s4 = smem_f4 + (int64_t)p.smoff[l] * Q;
-      for (int i = threadIdx.x; i < npx * Q; i += BSMT) {
-        const int px = i / Q, q = (i % Q) * 4;
-        const float4 v = s4[i];
-        if (c0 + q < p.D && (v.x != 0.f || v.y != 0.f || v.z != 0.f || v.w != 0.f)) {
-          const float w[4] = {v.x, v.y, v.z, v.w};
-          red_add<4>(dst + px * MD + q, w);
-        }
-      }
-    }
-    __syncthreads();  // the flush has read sacc before the next segment zeroes it
-    a = b;
-  }
 }
 
 // ------------------------------------------------------------------------------------------------ gather
@@ -915,140 +497,53 @@ struct Plan {
   Params p;
   int vec, tpg, chunks, groups;
   int64_t npts;
-  int dev;
-  int nstaged;     // levels staged in shared memory (p.smoff), 0 = the plain kernels
-  int smem_bytes;  // dynamic shared memory of the persistent kernels
 };
 
-
-
-static bool env_is(const char *name, const char *value) {
-  const char *e = getenv(name);
-  return e && !strcmp(e, value);
-}
-
-// vector width: 16 bytes when D and every pointer allow it, else 1 (then 32 lanes per group)
-static int make_plan(const char *fn, Plan &pl, const fa_tensor *value, const fa_tensor *shapes, const fa_tensor *lsi,
-                     const fa_tensor *loc, const fa_msda_opts *opts, const void *const *ptrs, int nptrs, bool backward) {
+// Params from the geometry, the variants and the launch shape. Vector width: 16 bytes when D and every
+// pointer allow it, else 1 (then 32 lanes per group).
+template <typename T>
+static int make_plan(const char *fn, Plan &pl, const fa_msda_geom *g, bool backward, const void *const *ptrs,
+                     int nptrs) {
   Params &p = pl.p;
   memset(&p, 0, sizeof p);
-  const int64_t N = value->shape[0], S = value->shape[1], M = value->shape[2], D = value->shape[3];
-  const int64_t L = shapes->shape[0], Lq = loc->shape[1], P = loc->shape[4];
-  if (L > MAXL)
-    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'spatial_shapes': at most %d levels on CUDA, got %lld", fn, MAXL,
-                    (long long)L);
-  int64_t Sx = 0;
-  for (int l = 0; l < L; l++) {
-    const int64_t h = ((const int64_t *)shapes->data)[fa_offset(shapes, 2 * l)];
-    const int64_t w = ((const int64_t *)shapes->data)[fa_offset(shapes, 2 * l + 1)];
-    if (w >= (1 << 25) || h >= (1 << 25))
-      return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'spatial_shapes': levels of up to 2^25 pixels a side on CUDA, got %lld x %lld",
-                      fn, (long long)h, (long long)w);
-    p.H[l] = (int)h;
-    p.W[l] = (int)w;
-    p.start[l] = (int)((const int64_t *)lsi->data)[fa_offset(lsi, l)];
-    p.xstart[l] = (int)Sx;
-    Sx += (h + 1) * (w + 1);
+  p.N = (int)g->N; p.S = (int)g->S; p.M = (int)g->M; p.D = (int)g->D; p.L = (int)g->L; p.Lq = (int)g->Lq;
+  p.P = (int)g->P;
+  p.LP = (int)(g->L * g->P);
+  p.Sx = (int)g->Sx;
+  for (int l = 0, x = 0; l < p.L; l++) {  // c/msda.c checked L <= MAXL and the 32-bit sizes
+    p.H[l] = (int)g->H[l];
+    p.W[l] = (int)g->W[l];
+    p.start[l] = (int)g->start[l];
+    p.xstart[l] = x;
+    x += (p.H[l] + 1) * (p.W[l] + 1);
   }
-  const int64_t big = (int64_t)1 << 31;
-  if (N * S * M * D >= big * 8 || N * S >= big / 2 || N * Lq * M * L * P >= big || N * M * Sx >= big / 2 ||
-      N * Lq * M * D >= big * 8)
-    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'value': too large for the CUDA kernels (32-bit point and pixel indices)", fn);
-  p.N = (int)N; p.S = (int)S; p.M = (int)M; p.D = (int)D; p.L = (int)L; p.Lq = (int)Lq; p.P = (int)P;
-  p.LP = (int)(L * P);
-  p.Sx = (int)Sx;
+  p.border = g->border;
+  p.align = g->align;
   // Group order and warp merge (measured on the H100, bench/MSDA_NOTES.md): the forward is fastest with
   // (n, m, q) order everywhere (a block's queries share one head's value column in L1). The backward gains
   // from (n, m, q) order plus the warp merge when the queries are the value's own pixels (Lq == S, encoder
   // self-attention: neighbouring queries sample neighbouring cells); otherwise (n, q, m) order is faster
   // (the atomics of concurrent blocks spread over every head's columns, hence over more L2 slices).
-  // FA_MSDA_ORDER=mq|qm and FA_MSDA_MERGE=0|1 override (bench and spec variants).
-  const bool self = Lq == S;
-  p.qfast = backward ? self : 1;
-  p.merge = backward ? self : 0;
-  if (env_is("FA_MSDA_ORDER", "mq")) p.qfast = 0;
-  if (env_is("FA_MSDA_ORDER", "qm")) p.qfast = 1;
-  if (env_is("FA_MSDA_MERGE", "1")) p.merge = 1;
-  if (env_is("FA_MSDA_MERGE", "0")) p.merge = 0;
-  p.border = opts ? opts->padding == FA_PAD_BORDER : 0;
-  p.align = opts ? opts->align_corners != 0 : 0;
-  const int es = fa_dtype_size(value->dtype), maxvec = 16 / es;
-  bool aligned = D % maxvec == 0;
-  for (int i = 0; i < nptrs; i++)
-    if (ptrs[i] && ((uintptr_t)ptrs[i] % 16)) aligned = false;
-  pl.vec = aligned ? maxvec : 1;
-  int need = (int)((D + pl.vec - 1) / pl.vec), t = 1;
+  const bool self = g->Lq == g->S;
+  p.qfast = g->order == FA_MSDA_ORDER_QUERY ? 0 : g->order == FA_MSDA_ORDER_HEAD ? 1 : backward ? self : 1;
+  p.merge = g->merge == FA_MSDA_OFF ? 0 : g->merge == FA_MSDA_ON ? 1 : backward ? self : 0;
+  pl.vec = vec_ok<T>(g->D, ptrs, nptrs) ? 16 / (int)sizeof(T) : 1;
+  int need = (int)((g->D + pl.vec - 1) / pl.vec), t = 1;
   while (t < need && t < 32) t *= 2;
   pl.tpg = pl.vec == 1 ? 32 : t;
-  pl.chunks = (int)((D + pl.tpg * pl.vec - 1) / (pl.tpg * pl.vec));
-  pl.groups = (int)(N * Lq * M);
-  pl.npts = N * Lq * M * L * P;
+  const int64_t chunks = (g->D + pl.tpg * pl.vec - 1) / (pl.tpg * pl.vec);
+  if (chunks > 65535)  // gridDim.y
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'value': expected at most %lld channels (D) on CUDA, got %lld", fn,
+                    65535LL * pl.tpg * pl.vec, (long long)g->D);
+  pl.chunks = (int)chunks;
+  pl.groups = (int)(g->N * g->Lq * g->M);
+  pl.npts = g->N * g->Lq * g->M * g->L * g->P;
   return 0;
-}
-
-// Levels staged in shared memory by the persistent kernels: the smallest levels first while head m's
-// column of them (CW = tpg*vec channels of esz bytes per pixel) fits in kb KB and in the device's per-block
-// limit. FA_MSDA_SMEM (backward) / FA_MSDA_FSMEM (forward) = KB; unset or 0 = off (the default).
-static void plan_stage(Plan &pl, bool backward, int esz) {
-  Params &p = pl.p;
-  for (int l = 0; l < MAXL; l++) p.smoff[l] = -1;
-  p.smpix = 0;
-  pl.nstaged = 0;
-  pl.smem_bytes = 0;
-  const char *e = getenv(backward ? "FA_MSDA_SMEM" : "FA_MSDA_FSMEM");
-  int64_t kb = e ? atoi(e) : 0;  // off by default (run 4: slower on the encoder)
-  if (pl.vec == 1 || kb <= 0) return;
-  int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, pl.dev) != cudaSuccess) {
-    cudaGetLastError();
-    return;
-  }
-  const int64_t bpp = (int64_t)pl.tpg * pl.vec * esz;
-  int64_t cap = kb * 1024 < optin ? kb * 1024 : optin;
-  int64_t pix = 0;
-  bool used[MAXL] = {false};
-  for (;;) {  // smallest level not yet taken
-    int best = -1;
-    for (int l = 0; l < p.L; l++)
-      if (!used[l] && (best < 0 || (int64_t)p.H[l] * p.W[l] < (int64_t)p.H[best] * p.W[best])) best = l;
-    if (best < 0 || (pix + (int64_t)p.H[best] * p.W[best]) * bpp > cap) break;
-    used[best] = true;
-    p.smoff[best] = (int)pix;
-    pix += (int64_t)p.H[best] * p.W[best];
-    pl.nstaged++;
-  }
-  p.smpix = (int)pix;
-  pl.smem_bytes = (int)(pix * bpp);
-}
-
-// blocks of a persistent kernel (all resident at once) and rows per block; false when the staging would not
-// pay: a block must sample its staged levels more often than it has staged pixels to copy/flush
-// (FA_MSDA_SMEM_ALWAYS=1 skips that test: the spec runs the kernels on small shapes).
-template <typename K> static bool persistent_grid(const Plan &pl, K kernel, int threads, dim3 &grid, int &per) {
-  if (!pl.nstaged) return false;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem_bytes) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  int occ = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, pl.smem_bytes) != cudaSuccess || occ < 1) {
-    cudaGetLastError();
-    return false;
-  }
-  int nb = fa_cu_sm_count(pl.dev) * occ / pl.chunks;
-  if (nb < 1) nb = 1;
-  per = (pl.groups + nb - 1) / nb;
-  nb = (pl.groups + per - 1) / per;
-  const char *e = getenv("FA_MSDA_SMEM_ALWAYS");
-  if (!(e && !strcmp(e, "1")) && (int64_t)per * pl.p.P * pl.nstaged < pl.p.smpix) return false;
-  grid = dim3((unsigned)nb, (unsigned)pl.chunks);
-  return true;
 }
 
 static dim3 grid_of(const Plan &pl, int64_t groups) {
   return dim3((unsigned)((groups * pl.tpg + THREADS - 1) / THREADS), (unsigned)pl.chunks);
 }
-
 
 // dispatch on the group width (a compile-time constant)
 #define MSDA_TPG_SWITCH(tpg, ...)                                     \
@@ -1062,22 +557,14 @@ static dim3 grid_of(const Plan &pl, int64_t groups) {
   }
 
 template <typename T>
-static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, const float *loc, const float *attn,
-                       bool bcast) {
+static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, const float *loc, const float *attn) {
   constexpr int V = 16 / sizeof(T);
   const dim3 grid = grid_of(pl, pl.groups);
   if (pl.vec == 1) {
-    if (bcast) fwd_kernel<T, 1, 32, true><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
-    else fwd_kernel<T, 1, 32, false><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
+    fwd_kernel<T, 1, 32><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
     return;
   }
-  MSDA_TPG_SWITCH(pl.tpg,
-    dim3 pgrid;
-    int per = 0;
-    if (bcast && persistent_grid(pl, fwd_staged_kernel<T, V, TPG_>, FSMT, pgrid, per))
-      fwd_staged_kernel<T, V, TPG_><<<pgrid, FSMT, pl.smem_bytes, st>>>(out, value, loc, attn, pl.p, pl.groups, per);
-    else if (bcast) fwd_kernel<T, V, TPG_, true><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
-    else fwd_kernel<T, V, TPG_, false><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups))
+  MSDA_TPG_SWITCH(pl.tpg, fwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups))
 }
 
 template <typename T>
@@ -1090,14 +577,8 @@ static void launch_bwd(const Plan &pl, cudaStream_t st, float *gv32, float *gloc
                                                    scatter, points);
     return;
   }
-  MSDA_TPG_SWITCH(pl.tpg,
-    dim3 pgrid;
-    int per = 0;
-    if (scatter && persistent_grid(pl, bwd_staged_kernel<T, V, TPG_>, BSMT, pgrid, per))
-      bwd_staged_kernel<T, V, TPG_><<<pgrid, BSMT, pl.smem_bytes, st>>>(gv32, gloc, gattn, part, gout, value, loc, attn,
-                                                                       pl.p, pl.groups, per, points);
-    else bwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc, attn, pl.p,
-                                                          pl.groups, scatter, points))
+  MSDA_TPG_SWITCH(pl.tpg, bwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc,
+                                                                           attn, pl.p, pl.groups, scatter, points))
 }
 
 template <typename T>
@@ -1113,42 +594,41 @@ static void launch_gather(const Plan &pl, cudaStream_t st, T *gv, const unsigned
   MSDA_TPG_SWITCH(pl.tpg, gather_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv, ids, coef, offs, gout, pl.p, rows))
 }
 
-// temporaries freed on every exit path
-struct Temps {
-  int dev;
-  void *p[16] = {nullptr};
-  int n = 0;
-  explicit Temps(int d) : dev(d) {}
-  ~Temps() { for (int i = 0; i < n; i++) fa_cu_temp_free(dev, p[i]); }
-  void *get(int64_t bytes) {
-    void *q = fa_cu_temp_alloc(dev, bytes > 0 ? bytes : 16);
-    if (q) p[n++] = q;
-    return q;
-  }
-};
-
 template <typename T>
-static int forward_t(const Plan &pl, cudaStream_t st, fa_tensor *out, const fa_tensor *value, const fa_tensor *loc,
-                     const fa_tensor *attn) {
-  launch_fwd<T>(pl, st, (T *)out->data, (const T *)value->data, (const float *)loc->data, (const float *)attn->data,
-                !env_is("FA_MSDA_FWD", "redundant"));
-  return fa_cu_launch_check("fa_msda_forward");
+static int forward_t(const fa_msda_geom *g, T *out, const T *value, const float *loc, const float *attn) {
+  static const char *fn = "fa_msda_forward";
+  Plan pl;
+  const void *ptrs[2] = {value, out};
+  int rc = make_plan<T>(fn, pl, g, false, ptrs, 2);
+  if (rc) return rc;
+  cudaStream_t st = fa_cu_stream(g->device);
+  if (pl.npts == 0 || g->D == 0)  // no points (L or P = 0): zeros
+    return fa_cu_check(cudaMemsetAsync(out, 0, g->N * g->Lq * g->M * g->D * sizeof(T), st), fn);
+  launch_fwd<T>(pl, st, out, value, loc, attn);
+  return fa_cu_launch_check(fn);
 }
 
 template <typename T>
-static int backward_t(const Plan &pl, cudaStream_t st, int dev, bool det, fa_tensor *gv, fa_tensor *gl, fa_tensor *ga,
-                      const fa_tensor *gout, const fa_tensor *value, const fa_tensor *loc, const fa_tensor *attn) {
+static int backward_t(const fa_msda_geom *g, T *gv, float *gloc, float *gattn, const T *go, const T *val,
+                      const float *lc, const float *at) {
   static const char *fn = "fa_msda_backward";
-  int rc;
-  Temps tmp(dev);
+  const int dev = g->device;
+  Plan pl;
+  const void *ptrs[3] = {val, go, gv};
+  int rc = make_plan<T>(fn, pl, g, true, ptrs, 3);
+  if (rc) return rc;
+  cudaStream_t st = fa_cu_stream(dev);
   const Params &p = pl.p;
+  if (g->D == 0) {  // no channels: every gradient is 0
+    if (gloc && (rc = fa_cu_check(cudaMemsetAsync(gloc, 0, pl.npts * 2 * sizeof(float), st), fn))) return rc;
+    if (gattn && (rc = fa_cu_check(cudaMemsetAsync(gattn, 0, pl.npts * sizeof(float), st), fn))) return rc;
+    return 0;
+  }
+  Temps tmp(dev);
   const int64_t nv = (int64_t)p.N * p.S * p.M * p.D;
-  const bool points = gl || ga;
-  float *gloc = gl ? (float *)gl->data : nullptr, *gattn = ga ? (float *)ga->data : nullptr;
-  const T *go = (const T *)gout->data, *val = (const T *)value->data;
-  const float *lc = (const float *)loc->data, *at = (const float *)attn->data;
+  const bool points = gloc || gattn;
   if (pl.npts == 0) {  // no points: grad_value is zero, the point gradients are empty
-    if (gv && nv) return fa_cu_check(cudaMemsetAsync(gv->data, 0, nv * sizeof(T), st), fn);
+    if (gv && nv) return fa_cu_check(cudaMemsetAsync(gv, 0, nv * sizeof(T), st), fn);
     return 0;
   }
   float *part = nullptr;
@@ -1159,17 +639,16 @@ static int backward_t(const Plan &pl, cudaStream_t st, int dev, bool det, fa_ten
       finish_points_kernel<<<(unsigned)blocks, 256, 0, st>>>(gloc, gattn, part, pl.npts, pl.chunks);
     }
   };
-  if (!det) {
+  if (!g->deterministic) {
     float *gv32 = nullptr;
     if (gv) {
-      gv32 = sizeof(T) == 4 ? (float *)gv->data : (float *)tmp.get(nv * sizeof(float));
+      gv32 = sizeof(T) == 4 ? (float *)gv : (float *)tmp.get(nv * sizeof(float));
       if (!gv32) return FA_ERR_MEMORY;
       if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nv * sizeof(float), st), fn))) return rc;
     }
     launch_bwd<T>(pl, st, gv32, gloc, gattn, part, go, val, lc, at, gv != nullptr, points);
     finish_points();
-    if (gv && sizeof(T) != 4)
-      cast_kernel<T><<<fa_cu_blocks(nv, 256, dev), 256, 0, st>>>((T *)gv->data, gv32, nv);
+    if (gv && sizeof(T) != 4) cast_kernel<T><<<fa_cu_blocks(nv, 256, dev), 256, 0, st>>>(gv, gv32, nv);
     return fa_cu_launch_check(fn);
   }
   // deterministic: point gradients without atomics, then grad_value by sorting and gathering
@@ -1200,64 +679,19 @@ static int backward_t(const Plan &pl, cudaStream_t st, int dev, bool det, fa_ten
   if ((rc = fa_cu_check(cub::DeviceScan::ExclusiveSum(cubtmp, b2, counts, offs, (int)nkeys + 1, st), fn)) ||
       (rc = fa_cu_check(cub::DeviceRadixSort::SortPairs(cubtmp, b1, keys, skeys, ids, sids, npts, 0, bits, st), fn)))
     return rc;
-  launch_gather<T>(pl, st, (T *)gv->data, sids, (const float *)coef, offs, go);
+  launch_gather<T>(pl, st, gv, sids, (const float *)coef, offs, go);
   return fa_cu_launch_check(fn);
 }
 
 }  // namespace
 
-int fa_cu_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                       const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                       const fa_tensor *attention_weights, const fa_msda_opts *opts) {
-  static const char *fn = "fa_msda_forward";
-  Plan pl;
-  const void *ptrs[2] = {value->data, out->data};
-  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 2, false);
-  if (rc) return rc;
-  pl.dev = value->device;
-  plan_stage(pl, false, fa_dtype_size(value->dtype));
-  cudaStream_t st = fa_cu_stream(value->device);
-  if (pl.npts == 0 || pl.p.D == 0)  // no points (L or P = 0): zeros
-    return fa_cu_check(cudaMemsetAsync(out->data, 0, fa_numel(out) * fa_dtype_size(out->dtype), st), fn);
-  switch (value->dtype) {
-    case FA_FLOAT32: return forward_t<float>(pl, st, out, value, sampling_locations, attention_weights);
-    case FA_BFLOAT16: return forward_t<__nv_bfloat16>(pl, st, out, value, sampling_locations, attention_weights);
-    case FA_FLOAT16: return forward_t<__half>(pl, st, out, value, sampling_locations, attention_weights);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s", fn, fa_dtype_name(value->dtype));
+int fa_cu_msda_forward(const fa_msda_geom *g, void *out, const void *value, const float *loc, const float *attn) {
+  FA_CU_FLOAT_DISPATCH("fa_msda_forward", g->dtype, forward_t<T>(g, (T *)out, (const T *)value, loc, attn))
 }
 
-int fa_cu_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, fa_tensor *grad_attention_weights,
-                        const fa_tensor *grad_out, const fa_tensor *value, const fa_tensor *spatial_shapes,
-                        const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
-                        const fa_tensor *attention_weights, const fa_msda_opts *opts) {
-  static const char *fn = "fa_msda_backward";
-  fa_tensor *gv = grad_value && fa_numel(grad_value) ? grad_value : nullptr;
-  fa_tensor *gl = grad_sampling_locations && fa_numel(grad_sampling_locations) ? grad_sampling_locations : nullptr;
-  fa_tensor *ga = grad_attention_weights && fa_numel(grad_attention_weights) ? grad_attention_weights : nullptr;
-  if (!gv && !gl && !ga) return 0;
-  Plan pl;
-  const void *ptrs[3] = {value->data, grad_out->data, gv ? gv->data : nullptr};
-  int rc = make_plan(fn, pl, value, spatial_shapes, level_start_index, sampling_locations, opts, ptrs, 3, true);
-  if (rc) return rc;
-  pl.dev = value->device;
-  plan_stage(pl, true, 4);  // float32 accumulators for every dtype
-  const int dev = value->device;
-  cudaStream_t st = fa_cu_stream(dev);
-  if (pl.p.D == 0) {  // no channels: every gradient is 0
-    if (gl && (rc = fa_cu_check(cudaMemsetAsync(gl->data, 0, fa_numel(gl) * 4, st), fn))) return rc;
-    if (ga && (rc = fa_cu_check(cudaMemsetAsync(ga->data, 0, fa_numel(ga) * 4, st), fn))) return rc;
-    return 0;
-  }
-  const bool det = (opts && opts->deterministic) || env_is("FA_MSDA_BWD", "gather");
-  switch (value->dtype) {
-    case FA_FLOAT32:
-      return backward_t<float>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations, attention_weights);
-    case FA_BFLOAT16:
-      return backward_t<__nv_bfloat16>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations,
-                                       attention_weights);
-    case FA_FLOAT16:
-      return backward_t<__half>(pl, st, dev, det, gv, gl, ga, grad_out, value, sampling_locations, attention_weights);
-  }
-  return fa_error(FA_ERR_UNSUPPORTED, "%s: dtype %s", fn, fa_dtype_name(value->dtype));
+int fa_cu_msda_backward(const fa_msda_geom *g, void *grad_value, float *grad_loc, float *grad_attn,
+                        const void *grad_out, const void *value, const float *loc, const float *attn) {
+  FA_CU_FLOAT_DISPATCH("fa_msda_backward", g->dtype,
+                       backward_t<T>(g, (T *)grad_value, grad_loc, grad_attn, (const T *)grad_out, (const T *)value,
+                                     loc, attn))
 }
