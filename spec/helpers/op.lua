@@ -222,7 +222,7 @@ local function error_tests(case, errors)
       msg = tostring(msg)
       assert(not ok, 'expected an error matching ' .. pattern)
       assert(msg:find(pattern), string.format('message %q does not match %q', msg, pattern))
-      --XX assert(not msg:find('lua/fastattn/', 1, true), 'raised inside the library: ' .. msg)
+      assert(not msg:find('lua/fastattn/', 1, true), 'raised inside the library: ' .. msg)
       -- with buffers given: still an error, and the buffers keep their values
       local b = buffers(case, like, 7)
       ok = pcall(call, merge(e.backward and b.grad or { out = b.out }, over.opts))
