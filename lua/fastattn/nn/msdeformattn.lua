@@ -130,10 +130,10 @@ end
 local function levels_of(fn, shapes, L)
   local hw = shapes
   if fa.isTensor(shapes) then
-    if shapes:dim() ~= 2 or shapes:size(2) ~= 2 then E.arg(fn, 'spatial_shapes', 'an (L, 2) tensor', shapes) end
+    if shapes:dim() ~= 2 or shapes:size(2) ~= 2 then E.argv(fn, 'spatial_shapes', 'an (L, 2) tensor', shapes) end
     hw = shapes:to('float64', 'cpu'):table()
   elseif type(shapes) ~= 'table' then
-    E.arg(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', shapes)
+    E.argv(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', shapes)
   end
   if #hw ~= L then E.arg(fn, 'spatial_shapes', L .. ' levels (n_levels)', #hw .. ' levels') end
   for l, e in ipairs(hw) do
@@ -148,7 +148,7 @@ end
 -- N, Lq, S, nref
 function MSDeformAttn:_unpack(fn, input)
   if type(input) ~= 'table' or fa.isTensor(input) then
-    E.arg(fn, 'input', 'a table {query, reference_points, input_flatten, spatial_shapes, level_start_index, '
+    E.argv(fn, 'input', 'a table {query, reference_points, input_flatten, spatial_shapes, level_start_index, '
           .. 'input_padding_mask}', input)
   end
   local q, ref, x = get(input, 1, 'query'), get(input, 2, 'reference_points'), get(input, 3, 'input_flatten')
@@ -156,25 +156,25 @@ function MSDeformAttn:_unpack(fn, input)
   for _, a in ipairs({ { 'query', q }, { 'reference_points', ref }, { 'input_flatten', x } }) do
     local t = E.tensor(fn, a[1], a[2])
     if t.desc.dtype ~= w.desc.dtype or t.desc.device ~= w.desc.device then
-      E.arg(fn, a[1], string.format("a %s tensor on %s (the module's parameters; convert with :type()/:cuda())",
+      E.argv(fn, a[1], string.format("a %s tensor on %s (the module's parameters; convert with :type()/:cuda())",
             w:dtype(), w:device()), t)
     end
   end
   local d, L = self.d_model, self.n_levels
-  if q:dim() ~= 3 or q:size(3) ~= d then E.arg(fn, 'query', string.format('size (N, Lq, %d)', d), q) end
+  if q:dim() ~= 3 or q:size(3) ~= d then E.argv(fn, 'query', string.format('size (N, Lq, %d)', d), q) end
   local N, Lq = q:size(1), q:size(2)
   if x:dim() ~= 3 or x:size(1) ~= N or x:size(3) ~= d then
-    E.arg(fn, 'input_flatten', string.format("size (N, S, %d) with N = %d (as 'query')", d, N), x)
+    E.argv(fn, 'input_flatten', string.format("size (N, S, %d) with N = %d (as 'query')", d, N), x)
   end
   local S, nref = x:size(2), ref:dim() == 4 and ref:size(4)
   if (nref ~= 2 and nref ~= 4) or ref:size(1) ~= N or ref:size(2) ~= Lq or ref:size(3) ~= L then
-    E.arg(fn, 'reference_points', string.format('size %dx%dx%dx2 or %dx%dx%dx4 (N, Lq, n_levels, points 2 or boxes 4)',
+    E.argv(fn, 'reference_points', string.format('size %dx%dx%dx2 or %dx%dx%dx4 (N, Lq, n_levels, points 2 or boxes 4)',
           N, Lq, L, N, Lq, L), ref)
   end
   local mask = get(input, 6, 'input_padding_mask')
   if mask ~= nil and not (fa.isTensor(mask) and mask:dtype() == 'bool' and mask:dim() == 2 and mask:size(1) == N
                           and mask:size(2) == S) then
-    E.arg(fn, 'input_padding_mask', string.format('a bool tensor of size %dx%d (N, S) or nil', N, S), mask)
+    E.argv(fn, 'input_padding_mask', string.format('a bool tensor of size %dx%d (N, S) or nil', N, S), mask)
   end
   local shapes = get(input, 4, 'spatial_shapes')
   return q, ref, x, levels_of(fn, shapes, L), shapes, get(input, 5, 'level_start_index'), mask, N, Lq, S, nref
@@ -258,7 +258,7 @@ function MSDeformAttn:updateOutput(input)
   if mask ~= nil then
     if mask.desc.device ~= q.desc.device then mask = mask:to(nil, q.desc.device) end
     local keep = buffer(self, '_keep', { N, S, d }, q)
-    keep:copy(mask:view(N, S, 1):expand(N, S, d)):scale_(-1, 1)
+    keep:copy(mask:unsqueeze(3):expand(N, S, d)):scale_(-1, 1)
     value:mul_(keep)
   end
   self._masked = mask ~= nil
@@ -298,7 +298,7 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
   local M, L, P, d = self.n_heads, self.n_levels, self.n_points, self.d_model
   E.tensor(BWD, 'gradOutput', gradOutput)
   if gradOutput:dim() ~= 3 or gradOutput:size(1) ~= N or gradOutput:size(2) ~= Lq or gradOutput:size(3) ~= d then
-    E.arg(BWD, 'gradOutput', string.format('size %dx%dx%d (N, Lq, d_model)', N, Lq, d), gradOutput)
+    E.argv(BWD, 'gradOutput', string.format('size %dx%dx%d (N, Lq, d_model)', N, Lq, d), gradOutput)
   end
   local loc = self._loc
   if loc == nil or loc:size(1) ~= N or loc:size(2) ~= Lq or self._value:size(2) ~= S or self._nref ~= nref then
