@@ -2,6 +2,7 @@
 -- Children of a container are named '0', '1', ... in the state dict, as PyTorch's nn.Sequential does;
 -- get(i) and the error messages count from 1, as Torch7 does.
 local nn = require 'fastattn.nn'
+local E = require 'fastattn.errors'
 
 local Container = nn.class('Container', nn.Module)
 
@@ -15,15 +16,16 @@ function Container:__init(...)
 end
 
 function Container:add(m, index)
-  if not nn.isModule(m) then
-    error(string.format('%s:add: expected a module, got %s', nn.typename(self), type(m)), 2)
-  end
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':add'
+  if not nn.isModule(m) then E.argv(fn, 'module', 'a module', m) end
+  E.integer(fn, 'index', index, 1, #self.modules + 1, true)
   if index then table.insert(self.modules, index, m) else self.modules[#self.modules + 1] = m end
   return self
 end
 function Container:insert(m, index) return self:add(m, index) end
 function Container:remove(index)
-  index = index or #self.modules
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':remove'
+  index = E.integer(fn, 'index', index == nil and #self.modules or index, 1, #self.modules)
   return table.remove(self.modules, index)
 end
 function Container:get(i) return self.modules[i] end
@@ -36,11 +38,20 @@ function Container:namedChildren()
   return out
 end
 
--- re-raises an error from child i with the child named: "Sequential: module 2 (nn.Linear(4 -> 3)): ..."
-function Container:_childError(i, m, err)
-  if type(err) ~= 'string' then error(err, 0) end
-  local name = (nn.typename(self) or 'nn.Container'):gsub('^nn%.', '')
-  error(string.format('%s: module %d (%s): %s', name, i, nn._describe(m), nn._strip_position(err)), 0)
+-- re-raises an error from child i at the user's line, naming the child:
+--   "fa.nn.Sequential:forward: module 2 (fa.nn.Linear): argument 'input': ..."
+-- (the child's own "fa.nn.Linear:forward: " and the position its error carried are dropped)
+function Container:_childError(fn, i, m, err)
+  if type(err) ~= 'string' then error(err, 0) end -- not a message: pass it on untouched
+  local child = 'fa.' .. (nn.typename(m) or 'nn.Module')
+  local rest = err:match('^[^\n]-:%d+: (fa%.[^\n]*)$') or err:match('^(fa%..*)$')
+  if rest then
+    local body = rest:match('^fa%.nn%.[%w_]+:[%w_]+: (.*)$')
+    if body then rest = body end
+  else
+    rest = err
+  end
+  E.raise(string.format('%s: module %d (%s): %s', fn, i, child, rest))
 end
 
 function Container:__tostring__()
@@ -65,7 +76,7 @@ function Sequential:updateOutput(input)
   local cur = input
   for i, m in ipairs(self.modules) do
     local ok, out = pcall(m.updateOutput, m, cur)
-    if not ok then self:_childError(i, m, out) end
+    if not ok then self:_childError(self.__fnForward, i, m, out) end
     cur = out
   end
   self.output = cur
@@ -78,7 +89,7 @@ function Sequential:updateGradInput(input, gradOutput)
     local m = self.modules[i]
     local inp = i > 1 and self.modules[i - 1].output or input
     local ok, r = pcall(m.updateGradInput, m, inp, g)
-    if not ok then self:_childError(i, m, r) end
+    if not ok then self:_childError(self.__fnBackward, i, m, r) end
     g = r
   end
   self.gradInput = g
@@ -91,7 +102,7 @@ function Sequential:accGradParameters(input, gradOutput, scale)
     local m = self.modules[i]
     local inp = i > 1 and self.modules[i - 1].output or input
     local ok, r = pcall(m.accGradParameters, m, inp, g, scale)
-    if not ok then self:_childError(i, m, r) end
+    if not ok then self:_childError(self.__fnBackward, i, m, r) end
     g = m.gradInput
   end
 end
@@ -103,7 +114,7 @@ function Sequential:backward(input, gradOutput, scale)
     local m = self.modules[i]
     local inp = i > 1 and self.modules[i - 1].output or input
     local ok, r = pcall(m.backward, m, inp, g, scale)
-    if not ok then self:_childError(i, m, r) end
+    if not ok then self:_childError(self.__fnBackward, i, m, r) end
     g = r
   end
   self.gradInput = g
@@ -114,7 +125,7 @@ end
 -- a list of modules with no forward of its own (PyTorch's nn.ModuleList): children named '0', '1', ...
 local ModuleList = nn.class('ModuleList', Container)
 function ModuleList:updateOutput()
-  error('nn.ModuleList has no forward: call its modules', 2)
+  E.fail(self.__fnForward, 'a ModuleList has no forward: call its modules')
 end
 
 return Container

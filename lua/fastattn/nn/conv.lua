@@ -8,35 +8,40 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local Conv2d = nn.class('Conv2d', nn.Module)
 
 local function pair(v)
-  if type(v) == 'table' then return v[1], v[2] or v[1] end
+  if type(v) == 'table' then return v[1], v[2] == nil and v[1] or v[2] end
   return v, v
 end
 
+local KEYS = { in_channels = true, out_channels = true, kernel_size = true, stride = true, padding = true,
+               dilation = true, groups = true, bias = true, [1] = true, [2] = true, [3] = true }
 function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bias)
   nn.Module.__init(self)
+  local fn = 'fa.nn.Conv2d'
   if type(inC) == 'table' then
-    local o = inC
+    local o = E.opts(fn, 'opts', inC, KEYS)
     inC, outC, kernel = o.in_channels or o[1], o.out_channels or o[2], o.kernel_size or o[3]
     stride, padding, dilation, groups, bias = o.stride, o.padding, o.dilation, o.groups, o.bias
   end
-  groups = groups or 1
-  local function bad(what) error('nn.Conv2d: ' .. what, 4) end
-  if type(inC) ~= 'number' or type(outC) ~= 'number' or inC < 1 or outC < 1 then
-    bad(string.format('expected in_channels and out_channels as positive integers, got %s, %s', tostring(inC), tostring(outC)))
+  E.integer(fn, 'in_channels', inC, 1)
+  E.integer(fn, 'out_channels', outC, 1)
+  groups = E.integer(fn, 'groups', groups == nil and 1 or groups, 1)
+  if inC % groups ~= 0 or outC % groups ~= 0 then
+    E.fail(fn, "argument 'groups': %d does not divide in_channels %d and out_channels %d", groups, inC, outC)
   end
-  if type(groups) ~= 'number' or groups < 1 or inC % groups ~= 0 or outC % groups ~= 0 then
-    bad(string.format('groups %s must divide in_channels %d and out_channels %d', tostring(groups), inC, outC))
-  end
+  E.boolean(fn, 'bias', bias, true)
   local kh, kw = pair(kernel)
-  if type(kh) ~= 'number' or type(kw) ~= 'number' or kh < 1 or kw < 1 then
-    bad('expected kernel_size as a positive number or {h, w}, got ' .. tostring(kernel))
+  if type(kh) ~= 'number' or type(kw) ~= 'number' or kh < 1 or kw < 1 or kh ~= math.floor(kh) or kw ~= math.floor(kw) then
+    E.argv(fn, 'kernel_size', 'a positive integer or {h, w}', kernel)
   end
   self.in_channels, self.out_channels, self.groups = inC, outC, groups
   self.kH, self.kW = kh, kw
-  self._p = F.conv2d_params('nn.Conv2d', kh, kw, stride, padding, dilation, groups)
+  self._p = F._conv_params(fn, kh, kw, { stride = stride, padding = padding, dilation = dilation, groups = groups })
   local p = self._p
   self.dH, self.dW, self.padH, self.padW = p.stride_h, p.stride_w, p.pad_h, p.pad_w
   self.dilationH, self.dilationW = p.dilation_h, p.dilation_w
@@ -64,28 +69,51 @@ function Conv2d:__tostring__()
 end
 
 function Conv2d:updateOutput(input)
-  local ok, shape = pcall(F.conv2d_output_size, tostring(self), input, self.weight, self.bias, self._p)
-  if not ok then error(nn._strip_position(shape), 0) end
-  self.output = nn._buffer(self.output, shape, input)
-  return F.conv2d_forward(self.output, input, self.weight, self.bias, self._p)
+  local fn = self.__fnForward
+  nn._checkInput(fn, 'input', input, self.weight)
+  return op.conv2d(fn, input, self.weight, self.bias, { out = self:_outBuffer(fn, input) }, self._p)
+end
+
+-- self.output resized to the output size of `input` (checked on the way)
+function Conv2d:_outBuffer(fn, input)
+  local p = self._p
+  local H, W = input:dim() == 4 and input:size(3) or 0, input:dim() == 4 and input:size(4) or 0
+  local Ho = math.floor((H + 2 * p.pad_h - p.dilation_h * (self.kH - 1) - 1) / p.stride_h) + 1
+  local Wo = math.floor((W + 2 * p.pad_w - p.dilation_w * (self.kW - 1) - 1) / p.stride_w) + 1
+  if input:dim() ~= 4 or input:size(2) ~= self.in_channels then
+    E.arg(fn, 'input', string.format('a tensor of size (N, %d, H, W)', self.in_channels), input)
+  end
+  if Ho < 1 or Wo < 1 then
+    E.fail(fn, "argument 'input': size %s is smaller than the (dilated) kernel %dx%d with padding %dx%d",
+           fa._shape_str(input, 'x'), p.dilation_h * (self.kH - 1) + 1, p.dilation_w * (self.kW - 1) + 1, p.pad_h, p.pad_w)
+  end
+  self.output = nn._buffer(self.output, { input:size(1), self.out_channels, Ho, Wo }, input)
+  return self.output
+end
+
+function Conv2d:_backward(input, gradOutput, gi, gw, gb)
+  local fn = self.__fnBackward
+  nn._checkInput(fn, 'input', input, self.weight)
+  nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+  op.conv2d_backward(fn, gradOutput, input, self.weight, { grad_input = gi, grad_weight = gw, grad_bias = gb }, self._p)
 end
 
 function Conv2d:updateGradInput(input, gradOutput)
+  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  F.conv2d_backward(self.gradInput, nil, nil, gradOutput, input, self.weight, self._p)
+  self:_backward(input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function Conv2d:accGradParameters(input, gradOutput, scale)
-  F.conv2d_backward(nil, self.gradWeight, self.bias and self.gradBias, nn._scaled(self, gradOutput, scale),
-                    input, self.weight, self._p)
+  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 function Conv2d:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
+  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  F.conv2d_backward(self.gradInput, self.gradWeight, self.bias and self.gradBias, gradOutput, input, self.weight,
-                    self._p)
+  self:_backward(input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
   return self.gradInput
 end
 

@@ -8,6 +8,9 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local Criterion = nn.class('Criterion', nn.Module)
 
 function Criterion:__init()
@@ -16,26 +19,28 @@ end
 function Criterion:forward(input, target) return self:updateOutput(input, target) end
 function Criterion:backward(input, target, gradOutput) return self:updateGradInput(input, target, gradOutput) end
 
--- a kept tensor holding the gradient of the loss: ones (0-D for mean/sum, `shape` for none)
-function Criterion:_gradLoss(like, shape, gradOutput)
+-- a kept tensor holding the gradient of the loss: gradOutput (a tensor or a number), or ones (0-D for
+-- mean/sum, `shape` for none)
+function Criterion:_gradLoss(fn, like, shape, gradOutput)
   if gradOutput ~= nil then
-    if type(gradOutput) == 'number' then
-      self._g = nn._buffer(self._g, {}, like)
-      return self._g:fill(gradOutput)
+    if fa.isTensor(gradOutput) then return gradOutput end
+    E.number(fn, 'gradOutput', gradOutput)
+    if #shape > 0 then
+      E.argv(fn, 'gradOutput', 'a tensor of size ' .. table.concat(shape, 'x') .. " (reduction 'none')", gradOutput)
     end
-    return gradOutput
+    self._g = nn._buffer(self._g, {}, like)
+    return self._g:fill(gradOutput)
   end
   local g = self._ones
-  local same = g ~= nil and g.desc.dtype == like.desc.dtype and g.desc.device == like.desc.device and g:dim() == #shape
-  for i = 1, #shape do same = same and g:size(i) == shape[i] end
-  if not same then
+  if not (g ~= nil and g.desc.dtype == like.desc.dtype and g.desc.device == like.desc.device and nn._hasSize(g, shape)) then
     g = fa.ones(shape, { dtype = like.desc.dtype, device = like.desc.device })
     self._ones = g
   end
   return g
 end
 
-local REDNAME = { [0] = 'none', 'mean', 'sum' }
+local REDNAME = F._reduction_name
+local NONE = fa.C.FA_REDUCE_NONE
 
 ---------------------------------------------------------------------------- nn.MSECriterion
 -- nn.MSECriterion(reduction = 'mean') (or Torch7's sizeAverage boolean: true = mean, false = sum)
@@ -43,30 +48,29 @@ local MSECriterion = nn.class('MSECriterion', Criterion)
 
 function MSECriterion:__init(reduction)
   Criterion.__init(self)
-  if type(reduction) == 'table' then reduction = reduction.reduction end
-  self._red = F._reduction_id('nn.MSECriterion', reduction)
+  if type(reduction) == 'table' then
+    reduction = E.opts('fa.nn.MSECriterion', 'opts', reduction, { reduction = true }).reduction
+  end
+  self._red = F._reduction_id('fa.nn.MSECriterion', reduction)
   self.reduction = REDNAME[self._red]
 end
 function MSECriterion:__tostring__() return 'nn.MSECriterion(' .. self.reduction .. ')' end
 
-function MSECriterion:_check(input, target)
-  local ok, err = pcall(F._check_mse, tostring(self), input, target)
-  if not ok then error(nn._strip_position(err), 0) end
-end
-
 function MSECriterion:updateOutput(input, target)
-  self:_check(input, target)
-  self._loss = nn._buffer(self._loss, self._red == 0 and input:size() or {}, input)
-  F.mse_loss_forward(self._loss, input, target, self._red)
-  self.output = self._red == 0 and self._loss or self._loss:item()
+  local fn = self.__fnForward
+  E.tensor(fn, 'input', input)
+  self._loss = nn._buffer(self._loss, self._red == NONE and input:size() or {}, input)
+  op.mse_loss(fn, input, target, { reduction = self.reduction, out = self._loss })
+  self.output = self._red == NONE and self._loss or self._loss:item()
   return self.output
 end
 
 function MSECriterion:updateGradInput(input, target, gradOutput)
-  self:_check(input, target)
-  local g = self:_gradLoss(input, self._red == 0 and input:size() or {}, gradOutput)
+  local fn = self.__fnBackward
+  E.tensor(fn, 'input', input)
+  local g = self:_gradLoss(fn, input, self._red == NONE and input:size() or {}, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  return F.mse_loss_backward(self.gradInput, g, input, target, self._red)
+  return op.mse_loss_backward(fn, g, input, target, { reduction = self.reduction, grad_input = self.gradInput })
 end
 
 ---------------------------------------------------------------------------- nn.CrossEntropyCriterion
@@ -79,9 +83,9 @@ local CrossEntropyCriterion = nn.class('CrossEntropyCriterion', Criterion)
 function CrossEntropyCriterion:__init(opts)
   Criterion.__init(self)
   if type(opts) == 'string' then opts = { reduction = opts } end
-  opts = opts or {}
-  self.ignore_index, self.label_smoothing, self._red = F._cross_entropy_opts('nn.CrossEntropyCriterion', opts)
+  self.ignore_index, self.label_smoothing, self._red = F._cross_entropy_opts('fa.nn.CrossEntropyCriterion', opts)
   self.reduction = REDNAME[self._red]
+  self._opts = { ignore_index = self.ignore_index, label_smoothing = self.label_smoothing, reduction = self.reduction }
 end
 
 function CrossEntropyCriterion:__tostring__()
@@ -91,28 +95,37 @@ function CrossEntropyCriterion:__tostring__()
   return s .. ')'
 end
 
-function CrossEntropyCriterion:_prepare(input, target)
-  local ok, shape = pcall(F._check_cross_entropy, tostring(self), input, target)
-  if not ok then error(nn._strip_position(shape), 0) end
-  -- the C API takes 0-based targets; keep the shifted copy for backward
-  self._target0 = F._targets0(target, self._target0)
-  return shape
+-- the loss shape for `input` (as the C entry will check it)
+local function loss_shape(red, input)
+  if red ~= NONE then return {} end
+  local s = input:size()
+  table.remove(s, 2)
+  return s
 end
 
 function CrossEntropyCriterion:updateOutput(input, target)
-  local shape = self:_prepare(input, target)
-  self._loss = nn._buffer(self._loss, self._red == 0 and shape or {}, input)
-  F.cross_entropy_forward(self._loss, input, self._target0, self.ignore_index, self.label_smoothing, self._red)
-  self.output = self._red == 0 and self._loss or self._loss:item()
+  local fn = self.__fnForward
+  E.tensor(fn, 'input', input)
+  self._loss = nn._buffer(self._loss, loss_shape(self._red, input), input)
+  local o = self._opts
+  o.out, o.grad_input = self._loss, nil
+  -- the C API takes 0-based targets; op keeps the shifted copy in self._target0
+  local _, t0 = op.cross_entropy(fn, input, target, o, self._target0)
+  self._target0 = t0
+  self.output = self._red == NONE and self._loss or self._loss:item()
   return self.output
 end
 
 function CrossEntropyCriterion:updateGradInput(input, target, gradOutput)
-  local shape = self:_prepare(input, target)
-  local g = self:_gradLoss(input, self._red == 0 and shape or {}, gradOutput)
+  local fn = self.__fnBackward
+  E.tensor(fn, 'input', input)
+  local g = self:_gradLoss(fn, input, loss_shape(self._red, input), gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  return F.cross_entropy_backward(self.gradInput, g, input, self._target0, self.ignore_index, self.label_smoothing,
-                                  self._red)
+  local o = self._opts
+  o.out, o.grad_input = nil, self.gradInput
+  local gi, t0 = op.cross_entropy_backward(fn, g, input, target, o, self._target0)
+  self._target0 = t0
+  return gi
 end
 
 return Criterion

@@ -5,14 +5,16 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local Dropout = nn.class('Dropout', nn.Module)
 
 function Dropout:__init(p)
   nn.Module.__init(self)
-  if type(p) == 'table' then p = p.p end
-  p = p or 0.5
-  F._check_p('nn.Dropout', p)
-  self.p = p
+  if type(p) == 'table' then p = E.opts('fa.nn.Dropout', 'opts', p, { p = true }).p end
+  if p == nil then p = 0.5 end
+  self.p = F._check_p('fa.nn.Dropout', p)
 end
 
 function Dropout:__tostring__() return string.format('nn.Dropout(%g)', self.p) end
@@ -20,7 +22,8 @@ function Dropout:__tostring__() return string.format('nn.Dropout(%g)', self.p) e
 function Dropout:_active() return self.train and self.p > 0 end
 
 function Dropout:updateOutput(input)
-  if not fa.isTensor(input) then error(tostring(self) .. ': expected a tensor input, got ' .. type(input), 0) end
+  local fn = self.__fnForward
+  E.tensor(fn, 'input', input)
   if not self:_active() then
     self.output = input
     return input
@@ -28,24 +31,22 @@ function Dropout:updateOutput(input)
   -- own buffers, kept apart from self.output, which may be the caller's input after an evaluate() pass
   self._output = nn._buffer(self._output, input:size(), input)
   self.mask = nn._buffer(self.mask, input:size(), fa.dtypes.bool, input.desc.device)
-  if self.p == 1 then
-    self._output:zero()
-    self.mask:zero()
-  else
-    F.dropout_forward(self._output, self.mask, input, self.p)
-  end
+  op.dropout(fn, input, self.p, true, { out = self._output, mask = self.mask })
   self.output = self._output
   return self.output
 end
 
 function Dropout:updateGradInput(input, gradOutput)
+  local fn = self.__fnBackward
+  E.tensor(fn, 'gradOutput', gradOutput)
   if not self:_active() then
     self.gradInput = gradOutput
     return gradOutput
   end
+  E.tensor(fn, 'input', input)
+  if self.mask == nil then E.fail(fn, 'no mask: call forward (in training mode) before backward') end
   self._gradInput = nn._buffer(self._gradInput, input:size(), input)
-  if self.p == 1 then self._gradInput:zero()
-  else F.dropout_backward(self._gradInput, gradOutput, self.mask, self.p) end
+  op.dropout_backward(fn, gradOutput, self.mask, self.p, { grad_input = self._gradInput })
   self.gradInput = self._gradInput
   return self.gradInput
 end

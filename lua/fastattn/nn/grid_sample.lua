@@ -5,15 +5,17 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local GridSample = nn.class('GridSample', nn.Module)
 
 function GridSample:__init(opts)
   nn.Module.__init(self)
-  opts = opts or {}
-  if type(opts) ~= 'table' then error('nn.GridSample: expected a table {padding_mode=, align_corners=}, got ' .. type(opts), 3) end
-  self.padding_mode = opts.padding_mode or 'zeros'
-  self.align_corners = opts.align_corners and true or false
-  self._pad, self._ac = F._grid_sample_opts('nn.GridSample', opts)
+  local o = E.opts('fa.nn.GridSample', 'opts', opts, { mode = true, padding_mode = true, align_corners = true })
+  self._pad, self._ac = F._grid_sample_opts('fa.nn.GridSample', o)
+  self.padding_mode = o.padding_mode or 'zeros'
+  self.align_corners = o.align_corners == true
   self.gradInput = {}
 end
 
@@ -21,29 +23,31 @@ function GridSample:__tostring__()
   return string.format('nn.GridSample(%s%s)', self.padding_mode, self.align_corners and ', align_corners' or '')
 end
 
-function GridSample:_unpack(input)
-  if type(input) ~= 'table' or fa.isTensor(input) then
-    error(tostring(self) .. ': expected a table {input, grid}, got ' .. type(input), 0)
-  end
-  local x, grid = input[1], input[2]
-  local ok, shape = pcall(F.grid_sample_check, tostring(self), x, grid)
-  if not ok then error(nn._strip_position(shape), 0) end
-  return x, grid, shape
+function GridSample:_unpack(fn, input)
+  if type(input) ~= 'table' or fa.isTensor(input) then E.argv(fn, 'input', 'a table {input, grid}', input) end
+  return input[1], input[2]
 end
 
 function GridSample:updateOutput(input)
-  local x, grid, shape = self:_unpack(input)
-  self.output = nn._buffer(self.output, shape, x)
-  return F.grid_sample_forward(self.output, x, grid, self._pad, self._ac)
+  local fn = self.__fnForward
+  local x, grid = self:_unpack(fn, input)
+  E.tensor(fn, 'input', x)
+  E.tensor(fn, 'grid', grid)
+  self.output = nn._buffer(self.output, { x:dim() == 4 and x:size(1) or 0, x:dim() == 4 and x:size(2) or 0,
+    grid:dim() == 4 and grid:size(2) or 0, grid:dim() == 4 and grid:size(3) or 0 }, x)
+  return op.grid_sample(fn, x, grid, { out = self.output }, self._pad, self._ac)
 end
 
 function GridSample:updateGradInput(input, gradOutput)
-  local x, grid = self:_unpack(input)
+  local fn = self.__fnBackward
+  local x, grid = self:_unpack(fn, input)
+  E.tensor(fn, 'input', x)
+  E.tensor(fn, 'grid', grid)
   local gi = self.gradInput
   if type(gi) ~= 'table' or fa.isTensor(gi) then gi = {}; self.gradInput = gi end
   gi[1] = nn._buffer(gi[1], x:size(), x)
   gi[2] = nn._buffer(gi[2], grid:size(), grid)
-  F.grid_sample_backward(gi[1], gi[2], gradOutput, x, grid, self._pad, self._ac)
+  op.grid_sample_backward(fn, gradOutput, x, grid, { grad_input = gi[1], grad_grid = gi[2] }, self._pad, self._ac)
   return gi
 end
 

@@ -4,19 +4,22 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local Linear = nn.class('Linear', nn.Module)
 
 function Linear:__init(inputSize, outputSize, bias)
   nn.Module.__init(self)
+  local fn = 'fa.nn.Linear'
   if type(inputSize) == 'table' then -- nn.Linear{in_features=, out_features=, bias=}
-    local o = inputSize
+    local o = E.opts(fn, 'opts', inputSize, { in_features = true, out_features = true, bias = true, [1] = true, [2] = true })
     inputSize, outputSize = o.in_features or o[1], o.out_features or o[2]
     bias = o.bias
   end
-  if type(inputSize) ~= 'number' or type(outputSize) ~= 'number' or inputSize < 1 or outputSize < 1 then
-    error(string.format('nn.Linear: expected (inputSize, outputSize) as positive integers, got (%s, %s)',
-          tostring(inputSize), tostring(outputSize)), 3)
-  end
+  E.integer(fn, 'inputSize', inputSize, 1)
+  E.integer(fn, 'outputSize', outputSize, 1)
+  E.boolean(fn, 'bias', bias, true)
   self.inputSize, self.outputSize = inputSize, outputSize
   self:registerParameter('weight', fa.empty(outputSize, inputSize))
   if bias ~= false then self:registerParameter('bias', fa.empty(outputSize)) end
@@ -35,44 +38,52 @@ function Linear:__tostring__()
   return string.format('nn.Linear(%d -> %d%s)', self.inputSize, self.outputSize, self.bias and '' or ', no bias')
 end
 
-function Linear:_check(input)
-  if not fa.isTensor(input) then
-    error(string.format('%s: expected a tensor input, got %s', tostring(self), type(input)), 0)
-  end
+function Linear:_check(fn, input, gradOutput)
+  nn._checkInput(fn, 'input', input, self.weight)
   if input:dim() < 1 or input:size(-1) ~= self.inputSize then
-    error(string.format('%s: expected input of size (..., %d), got %s', tostring(self), self.inputSize,
-          fa._shape_str(input, 'x')), 0)
+    E.arg(fn, 'input', string.format('a tensor of size (..., %d)', self.inputSize), input)
+  end
+  if fn == self.__fnBackward then
+    nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+    local want = input:size()
+    want[#want] = self.outputSize
+    if not nn._hasSize(gradOutput, want) then
+      E.arg(fn, 'gradOutput', 'a tensor of size ' .. table.concat(want, 'x') .. ' (the output\'s)', gradOutput)
+    end
   end
 end
 
 function Linear:updateOutput(input)
-  self:_check(input)
+  local fn = self.__fnForward
+  self:_check(fn, input)
   local shape = input:size()
   shape[#shape] = self.outputSize
   self.output = nn._buffer(self.output, shape, input)
-  return F.linear_forward(self.output, nn._contiguous(self, '_inputC', input), self.weight, self.bias)
+  return op.linear(fn, nn._contiguous(self, '_inputC', input), self.weight, self.bias, { out = self.output })
+end
+
+function Linear:_backward(input, gradOutput, gi, gw, gb)
+  local fn = self.__fnBackward
+  self:_check(fn, input, gradOutput)
+  op.linear_backward(fn, nn._contiguous(self, '_gradOutputC', gradOutput), nn._contiguous(self, '_inputC', input),
+                     self.weight, { grad_input = gi, grad_weight = gw, grad_bias = gb })
 end
 
 function Linear:updateGradInput(input, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  F.linear_backward(self.gradInput, nil, nil, nn._contiguous(self, '_gradOutputC', gradOutput),
-                    nn._contiguous(self, '_inputC', input), self.weight)
+  self:_backward(input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function Linear:accGradParameters(input, gradOutput, scale)
-  F.linear_backward(nil, self.gradWeight, self.bias and self.gradBias,
-                    nn._contiguous(self, '_gradOutputC', nn._scaled(self, gradOutput, scale)),
-                    nn._contiguous(self, '_inputC', input), self.weight)
+  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 -- one fused C call for both directions
 function Linear:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  F.linear_backward(self.gradInput, self.gradWeight, self.bias and self.gradBias,
-                    nn._contiguous(self, '_gradOutputC', gradOutput), nn._contiguous(self, '_inputC', input),
-                    self.weight)
+  self:_backward(input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
   return self.gradInput
 end
 

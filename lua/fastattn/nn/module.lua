@@ -7,6 +7,7 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
+local E = require 'fastattn.errors'
 local C = fa.C
 
 ---------------------------------------------------------------------------- classes
@@ -16,6 +17,9 @@ function nn.class(name, parent)
   local cls = {}
   cls.__index = cls
   cls.__typename = 'nn.' .. name
+  -- the names messages give the methods ('fa.nn.Linear:forward'); backward covers updateGradInput and
+  -- accGradParameters
+  cls.__fnForward, cls.__fnBackward = 'fa.nn.' .. name .. ':forward', 'fa.nn.' .. name .. ':backward'
   cls.__call = function(self, ...) return self:forward(...) end
   cls.__tostring = function(self) return self:__tostring__() end
   setmetatable(cls, {
@@ -54,9 +58,32 @@ end
 -- scales gradOutput when scale ~= 1 (into a kept buffer)
 function nn._scaled(self, gradOutput, scale)
   if scale == nil or scale == 1 then return gradOutput end
+  E.number(self.__fnBackward, 'scale', scale)
+  E.tensor(self.__fnBackward, 'gradOutput', gradOutput)
   self._scaledGrad = nn._buffer(self._scaledGrad, gradOutput:size(), gradOutput)
-  fa.check(fa.C.fa_scale_forward(self._scaledGrad.desc, gradOutput.desc, scale, 0), 2)
-  return self._scaledGrad
+  return self._scaledGrad:copy(gradOutput):scale_(scale)
+end
+
+-- whether tensor t has size `shape` (a table)
+function nn._hasSize(t, shape)
+  if t:dim() ~= #shape then return false end
+  for i = 1, #shape do if t:size(i) ~= shape[i] then return false end end
+  return true
+end
+
+-- checks a module's tensor argument: a tensor; with `like` (one of the module's parameters), of its
+-- dtype and on its device
+function nn._checkInput(fn, name, x, like)
+  E.tensor(fn, name, x)
+  if like ~= nil then
+    if x.desc.dtype ~= like.desc.dtype then
+      E.arg(fn, name, string.format("a %s tensor (the module's dtype)", like:dtype()), x)
+    end
+    if x.desc.device ~= like.desc.device then
+      E.arg(fn, name, string.format("a tensor on %s (the module's device)", like:device()), x)
+    end
+  end
+  return x
 end
 
 -- t itself when contiguous, else a contiguous copy in the kept buffer self[key] (for C entries that need
@@ -79,8 +106,6 @@ function nn._strip_position(msg)
   if type(msg) ~= 'string' then return msg end
   return (msg:gsub('^[^\n]-%.lua:%d+: ', '', 1))
 end
-
-local function is_float_dtype(dt) return dt <= 3 end -- float32, float64, bfloat16, float16
 
 ---------------------------------------------------------------------------- nn.Module
 local Module = nn.class('Module')
@@ -348,7 +373,7 @@ local function convert(obj, dtype, device, cache, seen, plan)
     if fa.isTensor(v) then
       local c = cache[v]
       if c == nil then
-        local dt = (dtype ~= nil and is_float_dtype(v.desc.dtype)) and dtype or v.desc.dtype
+        local dt = (dtype ~= nil and v:isFloatingPoint()) and dtype or v.desc.dtype
         c = v:to(dt, device == nil and v.desc.device or device)
         cache[v] = c
       end

@@ -6,30 +6,31 @@ local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 
+local E = require 'fastattn.errors'
+local op = F._impl
+
 local LayerNorm = nn.class('LayerNorm', nn.Module)
 
+local KEYS = { normalized_shape = true, eps = true, elementwise_affine = true, bias = true }
 function LayerNorm:__init(normalized_shape, eps, elementwise_affine)
   nn.Module.__init(self)
+  local fn = 'fa.nn.LayerNorm'
   local bias = true
   if type(normalized_shape) == 'table' and normalized_shape.normalized_shape then
-    local o = normalized_shape
-    normalized_shape, eps, elementwise_affine, bias = o.normalized_shape, o.eps, o.elementwise_affine, o.bias ~= false
+    local o = E.opts(fn, 'opts', normalized_shape, KEYS)
+    normalized_shape, eps, elementwise_affine = o.normalized_shape, o.eps, o.elementwise_affine
+    bias = E.boolean(fn, 'bias', o.bias, true) ~= false
   end
   local ns = type(normalized_shape) == 'number' and { normalized_shape } or normalized_shape
-  if type(ns) ~= 'table' or #ns == 0 then
-    error('nn.LayerNorm: expected normalized_shape as a size or a table of sizes, got ' .. tostring(normalized_shape), 3)
+  if type(ns) ~= 'table' or fa.isTensor(ns) or #ns == 0 then
+    E.argv(fn, 'normalized_shape', 'a size or a table of sizes', normalized_shape)
   end
   local n = 1
-  for i, s in ipairs(ns) do
-    if type(s) ~= 'number' or s < 1 then
-      error('nn.LayerNorm: normalized_shape[' .. i .. '] must be a positive integer, got ' .. tostring(s), 3)
-    end
-    n = n * s
-  end
+  for i, s in ipairs(ns) do n = n * E.integer(fn, 'normalized_shape[' .. i .. ']', s, 1) end
   self.normalized_shape = { unpack(ns) }
   self.normSize = n
-  self.eps = eps or 1e-5
-  self.elementwise_affine = elementwise_affine ~= false
+  self.eps = E.number(fn, 'eps', eps == nil and 1e-5 or eps)
+  self.elementwise_affine = E.boolean(fn, 'elementwise_affine', elementwise_affine, true) ~= false
   if self.elementwise_affine then
     self:registerParameter('weight', fa.ones(self.normalized_shape))
     if bias then self:registerParameter('bias', fa.zeros(self.normalized_shape)) end
@@ -49,45 +50,46 @@ function LayerNorm:__tostring__()
   return s .. ')'
 end
 
--- the parameters and their gradients as 1-D views (the C entry takes norm_size elements)
-local function flat(t, n)
-  if t == nil then return nil end
-  return t:dim() == 1 and t or t:view(n)
-end
-
 function LayerNorm:updateOutput(input)
-  local ok, err = pcall(F._norm_size, tostring(self), input, self.normalized_shape)
-  if not ok then error(nn._strip_position(err), 0) end
+  local fn = self.__fnForward
+  nn._checkInput(fn, 'input', input, self.weight)
   local n = self.normSize
-  local rows = input:numel() / n
+  local rows = F._norm_size(fn, input, self.normalized_shape) > 0 and input:numel() / n or 0
   self.output = nn._buffer(self.output, input:size(), input)
   local sdt = F._stat_dtype(input)
   self.mean = nn._buffer(self.mean, { rows }, sdt, input.desc.device)
   self.rstd = nn._buffer(self.rstd, { rows }, sdt, input.desc.device)
-  F.layer_norm_forward(self.output, self.mean, self.rstd, input, flat(self.weight, n), flat(self.bias, n), n, self.eps)
+  op.layer_norm(fn, input, self.normalized_shape, self.weight, self.bias, self.eps,
+                { out = self.output, mean = self.mean, rstd = self.rstd })
   return self.output
 end
 
 function LayerNorm:_backward(input, gradOutput, gi, gw, gb)
-  local n = self.normSize
-  F.layer_norm_backward(gi, flat(gw, n), flat(gb, n), gradOutput, input, self.mean, self.rstd, flat(self.weight, n), n)
+  local fn = self.__fnBackward
+  nn._checkInput(fn, 'input', input, self.weight)
+  nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+  op.layer_norm_backward(fn, gradOutput, input, self.mean, self.rstd, self.weight, self.normalized_shape,
+                         { grad_input = gi, grad_weight = gw, grad_bias = gb })
 end
 
 function LayerNorm:updateGradInput(input, gradOutput)
+  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, nil, nil)
+  self:_backward(input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function LayerNorm:accGradParameters(input, gradOutput, scale)
   if not self.weight then return end
-  self:_backward(input, nn._scaled(self, gradOutput, scale), nil, self.gradWeight, self.bias and self.gradBias)
+  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 function LayerNorm:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
+  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias)
+  self:_backward(input, gradOutput, self.gradInput, self.weight and self.gradWeight or false,
+                 self.bias and self.gradBias or false)
   return self.gradInput
 end
 

@@ -5,6 +5,7 @@
 --                                        View(...):setNumInputDims(n) keeps the leading (batch) dims
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
+local E = require 'fastattn.errors'
 
 ---------------------------------------------------------------------------- nn.Identity
 local Identity = nn.class('Identity', nn.Module)
@@ -40,15 +41,14 @@ local function view_fwd(self, input, shape)
   return self.output
 end
 
-local function check_tensor(self, input)
-  if not fa.isTensor(input) then error(tostring(self) .. ': expected a tensor input, got ' .. type(input), 0) end
-end
+local function check_tensor(self, input) E.tensor(self.__fnForward, 'input', input) end
 
 ---------------------------------------------------------------------------- nn.Flatten
 local Flatten = nn.class('Flatten', nn.Module)
 function Flatten:__init(start_dim, end_dim)
   nn.Module.__init(self)
-  self.start_dim, self.end_dim = start_dim or 2, end_dim or -1
+  self.start_dim = E.integer('fa.nn.Flatten', 'start_dim', start_dim == nil and 2 or start_dim)
+  self.end_dim = E.integer('fa.nn.Flatten', 'end_dim', end_dim == nil and -1 or end_dim)
 end
 function Flatten:__tostring__() return string.format('nn.Flatten(%d, %d)', self.start_dim, self.end_dim) end
 function Flatten:updateOutput(input)
@@ -57,8 +57,7 @@ function Flatten:updateOutput(input)
   local s = self.start_dim < 0 and n + self.start_dim + 1 or self.start_dim
   local e = self.end_dim < 0 and n + self.end_dim + 1 or self.end_dim
   if s < 1 or e > n or s > e then
-    error(string.format('%s: dims %d..%d out of range for an input of size %s', tostring(self), self.start_dim,
-          self.end_dim, fa._shape_str(input, 'x')), 0)
+    E.arg(self.__fnForward, 'input', string.format('a tensor with dims %d..%d', self.start_dim, self.end_dim), input)
   end
   local sizes, shape, k = input:size(), {}, 1
   for i = 1, s - 1 do shape[#shape + 1] = sizes[i] end
@@ -75,10 +74,11 @@ function View:__init(...)
   nn.Module.__init(self)
   local a = ...
   self.size = type(a) == 'table' and { unpack(a) } or { ... }
+  for i, v in ipairs(self.size) do E.integer('fa.nn.View', 'size[' .. i .. ']', v, -1) end
   self.numInputDims = nil
 end
 function View:setNumInputDims(n)
-  self.numInputDims = n
+  self.numInputDims = E.integer('fa.nn.View:setNumInputDims', 'n', n, 0)
   return self
 end
 function View:__tostring__() return 'nn.View(' .. table.concat(self.size, 'x') .. ')' end
@@ -93,9 +93,15 @@ function View:updateOutput(input)
     for _, v in ipairs(shape) do lead[#lead + 1] = v end
     shape = lead
   end
-  local ok, out = pcall(view_fwd, self, input, shape)
-  if not ok then error(tostring(self) .. ': ' .. nn._strip_position(out), 0) end
-  return out
+  local numel, known, infer = input:numel(), 1, false
+  for _, v in ipairs(shape) do
+    if v == -1 then infer = true else known = known * v end
+  end
+  if (infer and (known == 0 or numel % known ~= 0)) or (not infer and known ~= numel) then
+    E.arg(self.__fnForward, 'input', string.format('a tensor of %s elements (to view as %s)',
+          infer and ('a multiple of ' .. known) or tostring(known), table.concat(shape, 'x')), input)
+  end
+  return view_fwd(self, input, shape)
 end
 View.updateGradInput = view_back
 
