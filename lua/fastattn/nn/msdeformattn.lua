@@ -116,7 +116,7 @@ local function buffer(self, key, shape, like)
 end
 
 -- out = a @ w^T, into a kept buffer
-local function linear_into(out, a, w) return F.linear_forward(out, a, w, nil) end
+local function linear_into(out, a, w) return F.linear(a, w, nil, { out = out }) end
 -- out = a * b elementwise (one shape), into a kept buffer
 local function mul_into(out, a, b) return out:copy(a):mul_(b) end
 
@@ -269,7 +269,7 @@ function MSDeformAttn:updateOutput(input)
   local off = self.sampling_offsets:forward(q):view(N * Lq, M * L * P * 2)
   local logits = self.attention_weights:forward(q):view(N, Lq, M, L * P)
   local A = buffer(self, '_attn', { N, Lq, M, L, P }, q)
-  F.softmax_forward(A:view(N, Lq, M, L * P), logits, 3, false)
+  F.softmax(logits, 4, { out = A:view(N, Lq, M, L * P) })
 
   -- sampling locations, as (N*Lq, M*L*P*2) rows: loc = ref_xy + off * scale, where ref_xy and scale are
   -- ref broadcast over heads and points (a GEMM with a 0/1 selection matrix does the broadcast, so every
@@ -318,7 +318,8 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
 
   -- softmax backward -> logits gradient
   local gLogits = buffer(self, '_gLogits', { N, Lq, M * L * P }, q)
-  F.softmax_backward(gLogits:view(N, Lq, M, L * P), gA:view(N, Lq, M, L * P), self._attn:view(N, Lq, M, L * P), 3, false)
+  F.softmax_backward(gA:view(N, Lq, M, L * P), self._attn:view(N, Lq, M, L * P), 4,
+                     { grad_input = gLogits:view(N, Lq, M, L * P) })
 
   -- offsets: d loc / d off = scale; reference points: the sums over heads and points (GEMMs with the
   -- selection matrices), plus, for boxes, d loc / d ref_wh = off * 0.5 / P
