@@ -4,7 +4,8 @@
 --              op's buffer convention ({out = t}, {grad_x = t | false}: poisoned buffers are filled and
 --              returned, false skips a gradient) and non-contiguous inputs (bit-identical results)
 --   gradcheck  every gradient against float64 central finite differences
---   threads    forward and backward bit-identical with 1, 2 and 3 threads (float32), and close to float64
+--   threads    forward and backward bit-identical with 1, 2 and 3 threads (float32) and into NaN-poisoned
+--              buffers, and close to float64
 --   errors     bad inputs raise messages matching their patterns, never at a line inside lua/fastattn/,
 --              and write nothing into the given buffers
 --   gpu (#gpu) CPU float64 against the GPU in float32, bfloat16 and float16 (the inputs rounded to the dtype
@@ -65,8 +66,6 @@ local function merge(...)
   return r
 end
 
-local function maxabs(t) return fa.maxAbsDiff(t, fa.zeros_like(t)) end
-
 -- floating-point inputs to dtype and device (the float32_on_gpu ones stay float32 under a 16-bit dtype)
 local function cast(case, x, dtype, device)
   local y = {}
@@ -81,9 +80,10 @@ local function cast(case, x, dtype, device)
   return y
 end
 
+-- the tolerance of result `name` in dtype: t[dtype][name], t[dtype], t[name] or t
 local function tol_of(t, dtype, name)
   local e = t[dtype] or t
-  return e[name] or e
+  return type(e) == 'table' and e[name] or e
 end
 
 -- forward and backward; -> {out = ..., <name> = gradient ...}; b: buffers (see below) or nil
@@ -172,7 +172,7 @@ local function gradcheck_tests(case)
       for _, n in ipairs(case.grads) do
         local rtol, atol = unpack(tol_of(case.tol.numgrad, 'float64', n))
         H.assert_close(g[n], H.numgrad(f, x[n], gout), rtol, atol, n .. ' vs finite differences')
-        assert(maxabs(g[n]) > 0, n .. ' is zero everywhere: the check would be vacuous')
+        assert(H.maxabs(g[n]) > 0, n .. ' is zero everywhere: the check would be vacuous')
       end
     end)
   end
@@ -197,6 +197,9 @@ local function thread_tests(case)
       end
       assert_same(res[2], res[1], 'shape ' .. i .. ', 2 threads')
       assert_same(res[3], res[1], 'shape ' .. i .. ', 3 threads')
+      if case.convention ~= false then -- every element of poisoned buffers written (also when Lq or N is 0)
+        assert_same(run(case, x, g, c.opts, buffers(case, res[1], 0 / 0)), res[1], 'shape ' .. i .. ', buffers')
+      end
       local r64 = run(case, x64, g64, c.opts)
       for k, ref in pairs(r64) do
         local rtol, atol = unpack(tol_of(case.tol.float32, 'float32', k))
@@ -241,10 +244,6 @@ local function error_tests(case, errors)
 end
 
 ---------------------------------------------------------------------------- GPU
--- |a - ref| <= t * (max|ref| + |ref|)
-local function close(a, ref, t, what)
-  H.assert_close(a:to('float64', 'cpu'), ref, t, t * math.max(maxabs(ref), 1e-30), what)
-end
 
 local function gpu_tests(case)
   local g = case.gpu
@@ -267,7 +266,7 @@ local function gpu_tests(case)
           for k, v in pairs(ref) do
             if k ~= 'out' then assert.are.equal(x[k]:dtype(), r[k]:dtype()) end
             local t = tol_of(case.tol.gpu, dtype, k)
-            close(r[k], v, type(t) == 'table' and t[1] or t, what .. ' ' .. k)
+            H.assert_near(r[k], v, type(t) == 'table' and t[1] or t, what .. ' ' .. k)
           end
           if opts.deterministic then
             for k, v in pairs(r1) do assert(v:cpu():equal(r[k]:cpu()), what .. ': ' .. k .. ' differs run to run') end
