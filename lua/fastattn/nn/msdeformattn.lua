@@ -155,7 +155,7 @@ function MSDeformAttn:_unpack(fn, input)
   local w = self.value_proj.weight
   for _, a in ipairs({ { 'query', q }, { 'reference_points', ref }, { 'input_flatten', x } }) do
     local t = E.tensor(fn, a[1], a[2])
-    if t.desc.dtype ~= w.desc.dtype or t.desc.device ~= w.desc.device then
+    if t:dtype() ~= w:dtype() or t:device() ~= w:device() then
       E.argv(fn, a[1], string.format("a %s tensor on %s (the module's parameters; convert with :type()/:cuda())",
             w:dtype(), w:device()), t)
     end
@@ -189,7 +189,7 @@ function MSDeformAttn:_selection(nref, like)
   local key = nref .. like:dtype() .. like:device()
   self._sel = self._sel or {}
   local s = self._sel[key]
-  if s and s.xy.desc.dtype == like.desc.dtype and s.xy.desc.device == like.desc.device then return s end
+  if s and s.xy:dtype() == like:dtype() and s.xy:device() == like:device() then return s end -- (also after :type())
   local M, L, P = self.n_heads, self.n_levels, self.n_points
   local cols = M * L * P * 2
   local xy, wh = {}, {}
@@ -227,7 +227,7 @@ function MSDeformAttn:_invNormRows(rows, hw, like)
   for l = 1, L do key[l + 1] = hw[l][1] .. 'x' .. hw[l][2] end
   key = table.concat(key, ',')
   local z = self._invNorm
-  if z == nil or self._invNormKey ~= key or z.desc.dtype ~= like.desc.dtype or z.desc.device ~= like.desc.device then
+  if z == nil or self._invNormKey ~= key or z:dtype() ~= like:dtype() or z:device() ~= like:device() then
     for _ = 1, M do
       for l = 1, L do
         for _ = 1, P do
@@ -256,7 +256,7 @@ function MSDeformAttn:updateOutput(input)
   -- value = value_proj(x), zeroed at padding (masked_fill(mask, 0)): multiplied by keep = 1 - mask
   local value = self.value_proj:forward(x)
   if mask ~= nil then
-    if mask.desc.device ~= q.desc.device then mask = mask:to(nil, q.desc.device) end
+    if mask:device() ~= q:device() then mask = mask:to(nil, q:device()) end
     local keep = buffer(self, '_keep', { N, S, d }, q)
     keep:copy(mask:unsqueeze(3):expand(N, S, d)):scale_(-1, 1)
     value:mul_(keep)
