@@ -6,7 +6,7 @@ local H = require 'helpers.check'
 local C = fa.C
 
 local F = H.fixture('nnops')
-local RED = { none = 0, mean = 1, sum = 2 }
+local RED = { none = C.FA_REDUCE_NONE, mean = C.FA_REDUCE_MEAN, sum = C.FA_REDUCE_SUM }
 local REDUCTIONS = { 'none', 'mean', 'sum' }
 
 local function loss_shape(ref, red) return red == 'none' and ref:size() or { 1 } end
@@ -169,5 +169,76 @@ describe('fa_mse', function()
     assert.truthy(e:find("argument 'target': expected dtype float32 (as 'x'), got float64", 1, true), e)
     e = err_of(function() mse_backward(fa.ones(2), x, fa.randn(3, 4), 'mean') end)
     assert.truthy(e:find("fa_mse_backward: argument 'grad_loss': expected one element", 1, true), e)
+  end)
+end)
+
+-- the Lua layer (fa.F.cross_entropy, nn.CrossEntropyCriterion): 1-based classes, reported as the user gave them
+describe('class targets in the user\'s terms', function()
+  local nn, FF = fa.nn, fa.F
+  local function q(m) return (m:gsub('[%^%$%(%)%%%.%[%]%*%+%-%?]', '%%%0')) end
+  local function msg_of(f)
+    local ok, e = pcall(f)
+    assert.is_false(ok, 'expected an error')
+    return tostring(e)
+  end
+  local function is(e, want)
+    -- ('a int64': fa.errors' article; 'an int64' accepted too)
+    local pat = '^spec/criterion_spec%.lua:%d+: ' .. q(want):gsub('got a int', 'got an? int') .. '$'
+    assert.truthy(e:find(pat), string.format('\n got:  %s\n want: %s', e, pat))
+  end
+  local x = fa.randn(2, 3)
+
+  it('a bad label: the label as given, its 1-based position, 1..C, the ignore index as given', function()
+    is(msg_of(function() nn.CrossEntropyCriterion():forward(x, fa.tensor({ 0, 1 }, 'int64')) end),
+       "fa.nn.CrossEntropyCriterion:forward: argument 'target': class 0 at position 1 is out of range 1..3 (ignore_index -100)")
+    is(msg_of(function() nn.CrossEntropyCriterion { ignore_index = 7 }:forward(x, fa.tensor({ 1, 4 }, 'int64')) end),
+       "fa.nn.CrossEntropyCriterion:forward: argument 'target': class 4 at position 2 is out of range 1..3 (ignore_index 7)")
+    is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 3, -1 }, 'int64')) end),
+       "fa.F.cross_entropy: argument 'target': class -1 at position 2 is out of range 1..3 (ignore_index -100)")
+    -- (N, C, d1) logits: the position counts the targets in order
+    is(msg_of(function() FF.cross_entropy(fa.randn(2, 3, 2), fa.tensor({ { 1, 2 }, { 3, 5 } }, 'int64')) end),
+       "fa.F.cross_entropy: argument 'target': class 5 at position 4 is out of range 1..3 (ignore_index -100)")
+    local ce = nn.CrossEntropyCriterion()
+    ce:forward(x, fa.tensor({ 1, 2 }, 'int64'))
+    is(msg_of(function() ce:backward(x, fa.tensor({ 1, 9 }, 'int64')) end),
+       "fa.nn.CrossEntropyCriterion:backward: argument 'target': class 9 at position 2 is out of range 1..3 (ignore_index -100)")
+    is(msg_of(function() FF.cross_entropy_backward(nil, x, fa.tensor({ 1, 0 }, 'int64')) end),
+       "fa.F.cross_entropy_backward: argument 'target': class 0 at position 2 is out of range 1..3 (ignore_index -100)")
+  end)
+
+  it('targets that are fractional, NaN, of the wrong size or dtype are errors', function()
+    is(msg_of(function() nn.CrossEntropyCriterion():forward(x, fa.tensor({ 1.5, 1 })) end),
+       "fa.nn.CrossEntropyCriterion:forward: argument 'target': expected an int64 tensor of class indices (1-based), got a float32 tensor of size 2")
+    is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 0 / 0, 1 }, 'float64')) end),
+       "fa.F.cross_entropy: argument 'target': expected an int64 tensor of class indices (1-based), got a float64 tensor of size 2")
+    is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 1, 2, 3 }, 'int64')) end),
+       "fa.F.cross_entropy: argument 'target': expected a tensor of size 2 (the input's size without the class dim), got a int64 tensor of size 3")
+    is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 1, 2 }, 'int32')) end),
+       "fa.F.cross_entropy: argument 'target': expected an int64 tensor of class indices (1-based), got a int32 tensor of size 2")
+    is(msg_of(function() FF.cross_entropy(x, { 1, 2 }) end),
+       "fa.F.cross_entropy: argument 'target': expected a tensor, got a table")
+    is(msg_of(function() nn.CrossEntropyCriterion { ignore_index = 1.5 } end),
+       "fa.nn.CrossEntropyCriterion: argument 'ignore_index': expected an integer, got 1.5")
+    is(msg_of(function() nn.CrossEntropyCriterion { label_smoothing = 2 } end),
+       "fa.nn.CrossEntropyCriterion: argument 'label_smoothing': expected a number in [0, 1], got 2")
+    is(msg_of(function() nn.CrossEntropyCriterion { ignore = 1 } end),
+       'fa.nn.CrossEntropyCriterion: argument \'opts\': unknown option "ignore" (known: ignore_index, label_smoothing, reduction)')
+    is(msg_of(function() FF.cross_entropy(x:long(), fa.tensor({ 1, 2 }, 'int64')) end),
+       "fa.F.cross_entropy: argument 'input': expected a floating-point tensor of logits, got a int64 tensor of size 2x3")
+  end)
+
+  it('ignore_index is compared with the 1-based targets as given', function()
+    local xd = fa.randn(3, 4):double()
+    local lsm = fa.F.log_softmax(xd, 2)
+    -- ignore class 2 (a valid 1-based class): rows 1 and 3 count, row 2 is ignored
+    local t = fa.tensor({ 4, 2, 1 }, 'int64')
+    local loss = FF.cross_entropy(xd, t, { ignore_index = 2 }):item()
+    assert.is_near(-(lsm[1][4] + lsm[3][1]) / 2, loss, 1e-12)
+    local crit = nn.CrossEntropyCriterion { ignore_index = 2, reduction = 'none' }
+    local l = crit:forward(xd, t)
+    assert.are.equal(0, l[2])
+    assert.is_near(-lsm[1][4], l[1], 1e-12)
+    -- the default -100 as a target is ignored, not reported
+    assert.is_near(-lsm[3][1] / 1, FF.cross_entropy(xd, fa.tensor({ -100, -100, 1 }, 'int64')):item(), 1e-12)
   end)
 end)

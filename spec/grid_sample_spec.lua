@@ -6,7 +6,7 @@ local H = require 'helpers.check'
 local C = fa.C
 
 local F = H.fixture('nnops')
-local PAD = { zeros = 0, border = 1 }
+local PAD = { zeros = C.FA_PAD_ZEROS, border = C.FA_PAD_BORDER }
 
 local function forward(input, grid, pad, align, out)
   local s, g = input:size(), grid:size()

@@ -298,7 +298,7 @@ describe('Module API', function()
     sd['2.weight'] = fa.zeros(2, 4)
     local ok, err = pcall(m.loadStateDict, m, sd)
     assert.is_false(ok)
-    assert.truthy(err:find("parameter '2.weight': expected size 2x3, got 2x4", 1, true), err)
+    assert.truthy(err:find("^spec/nn_spec.lua:%d+: fa.nn.Sequential:loadStateDict: argument 'dict': expected a tensor of size 2x3 under '2.weight', got a float32 tensor of size 2x4$"), err)
     assert.is_true(m:get(1).weight:equal(before)) -- nothing written
     sd['2.weight'] = nil
     ok, err = pcall(m.loadStateDict, m, sd)
@@ -752,5 +752,218 @@ describe('fa.F buffer convention', function()
     local cg2 = garbage(cg)
     assert.are.equal(cg2, F.cross_entropy_backward(1, logits, target, { reduction = 'sum', grad_input = cg2 }))
     same(cg2, cg)
+  end)
+end)
+
+-- every row: a call made on this file's line, and the whole message it must raise (a Lua pattern,
+-- anchored at this file, so the error is reported at the caller's line and not inside the library)
+describe('messages name the function and argument, at the caller line', function()
+  local function err(f)
+    local ok, e = pcall(f)
+    assert.is_false(ok, 'expected an error')
+    return tostring(e)
+  end
+  local function q(s) return (s:gsub('[%^%$%(%)%%%.%[%]%*%+%-%?]', '%%%0')) end
+  local AT = '^spec/nn_spec%.lua:%d+: '
+
+  local x = fa.randn(2, 3)
+  local rows = {
+    { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x) end,
+      "fa.nn.Linear:backward: argument 'gradOutput': expected a tensor, got nil" },
+    { function() nn.Dropout(0 / 0) end, "fa.nn.Dropout: argument 'p': expected a probability in [0, 1], got nan" },
+    { function() nn.Dropout(1.5) end, "fa.nn.Dropout: argument 'p': expected a probability in [0, 1], got 1.5" },
+    { function() nn.Dropout('x') end, 'fa.nn.Dropout: argument \'p\': expected a probability in [0, 1], got "x"' },
+    { function() nn.Linear(0.5, 3) end, "fa.nn.Linear: argument 'inputSize': expected an integer >= 1, got 0.5" },
+    { function() nn.Linear('a', 3) end, 'fa.nn.Linear: argument \'inputSize\': expected an integer >= 1, got "a"' },
+    { function() nn.Linear(3, 0) end, "fa.nn.Linear: argument 'outputSize': expected an integer >= 1, got 0" },
+    { function() nn.Linear(3, 2, 'no') end, 'fa.nn.Linear: argument \'bias\': expected true or false, got "no"' },
+    { function() nn.Linear { in_features = 3, out_features = 2, biass = false } end,
+      'fa.nn.Linear: argument \'opts\': unknown option "biass" (known: bias, in_features, out_features)' },
+    { function() nn.Linear(3, 2):forward(x:double()) end,
+      "fa.nn.Linear:forward: argument 'input': expected a float32 tensor (the module's dtype), got a float64 tensor of size 2x3" },
+    { function() nn.Linear(3, 2):double():forward(x) end,
+      "fa.nn.Linear:forward: argument 'input': expected a float64 tensor (the module's dtype), got a float32 tensor of size 2x3" },
+    { function() nn.Linear(3, 2):forward(fa.randn(3)) end, nil }, -- 1-D input of the right size: fine
+    { function() nn.Linear(3, 2):forward(fa.randn(2, 4)) end,
+      "fa.nn.Linear:forward: argument 'input': expected a tensor of size (..., 3), got a float32 tensor of size 2x4" },
+    { function() nn.Linear(3, 2):forward({ x }) end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got a table" },
+    { function() nn.Linear(3, 2)() end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got nil" },
+    { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 3)) end,
+      "fa.nn.Linear:backward: argument 'gradOutput': expected a tensor of size 2x2 (the output's), got a float32 tensor of size 2x3" },
+    { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 2), 'x') end,
+      'fa.nn.Linear:backward: argument \'scale\': expected a number, got "x"' },
+    { function() nn.Conv2d(3, 4, 3):forward(fa.randn(3, 5, 5)) end,
+      "fa.nn.Conv2d:forward: argument 'input': expected a tensor of size (N, 3, H, W), got a float32 tensor of size 3x5x5" },
+    { function() nn.Conv2d(3, 4, 3):forward(fa.randn(1, 3, 5, 5):double()) end,
+      "fa.nn.Conv2d:forward: argument 'input': expected a float32 tensor (the module's dtype), got a float64 tensor of size 1x3x5x5" },
+    { function() nn.Conv2d(3, 4, 2.5) end, "fa.nn.Conv2d: argument 'kernel_size': expected a positive integer or {h, w}, got 2.5" },
+    { function() nn.Conv2d(3, 4, 3, 0) end, "fa.nn.Conv2d: argument 'stride': expected integers >= 1, got 0" },
+    { function() nn.Conv2d(3, 4, 3, 1, 1.5) end, "fa.nn.Conv2d: argument 'padding': expected an integer or {h, w}, got 1.5" },
+    { function() nn.LayerNorm(3):forward(x:double()) end,
+      "fa.nn.LayerNorm:forward: argument 'input': expected a float32 tensor (the module's dtype), got a float64 tensor of size 2x3" },
+    { function() nn.LayerNorm(4):forward(x) end,
+      "fa.nn.LayerNorm:forward: argument 'input': expected a tensor of size (..., 4) (normalized_shape), got a float32 tensor of size 2x3" },
+    { function() nn.LayerNorm(2.5) end, "fa.nn.LayerNorm: argument 'normalized_shape[1]': expected an integer >= 1, got 2.5" },
+    { function() nn.LayerNorm(3, 'x') end, 'fa.nn.LayerNorm: argument \'eps\': expected a number, got "x"' },
+    { function() nn.Softmax(3):forward(x) end,
+      "fa.nn.Softmax:forward: argument 'dim': expected a dimension in 1..2 (or -2..-1), got 3" },
+    { function() nn.Softmax(1.5) end, "fa.nn.Softmax: argument 'dim': expected a dimension (1-based, or negative from the end), got 1.5" },
+    { function() nn.Softmax():forward(fa.tensor({ 1, 2 }, 'int64')) end,
+      "fa.nn.Softmax:forward: argument 'input': expected float32 or float64 on the CPU, got int64" },
+    { function() nn.GELU { approximate = 'tanh' } end, 'fa.nn.GELU: argument \'approximate\': expected \'none\', got "tanh"' },
+    { function() nn.Tanh():forward('x') end, 'fa.nn.Tanh:forward: argument \'input\': expected a tensor, got "x"' },
+    { function() nn.Dropout(0.5):forward(3) end, "fa.nn.Dropout:forward: argument 'input': expected a tensor, got 3" },
+    { function() nn.GridSample():forward(fa.randn(1, 2, 3, 3)) end,
+      "fa.nn.GridSample:forward: argument 'input': expected a table {input, grid}, got a float32 tensor of size 1x2x3x3" },
+    { function() nn.GridSample():forward({ fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 3) }) end,
+      "fa.nn.GridSample:forward: argument 'grid': expected a tensor of size (1, Ho, Wo, 2), got a float32 tensor of size 1x2x2x3" },
+    { function() nn.GridSample { padding_mode = 'reflection' } end,
+      'fa.nn.GridSample: argument \'padding_mode\': expected \'zeros\' or \'border\', got "reflection"' },
+    { function() nn.MSECriterion():forward(x, x:double()) end,
+      "fa.nn.MSECriterion:forward: argument 'target': expected a float32 tensor (as 'input'), got a float64 tensor of size 2x3" },
+    { function() nn.MSECriterion('avg') end, 'fa.nn.MSECriterion: argument \'reduction\': expected \'none\', \'mean\' or \'sum\', got "avg"' },
+    { function() nn.View(4):forward(x) end,
+      "fa.nn.View:forward: argument 'input': expected a tensor of 4 elements (to view as 4), got a float32 tensor of size 2x3" },
+    { function() nn.View(2.5) end, "fa.nn.View: argument 'size[1]': expected an integer >= -1, got 2.5" },
+    { function() nn.View() end, 'fa.nn.View: expected sizes, got none' },
+    { function() nn.View(nil, 3) end, "fa.nn.View: argument 'size[1]': expected an integer >= -1, got nil" },
+    { function() local m = nn.View(6); m:forward(x); m:backward(x, fa.randn(5)) end,
+      "fa.nn.View:backward: argument 'gradOutput': expected a tensor of 6 elements (the input's), got a float32 tensor of size 5" },
+    { function() local m = nn.Flatten(); m:forward(x); m:backward(x) end,
+      "fa.nn.Flatten:backward: argument 'gradOutput': expected a tensor, got nil" },
+    { function() nn.Conv2d(3, 4, 1 / 0) end, "fa.nn.Conv2d: argument 'kernel_size': expected a positive integer or {h, w}, got inf" },
+    { function() nn.Conv2d(3, 4, 3, 2 ^ 40) end, "fa.nn.Conv2d: argument 'stride': expected an integer or {h, w}, got 1099511627776" },
+    { function() nn.Flatten(3):forward(x) end,
+      "fa.nn.Flatten:forward: argument 'input': expected a tensor with dims 3..-1, got a float32 tensor of size 2x3" },
+    { function() nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)):forward(x) end,
+      "fa.nn.Sequential:forward: module 3 (fa.nn.Linear): argument 'input': expected a tensor of size (..., 5), got a float32 tensor of size 2x4" },
+    { function() local s = nn.Sequential(nn.Linear(3, 4)); s:forward(x); s:backward(x) end,
+      "fa.nn.Sequential:backward: module 1 (fa.nn.Linear): argument 'gradOutput': expected a tensor, got nil" },
+    { function() nn.Sequential():add(5) end, "fa.nn.Sequential:add: argument 'module': expected a module, got 5" },
+    { function() nn.Sequential():remove(1) end, "fa.nn.Sequential:remove: argument 'index': expected an integer in 1..0, got 1" },
+    { function() nn.ModuleList({ nn.ReLU() }):forward(x) end,
+      'fa.nn.ModuleList:forward: a ModuleList has no forward: call its modules' },
+    { function() nn.Linear(3, 2):type('int64') end,
+      'fa.nn.Linear:type: argument \'dtype\': expected a floating-point dtype (float32, float64, bfloat16, float16) or nil, got "int64"' },
+    { function() nn.Linear(3, 2):to(nil, 'gpu') end,
+      'fa.nn.Linear:to: argument \'device\': expected \'cpu\', \'cuda\', \'cuda:N\' or nil, got "gpu"' },
+    { function() nn.Linear(3, 2):loadStateDict(5) end,
+      "fa.nn.Linear:loadStateDict: argument 'dict': expected a table {name = tensor}, got 5" },
+    { function() return nn.Linaer end, "fa.nn: no module 'Linaer' (did you mean 'Linear'?)" },
+    { function() return nn.sequential end, "fa.nn: no module 'sequential' (did you mean 'Sequential'?)" },
+    { function() return nn.Qwertyuiop end, "fa.nn: no module 'Qwertyuiop'" },
+    -- fa.F
+    { function() F.linear(fa.tensor({ { 1, 2, 3 } }, 'int64'), fa.randn(2, 3)) end,
+      "fa.F.linear: argument 'input': expected float32 or float64 on the CPU, got int64" },
+    { function() F.linear(x, fa.randn(2, 3), nil, { outt = x }) end,
+      'fa.F.linear: argument \'opts\': unknown option "outt" (known: out)' },
+    { function() F.linear(x, fa.randn(2, 3), nil, { out = fa.empty(2, 3) }) end, "fa.F.linear: argument 'out': " },
+    { function() F.linear_backward(fa.randn(2, 2), x, fa.randn(2, 3), { grad_weight = 5 }) end,
+      "fa.F.linear_backward: argument 'grad_weight': expected a tensor, false or nil, got 5" },
+    { function() F.grid_sample(fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 3)) end,
+      "fa.F.grid_sample: argument 'grid': expected a tensor of size (1, Ho, Wo, 2), got a float32 tensor of size 1x2x2x3" },
+    { function() F.grid_sample(fa.randn(1, 2, 3, 3), 5) end, "fa.F.grid_sample: argument 'grid': expected a tensor, got 5" },
+    { function() F.softmax(x, 0) end, "fa.F.softmax: argument 'dim': expected a dimension in 1..2 (or -2..-1), got 0" },
+    { function() F.dropout(x, 0 / 0) end, "fa.F.dropout: argument 'p': expected a probability in [0, 1], got nan" },
+    { function() F.dropout(x, 0.5, 'yes') end, 'fa.F.dropout: argument \'training\': expected true or false, got "yes"' },
+    { function() F.conv2d(fa.randn(1, 3, 5, 5), fa.randn(4, 3, 3, 3), nil, { stride = 1.5 }) end,
+      "fa.F.conv2d: argument 'stride': expected an integer or {h, w}, got 1.5" },
+    { function() F.layer_norm(x, 3, nil, nil, 0 / 0) end, "fa.F.layer_norm: argument 'eps': expected a number, got nan" },
+    { function() F.mse_loss(x, x, 'avg') end, 'fa.F.mse_loss: argument \'reduction\': expected \'none\', \'mean\' or \'sum\', got "avg"' },
+  }
+  for i, r in ipairs(rows) do
+    it('row ' .. i .. (r[2] and (': ' .. r[2]:sub(1, 60)) or ': no error'), function()
+      if r[2] == nil then
+        r[1]()
+        return
+      end
+      local e = err(r[1])
+      -- whole messages, except rows ending in ': ' (the rest is the C layer's wording)
+      local pat = AT .. q(r[2]) .. (r[2]:sub(-2) == ': ' and '' or '$')
+      assert.truthy(e:find(pat), string.format('\n got:  %s\n want: %s', e, pat))
+    end)
+  end
+end)
+
+describe('getParameters after a structural change', function()
+  local function step(params, grads, lr)
+    fa.optim.sgd(function() grads:fill(1); return 0, grads end, params, { lr = lr or 1 })
+  end
+
+  it('a second call returns views of the same storage: the first tensors stay right', function()
+    local m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    local p1, g1 = m:getParameters()
+    local p2, g2 = m:getParameters()
+    local w = m:get(1).weight:clone()
+    step(p1, g1)
+    H.assert_close(m:get(1).weight, w:add(-1), 0, 0)
+    step(p2, g2)
+    H.assert_close(m:get(1).weight, w:add(-2), 0, 0)
+    assert.are.equal(0, fa.maxAbsDiff(p1, p2))
+    -- same dtype: float() changes nothing, the views stay right
+    m:float()
+    step(p1, g1)
+    H.assert_close(m:get(1).weight, w:add(-3), 0, 0)
+  end)
+
+  it(':add() of a new child: a step through the old views raises, naming getParameters', function()
+    local m = nn.Sequential(nn.Linear(3, 2))
+    local p, g = m:getParameters()
+    m:add(nn.Linear(2, 1))
+    local ok, e = pcall(step, p, g)
+    assert.is_false(ok)
+    assert.truthy(e:find("^spec/nn_spec%.lua:%d+: fa%.optim%.sgd: argument 'x': these flat parameters from fa%.nn%.Sequential:getParameters%(%) no longer hold the module's parameters.*call getParameters%(%) again"), e)
+    -- after a new getParameters(), the old views are still refused (their storage no longer holds the
+    -- parameters), and the new ones train every child
+    local p2, g2 = m:getParameters()
+    assert.are.equal(3 * 2 + 2 + 2 + 1, p2:numel())
+    assert.is_false(pcall(step, p, g))
+    local w2 = m:get(2).weight:clone()
+    step(p2, g2, 0.5)
+    H.assert_close(m:get(2).weight, w2:add(-0.5), 0, 0)
+    -- the gradient from an old getParameters() is refused as well
+    local ok2, e2 = pcall(fa.optim.sgd, function() return 0, g end, p2, { lr = 1 })
+    assert.is_false(ok2)
+    assert.truthy(e2:find("argument 'gradient': these flat gradients", 1, true), e2)
+  end)
+
+  it(':double() and :type(): the old views raise; new ones work', function()
+    local m = nn.Linear(3, 2)
+    local p, g = m:getParameters()
+    m:double()
+    local ok, e = pcall(step, p, g)
+    assert.is_false(ok)
+    assert.truthy(e:find("getParameters() again", 1, true), e)
+    local p2, g2 = m:getParameters()
+    assert.are.equal('float64', p2:dtype())
+    local b = m.bias:clone()
+    step(p2, g2)
+    H.assert_close(m.bias, b:add(-1), 0, 0)
+    m:type('torch.FloatTensor')
+    assert.is_false(pcall(step, p2, g2))
+    for _, o in ipairs({ 'adam', 'adamw' }) do
+      local ok3, e3 = pcall(fa.optim[o], function() return 0, g2 end, p2, {})
+      assert.is_false(ok3)
+      assert.truthy(e3:find('fa.optim.' .. o .. ": argument 'x': these flat parameters", 1, true), e3)
+    end
+  end)
+end)
+
+describe('namedGradParameters', function()
+  it('gives each gradient under its parameter name', function()
+    local m = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.LayerNorm(2))
+    local ps, gs = m:namedParameters(), m:namedGradParameters()
+    local names = keys(ps)
+    assert.are.same({ '0.bias', '0.weight', '2.bias', '2.weight' }, names)
+    assert.are.same(names, keys(gs))
+    assert.are.equal(m:get(1).gradWeight, gs['0.weight'])
+    assert.are.equal(m:get(3).gradBias, gs['2.bias'])
+    -- a backward fills them: gradWeight of the Linear = gradOutput^T x
+    local x, go = fa.randn(4, 3):double(), fa.randn(4, 2):double()
+    local lin = nn.Linear(3, 2):double()
+    lin:forward(x)
+    lin:backward(x, go)
+    H.assert_close(lin:namedGradParameters().weight, go:t():matmul(x), 1e-12, 1e-12)
+    H.assert_close(lin:namedGradParameters().bias, go:sum(1):view(2), 1e-12, 1e-12)
   end)
 end)

@@ -57,15 +57,69 @@ describe('fa.optim steps match torch.optim', function()
     H.assert_close(x, FX['adam.step3'], 1e-12, 1e-13, 'adam with state in config')
   end)
 
-  it('names bad arguments', function()
-    local x = fa.zeros(4)
-    local ok, e = pcall(fa.optim.sgd, function() return 0, fa.zeros(5) end, x, { lr = 0.1 })
-    assert.is_false(ok)
-    assert.truthy(e:find('gradient of size 5 for parameters of size 4', 1, true), e)
-    ok, e = pcall(fa.optim.adamw, function() return 0 end, x, {})
-    assert.truthy(e:find('feval must return', 1, true), e)
-    ok, e = pcall(fa.optim.sgd, function() return 0, x end, x, { nesterov = true })
-    assert.truthy(e:find('nesterov momentum needs momentum > 0', 1, true), e)
+  -- each row: a call on this file's line and the whole message (anchored at this file: the caller's line)
+  local function q(m) return (m:gsub('[%^%$%(%)%%%.%[%]%*%+%-%?]', '%%%0')) end
+  local x = fa.zeros(4)
+  local function fe() return 0, fa.zeros(4) end
+  local rows = {
+    { function() fa.optim.sgd(function() return 0, fa.zeros(5) end, x, { lr = 0.1 }) end,
+      "fa.optim.sgd: argument 'gradient': expected a tensor of size 4 (as x), got a float32 tensor of size 5" },
+    { function() fa.optim.adamw(function() return 0 end, x, {}) end,
+      "fa.optim.adamw: argument 'feval': expected it to return (loss, gradient tensor), got a gradient nil" },
+    { function() fa.optim.sgd(fe, x, { nesterov = true }) end,
+      "fa.optim.sgd: argument 'config': nesterov momentum needs momentum > 0 and dampening = 0, got momentum 0, dampening 0" },
+    { function() fa.optim.sgd(fe, x, { lr = 'abc' }) end, 'fa.optim.sgd: argument \'config.lr\': expected a finite number >= 0, got "abc"' },
+    { function() fa.optim.adam(fe, x, { learningRate = -1 }) end,
+      "fa.optim.adam: argument 'config.learningRate': expected a finite number >= 0, got -1" },
+    { function() fa.optim.adamw(fe, x, { lr = 0 / 0 }) end, "fa.optim.adamw: argument 'config.lr': expected a finite number >= 0, got nan" },
+    { function() fa.optim.sgd(fe, x, { weightDecay = -0.1 }) end,
+      "fa.optim.sgd: argument 'config.weightDecay': expected a finite number >= 0, got -0.10000000000000001" },
+    { function() fa.optim.adamw(fe, x, { weight_decay = 'x' }) end,
+      'fa.optim.adamw: argument \'config.weight_decay\': expected a finite number >= 0, got "x"' },
+    { function() fa.optim.adam(fe, x, { betas = { 1, 0.9 } }) end,
+      "fa.optim.adam: argument 'config.betas[1]': expected a finite number in [0, 1), got 1" },
+    { function() fa.optim.adam(fe, x, { beta2 = -0.5 }) end, "fa.optim.adam: argument 'config.beta2': expected a finite number in [0, 1), got -0.5" },
+    { function() fa.optim.adam(fe, x, { betas = 0.5 }) end, "fa.optim.adam: argument 'config.betas': expected a table {beta1, beta2}, got 0.5" },
+    { function() fa.optim.adam(fe, x, { eps = -1 }) end, "fa.optim.adam: argument 'config.eps': expected a finite number >= 0, got -1" },
+    { function() fa.optim.sgd(fe, x, { momentum = -0.5 }) end, "fa.optim.sgd: argument 'config.momentum': expected a finite number >= 0, got -0.5" },
+    { function() fa.optim.sgd(fe, x, { momentum = 0.9, dampening = 2 }) end,
+      "fa.optim.sgd: argument 'config.dampening': expected a finite number in [0, 1], got 2" },
+    { function() fa.optim.sgd(fe, x, { nesterov = 1 }) end, "fa.optim.sgd: argument 'config.nesterov': expected true or false, got 1" },
+    { function() fa.optim.sgd(fe, x, { learningrate = 0.1 }) end,
+      'fa.optim.sgd: argument \'config\': unknown option "learningrate" (known: dampening, evalCounter, learningRate, learningRateDecay, lr, momentum, momentum_buf, nesterov, weightDecay, weight_decay)' },
+    { function() fa.optim.adam(fe, x, { momentum = 0.9 }) end,
+      'fa.optim.adam: argument \'config\': unknown option "momentum" (known: beta1, beta2, betas, eps, epsilon, learningRate, lr, m, t, v, weightDecay, weight_decay)' },
+    { function() fa.optim.adam(fe, x, 0.25) end, "fa.optim.adam: argument 'config': expected a table of options or nil, got 0.25" },
+    { function() fa.optim.adam(5, x) end, "fa.optim.adam: argument 'feval': expected a function x -> loss, gradient, got 5" },
+    { function() fa.optim.sgd(fe, { x }) end, "fa.optim.sgd: argument 'x': expected a tensor, got a table" },
+    { function() fa.optim.sgd(function() return 0, fa.zeros(4):double() end, x) end,
+      "fa.optim.sgd: argument 'gradient': expected a float32 tensor on cpu (as x), got a float64 tensor of size 4" },
+    { function() fa.optim.clipGradNorm(x, -1) end, "fa.optim.clipGradNorm: argument 'maxNorm': expected a number >= 0, got -1" },
+    { function() fa.optim.clipGradNorm({ x, 3 }, 1) end, "fa.optim.clipGradNorm: argument 'grads[2]': expected a floating-point tensor, got 3" },
+    { function() fa.optim.StepLR { lr = 0.1 } end, "fa.optim.StepLR: argument 'step_size': expected an integer >= 1, got nil" },
+    { function() fa.optim.StepLR { lr = 'a', step_size = 2 } end, 'fa.optim.StepLR: argument \'lr\': expected a finite number >= 0, got "a"' },
+    { function() fa.optim.CosineLR { lr = 0.1, T_max = 10, warmup = 10 } end,
+      "fa.optim.CosineLR: argument 'warmup': expected fewer steps than T_max (10), got 10" },
+    { function() fa.optim.CosineLR { lr = 0.1, T_max = 10, warump = 1 } end,
+      'fa.optim.CosineLR: argument \'opts\': unknown option "warump" (known: T_max, eta_min, lr, warmup)' },
+    { function() fa.optim.CosineLR { lr = 0.1, T_max = 10 }:get(1.5) end,
+      "fa.optim.CosineLR:get: argument 'step': expected an integer >= 0, got 1.5" },
+  }
+  for i, r in ipairs(rows) do
+    it('names bad arguments, row ' .. i .. ': ' .. r[2]:sub(1, 50), function()
+      local ok, e = pcall(r[1])
+      assert.is_false(ok, 'expected an error')
+      local pat = '^spec/optim_spec%.lua:%d+: ' .. q(r[2]) .. '$'
+      assert.truthy(tostring(e):find(pat), string.format('\n got:  %s\n want: %s', tostring(e), pat))
+    end)
+  end
+
+  it('a rejected config changes nothing', function()
+    local p = fa.ones(4)
+    local config = { lr = 0.1, momentum = -1 }
+    assert.is_false(pcall(fa.optim.sgd, function() return 0, fa.ones(4) end, p, config))
+    assert.are.equal(4, p:sum())
+    assert.is_nil(config.evalCounter)
   end)
 end)
 

@@ -148,12 +148,14 @@ function impl.linear_backward(fn, gradOutput, input, weight, opts)
 end
 
 ---------------------------------------------------------------------------- conv2d
+-- the fields of fa_conv2d_params are int32
+local function int32(v) return type(v) == 'number' and v == math.floor(v) and v >= -2^31 and v < 2^31 end
 local function pair(fn, name, v, default)
   if v == nil then return default, default end
   if type(v) == 'table' and not fa.isTensor(v) and #v >= 1 and #v <= 2 then
     local a, b = v[1], v[2] == nil and v[1] or v[2]
-    if type(a) == 'number' and type(b) == 'number' and a == math.floor(a) and b == math.floor(b) then return a, b end
-  elseif type(v) == 'number' and v == math.floor(v) then
+    if int32(a) and int32(b) then return a, b end
+  elseif int32(v) then
     return v, v
   end
   E.argv(fn, name, 'an integer or {h, w}', v)
@@ -176,7 +178,7 @@ local function conv_params(fn, kh, kw, o)
   end
   if type(padding) == 'string' then E.argv(fn, 'padding', "an integer, {h, w}, 'valid' or 'same'", padding) end
   p.pad_h, p.pad_w = pair(fn, 'padding', padding, 0)
-  p.groups = E.integer(fn, 'groups', o.groups == nil and 1 or o.groups, 1)
+  p.groups = E.integer(fn, 'groups', o.groups == nil and 1 or o.groups, 1, 2^31 - 1)
   if p.stride_h < 1 or p.stride_w < 1 then E.argv(fn, 'stride', 'integers >= 1', o.stride) end
   if p.dilation_h < 1 or p.dilation_w < 1 then E.argv(fn, 'dilation', 'integers >= 1', o.dilation) end
   if p.pad_h < 0 or p.pad_w < 0 then E.argv(fn, 'padding', 'integers >= 0', o.padding) end
@@ -655,7 +657,7 @@ end
 function F.softmax_forward(out, input, d0, log) return impl.softmax('fa.F.softmax', log, input, d0 + 1, { out = out }) end
 local softmax_backward = F.softmax_backward
 function F.softmax_backward(a, b, c, d, e)
-  if fa.isTensor(c) then return impl.softmax_backward('fa.F.softmax_backward', e, b, c, d + 1, { grad_input = a }) end
+  if fa.isTensor(c) and type(d) == 'number' then return impl.softmax_backward('fa.F.softmax_backward', e, b, c, d + 1, { grad_input = a }) end
   return softmax_backward(a, b, c, d)
 end
 

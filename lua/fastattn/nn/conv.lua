@@ -19,12 +19,12 @@ local function pair(v)
 end
 
 local KEYS = { in_channels = true, out_channels = true, kernel_size = true, stride = true, padding = true,
-               dilation = true, groups = true, bias = true, [1] = true, [2] = true, [3] = true }
+               dilation = true, groups = true, bias = true }
 function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bias)
   nn.Module.__init(self)
   local fn = 'fa.nn.Conv2d'
   if type(inC) == 'table' then
-    local o = E.opts(fn, 'opts', inC, KEYS)
+    local o = nn._opts(fn, inC, KEYS, 3)
     inC, outC, kernel = o.in_channels or o[1], o.out_channels or o[2], o.kernel_size or o[3]
     stride, padding, dilation, groups, bias = o.stride, o.padding, o.dilation, o.groups, o.bias
   end
@@ -36,7 +36,8 @@ function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bia
   end
   E.boolean(fn, 'bias', bias, true)
   local kh, kw = pair(kernel)
-  if type(kh) ~= 'number' or type(kw) ~= 'number' or kh < 1 or kw < 1 or kh ~= math.floor(kh) or kw ~= math.floor(kw) then
+  if type(kh) ~= 'number' or type(kw) ~= 'number' or not (kh >= 1 and kw >= 1 and kh < 2^31 and kw < 2^31)
+     or kh ~= math.floor(kh) or kw ~= math.floor(kw) then
     E.argv(fn, 'kernel_size', 'a positive integer or {h, w}', kernel)
   end
   self.in_channels, self.out_channels, self.groups = inC, outC, groups

@@ -2,52 +2,71 @@
 --
 -- Every module: forward(input) / backward(input, gradOutput) (= updateGradInput, then accGradParameters,
 -- which ADDS into the parameter gradients), zeroGradParameters(), parameters(), getParameters() (flat
--- views, idempotent), namedParameters() / stateDict() / loadStateDict() with PyTorch's state_dict names,
--- training() / evaluate(), type() / float() / double() / cuda(), clone(), m(x) as m:forward(x).
+-- views, idempotent), namedParameters() / namedGradParameters() / stateDict() / loadStateDict() with
+-- PyTorch's state_dict names, training() / evaluate(), type() / float() / double() / cuda(), clone(),
+-- m(x) as m:forward(x).
 -- Modules keep their `output` and `gradInput` tensors and resize them, so a steady training loop does not
 -- allocate: the returned tensors are overwritten by the next call (copy them to keep them).
 --
--- Layout: one small file per module family (module.lua, container.lua, linear.lua, conv.lua, norm.lua,
--- activation.lua, dropout.lua, grid_sample.lua, criterion.lua, shape.lua). Other files in this directory
--- (the attention layers) are loaded the first time a name that the core does not define is asked for,
--- so a layer file needs no registration here: it does `local nn = require 'fastattn.nn'` and defines
--- `nn.class('Name', nn.Module)`.
+-- Layout: one small file per module family. MODULES below is the one list of what fa.nn has: class name
+-- -> file. The core families load with fa.nn; the attention layers load the first time their name is
+-- read. A new layer file adds its names here.
+local E = require 'fastattn.errors'
+
 local nn = {}
 package.loaded['fastattn.nn'] = nn -- the family files require this table back while it loads
 
-local core = { 'module', 'container', 'linear', 'conv', 'norm', 'activation', 'dropout', 'grid_sample',
+local CORE = { 'module', 'container', 'linear', 'conv', 'norm', 'activation', 'dropout', 'grid_sample',
                'criterion', 'shape' }
-local is_core = {}
-for _, f in ipairs(core) do
-  is_core[f] = true
-  require('fastattn.nn.' .. f)
-end
 
-local here = (debug.getinfo(1, 'S').source:match('^@(.*)/[^/]*$')) or '.'
-local extensions_loaded = false
+local MODULES = {
+  Module = 'module',
+  Container = 'container', Sequential = 'container', ModuleList = 'container',
+  Linear = 'linear',
+  Conv2d = 'conv',
+  LayerNorm = 'norm',
+  GELU = 'activation', ReLU = 'activation', Tanh = 'activation', Sigmoid = 'activation',
+  Softmax = 'activation', LogSoftmax = 'activation',
+  Dropout = 'dropout',
+  GridSample = 'grid_sample',
+  Criterion = 'criterion', MSECriterion = 'criterion', CrossEntropyCriterion = 'criterion',
+  Identity = 'shape', Flatten = 'shape', View = 'shape',
+  MSDeformAttn = 'msdeformattn',
+}
+nn._MODULES = MODULES
 
--- loads every other *.lua file of this directory once (sorted, so the order is reproducible)
-local function load_extensions()
-  if extensions_loaded then return end
-  extensions_loaded = true
-  local p = io.popen('ls -1 "' .. here .. '" 2>/dev/null')
-  if not p then return end
-  local files = {}
-  for line in p:lines() do
-    local name = line:match('^([%w_]+)%.lua$')
-    if name and name ~= 'init' and not is_core[name] then files[#files + 1] = name end
+for _, f in ipairs(CORE) do require('fastattn.nn.' .. f) end
+
+-- edit distance, for "did you mean"
+local function distance(a, b)
+  a, b = a:lower(), b:lower()
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
+    end
+    prev = cur
   end
-  p:close()
-  table.sort(files)
-  for _, name in ipairs(files) do require('fastattn.nn.' .. name) end
+  return prev[#b]
 end
-nn._load_extensions = load_extensions
 
 setmetatable(nn, {
   __index = function(t, k)
     if type(k) ~= 'string' or k:sub(1, 1) == '_' then return nil end
-    load_extensions()
-    return rawget(t, k)
+    local file = MODULES[k]
+    if file then
+      require('fastattn.nn.' .. file)
+      local v = rawget(t, k)
+      if v ~= nil then return v end
+    end
+    local best, bd = nil, 3
+    for name in pairs(MODULES) do
+      local d = distance(k, name)
+      if d < bd or (d == bd and best and name < best) then best, bd = name, d end
+    end
+    E.raise(string.format("fa.nn: no module '%s'%s", k, best and string.format(" (did you mean '%s'?)", best) or ''))
   end,
 })
 

@@ -13,7 +13,7 @@ function Linear:__init(inputSize, outputSize, bias)
   nn.Module.__init(self)
   local fn = 'fa.nn.Linear'
   if type(inputSize) == 'table' then -- nn.Linear{in_features=, out_features=, bias=}
-    local o = E.opts(fn, 'opts', inputSize, { in_features = true, out_features = true, bias = true, [1] = true, [2] = true })
+    local o = nn._opts(fn, inputSize, { in_features = true, out_features = true, bias = true }, 2)
     inputSize, outputSize = o.in_features or o[1], o.out_features or o[2]
     bias = o.bias
   end

@@ -64,6 +64,17 @@ function nn._scaled(self, gradOutput, scale)
   return self._scaledGrad:copy(gradOutput):scale_(scale)
 end
 
+-- E.opts for a constructor's table form, whose first `npos` array entries may stand for the positional
+-- arguments; returns t
+function nn._opts(fn, t, known, npos)
+  local named = {}
+  for k, v in pairs(t) do
+    if not (type(k) == 'number' and k >= 1 and k <= npos and k == math.floor(k)) then named[k] = v end
+  end
+  E.opts(fn, 'opts', named, known)
+  return t
+end
+
 -- whether tensor t has size `shape` (a table)
 function nn._hasSize(t, shape)
   if t:dim() ~= #shape then return false end
@@ -92,19 +103,6 @@ function nn._contiguous(self, key, t)
   if t:isContiguous() then return t end
   self[key] = nn._buffer(self[key], t:size(), t)
   return self[key]:copy(t)
-end
-
--- a short one-line description of a module (its __tostring__ when that is one line)
-function nn._describe(m)
-  local ok, s = pcall(tostring, m)
-  if not ok or type(s) ~= 'string' or s:find('\n') then return nn.typename(m) or tostring(m) end
-  return s
-end
-
--- strips the "file.lua:12: " position that error() puts in front of a message
-function nn._strip_position(msg)
-  if type(msg) ~= 'string' then return msg end
-  return (msg:gsub('^[^\n]-%.lua:%d+: ', '', 1))
 end
 
 ---------------------------------------------------------------------------- nn.Module
@@ -222,6 +220,13 @@ function Module:namedParameters()
   return out
 end
 
+-- namedGradParameters() -> {name = gradient tensor}, under the names namedParameters() gives the parameters
+function Module:namedGradParameters()
+  local out = {}
+  for _, e in ipairs(self:_paramList()) do out[e.name] = e.grad end
+  return out
+end
+
 function Module:zeroGradParameters()
   for _, e in ipairs(self:_paramList()) do
     if e.grad ~= nil then e.grad:zero() end
@@ -278,8 +283,8 @@ local function flatten(fn, tensors, what)
   local dt, dev = tensors[1].desc.dtype, tensors[1].desc.device
   for i, t in ipairs(tensors) do
     if t.desc.dtype ~= dt or t.desc.device ~= dev then
-      error(string.format('%s: all %s must have one dtype and device: %s on %s and %s on %s', fn, what,
-            tensors[1]:dtype(), tensors[1]:device(), t:dtype(), t:device()), 3)
+      E.fail(fn, 'all %s must have one dtype and device: %s on %s and %s on %s', what,
+             tensors[1]:dtype(), tensors[1]:device(), t:dtype(), t:device())
     end
     total = total + t:numel()
   end
@@ -294,19 +299,81 @@ local function flatten(fn, tensors, what)
   return flat
 end
 
+-- The flat tensors getParameters() returned, each with what it covered: {module, params, grads, and the
+-- data pointer of each}. An optimiser step checks its x and gradient here (nn._checkFlat), so flat views
+-- that no longer hold the module's parameters (after :add(), :type(), :cuda(), or a getParameters() call
+-- that had to move them) raise an error instead of training copies nobody reads.
+local flats = setmetatable({}, { __mode = 'k' })
+
+local function ptrs(list)
+  local out = {}
+  for i, t in ipairs(list) do out[i] = ffi.cast('char*', t.desc.data) end
+  return out
+end
+
+-- whether record r still describes r.module: the same parameter and gradient tensors (in _paramList's
+-- order, each tensor once), still at the places the flat tensors cover. Walks the tree without building
+-- the list: this runs on every optimiser step.
+local function covers(m, r, i, seen)
+  for _, pn in ipairs(m._paramNames or {}) do
+    local p = m[pn[1]]
+    if p ~= nil and not seen[p] then
+      seen[p] = true
+      i = i + 1
+      local g = m[pn[2]]
+      if not rawequal(p, r.params[i]) or not rawequal(g, r.grads[i]) or p.storage ~= r.pstorage
+         or g.storage ~= r.gstorage or ffi.cast('char*', p.desc.data) ~= r.pptr[i]
+         or ffi.cast('char*', g.desc.data) ~= r.gptr[i] then
+        return nil
+      end
+    end
+  end
+  for _, c in ipairs(m:namedChildren()) do
+    i = covers(c[2], r, i, seen)
+    if i == nil then return nil end
+  end
+  return i
+end
+local function flat_valid(r)
+  return covers(r.module, r, 0, {}) == #r.params
+end
+
+-- raises (naming fn) when x or dfdx is a flat tensor from getParameters() that went stale
+function nn._checkFlat(fn, x, dfdx)
+  local rx, rg = flats[x], flats[dfdx]
+  for _, e in ipairs({ { rx, 'x', 'parameters' }, { rg, 'gradient', 'gradients' } }) do
+    local r = e[1]
+    if r ~= nil and not flat_valid(r) then
+      E.fail(fn, "argument '%s': these flat %s from %s:getParameters() no longer hold the module's %s (the " ..
+             'module changed after that call: :add(), :type(), :double(), :cuda(), or getParameters() moved them ' ..
+             'again); call getParameters() again and use the tensors it returns', e[2], e[3],
+             'fa.' .. (nn.typename(r.module) or 'nn.Module'), e[3])
+    end
+  end
+  if rx ~= nil and rg ~= nil and rx.module ~= rg.module then
+    E.fail(fn, "argument 'gradient': the flat gradients come from another getParameters() call than the parameters 'x'")
+  end
+end
+
 -- getParameters() -> flatParams, flatGradParams: all parameters (and their gradients) are moved into one
 -- contiguous storage each and the module's tensors become views of it, so an optimiser updates the
 -- module through the flat tensor. Idempotent: a second call finds the parameters already flat and returns
--- views of the same storage. type()/cuda() reallocate the parameters: call getParameters() after them.
+-- views of the same storage (the first call's tensors stay right). A structural change (:add(), :type(),
+-- :cuda()) makes earlier flat tensors stale: fa.optim then raises an error; call getParameters() again.
 function Module:getParameters()
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Module') .. ':getParameters'
   local ps, gs = self:parameters()
   if #ps == 0 then
     return fa.empty(0), fa.empty(0)
   end
   for i = 1, #ps do
-    if gs[i] == nil then error('getParameters: parameter ' .. i .. ' has no gradient tensor', 2) end
+    if gs[i] == nil then E.fail(fn, 'parameter %d has no gradient tensor', i) end
   end
-  return flatten('getParameters', ps, 'parameters'), flatten('getParameters', gs, 'gradients')
+  local fp, fg = flatten(fn, ps, 'parameters'), flatten(fn, gs, 'gradients')
+  local r = { module = self, params = ps, grads = gs, pstorage = fp.storage, gstorage = fg.storage,
+              pptr = ptrs(ps), gptr = ptrs(gs) }
+  flats[fp], flats[fg] = r, r
+  return fp, fg
 end
 
 ---------------------------------------------------------------------------- state dict
@@ -324,8 +391,9 @@ Module.state_dict = Module.stateDict
 -- device; converted by the copy). strict: missing and unexpected names are errors. Every name and shape
 -- is checked before anything is copied, so a failed load changes nothing.
 function Module:loadStateDict(dict, strict)
-  if type(dict) ~= 'table' then error('loadStateDict: expected a table {name = tensor}, got ' .. type(dict), 2) end
-  strict = strict ~= false
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Module') .. ':loadStateDict'
+  if type(dict) ~= 'table' or fa.isTensor(dict) then E.argv(fn, 'dict', 'a table {name = tensor}', dict) end
+  strict = E.boolean(fn, 'strict', strict, true) ~= false
   local targets = {}
   for _, e in ipairs(self:_paramList()) do targets[#targets + 1] = { e.name, e.param } end
   for _, e in ipairs(self:_bufferList()) do targets[#targets + 1] = { e.name, e.tensor } end
@@ -338,11 +406,10 @@ function Module:loadStateDict(dict, strict)
       missing[#missing + 1] = name
     else
       if not fa.isTensor(src) then
-        error(string.format("loadStateDict: '%s': expected a tensor, got %s", name, type(src)), 2)
+        E.arg(fn, 'dict', string.format("a tensor under '%s'", name), src)
       end
       if not src:isSameSizeAs(dst) then
-        error(string.format("loadStateDict: parameter '%s': expected size %s, got %s", name,
-              fa._shape_str(dst, 'x'), fa._shape_str(src, 'x')), 2)
+        E.arg(fn, 'dict', string.format("a tensor of size %s under '%s'", fa._shape_str(dst, 'x'), name), src)
       end
       plan[#plan + 1] = { dst, src }
     end
@@ -354,7 +421,7 @@ function Module:loadStateDict(dict, strict)
     local parts = {}
     if #missing > 0 then parts[#parts + 1] = 'missing: ' .. table.concat(missing, ', ') end
     if #unexpected > 0 then parts[#parts + 1] = 'unexpected: ' .. table.concat(unexpected, ', ') end
-    error('loadStateDict: state dict does not match the module (' .. table.concat(parts, '; ') .. ')', 2)
+    E.fail(fn, "argument 'dict': the state dict does not match the module (%s)", table.concat(parts, '; '))
   end
   for _, p in ipairs(plan) do p[1]:copy(p[2]) end
   return missing, unexpected
@@ -385,9 +452,18 @@ local function convert(obj, dtype, device, cache, seen, plan)
 end
 
 -- to(dtype, device): e.g. m:to('float64'), m:to(nil, 'cuda'), m:to('float32', 'cpu')
-function Module:to(dtype, device)
-  local dt = dtype ~= nil and fa.dtype_id(dtype, 'Module:to') or nil
-  local dev = device ~= nil and fa.device_id(device, 'Module:to') or nil
+function Module:to(dtype, device, fn)
+  fn = fn or 'fa.' .. (nn.typename(self) or 'nn.Module') .. ':to'
+  local ok, dt = pcall(fa.dtype_id, dtype, fn)
+  if dtype ~= nil and (not ok or not fa.empty({ 0 }, { dtype = dt }):isFloatingPoint()) then
+    E.argv(fn, 'dtype', 'a floating-point dtype (float32, float64, bfloat16, float16) or nil', dtype)
+  end
+  if dtype == nil then dt = nil end
+  local okd, dev = pcall(fa.device_id, device, fn)
+  if device ~= nil and (not okd or (type(device) == 'number' and (device ~= math.floor(device) or device < -1))) then
+    E.argv(fn, 'device', "'cpu', 'cuda', 'cuda:N' or nil", device)
+  end
+  if device == nil then dev = nil end
   local plan = {}
   convert(self, dt, dev, {}, {}, plan)
   for _, e in ipairs(plan) do e[1][e[2]] = e[3] end
@@ -402,7 +478,7 @@ function Module:type(t)
     return ps[1] and ps[1]:type() or fa.Tensor.type(fa.empty(0))
   end
   if t == 'torch.CudaTensor' or t == 'fa.CudaTensor' or t == 'cuda' then return self:cuda() end
-  return self:to(t)
+  return self:to(t, nil, 'fa.' .. (nn.typename(self) or 'nn.Module') .. ':type')
 end
 function Module:float() return self:to('float32') end
 function Module:double() return self:to('float64') end

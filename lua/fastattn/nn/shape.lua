@@ -20,6 +20,12 @@ end
 
 -- the gradient of a pure view: gradOutput seen with the input's shape
 local function view_back(self, input, gradOutput)
+  local fn = self.__fnBackward
+  E.tensor(fn, 'input', input)
+  E.tensor(fn, 'gradOutput', gradOutput)
+  if gradOutput:numel() ~= input:numel() then
+    E.arg(fn, 'gradOutput', string.format("a tensor of %d elements (the input's)", input:numel()), gradOutput)
+  end
   if gradOutput:isContiguous() then
     self.gradInput = gradOutput:view(input:size())
   else
@@ -73,8 +79,10 @@ local View = nn.class('View', nn.Module)
 function View:__init(...)
   nn.Module.__init(self)
   local a = ...
-  self.size = type(a) == 'table' and { unpack(a) } or { ... }
-  for i, v in ipairs(self.size) do E.integer('fa.nn.View', 'size[' .. i .. ']', v, -1) end
+  local n = select('#', ...)
+  if type(a) == 'table' and not fa.isTensor(a) then self.size, n = { unpack(a) }, #a else self.size = { ... } end
+  if n == 0 then E.fail('fa.nn.View', 'expected sizes, got none') end
+  for i = 1, n do E.integer('fa.nn.View', 'size[' .. i .. ']', self.size[i], -1) end
   self.numInputDims = nil
 end
 function View:setNumInputDims(n)
