@@ -99,7 +99,7 @@ local CASE = {
   threads = { { shape = 'ref2' }, { shape = 'ref4' } },
   gpu = { shapes = { { shape = 'ref2' }, { shape = 'ref4' } }, dtypes = { 'float32' }, variants = { {} } },
   tol = { fixture = { float64 = { 1e-10, 1e-12 }, float32 = { 2e-4, 2e-5 } }, numgrad = { 1e-5, 1e-7 },
-          float32 = { 2e-4, 2e-5 }, gpu = { float32 = 1e-4 } },
+          float32 = { 2e-4, 2e-5 }, gpu = { float32 = 5e-5 } }, -- (CPU float32 against float64: under 1e-6)
 }
 
 local function fwd(s) return "fa%.nn%.MSDeformAttn:forward: argument " .. s end
