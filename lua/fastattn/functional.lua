@@ -40,8 +40,17 @@ local function shape_str(x) return fa._shape_str(x, 'x') end
 -- C argument names -> the names of the Lua arguments
 local RENAME = { x = 'input', grad_x = 'grad_input', grad_out = 'gradOutput', grad_y = 'gradOutput', y = 'output',
                  logits = 'input', grad_logits = 'grad_input', grad_loss = 'gradLoss', loss = 'out' }
+-- in fa_softmax_backward, 'out' is the forward's output
+local SOFTMAX_BWD_RENAME = setmetatable({ out = 'output' }, { __index = RENAME })
+-- rc ~= 0: the C message under fn's name, its argument names (also in "(as 'x')") the Lua ones
+local function c_fail(fn, rename)
+  local msg = require('ffi').string(C.fa_last_error()):gsub('^fa_[%w_]+: ', '', 1)
+  local function ren(pre, a) return pre .. (rename[a] or a) .. "'" end
+  msg = msg:gsub("(argument ')([%w_]+)'", ren):gsub("(%(as ')([%w_]+)'", ren)
+  E.raise(fn .. ': ' .. msg)
+end
 local function check(rc, fn)
-  if rc ~= 0 then E.check(rc, fn, RENAME) end
+  if rc ~= 0 then c_fail(fn, RENAME) end
 end
 F._check = check
 
@@ -328,7 +337,8 @@ function impl.softmax_backward(fn, log, gradOutput, output, dim, opts)
   E.tensor(fn, 'output', output)
   local d = dim0(fn, output, dim)
   local gi = o.grad_input == nil and new_like(output:size(), output) or E.tensor(fn, 'grad_input', o.grad_input)
-  check(C.fa_softmax_backward(gi.desc, gradOutput.desc, output.desc, d, log and 1 or 0), fn)
+  local rc = C.fa_softmax_backward(gi.desc, gradOutput.desc, output.desc, d, log and 1 or 0)
+  if rc ~= 0 then c_fail(fn, SOFTMAX_BWD_RENAME) end
   return gi
 end
 
@@ -545,7 +555,7 @@ local function ce_check(rc, fn, ii)
     E.fail(fn, "argument 'target': class %s at position %s is out of range 1..%s (ignore_index %s)",
            tostring(tonumber(t) + 1), tostring(tonumber(pos) + 1), nc, E.describe(ii))
   end
-  E.check(rc, fn, RENAME)
+  c_fail(fn, RENAME)
 end
 
 -- tbuf: a kept buffer for the 0-based targets (nn.CrossEntropyCriterion's); returns loss, the buffer

@@ -44,7 +44,7 @@ end
 function Container:_childError(fn, i, m, err)
   if type(err) ~= 'string' then error(err, 0) end -- not a message: pass it on untouched
   local child = 'fa.' .. (nn.typename(m) or 'nn.Module')
-  local rest = err:match('^[^\n]-:%d+: (fa%.[^\n]*)$') or err:match('^(fa%..*)$')
+  local rest = err:match('^[^\n]-:%d+: (fa%..*)$') or err:match('^(fa%..*)$')
   if rest then
     local body = rest:match('^fa%.nn%.[%w_]+:[%w_]+: (.*)$')
     if body then rest = body end
