@@ -15,8 +15,7 @@ local H = require 'helpers.check'
 local ffi = require 'ffi'
 local C = fa.C
 
-local HAVE = fa.cuda.isAvailable()
-local git = HAVE and it or function(name) pending(name .. ' -- skipped: no CUDA device (fa.cuda.isAvailable() is false)') end
+local git = require('helpers.op').it_gpu -- an it() that is pending where no GPU is found
 
 local OP = { add = 0, sub = 1, mul = 2, div = 3 }
 local UNARY = { exp = 0, log = 1, sqrt = 2, abs = 3, sign = 4, neg = 5, relu = 6, tanh = 7, sigmoid = 8, gelu = 9 }

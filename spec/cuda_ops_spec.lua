@@ -9,20 +9,11 @@ local fa = require 'fastattn'
 local ffi = require 'ffi'
 local C = fa.C
 
-local function gpu_available()
-  local ok, cuda = pcall(require, 'fastattn.cuda')
-  if ok and type(cuda) == 'table' and cuda.isAvailable then
-    local ok2, av = pcall(cuda.isAvailable)
-    return ok2 and av
-  end
-  local ok3, n = pcall(function() return tonumber(C.fa_cuda_device_count()) end)
-  return ok3 and n > 0
-end
+local op = require 'helpers.op'
 -- FA_GPU_SPEC_ON_CPU=1 runs the same comparisons with the CPU's float32 kernels standing in for the GPU
 -- (strided outputs only where the CPU accepts them): a check of this spec itself on a machine without a GPU.
 local ON_CPU = os.getenv('FA_GPU_SPEC_ON_CPU') == '1'
 local DEV = ON_CPU and 'cpu' or 'cuda'
-local GPU = ON_CPU or gpu_available()
 
 -- an entry point of the library, or nil when this build lacks it
 local function entry(name)
@@ -129,11 +120,7 @@ local function numel(s)
   return n
 end
 
-describe('CUDA kernels against the CPU #gpu', function()
-  if not GPU then
-    it('needs a CUDA device', function() pending('no CUDA device found (fa.cuda.isAvailable() is false): GPU op specs skipped') end)
-    return
-  end
+op.describe_gpu('CUDA kernels against the CPU', function()
 
   local function needs(...)
     for _, name in ipairs({ ... }) do
@@ -580,4 +567,4 @@ describe('CUDA kernels against the CPU #gpu', function()
       assert.matches("argument 'weight'", ffi.string(C.fa_last_error()))
     end)
   end)
-end)
+end, ON_CPU)

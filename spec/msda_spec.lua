@@ -1,320 +1,263 @@
--- fa.msda / fa.msda_backward on the CPU: against the PyTorch grid_sample reference (spec/fixtures/gen_msda.py),
--- float64 finite differences, awkward shapes, determinism, and every documented error.
+-- fa.msda / fa.msda_backward as a case of spec/helpers/op.lua: PyTorch grid_sample fixtures
+-- (spec/fixtures/gen_msda.py), finite differences, threads, errors, and (#gpu) every GPU dtype and kernel
+-- variant against the CPU; then what is particular to msda.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local H = require 'helpers.check'
-local C = fa.C
+local op = require 'helpers.op'
 
-local F = H.fixture('msda')
-local PAD = { [0] = 'zeros', [1] = 'border' }
+local FX = H.fixture('msda')
+local GRADS = { 'value', 'sampling_locations', 'attention_weights' }
 
-local function opts_of(case)
-  local mode = F[case .. '/mode']
-  return { padding = PAD[mode:get(1)], align_corners = mode:get(2) == 1 }
+local function forward(x, o)
+  return fa.msda(x.value, x.spatial_shapes, x.level_start_index, x.sampling_locations, x.attention_weights, o)
+end
+local function backward(x, gout, o)
+  local gv, gl, ga = fa.msda_backward(gout, x.value, x.spatial_shapes, x.level_start_index, x.sampling_locations,
+                                      x.attention_weights, o)
+  return { value = gv, sampling_locations = gl, attention_weights = ga }
 end
 
-local function inputs(case, dtype)
-  local t = {}
-  for _, k in ipairs({ 'value', 'sampling_locations', 'attention_weights', 'grad_out' }) do
-    t[k] = dtype and F[case .. '/' .. k]:to(dtype) or F[case .. '/' .. k]
-  end
-  t.spatial_shapes, t.level_start_index = F[case .. '/spatial_shapes'], F[case .. '/level_start_index']
-  return t
-end
+-- x in pixels of a level (W for axis 0, H for axis 1) <-> the normalised location, for both conventions
+local function to_px(u, size, ac) return ac and u * (size - 1) or u * size - 0.5 end
+local function from_px(x, size, ac) return ac and x / (size - 1) or (x + 0.5) / size end
 
-local function run(t, opts)
-  local out = fa.msda(t.value, t.spatial_shapes, t.level_start_index, t.sampling_locations, t.attention_weights, opts)
-  local gv, gl, ga = fa.msda_backward(t.grad_out, t.value, t.spatial_shapes, t.level_start_index,
-    t.sampling_locations, t.attention_weights, opts)
-  return out, gv, gl, ga
-end
-
--- 1 where the point's pixel coordinates are at least `gap` px away from an integer (the location gradient
--- jumps there; float32 rounding of the location can move a point across), else 0; shape of grad loc
-local function away_mask(loc, shapes, opts, gap)
-  local N, Lq, M, L, P = loc:size(1), loc:size(2), loc:size(3), loc:size(4), loc:size(5)
-  local l64 = loc:double():contiguous()
-  local mask = fa.zeros_like(l64)
-  local pl, pm = ffi.cast('double*', l64.desc.data), ffi.cast('double*', mask.desc.data)
-  local i = 0
-  for _ = 1, N * Lq * M do
-    for l = 1, L do
-      local Hh, W = shapes:get(l, 1), shapes:get(l, 2)
-      for _ = 1, P do
-        local ok = true
-        for axis = 0, 1 do
-          local size = axis == 0 and W or Hh
-          local x = opts.align_corners and pl[i + axis] * (size - 1) or pl[i + axis] * size - 0.5
-          local f = x - math.floor(x)
-          if f < gap or f > 1 - gap then ok = false end
-        end
-        pm[i], pm[i + 1] = ok and 1 or 0, ok and 1 or 0
-        i = i + 2
-      end
+-- shape {N, Lq, M, D, {{H, W}, ...}, P, gap = px, clustered = bool}: points at least `gap` px away from
+-- integer pixel coordinates (the location gradient jumps there), some fully outside on either side, every
+-- 7th attention weight 0 (it still has a gradient); clustered: every query and head samples where query 1,
+-- head 1 does (the GPU's warp merge path, which must not merge different heads)
+local function inputs(s, opts)
+  local N, Lq, M, D, levels, P = unpack(s)
+  local ac, gap, L, S = opts and opts.align_corners, s.gap or 0.01, #levels, 0
+  for _, hw in ipairs(levels) do S = S + hw[1] * hw[2] end
+  local value = fa.randn(N, S, M, D, 'float64')
+  local loc = fa.empty(N, Lq, M, L, P, 2, 'float64')
+  local u = fa.rand(math.max(1, 2 * loc:numel()), 'float64')
+  local pl, pu = ffi.cast('double*', loc.desc.data), ffi.cast('double*', u.desc.data)
+  for i = 0, loc:numel() - 1 do
+    local size = levels[math.floor(i / (2 * P)) % L + 1][2 - i % 2]
+    if ac and size == 1 then
+      pl[i] = pu[2 * i] -- any location is pixel 0
+    else
+      local cell = math.floor(math.floor(pu[2 * i] * (size + 1.4)) - 1.2) -- -2 .. size
+      pl[i] = from_px(cell + gap + (1 - 2 * gap) * pu[2 * i + 1], size, ac)
     end
+  end
+  if s.clustered then loc = loc:narrow(2, 1, 1):narrow(3, 1, 1):expand(N, Lq, M, L, P, 2):contiguous() end
+  local attn = fa.rand(N, Lq, M, L, P, 'float64')
+  local pa = ffi.cast('double*', attn.desc.data)
+  for k = 3, attn:numel() - 1, 7 do pa[k] = 0 end
+  return { value = value, spatial_shapes = levels, sampling_locations = loc, attention_weights = attn }
+end
+
+local function fixture(name)
+  local f = function(k) return FX[name .. '/' .. k] end
+  local mode = f('mode')
+  local x = { value = f('value'), spatial_shapes = f('spatial_shapes'), level_start_index = f('level_start_index'),
+              sampling_locations = f('sampling_locations'), attention_weights = f('attention_weights') }
+  local want = { out = f('out') }
+  for _, n in ipairs(GRADS) do want[n] = f('grad_' .. n) end
+  return x, { padding = mode:get(1) == 1 and 'border' or 'zeros', align_corners = mode:get(2) == 1 }, f('grad_out'), want
+end
+
+-- 1 where the point is at least 1e-4 px away from an integer coordinate: a float32 location moves a point
+-- by ~1e-7 px, which may cross the jump of the location gradient
+local function away_mask(x, opts, name)
+  if name ~= 'sampling_locations' then return nil end
+  local loc, shapes = x.sampling_locations:contiguous(), x.spatial_shapes
+  local L, P = loc:size(4), loc:size(5)
+  local mask = fa.zeros_like(loc)
+  local pl, pm = ffi.cast('double*', loc.desc.data), ffi.cast('double*', mask.desc.data)
+  for i = 0, loc:numel() - 1, 2 do
+    local l = math.floor(i / (2 * P)) % L + 1
+    local ok = true
+    for axis = 0, 1 do
+      local px = to_px(pl[i + axis], shapes:get(l, 2 - axis), opts.align_corners)
+      local frac = px - math.floor(px)
+      if frac < 1e-4 or frac > 1 - 1e-4 then ok = false end
+    end
+    pm[i], pm[i + 1] = ok and 1 or 0, ok and 1 or 0
   end
   return mask
 end
 
-local CASES = { 'zn', 'za', 'bn', 'ba', 'odd', 'oddb', 'd4', 'd8', 'd32', 'd64', 'd128' }
+local MODES = { { padding = 'zeros' }, { align_corners = true }, { padding = 'border' },
+                { padding = 'border', align_corners = true } }
+local FD = { 1, 2, 2, 3, { { 3, 4 }, { 2, 2 }, { 1, 1 } }, 2, gap = 0.05 }
+local LEVELS4 = { { 20, 30 }, { 10, 15 }, { 5, 8 }, { 3, 4 } }
+local GPU_SHAPES = {
+  { { 3, 1, 3, 32, { { 1, 1 }, { 3, 5 }, { 7, 2 } }, 3 }, what = '1x1 level, odd sizes, Lq 1, N 3' },
+  { { 2, 300, 8, 32, LEVELS4, 4 }, what = 'encoder-like: many points per pixel' },
+  { { 2, 36, 4, 32, { { 5, 6 }, { 2, 3 } }, 4 }, what = 'Lq = S (encoder self-attention)' },
+  { { 1, 36, 2, 16, { { 5, 6 }, { 2, 3 } }, 2, clustered = true }, what = 'Lq = S, clustered' },
+  { { 2, 0, 2, 4, { { 2, 3 }, { 1, 1 } }, 3 }, what = 'Lq = 0 (grad value zeroed)' },
+  { { 0, 5, 2, 4, { { 2, 3 }, { 1, 1 } }, 3 }, what = 'N = 0' },
+  { { 2, 500, 8, 32, LEVELS4, 4 }, variants = { { deterministic = true } }, what = 'deterministic, large' },
+}
+for _, D in ipairs({ 4, 8, 32, 64, 128, 6, 24, 40, 256 }) do
+  GPU_SHAPES[#GPU_SHAPES + 1] = { { 2, 37, 2, D, { { 5, 7 }, { 1, 1 }, { 2, 3 } }, 4 }, what = 'D = ' .. D }
+end
+for i = 2, 4 do
+  GPU_SHAPES[#GPU_SHAPES + 1] = { { 2, 19, 3, 16, { { 6, 9 }, { 3, 4 }, { 1, 2 } }, 3 }, opts = MODES[i],
+                                  what = MODES[i].padding or 'align_corners' }
+end
+for _, D in ipairs({ 32, 8, 64 }) do
+  GPU_SHAPES[#GPU_SHAPES + 1] = { { 2, 45, 3, D, { { 6, 7 }, { 2, 3 }, { 1, 1 } }, 3, clustered = true },
+                                  what = 'clustered, D = ' .. D }
+  GPU_SHAPES[#GPU_SHAPES + 1] = { { 1, 33, 2, D, { { 6, 7 }, { 2, 3 } }, 2, clustered = true }, opts = MODES[4],
+                                  what = 'clustered, border, align_corners, D = ' .. D }
+end
 
-describe('fa.msda (CPU)', function()
-  for _, case in ipairs(CASES) do
-    it('matches the PyTorch grid_sample reference in float64: ' .. case, function()
-      local t, opts = inputs(case), opts_of(case)
-      local out, gv, gl, ga = run(t, opts)
-      H.assert_close(out, F[case .. '/out'], 1e-9, 1e-12, case .. ' out')
-      H.assert_close(gv, F[case .. '/grad_value'], 1e-9, 1e-12, case .. ' grad_value')
-      H.assert_close(gl, F[case .. '/grad_sampling_locations'], 1e-9, 1e-10, case .. ' grad_sampling_locations')
-      H.assert_close(ga, F[case .. '/grad_attention_weights'], 1e-9, 1e-12, case .. ' grad_attention_weights')
-    end)
-    it('matches the reference in float32: ' .. case, function()
-      local t, opts = inputs(case, 'float32'), opts_of(case)
-      local out, gv, gl, ga = run(t, opts)
-      assert.are.equal('float32', out:dtype())
-      H.assert_close(out, F[case .. '/out'], 1e-4, 1e-5, case .. ' out')
-      H.assert_close(gv, F[case .. '/grad_value'], 1e-4, 1e-5, case .. ' grad_value')
-      H.assert_close(ga, F[case .. '/grad_attention_weights'], 1e-4, 1e-5, case .. ' grad_attention_weights')
-      -- location gradient away from the cell edges (float32 locations move points by ~1e-7 px)
-      local mask = away_mask(F[case .. '/sampling_locations'], t.spatial_shapes, opts, 1e-4)
-      H.assert_close(gl:double() * mask, F[case .. '/grad_sampling_locations'] * mask, 1e-3, 1e-4,
-        case .. ' grad_sampling_locations')
-    end)
-  end
+local i64 = function(t) return fa.tensor(t, 'int64') end
+local zn = function() local x, _, gout = fixture('zn') return x, gout end
+local v, l, a = FX['zn/value'], FX['zn/sampling_locations'], FX['zn/attention_weights']
 
-  it('skips the gradients given as false and writes into given buffers', function()
-    local t, opts = inputs('zn'), opts_of('zn')
-    local out = fa.empty(2, 5, 12, 'float64'):fill(0 / 0)
-    local r = fa.msda(t.value, t.spatial_shapes, t.level_start_index, t.sampling_locations, t.attention_weights,
-      { out = out })
-    assert.are.equal(out, r)
-    H.assert_close(out, F['zn/out'], 1e-9, 1e-12, 'out buffer')
-    local ga = fa.empty_like(t.attention_weights):fill(0 / 0)
-    local gv = fa.empty_like(t.value):fill(0 / 0) -- poisoned: must be overwritten everywhere
-    local a, b, c = fa.msda_backward(t.grad_out, t.value, t.spatial_shapes, t.level_start_index,
-      t.sampling_locations, t.attention_weights,
-      { grad_value = gv, grad_sampling_locations = false, grad_attention_weights = ga })
-    assert.is_nil(b)
-    assert.are.equal(gv, a)
-    assert.are.equal(ga, c)
-    H.assert_close(gv, F['zn/grad_value'], 1e-9, 1e-12, 'grad_value buffer')
-    H.assert_close(ga, F['zn/grad_attention_weights'], 1e-9, 1e-12, 'grad_attention_weights buffer')
-    local _, gl = fa.msda_backward(t.grad_out, t.value, t.spatial_shapes, t.level_start_index, t.sampling_locations,
-      t.attention_weights, { grad_value = false, grad_attention_weights = false })
-    H.assert_close(gl, F['zn/grad_sampling_locations'], 1e-9, 1e-10, 'grad_sampling_locations alone')
+local CASE = {
+  name = 'fa.msda', inputs = inputs, forward = forward, backward = backward, grads = GRADS,
+  float32_on_gpu = { sampling_locations = true, attention_weights = true },
+  fixture = { names = { 'zn', 'za', 'bn', 'ba', 'odd', 'oddb', 'd4', 'd8', 'd32', 'd64', 'd128' }, load = fixture },
+  mask = away_mask,
+  gradcheck = {},
+  threads = { { shape = { 1, 300, 1, 32, { { 9, 11 }, { 5, 6 }, { 3, 3 }, { 1, 2 } }, 4 } }, -- N*M < threads: split
+              { shape = { 1, 300, 2, 48, { { 9, 11 }, { 5, 6 }, { 3, 3 }, { 1, 2 } }, 4 } },
+              { shape = { 2, 300, 3, 16, { { 9, 11 }, { 5, 6 }, { 3, 3 }, { 1, 2 } }, 4 }, opts = MODES[4] },
+              { shape = { 2, 0, 2, 4, { { 2, 3 }, { 1, 1 } }, 3 } }, { shape = { 0, 5, 2, 4, { { 2, 3 } }, 3 } } },
+  gpu = {
+    shapes = {},
+    variants = { { name = 'default' }, { name = 'deterministic', deterministic = true },
+                 { name = 'query order', order = 'query', merge = false },
+                 { name = 'head order', order = 'head', merge = false },
+                 { name = 'warp merge, query order', order = 'query', merge = true },
+                 { name = 'warp merge, head order', order = 'head', merge = true } },
+    errors = function() return { -- (made in the #gpu block: they hold GPU tensors)
+      base = function()
+        local x, gout = zn()
+        for k, t in pairs(x) do if k ~= 'spatial_shapes' and k ~= 'level_start_index' then x[k] = t:float():cuda() end end
+        return x, gout:float():cuda()
+      end,
+      { "fa%.msda: argument 'sampling_locations': expected .*on cuda:0 %(as 'value'%), got ",
+        { sampling_locations = l:float() } },
+      { "fa%.msda: argument 'attention_weights': expected .*on cuda:0 %(as 'value'%), got ",
+        { attention_weights = a:float() } },
+      { "fa%.msda: argument 'sampling_locations': expected .*float32.*got .*bfloat16",
+        { value = v:bfloat16():cuda(), sampling_locations = l:bfloat16():cuda() } },
+      { "fa%.msda: argument 'value': expected float32, bfloat16 or float16 on CUDA, got .*float64",
+        { value = v:cuda(), sampling_locations = l:cuda(), attention_weights = a:cuda() } },
+      { "fa%.msda: argument 'spatial_shapes': .*at most 16 levels on CUDA, got 17",
+        { value = fa.randn(1, 17, 1, 4):cuda(), spatial_shapes = fa.ones(17, 2, 'int64'), level_start_index = op.NIL,
+          sampling_locations = fa.rand(1, 2, 1, 17, 1, 2):cuda(), attention_weights = fa.rand(1, 2, 1, 17, 1):cuda() } },
+      { "fa%.msda_backward: argument 'grad_out': expected .*on cuda:0 %(as 'value'%), got ",
+        { gout = fa.randn(2, 5, 12) }, backward = true },
+    } end,
+  },
+  errors = {
+    base = zn,
+    { "fa%.msda: argument 'value': expected a tensor, got nil", { value = op.NIL } },
+    { "fa%.msda: argument 'level_start_index': expected 30 at level 2", { level_start_index = i64({ 0, 29, 39 }) } },
+    { "fa%.msda: argument 'level_start_index': expected 3 entries", { level_start_index = i64({ 0, 30 }) } },
+    { "fa%.msda: argument 'value': expected S = 41", { spatial_shapes = i64({ { 6, 5 }, { 3, 3 }, { 1, 2 } }) } },
+    { "fa%.msda: argument 'value': expected S = 40 .* in dimension 2, got 39", { value = v:narrow(2, 1, 39) } },
+    { "fa%.msda: argument 'value': expected a 4%-D tensor", { value = v:view(2, 40, 12) } },
+    { "fa%.msda: argument 'sampling_locations': expected a 6%-D tensor", { sampling_locations = l:view(2, 5, 2, 3, 6) } },
+    { "fa%.msda: argument 'attention_weights': expected a 5%-D tensor", { attention_weights = a:view(2, 5, 2, 9) } },
+    { "fa%.msda: argument 'spatial_shapes': expected shape %(L, 2%)", { spatial_shapes = fa.ones(3, 3, 'int64') } },
+    { "fa%.msda: argument 'spatial_shapes': expected a 2%-D tensor",
+      { spatial_shapes = i64({ 6, 5 }), level_start_index = i64({ 0 }) } },
+    { "fa%.msda: argument 'spatial_shapes': expected positive %(H, W%)",
+      { spatial_shapes = i64({ { 6, 5 }, { 3, 3 }, { 0, 1 } }), level_start_index = i64({ 0, 30, 39 }) } },
+    { "fa%.msda: argument 'sampling_locations': expected .*2 %(x, y%) = 2 in dimension 6",
+      { sampling_locations = fa.rand(2, 5, 2, 3, 3, 3, 'float64') } },
+    { "fa%.msda: argument 'sampling_locations': expected .*N %(as dimension 1 of 'value'%) = 2",
+      { sampling_locations = fa.rand(3, 5, 2, 3, 3, 2, 'float64') } },
+    { "fa%.msda: argument 'sampling_locations': expected .*M %(as dimension 3 of 'value'%) = 2 in dimension 3",
+      { sampling_locations = fa.rand(2, 5, 1, 3, 3, 2, 'float64') } },
+    { "fa%.msda: argument 'sampling_locations': expected .*L %(the rows of 'spatial_shapes'%) = 3 in dimension 4",
+      { sampling_locations = fa.rand(2, 5, 2, 2, 3, 2, 'float64') } },
+    { "fa%.msda: argument 'attention_weights': expected shape %(N, Lq, M, L, P%) = %(2, 5, 2, 3, 3%), got .*2%D+5%D+2%D+3%D+2",
+      { attention_weights = fa.rand(2, 5, 2, 3, 2, 'float64') } },
+    { "fa%.msda: argument 'attention_weights': expected shape %(N, Lq, M, L, P%) = %(2, 5, 2, 3, 3%), got .*2%D+4%D+2%D+3%D+3",
+      { attention_weights = fa.rand(2, 4, 2, 3, 3, 'float64') } },
+    { "fa%.msda: argument 'sampling_locations': expected .*float64 %(as 'value'%), got .*float32",
+      { sampling_locations = l:float() } },
+    { "fa%.msda: argument 'attention_weights': expected .*float32 %(as 'value'%), got .*float64",
+      { value = v:float(), sampling_locations = l:float() } },
+    { "fa%.msda: argument 'value': expected float32 or float64 on the CPU, got .*bfloat16",
+      { value = v:bfloat16(), sampling_locations = l:float(), attention_weights = a:float() } },
+    { "fa%.msda: argument 'spatial_shapes': expected an int64 or int32 tensor, got .*float32",
+      { spatial_shapes = fa.ones(3, 2) } },
+    { "fa%.msda: argument '[%w_.]+': expected .*'zeros' or 'border'.*reflection", { opts = { padding = 'reflection' } } },
+    { "fa%.msda: argument 'out': expected shape %(N, Lq, M%*D%) = %(2, 5, 12%)",
+      { opts = { out = fa.empty(2, 5, 11, 'float64') } } },
+    { "fa%.msda: argument 'out': expected a contiguous tensor",
+      { opts = { out = fa.empty(12, 5, 2, 'float64'):transpose(1, 3) } } },
+    { "fa%.msda_backward: argument 'grad_value': expected a contiguous tensor",
+      { opts = { grad_value = fa.empty(6, 40, 2, 2, 'float64'):transpose(1, 4) } }, backward = true },
+    { "fa%.msda_backward: argument 'grad_sampling_locations': expected shape",
+      { opts = { grad_sampling_locations = fa.empty(3, 3, 'float64') } }, backward = true },
+    { "fa%.msda_backward: argument 'grad_out': expected shape %(N, Lq, M%*D%) = %(2, 5, 12%)",
+      { gout = FX['zn/grad_out']:narrow(3, 1, 11) }, backward = true },
+    { "fa%.msda_backward: argument 'grad_out': expected .*float64 %(as 'value'%), got .*float32",
+      { gout = FX['zn/grad_out']:float() }, backward = true },
+    { "fa%.msda_backward: argument 'level_start_index': expected 30 at level 2.*got 1",
+      { level_start_index = i64({ 0, 1, 2 }) }, backward = true },
+  },
+  tol = {
+    fixture = { float64 = { 1e-9, 1e-12, sampling_locations = { 1e-9, 1e-10 } },
+                float32 = { 1e-4, 1e-5, sampling_locations = { 1e-3, 1e-4 } } },
+    numgrad = { 1e-6, 1e-8, sampling_locations = { 1e-5, 1e-7 } },
+    float32 = { 1e-4, 1e-4, sampling_locations = { 1e-3, 1e-2 } },
+    -- the point gradients are float32 sums over channels of exact products of the rounded inputs
+    gpu = { float32 = { 2e-5, sampling_locations = 1e-4, attention_weights = 1e-5 },
+            bfloat16 = { 1e-2, sampling_locations = 2e-4, attention_weights = 1e-4 },
+            float16 = { 2e-3, sampling_locations = 2e-4, attention_weights = 1e-4 } },
+  },
+}
+for _, m in ipairs(MODES) do CASE.gradcheck[#CASE.gradcheck + 1] = { shape = FD, opts = m, what = (m.padding or 'zeros') .. (m.align_corners and ', align_corners' or '') } end
+for _, s in ipairs(GPU_SHAPES) do CASE.gpu.shapes[#CASE.gpu.shapes + 1] = { shape = s[1], opts = s.opts, what = s.what,
+                                                                          variants = s.variants } end
+
+describe('fa.msda', function()
+  op.run(CASE)
+
+  it('takes spatial_shapes as a table or int32, level_start_index as nil', function()
+    local x = fixture('zn')
+    local out = forward(x)
+    local shapes = x.spatial_shapes:table()
+    assert.is_true(fa.msda(x.value, shapes, nil, x.sampling_locations, x.attention_weights):equal(out))
+    assert.is_true(fa.msda(x.value, x.spatial_shapes:int(), x.level_start_index:int(), x.sampling_locations,
+                           x.attention_weights):equal(out))
   end)
 
-  it('takes spatial_shapes as a table, level_start_index as nil, int32 tensors, and non-contiguous inputs', function()
-    local t = inputs('zn')
-    local shapes = t.spatial_shapes:table()
-    local out1 = fa.msda(t.value, shapes, nil, t.sampling_locations, t.attention_weights)
-    H.assert_close(out1, F['zn/out'], 1e-9, 1e-12, 'table shapes')
-    local out2 = fa.msda(t.value, t.spatial_shapes:int(), t.level_start_index:int(), t.sampling_locations,
-      t.attention_weights)
-    assert.is_true(out2:equal(out1))
-    -- non-contiguous views with the same values
-    local v = t.value:transpose(1, 2):contiguous():transpose(1, 2)
-    local l = t.sampling_locations:transpose(2, 3):contiguous():transpose(2, 3)
-    local a = t.attention_weights:transpose(1, 5):contiguous():transpose(1, 5)
-    assert.is_false(v:isContiguous() or l:isContiguous() or a:isContiguous())
-    assert.is_true(fa.msda(v, shapes, nil, l, a):equal(out1))
-    local go = t.grad_out:transpose(1, 2):contiguous():transpose(1, 2)
-    local gv, gl, ga = fa.msda_backward(go, v, shapes, nil, l, a)
-    local gv2, gl2, ga2 = fa.msda_backward(t.grad_out, t.value, shapes, nil, t.sampling_locations, t.attention_weights)
-    assert.is_true(gv:equal(gv2) and gl:equal(gl2) and ga:equal(ga2))
-  end)
-
-  it('handles Lq = 0 and N = 0 (grad_value is zeroed)', function()
-    local shapes = { { 2, 3 }, { 1, 1 } }
-    local value = fa.randn(2, 7, 2, 4, 'float64')
-    local loc = fa.rand(2, 0, 2, 2, 3, 2, 'float64')
-    local attn = fa.rand(2, 0, 2, 2, 3, 'float64')
-    local out = fa.msda(value, shapes, nil, loc, attn)
-    assert.are.same({ 2, 0, 8 }, out:size())
-    local gv, gl, ga = fa.msda_backward(fa.empty(2, 0, 8, 'float64'), value, shapes, nil, loc, attn,
-      { grad_value = fa.empty_like(value):fill(5) })
-    assert.is_true(gv:equal(fa.zeros_like(value)))
-    assert.are.same({ 2, 0, 2, 2, 3, 2 }, gl:size())
-    assert.are.same({ 2, 0, 2, 2, 3 }, ga:size())
-    local out0 = fa.msda(fa.randn(0, 7, 2, 4), shapes, nil, fa.rand(0, 5, 2, 2, 3, 2), fa.rand(0, 5, 2, 2, 3))
-    assert.are.same({ 0, 5, 8 }, out0:size())
-  end)
-
-  it('samples zeros outside and the border pixels with padding=border', function()
-    -- one level of 1x2 pixels [10, 20], one point far to the right
+  it('samples zeros outside and the border pixels with padding = border (exact values)', function()
+    -- one level of 1x2 pixels [10, 20]; a point far to the right
     local value = fa.tensor({ { { { 10 } }, { { 20 } } } }, 'float64') -- (1, 2, 1, 1)
-    local loc = fa.tensor({ 5, 0.5 }, 'float64'):view(1, 1, 1, 1, 1, 2)
-    local attn = fa.ones(1, 1, 1, 1, 1, 'float64')
-    assert.are.equal(0, fa.msda(value, { { 1, 2 } }, nil, loc, attn):item())
-    assert.are.equal(20, fa.msda(value, { { 1, 2 } }, nil, loc, attn, { padding = 'border' }):item())
+    local at = function(x, y) return fa.tensor({ x, y }, 'float64'):view(1, 1, 1, 1, 1, 2) end
+    local attn, go = fa.ones(1, 1, 1, 1, 1, 'float64'), fa.ones(1, 1, 1, 'float64')
+    assert.are.equal(0, fa.msda(value, { { 1, 2 } }, nil, at(5, 0.5), attn):item())
+    assert.are.equal(20, fa.msda(value, { { 1, 2 } }, nil, at(5, 0.5), attn, { padding = 'border' }):item())
     -- a pixel centre samples that pixel exactly: x = 0.25*2 - 0.5 = 0
-    loc = fa.tensor({ 0.25, 0.5 }, 'float64'):view(1, 1, 1, 1, 1, 2)
-    assert.are.equal(10, fa.msda(value, { { 1, 2 } }, nil, loc, attn):item())
-    -- there the x gradient is one-sided: a * W * (v1 - v0) = 20 with zeros padding; with border padding
-    -- the border itself counts as clamped (PyTorch): 0
-    local go = fa.ones(1, 1, 1, 'float64')
-    local _, gl = fa.msda_backward(go, value, { { 1, 2 } }, nil, loc, attn)
+    assert.are.equal(10, fa.msda(value, { { 1, 2 } }, nil, at(0.25, 0.5), attn):item())
+    -- there the x gradient is one-sided: a * W * (v1 - v0) = 20 with zeros padding; with border padding the
+    -- border itself counts as clamped (PyTorch): 0
+    local _, gl = fa.msda_backward(go, value, { { 1, 2 } }, nil, at(0.25, 0.5), attn)
     assert.are.equal(20, gl:get(1, 1, 1, 1, 1, 1))
-    _, gl = fa.msda_backward(go, value, { { 1, 2 } }, nil, loc, attn, { padding = 'border' })
+    _, gl = fa.msda_backward(go, value, { { 1, 2 } }, nil, at(0.25, 0.5), attn, { padding = 'border' })
     assert.are.equal(0, gl:get(1, 1, 1, 1, 1, 1))
-    -- align_corners: loc 1 is the last pixel
-    loc = fa.tensor({ 1, 0 }, 'float64'):view(1, 1, 1, 1, 1, 2)
-    assert.are.equal(20, fa.msda(value, { { 1, 2 } }, nil, loc, attn, { align_corners = true }):item())
+    -- align_corners: location 1 is the last pixel
+    assert.are.equal(20, fa.msda(value, { { 1, 2 } }, nil, at(1, 0), attn, { align_corners = true }):item())
   end)
 
-  -- float64 central differences of all three gradients on small shapes, points >= 0.05 px from cell edges
-  local function random_case(N, Lq, M, D, shapes, P, opts)
-    local L = #shapes
-    local S = 0
-    for _, hw in ipairs(shapes) do S = S + hw[1] * hw[2] end
-    local value = fa.randn(N, S, M, D, 'float64')
-    local loc = fa.empty(N, Lq, M, L, P, 2, 'float64')
-    local u = fa.rand(N * Lq * M * L * P * 2 * 2, 'float64')
-    local pl, pu = ffi.cast('double*', loc.desc.data), ffi.cast('double*', u.desc.data)
-    local i = 0
-    for _ = 1, N * Lq * M do
-      for l = 1, L do
-        for _ = 1, P do
-          for axis = 0, 1 do
-            local size = shapes[l][2 - axis]
-            if opts.align_corners and size == 1 then
-              pl[i] = pu[2 * i] -- any location is pixel 0
-            else
-              local k = math.floor(pu[2 * i] * (size + 1)) - 1 -- cell -1 .. size-1
-              local x = k + 0.05 + 0.9 * pu[2 * i + 1]
-              pl[i] = opts.align_corners and x / (size - 1) or (x + 0.5) / size
-            end
-            i = i + 1
-          end
-        end
-      end
-    end
-    local attn = fa.rand(N, Lq, M, L, P, 'float64')
-    return value, loc, attn
-  end
-
-  for _, mode in ipairs({ { 'zeros', false }, { 'zeros', true }, { 'border', false }, { 'border', true } }) do
-    it(string.format('backward matches float64 finite differences (%s, align_corners=%s)', mode[1], tostring(mode[2])),
-      function()
-        fa.manualSeed(11)
-        local opts = { padding = mode[1], align_corners = mode[2] }
-        local shapes = { { 3, 4 }, { 2, 2 }, { 1, 1 } }
-        local value, loc, attn = random_case(1, 2, 2, 3, shapes, 2, opts)
-        local gout = fa.randn(1, 2, 6, 'float64')
-        local f = function() return fa.msda(value, shapes, nil, loc, attn, opts) end
-        local gv, gl, ga = fa.msda_backward(gout, value, shapes, nil, loc, attn, opts)
-        H.assert_close(gv, H.numgrad(f, value, gout), 1e-6, 1e-8, 'grad_value vs numgrad')
-        H.assert_close(ga, H.numgrad(f, attn, gout), 1e-6, 1e-8, 'grad_attention_weights vs numgrad')
-        H.assert_close(gl, H.numgrad(f, loc, gout), 1e-5, 1e-7, 'grad_sampling_locations vs numgrad')
-        -- the location gradient is not trivially zero
-        assert.is_true(fa.maxAbsDiff(gl, fa.zeros_like(gl)) > 0.1)
-      end)
-  end
-
-  it('gives bit-identical backward results with 1 and 2 threads (fused and split paths)', function()
-    fa.manualSeed(5)
-    local nthreads = fa.getNumThreads()
-    local shapes = { { 9, 11 }, { 5, 6 }, { 3, 3 }, { 1, 2 } }
-    for _, cfg in ipairs({ { 1, 1, 32 }, { 1, 2, 48 }, { 2, 3, 16 } }) do -- N, M, D (N*M < threads -> split)
-      local N, M, D = cfg[1], cfg[2], cfg[3]
-      local value, loc, attn = random_case(N, 300, M, D, shapes, 4, {})
-      local gout = fa.randn(N, 300, M * D, 'float64')
-      local v32, l32, a32, g32 = value:float(), loc:float(), attn:float(), gout:float()
-      local res = {}
-      for k, th in ipairs({ 1, 2, 3 }) do
-        fa.setNumThreads(th)
-        res[k] = { fa.msda_backward(g32, v32, shapes, nil, l32, a32) }
-        res[k][4] = fa.msda(v32, shapes, nil, l32, a32)
-      end
-      fa.setNumThreads(nthreads)
-      for k = 2, 3 do
-        for j = 1, 4 do assert.is_true(res[k][j]:equal(res[1][j]), string.format('cfg %d output %d', k, j)) end
-      end
-      -- and the float32 results agree with float64
-      local gv, gl, ga = fa.msda_backward(gout, value, shapes, nil, loc, attn)
-      H.assert_close(res[1][1], gv, 1e-4, 1e-4, 'float32 grad_value')
-      H.assert_close(res[1][3], ga, 1e-4, 1e-4, 'float32 grad_attention_weights')
-      H.assert_close(res[1][2], gl, 1e-3, 1e-2, 'float32 grad_sampling_locations')
-    end
-  end)
-
-  describe('errors', function()
-    local t = inputs('zn')
-    local shapes, lsi = t.spatial_shapes, t.level_start_index
-    local v, l, a, go = t.value, t.sampling_locations, t.attention_weights, t.grad_out
-    local function fwd_err(pattern, value, sh, ls, loc, attn, opts)
-      local ok, msg = pcall(fa.msda, value or v, sh or shapes, ls == nil and lsi or ls, loc or l, attn or a, opts)
-      assert.is_false(ok, 'expected an error matching ' .. pattern)
-      assert.is_truthy(tostring(msg):find(pattern, 1, true), 'message: ' .. tostring(msg) .. '\nexpected: ' .. pattern)
-      assert.is_truthy(tostring(msg):find('fa.msda', 1, true))
-    end
-    it('level_start_index not matching spatial_shapes', function()
-      fwd_err("argument 'level_start_index': expected 30 at level 2", nil, nil, fa.tensor({ 0, 29, 39 }, 'int64'))
-      fwd_err("argument 'level_start_index': expected 3 entries", nil, nil, fa.tensor({ 0, 30 }, 'int64'))
-    end)
-    it('sum(H*W) != S', function()
-      fwd_err("argument 'value': expected S = 41", nil, fa.tensor({ { 6, 5 }, { 3, 3 }, { 1, 2 } }, 'int64'))
-      fwd_err("argument 'value': expected S = 40 (the sum of H*W of spatial_shapes) in dimension 2, got 39",
-        v:narrow(2, 1, 39))
-    end)
-    it('wrong ranks and trailing sizes', function()
-      fwd_err("argument 'value': expected a 4-D tensor", v:view(2, 40, 12))
-      fwd_err("argument 'sampling_locations': expected a 6-D tensor", nil, nil, nil, l:view(2, 5, 2, 3, 6))
-      fwd_err("argument 'attention_weights': expected a 5-D tensor", nil, nil, nil, nil, a:view(2, 5, 2, 9))
-      fwd_err("argument 'spatial_shapes': expected shape (L, 2)", nil, fa.tensor({ { 6, 5, 1 }, { 3, 3, 1 }, { 1, 1, 1 } }, 'int64'))
-      fwd_err("argument 'spatial_shapes': expected a 2-D tensor", nil, fa.tensor({ 6, 5 }, 'int64'), fa.tensor({ 0 }, 'int64'))
-      fwd_err("with 2 (x, y) = 2 in dimension 6", nil, nil, nil, fa.rand(2, 5, 2, 3, 3, 3, 'float64'))
-      fwd_err("argument 'spatial_shapes': expected positive (H, W)", nil, fa.tensor({ { 6, 5 }, { 3, 3 }, { 0, 1 } }, 'int64'),
-        fa.tensor({ 0, 30, 39 }, 'int64'))
-    end)
-    it('mismatched N, M, L, P', function()
-      fwd_err("argument 'sampling_locations': expected shape (N, Lq, M, L, P, 2) with N (as dimension 1 of 'value') = 2",
-        nil, nil, nil, fa.rand(3, 5, 2, 3, 3, 2, 'float64'))
-      fwd_err("with M (as dimension 3 of 'value') = 2 in dimension 3", nil, nil, nil, fa.rand(2, 5, 1, 3, 3, 2, 'float64'))
-      fwd_err("with L (the rows of 'spatial_shapes') = 3 in dimension 4", nil, nil, nil, fa.rand(2, 5, 2, 2, 3, 2, 'float64'))
-      fwd_err("argument 'attention_weights': expected shape (N, Lq, M, L, P) = (2, 5, 2, 3, 3), got (2, 5, 2, 3, 2)",
-        nil, nil, nil, nil, fa.rand(2, 5, 2, 3, 2, 'float64'))
-      fwd_err("argument 'attention_weights': expected shape (N, Lq, M, L, P) = (2, 5, 2, 3, 3), got (2, 4, 2, 3, 3)",
-        nil, nil, nil, nil, fa.rand(2, 4, 2, 3, 3, 'float64'))
-    end)
-    it('mixed dtypes, bad dtypes and bad options', function()
-      fwd_err("argument 'sampling_locations': expected dtype float64 (as 'value'), got float32", nil, nil, nil, l:float())
-      fwd_err("argument 'attention_weights': expected dtype float32 (as 'value'), got float64", v:float(), nil, nil,
-        l:float())
-      fwd_err("argument 'value': expected float32 or float64 on the CPU, got bfloat16", v:bfloat16(), nil, nil, l:float(),
-        a:float())
-      fwd_err("argument 'spatial_shapes': expected an int64 or int32 tensor, got float32", nil, shapes:float())
-      fwd_err("argument 'opts': expected padding 'zeros' or 'border', got reflection", nil, nil, nil, nil, nil,
-        { padding = 'reflection' })
-      local ok, msg = pcall(fa.msda, nil, shapes, lsi, l, a)
-      assert.is_false(ok)
-      assert.is_truthy(msg:find("fa.msda: argument 'value': expected a tensor, got nil", 1, true))
-      fwd_err("argument 'out': expected shape (N, Lq, M*D) = (2, 5, 12)", nil, nil, nil, nil, nil,
-        { out = fa.empty(2, 5, 11, 'float64') })
-    end)
-    it('the C entry points require contiguous tensors and CPU shapes', function()
-      local out = fa.empty(2, 5, 12, 'float64')
-      local vt = v:transpose(1, 2):contiguous():transpose(1, 2)
-      assert.are.equal(1, C.fa_msda_forward(out.desc, vt.desc, shapes.desc, lsi.desc, l.desc, a.desc, nil))
-      assert.is_truthy(ffi.string(C.fa_last_error()):find("fa_msda_forward: argument 'value': expected a contiguous tensor", 1, true))
-      local ot = fa.empty(12, 5, 2, 'float64'):transpose(1, 3)
-      assert.are.equal(1, C.fa_msda_forward(ot.desc, v.desc, shapes.desc, lsi.desc, l.desc, a.desc, nil))
-      assert.is_truthy(ffi.string(C.fa_last_error()):find("argument 'out': expected a contiguous tensor", 1, true))
-      local gl = fa.empty_like(l)
-      local ok, msg = pcall(fa.msda_backward, go, v, shapes, lsi, l, a, { grad_sampling_locations = fa.empty(3, 3, 'float64') })
-      assert.is_false(ok)
-      assert.is_truthy(msg:find("fa.msda_backward: argument 'grad_sampling_locations': expected shape", 1, true))
-      ok, msg = pcall(fa.msda_backward, go:narrow(3, 1, 11), v, shapes, lsi, l, a)
-      assert.is_false(ok)
-      assert.is_truthy(msg:find("fa.msda_backward: argument 'grad_out': expected shape (N, Lq, M*D) = (2, 5, 12)", 1, true))
-      ok, msg = pcall(fa.msda_backward, go:float(), v, shapes, lsi, l, a, { grad_sampling_locations = gl })
-      assert.is_false(ok)
-      assert.is_truthy(msg:find("argument 'grad_out': expected dtype float64 (as 'value'), got float32", 1, true))
-      -- nothing was written on error
-      local poison = fa.empty_like(v):fill(7)
-      ok = pcall(fa.msda_backward, go, v, shapes, fa.tensor({ 0, 1, 2 }, 'int64'), l, a, { grad_value = poison })
-      assert.is_false(ok)
-      assert.is_true(poison:equal(fa.empty_like(v):fill(7)))
+  op.describe_gpu('fa.msda on CUDA, inputs', function()
+    it('takes non-contiguous inputs and spatial shapes on the GPU', function()
+      fa.manualSeed(2)
+      local x = inputs({ 2, 9, 2, 8, { { 2, 3 }, { 1, 1 } }, 2 })
+      local vc, lc, ac = x.value:float():cuda(), x.sampling_locations:float():cuda(), x.attention_weights:float():cuda()
+      local out = fa.msda(vc, x.spatial_shapes, nil, lc, ac)
+      local vt = vc:transpose(1, 2):contiguous():transpose(1, 2)
+      assert.is_false(vt:isContiguous())
+      assert.is_true(fa.msda(vt, x.spatial_shapes, nil, lc, ac):cpu():equal(out:cpu()))
+      local sh = fa.tensor(x.spatial_shapes, 'int64'):cuda()
+      assert.is_true(fa.msda(vc, sh, nil, lc, ac):cpu():equal(out:cpu()))
     end)
   end)
 end)

@@ -526,11 +526,7 @@ describe('error messages', function()
   end)
 end)
 
-describe('fa.nn on the GPU #gpu', function()
-  if fa.C.fa_cuda_device_count() < 1 then
-    it('skips: no CUDA device found', function() pending('no CUDA device found') end)
-    return
-  end
+require('helpers.op').describe_gpu('fa.nn on the GPU', function()
   local tol = { 2e-4, 2e-5 }
 
   it('modules match PyTorch on cuda (float32), through :cuda()', function()

@@ -166,11 +166,7 @@ describe('learning-rate schedules', function()
   end)
 end)
 
-describe('fa.optim on the GPU #gpu', function()
-  if fa.C.fa_cuda_device_count() < 1 then
-    it('skips: no CUDA device found', function() pending('no CUDA device found') end)
-    return
-  end
+require('helpers.op').describe_gpu('fa.optim on the GPU', function()
   it('sgd_nesterov, adam and adamw steps match torch.optim on cuda (float32)', function()
     for _, name in ipairs({ 'sgd_nesterov', 'adam', 'adamw' }) do
       local method, cfg = CONFIGS[name][1], CONFIGS[name][2]

@@ -27,6 +27,15 @@ function H.assert_close(a, b, rtol, atol, what)
   end
 end
 
+-- max |t| (0 for an empty tensor)
+function H.maxabs(t) return fa.maxAbsDiff(t, fa.zeros_like(t)) end
+
+-- a (any dtype, any device) against the float64 reference: |a - ref| <= t * (max|ref| + |ref|) elementwise, the
+-- closeness of a low-precision result whose error scales with the largest values; NaN in a fails
+function H.assert_near(a, ref, t, what)
+  H.assert_close(a:to('float64', 'cpu'), ref, t, t * math.max(H.maxabs(ref), 1e-30), what)
+end
+
 -- numerical gradient of L = sum(f() * gout) with respect to x (float64, perturbed in place), by central
 -- differences; f reads x itself.
 function H.numgrad(f, x, gout, eps)

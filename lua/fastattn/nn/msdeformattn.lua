@@ -27,20 +27,19 @@
 -- gradient) and adds the parameter gradients. Every intermediate lives in a buffer kept by the module
 -- and reused by the next call of the same size. The same code runs on the CPU and, after :cuda(), on
 -- the GPU (every op dispatches on the tensors' device); spatial shapes are read on the host.
+-- The module checks what is about the module (its sizes, the input table, the parameters' dtype and
+-- device); fa.msda checks the levels against input_flatten and level_start_index.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
-local msda = require 'fastattn.msda'
-local C = fa.C
+local E = require 'fastattn.errors'
 
 local MSDeformAttn = nn.class('MSDeformAttn', nn.Module)
 
-local NAME = 'MSDeformAttn'
-local ADD, MUL = 0, 2 -- fa_binary_op
-
-local function fail(fmt, ...) error(NAME .. ': ' .. string.format(fmt, ...), 0) end
-local function shape_str(x) return fa._shape_str(x, 'x') end
+local NEW, FWD, BWD = 'fa.nn.MSDeformAttn', 'fa.nn.MSDeformAttn:forward', 'fa.nn.MSDeformAttn:backward'
+local OPTS = { d_model = true, n_levels = true, n_heads = true, n_points = true, padding = true,
+               align_corners = true, deterministic = true }
 
 -- float32 rounding, so that the default initialisation is the reference's float32 arithmetic bit for bit
 local f32 = ffi.new('float[1]')
@@ -48,24 +47,17 @@ local function round32(v) f32[0] = v; return tonumber(f32[0]) end
 
 function MSDeformAttn:__init(opts)
   nn.Module.__init(self)
-  if opts ~= nil and type(opts) ~= 'table' then
-    fail("expected a table {d_model=, n_levels=, n_heads=, n_points=}, got %s", type(opts))
-  end
-  opts = opts or {}
+  opts = E.opts(NEW, 'opts', opts, OPTS)
   local function int_opt(name, default)
-    local v = opts[name]
-    if v == nil then v = default end
-    if type(v) ~= 'number' or v < 1 or v ~= math.floor(v) then
-      fail("argument '%s': expected a positive integer, got %s", name, tostring(v))
-    end
-    return v
+    if opts[name] == nil then return default end
+    return E.integer(NEW, name, opts[name], 1)
   end
   self.d_model = int_opt('d_model', 256)
   self.n_levels = int_opt('n_levels', 4)
   self.n_heads = int_opt('n_heads', 8)
   self.n_points = int_opt('n_points', 4)
   if self.d_model % self.n_heads ~= 0 then
-    fail("argument 'd_model': expected a multiple of n_heads = %d, got %d", self.n_heads, self.d_model)
+    E.arg(NEW, 'd_model', 'a multiple of n_heads = ' .. self.n_heads, self.d_model)
   end
   self.d_head = self.d_model / self.n_heads
   -- fa.msda options (padding 'zeros' and align_corners false are the reference's)
@@ -123,141 +115,10 @@ local function buffer(self, key, shape, like)
   return self[key]
 end
 
-local function dims_str(t) return table.concat(t, 'x') end
-
--- the levels as a Lua list {{H, W}, ...} read on the host, checked against the module and S; and
--- CPU int64 tensors of spatial_shapes and level_start_index for fa.msda
-function MSDeformAttn:_levels(shapes, lsi, S)
-  local L = self.n_levels
-  local hw
-  if fa.isTensor(shapes) then
-    local dt = shapes:dtype()
-    if dt ~= 'int64' and dt ~= 'int32' then
-      fail("argument 'spatial_shapes': expected an int64 tensor (L, 2), got %s", dt)
-    end
-    if shapes:dim() ~= 2 or shapes:size(2) ~= 2 then
-      fail("argument 'spatial_shapes': expected shape (L, 2) with L = n_levels = %d, got %s", L, shape_str(shapes))
-    end
-    hw = shapes:to('int64', 'cpu'):table()
-  elseif type(shapes) == 'table' then
-    hw = shapes
-    for i, e in ipairs(hw) do
-      if type(e) ~= 'table' or type(e[1]) ~= 'number' or type(e[2]) ~= 'number' then
-        fail("argument 'spatial_shapes': expected {{H, W}, ...} or an (L, 2) int64 tensor, got a bad entry at level %d", i)
-      end
-    end
-  else
-    fail("argument 'spatial_shapes': expected an int64 tensor (L, 2), got %s", type(shapes))
-  end
-  if #hw ~= L then
-    fail("argument 'spatial_shapes': expected %d levels (n_levels), got %d", L, #hw)
-  end
-  local starts, acc = {}, 0
-  for l = 1, L do
-    local h, w = tonumber(hw[l][1]), tonumber(hw[l][2])
-    if h < 1 or w < 1 then
-      fail("argument 'spatial_shapes': expected positive (H, W) at every level, got (%d, %d) at level %d", h, w, l)
-    end
-    starts[l] = acc
-    acc = acc + h * w
-  end
-  if acc ~= S then
-    fail("argument 'input_flatten': expected S = %d (the sum of H*W over spatial_shapes) in dimension 2, got %d", acc, S)
-  end
-  if lsi ~= nil then
-    local got
-    if fa.isTensor(lsi) then
-      if lsi:dtype() ~= 'int64' and lsi:dtype() ~= 'int32' then
-        fail("argument 'level_start_index': expected an int64 tensor (L), got %s", lsi:dtype())
-      end
-      if lsi:dim() ~= 1 or lsi:size(1) ~= L then
-        fail("argument 'level_start_index': expected shape (%d), got %s", L, shape_str(lsi))
-      end
-      got = lsi:to('int64', 'cpu'):table()
-    elseif type(lsi) == 'table' then
-      got = lsi
-    else
-      fail("argument 'level_start_index': expected an int64 tensor (L), got %s", type(lsi))
-    end
-    for l = 1, L do
-      if tonumber(got[l]) ~= starts[l] then
-        fail("argument 'level_start_index': expected %d at level %d (the running sum of H*W), got %s", starts[l], l,
-             tostring(got[l]))
-      end
-    end
-  end
-  -- CPU int64 copies for fa.msda, rebuilt only when the levels change
-  local key = {}
-  for l = 1, L do key[l] = hw[l][1] .. 'x' .. hw[l][2] end
-  key = table.concat(key, ',')
-  if self._levelKey ~= key or not fa.isTensor(self._shapesCPU) or self._shapesCPU:isCuda() then
-    local t = {}
-    for l = 1, L do t[l] = { tonumber(hw[l][1]), tonumber(hw[l][2]) } end
-    self._shapesCPU = fa.tensor(t, 'int64')
-    self._lsiCPU = fa.tensor(starts, 'int64')
-    self._levelKey = key
-  end
-  return self._shapesCPU, self._lsiCPU
-end
-
--- selection matrices (cached per reference-point kind, dtype and device) that broadcast reference points
--- (rows of L*nref values) to the sampling-location layout (M*L*P*2 columns) by a GEMM:
---   xy (L*nref, M*L*P*2): 1 where column (m, l, p, c) takes ref[l, c] (c = x, y)
---   wh (L*4, M*L*P*2): 0.5/P where column (m, l, p, c) takes ref[l, 2 + c] (boxes only)
-function MSDeformAttn:_selection(nref, like)
-  local key = nref .. like:dtype() .. like:device()
-  self._sel = self._sel or {}
-  local s = self._sel[key]
-  if s and s.xy.desc.dtype == like.desc.dtype and s.xy.desc.device == like.desc.device then return s end
-  local M, L, P = self.n_heads, self.n_levels, self.n_points
-  local cols = M * L * P * 2
-  local xy = fa.zeros(L * nref, cols, 'float64')
-  local wh = nref == 4 and fa.zeros(L * nref, cols, 'float64') or nil
-  local pxy = ffi.cast('double*', xy.desc.data)
-  local pwh = wh and ffi.cast('double*', wh.desc.data)
-  for m = 0, M - 1 do
-    for l = 0, L - 1 do
-      for p = 0, P - 1 do
-        for c = 0, 1 do
-          local col = ((m * L + l) * P + p) * 2 + c
-          pxy[(l * nref + c) * cols + col] = 1
-          if pwh then pwh[(l * nref + 2 + c) * cols + col] = 0.5 / P end
-        end
-      end
-    end
-  end
-  s = { xy = xy:to(like:dtype(), like:device()), wh = wh and wh:to(like:dtype(), like:device()) }
-  self._sel[key] = s
-  return s
-end
-
--- (rows, M*L*P*2): (1/W_l, 1/H_l) at every column (m, l, p, c) of every row (the 2-d offset normaliser),
--- cached for the current levels, row count, dtype and device
-function MSDeformAttn:_invNormRows(rows, like)
-  local z = self._invNorm
-  if z == nil or z:size(1) ~= rows or self._invNormKey ~= self._levelKey or z.desc.dtype ~= like.desc.dtype
-     or z.desc.device ~= like.desc.device then
-    local M, L, P = self.n_heads, self.n_levels, self.n_points
-    local hw = self._shapesCPU:table()
-    local row = fa.empty(1, M * L * P * 2, 'float64')
-    local pr = ffi.cast('double*', row.desc.data)
-    for m = 0, M - 1 do
-      for l = 0, L - 1 do
-        for p = 0, P - 1 do
-          local col = ((m * L + l) * P + p) * 2
-          pr[col], pr[col + 1] = 1 / hw[l + 1][2], 1 / hw[l + 1][1]
-        end
-      end
-    end
-    row = row:to(like:dtype(), like:device())
-    z = fa.empty(rows, M * L * P * 2, { dtype = like:dtype(), device = like:device() })
-    -- ones (rows, 1) @ row (1, cols): the broadcast, written contiguous
-    local ones = fa.ones(rows, 1, { dtype = like:dtype(), device = like:device() })
-    fa.check(C.fa_matmul_forward(z.desc, ones.desc, row.desc, 0, 0, 1, 0))
-    self._invNorm, self._invNormKey = z, self._levelKey
-  end
-  return z
-end
+-- out = a @ w^T, into a kept buffer
+local function linear_into(out, a, w) return F.linear(a, w, nil, { out = out }) end
+-- out = a * b elementwise (one shape), into a kept buffer
+local function mul_into(out, a, b) return out:copy(a):mul_(b) end
 
 local function get(input, i, name)
   local v = input[i]
@@ -265,101 +126,150 @@ local function get(input, i, name)
   return v
 end
 
--- checks the input table; returns query, ref, x, shapes, lsi, mask, and the sizes
-function MSDeformAttn:_unpack(input)
-  if type(input) ~= 'table' then
-    fail('expected a table {query, reference_points, input_flatten, spatial_shapes, level_start_index, input_padding_mask}, got %s',
-         type(input))
+-- the levels {{H, W}, ...} read on the host; fa.msda checks them against input_flatten and the start index
+local function levels_of(fn, shapes, L)
+  local hw = shapes
+  if fa.isTensor(shapes) then
+    if shapes:dim() ~= 2 or shapes:size(2) ~= 2 then E.argv(fn, 'spatial_shapes', 'an (L, 2) tensor', shapes) end
+    hw = shapes:to('float64', 'cpu'):table()
+  elseif type(shapes) ~= 'table' then
+    E.argv(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', shapes)
   end
-  local q = get(input, 1, 'query')
-  local ref = get(input, 2, 'reference_points')
-  local x = get(input, 3, 'input_flatten')
-  local shapes = get(input, 4, 'spatial_shapes')
-  local lsi = get(input, 5, 'level_start_index')
-  local mask = get(input, 6, 'input_padding_mask')
-  local C_, L = self.d_model, self.n_levels
-  for _, a in ipairs({ { 'query', q }, { 'reference_points', ref }, { 'input_flatten', x } }) do
-    if not fa.isTensor(a[2]) then fail("argument '%s': expected a tensor, got %s", a[1], type(a[2])) end
-    if a[2].desc.dtype > 3 then fail("argument '%s': expected a floating-point tensor, got %s", a[1], a[2]:dtype()) end
-  end
-  if q:dim() ~= 3 or q:size(3) ~= C_ then
-    fail("argument 'query': expected a 3-D tensor (N, Lq, %d), got %s", C_, shape_str(q))
-  end
-  local N, Lq = q:size(1), q:size(2)
-  if x:dim() ~= 3 or x:size(3) ~= C_ then
-    fail("argument 'input_flatten': expected a 3-D tensor (N, S, %d), got %s", C_, shape_str(x))
-  end
-  if x:size(1) ~= N then
-    fail("argument 'input_flatten': expected batch size N = %d (as 'query'), got %d", N, x:size(1))
-  end
-  local S = x:size(2)
-  if ref:dim() ~= 4 then
-    fail("argument 'reference_points': expected a 4-D tensor (N, Lq, L, 2) or (N, Lq, L, 4), got %s", shape_str(ref))
-  end
-  local nref = ref:size(4)
-  if nref ~= 2 and nref ~= 4 then
-    fail("argument 'reference_points': expected the last dimension 2 (points) or 4 (boxes), got %d", nref)
-  end
-  if ref:size(1) ~= N or ref:size(2) ~= Lq or ref:size(3) ~= L then
-    fail("argument 'reference_points': expected size %s (N, Lq, n_levels, %d), got %s", dims_str({ N, Lq, L, nref }),
-         nref, shape_str(ref))
-  end
-  for _, a in ipairs({ { 'reference_points', ref }, { 'input_flatten', x } }) do
-    if a[2].desc.device ~= q.desc.device then
-      fail("argument '%s': expected a tensor on %s (as 'query'), got %s", a[1], q:device(), a[2]:device())
-    end
-    if a[2].desc.dtype ~= q.desc.dtype then
-      fail("argument '%s': expected dtype %s (as 'query'), got %s", a[1], q:dtype(), a[2]:dtype())
+  if #hw ~= L then E.arg(fn, 'spatial_shapes', L .. ' levels (n_levels)', #hw .. ' levels') end
+  for l, e in ipairs(hw) do
+    if type(e) ~= 'table' or type(e[1]) ~= 'number' or type(e[2]) ~= 'number' then
+      E.arg(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', 'a bad entry at level ' .. l)
     end
   end
+  return hw
+end
+
+-- checks the input table against the module; returns query, ref, x, levels {{H, W}...}, shapes, lsi, mask,
+-- N, Lq, S, nref
+function MSDeformAttn:_unpack(fn, input)
+  if type(input) ~= 'table' or fa.isTensor(input) then
+    E.argv(fn, 'input', 'a table {query, reference_points, input_flatten, spatial_shapes, level_start_index, '
+          .. 'input_padding_mask}', input)
+  end
+  local q, ref, x = get(input, 1, 'query'), get(input, 2, 'reference_points'), get(input, 3, 'input_flatten')
   local w = self.value_proj.weight
-  if w.desc.device ~= q.desc.device or w.desc.dtype ~= q.desc.dtype then
-    fail("argument 'query': expected %s on %s (the module's parameters; convert with :type()/:cuda()), got %s on %s",
-         w:dtype(), w:device(), q:dtype(), q:device())
-  end
-  if mask ~= nil then
-    if not fa.isTensor(mask) then fail("argument 'input_padding_mask': expected a bool tensor (N, S) or nil, got %s", type(mask)) end
-    if mask:dtype() ~= 'bool' then fail("argument 'input_padding_mask': expected a bool tensor (N, S), got %s", mask:dtype()) end
-    if mask:dim() ~= 2 or mask:size(1) ~= N or mask:size(2) ~= S then
-      fail("argument 'input_padding_mask': expected size %s (N, S), got %s", dims_str({ N, S }), shape_str(mask))
+  for _, a in ipairs({ { 'query', q }, { 'reference_points', ref }, { 'input_flatten', x } }) do
+    local t = E.tensor(fn, a[1], a[2])
+    if t:dtype() ~= w:dtype() or t:device() ~= w:device() then
+      E.argv(fn, a[1], string.format("a %s tensor on %s (the module's parameters; convert with :type()/:cuda())",
+            w:dtype(), w:device()), t)
     end
   end
-  local sc, lc = self:_levels(shapes, lsi, S)
-  return q, ref, x, sc, lc, mask, N, Lq, S, nref
+  local d, L = self.d_model, self.n_levels
+  if q:dim() ~= 3 or q:size(3) ~= d then E.argv(fn, 'query', string.format('size (N, Lq, %d)', d), q) end
+  local N, Lq = q:size(1), q:size(2)
+  if x:dim() ~= 3 or x:size(1) ~= N or x:size(3) ~= d then
+    E.argv(fn, 'input_flatten', string.format("size (N, S, %d) with N = %d (as 'query')", d, N), x)
+  end
+  local S, nref = x:size(2), ref:dim() == 4 and ref:size(4)
+  if (nref ~= 2 and nref ~= 4) or ref:size(1) ~= N or ref:size(2) ~= Lq or ref:size(3) ~= L then
+    E.argv(fn, 'reference_points', string.format('size %dx%dx%dx2 or %dx%dx%dx4 (N, Lq, n_levels, points 2 or boxes 4)',
+          N, Lq, L, N, Lq, L), ref)
+  end
+  local mask = get(input, 6, 'input_padding_mask')
+  if mask ~= nil and not (fa.isTensor(mask) and mask:dtype() == 'bool' and mask:dim() == 2 and mask:size(1) == N
+                          and mask:size(2) == S) then
+    E.argv(fn, 'input_padding_mask', string.format('a bool tensor of size %dx%d (N, S) or nil', N, S), mask)
+  end
+  local shapes = get(input, 4, 'spatial_shapes')
+  return q, ref, x, levels_of(fn, shapes, L), shapes, get(input, 5, 'level_start_index'), mask, N, Lq, S, nref
+end
+
+-- selection matrices (cached per reference-point kind, dtype and device) that broadcast reference points
+-- (rows of L*nref values) to the sampling-location layout (M*L*P*2 columns) by a GEMM:
+--   xy (L*nref, M*L*P*2): 1 where column (m, l, p, c) takes ref[l, c] (c = x, y)
+--   wh (L*4, M*L*P*2): 0.5/P where column (m, l, p, c) takes ref[l, 2 + c] (boxes only)
+-- and their transposes xyT, whT (as linear weights: out = ref @ xy = linear(ref, xyT))
+function MSDeformAttn:_selection(nref, like)
+  local key = nref .. like:dtype() .. like:device()
+  self._sel = self._sel or {}
+  local s = self._sel[key]
+  if s and s.xy:dtype() == like:dtype() and s.xy:device() == like:device() then return s end -- (also after :type())
+  local M, L, P = self.n_heads, self.n_levels, self.n_points
+  local cols = M * L * P * 2
+  local xy, wh = {}, {}
+  for r = 1, L * nref do
+    xy[r], wh[r] = {}, {}
+    for c = 1, cols do xy[r][c], wh[r][c] = 0, 0 end
+  end
+  for m = 0, M - 1 do
+    for l = 0, L - 1 do
+      for p = 0, P - 1 do
+        for c = 0, 1 do
+          local col = ((m * L + l) * P + p) * 2 + c + 1
+          xy[l * nref + c + 1][col] = 1
+          if nref == 4 then wh[l * nref + 2 + c + 1][col] = 0.5 / P end
+        end
+      end
+    end
+  end
+  local function put(t) return fa.tensor(t, 'float64'):to(like:dtype(), like:device()) end
+  s = { xy = put(xy) }
+  s.xyT = s.xy:transpose(1, 2):contiguous()
+  if nref == 4 then
+    s.wh = put(wh)
+    s.whT = s.wh:transpose(1, 2):contiguous()
+  end
+  self._sel[key] = s
+  return s
+end
+
+-- (rows, M*L*P*2): (1/W_l, 1/H_l) at every column (m, l, p, c) of every row (the 2-d offset normaliser),
+-- cached for the levels, row count, dtype and device
+function MSDeformAttn:_invNormRows(rows, hw, like)
+  local M, L, P = self.n_heads, self.n_levels, self.n_points
+  local row, key = {}, { rows }
+  for l = 1, L do key[l + 1] = hw[l][1] .. 'x' .. hw[l][2] end
+  key = table.concat(key, ',')
+  local z = self._invNorm
+  if z == nil or self._invNormKey ~= key or z:dtype() ~= like:dtype() or z:device() ~= like:device() then
+    for _ = 1, M do
+      for l = 1, L do
+        for _ = 1, P do
+          row[#row + 1] = 1 / hw[l][2]
+          row[#row + 1] = 1 / hw[l][1]
+        end
+      end
+    end
+    z = fa.tensor(row, 'float64'):to(like:dtype(), like:device()):view(1, #row):expand(rows, #row):contiguous()
+    self._invNorm, self._invNormKey = z, key
+  end
+  return z
+end
+
+function MSDeformAttn:_msdaOpts(o)
+  o.padding, o.align_corners, o.deterministic = self.msda_opts.padding, self.msda_opts.align_corners,
+                                                  self.msda_opts.deterministic
+  return o
 end
 
 ---------------------------------------------------------------------------- forward
 function MSDeformAttn:updateOutput(input)
-  local q, ref, x, shapes, lsi, mask, N, Lq, S, nref = self:_unpack(input)
-  local M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.d_head
+  local q, ref, x, hw, shapes, lsi, mask, N, Lq, S, nref = self:_unpack(FWD, input)
+  local M, L, P, D, d = self.n_heads, self.n_levels, self.n_points, self.d_head, self.d_model
 
-  -- value = value_proj(x), zeroed at padding (masked_fill(mask, 0)): multiplied in place by keep = 1 - mask,
-  -- broadcast over the channels by a GEMM with a row of ones (so that the product is a contiguous op)
+  -- value = value_proj(x), zeroed at padding (masked_fill(mask, 0)): multiplied by keep = 1 - mask
   local value = self.value_proj:forward(x)
   if mask ~= nil then
-    if mask.desc.device ~= q.desc.device then mask = mask:to(nil, q.desc.device) end
-    local keep1 = buffer(self, '_keep1', { N * S, 1 }, q)
-    keep1:view(N, S):copy(mask)
-    fa.check(C.fa_scale_forward(keep1.desc, keep1.desc, -1, 1))
-    local ones = self._onesRow
-    if ones == nil or ones.desc.dtype ~= q.desc.dtype or ones.desc.device ~= q.desc.device then
-      ones = fa.ones(1, self.d_model, { dtype = q:dtype(), device = q:device() })
-      self._onesRow = ones
-    end
-    local keep = buffer(self, '_keep', { N, S, self.d_model }, q)
-    local keep2 = keep:view(N * S, self.d_model) -- a local: a `.desc` of a temporary would not keep it alive
-    fa.check(C.fa_matmul_forward(keep2.desc, keep1.desc, ones.desc, 0, 0, 1, 0))
-    fa.check(C.fa_binary_forward(MUL, value.desc, value.desc, keep.desc, 1))
+    if mask:device() ~= q:device() then mask = mask:to(nil, q:device()) end
+    local keep = buffer(self, '_keep', { N, S, d }, q)
+    keep:copy(mask:unsqueeze(3):expand(N, S, d)):scale_(-1, 1)
+    value:mul_(keep)
   end
   self._masked = mask ~= nil
   self._nref = nref
   self._value = value:view(N, S, M, D)
 
   -- offsets (N, Lq, M, L, P, 2) and A = softmax over L*P (N, Lq, M, L, P)
-  local off = self.sampling_offsets:forward(q):view(N, Lq, M, L, P, 2)
+  local off = self.sampling_offsets:forward(q):view(N * Lq, M * L * P * 2)
   local logits = self.attention_weights:forward(q):view(N, Lq, M, L * P)
   local A = buffer(self, '_attn', { N, Lq, M, L, P }, q)
-  F.softmax_forward(A:view(N, Lq, M, L * P), logits, 3, false)
+  F.softmax(logits, 4, { out = A:view(N, Lq, M, L * P) })
 
   -- sampling locations, as (N*Lq, M*L*P*2) rows: loc = ref_xy + off * scale, where ref_xy and scale are
   -- ref broadcast over heads and points (a GEMM with a 0/1 selection matrix does the broadcast, so every
@@ -367,24 +277,16 @@ function MSDeformAttn:updateOutput(input)
   local rows, cols = N * Lq, M * L * P * 2
   local refC = nn._contiguous(self, '_refC', ref):view(rows, L * nref)
   local sel = self:_selection(nref, q)
-  local rxy = buffer(self, '_refXY', { rows, cols }, q)
-  fa.check(C.fa_matmul_forward(rxy.desc, refC.desc, sel.xy.desc, 0, 0, 1, 0))
-  local scale
-  if nref == 2 then
-    scale = self:_invNormRows(rows, q) -- (1/W_l, 1/H_l) on every row
-  else
-    scale = buffer(self, '_whScale', { rows, cols }, q) -- ref_wh * 0.5 / P
-    fa.check(C.fa_matmul_forward(scale.desc, refC.desc, sel.wh.desc, 0, 0, 1, 0))
-  end
+  local rxy = linear_into(buffer(self, '_refXY', { rows, cols }, q), refC, sel.xyT)
+  local scale = nref == 2 and self:_invNormRows(rows, hw, q) -- (1/W_l, 1/H_l) on every row
+                or linear_into(buffer(self, '_whScale', { rows, cols }, q), refC, sel.whT) -- ref_wh * 0.5 / P
   self._scale = scale
   local loc = buffer(self, '_loc', { N, Lq, M, L, P, 2 }, q)
-  local loc2, off2 = loc:view(rows, cols), off:view(rows, cols)
-  fa.check(C.fa_addcmul_forward(loc2.desc, rxy.desc, off2.desc, scale.desc, 1))
+  rxy:addcmul(off, scale, 1, loc:view(rows, cols))
 
   -- core, then output_proj
   local core = buffer(self, '_core', { N, Lq, M * D }, q)
-  msda.msda(self._value, shapes, lsi, loc, A, { out = core, padding = self.msda_opts.padding,
-            align_corners = self.msda_opts.align_corners, deterministic = self.msda_opts.deterministic })
+  fa.msda(self._value, shapes, lsi, loc, A, self:_msdaOpts({ out = core }))
   self.output = self.output_proj:forward(core)
   return self.output
 end
@@ -392,16 +294,15 @@ end
 ---------------------------------------------------------------------------- backward
 -- the input gradients; with acc, the children's fused backward also adds their parameter gradients
 function MSDeformAttn:_backward(input, gradOutput, scale, acc)
-  local q, ref, x, shapes, lsi, _, N, Lq, S, nref = self:_unpack(input)
-  local M, L, P = self.n_heads, self.n_levels, self.n_points
-  if not fa.isTensor(gradOutput) then fail("argument 'gradOutput': expected a tensor, got %s", type(gradOutput)) end
-  if gradOutput:dim() ~= 3 or gradOutput:size(1) ~= N or gradOutput:size(2) ~= Lq or gradOutput:size(3) ~= self.d_model then
-    fail("argument 'gradOutput': expected size %s (N, Lq, d_model), got %s", dims_str({ N, Lq, self.d_model }),
-         shape_str(gradOutput))
+  local q, _, x, _, shapes, lsi, _, N, Lq, S, nref = self:_unpack(BWD, input)
+  local M, L, P, d = self.n_heads, self.n_levels, self.n_points, self.d_model
+  E.tensor(BWD, 'gradOutput', gradOutput)
+  if gradOutput:dim() ~= 3 or gradOutput:size(1) ~= N or gradOutput:size(2) ~= Lq or gradOutput:size(3) ~= d then
+    E.argv(BWD, 'gradOutput', string.format('size %dx%dx%d (N, Lq, d_model)', N, Lq, d), gradOutput)
   end
   local loc = self._loc
   if loc == nil or loc:size(1) ~= N or loc:size(2) ~= Lq or self._value:size(2) ~= S or self._nref ~= nref then
-    fail('backward: expected the input of the last forward (call forward first)')
+    E.fail(BWD, 'expected the input of the last forward (call forward first)')
   end
   local function child(m, inp, g)
     if acc then return m:backward(inp, g, scale) end
@@ -412,44 +313,36 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
   local gV = buffer(self, '_gValue', { N, S, M, self.d_head }, q)
   local gLoc = buffer(self, '_gLoc', { N, Lq, M, L, P, 2 }, q)
   local gA = buffer(self, '_gAttn', { N, Lq, M, L, P }, q)
-  msda.msda_backward(gCore, self._value, shapes, lsi, self._loc, self._attn, { grad_value = gV,
-                     grad_sampling_locations = gLoc, grad_attention_weights = gA, padding = self.msda_opts.padding,
-                     align_corners = self.msda_opts.align_corners, deterministic = self.msda_opts.deterministic })
+  fa.msda_backward(gCore, self._value, shapes, lsi, loc, self._attn, self:_msdaOpts({ grad_value = gV,
+                   grad_sampling_locations = gLoc, grad_attention_weights = gA }))
 
   -- softmax backward -> logits gradient
   local gLogits = buffer(self, '_gLogits', { N, Lq, M * L * P }, q)
-  F.softmax_backward(gLogits:view(N, Lq, M, L * P), gA:view(N, Lq, M, L * P), self._attn:view(N, Lq, M, L * P), 3, false)
+  F.softmax_backward(gA:view(N, Lq, M, L * P), self._attn:view(N, Lq, M, L * P), 4,
+                     { grad_input = gLogits:view(N, Lq, M, L * P) })
 
   -- offsets: d loc / d off = scale; reference points: the sums over heads and points (GEMMs with the
-  -- transposed selection matrices), plus, for boxes, d loc / d ref_wh = off * 0.5 / P
+  -- selection matrices), plus, for boxes, d loc / d ref_wh = off * 0.5 / P
   local rows, cols = N * Lq, M * L * P * 2
   local sel = self:_selection(nref, q)
   local gLoc2 = gLoc:view(rows, cols)
-  local gOff = buffer(self, '_gOff', { rows, cols }, q)
-  fa.check(C.fa_binary_forward(MUL, gOff.desc, gLoc2.desc, self._scale.desc, 1))
+  local gOff = mul_into(buffer(self, '_gOff', { rows, cols }, q), gLoc2, self._scale)
   local gRef = buffer(self, '_gRef', { N, Lq, L, nref }, q)
-  local gRef2 = gRef:view(rows, L * nref)
-  fa.check(C.fa_matmul_forward(gRef2.desc, gLoc2.desc, sel.xy.desc, 0, 1, 1, 0))
+  linear_into(gRef:view(rows, L * nref), gLoc2, sel.xy)
   if nref == 4 then
-    local t = buffer(self, '_gTmp', { rows, cols }, q)
-    local off2 = self.sampling_offsets.output:view(rows, cols)
-    fa.check(C.fa_binary_forward(MUL, t.desc, gLoc2.desc, off2.desc, 1))
-    fa.check(C.fa_matmul_forward(gRef2.desc, t.desc, sel.wh.desc, 0, 1, 1, 1))
+    local t = mul_into(buffer(self, '_gTmp', { rows, cols }, q), gLoc2, self.sampling_offsets.output:view(rows, cols))
+    gRef:add_(linear_into(buffer(self, '_gRefWH', { N, Lq, L, nref }, q):view(rows, L * nref), t, sel.wh)
+              :view(N, Lq, L, nref))
   end
 
   -- query: through both projections of the query
   local gq1 = child(self.sampling_offsets, q, gOff:view(N, Lq, cols))
   local gq2 = child(self.attention_weights, q, gLogits)
-  local gQuery = buffer(self, '_gQuery', { N, Lq, self.d_model }, q)
-  fa.check(C.fa_binary_forward(ADD, gQuery.desc, gq1.desc, gq2.desc, 1))
+  local gQuery = buffer(self, '_gQuery', { N, Lq, d }, q):copy(gq1):add_(gq2)
 
   -- input_flatten: through the mask and value_proj
-  local gVal = gV:view(N, S, self.d_model)
-  if self._masked then
-    gVal = buffer(self, '_gValMasked', { N, S, self.d_model }, q)
-    local gV3 = gV:view(N, S, self.d_model)
-    fa.check(C.fa_binary_forward(MUL, gVal.desc, gV3.desc, self._keep.desc, 1))
-  end
+  local gVal = gV:view(N, S, d)
+  if self._masked then gVal = mul_into(buffer(self, '_gValMasked', { N, S, d }, q), gVal, self._keep) end
   self._gValProj = gVal
   local gX = child(self.value_proj, x, gVal)
 
@@ -463,8 +356,8 @@ end
 
 -- uses the gradients that updateGradInput left (the Torch7 order: updateGradInput, then accGradParameters)
 function MSDeformAttn:accGradParameters(input, gradOutput, scale)
-  local q, _, x = self:_unpack(input)
-  if self._gValProj == nil then fail('accGradParameters: call updateGradInput first') end
+  local q, _, x = self:_unpack(BWD, input)
+  if self._gValProj == nil then E.fail(BWD, 'call updateGradInput before accGradParameters') end
   local N, Lq = q:size(1), q:size(2)
   self.output_proj:accGradParameters(self._core, gradOutput, scale)
   self.sampling_offsets:accGradParameters(q, self._gOff:view(N, Lq, -1), scale)
