@@ -45,7 +45,7 @@ all: $(LIB)
 CONFIG := build/fa_cuda.$(FA_CUDA)
 $(LIB): $(C_OBJ) $(CU_OBJ) $(CONFIG)
 	$(CC) -shared -Wl,--no-undefined -o $@ $(C_OBJ) $(CU_OBJ) $(LDLIBS)
-	@echo "built $@ $(if $(filter 1,$(FA_CUDA)),with,without) the CUDA kernels (FA_CUDA=$(FA_CUDA))"
+	@echo "built $@ $(if $(filter 1,$(FA_CUDA)),with the CUDA kernels (FA_CUDA=1),without the CUDA kernels (FA_CUDA=0; FA_CUDA=1 make adds them))"
 
 $(CONFIG): | build/c
 	rm -f build/fa_cuda.*
