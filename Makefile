@@ -3,7 +3,18 @@ SHELL := /bin/bash
 PREFIX ?= /usr/local
 CC ?= gcc
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-FA_CUDA ?= $(if $(NVCC),1,0)
+# The CUDA kernels take minutes to compile, so they are built by default only where they can run: nvcc is
+# found and an NVIDIA driver is present. FA_CUDA=1 forces them (.ci/run does, to compile-check every
+# kernel), FA_CUDA=0 leaves them out. A library built with them still runs on the CPU without a GPU.
+ifndef FA_CUDA
+FA_GPU_DRIVER := $(shell (nvidia-smi -L >/dev/null 2>&1 || test -e /proc/driver/nvidia/version) && echo 1)
+FA_CUDA := $(if $(and $(NVCC),$(FA_GPU_DRIVER)),1,0)
+endif
+ifeq ($(FA_CUDA),1)
+ifeq ($(NVCC),)
+$(error FA_CUDA=1 but nvcc was not found: put it on PATH or pass NVCC=/path/to/nvcc)
+endif
+endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 LUAJIT ?= luajit
 
@@ -30,13 +41,25 @@ DEPS_PKGS := luajit libluajit-5.1-dev lua-busted libopenblas-dev rlwrap
 .PHONY: all deps test test-gpu demo demo-convnet bench bench-cpu repl install clean fixtures
 all: $(LIB)
 
-$(LIB): $(C_OBJ) $(CU_OBJ)
-	$(CC) -shared -Wl,--no-undefined -o $@ $^ $(LDLIBS)
+# build/fa_cuda.0 or .1 records the last choice, so switching FA_CUDA relinks the library
+CONFIG := build/fa_cuda.$(FA_CUDA)
+$(LIB): $(C_OBJ) $(CU_OBJ) $(CONFIG)
+	$(CC) -shared -Wl,--no-undefined -o $@ $(C_OBJ) $(CU_OBJ) $(LDLIBS)
+	@echo "built $@ $(if $(filter 1,$(FA_CUDA)),with the CUDA kernels (FA_CUDA=1),without the CUDA kernels (FA_CUDA=0; FA_CUDA=1 make adds them))"
 
-build/c/%.o: c/%.c c/fastattn.h c/internal.h | build/c
+$(CONFIG): | build/c
+	rm -f build/fa_cuda.*
+	touch $@
+
+# every object depends on every header: a change to a shared or per-op header (c/*.h, cuda/*.cuh)
+# rebuilds all that may include it
+C_HDR := $(wildcard c/*.h)
+CU_HDR := $(wildcard cuda/*.cuh)
+
+build/c/%.o: c/%.c $(C_HDR) | build/c
 	$(CC) $(CFLAGS) -c $< -o $@
 
-build/cuda/%.o: cuda/%.cu c/fastattn.h c/internal.h $(wildcard cuda/*.cuh) | build/cuda
+build/cuda/%.o: cuda/%.cu $(C_HDR) $(CU_HDR) | build/cuda
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
 build/c build/cuda:
@@ -60,6 +83,9 @@ test: deps
 test-gpu:
 	$(MAKE) -j$(NPROC) all
 	$(BUSTED) spec
+
+# ---- sanitize: compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over every GPU spec
+# (the lead's target goes here)
 
 # the default example: a small Deformable-DETR-style model (MSDA encoder) on synthetic blobs
 demo: deps
@@ -86,15 +112,28 @@ repl: deps $(LIB)
 fixtures:
 	cd spec/fixtures && for f in gen_*.py; do /usr/bin/python3 $$f || exit 1; done
 
+# Installs the library in $(PREFIX)/lib, the Lua modules (and fastattn.h, which they read) in
+# $(PREFIX)/share/lua/5.1/fastattn and the launcher in $(PREFIX)/bin; then prints the LUA_PATH line
+# that lets a plain `luajit` find them from any directory (none where luajit already searches there).
+LUADIR = $(PREFIX)/share/lua/5.1
 install: $(LIB)
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/share/lua/5.1/fastattn/nn $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(LUADIR)/fastattn $(DESTDIR)$(PREFIX)/bin
 	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/libfastattn.so
-	install -m 644 c/fastattn.h $(DESTDIR)$(PREFIX)/share/lua/5.1/fastattn/fastattn.h
-	install -m 644 lua/fastattn/*.lua $(DESTDIR)$(PREFIX)/share/lua/5.1/fastattn/
-	install -m 644 lua/fastattn/nn/*.lua $(DESTDIR)$(PREFIX)/share/lua/5.1/fastattn/nn/
-	sed 's|^ROOT=.*|ROOT=$(PREFIX)/share/lua/5.1; LIBDIR=$(PREFIX)/lib|' bin/fastattn > $(DESTDIR)$(PREFIX)/bin/fastattn
+	install -m 644 c/fastattn.h $(DESTDIR)$(LUADIR)/fastattn/fastattn.h
+	cd lua && find fastattn -name '*.lua' | while read -r f; do install -D -m 644 "$$f" "$(DESTDIR)$(LUADIR)/$$f" || exit 1; done
+	sed 's|^ROOT=.*|ROOT=$(LUADIR); LIBDIR=$(PREFIX)/lib|' bin/fastattn > $(DESTDIR)$(PREFIX)/bin/fastattn
 	chmod 755 $(DESTDIR)$(PREFIX)/bin/fastattn
 	-ldconfig 2>/dev/null
+	@echo
+	@if env -u LUA_PATH $(LUAJIT) -e "os.exit(package.path:find('$(LUADIR)/?.lua', 1, true) and 0 or 1)" 2>/dev/null; then \
+	  echo "Installed in $(PREFIX). luajit already searches $(LUADIR): require 'fastattn' works from any directory."; \
+	else \
+	  echo "Installed in $(PREFIX). Add this line to your shell profile (~/.bashrc), then require 'fastattn' works"; \
+	  echo "from any directory:"; \
+	  echo; \
+	  echo '  export LUA_PATH="$(LUADIR)/?.lua;$(LUADIR)/?/init.lua;;"'; \
+	  echo; \
+	fi
 
 clean:
 	rm -rf build

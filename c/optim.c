@@ -1,5 +1,5 @@
-/* optim.c: the fused optimiser steps (SGD, Adam, AdamW) and the sum of squares used for gradient
- * clipping, on the CPU. CUDA tensors go to fa_cu_* after validation.
+/* optim.c: the fused optimiser steps (SGD, Adam, AdamW) on the CPU (the sum of squares used for gradient
+ * clipping, fa_sumsq, is in reduce.c). CUDA tensors go to fa_cu_* after validation.
  *
  * Each step is one pass over flat contiguous buffers (n elements) and follows the arithmetic of PyTorch's
  * single-tensor torch.optim code operation by operation: float32 buffers compute in float with the
@@ -179,57 +179,5 @@ int fa_adam_step(fa_tensor *param, const fa_tensor *grad, fa_tensor *exp_avg, fa
     adam_f32(n, param->data, grad->data, exp_avg->data, exp_avg_sq->data, &a);
   else
     adam_f64(n, param->data, grad->data, exp_avg->data, exp_avg_sq->data, &a);
-  return 0;
-}
-
-/* ================================================================== sum of squares */
-/* x (any shape and strides, float) -> out (1 element): sum of x^2 accumulated in double, in fixed blocks
- * combined in a fixed order, so the result does not depend on the thread count. */
-enum { SUMSQ_BLOCK = 4096 };
-
-int fa_sumsq(fa_tensor *out, const fa_tensor *x) {
-  static const char *fn = "fa_sumsq";
-  int rc;
-  if ((rc = fa_check_defined(fn, "x", x)) || (rc = fa_check_float_dtype(fn, "x", x)) ||
-      (rc = fa_check_defined(fn, "out", out)) || (rc = fa_check_same_device(fn, "out", out, "x", x)) ||
-      (rc = fa_check_dtype(fn, "out", out, x->device >= 0 ? FA_FLOAT32 : FA_FLOAT64)))
-    return rc;
-  if (fa_numel(out) != 1) {
-    char b[256];
-    return fa_error(FA_ERR_ARG, "%s: argument 'out': expected a 1-element tensor, got shape %s", fn, fa_shape_str(out, b));
-  }
-  if (x->device >= 0) return fa_cu_sumsq(out, x);
-  int64_t n = fa_numel(x), nb = (n + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK;
-  int contig = fa_is_contiguous(x), dbl = x->dtype == FA_FLOAT64;
-  double total = 0;
-  if (n <= FA_PARALLEL_GRAIN) nb = n > 0; /* small: one block, no allocation */
-  double one, *part = nb <= 1 ? &one : fa_alloc(FA_CPU, nb * (int64_t)sizeof(double));
-  if (!part) return FA_ERR_MEMORY; /* fa_alloc left the message */
-  int64_t bs = nb <= 1 ? n : SUMSQ_BLOCK;
-#pragma omp parallel for schedule(static) if (nb > 1)
-  for (int64_t b = 0; b < nb; b++) {
-    int64_t i0 = b * bs, i1 = i0 + bs < n ? i0 + bs : n;
-    double a0 = 0, a1 = 0; /* two chains: halves the add latency */
-    int64_t i = i0;
-    if (contig && dbl) {
-      const double *p = x->data;
-      for (; i + 2 <= i1; i += 2) { a0 += p[i] * p[i]; a1 += p[i + 1] * p[i + 1]; }
-      for (; i < i1; i++) a0 += p[i] * p[i];
-    } else if (contig) {
-      const float *p = x->data;
-      for (; i + 2 <= i1; i += 2) { a0 += (double)p[i] * p[i]; a1 += (double)p[i + 1] * p[i + 1]; }
-      for (; i < i1; i++) a0 += (double)p[i] * p[i];
-    } else {
-      for (; i < i1; i++) {
-        int64_t off = fa_offset(x, i);
-        double v = dbl ? ((const double *)x->data)[off] : ((const float *)x->data)[off];
-        a0 += v * v;
-      }
-    }
-    part[b] = a0 + a1;
-  }
-  for (int64_t b = 0; b < nb; b++) total += part[b];
-  if (part != &one) fa_free(FA_CPU, part);
-  ((double *)out->data)[fa_offset(out, 0)] = total;
   return 0;
 }
