@@ -35,7 +35,7 @@ local opts = bench.args({
     { 'batches', 'ints', { 1, 32 }, min = 1, help = 'batch sizes' },
     { 'only', 'string', nil, help = 'only the ops whose name contains this' },
     { 'no-torch', 'flag', help = 'do not run the PyTorch peer' },
-    { 'torch-tsv', 'string', nil, meta = 'FILE', help = "PyTorch's numbers from this file (torch_gpu.py --tsv)" },
+    { 'torch-tsv', 'file', nil, help = "PyTorch's numbers from this file (torch_gpu.py --tsv)" },
     { 'python', 'string', nil, meta = 'PATH', default_text = '$PYTHON or python3', help = 'python with torch for the peer' },
     { 'out', 'path', nil, help = 'also write the markdown tables here' },
     { 'tsv', 'path', nil, help = 'also write the op table as tab-separated text here' },
@@ -222,11 +222,7 @@ time_free()
 local torch, peer_note = {}, nil
 local lines
 if opts.torch_tsv then
-  local f, err = io.open(opts.torch_tsv)
-  if not f then
-    io.stderr:write('bench/gpu.lua: option --torch-tsv: cannot read ' .. opts.torch_tsv .. ': ' .. tostring(err) .. '\n')
-    os.exit(1)
-  end
+  local f = assert(io.open(opts.torch_tsv)) -- checked readable with the options
   lines = {}
   for line in f:lines() do lines[#lines + 1] = line end
   f:close()

@@ -11,7 +11,7 @@
 --   'choice'  one of choices = {...}                    'string'  any text
 --   'list'    comma-separated words; choices (optional)  'ints'    comma-separated integers; min
 --   'flag'    true when given; takes no value           'path'    a file to write: checked writable while
---                                                                 parsing; none = true lets '' / 'none' give false
+--   'file'    a file to read: checked readable                    parsing; none = true lets '' / 'none' give false
 -- meta = 'N' names the value in the help; default_text replaces the default there (e.g. 'all cores').
 -- On the command line `--name value` or `--name=value`; '-' and '_' in names are the same; --help or -h.
 --
@@ -67,7 +67,7 @@ local function expected(o)
     return join_or(o.choices)
   elseif ty == 'list' then
     return o.choices and ('a comma-separated list of ' .. table.concat(o.choices, ', ')) or 'a comma-separated list'
-  elseif ty == 'path' then
+  elseif ty == 'path' or ty == 'file' then
     return o.none and "a file path (or 'none')" or 'a file path'
   end
   return 'a value'
@@ -148,6 +148,15 @@ local function convert(o, v)
     local ok, err = writable(v)
     if not ok then return nil, 'cannot write ' .. quote(v) .. ': ' .. reason(v, err) end
     return v
+  elseif ty == 'file' then
+    local f, err = io.open(v, 'r')
+    if f then
+      local data, rerr = f:read(1) -- a directory opens, but cannot be read
+      f:close()
+      if data or not rerr then return v end
+      err = rerr
+    end
+    return nil, 'cannot read ' .. quote(v) .. ': ' .. reason(v, err)
   end
   return v
 end
@@ -156,7 +165,7 @@ local function check_cli(fn, cli)
   E.opts(fn, 'cli', cli, { prog = true, usage = true, about = true, footer = true, options = true, check = true })
   E.string(fn, 'cli.prog', cli.prog)
   if type(cli.options) ~= 'table' then E.argv(fn, 'cli.options', 'a list of options', cli.options) end
-  local types = { 'int', 'number', 'choice', 'string', 'list', 'ints', 'flag', 'path' }
+  local types = { 'int', 'number', 'choice', 'string', 'list', 'ints', 'flag', 'path', 'file' }
   for i, o in ipairs(cli.options) do
     local name, ty = opt_fields(o)
     E.string(fn, 'cli.options[' .. i .. '] name', name)
@@ -198,7 +207,7 @@ function U.help(cli)
   local width = 0
   for i, o in ipairs(cli.options) do
     local name, ty = opt_fields(o)
-    local meta = o.meta or ({ int = 'N', number = 'X', ints = 'N,N', path = 'FILE', list = 'A,B' })[ty]
+    local meta = o.meta or ({ int = 'N', number = 'X', ints = 'N,N', path = 'FILE', file = 'FILE', list = 'A,B' })[ty]
                  or (ty == 'choice' and table.concat(o.choices, '|')) or (ty ~= 'flag' and 'S')
     left[i] = '  --' .. name .. (meta and (' ' .. meta) or '')
     width = math.max(width, #left[i])
