@@ -1,65 +1,46 @@
 -- bench/cpu.lua: CPU timings of fastattn's dense kernels, the same shapes as bench/peers/torch_cpu.py.
 --
---   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--rounds R] [--only SUBSTRING] [--compare torch.tsv]
---                              [--tsv FILE]
+--   bin/fastattn bench/cpu.lua [--threads N] [--runs N] [--rounds R] [--quick] [--only SUBSTRING]
+--                              [--compare torch.tsv | --torch] [--tsv FILE]                       (--help: all)
 --
 -- Prints a table of wall-clock milliseconds (forward, and forward + backward): the median of N timed runs
--- after 2 warm-up runs, taken R times (default 3) and the smallest of those medians reported, so that a
--- round disturbed by another process on a shared machine does not count.
+-- after 2 warm-up runs (bench/lib.lua's cpuTime), taken R times (default 3) and the smallest of those medians
+-- reported, so that a round disturbed by another process on a shared machine does not count. --quick: 3 runs,
+-- 1 round (a smoke test, not a measurement).
 -- With --compare, reads the TSV that `torch_cpu.py --tsv` writes and adds PyTorch's times and the ratios
--- (ours / torch: below 1 means faster); --tsv writes our times in the same TSV format. Threads: N OpenMP
--- threads (default 2); OpenBLAS runs single-threaded inside them (c/matmul.c).
+-- (ours / torch: below 1 means faster); --torch runs bench/peers/torch_cpu.py first (same threads, runs and
+-- rounds) and compares with it; --tsv writes our times in the same TSV format. Threads: N OpenMP threads
+-- (default 2); OpenBLAS runs single-threaded inside them (c/matmul.c).
 local fa = require 'fastattn'
 local ffi = require 'ffi'
+local bench = require 'bench.lib'
 local C = fa.C
 
--- CLOCK_MONOTONIC wall time (os.clock() is CPU time summed over threads, wrong for parallel kernels):
--- fa.clock where the library has it, else clock_gettime under a private name (another module may have
--- declared clock_gettime with its own struct)
-local now = fa.clock
-if not now then
-  ffi.cdef [[
-  typedef struct { int64_t tv_sec, tv_nsec; } fa_bench_timespec;
-  int fa_bench_clock_gettime(int clk, fa_bench_timespec *ts) __asm__("clock_gettime");
-  ]]
-  local ts = ffi.new('fa_bench_timespec')
-  now = function()
-    ffi.C.fa_bench_clock_gettime(1, ts)
-    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-  end
-end
-
-local opts = { threads = 2, runs = 11, rounds = 3, only = nil, compare = nil, tsv = nil }
-do
-  local i = 1
-  while i <= #arg do
-    local k, v = arg[i], arg[i + 1]
-    if k == '--threads' then opts.threads = tonumber(v)
-    elseif k == '--runs' then opts.runs = tonumber(v)
-    elseif k == '--rounds' then opts.rounds = tonumber(v)
-    elseif k == '--only' then opts.only = v
-    elseif k == '--compare' then opts.compare = v
-    elseif k == '--tsv' then opts.tsv = v
-    else error('bench/cpu.lua: unknown argument ' .. tostring(k) .. ' (see the header of the script)') end
-    i = i + 2
-  end
-end
+local opts = bench.args({
+  prog = 'bench/cpu.lua',
+  usage = 'bin/fastattn bench/cpu.lua [options]',
+  about = "CPU timings of fastattn's dense kernels (conv2d, linear, layer norm, softmax, grid_sample), forward\n" ..
+          'and forward + backward, optionally beside PyTorch on the CPU with the same threads.',
+  footer = '`make bench-cpu` runs it.',
+  options = {
+    { 'threads', 'int', 2, min = 1, help = 'OpenMP threads' },
+    { 'runs', 'int', 11, min = 1, help = 'timed runs per median' },
+    { 'rounds', 'int', 3, min = 1, help = 'medians taken; the smallest is reported' },
+    { 'quick', 'flag', help = 'a smoke test: 3 runs, 1 round' },
+    { 'only', 'string', nil, help = 'only the cases whose name and shape contain this' },
+    { 'compare', 'file', nil, help = "PyTorch's times from this file (torch_cpu.py --tsv)" },
+    { 'torch', 'flag', help = 'run bench/peers/torch_cpu.py now and compare with it' },
+    { 'python', 'string', nil, meta = 'PATH', default_text = '$PYTHON or python3', help = 'python with torch (--torch)' },
+    { 'tsv', 'path', nil, help = 'write our times as TSV (the format of --compare)' },
+  },
+  check = function(o)
+    if o.compare and o.torch then return 'options --compare and --torch: give one of them' end
+  end,
+}, arg)
+if opts.quick then opts.runs, opts.rounds = 3, 1 end
 fa.setNumThreads(opts.threads)
 
--- median seconds of fn over `runs` timed calls after 2 warm-up calls; stops early past ~20 s
-local function median_time(fn, runs)
-  fn(); fn()
-  local t = {}
-  local start = now()
-  for i = 1, runs do
-    local t0 = now()
-    fn()
-    t[i] = now() - t0
-    if now() - start > 20 and i >= 3 then break end
-  end
-  table.sort(t)
-  return t[math.floor((#t + 1) / 2)]
-end
+local function median_time(fn, runs) return bench.cpuTime(fn, { runs = runs, warmup = 2, budget = 20 }) end
 
 local cases = {}
 local function case(name, shape, setup) cases[#cases + 1] = { name = name, shape = shape, setup = setup } end
@@ -134,15 +115,24 @@ case('grid_sample bilinear', '1x512x64x64, grid 16x16', function()
 end)
 
 -- PyTorch's numbers, from `torch_cpu.py --tsv`: name \t shape \t fwd_ms \t fwdbwd_ms
-local peer = {}
-if opts.compare then
-  local f = assert(io.open(opts.compare, 'r'))
+local peer, peer_note = {}, nil
+local compare = opts.compare
+if opts.torch then
+  compare = os.tmpname()
+  local _, err = bench.runPeer('torch_cpu.py', string.format("--threads %d --runs %d --rounds %d --tsv %s%s", opts.threads,
+    opts.runs, opts.rounds, compare, opts.only and (" --only '" .. opts.only .. "'") or ''), { python = opts.python })
+  if err then peer_note, compare = err, nil end
+end
+if compare then
+  local f = assert(io.open(compare, 'r')) -- checked readable with the options (or written by the peer just now)
   for line in f:lines() do
     local name, shape, a, b = line:match('^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]+)$')
     if name then peer[name .. '|' .. shape] = { tonumber(a), tonumber(b) } end
   end
   f:close()
+  if opts.torch then os.remove(compare) end
 end
+local comparing = compare ~= nil or opts.torch
 
 local function fmt(v) return v and string.format('%9.3f', v) or '      n/a' end
 local function ratio(a, b) return (a and b) and string.format('%6.2f', a / b) or '   n/a' end
@@ -150,9 +140,10 @@ local function ratio(a, b) return (a and b) and string.format('%6.2f', a / b) or
 print(string.format('fastattn %s CPU benchmark: %d threads, best of %d medians of up to %d runs after 2 warm-up runs (ms)',
   fa.version, opts.threads, opts.rounds, opts.runs))
 print('OPENBLAS_CORETYPE=' .. tostring(os.getenv('OPENBLAS_CORETYPE')) .. '  OMP_NUM_THREADS=' .. tostring(os.getenv('OMP_NUM_THREADS')))
-local tsv = opts.tsv and assert(io.open(opts.tsv, 'w'))
+if peer_note then print('torch peer: ' .. peer_note) end
+local tsv = {}
 local header = string.format('%-28s %-26s %9s %9s', 'op', 'shape', 'fwd', 'fwd+bwd')
-if opts.compare then header = header .. string.format(' %9s %9s %6s %6s', 'torch fwd', 'torch f+b', 'ratio', 'ratio') end
+if comparing then header = header .. string.format(' %9s %9s %6s %6s', 'torch fwd', 'torch f+b', 'ratio', 'ratio') end
 print(header)
 for _, c in ipairs(cases) do
   if not opts.only or (c.name .. ' ' .. c.shape):find(opts.only, 1, true) then
@@ -167,14 +158,14 @@ for _, c in ipairs(cases) do
       end)
     else err = fwd end
     local line = string.format('%-28s %-26s %s %s', c.name, c.shape, fmt(tf), fmt(tb))
-    if opts.compare then
+    if comparing then
       local p = peer[c.name .. '|' .. c.shape] or {}
       line = line .. string.format(' %s %s %s %s', fmt(p[1]), fmt(p[2]), ratio(tf, p[1]), ratio(tb, p[2]))
     end
     if not ok then line = line .. '  (' .. tostring(err):gsub('\n.*', '') .. ')' end
     print(line)
-    if tsv and tf and tb then tsv:write(string.format('%s\t%s\t%.4f\t%.4f\n', c.name, c.shape, tf, tb)) end
+    if tf and tb then tsv[#tsv + 1] = string.format('%s\t%s\t%.4f\t%.4f\n', c.name, c.shape, tf, tb) end
     collectgarbage()
   end
 end
-if tsv then tsv:close() end
+if opts.tsv then bench.write(opts.tsv, table.concat(tsv)) end

@@ -1,15 +1,16 @@
 -- bench/gpu.lua: GPU timings of fastattn's core ops against PyTorch on the same GPU, in one run.
 --
---   bin/fastattn bench/gpu.lua [--reps N] [--batches 1,32] [--only SUBSTRING] [--no-torch] [--torch-tsv FILE]
+--   bin/fastattn bench/gpu.lua [--reps N] [--sets N] [--batches 1,32] [--only SUBSTRING] [--no-torch]
+--                              [--torch-tsv FILE] [--python PATH] [--out FILE] [--tsv FILE]     (--help: all)
 --
 -- Shapes: the DeformableAttention2D README layer (input 1x512x64x64: 4096 tokens of 512 channels, 8 heads,
--- 16x16 downsampled keys) and the same at batch 32. Method (bench/peers/torch_gpu.py does the same):
--- per op, 3 random input sets rotated; 3 warm-up calls; then --reps (default 25) timed calls, each between
--- two CUDA events (fa.cuda.Event) and each preceded by a write of a 256 MiB buffer, which evicts the L2
--- (every timed call starts cold) and keeps the GPU busy while the host queues the timed call, so the time is
--- the kernel's, not the launch path's; the median is reported. Our ops are called through their C entry
--- points with preallocated outputs; PyTorch's through torch.* (which allocate from its caching allocator,
--- off the GPU's critical path).
+-- 16x16 downsampled keys) and the same at batch 32. Method (bench/lib.lua's gpuTimer; bench/peers/torch_gpu.py
+-- does the same): per op, 3 random input sets rotated; 3 warm-up calls; then --reps (default 25) timed calls,
+-- each between two CUDA events and each preceded by a write of a 256 MiB buffer, which evicts the L2 (every
+-- timed call starts cold) and keeps the GPU busy while the host queues the timed call, so the time is the
+-- kernel's, not the launch path's; the median is reported. Our ops are called through their C entry points
+-- with preallocated outputs; PyTorch's through torch.* (which allocate from its caching allocator, off the
+-- GPU's critical path).
 -- Columns: ours and PyTorch's median ms, their ratio (ours / torch: below 1 is faster), the bytes each op
 -- must move (inputs read once, outputs written once) over our time, and that as a percentage of the
 -- device-to-device copy bandwidth measured in the same run (the batch-32 copy: 2 x 268 MB); TFLOP/s for
@@ -18,51 +19,35 @@
 -- Host overhead: 10 000 calls of a 1-element add from Lua, synchronised once: wall clock per call.
 local fa = require 'fastattn'
 local ffi = require 'ffi'
+local bench = require 'bench.lib'
 local C = fa.C
 local cuda = fa.cuda
 
-local opts = { reps = 25, sets = 3, batches = '1,32', only = nil, torch = true, torch_tsv = nil }
-do
-  local i = 1
-  while i <= #arg do
-    local k, v = arg[i], arg[i + 1]
-    if k == '--reps' then opts.reps = tonumber(v); i = i + 2
-    elseif k == '--batches' then opts.batches = v; i = i + 2
-    elseif k == '--only' then opts.only = v; i = i + 2
-    elseif k == '--torch-tsv' then opts.torch_tsv = v; i = i + 2
-    elseif k == '--no-torch' then opts.torch = false; i = i + 1
-    else error('bench/gpu.lua: unknown argument ' .. tostring(k) .. ' (see the header of the script)') end
-  end
-end
-if not cuda.isAvailable() then
-  io.stderr:write('bench/gpu.lua: no CUDA device (fa.cuda.isAvailable() is false)\n')
-  os.exit(1)
-end
+local opts = bench.args({
+  prog = 'bench/gpu.lua',
+  usage = 'bin/fastattn bench/gpu.lua [options]',
+  about = "GPU timings of fastattn's core ops (copy, add, gelu, softmax, layernorm, grid_sample, convs, linear,\n" ..
+          "matmul) against PyTorch's on the same GPU, in one run. Needs a CUDA GPU.",
+  footer = '`make bench` runs it (then bench/msda.lua).',
+  options = {
+    { 'reps', 'int', 25, min = 1, help = 'timed calls per op (the median is reported)' },
+    { 'sets', 'int', 3, min = 1, help = 'random input sets, rotated' },
+    { 'batches', 'ints', { 1, 32 }, min = 1, help = 'batch sizes' },
+    { 'only', 'string', nil, help = 'only the ops whose name contains this' },
+    { 'no-torch', 'flag', help = 'do not run the PyTorch peer' },
+    { 'torch-tsv', 'file', nil, help = "PyTorch's numbers from this file (torch_gpu.py --tsv)" },
+    { 'python', 'string', nil, meta = 'PATH', default_text = '$PYTHON or python3', help = 'python with torch for the peer' },
+    { 'out', 'path', nil, help = 'also write the markdown tables here' },
+    { 'tsv', 'path', nil, help = 'also write the op table as tab-separated text here' },
+  },
+}, arg)
+bench.needGPU('bench/gpu.lua')
 
-local now = fa.clock -- monotonic wall clock, seconds
+local now = bench.now
+local time_op, time_free = bench.gpuTimer{ reps = opts.reps }
 
 local function chk(rc)
   if rc ~= 0 then error(ffi.string(C.fa_last_error()), 2) end
-end
-
-local DEV = 0
-local flush = fa.empty({ 64 * 1024 * 1024 }, { dtype = 'float32', device = 'cuda' })
-local ev0, ev1 = {}, {}
-for r = 1, opts.reps do ev0[r], ev1[r] = cuda.Event(), cuda.Event() end
-
--- median ms of fn(k) over opts.reps calls, k rotating over the input sets
-local function time_op(fn)
-  for i = 1, 3 do fn((i - 1) % opts.sets + 1) end
-  for r = 1, opts.reps do
-    chk(C.fa_fill(flush.desc, r))
-    ev0[r]:record(DEV)
-    fn((r - 1) % opts.sets + 1)
-    ev1[r]:record(DEV)
-  end
-  local t = {}
-  for r = 1, opts.reps do t[r] = ev0[r]:elapsedTime(ev1[r]) end
-  table.sort(t)
-  return t[math.floor((opts.reps + 1) / 2)]
 end
 
 local function randn(shape, dt)
@@ -207,10 +192,8 @@ local function host_overhead()
 end
 
 ---------------------------------------------------------------------------- run
-local batches = {}
-for b in opts.batches:gmatch('%d+') do batches[#batches + 1] = tonumber(b) end
 local rows = {}
-for _, B in ipairs(batches) do
+for _, B in ipairs(opts.batches) do
   for _, o in ipairs(OPS) do
     if not opts.only or o.name:find(opts.only, 1, true) then
       for _, dt in ipairs(o.dts) do
@@ -218,7 +201,7 @@ for _, B in ipairs(batches) do
         local ok, fn, bytes, flops, shape = pcall(o.make, B, dt)
         local row = { name = o.name, dt = dt, B = B, bytes = bytes, flops = flops, shape = shape }
         if ok then
-          local ok2, ms = pcall(time_op, fn)
+          local ok2, ms = pcall(time_op, fn, opts.sets)
           if ok2 then row.ms = ms else row.err = tostring(ms) end
         else
           row.err = tostring(fn)
@@ -233,27 +216,24 @@ for _, B in ipairs(batches) do
 end
 C.fa_cuda_allow_tf32(0)
 local host = host_overhead()
+time_free()
 
 -- PyTorch's numbers: from --torch-tsv, or by running the peer now
-local torch = {}
-local tsv
+local torch, peer_note = {}, nil
+local lines
 if opts.torch_tsv then
-  local f = assert(io.open(opts.torch_tsv))
-  tsv = f:read('*a')
+  local f = assert(io.open(opts.torch_tsv)) -- checked readable with the options
+  lines = {}
+  for line in f:lines() do lines[#lines + 1] = line end
   f:close()
-elseif opts.torch then
-  local cmd = string.format('python3 bench/peers/torch_gpu.py --tsv --reps %d --batches %s%s 2>&1', opts.reps, opts.batches,
-    opts.only and (' --only ' .. opts.only) or '')
-  local f = io.popen(cmd)
-  tsv = f:read('*a')
-  f:close()
+elseif not opts.no_torch then
+  lines, peer_note = bench.runPeer('torch_gpu.py', string.format('--tsv --reps %d --sets %d --batches %s%s', opts.reps,
+    opts.sets, table.concat(opts.batches, ','), opts.only and (" --only '" .. opts.only .. "'") or ''), { python = opts.python, echo = false })
 end
-if tsv then
-  for line in tsv:gmatch('[^\n]+') do
-    local name, dt, B, ms = line:match('^(%S+)\t(%S+)\t(%d+)\t([%d%.e%-]+)$')
-    if name then torch[name .. '|' .. dt .. '|' .. B] = tonumber(ms)
-    else io.stderr:write('torch peer: ' .. line .. '\n') end
-  end
+for _, line in ipairs(lines or {}) do
+  local name, dt, B, ms = line:match('^(%S+)\t(%S+)\t(%d+)\t([%d%.e%-]+)$')
+  if name then torch[name .. '|' .. dt .. '|' .. B] = tonumber(ms)
+  else io.stderr:write('torch peer: ' .. line .. '\n') end
 end
 
 -- copy bandwidth: the largest batch's copy
@@ -262,29 +242,33 @@ for _, r in ipairs(rows) do
   if r.name == 'copy' and r.ms then copy_bw = r.bytes / (r.ms * 1e-3) end
 end
 
-print(string.format('## fastattn %s vs PyTorch on %s: median of %d, cold L2, %d input sets', fa.version, cuda.deviceName(DEV),
+local R = bench.report()
+R:line(string.format('## fastattn %s vs PyTorch on %s: median of %d, cold L2, %d input sets', fa.version, cuda.deviceName(),
   opts.reps, opts.sets))
-print('')
-print('| op | dtype | B | shape | ours ms | torch ms | ours/torch | GB/s or TFLOP/s | % of copy BW |')
-print('|---|---|---|---|---:|---:|---:|---:|---:|')
+if peer_note then R:line('torch peer: ' .. peer_note) end
+R:line('')
+local T = bench.table({ { 'op' }, { 'dtype' }, { 'B' }, { 'shape' }, { 'ours ms', right = true }, { 'torch ms', right = true },
+                        { 'ours/torch', right = true }, { 'GB/s or TFLOP/s', right = true }, { '% of copy BW', right = true } })
 for _, r in ipairs(rows) do
   local tm = torch[r.name .. '|' .. r.dt .. '|' .. r.B]
   local rate, pct = '', ''
   if r.ms and r.bytes then
-    local gbs = r.bytes / (r.ms * 1e-3) / 1e9
-    rate = string.format('%.0f GB/s', gbs)
-    if copy_bw then pct = string.format('%.0f%%', 100 * gbs * 1e9 / copy_bw) end
+    rate = string.format('%.0f GB/s', r.bytes / (r.ms * 1e-3) / 1e9)
+    if copy_bw then pct = bench.pct(r.bytes / copy_bw * 1e3, r.ms) end
   elseif r.ms and r.flops then
     rate = string.format('%.1f TFLOP/s', r.flops / (r.ms * 1e-3) / 1e12)
   end
-  print(string.format('| %s | %s | %d | %s | %s | %s | %s | %s | %s |', r.name, r.dt, r.B, r.shape or '',
-    r.ms and string.format('%.4f', r.ms) or ('error: ' .. (r.err or '?'):gsub('\n', ' ')),
-    tm and string.format('%.4f', tm) or '-', (r.ms and tm) and string.format('%.2f', r.ms / tm) or '-', rate, pct))
+  T:add({ r.name, r.dt, r.B, r.shape or '', r.ms and string.format('%.4f', r.ms) or ('error: ' .. (r.err or '?'):gsub('\n', ' ')),
+          bench.fmt(tm, 4), bench.ratio(r.ms, tm, 2), rate, pct })
 end
-print('')
-print('| host overhead, 1-element add, 10 000 calls | ours µs/call | torch µs/call |')
-print('|---|---:|---:|')
+R:lines_of(T:markdown())
+R:line('')
+local H = bench.table({ { 'host overhead, 1-element add, 10 000 calls' }, { 'ours µs/call', right = true },
+                        { 'torch µs/call', right = true } })
 for _, h in ipairs(host) do
   local tm = torch['host_' .. h[1] .. '|-|1']
-  print(string.format('| %s | %.2f | %s |', h[1], h[2], tm and string.format('%.2f', tm * 1000) or '-'))
+  H:add({ h[1], string.format('%.2f', h[2]), tm and string.format('%.2f', tm * 1000) or '-' })
 end
+R:lines_of(H:markdown())
+if opts.out then R:save(opts.out) end
+if opts.tsv then bench.write(opts.tsv, T:tsv()) end

@@ -2,11 +2,13 @@
 -- vertical bar, diagonal, hollow square; random position and size, Gaussian noise), with AdamW, a cosine
 -- learning-rate schedule with warm-up and gradient clipping, then reports the accuracy on a held-out set.
 --
---   bin/fastattn examples/train_convnet.lua [--steps 300] [--batch 64] [--lr 3e-3] [--device cpu|cuda]
---                                           [--seed 1] [--threads N] [--test 1000] [--every 25]
+--   make demo-convnet                             (builds the library, then runs this with its defaults)
+--   bin/fastattn examples/train_convnet.lua --help  (the options and their defaults)
 --
--- `make demo` runs it. Loaded with dofile() (as spec/train_spec.lua does) it runs nothing and returns its
--- parts: {defaults, makeBatch, makeModel, train, accuracy, parseArgs, main}.
+-- Prints a progress line every --every steps, the held-out accuracy, and writes the loss curve as an SVG
+-- file (--plot). Bad options are refused before training. Loaded with dofile() (as spec/train_spec.lua
+-- does) it runs nothing and returns its parts: {cli, defaults, makeBatch, makeModel, train, accuracy,
+-- parseArgs, main}.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
@@ -111,7 +113,7 @@ function M.train(model, opts)
       local out = model:forward(x)
       local loss = crit:forward(out, y)
       model:backward(x, crit:backward(out, y))
-      if opts.clip then fa.optim.clipGradNorm(grads, opts.clip) end
+      if opts.clip and opts.clip > 0 then fa.optim.clipGradNorm(grads, opts.clip) end
       return loss, grads
     end
     local _, fx = fa.optim.adamw(feval, params, config, state)
@@ -127,16 +129,36 @@ function M.train(model, opts)
   return losses
 end
 
-M.defaults = { steps = 300, batch = 64, lr = 3e-3, device = 'cpu', seed = 1, test = 1000, every = 25, clip = 1.0 }
+-- the command line (fa.util.parseArgs): options, defaults, ranges, help
+M.cli = {
+  prog = 'train_convnet.lua',
+  usage = 'bin/fastattn examples/train_convnet.lua [options]',
+  about = 'trains a small conv net (3 convs, 2 linear layers) to tell four shapes apart in synthetic noisy\n' ..
+          '16x16 images: horizontal bar, vertical bar, diagonal, hollow square.',
+  footer = '`make demo-convnet` runs it with the defaults.',
+  options = {
+    { 'steps', 'int', 300, min = 1, help = 'training steps' },
+    { 'batch', 'int', 64, min = 1, help = 'images per step' },
+    { 'lr', 'number', 3e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
+    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
+    { 'seed', 'int', 1, min = 0, help = 'random seed (images and weights)' },
+    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    { 'test', 'int', 1000, min = 1, help = 'held-out images for the accuracy' },
+    { 'every', 'int', 25, min = 0, help = 'print progress every N steps (0: never)' },
+    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
+    -- into build/ (ignored by git) when run from the repository, else the current directory
+    { 'plot', 'path', os.rename('build', 'build') and 'build/convnet_loss.svg' or 'convnet_loss.svg', none = true,
+      help = "SVG file for the loss curve ('none': no plot)" },
+  },
+}
+M.defaults = fa.util.defaults(M.cli)
 
-function M.parseArgs(args)
-  return fa.util.parseArgs('train_convnet', M.defaults, args, { optional = { 'threads' },
-    expected = { 'steps', 'batch', 'lr', 'device', 'seed', 'threads', 'test', 'every', 'clip' } })
-end
+-- args (a list of strings) -> the options, or nil and the message
+function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 
+-- runs the example with the command line args; --help and bad options end the script here (fa.util.cli)
 function M.main(args)
-  local o = M.parseArgs(args)
-  fa.util.setupDevice('train_convnet', o)
+  local o = fa.util.cli(M.cli, args)
   math.randomseed(o.seed)
   fa.manualSeed(o.seed)
   local model = M.makeModel()
@@ -144,14 +166,18 @@ function M.main(args)
   print(string.format('fastattn %s: conv net, %d parameters, %d classes (%s), %s, %d threads', fa.version, nparams,
                       CLASSES, table.concat(CLASS_NAMES, ', '), o.device, fa.getNumThreads()))
   local t0 = now()
-  M.train(model, o)
+  local losses = M.train(model, o)
   local train_time = now() - t0
   math.randomseed(o.seed + 1000) -- a held-out set: other draws
   local tx, ty = M.makeBatch(o.test)
   local acc = M.accuracy(model, tx, ty, o.device)
   print(string.format('trained %d steps of %d images in %.1f s; test accuracy %.1f%% on %d held-out images',
                       o.steps, o.batch, train_time, 100 * acc, o.test))
-  return acc
+  if o.plot then
+    fa.util.writePlot(o.plot, losses, string.format('train_convnet: loss per step (%d steps, batch %d)', o.steps, o.batch))
+    print('loss curve written to ' .. o.plot)
+  end
+  return acc, losses
 end
 
 -- run as a script (bin/fastattn examples/train_convnet.lua ...), or return the parts to dofile()

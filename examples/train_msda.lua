@@ -18,16 +18,15 @@
 -- at the true cell. Prediction: the cell of the highest centre logit, plus its offset; its size class.
 -- Trained with AdamW, a cosine schedule with warm-up and gradient clipping.
 --
---   bin/fastattn examples/train_msda.lua [--steps 600] [--batch 24] [--lr 2e-3] [--size 64]
---        [--device cpu|cuda] [--layers 1] [--d_model 32] [--heads 4] [--points 4] [--seed 1]
---        [--threads N] [--test 400] [--every 50] [--clip 1] [--noise 0.15] [--plot build/msda_loss.svg]
+--   make demo                                  (builds the library, then runs this with its defaults)
+--   bin/fastattn examples/train_msda.lua --help  (the options and their defaults)
 --   e.g. on the GPU: bin/fastattn examples/train_msda.lua --device cuda --size 128 --batch 64 --steps 1500 --layers 2
 --
 -- Prints a progress line every --every steps (step, loss, learning rate, images/s), the final metric on
 -- --test held-out images (mean centre error in px, size-class accuracy), and writes the loss curve as an
--- SVG file (--plot; its path is printed). `make demo` runs it. Loaded with dofile() (as
+-- SVG file (--plot; its path is printed). Bad options are refused before training. Loaded with dofile() (as
 -- spec/train_msda_spec.lua does, with _G.__FASTATTN_NO_MAIN set) it runs nothing and returns its parts:
--- {defaults, parseArgs, makeBatch, makeModel, train, evaluate, writePlot, main}.
+-- {cli, defaults, parseArgs, makeBatch, makeModel, train, evaluate, main}.
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
@@ -37,11 +36,44 @@ local K = 3 -- size classes
 local CLASS_NAMES = { 'small', 'medium', 'large' }
 local NLEVELS = 4
 
-M.defaults = { steps = 600, batch = 24, lr = 2e-3, size = 64, device = 'cpu', layers = 1, d_model = 32, heads = 4,
-               points = 4, seed = 1, test = 400, every = 50, clip = 1.0, noise = 0.15,
-               -- into build/ (ignored by git) when run from the repository, else the current directory
-               plot = os.rename('build', 'build') and 'build/msda_loss.svg' or 'msda_loss.svg',
-               offset_weight = 4 }
+-- the command line (fa.util.parseArgs): options, defaults, ranges, help
+M.cli = {
+  prog = 'train_msda.lua',
+  usage = 'bin/fastattn examples/train_msda.lua [options]',
+  about = 'trains a small Deformable-DETR-style model (conv backbone, 4 feature levels, nn.MSDeformAttn\n' ..
+          'encoder layers) to find one disc of varying size in synthetic noisy images: its centre and size class.',
+  footer = '`make demo` runs it with the defaults (about 30 s on 2 CPU cores).',
+  options = {
+    { 'steps', 'int', 600, min = 1, help = 'training steps' },
+    { 'batch', 'int', 24, min = 1, help = 'images per step' },
+    { 'lr', 'number', 2e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
+    { 'size', 'int', 64, min = 32, help = 'image side in pixels, a multiple of 32' },
+    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
+    { 'layers', 'int', 1, min = 1, help = 'MSDA encoder layers' },
+    { 'd_model', 'int', 32, min = 4, help = 'model width, a multiple of 4 and of --heads' },
+    { 'heads', 'int', 4, min = 1, help = 'attention heads' },
+    { 'points', 'int', 4, min = 1, help = 'sampling points per head and level' },
+    { 'seed', 'int', 1, min = 0, help = 'random seed (images and weights)' },
+    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    { 'test', 'int', 400, min = 1, help = 'held-out images for the final metric' },
+    { 'every', 'int', 50, min = 0, help = 'print progress every N steps (0: never)' },
+    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
+    { 'noise', 'number', 0.15, min = 0, help = 'background noise (standard deviation)' },
+    { 'offset_weight', 'number', 4, min = 0, help = 'weight of the centre-offset loss' },
+    -- into build/ (ignored by git) when run from the repository, else the current directory
+    { 'plot', 'path', os.rename('build', 'build') and 'build/msda_loss.svg' or 'msda_loss.svg', none = true,
+      help = "SVG file for the loss curve ('none': no plot)" },
+  },
+  check = function(o)
+    if o.size % 32 ~= 0 then
+      return string.format('option --size: expected a multiple of 32 (4 levels, stride 32), got %d', o.size)
+    end
+    if o.d_model % 4 ~= 0 or o.d_model % o.heads ~= 0 then
+      return string.format('option --d_model: expected a multiple of 4 and of --heads (%d), got %d', o.heads, o.d_model)
+    end
+  end,
+}
+M.defaults = fa.util.defaults(M.cli)
 
 ---------------------------------------------------------------------------- data
 -- radius range and class bounds at image size `size` (those of size 64, scaled)
@@ -405,80 +437,13 @@ function M.evaluate(model, o, n)
   return { centre_error = err / total, size_accuracy = right / total, within2 = near / total, loss = lsum / batches }
 end
 
--- the loss curve as an SVG line chart on a log scale (raw per-step losses in grey, a moving average in blue)
-function M.writePlot(path, losses, title)
-  local W, Hh, ml, mr, mt, mb = 720, 400, 64, 20, 36, 48
-  local n = #losses
-  local avg, win, run = {}, math.max(1, math.floor(n / 40)), 0
-  for i = 1, n do
-    run = run + losses[i]
-    if i > win then run = run - losses[i - win] end
-    avg[i] = run / math.min(i, win)
-  end
-  local lo, hi = math.huge, 0
-  for i = 1, n do
-    if losses[i] > 0 and losses[i] == losses[i] and losses[i] < math.huge then
-      lo, hi = math.min(lo, losses[i]), math.max(hi, losses[i])
-    end
-  end
-  if hi <= 0 then lo, hi = 0.1, 1 end
-  local l0, l1 = math.log10(lo) - 0.02, math.log10(hi) + 0.02
-  if l1 - l0 < 0.3 then l0, l1 = l0 - 0.15, l1 + 0.15 end
-  local function X(i) return ml + (W - ml - mr) * (n > 1 and (i - 1) / (n - 1) or 0) end
-  local function Y(v)
-    local t = (math.log10(math.max(v, 10 ^ l0)) - l0) / (l1 - l0)
-    return mt + (Hh - mt - mb) * (1 - math.min(t, 1))
-  end
-  local out = {}
-  local function add(s, ...) out[#out + 1] = string.format(s, ...) end
-  add('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">', W, Hh)
-  add('<rect width="100%%" height="100%%" fill="white"/>')
-  add('<text x="%d" y="22" font-size="15">%s</text>', ml, title or 'training loss')
-  for e = math.floor(l0), math.ceil(l1) do -- grid at 1, 2, 5 times the powers of ten in range
-    for _, m in ipairs({ 1, 2, 5 }) do
-      local v = m * 10 ^ e
-      if math.log10(v) >= l0 and math.log10(v) <= l1 then
-        add('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#ddd"/>', ml, Y(v), W - mr, Y(v))
-        add('<text x="%d" y="%.1f" text-anchor="end">%g</text>', ml - 6, Y(v) + 4, v)
-      end
-    end
-  end
-  for k = 0, 4 do
-    local i = 1 + math.floor((n - 1) * k / 4 + 0.5)
-    add('<text x="%.1f" y="%d" text-anchor="middle">%d</text>', X(i), Hh - mb + 18, i)
-  end
-  add('<text x="%d" y="%d" text-anchor="middle">step</text>', (W + ml) / 2, Hh - 8)
-  add('<text x="16" y="%d" transform="rotate(-90 16 %d)" text-anchor="middle">loss (log scale)</text>',
-      (Hh - mb + mt) / 2, (Hh - mb + mt) / 2)
-  add('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>', ml, Hh - mb, W - mr, Hh - mb)
-  add('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>', ml, mt, ml, Hh - mb)
-  local function line(vals, style)
-    local pts = {}
-    for i = 1, n do pts[i] = string.format('%.1f,%.1f', X(i), Y(vals[i])) end
-    add('<polyline fill="none" %s points="%s"/>', style, table.concat(pts, ' '))
-  end
-  line(losses, 'stroke="#bbb" stroke-width="1"')
-  line(avg, 'stroke="#1f6fd0" stroke-width="2"')
-  add('<text x="%d" y="%d" fill="#1f6fd0">moving average (%d steps)</text>', W - mr - 200, mt + 14, win)
-  add('</svg>')
-  local f = assert(io.open(path, 'w'))
-  f:write(table.concat(out, '\n'), '\n')
-  f:close()
-end
-
 ---------------------------------------------------------------------------- main
-function M.parseArgs(args)
-  local o = fa.util.parseArgs('train_msda', M.defaults, args, { optional = { 'threads' } })
-  if o.size < 32 or o.size % 32 ~= 0 then error('train_msda: --size must be a multiple of 32 (4 levels, stride 32)', 0) end
-  if o.d_model % 4 ~= 0 or o.d_model % o.heads ~= 0 then
-    error('train_msda: --d_model must be a multiple of 4 and of --heads', 0)
-  end
-  return o
-end
+-- args (a list of strings) -> the options, or nil and the message
+function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 
+-- runs the example with the command line args; --help and bad options end the script here (fa.util.cli)
 function M.main(args)
-  local o = M.parseArgs(args)
-  fa.util.setupDevice('train_msda', o)
+  local o = fa.util.cli(M.cli, args)
   math.randomseed(o.seed)
   fa.manualSeed(o.seed)
   local model = M.makeModel(o)
@@ -498,9 +463,9 @@ function M.main(args)
   print(string.format('trained %d steps of %d images in %.1f s', o.steps, o.batch, train_time))
   print(string.format('held-out (%d images): mean centre error %.2f px (%.0f%% within %.0f px), size-class accuracy %.1f%%, loss %.3f',
                       o.test, r.centre_error, 100 * r.within2, 2 * o.size / 64, 100 * r.size_accuracy, r.loss))
-  if o.plot and o.plot ~= '' and o.plot ~= 'none' then
-    M.writePlot(o.plot, losses, string.format('train_msda: loss per step (%d steps, batch %d, size %d)', o.steps,
-                                              o.batch, o.size))
+  if o.plot then
+    fa.util.writePlot(o.plot, losses, string.format('train_msda: loss per step (%d steps, batch %d, size %d)', o.steps,
+                                                    o.batch, o.size))
     print('loss curve written to ' .. o.plot)
   end
   return r, losses

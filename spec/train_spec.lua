@@ -25,6 +25,28 @@ local function bars(n)
   return x, y
 end
 
+-- runs `bin/fastattn examples/train_convnet.lua <args>`: its output (stdout and stderr) and exit code
+local function run(args)
+  local p = io.popen('bin/fastattn examples/train_convnet.lua ' .. args .. ' 2>&1; echo "exit=$?"')
+  local out = p:read('*a')
+  p:close()
+  local body, code = out:match('^(.-)exit=(%d+)%s*$')
+  return body, tonumber(code)
+end
+
+-- the recipe lines (tab-indented) of a Makefile target
+local function make_recipe(target)
+  local f = assert(io.open('Makefile'))
+  local body, inside = {}, false
+  for line in f:lines() do
+    if inside and line:match('^\t') then body[#body + 1] = line
+    elseif inside then break
+    elseif line:match('^' .. target:gsub('%-', '%%-') .. ':') then inside = true end
+  end
+  f:close()
+  return table.concat(body, '\n')
+end
+
 -- mean cross-entropy of the model on a fixed batch (evaluate mode)
 local function eval_loss(model, crit, x, y)
   model:evaluate()
@@ -79,5 +101,42 @@ describe('training', function()
     local final = eval_loss(model, crit, tx, ty)
     assert(final < 0.7 * initial, string.format('loss did not fall: %.4f -> %.4f', initial, final))
     assert.is_true(ex.accuracy(model, tx, ty) > 0.5)
+  end)
+
+  it('examples/train_convnet.lua: options checked before training, --help, the plot, and its make target', function()
+    local ex = H.load_example('examples/train_convnet.lua')
+    local function e(...) local o, err = ex.parseArgs({ ... }); assert.is_nil(o); return err end
+    assert.are.equal('train_convnet.lua: option --steps: expected a positive integer, got "abc"', e('--steps', 'abc'))
+    assert.are.equal('train_convnet.lua: option --batch: expected a positive integer, got "0"', e('--batch', '0'))
+    assert.are.equal('train_convnet.lua: option --lr: expected a positive number, got "-1"', e('--lr', '-1'))
+    assert.are.equal('train_convnet.lua: unknown option --size', e('--size', '3'))
+    assert.are.equal('train_convnet.lua: option --plot: cannot write "/no/such/dir/c.svg": No such file or directory',
+                     e('--plot', '/no/such/dir/c.svg'))
+    local o = assert(ex.parseArgs({}))
+    assert.are.same({ 300, 64, 3e-3, 'cpu', 1000 }, { o.steps, o.batch, o.lr, o.device, o.test })
+
+    local out, code = run('--help')
+    assert.are.equal(0, code)
+    assert.matches('^train_convnet%.lua: trains a small conv net', out)
+    assert(out:find('`make demo-convnet` runs it', 1, true), out)
+    out, code = run('--steps 10 --batch 0')
+    assert.are.equal(1, code)
+    assert.are.equal('train_convnet.lua: option --batch: expected a positive integer, got "0"\n' ..
+                     'usage: bin/fastattn examples/train_convnet.lua [options]  (--help lists the options)\n', out)
+
+    local path = os.tmpname()
+    out, code = run('--steps 3 --batch 4 --test 8 --every 1 --plot ' .. path)
+    assert.are.equal(0, code, out)
+    assert(out:find('trained 3 steps of 4 images', 1, true), out)
+    assert(out:find('loss curve written to ' .. path, 1, true), out)
+    local f = assert(io.open(path))
+    assert.matches('^<svg.*</svg>%s*$', f:read('*a'))
+    f:close()
+    os.remove(path)
+
+    assert(make_recipe('demo-convnet'):find('bin/fastattn examples/train_convnet.lua', 1, true))
+    local src = assert(io.open('examples/train_convnet.lua')):read('*a')
+    assert(src:match('^(.-)\nlocal '):find('--   make demo-convnet ', 1, true), 'the header names make demo-convnet')
+    assert.is_nil(src:match('^(.-)\nlocal '):find('`make demo` runs it', 1, true))
   end)
 end)
