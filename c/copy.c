@@ -76,6 +76,11 @@ int fa_copy(fa_tensor *dst, const fa_tensor *src) {
 int fa_fill(fa_tensor *dst, double value) {
   int rc;
   if ((rc = fa_check_defined("fa_fill", "dst", dst))) return rc;
+  /* an integer tensor takes integers it can hold (a C cast of NaN, inf or an out-of-range double is undefined) */
+  if ((dst->dtype == FA_INT32 && !(value >= -2147483648.0 && value <= 2147483647.0 && value == floor(value))) ||
+      (dst->dtype == FA_INT64 && !(value >= -9223372036854775808.0 && value < 9223372036854775808.0 && value == floor(value))))
+    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected an integer in the range of %s, got %.17g",
+                    fa_dtype_name(dst->dtype), value);
   int64_t n = fa_numel(dst);
   if (n == 0) return 0;
   if (dst->device >= 0) return fa_cu_fill(dst, value);
