@@ -24,8 +24,9 @@ function fa.clock()
   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 
-function fa.setNumThreads(n) lib.fa_set_num_threads(n) end
-function fa.getNumThreads() return lib.fa_get_num_threads() end
+-- CPU threads (OpenMP); 1..65536
+function fa.setNumThreads(n) lib.fa_set_num_threads(fa.errors.integer('fa.setNumThreads', 'n', n, 1, 65536)) end
+function fa.getNumThreads() return tonumber(lib.fa_get_num_threads()) end
 
 -- optional parts load lazily so that a missing one names itself in the error
 setmetatable(fa, {
