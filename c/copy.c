@@ -3,6 +3,7 @@
  * integer path); same-dtype contiguous copies are a memcpy. */
 #include "internal.h"
 #include <stdint.h>
+#include <stdio.h>
 
 static inline double load_as_double(const fa_tensor *t, int64_t off) {
   switch (t->dtype) {
@@ -79,8 +80,13 @@ int fa_fill(fa_tensor *dst, double value) {
   /* an integer tensor takes integers it can hold (a C cast of NaN, inf or an out-of-range double is undefined) */
   if ((dst->dtype == FA_INT32 && !(value >= -2147483648.0 && value <= 2147483647.0 && value == floor(value))) ||
       (dst->dtype == FA_INT64 && !(value >= -9223372036854775808.0 && value < 9223372036854775808.0 && value == floor(value))))
-    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected an integer in the range of %s, got %.17g",
-                    fa_dtype_name(dst->dtype), value);
+  {
+    char got[32];
+    if (value != value) strcpy(got, "nan"); /* printf may write -nan */
+    else snprintf(got, sizeof got, "%.17g", value);
+    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected an integer in the range of %s, got %s",
+                    fa_dtype_name(dst->dtype), got);
+  }
   int64_t n = fa_numel(dst);
   if (n == 0) return 0;
   if (dst->device >= 0) return fa_cu_fill(dst, value);
