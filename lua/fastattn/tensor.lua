@@ -97,7 +97,11 @@ function M.check(rc, fn, rename)
   if type(fn) == 'string' then return E.check(rc, fn, rename) end
   E.raise(ffi.string(lib.fa_last_error()))
 end
-local check = E.check
+-- E.check only on failure: E.check's body holds a closure, and a call through it stops LuaJIT from compiling the
+-- caller's trace (UCLO is not compiled), which would slow every op
+local function check(rc, fn, rename)
+  if rc ~= 0 then E.check(rc, fn, rename) end
+end
 
 ---------------------------------------------------------------------------- descriptors
 local ctype -- set below by ffi.metatype
@@ -132,14 +136,22 @@ M._check_shape = check_shape
 -- shape is a Lua array or a descriptor (its shape copied), stride a Lua array or nil (contiguous). Everything is
 -- checked (rank, sizes, strides, element count) before the first field is written. Returns numel.
 local function set_desc(d, shape, stride, fn, name)
-  local n, numel
-  if type(shape) == 'cdata' then
+  if type(shape) == 'cdata' then -- a live descriptor, checked when it was filled: copy its sizes (hot path, no tables)
     local src = shape
-    n = src.ndim
-    shape = {}
-    for i = 1, n do shape[i] = tonumber(src.shape[i - 1]) end
+    local n = src.ndim
+    if n < 0 or n > MAX_DIMS then E.raise(string.format('%s: internal error: a descriptor of %d dimensions', fn, n)) end
+    d.ndim = n
+    local numel = 1
+    for i = n - 1, 0, -1 do
+      local v = tonumber(src.shape[i])
+      d.shape[i] = v
+      d.stride[i] = numel
+      numel = numel * v
+    end
+    return numel
   end
-  n = #shape
+  local n = #shape
+  local numel
   numel = check_shape(fn, name or 'size', shape)
   if stride then
     if #stride ~= n then E.raise(string.format('%s: internal error: %d strides for %d sizes', fn, #stride, n)) end
