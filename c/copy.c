@@ -18,14 +18,29 @@ static inline double load_as_double(const fa_tensor *t, int64_t off) {
   return 0;
 }
 
+/* double -> integer truncating toward zero, saturating out of range, NaN to 0 (a plain C cast of those is
+ * undefined) */
+static inline int32_t sat_i32(double v) {
+  if (v != v) return 0;
+  if (v >= 2147483647.0) return INT32_MAX;
+  if (v <= -2147483648.0) return INT32_MIN;
+  return (int32_t)v;
+}
+static inline int64_t sat_i64(double v) {
+  if (v != v) return 0;
+  if (v >= 9.2233720368547758e18) return INT64_MAX;
+  if (v <= -9.2233720368547758e18) return INT64_MIN;
+  return (int64_t)v;
+}
+
 static inline void store_from_double(fa_tensor *t, int64_t off, double v) {
   switch (t->dtype) {
     case FA_FLOAT32: ((float *)t->data)[off] = (float)v; break;
     case FA_FLOAT64: ((double *)t->data)[off] = v; break;
     case FA_BFLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_bf16((float)v); break;
     case FA_FLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_f16((float)v); break;
-    case FA_INT32: ((int32_t *)t->data)[off] = (int32_t)v; break;
-    case FA_INT64: ((int64_t *)t->data)[off] = (int64_t)v; break;
+    case FA_INT32: ((int32_t *)t->data)[off] = sat_i32(v); break;
+    case FA_INT64: ((int64_t *)t->data)[off] = sat_i64(v); break;
     case FA_BOOL: ((uint8_t *)t->data)[off] = v != 0; break;
   }
 }

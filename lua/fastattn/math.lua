@@ -114,6 +114,7 @@ for name in pairs(OPS) do
   local fn_ = FN[name] .. '_'
   Tensor[name .. '_'] = function(self, b, alpha)
     E.tensor(fn_, 'self', self)
+    T._check_writable(fn_, self)
     return binary(name, self, b, alpha, self, fn_)
   end
   local mfn = 'fa.' .. name
@@ -130,6 +131,7 @@ local function addcmul(fn, self, b, c, value, out)
   E.tensor(fn, 'tensor1', b)
   E.tensor(fn, 'tensor2', c)
   value = E.number(fn, 'value', value, true) or 1
+  if out then T._check_writable(fn, out) end
   out = out or new_like(self, nil, nil, fn)
   check(lib.fa_addcmul_forward(out.desc, self.desc, b.desc, c.desc, value), fn,
         { a = 'self', b = 'tensor1', c = 'tensor2', out = 'self' })
@@ -147,6 +149,7 @@ function Tensor:scale(s, shift) -- s*x + shift
 end
 function Tensor:scale_(s, shift)
   local fn = 'Tensor:scale_'
+  T._check_writable(fn, self)
   E.number(fn, 'scale', s)
   shift = E.number(fn, 'shift', shift, true) or 0
   check(lib.fa_scale_forward(self.desc, self.desc, s, shift), fn, { a = 'self', out = 'self' })
@@ -163,6 +166,7 @@ for name, op in pairs(UNARY) do
     return out
   end
   Tensor[name .. '_'] = function(self)
+    T._check_writable(fn_, self)
     check(lib.fa_unary_forward(op, self.desc, self.desc), fn_, { x = 'self', out = 'self' })
     return self
   end

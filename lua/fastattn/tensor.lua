@@ -179,6 +179,21 @@ local function dims(x)
   return shape, stride
 end
 
+-- an output written in place must not have two elements at one address (an expanded view: stride 0 over a size
+-- > 1), or the result depends on the order of the writes (PyTorch refuses these too)
+local function check_writable(fn, x, name)
+  local d = x.desc
+  for i = 0, d.ndim - 1 do if d.shape[i] == 0 then return end end
+  for i = 0, d.ndim - 1 do
+    if d.stride[i] == 0 and d.shape[i] > 1 then
+      E.raise(string.format("%s: argument '%s': expected a tensor whose elements are distinct in memory, got an expanded " ..
+                            'view (stride 0 in dimension %d of size %s); write into a :clone() of it', fn, name or 'self', i + 1,
+                            shape_text(dims(x))))
+    end
+  end
+end
+M._check_writable = check_writable
+
 ---------------------------------------------------------------------------- construction
 -- GC hook for GPU memory (DESIGN §3): the CUDA allocator counts bytes allocated since the last collection;
 -- past a threshold a full collection frees the storages of unreachable tensors, so a training loop never
@@ -456,10 +471,6 @@ function M._rng_take(n)
   return rng.seed, off
 end
 
-function M.rand(...) return new(parse_args('fa.rand', ...)):uniform(0, 1) end
-function M.randn(...) return new(parse_args('fa.randn', ...)):normal(0, 1) end
-function M.rand_like(x, opts) return new(like('fa.rand_like', x, opts)):uniform(0, 1) end
-function M.randn_like(x, opts) return new(like('fa.randn_like', x, opts)):normal(0, 1) end
 
 local function float_self(fn, x)
   if not FLOAT_DT[tonumber(x.desc.dtype)] then
@@ -467,24 +478,30 @@ local function float_self(fn, x)
   end
 end
 
-function Tensor:uniform(a, b)
-  local fn = 'Tensor:uniform'
+local function uniform(self, a, b, fn)
   a, b = finite(fn, 'from', a == nil and 0 or a), finite(fn, 'to', b == nil and 1 or b)
   if b < a then E.arg(fn, 'to', 'a number >= from (' .. E.describe(a) .. ')', E.describe(b)) end
   float_self(fn, self)
+  check_writable(fn, self)
   local seed, off = M._rng_take(self:numel())
   check(lib.fa_uniform(self.desc, a, b, seed, off), fn, { out = 'self' })
   return self
 end
-function Tensor:normal(mean, std)
-  local fn = 'Tensor:normal'
+local function normal(self, mean, std, fn)
   mean, std = finite(fn, 'mean', mean == nil and 0 or mean), finite(fn, 'std', std == nil and 1 or std)
   if std < 0 then E.arg(fn, 'std', 'a number >= 0', E.describe(std)) end
   float_self(fn, self)
+  check_writable(fn, self)
   local seed, off = M._rng_take(self:numel())
   check(lib.fa_normal(self.desc, mean, std, seed, off), fn, { out = 'self' })
   return self
 end
+function Tensor:uniform(a, b) return uniform(self, a, b, 'Tensor:uniform') end
+function Tensor:normal(mean, std) return normal(self, mean, std, 'Tensor:normal') end
+function M.rand(...) return uniform(new(parse_args('fa.rand', ...)), 0, 1, 'fa.rand') end
+function M.randn(...) return normal(new(parse_args('fa.randn', ...)), 0, 1, 'fa.randn') end
+function M.rand_like(x, opts) return uniform(new(like('fa.rand_like', x, opts)), 0, 1, 'fa.rand_like') end
+function M.randn_like(x, opts) return normal(new(like('fa.randn_like', x, opts)), 0, 1, 'fa.randn_like') end
 
 ---------------------------------------------------------------------------- metadata
 function Tensor:dim() return self.desc.ndim end
@@ -560,7 +577,10 @@ M._shape_str = shape_str
 -- type() returns the Torch name ('fa.FloatTensor'); type(name) converts
 function Tensor:type(t)
   if t == nil then return DT_TYPE[self.desc.dtype] end
-  if t == 'torch.CudaTensor' or t == 'fa.CudaTensor' then return self:to(nil, device_id('cuda', 'Tensor:type', 'type')) end
+  if t == 'torch.CudaTensor' or t == 'fa.CudaTensor' then
+    if tonumber(lib.fa_cuda_device_count()) == 0 then E.argv('Tensor:type', 'type', 'a CPU type (' .. devices_expected() .. ')', t) end
+    return self:to(nil, device_id('cuda', 'Tensor:type', 'type'))
+  end
   if type(t) ~= 'string' then E.argv('Tensor:type', 'type', "a type name ('fa.FloatTensor', 'torch.DoubleTensor', ...)", t) end
   return self:to(dtype_id(t, 'Tensor:type', 'type'))
 end
@@ -612,6 +632,7 @@ end
 -- copy(src): src's values into self (same number of elements; any dtype and device)
 function Tensor:copy(src)
   E.tensor('Tensor:copy', 'src', src)
+  check_writable('Tensor:copy', self)
   check(lib.fa_copy(self.desc, src.desc), 'Tensor:copy', { dst = 'self' })
   return self
 end
@@ -1042,6 +1063,14 @@ local mt = {
   end,
   __len = function(self) return self.desc.ndim > 0 and tonumber(self.desc.shape[0]) or 0 end,
 }
+-- operators a tensor does not have: a message instead of the FFI's "attempt to compare 'struct fa_Tensor'"
+local NO_OP = { __lt = "'<'", __le = "'<='", __mod = "'%'", __pow = "'^'", __concat = "'..'", __call = 'a call' }
+local NO_OP_HINT = { __lt = ' (compare values with :item(), :equal() or fa.allclose)',
+                     __le = ' (compare values with :item(), :equal() or fa.allclose)',
+                     __concat = ' (use tostring(x))', __call = ' (modules are called, tensors are not)' }
+for k, what in pairs(NO_OP) do
+  mt[k] = function() E.raise('fa.Tensor: ' .. what .. ' is not defined for tensors' .. (NO_OP_HINT[k] or '')) end
+end
 M._mt = mt
 ctype = ffi.metatype('fa_Tensor', mt)
 M._ctype = ctype
