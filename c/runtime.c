@@ -43,6 +43,7 @@ static void fa_malloc_tune(void) {
 
 void *fa_alloc(int device, int64_t nbytes) {
   if (nbytes < 0) { fa_error(FA_ERR_ARG, "fa_alloc: argument 'nbytes': expected >= 0, got %lld", (long long)nbytes); return NULL; }
+  if (device < FA_CPU) { fa_error(FA_ERR_ARG, "fa_alloc: argument 'device': expected -1 (the CPU) or a CUDA device, got %d", device); return NULL; }
   if (device >= 0) {
     void *p = NULL;
     if (fa_cu_alloc(device, nbytes, &p)) return NULL;

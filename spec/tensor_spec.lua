@@ -327,6 +327,10 @@ describe('C descriptor checks', function()
     d = desc({ ndim = 2 }); d.shape[1], d.stride[1] = 2 ^ 40, 1; d.shape[0] = 2 ^ 40
     assert.matches('too many elements or too large strides', c_err(d))
     assert.are.same({ 0, 0, 0, 0 }, keep:table()) -- nothing written
+    assert.is_true(fa.C.fa_storage_new(-5, 8) == nil)
+    assert.are.equal("fa_alloc: argument 'device': expected -1 (the CPU) or a CUDA device, got -5", ffi.string(fa.C.fa_last_error()))
+    assert.is_true(fa.C.fa_storage_new(-1, -8) == nil)
+    assert.are.equal("fa_alloc: argument 'nbytes': expected >= 0, got -8", ffi.string(fa.C.fa_last_error()))
   end)
 end)
 
