@@ -94,14 +94,20 @@ int fa_fill(fa_tensor *dst, double value) {
   if ((rc = fa_check_defined("fa_fill", "dst", dst))) return rc;
   /* an integer tensor takes integers it can hold (a C cast of NaN, inf or an out-of-range double is undefined) */
   if ((dst->dtype == FA_INT32 && !(value >= -2147483648.0 && value <= 2147483647.0 && value == floor(value))) ||
-      (dst->dtype == FA_INT64 && !(value >= -9223372036854775808.0 && value < 9223372036854775808.0 && value == floor(value))))
-  {
+      (dst->dtype == FA_INT64 && !(value >= -9223372036854775808.0 && value < 9223372036854775808.0 && value == floor(value)))) {
     char got[32];
     if (value != value) strcpy(got, "nan"); /* printf may write -nan */
     else snprintf(got, sizeof got, "%.17g", value);
     return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected an integer in the range of %s, got %s",
                     fa_dtype_name(dst->dtype), got);
   }
+  /* a finite value that a float tensor can only hold as inf is an error (PyTorch: "cannot be converted without
+   * overflow"); inf and NaN themselves are values */
+  if (isfinite(value) && ((dst->dtype == FA_FLOAT32 && isinf((float)value)) ||
+                          (dst->dtype == FA_BFLOAT16 && isinf(fa_bf16_to_f32(fa_f32_to_bf16((float)value)))) ||
+                          (dst->dtype == FA_FLOAT16 && isinf(fa_f16_to_f32(fa_f32_to_f16((float)value))))))
+    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected a value in the range of %s, got %.17g",
+                    fa_dtype_name(dst->dtype), value);
   int64_t n = fa_numel(dst);
   if (n == 0) return 0;
   if (dst->device >= 0) return fa_cu_fill(dst, value);

@@ -187,6 +187,10 @@ describe('fa.Tensor numbers and options', function()
     raises("Tensor:fill: argument 'value': expected a number, got \"a\"$", function() fa.zeros(2):fill('a') end)
     raises("Tensor:fill: argument 'value': expected an integer in the range of int32, got nan$", function() fa.zeros(2, 'int32'):fill(0 / 0) end)
     raises("Tensor:fill: argument 'value': expected an integer in the range of int32, got 3000000000$", function() fa.zeros(2, 'int32'):fill(3e9) end)
+    raises("fa.full: argument 'value': expected a value in the range of float32, got 1e%+40$", function() fa.full({ 2 }, 1e40) end)
+    raises("Tensor:fill: argument 'value': expected a value in the range of float16, got 70000$", function() fa.zeros(2, 'float16'):fill(7e4) end)
+    assert.are.equal(65504, fa.full({ 1 }, 65504, 'float16'):item())
+    assert.are.equal(math.huge, fa.full({ 1 }, math.huge):item()) -- inf itself is a value
     assert.is_true(fa.zeros(2):fill(0 / 0):table()[1] ~= fa.zeros(2):fill(0 / 0):table()[1]) -- NaN is a value to fill
     assert.are.same({ true, false }, fa.tensor({ true, false }):table())
     assert.are.equal('bool', fa.tensor({ { true }, { false } }):dtype())

@@ -29,7 +29,7 @@ local function broadcast_shape(fn, a, b)
   end
   return out
 end
-M.broadcast_shape = broadcast_shape
+M._broadcast_shape = broadcast_shape
 
 local function same_device(fn, a, b, aname, bname)
   if a.desc.device ~= b.desc.device then
@@ -60,6 +60,15 @@ local function same_sizes(d, shape)
   return true
 end
 
+-- an integer tensor takes integer numbers only: 1 + 0.5 would truncate silently (PyTorch promotes to float instead)
+local function int_operand(fn, name, v, x)
+  local dt = x.desc.dtype
+  if (dt == T.dtypes.int32 or dt == T.dtypes.int64) and not (v == math.floor(v) and v > -2 ^ 63 and v < 2 ^ 63) then
+    E.arg(fn, name, string.format('an integer for an %s tensor (convert it with :double() first)', x:dtype()), E.describe(v))
+  end
+  return v
+end
+
 -- C argument names as the Lua caller knows them
 local RENAME = { a = 'self', b = 'other' }
 
@@ -76,10 +85,12 @@ local function binary(name, a, b, alpha, out, fn)
     end
   end
   E.number(fn, 'alpha', alpha, true)
-  if type(a) == 'number' and isTensor(b) then a = scalar_like(b, a) end
+  if type(a) == 'number' and isTensor(b) then a = scalar_like(b, int_operand(fn, 'self', a, b)) end
   if not isTensor(a) then E.argv(fn, 'self', 'a tensor', a) end
+  if alpha then int_operand(fn, 'alpha', alpha, a) end
   if type(b) == 'boolean' then b = b and 1 or 0 end
   if type(b) == 'number' then
+    int_operand(fn, 'other', b, a)
     if name == 'add' or name == 'sub' then
       local shift = name == 'add' and b * (alpha or 1) or -b * (alpha or 1)
       out = out or new_like(a, nil, nil, fn)
@@ -141,8 +152,8 @@ function Tensor:addcmul(b, c, value) return addcmul('Tensor:addcmul', self, b, c
 function Tensor:addcmul_(b, c, value) return addcmul('Tensor:addcmul_', self, b, c, value, self) end
 function Tensor:scale(s, shift) -- s*x + shift
   local fn = 'Tensor:scale'
-  E.number(fn, 'scale', s)
-  shift = E.number(fn, 'shift', shift, true) or 0
+  int_operand(fn, 'scale', E.number(fn, 'scale', s), self)
+  shift = int_operand(fn, 'shift', E.number(fn, 'shift', shift, true) or 0, self)
   local out = new_like(self, nil, nil, fn)
   check(lib.fa_scale_forward(out.desc, self.desc, s, shift), fn, { a = 'self' })
   return out
@@ -150,8 +161,8 @@ end
 function Tensor:scale_(s, shift)
   local fn = 'Tensor:scale_'
   T._check_writable(fn, self)
-  E.number(fn, 'scale', s)
-  shift = E.number(fn, 'shift', shift, true) or 0
+  int_operand(fn, 'scale', E.number(fn, 'scale', s), self)
+  shift = int_operand(fn, 'shift', E.number(fn, 'shift', shift, true) or 0, self)
   check(lib.fa_scale_forward(self.desc, self.desc, s, shift), fn, { a = 'self', out = 'self' })
   return self
 end
