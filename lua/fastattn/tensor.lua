@@ -300,8 +300,13 @@ local function sizes_args(fn, ...)
   local a = ...
   if ffi.istype(ctype, a) then return a:size(), 2 end
   if type(a) == 'table' then
-    local t = {}
-    for i = 1, #a do t[i] = a[i] end
+    local t, n = {}, #a
+    for k in pairs(a) do -- {dtype = 'float64'} where sizes belong is no 0-D shape
+      if type(k) ~= 'number' or k < 1 or k > n or k ~= floor(k) then
+        E.arg(fn, 'size', 'a Lua array of sizes', 'a table with the key ' .. E.describe(k))
+      end
+    end
+    for i = 1, n do t[i] = a[i] end
     return t, 2
   end
   local shape, i, n = {}, 1, select('#', ...)
