@@ -212,6 +212,10 @@ describe('fa.Tensor numbers and options', function()
     raises("fa.zeros: argument 'device': expected ", function() fa.zeros(2, 'cuda:x') end)
     raises("fa.setDefaultDtype: argument 'dtype': expected a floating%-point dtype", function() fa.setDefaultDtype('int64') end)
     raises("fa.empty_like: argument 'input': expected a tensor, got 5$", function() fa.empty_like(5) end)
+    -- Torch7's constructor habits
+    assert.are.same({ 2, 3 }, fa.Tensor(2, 3):size())
+    assert.are.same({ { 1, 2 } }, fa.Tensor({ { 1, 2 } }):table())
+    raises("fa.Tensor: argument 'size': expected a non%-negative integer size in dimension 1, got 2.5$", function() fa.Tensor(2.5) end)
   end)
 
   it('checks arange', function()

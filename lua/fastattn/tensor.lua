@@ -412,8 +412,7 @@ function M.arange(a, b, step, opts)
 end
 
 -- fa.tensor(nested table, [dtype | {dtype=, device=}]): numbers (float32 by default) or booleans (bool)
-function M.tensor(tbl, opts)
-  local fn = 'fa.tensor'
+local function tensor(fn, tbl, opts)
   if ffi.istype(ctype, tbl) then
     local dtype, device = dtype_device(fn, opts, tbl.desc.dtype, tbl.desc.device)
     local y = new(tbl:size(), dtype, device, fn)
@@ -461,6 +460,14 @@ function M.tensor(tbl, opts)
   if dtype == DT.float64 and device < 0 then return x end
   return x:to(dtype, device)
 end
+
+function M.tensor(tbl, opts) return tensor('fa.tensor', tbl, opts) end
+
+-- fa.Tensor(2, 3) (uninitialised, as torch.Tensor(2, 3)) and fa.Tensor({1, 2}) (from a table), for Torch7 habits
+setmetatable(Tensor, { __call = function(_, a, ...)
+  if type(a) == 'table' and not ffi.istype(ctype, a) then return tensor('fa.Tensor', a, ...) end
+  return new(parse_args('fa.Tensor', a, ...))
+end })
 
 ---------------------------------------------------------------------------- RNG
 local rng = { seed = 0x2545F4914F6CDD1D, offset = 0 }
