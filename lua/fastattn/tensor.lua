@@ -614,11 +614,13 @@ function Tensor:to(a, b)
   elseif type(a) == 'number' and b == nil and DT_NAME[a] == nil then -- a number that is no dtype id: a device
     device = device_id(a, fn, 'device')
   else
-    if type(a) == 'string' and (a == 'cpu' or a:match('^cuda')) then
-      if b ~= nil then E.argv(fn, 'dtype', 'a dtype before the device', a) end
+    if type(a) == 'string' and (a == 'cpu' or a:match('^cuda')) then -- to(device[, dtype])
       device = device_id(a, fn, 'device')
-    elseif a ~= nil then dtype = dtype_id(a, fn, 'dtype') end
-    if b ~= nil then device = device_id(b, fn, 'device') end
+      if b ~= nil then dtype = dtype_id(b, fn, 'dtype') end
+    else -- to(dtype[, device])
+      if a ~= nil then dtype = dtype_id(a, fn, 'dtype') end
+      if b ~= nil then device = device_id(b, fn, 'device') end
+    end
   end
   return convert(self, dtype, device, fn)
 end
