@@ -133,6 +133,8 @@ describe('fa.Tensor views and sizes', function()
            function() fa.zeros(1e10, 1e10) end)
     raises("Tensor:resize: argument 'size': expected fewer than 2%^53 elements", function() x:resize(1e10, 1e10) end)
     raises("Tensor:expand: argument 'size': expected fewer than 2%^53 elements", function() x:expand(1e10, 1e10, 2, 3) end)
+    -- 4 PiB: past any address space, so the allocation fails, and says so (not "nbytes expected >= 0")
+    raises('fa.empty: out of CPU memory allocating 4503599627370496 bytes$', function() fa.empty(2 ^ 50) end)
     unchanged()
     -- what is allowed stays allowed
     assert.are.same({ 3, 2 }, x:view(3, -1):size())
