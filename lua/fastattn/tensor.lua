@@ -1063,7 +1063,8 @@ local mt = {
       if self.desc.ndim == 1 then return get(self, fn, k) end
       return select_(self, fn, 1, k)
     end
-    return nil
+    -- x:fro() for x:foo(): a message instead of Lua's "attempt to call method 'fro' (a nil value)"
+    E.raise(string.format('fa.Tensor: no method or field %s (an index is a number: x[i])', E.describe(k)))
   end,
   -- x[i] = v: v a number (fills the slice) or a tensor (copied into it)
   __newindex = function(self, k, v)
