@@ -313,6 +313,33 @@ describe('fa.Tensor writes and operators', function()
   end)
 end)
 
+describe('fa.Tensor reads of NaN bit patterns', function()
+  local ffi = require 'ffi'
+  -- LuaJIT 2.1.0-beta3 loads these NaNs through the FFI as nil or as bogus object pointers (a crash in the collector)
+  it('reads every NaN payload as NaN (print, get, item, table, allclose, maxAbsDiff)', function()
+    local x = fa.zeros(4)
+    local w = ffi.cast('uint32_t*', x.desc.data)
+    w[0], w[1], w[2], w[3] = 0xFFFFFFFF, 0xFFD00000, 0x7FFFFFFF, 0x3F800000
+    local d = fa.zeros(2, 'float64')
+    local w2 = ffi.cast('uint64_t*', d.desc.data)
+    w2[0], w2[1] = 0xFFFFFFFFFFFFFFFFULL, 0xFFFA000000000000ULL
+    local b = fa.zeros(1, 'bfloat16')
+    ffi.cast('uint16_t*', b.desc.data)[0] = 0xFFFF
+    local function isnan(v) return type(v) == 'number' and v ~= v end
+    for i = 1, 3 do assert.is_true(isnan(x[i]), 'x[' .. i .. ']') end
+    assert.are.equal(1, x[4])
+    local t = x:table()
+    assert.is_true(isnan(t[1]) and isnan(t[2]) and isnan(t[3]) and t[4] == 1)
+    assert.is_true(isnan(d:get(1)) and isnan(d:get(2)) and isnan(d:table()[2]))
+    assert.is_true(isnan(b:item()))
+    assert.are.equal(' nan\n nan\n nan\n   1', (tostring(x):gsub('\n%[.*$', '')))
+    assert.are.equal(' nan\n nan', (tostring(d):gsub('\n%[.*$', '')))
+    assert.is_false(fa.allclose(x, x))
+    assert.are.equal(math.huge, fa.maxAbsDiff(d, d))
+    collectgarbage('collect')
+  end)
+end)
+
 describe('C descriptor checks', function()
   local ffi = require 'ffi'
   local function desc(t)

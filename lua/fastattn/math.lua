@@ -327,9 +327,9 @@ function M.allclose(a, b, rtol, atol, fn)
   rtol, atol = tolerance(fn, 'rtol', rtol, 1e-5), tolerance(fn, 'atol', atol, 1e-8)
   if not a:isSameSizeAs(b) then return false end
   local x, y = a:to('float64', 'cpu'):contiguous(), b:to('float64', 'cpu'):contiguous()
-  local p, q = ffi.cast('double*', x.desc.data), ffi.cast('double*', y.desc.data)
+  local p, q = T._reader(x), T._reader(y)
   for i = 0, x:numel() - 1 do
-    local u, v = p[i], q[i]
+    local u, v = p(i), q(i)
     if u ~= v then
       if u ~= u or v ~= v or math.abs(u - v) > atol + rtol * math.abs(v) then return false end
     end
@@ -342,10 +342,10 @@ function M.maxAbsDiff(a, b)
   E.tensor(fn, 'b', b)
   if not a:isSameSizeAs(b) then E.arg(fn, 'b', "a tensor of size " .. T._shape_str(a, 'x') .. " (as 'a')", E.describe(b)) end
   local x, y = a:to('float64', 'cpu'):contiguous(), b:to('float64', 'cpu'):contiguous()
-  local p, q = ffi.cast('double*', x.desc.data), ffi.cast('double*', y.desc.data)
+  local p, q = T._reader(x), T._reader(y)
   local m = 0
   for i = 0, x:numel() - 1 do
-    local d = math.abs(p[i] - q[i])
+    local d = math.abs(p(i) - q(i))
     if d ~= d then return math.huge end
     if d > m then m = d end
   end

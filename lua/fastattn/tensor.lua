@@ -874,6 +874,34 @@ local function elem_offset(self, fn, idx)
   return off
 end
 
+-- Element readers for CPU memory. LuaJIT 2.1.0-beta3 (Debian's luajit) does not canonicalise NaNs loaded through the
+-- FFI: a NaN with the sign bit and payload bits set (uninitialised memory, a file, a bfloat16 0xFFFF widened) comes out
+-- as nil or as a bogus object pointer, which crashes the collector. Every such bit pattern is a NaN, so the readers
+-- check the raw bits first and return the canonical NaN for them.
+local HI = ffi.abi('le') and 1 or 0
+local NAN = 0 / 0
+local u32ptr = ffi.typeof('const uint32_t*')
+-- reader(x)(off): element off (in elements from x's data) of the CPU tensor x, as a Lua number
+local function reader(x)
+  local dt = tonumber(x.desc.dtype)
+  local p = ffi.cast(DT_PTR[dt], x.desc.data)
+  if dt == DT.float64 then
+    local w = ffi.cast(u32ptr, x.desc.data)
+    return function(off)
+      if w[2 * off + HI] >= 0xFFF80000 then return NAN end
+      return p[off]
+    end
+  elseif dt == DT.float32 then
+    local w = ffi.cast(u32ptr, x.desc.data)
+    return function(off)
+      if w[off] > 0xFF800000 then return NAN end
+      return p[off]
+    end
+  end
+  return function(off) return tonumber(p[off]) end
+end
+M._reader = reader
+
 -- a 0-D view of the element at off
 local function element(self, off, fn)
   local y = view_of(self)
@@ -887,11 +915,11 @@ local function read_one(self, off, fn)
   local dt = tonumber(self.desc.dtype)
   local v
   if self.desc.device < 0 and dt ~= DT.bfloat16 and dt ~= DT.float16 then
-    v = tonumber(ffi.cast(DT_PTR[dt], self.desc.data)[off])
+    v = reader(self)(off)
   else
     local dst = new({}, dt == DT.int64 and DT.int64 or DT.float64, -1, fn)
     check(lib.fa_copy(dst.desc, element(self, off, fn).desc), fn, { src = 'self' })
-    v = tonumber(ffi.cast(DT_PTR[tonumber(dst.desc.dtype)], dst.desc.data)[0])
+    v = reader(dst)(0)
   end
   return v
 end
@@ -924,11 +952,11 @@ function Tensor:table()
     x = convert(x, x.desc.dtype == DT.int64 and DT.int64 or (x.desc.dtype == DT.int32 and DT.int32 or
                 (x.desc.dtype == DT.bool and DT.bool or DT.float64)), -1, 'Tensor:table')
   end
-  local p = ffi.cast(DT_PTR[tonumber(x.desc.dtype)], x.desc.data)
+  local read = reader(x)
   local isbool = x.desc.dtype == DT.bool
   local function rec(dim, off)
     if dim == x.desc.ndim then
-      local v = tonumber(p[off])
+      local v = read(off)
       if isbool then return v ~= 0 end
       return v
     end
@@ -980,7 +1008,7 @@ function Tensor:__tostring()
   if dt == DT.bool then read = function(off) return p[off] ~= 0 and 'true' or 'false' end
   elseif dt == DT.int64 then read = function(off) return (tostring(p[off]):gsub('LL$', '')) end
   elseif dt == DT.int32 then read = function(off) return string.format('%d', p[off]) end
-  else read = function(off) return tonumber(p[off]) end end
+  else read = reader(x) end
   local summarise = n > 1000
   local edge = 3
   local function indices(size)
