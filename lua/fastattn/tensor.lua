@@ -472,7 +472,11 @@ end })
 ---------------------------------------------------------------------------- RNG
 local rng = { seed = 0x2545F4914F6CDD1D, offset = 0 }
 function M.manualSeed(seed)
-  rng.seed = E.integer('fa.manualSeed', 'seed', seed, 0)
+  -- 0..2^64-1 (a uint64 key), so that fa.manualSeed(fa.seed()) works with the default seed too
+  if type(seed) ~= 'number' or seed ~= floor(seed) or seed < 0 or seed >= 2 ^ 64 then
+    E.argv('fa.manualSeed', 'seed', 'an integer in 0..2^64-1', seed)
+  end
+  rng.seed = seed
   rng.offset = 0
 end
 function M.seed() return rng.seed end
