@@ -126,7 +126,7 @@ for name in pairs(OPS) do
   Tensor[name .. '_'] = function(self, b, alpha)
     E.tensor(fn_, 'self', self)
     T._check_writable(fn_, self)
-    return binary(name, self, b, alpha, self, fn_)
+    return binary(name, self, T._unaliased(self, b), alpha, self, fn_)
   end
   local mfn = 'fa.' .. name
   M[name] = function(a, b, alpha)
@@ -142,7 +142,10 @@ local function addcmul(fn, self, b, c, value, out)
   E.tensor(fn, 'tensor1', b)
   E.tensor(fn, 'tensor2', c)
   value = E.number(fn, 'value', value, true) or 1
-  if out then T._check_writable(fn, out) end
+  if out then
+    T._check_writable(fn, out)
+    b, c = T._unaliased(out, b), T._unaliased(out, c)
+  end
   out = out or new_like(self, nil, nil, fn)
   check(lib.fa_addcmul_forward(out.desc, self.desc, b.desc, c.desc, value), fn,
         { a = 'self', b = 'tensor1', c = 'tensor2', out = 'self' })

@@ -194,6 +194,35 @@ local function check_writable(fn, x, name)
 end
 M._check_writable = check_writable
 
+-- an input of an in-place op that shares memory with the output, other than as the output itself, is read from a copy:
+-- read in place, x:add_(x:t()) or x:add_(x[1]) would see elements the op has already written. (The test is on byte
+-- ranges, so interleaved views that share no element are copied too; that costs a copy, never a wrong result.)
+local function byte_range(x)
+  local d, hi = x.desc, 0
+  for i = 0, d.ndim - 1 do
+    if d.shape[i] == 0 then return nil end
+    hi = hi + (tonumber(d.shape[i]) - 1) * tonumber(d.stride[i])
+  end
+  local lo = ffi.cast('char*', d.data)
+  return lo, lo + (hi + 1) * lib.fa_dtype_size(d.dtype)
+end
+local function unaliased(out, x)
+  if not ffi.istype(ctype, x) or out.storage ~= x.storage then return x end
+  local od, xd = out.desc, x.desc
+  if od.data == xd.data and od.ndim == xd.ndim and od.dtype == xd.dtype then
+    local same = true
+    for i = 0, od.ndim - 1 do same = same and od.shape[i] == xd.shape[i] and od.stride[i] == xd.stride[i] end
+    if same then return x end
+  end
+  local a0, a1 = byte_range(out)
+  local b0, b1 = byte_range(x)
+  if a0 == nil or b0 == nil or a1 <= b0 or b1 <= a0 then return x end
+  local y = M._new(x:size(), x.desc.dtype, x.desc.device, 'Tensor:clone') -- (defined below)
+  check(lib.fa_copy(y.desc, x.desc), 'Tensor:clone')
+  return y
+end
+M._unaliased = unaliased
+
 ---------------------------------------------------------------------------- construction
 -- GC hook for GPU memory (DESIGN §3): the CUDA allocator counts bytes allocated since the last collection;
 -- past a threshold a full collection frees the storages of unreachable tensors, so a training loop never
@@ -651,6 +680,7 @@ end
 function Tensor:copy(src)
   E.tensor('Tensor:copy', 'src', src)
   check_writable('Tensor:copy', self)
+  src = unaliased(self, src)
   check(lib.fa_copy(self.desc, src.desc), 'Tensor:copy', { dst = 'self' })
   return self
 end
