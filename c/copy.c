@@ -3,6 +3,7 @@
  * integer path); same-dtype contiguous copies are a memcpy. */
 #include "internal.h"
 #include <stdint.h>
+#include <stdio.h>
 
 static inline double load_as_double(const fa_tensor *t, int64_t off) {
   switch (t->dtype) {
@@ -17,14 +18,29 @@ static inline double load_as_double(const fa_tensor *t, int64_t off) {
   return 0;
 }
 
+/* double -> integer truncating toward zero, saturating out of range, NaN to 0 (a plain C cast of those is
+ * undefined) */
+static inline int32_t sat_i32(double v) {
+  if (v != v) return 0;
+  if (v >= 2147483647.0) return INT32_MAX;
+  if (v <= -2147483648.0) return INT32_MIN;
+  return (int32_t)v;
+}
+static inline int64_t sat_i64(double v) {
+  if (v != v) return 0;
+  if (v >= 9.2233720368547758e18) return INT64_MAX;
+  if (v <= -9.2233720368547758e18) return INT64_MIN;
+  return (int64_t)v;
+}
+
 static inline void store_from_double(fa_tensor *t, int64_t off, double v) {
   switch (t->dtype) {
     case FA_FLOAT32: ((float *)t->data)[off] = (float)v; break;
     case FA_FLOAT64: ((double *)t->data)[off] = v; break;
     case FA_BFLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_bf16((float)v); break;
     case FA_FLOAT16: ((uint16_t *)t->data)[off] = fa_f32_to_f16((float)v); break;
-    case FA_INT32: ((int32_t *)t->data)[off] = (int32_t)v; break;
-    case FA_INT64: ((int64_t *)t->data)[off] = (int64_t)v; break;
+    case FA_INT32: ((int32_t *)t->data)[off] = sat_i32(v); break;
+    case FA_INT64: ((int64_t *)t->data)[off] = sat_i64(v); break;
     case FA_BOOL: ((uint8_t *)t->data)[off] = v != 0; break;
   }
 }
@@ -76,6 +92,22 @@ int fa_copy(fa_tensor *dst, const fa_tensor *src) {
 int fa_fill(fa_tensor *dst, double value) {
   int rc;
   if ((rc = fa_check_defined("fa_fill", "dst", dst))) return rc;
+  /* an integer tensor takes integers it can hold (a C cast of NaN, inf or an out-of-range double is undefined) */
+  if ((dst->dtype == FA_INT32 && !(value >= -2147483648.0 && value <= 2147483647.0 && value == floor(value))) ||
+      (dst->dtype == FA_INT64 && !(value >= -9223372036854775808.0 && value < 9223372036854775808.0 && value == floor(value)))) {
+    char got[32];
+    if (value != value) strcpy(got, "nan"); /* printf may write -nan */
+    else snprintf(got, sizeof got, "%.17g", value);
+    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected an integer in the range of %s, got %s",
+                    fa_dtype_name(dst->dtype), got);
+  }
+  /* a finite value that a float tensor can only hold as inf is an error (PyTorch: "cannot be converted without
+   * overflow"); inf and NaN themselves are values */
+  if (isfinite(value) && ((dst->dtype == FA_FLOAT32 && isinf((float)value)) ||
+                          (dst->dtype == FA_BFLOAT16 && isinf(fa_bf16_to_f32(fa_f32_to_bf16((float)value)))) ||
+                          (dst->dtype == FA_FLOAT16 && isinf(fa_f16_to_f32(fa_f32_to_f16((float)value))))))
+    return fa_error(FA_ERR_ARG, "fa_fill: argument 'value': expected a value in the range of %s, got %.17g",
+                    fa_dtype_name(dst->dtype), value);
   int64_t n = fa_numel(dst);
   if (n == 0) return 0;
   if (dst->device >= 0) return fa_cu_fill(dst, value);

@@ -44,6 +44,7 @@ static void fa_malloc_tune(void) {
 
 void *fa_alloc(int device, int64_t nbytes) {
   if (nbytes < 0) { fa_error(FA_ERR_ARG, "fa_alloc: argument 'nbytes': expected >= 0, got %lld", (long long)nbytes); return NULL; }
+  if (device < FA_CPU) { fa_error(FA_ERR_ARG, "fa_alloc: argument 'device': expected -1 (the CPU) or a CUDA device, got %d", device); return NULL; }
   if (device >= 0) {
     void *p = NULL;
     if (fa_cu_alloc(device, nbytes, &p)) return NULL;
@@ -158,13 +159,35 @@ const char *fa_shape_str(const fa_tensor *t, char *buf) {
   return buf;
 }
 
+/* The one check of a descriptor every entry runs first: a rank in 0..8, a known dtype, the CPU or a visible CUDA
+ * device, sizes and strides >= 0 (the library makes no negative strides, and a descriptor owns no storage bounds to
+ * check one against), and an element count and largest offset that fit in int64 (kernels index with int64). */
 int fa_check_defined(const char *fn, const char *arg, const fa_tensor *t) {
   if (!t) return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor, got nothing", fn, arg);
   if (t->ndim < 0 || t->ndim > FA_MAX_DIMS)
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected at most %d dimensions, got %d", fn, arg, FA_MAX_DIMS, t->ndim);
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected 0 to %d dimensions, got %d", fn, arg, FA_MAX_DIMS, t->ndim);
   if (t->dtype < 0 || t->dtype >= FA_NUM_DTYPES)
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': invalid dtype %d", fn, arg, t->dtype);
-  if (!t->data && fa_numel(t) > 0) return fa_error(FA_ERR_ARG, "%s: argument '%s': tensor has no data", fn, arg);
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a dtype in 0..%d (fa_dtype), got %d", fn, arg,
+                    FA_NUM_DTYPES - 1, t->dtype);
+  if (t->device < FA_CPU || (t->device >= 0 && t->device >= fa_cuda_device_count()))
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected the CPU (-1) or a CUDA device in [0, %d), got device %d", fn,
+                    arg, fa_cuda_device_count(), t->device);
+  int64_t n = 1, last = 0;
+  int zero = 0;
+  for (int i = 0; i < t->ndim; i++) {
+    if (t->shape[i] < 0 || t->stride[i] < 0)
+      return fa_error(FA_ERR_ARG, "%s: argument '%s': expected sizes and strides >= 0, got size %lld and stride %lld in dimension %d",
+                      fn, arg, (long long)t->shape[i], (long long)t->stride[i], i + 1);
+    if (t->shape[i] == 0) zero = 1;
+  }
+  for (int i = 0; !zero && i < t->ndim; i++) {
+    int64_t span;
+    if (__builtin_mul_overflow(n, t->shape[i], &n) || __builtin_mul_overflow(t->shape[i] - 1, t->stride[i], &span) ||
+        __builtin_add_overflow(last, span, &last) || n > ((int64_t)1 << 53))
+      return fa_error(FA_ERR_ARG, "%s: argument '%s': too many elements or too large strides (more than 2^53 elements or int64 offsets)",
+                      fn, arg);
+  }
+  if (!t->data && !zero) return fa_error(FA_ERR_ARG, "%s: argument '%s': tensor has no data", fn, arg);
   return 0;
 }
 

@@ -66,6 +66,37 @@ local function c_error(name, ...)
   return ffi.string(C.fa_last_error())
 end
 
+-- argument checks of fa.cuda: no GPU needed (they run before any CUDA call), so not tagged #gpu
+describe('fa.cuda arguments', function()
+  local function raises(pattern, f)
+    local ok, err = pcall(f)
+    assert.is_false(ok)
+    assert.matches('^spec/cuda_core_spec.lua:%d+: ' .. pattern, tostring(err))
+  end
+  local n = fa.cuda.deviceCount()
+  it('refuse devices that are not integers of a visible GPU', function()
+    raises("fa.cuda.setDevice: argument 'device': expected a 0%-based CUDA device index, got nil$", function() fa.cuda.setDevice() end)
+    raises("fa.cuda.setDevice: argument 'device': expected a CUDA device.*, got \"x\"$", function() fa.cuda.setDevice('x') end)
+    raises("fa.cuda.setDevice: argument 'device': expected a CUDA device.*, got 0.5$", function() fa.cuda.setDevice(0.5) end)
+    raises("fa.cuda.setDevice: argument 'device': expected a CUDA device.*, got %-1$", function() fa.cuda.setDevice(-1) end)
+    raises("fa.cuda.synchronize: argument 'device': expected a CUDA device.*, got \"cuda:" .. n .. "\"$",
+           function() fa.cuda.synchronize('cuda:' .. n) end)
+    raises("fa.cuda.memoryStats: argument 'device': expected a CUDA device.*, got " .. n .. "$", function() fa.cuda.memoryStats(n) end)
+    raises("fa.cuda.deviceName: argument 'device': expected a CUDA device.*, got true$", function() fa.cuda.deviceName(true) end)
+    if n == 0 then
+      raises("fa.cuda.synchronize: argument 'device': expected a CUDA device %(.+%), got nil$", function() fa.cuda.synchronize() end)
+    end
+  end)
+  it('refuse options of the wrong type', function()
+    raises("fa.cuda.allowTF32: argument 'on': expected true or false, got 1$", function() fa.cuda.allowTF32(1) end)
+    assert.is_false(fa.cuda.isTF32Allowed())
+    raises("fa.cuda.time: argument 'fn': expected a function, got \"x\"$", function() fa.cuda.time('x') end)
+    raises("fa.cuda.time: argument 'reps': expected an integer >= 1, got 0$", function() fa.cuda.time(function() end, 0) end)
+    raises("fa.cuda.time: argument 'warmup': expected an integer >= 0, got 1.5$", function() fa.cuda.time(function() end, 1, 1.5) end)
+    raises("fa.cuda.Event:record: argument 'self': expected a fa.cuda.Event, got 5$", function() fa.cuda.EventClass.record(5) end)
+  end)
+end)
+
 describe('fa.cuda runtime #gpu', function()
   git('reports devices, names, synchronises, and takes TF32 on and off', function()
     assert.is_true(fa.cuda.deviceCount() >= 1)

@@ -16,6 +16,26 @@ merge(require 'fastattn.tensor')
 merge(require 'fastattn.math')
 merge(require 'fastattn.io')
 
+-- x.view(2, 3) for x:view(2, 3) (a newcomer's slip) gets a message instead of "attempt to index local 'self'":
+-- every Tensor method checks its self. Once per method (a reloaded module brings new functions; wrappers stay).
+do
+  local registry = debug.getregistry()
+  local wrappers = registry.fastattn_method_wrappers or setmetatable({}, { __mode = 'k' })
+  registry.fastattn_method_wrappers = wrappers
+  local Tensor, isTensor, E = fa.Tensor, fa.isTensor, fa.errors
+  for name, f in pairs(Tensor) do
+    if type(f) == 'function' and not wrappers[f] and name ~= '__tostring' then
+      local fn, hint = 'Tensor:' .. name, 'a tensor (call it as x:' .. name .. '(...), with a colon)'
+      local w = function(self, ...)
+        if not isTensor(self) then E.argv(fn, 'self', hint, self) end
+        return f(self, ...)
+      end
+      wrappers[w] = true
+      Tensor[name] = w
+    end
+  end
+end
+
 -- monotonic wall-clock seconds (for progress lines and benchmarks; os.clock counts CPU time of all threads)
 pcall(ffi.cdef, 'typedef struct { long tv_sec, tv_nsec; } fa_timespec; int clock_gettime(int, fa_timespec *);')
 local ts = ffi.new('fa_timespec')
@@ -24,8 +44,9 @@ function fa.clock()
   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 
-function fa.setNumThreads(n) lib.fa_set_num_threads(n) end
-function fa.getNumThreads() return lib.fa_get_num_threads() end
+-- CPU threads (OpenMP); 1..65536
+function fa.setNumThreads(n) lib.fa_set_num_threads(fa.errors.integer('fa.setNumThreads', 'n', n, 1, 65536)) end
+function fa.getNumThreads() return tonumber(lib.fa_get_num_threads()) end
 
 -- optional parts load lazily so that a missing one names itself in the error
 setmetatable(fa, {
