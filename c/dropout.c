@@ -23,7 +23,7 @@ static inline void st(void *p, int64_t i, double v, int dbl) {
   else ((float *)p)[i] = (float)v;
 }
 
-/* The first word of Philox4x32-10 for (seed, counter): the arithmetic of fa_philox (runtime.c), inline
+/* The first word of Philox4x32-10 for (seed, counter): the arithmetic of fa_philox (random.c), inline
  * and in plain integer operations, so that a loop over consecutive counters vectorises (the 32x32 -> 64
  * multiplies become vpmuludq) instead of calling fa_philox once per element. The mask spec compares it
  * with fa_uniform, which calls fa_philox. */

@@ -1,5 +1,5 @@
 /* matmul.c: matrix products through BLAS (OpenBLAS sgemm/dgemm on the CPU, fa_cu_matmul_forward on CUDA),
- * and the CPU GEMM helpers that linear.c and conv2d.c share (declared at the top of those files).
+ * and the CPU GEMM helpers that linear.c and conv2d.c share (declared at the top of linear.c and in conv2d.h).
  *
  * fa_matmul_forward: out (B, m, n) = alpha * op(a) (Ba, m, k) @ op(b) (Bb, k, n) + beta * out, Ba and Bb
  * each B or 1 (broadcast); 2-D operands are batch 1. Strided operands go to BLAS directly when one of

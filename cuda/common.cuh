@@ -146,7 +146,7 @@ __device__ __forceinline__ void fa_cu_iter_offsets(const fa_cu_iter<N> &it, int6
   }
 }
 
-// ---- Philox4x32-10, bit-identical to fa_philox in c/runtime.c: counter (lo, hi, 0, 0), key = seed
+// ---- Philox4x32-10, bit-identical to fa_philox in c/random.c: counter (lo, hi, 0, 0), key = seed
 __device__ __forceinline__ void fa_cu_philox(uint64_t seed, uint64_t counter, uint32_t r[4]) {
   uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);

@@ -1,4 +1,4 @@
-// random.cu: fa_cu_uniform and fa_cu_normal with the CPU's counter scheme (c/runtime.c): element i (in
+// random.cu: fa_cu_uniform and fa_cu_normal with the CPU's counter scheme (c/random.c): element i (in
 // row-major order, whatever the strides) draws Philox4x32-10 at counter offset + i under key seed, and the
 // bits become a number by the same double-precision formulas, so the CPU and the GPU give the same numbers
 // for the same (seed, offset). The double arithmetic uses explicitly rounded operations so that nvcc does

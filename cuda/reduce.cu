@@ -1,5 +1,5 @@
 // reduce.cu: sum, mean, max (with indices) and argmax over one dimension or over all elements, forward and
-// backward, and fa_cu_sumsq (c/reduce.c and c/optim.c validate and dispatch here).
+// backward, and fa_cu_sumsq (c/reduce.c validates and dispatches here).
 //
 // x (..., R, ...) -> out (..., 1, ...) [idx int64, same shape, for max]; dim -1: x -> 1 element.
 // Semantics are the CPU's: the first maximum wins, NaN wins over numbers; indices are 0-based along the

@@ -212,7 +212,7 @@ describe('class targets in the user\'s terms', function()
     is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 0 / 0, 1 }, 'float64')) end),
        "fa.F.cross_entropy: argument 'target': expected an int64 tensor of class indices (1-based), got a float64 tensor of size 2")
     is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 1, 2, 3 }, 'int64')) end),
-       "fa.F.cross_entropy: argument 'target': expected a tensor of size 2 (the input's size without the class dim), got a int64 tensor of size 3")
+       "fa.F.cross_entropy: argument 'target': expected a tensor of size 2 (the input's size without the class dim), got an int64 tensor of size 3")
     is(msg_of(function() FF.cross_entropy(x, fa.tensor({ 1, 2 }, 'int32')) end),
        "fa.F.cross_entropy: argument 'target': expected an int64 tensor of class indices (1-based), got a int32 tensor of size 2")
     is(msg_of(function() FF.cross_entropy(x, { 1, 2 }) end),
@@ -224,7 +224,7 @@ describe('class targets in the user\'s terms', function()
     is(msg_of(function() nn.CrossEntropyCriterion { ignore = 1 } end),
        'fa.nn.CrossEntropyCriterion: argument \'opts\': unknown option "ignore" (known: ignore_index, label_smoothing, reduction)')
     is(msg_of(function() FF.cross_entropy(x:long(), fa.tensor({ 1, 2 }, 'int64')) end),
-       "fa.F.cross_entropy: argument 'input': expected a floating-point tensor of logits, got a int64 tensor of size 2x3")
+       "fa.F.cross_entropy: argument 'input': expected a floating-point tensor of logits, got an int64 tensor of size 2x3")
   end)
 
   it('ignore_index is compared with the 1-based targets as given', function()

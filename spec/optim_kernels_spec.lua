@@ -1,4 +1,4 @@
--- Fused optimiser kernels (c/optim.c): fa_sgd_step, fa_adam_step (Adam and AdamW), fa_sumsq.
+-- Fused optimiser kernels (c/optim.c, c/reduce.c): fa_sgd_step, fa_adam_step (Adam and AdamW), fa_sumsq.
 -- Reference: three steps of torch.optim.SGD / Adam / AdamW on a fixed parameter and gradient sequence
 -- (spec/fixtures/optim_kernels.safetensors, made by spec/fixtures/gen_elementwise.py; the hyper-parameters
 -- below are the ones in that script), and a plain-Lua float64 Adam for a large (threaded) buffer.

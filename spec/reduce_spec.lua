@@ -293,7 +293,7 @@ describe('reduction and matmul argument checks (Lua side)', function()
     raises("Tensor:matmul: argument 'other': expected a tensor of at least 1 dimension, got a float32 tensor of size %[%]$",
            function() x:matmul(fa.tensor(1):view({})) end)
     raises('Tensor:matmul: inner sizes differ: 2x3 @ 2x3$', function() x:matmul(x) end)
-    raises("Tensor:matmul: argument 'other': expected dtype float32 %(as 'a'%), got float64$", function() x:matmul(x:t():double()) end)
+    raises("Tensor:matmul: argument 'other': expected dtype float32 %(as 'self'%), got float64$", function() x:matmul(x:t():double()) end)
     raises("fa.matmul: argument 'a': expected a tensor, got \"x\"$", function() fa.matmul('x', x) end)
     assert.are.same({ { 35, 32 }, { 32, 56 } }, x:matmul(x:t()):table())
   end)

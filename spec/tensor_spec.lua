@@ -242,7 +242,7 @@ describe('fa.Tensor numbers and options', function()
     raises("Tensor:normal: argument 'mean': expected a finite number, got \"a\"$", function() x:normal('a') end)
     raises("Tensor:uniform: argument 'to': expected a number >= from %(1%), got 0$", function() x:uniform(1, 0) end)
     raises("Tensor:uniform: argument 'from': expected a finite number, got nan$", function() x:uniform(0 / 0, 1) end)
-    raises('Tensor:normal: expected a floating%-point tensor, got a int64 tensor of size 4$', function() fa.zeros(4, 'int64'):normal() end)
+    raises('Tensor:normal: expected a floating%-point tensor, got an int64 tensor of size 4$', function() fa.zeros(4, 'int64'):normal() end)
     assert.are.same({ 0, 0, 0, 0 }, x:table())
     raises("fa.manualSeed: argument 'seed': expected an integer in 0..2%^64%-1, got inf$", function() fa.manualSeed(math.huge) end)
     fa.manualSeed(fa.seed()) -- the default seed round-trips

@@ -61,13 +61,18 @@ function E.describe(v)
     if v ~= v then return 'nan' end
     if v == math.huge then return 'inf' elseif v == -math.huge then return '-inf' end
     if v == math.floor(v) and math.abs(v) < 2^53 then return string.format('%d', v) end
+    for _, f in ipairs({ '%.15g', '%.16g' }) do -- the shortest form that reads back as v
+      local str = string.format(f, v)
+      if tonumber(str) == v then return str end
+    end
     return string.format('%.17g', v)
   end
   if t == 'boolean' then return tostring(v) end
   if E.isTensor(v) then
     local s = {}
     for i = 0, v.desc.ndim - 1 do s[#s + 1] = tostring(tonumber(v.desc.shape[i])) end
-    return string.format('a %s tensor of size %s%s', v:dtype(), v.desc.ndim == 0 and '[]' or table.concat(s, 'x'),
+    local dt = v:dtype()
+    return string.format('%s %s tensor of size %s%s', dt:match('^[aeiou]') and 'an' or 'a', dt, v.desc.ndim == 0 and '[]' or table.concat(s, 'x'),
                          v.desc.device >= 0 and (' on cuda:' .. v.desc.device) or '')
   end
   if t == 'cdata' then return 'cdata<' .. tostring(ffi.typeof(v)):match('^ctype<(.*)>$') .. '>' end
@@ -83,14 +88,20 @@ function E.argv(fn, name, expected, v)
   E.raise(string.format("%s: argument '%s': expected %s, got %s", fn, name, expected, E.describe(v)))
 end
 
-function E.check(rc, fn, rename)
-  if rc == 0 then return end
+-- the failing path of E.check, kept out of it: a closure in E.check would stop LuaJIT compiling its callers
+local function check_failed(fn, rename)
   local msg = ffi.string(require('fastattn.ffi').fa_last_error())
   msg = msg:gsub('^fa_[%w_]+: ', '', 1)
   if rename then
-    msg = msg:gsub("argument '([%w_]+)'", function(a) return "argument '" .. (rename[a] or a) .. "'" end)
+    local function ren(a) return rename[a] or a end
+    msg = msg:gsub("argument '([%w_]+)'", function(a) return "argument '" .. ren(a) .. "'" end)
+    msg = msg:gsub("%(as '([%w_]+)'%)", function(a) return "(as '" .. ren(a) .. "')" end)
   end
   E.raise(fn .. ': ' .. msg)
+end
+
+function E.check(rc, fn, rename)
+  if rc ~= 0 then check_failed(fn, rename) end
 end
 
 ---------------------------------------------------------------------------- argument checkers
@@ -153,7 +164,7 @@ function E.opts(fn, name, t, known)
     for k in pairs(t) do
       if not known[k] then
         local names = {}
-        for n in pairs(known) do names[#names + 1] = n end
+        for n in pairs(known) do names[#names + 1] = tostring(n) end
         table.sort(names)
         E.raise(string.format("%s: argument '%s': unknown option %s (known: %s)", fn, name, E.describe(k),
                               table.concat(names, ', ')))

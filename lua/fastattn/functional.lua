@@ -661,15 +661,5 @@ function F.cross_entropy_backward(gradLoss, input, target, opts)
   return (impl.cross_entropy_backward('fa.F.cross_entropy_backward', gradLoss, input, target, opts))
 end
 
--- TEMPORARY, for nn/msdeformattn.lua only (it is not this file's owner's): it still calls the old
--- buffers-first forms with a 0-based dim. Its owner replaces them with F.softmax(logits, 4, {out = A}) and
--- F.softmax_backward(gA, attn, 4, {grad_input = gLogits}); then this block goes.
-function F.softmax_forward(out, input, d0, log) return impl.softmax('fa.F.softmax', log, input, d0 + 1, { out = out }) end
-local softmax_backward = F.softmax_backward
-function F.softmax_backward(a, b, c, d, e)
-  if fa.isTensor(c) and type(d) == 'number' then return impl.softmax_backward('fa.F.softmax_backward', e, b, c, d + 1, { grad_input = a }) end
-  return softmax_backward(a, b, c, d)
-end
-
 package.loaded['fastattn.functional'] = F
 return F

@@ -151,7 +151,12 @@ local function addcmul(fn, self, b, c, value, out)
         { a = 'self', b = 'tensor1', c = 'tensor2', out = 'self' })
   return out
 end
-function Tensor:addcmul(b, c, value) return addcmul('Tensor:addcmul', self, b, c, value) end
+-- x:addcmul(b, c, value, {out = t}) writes into t (the buffer convention of fa.F)
+function Tensor:addcmul(b, c, value, opts)
+  local o = E.opts('Tensor:addcmul', 'opts', opts, { out = true })
+  if o.out ~= nil then E.tensor('Tensor:addcmul', 'opts.out', o.out) end
+  return addcmul('Tensor:addcmul', self, b, c, value, o.out)
+end
 function Tensor:addcmul_(b, c, value) return addcmul('Tensor:addcmul_', self, b, c, value, self) end
 function Tensor:scale(s, shift) -- s*x + shift
   local fn = 'Tensor:scale'

@@ -244,11 +244,7 @@ local function rebind(t, flat, off)
     t.storage = st
   end
   t.desc.data = ffi.cast('char*', flat.desc.data) + off * C.fa_dtype_size(t.desc.dtype)
-  local s = 1
-  for i = t.desc.ndim - 1, 0, -1 do
-    t.desc.stride[i] = s
-    s = s * t.desc.shape[i]
-  end
+  fa._set_desc(t.desc, t.desc, nil, 'getParameters') -- contiguous strides over its own sizes
 end
 
 -- when the tensors already lie back to back, contiguous, in one storage that they fill exactly, a 1-D
@@ -270,9 +266,7 @@ local function already_flat(tensors)
   if off * es ~= st.nbytes then return nil end
   local v = fa._view_of(first)
   v.desc.data = st.data
-  v.desc.ndim = 1
-  v.desc.shape[0] = off
-  v.desc.stride[0] = 1
+  fa._set_desc(v.desc, { off }, nil, 'getParameters')
   return v
 end
 
@@ -393,6 +387,8 @@ Module.state_dict = Module.stateDict
 function Module:loadStateDict(dict, strict)
   local fn = 'fa.' .. (nn.typename(self) or 'nn.Module') .. ':loadStateDict'
   if type(dict) ~= 'table' or fa.isTensor(dict) then E.argv(fn, 'dict', 'a table {name = tensor}', dict) end
+  -- m:loadStateDict(fa.load(path)) passes the file's metadata table (fa.load's second result) as `strict`
+  if type(strict) == 'table' and not fa.isTensor(strict) then strict = nil end
   strict = E.boolean(fn, 'strict', strict, true) ~= false
   local targets = {}
   for _, e in ipairs(self:_paramList()) do targets[#targets + 1] = { e.name, e.param } end

@@ -282,7 +282,7 @@ function MSDeformAttn:updateOutput(input)
                 or linear_into(buffer(self, '_whScale', { rows, cols }, q), refC, sel.whT) -- ref_wh * 0.5 / P
   self._scale = scale
   local loc = buffer(self, '_loc', { N, Lq, M, L, P, 2 }, q)
-  rxy:addcmul(off, scale, 1, loc:view(rows, cols))
+  rxy:addcmul(off, scale, 1, { out = loc:view(rows, cols) })
 
   -- core, then output_proj
   local core = buffer(self, '_core', { N, Lq, M * D }, q)
