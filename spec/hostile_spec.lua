@@ -610,6 +610,60 @@ E(CE .. "c:forward('x', tgt(1))", 'fa.nn.CrossEntropyCriterion:forward', A('inpu
 E(CE .. 'local l = ' .. LG .. '; c:forward(l, tgt(1, 2)); c:backward(l, tgt(1, 2), "a")', 'fa.nn.CrossEntropyCriterion:backward', A('gradOutput|grad_output', '"a"'))
 E(CE .. 'c:backward(' .. LG .. ', tgt(0, 2))', 'fa.nn.CrossEntropyCriterion:backward', A('target', '0'))
 
+-- every module: constructor, forward(nil), getParameters (idempotent, live), stateDict names, loadStateDict
+AREA 'nn-modules'
+local MODS = {
+  { 'Linear', 'nn.Linear(3, 4)', 'x', 'fa.ones(2, 4)', 16, 'bias,weight' },
+  { 'Conv2d', 'nn.Conv2d(3, 4, 3)', 'fa.randn(1, 3, 5, 5)', 'fa.ones(1, 4, 3, 3)', 112, 'bias,weight' },
+  { 'LayerNorm', 'nn.LayerNorm(3)', 'x', 'fa.randn(2, 3)', 6, 'bias,weight' },
+  { 'Sequential', 'nn.Sequential():add(nn.Linear(3, 4)):add(nn.GELU()):add(nn.Linear(4, 2))', 'x', 'fa.ones(2, 2)', 26,
+    '0.bias,0.weight,2.bias,2.weight' },
+  { 'MSDeformAttn', 'nn.MSDeformAttn{d_model = 4, n_levels = 2, n_heads = 1, n_points = 1}',
+    '{fa.randn(1, 2, 4), fa.rand(1, 2, 2, 2), fa.randn(1, 5, 4), {{2, 2}, {1, 1}}}', 'fa.ones(1, 2, 4)', 70,
+    'attention_weights.bias,attention_weights.weight,output_proj.bias,output_proj.weight,sampling_offsets.bias,sampling_offsets.weight,value_proj.bias,value_proj.weight' },
+}
+local KEYS = 'local k = {}; for n in pairs(m:stateDict()) do k[#k + 1] = n end; table.sort(k); return table.concat(k, ",")'
+for _, d in ipairs(MODS) do
+  local name, ctor, inp, gout, np, keys = d[1], d[2], d[3], d[4], d[5], d[6]
+  local M = 'local m = ' .. ctor .. '; '
+  local fn = 'fa.nn.' .. name
+  E(M .. 'm:forward(nil)', { fn .. ':forward', 'fa.nn.Linear:forward' }, A('input', 'nil'))
+  E(M .. "m:forward(fn)", { fn .. ':forward', 'fa.nn.Linear:forward' }, A('input', 'a function'))
+  OK(M .. 'local p1, g1 = m:getParameters(); local p2, g2 = m:getParameters(); return (p1.storage == p2.storage and g1.storage == g2.storage) and p1:numel() or -1', tostring(np))
+  OK(M .. 'local p, g = m:getParameters(); g:zero(); local i = ' .. inp .. '; m:forward(i); m:backward(i, ' .. gout .. '); return g:abs():sum() > 0', 'true')
+  OK(M .. 'local p, g = m:getParameters(); local i = ' .. inp .. '; local before = m:forward(i):clone(); p:zero(); return m:forward(i):abs():sum() < before:abs():sum() or before:abs():sum() == 0', 'true')
+  OK(M .. KEYS, keys)
+  E(M .. 'local d = {}; for k in pairs(m:stateDict()) do d[k] = fa.zeros(1) end; m:loadStateDict(d)', fn .. ':loadStateDict', 'size')
+  E(M .. 'm:loadStateDict(5)', fn .. ':loadStateDict', A('state_dict|dict|stateDict', '5'))
+  OK(M .. 'local m2 = ' .. ctor .. '; m2:loadStateDict(m:stateDict()); local ok = true; for k, v in pairs(m:stateDict()) do ok = ok and m2:stateDict()[k]:equal(v) end; return ok', 'true')
+  E(M .. 'local i = ' .. inp .. '; m:forward(i); m:backward(i, fa.zeros(7, 7, 7))', { fn .. ':backward', 'fa.nn.Linear:backward' }, A('gradOutput|grad_output', '7x7x7'))
+end
+local PLAIN = { { 'ReLU', 'nn.ReLU()' }, { 'GELU', 'nn.GELU()' }, { 'Tanh', 'nn.Tanh()' }, { 'Sigmoid', 'nn.Sigmoid()' },
+                { 'Softmax', 'nn.Softmax()' }, { 'LogSoftmax', 'nn.LogSoftmax()' }, { 'Dropout', 'nn.Dropout(0.5)' },
+                { 'GridSample', 'nn.GridSample()' }, { 'Flatten', 'nn.Flatten()' }, { 'View', 'nn.View(-1)' },
+                { 'MSECriterion', 'nn.MSECriterion()' }, { 'CrossEntropyCriterion', 'nn.CrossEntropyCriterion()' } }
+for _, d in ipairs(PLAIN) do
+  local name, ctor = d[1], d[2]
+  local M = 'local m = ' .. ctor .. '; '
+  local fn = 'fa.nn.' .. name
+  E(M .. 'm:forward(nil)', fn .. ':forward', A('input', 'nil'))
+  OK(M .. 'local p, g = m:getParameters(); return p:numel() + g:numel()', '0')
+  OK(M .. 'return next(m:stateDict()) == nil', 'true')
+  E(M .. 'm:loadStateDict({w = x})', fn .. ':loadStateDict', 'unexpected', 'w')
+end
+for _, d in ipairs({ { 'GELU', 'gelu' }, { 'Tanh', 'tanh' }, { 'Sigmoid', 'sigmoid' }, { 'ReLU', 'relu' } }) do
+  OK('local m = nn.' .. d[1] .. '(); local g = fa.randn(3, 2):t(); m:forward(x); local a = m:backward(x, g):clone(); return fa.maxAbsDiff(a, m:backward(x, g:contiguous())) < 1e-6', 'true')
+end
+OK('local m = nn.Linear(3, 4); local g = fa.randn(4, 2):t(); m:forward(x); local a = m:backward(x, g):clone(); m:zeroGradParameters(); return fa.maxAbsDiff(a, m:backward(x, g:contiguous())) < 1e-6', 'true')
+OK('local m = nn.LayerNorm(3); local g = fa.randn(3, 2):t(); m:forward(x); local a = m:backward(x, g):clone(); return fa.maxAbsDiff(a, m:backward(x, g:contiguous())) < 1e-5', 'true')
+OK('local m = nn.Softmax(); local g = fa.randn(3, 2):t(); m:forward(x); local a = m:backward(x, g):clone(); return fa.maxAbsDiff(a, m:backward(x, g:contiguous())) < 1e-6', 'true')
+OK("return table.concat(nn.Linear(3, 4):forward(fa.empty(0, 3)):size(), 'x')", '0x4')
+OK("return table.concat(nn.LayerNorm(3):forward(fa.empty(0, 3)):size(), 'x')", '0x3')
+OK("return table.concat(nn.Conv2d(3, 4, 3):forward(fa.empty(0, 3, 5, 5)):size(), 'x')", '0x4x3x3')
+OK("return nn.MSECriterion():forward(fa.empty(0), fa.empty(0))", 'nan')
+OK("return nn.CrossEntropyCriterion():forward(fa.empty(0, 3), fa.empty({0}, 'int64'))", 'nan')
+OK("return table.concat(F.softmax(fa.randn(1, 1, 1, 1, 1, 1, 1, 3), 8):size(), 'x')", '1x1x1x1x1x1x1x3')
+
 ---------------------------------------------------------------------------- fa.optim
 AREA 'optim'
 local FE = 'local p = fa.randn(4); local g = fa.randn(4); local function f() return 0, g end; '
@@ -843,6 +897,7 @@ OK('return fa.cuda.isAvailable() == (fa.cuda.deviceCount() > 0)', 'true')
 
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
+if has_gpu then H.VMEM_KB = nil end
 
 describe('hostile inputs (issue 7)', function()
   local results
