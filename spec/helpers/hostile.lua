@@ -260,6 +260,7 @@ local function spec_text(spec)
   if type(spec) == 'table' then
     local t = {}
     for i, s in ipairs(spec) do t[i] = spec_text(s) end
+    if #t > 4 then return '(' .. t[1] .. ' | ... ' .. (#t - 1) .. ' variants)' end
     return '(' .. table.concat(t, ' | ') .. ')'
   end
   return spec
@@ -272,7 +273,6 @@ function H.check_error(row, msg)
   local prefix = '^' .. plain(row.name) .. ':%d+: '
   local body
   if msg:find(prefix) then body = msg:gsub(prefix, '', 1)
-  elseif row.nopos then body = msg
   else return 'not raised at the caller\'s line (no "' .. row.name .. ':N:" prefix): ' .. msg end
   for _, f in ipairs(H.FORBIDDEN) do
     if body:find(f[1]) then return 'message contains ' .. f[2] .. ': ' .. msg end
@@ -304,6 +304,16 @@ function H.verdict(row, res)
       return 'returned ' .. res.msg .. ' (expected ' .. row.want .. ' or an error)'
     end
     return H.check_error(row, res.msg)
+  end
+  if row.kind == 'ret' then
+    if res.status ~= 'R' then return 'raised instead of returning a message: ' .. res.msg end
+    for _, f in ipairs(H.FORBIDDEN) do
+      if res.msg:find(f[1]) then return 'message contains ' .. f[2] .. ': ' .. res.msg end
+    end
+    for _, spec in ipairs(row.pats or {}) do
+      if not match_spec(res.msg, spec) then return 'message does not match ' .. spec_text(spec) .. ': ' .. res.msg end
+    end
+    return nil
   end
   if res.status == 'R' then return 'no error raised (silently accepted; returned ' .. res.msg .. ')' end
   return H.check_error(row, res.msg)
