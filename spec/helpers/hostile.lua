@@ -2,7 +2,7 @@
 -- child processes (luajit, same LUA_PATH), a batch of rows per child, each row under pcall in a fresh
 -- environment with a full collection after it (so memory corruption crashes at its own row). When a child
 -- dies or hangs, the rows it did not report are rerun one per child, which names the crashing row.
--- The same file is the child: `luajit spec/helpers/hostile.lua <rows file> <results file>`.
+-- The same file is the child: `luajit spec/helpers/hostile.lua <rows file> <results file> <temp dir>`.
 --
 --   H.run(rows)          -> results[i] = {status = 'E'|'R'|'S'|'X', msg = text} for rows[i] ({code=, name=})
 --                           E: raised msg; R: returned (msg = the returned value as text); S: the row does not
@@ -11,6 +11,7 @@
 local H = {}
 
 H.BATCH = 40
+H.LUAJIT = os.getenv('LUAJIT') or 'luajit'
 H.BATCH_TIMEOUT = 20  -- seconds for a child of a whole batch
 H.ROW_TIMEOUT = 10    -- seconds for a child of one row
 -- address-space cap of a child, so that a huge allocation fails at once instead of swapping (nil: no cap;
@@ -85,7 +86,7 @@ local function make_env(fa, dir)
   return env
 end
 
-local function child(infile, outfile)
+local function child(infile, outfile, base)
   local rows = dofile(infile)
   local out = assert(io.open(outfile, 'w'))
   local okfa, fa = pcall(require, 'fastattn')
@@ -95,9 +96,6 @@ local function child(infile, outfile)
     return
   end
   local threads = fa.getNumThreads()
-  local base = os.tmpname()
-  os.remove(base)
-  os.execute("mkdir -p '" .. base .. "'")
   for _, r in ipairs(rows) do
     local dir = base .. '/' .. r.id
     os.execute("mkdir -p '" .. dir .. "'")
@@ -129,7 +127,6 @@ local function child(infile, outfile)
     out:flush()
   end
   out:close()
-  os.execute("rm -rf '" .. base .. "'")
 end
 
 ---------------------------------------------------------------------------- parent side
@@ -156,8 +153,9 @@ local function run_jobs(jobs, dir)
   for j, job in ipairs(jobs) do
     local p = dir .. '/job' .. j
     write_rows(p .. '.rows', job.rows)
-    cmd[#cmd + 1] = string.format('(%s %s timeout -s KILL %d luajit %s %s %s >/dev/null 2>%s; echo $? >%s) &',
-      H.VMEM_KB and ('ulimit -v ' .. H.VMEM_KB .. ';') or '', env, job.timeout, shq(here), shq(p .. '.rows'), shq(p .. '.out'), shq(p .. '.err'), shq(p .. '.rc'))
+    cmd[#cmd + 1] = string.format('(%s %s timeout -s KILL %d %s %s %s %s %s >/dev/null 2>%s; echo $? >%s) &',
+      H.VMEM_KB and ('ulimit -v ' .. H.VMEM_KB .. ';') or '', env, job.timeout, H.LUAJIT, shq(here), shq(p .. '.rows'),
+      shq(p .. '.out'), shq(p .. '.tmp'), shq(p .. '.err'), shq(p .. '.rc'))
   end
   cmd[#cmd + 1] = 'wait'
   os.execute(table.concat(cmd, '\n'))
@@ -320,7 +318,7 @@ function H.verdict(row, res)
 end
 
 -- child mode
-if select('#', ...) == 2 and arg and arg[0] and arg[0]:match('hostile%.lua$') then
+if select('#', ...) == 3 and arg and arg[0] and arg[0]:match('hostile%.lua$') then
   child(...)
   os.exit(0)
 end
