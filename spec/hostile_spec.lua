@@ -1037,6 +1037,45 @@ EITHER('fa.manualSeed(2^53); local r = fa.randn(2):numel(); return r', '2', 'fa.
 EITHER("fa.setDefaultDtype('float16'); local r = fa.zeros(2):dtype(); return r", 'float16', 'fa.setDefaultDtype', A('dtype', '"float16"'))
 OK("pcall(fa.setDefaultDtype, 'int64'); return fa.getDefaultDtype()", 'float32')
 
+-- fa.F's buffer convention: forwards take {out = t}, backwards {grad_x = t | false}
+AREA 'functional'
+local W3 = 'fa.randn(4, 3)'
+E('F.linear(x, ' .. W3 .. ', nil, {out = fa.empty(2, 5)})', 'fa.F.linear', A('out', '2x5'))
+E('F.linear(x, ' .. W3 .. ', nil, {out = fa.zeros(1, 4):expand(2, 4)})', 'fa.F.linear', { A('out'), OVERLAP })
+E('F.linear(x, ' .. W3 .. ', nil, {out = fa.empty(2, 4):double()})', 'fa.F.linear', A('out', 'float64'))
+E("F.linear(x, " .. W3 .. ", nil, {out = 'o'})", 'fa.F.linear', A('out', '"o"'))
+E('F.linear(x, ' .. W3 .. ', nil, {outt = fa.empty(2, 4)})', 'fa.F.linear', 'unknown option "outt"')
+EITHER('local w = ' .. W3 .. '; local o = fa.empty(4, 2):t(); F.linear(x, w, nil, {out = o}); local r = fa.maxAbsDiff(o, F.linear(x, w)) < 1e-6; return r', 'true', 'fa.F.linear', A('out'))
+OK('local r = F.gelu(x); F.gelu(x, {out = x}); return x:equal(r)', 'true')
+E('F.relu(x, {out = e})', 'fa.F.relu', { A('out'), OVERLAP })
+E('F.relu(x, {out = fa.empty(3, 2)})', 'fa.F.relu', A('out', '3x2'))
+E('F.conv2d(' .. I4 .. ', ' .. W4 .. ', nil, {stride = 1, out = fa.empty(1, 4, 3, 3):double()})', 'fa.F.conv2d', A('out', 'float64'))
+E('F.conv2d(' .. I4 .. ', ' .. W4 .. ', nil, {stride = 1, out = fa.empty(1, 4, 4, 4)})', 'fa.F.conv2d', A('out', '1x4x4x4'))
+E('F.dropout(x, 0.5, true, {mask = fa.empty(2, 3)})', 'fa.F.dropout', A('mask', 'float32'))
+E('F.cross_entropy(fa.randn(2, 3), tgt(1, 2), {out = fa.empty(2)})', 'fa.F.cross_entropy', A('out', '2'))
+E('F.softmax(x, -1, {out = fa.empty(2, 3):double()})', 'fa.F.softmax', A('out', 'float64'))
+E('F.layer_norm(x, 3, nil, nil, 1e-5, {mean = fa.empty(3)})', 'fa.F.layer_norm', A('mean', '3'))
+local LB = 'local g, w = fa.randn(2, 4), ' .. W3 .. '; '
+E(LB .. 'F.linear_backward(g, x, w, {grad_input = fa.empty(2, 2)})', 'fa.F.linear_backward', A('grad_input', '2x2'))
+E(LB .. 'F.linear_backward(g, x, w, {grad_weight = fa.empty(4, 3):double()})', 'fa.F.linear_backward', A('grad_weight', 'float64'))
+E(LB .. "F.linear_backward(g, x, w, {grad_weight = 'x'})", 'fa.F.linear_backward', A('grad_weight', '"x"'))
+E(LB .. "F.linear_backward(g, x, w, {grad_weight = fa.zeros(1, 3):expand(4, 3)})", 'fa.F.linear_backward', { A('grad_weight'), OVERLAP })
+E(LB .. "F.linear_backward('g', x, w)", 'fa.F.linear_backward', A('gradOutput|grad_output', '"g"'))
+E(LB .. 'F.linear_backward(fa.randn(2, 5), x, w)', 'fa.F.linear_backward', A('gradOutput|grad_output', '2x5'))
+OK(LB .. 'local a, b, c = F.linear_backward(g, x, w, {grad_input = false, grad_weight = false, grad_bias = false}); return a == nil and b == nil and c == nil', 'true')
+OK(LB .. 'local gw = fa.ones(4, 3); F.linear_backward(g, x, w, {grad_weight = gw, grad_input = false, grad_bias = false}); return fa.maxAbsDiff(gw, g:t():matmul(x) + 1) < 1e-5', 'true')
+E('local o = F.softmax(x); F.softmax_backward(fa.randn(2, 3), o, 3)', 'fa.F.softmax_backward', A('dim', '3'))
+E('local o = F.softmax(x); F.softmax_backward(fa.randn(3, 2), o, -1)', 'fa.F.softmax_backward', A('gradOutput|grad_output', '3x2'))
+E('F.dropout_backward(fa.randn(2, 3), fa.zeros(2, 3), 0.5)', 'fa.F.dropout_backward', A('mask', 'float32'))
+E("F.dropout_backward(fa.randn(2, 3), fa.zeros(2, 3):bool(), 1.5)", 'fa.F.dropout_backward', A('p', '1%.5'))
+E("F.mse_loss_backward('a', x, x)", 'fa.F.mse_loss_backward', A('gradLoss|grad_loss|grad_output', '"a"'))
+E('F.cross_entropy_backward(nil, fa.randn(2, 3), tgt(0, 1))', 'fa.F.cross_entropy_backward', "argument 'target'", '0', { '1%.%.3', '%[1, 3%]' })
+E('F.grid_sample_backward(fa.randn(1, 2, 3, 3), ' .. GI .. ', ' .. GG .. ')', 'fa.F.grid_sample_backward', A('gradOutput|grad_output', '1x2x3x3'))
+E('local o, m, r = F.layer_norm(x, 3); F.layer_norm_backward(fa.randn(2, 3), x, fa.empty(3), r, nil, 3)', 'fa.F.layer_norm_backward', A('mean', '3'))
+E('F.gelu_backward(fa.randn(2, 3), x, {output = fa.empty(3)})', 'fa.F.gelu_backward', A('output', '3'))
+E('F.gelu_backward(fa.randn(2, 3), x, {grad_input = e})', 'fa.F.gelu_backward', { A('grad_input'), OVERLAP })
+OK('return nn.Linear(3, 4):namedGradParameters().weight:numel()', '12')
+
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
 if has_gpu then H.VMEM_KB = nil end
