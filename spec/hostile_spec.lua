@@ -1076,6 +1076,18 @@ E('F.gelu_backward(fa.randn(2, 3), x, {output = fa.empty(3)})', 'fa.F.gelu_backw
 E('F.gelu_backward(fa.randn(2, 3), x, {grad_input = e})', 'fa.F.gelu_backward', { A('grad_input'), OVERLAP })
 OK('return nn.Linear(3, 4):namedGradParameters().weight:numel()', '12')
 
+-- extra arguments that change the meaning (Torch7's x:log(y) writes log(y) into x; sum over two dims)
+AREA 'math'
+EITHER('local a = fa.rand(2, 3) + 1; local r = x:clone():log(a); r = fa.maxAbsDiff(r, a:log()) < 1e-6; return r', 'true', 'Tensor:log', 'argument')
+EITHER('local a = fa.rand(2, 3); local r = x:clone():sqrt(a); r = fa.maxAbsDiff(r, a:sqrt()) < 1e-6; return r', 'true', 'Tensor:sqrt', 'argument')
+EITHER('local r = x:sum(1, 2); r = type(r) ~= "number" and r:numel() == 1 and math.abs(r:sum() - x:sum()) < 1e-5; return r', 'true', 'Tensor:sum', '2')
+EITHER("local r = x:clone('float64'):dtype(); return r", 'float64', 'Tensor:clone', '"float64"')
+AREA 'nn'
+E('nn.View(inf)', 'fa.nn.View', A('sizes?', 'inf'))
+E('nn.View(1, 1, 1, 1, 1, 1, 1, 1, 1)', 'fa.nn.View', '8')
+E("nn.View({2, 'a'})", 'fa.nn.View', A('sizes?', '"a"'))
+E("nn.View(2, 3):setNumInputDims(1.5)", 'fa.nn.View:setNumInputDims', A('n|numInputDims', '1%.5'))
+
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
 if has_gpu then H.VMEM_KB = nil end
