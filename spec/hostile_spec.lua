@@ -946,7 +946,6 @@ OK('local r = fa.zeros(1, 3):expand(2, 3); r:resize(6); r:fill(2); return r:sum(
 OK('x[1] = x[2]; return x[1]:equal(x[2])', 'true')
 E('x[1] = x', IDX, A('value|src', '2x3'))
 E('return x[xi]', IDX, 'index')
-E("return x['1']", IDX, 'index', '"1"')
 OK('return x[2][3] == x:get(2, 3)', 'true')
 AREA 'conversion'
 E("fa.tensor({1e20}, 'int64')", 'fa.tensor', { 'overflow', 'range', 'int64' })
