@@ -1131,6 +1131,26 @@ EITHER('local o = F.softmax(x); local g = fa.randn(2, 3); local r0 = F.softmax_b
 OK('local p = x:clone():view(6); optim.sgd(function() return 0, p end, p, {lr = 0.5}); return fa.maxAbsDiff(p, x:view(6) * 0.5) < 1e-6', 'true')
 OK('local m, m2 = nn.Linear(3, 4), nn.Linear(3, 4); local p = m:getParameters(); m:loadStateDict(m2:stateDict()); return p:narrow(1, 1, 12):equal(m2.weight:view(12)) and p:narrow(1, 13, 4):equal(m2.bias)', 'true')
 
+AREA 'numerics'
+EITHER("local r = fa.tensor({true, true, false}, 'bool'):sum(); return r", '2', 'Tensor:sum', 'bool')
+OK("return fa.tensor({1, 2, 3}, 'int32'):sum()", '6')
+OK('return xi:max() .. xi:argmax()', '33')
+OK('return fa.ones(2^25):sum()', '33554432')
+OK('return fa.ones(2^25):mean()', '1')
+OK('return fa.ones(1, 2^25):sum(2):item()', '33554432')
+OK("return table.concat(F.softmax(fa.tensor({1000, 0})):table(), ',')", '1,0')
+OK("return table.concat(F.log_softmax(fa.tensor({1000, 0})):table(), ',')", '0,-1000')
+OK('return F.cross_entropy(fa.tensor({{1000, 0}}), tgt(2)):item()', '1000')
+OK('return F.layer_norm(fa.ones(2, 3), 3):abs():sum()', '0')
+OK("local t = F.gelu(fa.tensor({-1e4, 1e4})):table(); return tostring(t[1] == 0) .. t[2]", 'true10000')
+OK("return table.concat(F.sigmoid(fa.tensor({-1e4, 1e4})):table(), ',') .. ',' .. table.concat(F.tanh(fa.tensor({-1e4, 1e4})):table(), ',')", '0,1,-1,1')
+OK('return fa.arange(0, 1, 0.1):numel() .. fa.arange(0, 0.3, 0.1):numel()', '103')
+OK('return fa.arange(1, 2.5):dtype()', 'float32')
+EITHER("local r = fa.tensor({1, 2, 3}, 'int64'):view(1, 3):matmul(fa.tensor({1, 2, 3}, 'int64'):view(3, 1)):item(); return r", '14', 'Tensor:matmul', 'int64')
+OK('return fa.tensor({1, 3, 3}):argmax()', '2')
+OK('local v, i = fa.tensor({{1}, {nan}}):max(1); return tostring(v:item() ~= v:item()) .. i:item()', 'true2')
+OK('return fa.tensor({nan, 1}):argmax()', '1')
+
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
 if has_gpu then H.VMEM_KB = nil end
