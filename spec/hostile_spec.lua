@@ -1151,6 +1151,17 @@ OK('return fa.tensor({1, 3, 3}):argmax()', '2')
 OK('local v, i = fa.tensor({{1}, {nan}}):max(1); return tostring(v:item() ~= v:item()) .. i:item()', 'true2')
 OK('return fa.tensor({nan, 1}):argmax()', '1')
 
+AREA 'io'
+-- a save that fails half-way (file size limit: EFBIG) raises fa.save's error, leaves the previous checkpoint as it
+-- was and no temporary file beside it
+OK([[local p = T .. '/ck.safetensors'; fa.save(p, {a = x})
+local sf = T .. '/w.lua'; local f = io.open(sf, 'w')
+f:write("local fa = require 'fastattn'; local ok, e = pcall(fa.save, arg[1], {a = fa.zeros(100000)}); io.write(ok and 'saved' or e)"); f:close()
+local h = io.popen("bash -c \"trap '' XFSZ; ulimit -f 4; " .. (os.getenv('LUAJIT') or 'luajit') .. " '" .. sf .. "' '" .. p .. "'\" 2>&1")
+local out = h:read('*a'); h:close()
+local n = 0; for _ in io.popen('ls ' .. T):lines() do n = n + 1 end
+return tostring(fa.load(p).a:equal(x)) .. ',' .. tostring(out:find('fa%.save: ') ~= nil) .. ',' .. n]], 'true,true,2')
+
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
 if has_gpu then H.VMEM_KB = nil end
