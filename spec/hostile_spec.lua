@@ -1162,6 +1162,19 @@ local out = h:read('*a'); h:close()
 local n = 0; for _ in io.popen('ls ' .. T):lines() do n = n + 1 end
 return tostring(fa.load(p).a:equal(x)) .. ',' .. tostring(out:find('fa%.save: ') ~= nil) .. ',' .. n]], 'true,true,2')
 
+AREA 'nn'
+E('local m = nn.Linear(3, 4); m.weight = fa.randn(5, 3); m:forward(x)', 'fa.nn.Linear:forward', A('weight|bias', ''))
+E('local m = nn.Linear(3, 4); m.weight = nil; m:forward(x)', 'fa.nn.Linear:forward', A('weight', 'nil'))
+E('local m = nn.Linear(3, 4); m.bias = fa.randn(3); m:forward(x)', 'fa.nn.Linear:forward', A('bias', '3'))
+E('local m = nn.LayerNorm(3); m.weight = fa.randn(4); m:forward(x)', 'fa.nn.LayerNorm:forward', A('weight', '4'))
+E('local m = nn.Conv2d(3, 4, 3); m.weight = fa.randn(4, 2, 3, 3); m:forward(fa.randn(1, 3, 5, 5))', 'fa.nn.Conv2d:forward', A('weight|input', ''))
+E('nn.Module():forward(x)', 'fa.nn.Module:forward', { 'implement', 'abstract', 'override', 'no forward' })
+E('nn.Criterion():forward(x, x)', 'fa.nn.Criterion:forward', { 'implement', 'abstract', 'override', 'no forward' })
+AREA 'optim'
+E(FE .. "local st = {}; optim.adam(f, p, {}, st); st.t = 'x'; optim.adam(f, p, {}, st)", 'fa.optim.adam', A('state%.t|state', '"x"'))
+E('optim.CosineLR{lr = 0.1, T_max = 10, warmup = 10}', 'fa.optim.CosineLR', A('warmup', '10'))
+E('local s = optim.StepLR{lr = 0.1, step_size = 2}; s:get(1.5)', { 'fa.optim.StepLR:get', 'StepLR:get' }, A('step', '1%.5'))
+
 ---------------------------------------------------------------------------- the spec
 local has_gpu = fa.C.fa_has_cuda() ~= 0 and fa.C.fa_cuda_device_count() > 0
 if has_gpu then H.VMEM_KB = nil end
