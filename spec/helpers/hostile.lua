@@ -146,16 +146,31 @@ end
 
 -- runs the jobs {rows = {...}, timeout = s} in parallel children; returns, per job, {results = {id = {status,
 -- msg}}, rc = exit status, err = stderr tail}
+-- a search path with its relative entries made absolute (children run in their temp dir, so that a row
+-- writing to a relative path writes there, not into the checkout)
+local function absolute(path, cwd)
+  local out = {}
+  for entry in (path .. ';'):gmatch('([^;]*);') do
+    if entry ~= '' and entry:sub(1, 1) ~= '/' then entry = cwd .. '/' .. entry:gsub('^%./', '') end
+    out[#out + 1] = entry
+  end
+  return table.concat(out, ';')
+end
+
 local function run_jobs(jobs, dir)
   local cmd = {}
-  local env = 'LUA_PATH=' .. shq(package.path) .. ' LUA_CPATH=' .. shq(package.cpath)
+  local h = io.popen('pwd')
+  local cwd = h:read('*l')
+  h:close()
+  local env = 'LUA_PATH=' .. shq(absolute(package.path, cwd)) .. ' LUA_CPATH=' .. shq(absolute(package.cpath, cwd))
               .. ' OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1'
+  local script = here:sub(1, 1) == '/' and here or (cwd .. '/' .. here:gsub('^%./', ''))
   for j, job in ipairs(jobs) do
     local p = dir .. '/job' .. j
     write_rows(p .. '.rows', job.rows)
-    cmd[#cmd + 1] = string.format('(%s %s timeout -s KILL %d %s %s %s %s %s >/dev/null 2>%s; echo $? >%s) &',
-      H.VMEM_KB and ('ulimit -v ' .. H.VMEM_KB .. ';') or '', env, job.timeout, H.LUAJIT, shq(here), shq(p .. '.rows'),
-      shq(p .. '.out'), shq(p .. '.tmp'), shq(p .. '.err'), shq(p .. '.rc'))
+    cmd[#cmd + 1] = string.format('(mkdir -p %s && cd %s && %s %s timeout -s KILL %d %s %s %s %s %s >/dev/null 2>%s; echo $? >%s) &',
+      shq(p .. '.tmp'), shq(p .. '.tmp'), H.VMEM_KB and ('ulimit -v ' .. H.VMEM_KB .. ';') or '', env, job.timeout,
+      H.LUAJIT, shq(script), shq(p .. '.rows'), shq(p .. '.out'), shq(p .. '.tmp'), shq(p .. '.err'), shq(p .. '.rc'))
   end
   cmd[#cmd + 1] = 'wait'
   os.execute(table.concat(cmd, '\n'))
