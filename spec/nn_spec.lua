@@ -500,7 +500,7 @@ describe('error messages', function()
   it('Conv2d, LayerNorm, Softmax, criterions and F name what is wrong', function()
     local conv = nn.Conv2d(3, 4, 3)
     has(err_of(conv.forward, conv, fa.randn(1, 2, 5, 5)), "fa.nn.Conv2d:forward: argument 'input': expected a tensor of size (N, 3, H, W), got a float32 tensor of size 1x2x5x5")
-    has(err_of(conv.forward, conv, fa.randn(1, 3, 2, 2)), 'smaller than the (dilated) kernel 3x3')
+    has(err_of(conv.forward, conv, fa.randn(1, 3, 2, 2)), "argument 'input': expected a tensor of size (N, C, H, W) with H + 2*padding >= 3 and W + 2*padding >= 3 (the dilated kernel 3x3, padding 0x0), got a float32 tensor of size 1x3x2x2")
     local ln = nn.LayerNorm({ 3, 4 })
     has(err_of(ln.forward, ln, fa.randn(2, 4, 3)), "fa.nn.LayerNorm:forward: argument 'input': expected a tensor of size (..., 3, 4) (normalized_shape), got a float32 tensor of size 2x4x3")
     local sm = nn.Softmax(3)
@@ -515,7 +515,7 @@ describe('error messages', function()
     has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 3)), "fa.F.grid_sample: argument 'grid'", 'got a float32 tensor of size 1x2x2x3')
     has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 2), { padding_mode = 'reflection' }), "'padding_mode'")
     has(err_of(nn.Dropout, 1.5), "fa.nn.Dropout: argument 'p'")
-    has(err_of(nn.Conv2d, 3, 4, 3, 1, 0, 1, 2), "argument 'groups': 2 does not divide in_channels 3")
+    has(err_of(nn.Conv2d, 3, 4, 3, 1, 0, 1, 2), "argument 'groups': expected a divisor of in_channels 3 and out_channels 4, got 2")
   end)
 
   it('the C layer errors come through with the Lua names', function()
@@ -789,7 +789,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() nn.Linear(3, 2):forward({ x }) end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got a table" },
     { function() nn.Linear(3, 2)() end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got nil" },
     { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 3)) end,
-      "fa.nn.Linear:backward: argument 'gradOutput': expected a tensor of size 2x2 (the output's), got a float32 tensor of size 2x3" },
+      "fa.nn.Linear:backward: argument 'gradOutput': expected a float32 tensor of size 2x2 (the output's), got a float32 tensor of size 2x3" },
     { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 2), 'x') end,
       'fa.nn.Linear:backward: argument \'scale\': expected a number, got "x"' },
     { function() nn.Conv2d(3, 4, 3):forward(fa.randn(3, 5, 5)) end,

@@ -18,9 +18,12 @@ for name, opname in pairs({ GELU = 'gelu', ReLU = 'relu', Tanh = 'tanh', Sigmoid
     return op.unary(fn, id, input, { out = self.output })
   end
   function cls:updateGradInput(input, gradOutput)
-    local fn = self.__fnBackward
+    local fn = self.__fnUpdateGradInput
     E.tensor(fn, 'input', input)
-    E.tensor(fn, 'gradOutput', gradOutput)
+    nn._checkGradOutput(fn, gradOutput, input, input:size())
+    if self.output == nil or not self.output:isSameSizeAs(input) then
+      E.fail(fn, 'expected the input of the last forward (call forward first)')
+    end
     self.gradInput = nn._buffer(self.gradInput, input:size(), input)
     return op.unary_backward(fn, id, gradOutput, input, { output = self.output, grad_input = self.gradInput })
   end
@@ -54,9 +57,12 @@ for name, log in pairs({ Softmax = false, LogSoftmax = true }) do
     return op.softmax(fn, log, input, self.dim, { out = self.output })
   end
   function cls:updateGradInput(input, gradOutput)
-    local fn = self.__fnBackward
+    local fn = self.__fnUpdateGradInput
     E.tensor(fn, 'input', input)
-    E.tensor(fn, 'gradOutput', gradOutput)
+    nn._checkGradOutput(fn, gradOutput, input, input:size())
+    if self.output == nil or not self.output:isSameSizeAs(input) then
+      E.fail(fn, 'expected the input of the last forward (call forward first)')
+    end
     self.gradInput = nn._buffer(self.gradInput, input:size(), input)
     return op.softmax_backward(fn, log, gradOutput, self.output, self.dim, { grad_input = self.gradInput })
   end

@@ -17,7 +17,9 @@ function Criterion:__init()
   nn.Module.__init(self)
 end
 function Criterion:forward(input, target) return self:updateOutput(input, target) end
-function Criterion:backward(input, target, gradOutput) return self:updateGradInput(input, target, gradOutput) end
+function Criterion:backward(input, target, gradOutput)
+  return nn._as(self, self.__fnBackward, self.updateGradInput, input, target, gradOutput)
+end
 
 -- a kept tensor holding the gradient of the loss: gradOutput (a tensor or a number), or ones (0-D for
 -- mean/sum, `shape` for none)
@@ -66,7 +68,7 @@ function MSECriterion:updateOutput(input, target)
 end
 
 function MSECriterion:updateGradInput(input, target, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   E.tensor(fn, 'input', input)
   local g = self:_gradLoss(fn, input, self._red == NONE and input:size() or {}, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
@@ -117,7 +119,7 @@ function CrossEntropyCriterion:updateOutput(input, target)
 end
 
 function CrossEntropyCriterion:updateGradInput(input, target, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   E.tensor(fn, 'input', input)
   local g = self:_gradLoss(fn, input, loss_shape(self._red, input), gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)

@@ -39,7 +39,7 @@ function GridSample:updateOutput(input)
 end
 
 function GridSample:updateGradInput(input, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   local x, grid = self:_unpack(fn, input)
   E.tensor(fn, 'input', x)
   E.tensor(fn, 'grid', grid)
