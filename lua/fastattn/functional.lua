@@ -67,17 +67,40 @@ end
 
 local function new_like(shape, x) return fa.empty(shape, { dtype = x.desc.dtype, device = x.desc.device }) end
 
+-- the bytes of memory and swap of this machine (Linux: /proc/meminfo), false where unknown
+local host_bytes
+local function host_memory()
+  if host_bytes == nil then
+    host_bytes = false
+    local f = io.open('/proc/meminfo')
+    if f then
+      local s = f:read('*a')
+      f:close()
+      local mem, swap = s:match('MemTotal:%s*(%d+) kB'), s:match('SwapTotal:%s*(%d+) kB')
+      if mem then host_bytes = (tonumber(mem) + (tonumber(swap) or 0)) * 1024 end
+    end
+  end
+  return host_bytes
+end
+F._host_memory = host_memory
+
 -- an output of `shape` like x, allocated for fn: a size that cannot be allocated is reported under fn's name,
--- with the size (what: 'the output', ...)
+-- with the size (what: 'the output', ...); a CPU size beyond the machine's memory and swap is refused before
+-- it is asked for (where memory is overcommitted, the allocation would succeed and the op be killed later)
 local function alloc(fn, shape, x, what)
   local n = 1
   for _, v in ipairs(shape) do n = n * v end
-  local es = tonumber(C.fa_dtype_size(x.desc.dtype))
-  local ok, t = true, nil
-  if n < 2 ^ 53 then ok, t = pcall(fa.empty, shape, { dtype = x.desc.dtype, device = x.desc.device }) end
-  if n >= 2 ^ 53 or not ok then
-    E.fail(fn, '%s of size %s (%s bytes) is too large to allocate', what, table.concat(shape, 'x'),
-           E.describe(n * es))
+  local bytes = n * tonumber(C.fa_dtype_size(x.desc.dtype))
+  local ok, t, why = false, nil, ''
+  local host = x.desc.device < 0 and host_memory()
+  if host and bytes > host then
+    why = ' (more than the memory and swap of this machine)'
+  elseif n < 2 ^ 53 then
+    ok, t = pcall(fa.empty, shape, { dtype = x.desc.dtype, device = x.desc.device })
+  end
+  if not ok then
+    E.fail(fn, '%s of size %s (%s bytes) is too large to allocate%s', what, table.concat(shape, 'x'),
+           bytes < 2 ^ 53 and string.format('%d', bytes) or string.format('%.4g', bytes), why)
   end
   return t
 end
@@ -104,9 +127,11 @@ end
 -- (`elementwise`) may read the very view they write, element by element; for the others (a matrix product,
 -- a convolution, sampling) any overlap is copied. An output buffer must have its elements distinct in memory
 -- and must not overlap another output. Returns the inputs, in order.
+local OUT_ORDER = { 'out', 'mean', 'rstd', 'mask', 'grad_input', 'grad_grid', 'grad_weight', 'grad_bias' }
 local function unalias(fn, outs, elementwise, ...)
   local names, bufs = {}, {}
-  for name, t in pairs(outs) do
+  for _, name in ipairs(OUT_ORDER) do
+    local t = outs[name]
     if t then
       fa._check_writable(fn, t, name)
       for i, other in ipairs(bufs) do

@@ -67,12 +67,17 @@ function nn._param(fn, shape, args)
   local n = 1
   for _, v in ipairs(shape) do n = n * v end
   local ok, t = false, nil
-  if n < 2 ^ 53 then ok, t = pcall(fa.empty, shape) end
+  local host = require('fastattn.functional')._host_memory()
+  local es = tonumber(C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype())))
+  -- beyond the machine's memory: refused before it is asked for (an overcommitted allocation would succeed and
+  -- the initialisation be killed)
+  if n < 2 ^ 53 and not (host and n * es > host) then ok, t = pcall(fa.empty, shape) end
   if not ok then
     local q = {}
     for i, a in ipairs(args) do q[i] = "'" .. a .. "'" end
     E.fail(fn, "argument%s %s: a parameter of size %s (%s elements) is too large to allocate", #q > 1 and 's' or '',
-           table.concat(q, ', '), table.concat(shape, 'x'), E.describe(n))
+           table.concat(q, ', '), table.concat(shape, 'x'),
+           n < 2 ^ 53 and string.format('%d', n) or string.format('%.4g', n))
   end
   return t
 end
