@@ -840,7 +840,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() local s = nn.Sequential(nn.Linear(3, 4)); s:forward(x); s:backward(x) end,
       "fa.nn.Sequential:backward: module 1 (fa.nn.Linear): argument 'gradOutput': expected a tensor, got nil" },
     { function() nn.Sequential():add(5) end, "fa.nn.Sequential:add: argument 'module': expected a module, got 5" },
-    { function() nn.Sequential():remove(1) end, "fa.nn.Sequential:remove: argument 'index': expected an integer in 1..0, got 1" },
+    { function() nn.Sequential():remove(1) end, "fa.nn.Sequential:remove: argument 'index': expected an index into the modules, but the container is empty, got 1" },
     { function() nn.ModuleList({ nn.ReLU() }):forward(x) end,
       'fa.nn.ModuleList:forward: a ModuleList has no forward: call its modules' },
     { function() nn.Linear(3, 2):type('int64') end,
@@ -1105,6 +1105,27 @@ describe('hardening (issue 7): aliasing, names, containers', function()
     local oc = c:forward(fa.randn(1, 3, 5, 5))
     local wantc = F.conv2d(oc, c.weight, c.bias, { padding = 1 })
     assert.is_true(fa.maxAbsDiff(c:forward(oc), wantc) < 1e-5)
+  end)
+
+  it('gradOutput is checked against what the module needs (GridSample, criterions)', function()
+    local m, i = nn.GridSample(), { fa.randn(1, 2, 3, 3), fa.rand(1, 3, 3, 2) }
+    m:forward(i)
+    fails("fa.nn.GridSample:backward: argument 'gradOutput': expected a float32 tensor of size 1x2x3x3 (the output's), " ..
+          'got a float32 tensor of size 1x2x3x2', function() m:backward(i, fa.randn(1, 2, 3, 2)) end)
+    local x = fa.randn(2, 3)
+    local c = nn.MSECriterion('none')
+    c:forward(x, x)
+    fails("fa.nn.MSECriterion:backward: argument 'gradOutput': expected a float32 tensor of size 2x3 (the loss's, " ..
+          "reduction 'none'), got a float32 tensor of size 3x2", function() c:backward(x, x, fa.randn(3, 2)) end)
+    local ce, t = nn.CrossEntropyCriterion(), fa.tensor({ 1, 2 }, 'int64')
+    ce:forward(x, t)
+    fails("fa.nn.CrossEntropyCriterion:backward: argument 'gradOutput': expected a float32 tensor of size [] (one " ..
+          'element: the loss is reduced), got a float32 tensor of size 2', function() ce:backward(x, t, fa.randn(2)) end)
+    -- a one-element tensor scales the gradient of a reduced loss
+    local g1 = ce:backward(x, t):clone()
+    assert.is_true(fa.maxAbsDiff(ce:backward(x, t, fa.full({ 1 }, 2)), g1 * 2) < 1e-6)
+    fails("fa.nn.Sequential:insert: argument 'index': expected an integer in 1..1, got 3",
+          function() nn.Sequential():insert(nn.Linear(2, 2), 3) end)
   end)
 
   it('MSDeformAttn checks the levels against input_flatten itself', function()

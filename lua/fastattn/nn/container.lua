@@ -52,15 +52,17 @@ function Container:_add(fn, name, m, index)
   return self
 end
 
-function Container:add(m, index)
-  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':add'
+local function add(self, name, m, index)
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. name
   if not nn.isModule(m) then E.argv(fn, 'module', 'a module', m) end
   E.integer(fn, 'index', index, 1, #self.modules + 1, true)
   return self:_add(fn, 'module', m, index)
 end
-function Container:insert(m, index) return self:add(m, index) end
+function Container:add(m, index) return add(self, ':add', m, index) end
+function Container:insert(m, index) return add(self, ':insert', m, index) end
 function Container:remove(index)
   local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':remove'
+  if #self.modules == 0 then E.argv(fn, 'index', 'an index into the modules, but the container is empty', index) end
   index = E.integer(fn, 'index', index == nil and #self.modules or index, 1, #self.modules)
   return table.remove(self.modules, index)
 end

@@ -25,7 +25,14 @@ end
 -- mean/sum, `shape` for none)
 function Criterion:_gradLoss(fn, like, shape, gradOutput)
   if gradOutput ~= nil then
-    if fa.isTensor(gradOutput) then return gradOutput end
+    if fa.isTensor(gradOutput) then
+      -- the loss's size: reduced losses take any one-element tensor
+      if #shape > 0 or gradOutput:numel() ~= 1 then
+        nn._checkGradOutput(fn, gradOutput, like, shape, #shape > 0 and "the loss's, reduction 'none'"
+                            or "one element: the loss is reduced")
+      end
+      return gradOutput
+    end
     E.number(fn, 'gradOutput', gradOutput)
     if #shape > 0 then
       E.argv(fn, 'gradOutput', 'a tensor of size ' .. table.concat(shape, 'x') .. " (reduction 'none')", gradOutput)
