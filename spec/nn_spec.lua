@@ -1073,6 +1073,8 @@ describe('hardening (issue 7): aliasing, names, containers', function()
     fails("fa.nn.Linear:apply: argument 'fn': expected a function, got \"x\"", function() nn.Linear(3, 4):apply('x') end)
     fails("fa.nn.MSDeformAttn: argument 'padding': expected 'zeros' or 'border', got \"reflect\"",
           function() nn.MSDeformAttn { padding = 'reflect' } end)
+    fails("fa.nn.MSDeformAttn: arguments 'd_model', 'n_levels', 'n_heads', 'n_points': parameters of 2.418e+24 elements " ..
+          'are too large to allocate', function() nn.MSDeformAttn { d_model = 2 ^ 40, n_heads = 1 } end)
   end)
 
   it('containers refuse a module already in them and cycles; get() checks its index', function()
