@@ -138,10 +138,11 @@ CASE.errors = {
     { input_flatten = fa.randn(2, 42, 16, 'float64') } },
   { fwd "'query': expected a float32 tensor on cpu %(the module's parameters.*got .*float64",
     { query = fa.randn(2, 5, 16, 'float64') } },
-  -- the levels against input_flatten and level_start_index: checked by the op
-  { "fa%.msda: argument 'spatial_shapes': expected .*int64.*got .*float32", { spatial_shapes = fa.ones(3, 2) } },
-  { "fa%.msda: argument 'value': expected S = 44 .*got 42",
+  { fwd "'spatial_shapes': expected an int64 or int32 %(L, 2%) tensor, got .*float32", { spatial_shapes = fa.ones(3, 2) } },
+  { fwd "'input_flatten': expected size %(N, S, 16%) with S = 44 %(the sum of H%*W over spatial_shapes%), got .*2x42x16",
     { spatial_shapes = i64({ { 5, 7 }, { 4, 2 }, { 1, 1 } }), level_start_index = i64({ 0, 35, 43 }) } },
+  { fwd "'spatial_shapes%[2%]': expected an integer in 0..2147483647, got 2%.5", { spatial_shapes = { { 5, 7 }, { 2.5, 2 }, { 1, 1 } } } },
+  -- level_start_index against the levels: checked by the op
   { "fa%.msda: argument 'level_start_index': expected 41 at level 3.*got 40", { level_start_index = i64({ 0, 35, 40 }) } },
   { "fa%.msda: argument 'level_start_index': expected 3 entries", { level_start_index = i64({ 0, 35 }) } },
   { "fa%.nn%.MSDeformAttn:backward: argument 'gradOutput': expected size 2x5x16 %(N, Lq, d_model%), got .*2x5x15",

@@ -500,7 +500,7 @@ describe('error messages', function()
   it('Conv2d, LayerNorm, Softmax, criterions and F name what is wrong', function()
     local conv = nn.Conv2d(3, 4, 3)
     has(err_of(conv.forward, conv, fa.randn(1, 2, 5, 5)), "fa.nn.Conv2d:forward: argument 'input': expected a tensor of size (N, 3, H, W), got a float32 tensor of size 1x2x5x5")
-    has(err_of(conv.forward, conv, fa.randn(1, 3, 2, 2)), 'smaller than the (dilated) kernel 3x3')
+    has(err_of(conv.forward, conv, fa.randn(1, 3, 2, 2)), "argument 'input': expected a tensor of size (N, C, H, W) with H + 2*padding >= 3 and W + 2*padding >= 3 (the dilated kernel 3x3, padding 0x0), got a float32 tensor of size 1x3x2x2")
     local ln = nn.LayerNorm({ 3, 4 })
     has(err_of(ln.forward, ln, fa.randn(2, 4, 3)), "fa.nn.LayerNorm:forward: argument 'input': expected a tensor of size (..., 3, 4) (normalized_shape), got a float32 tensor of size 2x4x3")
     local sm = nn.Softmax(3)
@@ -515,7 +515,7 @@ describe('error messages', function()
     has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 3)), "fa.F.grid_sample: argument 'grid'", 'got a float32 tensor of size 1x2x2x3')
     has(err_of(F.grid_sample, fa.randn(1, 2, 3, 3), fa.randn(1, 2, 2, 2), { padding_mode = 'reflection' }), "'padding_mode'")
     has(err_of(nn.Dropout, 1.5), "fa.nn.Dropout: argument 'p'")
-    has(err_of(nn.Conv2d, 3, 4, 3, 1, 0, 1, 2), "argument 'groups': 2 does not divide in_channels 3")
+    has(err_of(nn.Conv2d, 3, 4, 3, 1, 0, 1, 2), "argument 'groups': expected a divisor of in_channels 3 and out_channels 4, got 2")
   end)
 
   it('the C layer errors come through with the Lua names', function()
@@ -789,7 +789,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() nn.Linear(3, 2):forward({ x }) end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got a table" },
     { function() nn.Linear(3, 2)() end, "fa.nn.Linear:forward: argument 'input': expected a tensor, got nil" },
     { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 3)) end,
-      "fa.nn.Linear:backward: argument 'gradOutput': expected a tensor of size 2x2 (the output's), got a float32 tensor of size 2x3" },
+      "fa.nn.Linear:backward: argument 'gradOutput': expected a float32 tensor of size 2x2 (the output's), got a float32 tensor of size 2x3" },
     { function() local m = nn.Linear(3, 2); m:forward(x); m:backward(x, fa.randn(2, 2), 'x') end,
       'fa.nn.Linear:backward: argument \'scale\': expected a number, got "x"' },
     { function() nn.Conv2d(3, 4, 3):forward(fa.randn(3, 5, 5)) end,
@@ -797,8 +797,8 @@ describe('messages name the function and argument, at the caller line', function
     { function() nn.Conv2d(3, 4, 3):forward(fa.randn(1, 3, 5, 5):double()) end,
       "fa.nn.Conv2d:forward: argument 'input': expected a float32 tensor (the module's dtype), got a float64 tensor of size 1x3x5x5" },
     { function() nn.Conv2d(3, 4, 2.5) end, "fa.nn.Conv2d: argument 'kernel_size': expected a positive integer or {h, w}, got 2.5" },
-    { function() nn.Conv2d(3, 4, 3, 0) end, "fa.nn.Conv2d: argument 'stride': expected integers >= 1, got 0" },
-    { function() nn.Conv2d(3, 4, 3, 1, 1.5) end, "fa.nn.Conv2d: argument 'padding': expected an integer or {h, w}, got 1.5" },
+    { function() nn.Conv2d(3, 4, 3, 0) end, "fa.nn.Conv2d: argument 'stride': expected an integer >= 1 or {h, w}, got 0" },
+    { function() nn.Conv2d(3, 4, 3, 1, 1.5) end, "fa.nn.Conv2d: argument 'padding': expected an integer >= 0 or {h, w}, got 1.5" },
     { function() nn.LayerNorm(3):forward(x:double()) end,
       "fa.nn.LayerNorm:forward: argument 'input': expected a float32 tensor (the module's dtype), got a float64 tensor of size 2x3" },
     { function() nn.LayerNorm(4):forward(x) end,
@@ -832,7 +832,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() local m = nn.Flatten(); m:forward(x); m:backward(x) end,
       "fa.nn.Flatten:backward: argument 'gradOutput': expected a tensor, got nil" },
     { function() nn.Conv2d(3, 4, 1 / 0) end, "fa.nn.Conv2d: argument 'kernel_size': expected a positive integer or {h, w}, got inf" },
-    { function() nn.Conv2d(3, 4, 3, 2 ^ 40) end, "fa.nn.Conv2d: argument 'stride': expected an integer or {h, w}, got 1099511627776" },
+    { function() nn.Conv2d(3, 4, 3, 2 ^ 40) end, "fa.nn.Conv2d: argument 'stride': expected an integer in 1..2147483647 or {h, w}, got 1099511627776" },
     { function() nn.Flatten(3):forward(x) end,
       "fa.nn.Flatten:forward: argument 'input': expected a tensor with dims 3..-1, got a float32 tensor of size 2x3" },
     { function() nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)):forward(x) end,
@@ -840,7 +840,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() local s = nn.Sequential(nn.Linear(3, 4)); s:forward(x); s:backward(x) end,
       "fa.nn.Sequential:backward: module 1 (fa.nn.Linear): argument 'gradOutput': expected a tensor, got nil" },
     { function() nn.Sequential():add(5) end, "fa.nn.Sequential:add: argument 'module': expected a module, got 5" },
-    { function() nn.Sequential():remove(1) end, "fa.nn.Sequential:remove: argument 'index': expected an integer in 1..0, got 1" },
+    { function() nn.Sequential():remove(1) end, "fa.nn.Sequential:remove: argument 'index': expected an index into the modules, but the container is empty, got 1" },
     { function() nn.ModuleList({ nn.ReLU() }):forward(x) end,
       'fa.nn.ModuleList:forward: a ModuleList has no forward: call its modules' },
     { function() nn.Linear(3, 2):type('int64') end,
@@ -871,7 +871,7 @@ describe('messages name the function and argument, at the caller line', function
     { function() F.dropout(x, 0 / 0) end, "fa.F.dropout: argument 'p': expected a probability in [0, 1], got nan" },
     { function() F.dropout(x, 0.5, 'yes') end, 'fa.F.dropout: argument \'training\': expected true or false, got "yes"' },
     { function() F.conv2d(fa.randn(1, 3, 5, 5), fa.randn(4, 3, 3, 3), nil, { stride = 1.5 }) end,
-      "fa.F.conv2d: argument 'stride': expected an integer or {h, w}, got 1.5" },
+      "fa.F.conv2d: argument 'stride': expected an integer >= 1 or {h, w}, got 1.5" },
     { function() F.layer_norm(x, 3, nil, nil, 0 / 0) end, "fa.F.layer_norm: argument 'eps': expected a number, got nan" },
     { function() F.mse_loss(x, x, 'avg') end, 'fa.F.mse_loss: argument \'reduction\': expected \'none\', \'mean\' or \'sum\', got "avg"' },
   }
@@ -969,5 +969,174 @@ describe('namedGradParameters', function()
     lin:backward(x, go)
     H.assert_close(lin:namedGradParameters().weight, go:t():matmul(x), 1e-12, 1e-12)
     H.assert_close(lin:namedGradParameters().bias, go:sum(1):view(2), 1e-12, 1e-12)
+  end)
+end)
+
+describe('hardening (issue 7): aliasing, names, containers', function()
+  local AT = '^spec/nn_spec%.lua:%d+: '
+  local function q(s) return (s:gsub('[%^%$%(%)%%%.%[%]%*%+%-%?]', '%%%0')) end
+  -- the message of f(), which must fail at this file's line with exactly `want`
+  local function fails(want, f)
+    local ok, e = pcall(f)
+    assert.is_false(ok, 'no error raised')
+    assert.truthy(tostring(e):find(AT .. q(want) .. '$'), string.format('\n got:  %s\n want: %s', tostring(e), want))
+  end
+
+  it('F ops whose output buffer overlaps an input compute from a copy', function()
+    fa.manualSeed(7)
+    local x, w = fa.randn(2, 3), fa.randn(3, 3)
+    local want = F.linear(x, w)
+    F.linear(x, w, nil, { out = x }) -- out is the input itself
+    assert.is_true(fa.maxAbsDiff(x, want) < 1e-6)
+    -- out overlapping the input in part: row 2 of a 3x3 buffer as the output of its first two rows
+    local z = fa.randn(3, 3)
+    local want2 = F.linear(z:narrow(1, 1, 2), w)
+    F.linear(z:narrow(1, 1, 2), w, nil, { out = z:narrow(1, 2, 2) })
+    assert.is_true(fa.maxAbsDiff(z:narrow(1, 2, 2), want2) < 1e-6)
+    local i, wc = fa.randn(1, 3, 5, 5), fa.randn(3, 3, 3, 3)
+    local wantc = F.conv2d(i, wc, nil, { padding = 1 })
+    F.conv2d(i, wc, nil, { padding = 1, out = i })
+    assert.is_true(fa.maxAbsDiff(i, wantc) < 1e-4)
+    local gi, gr = fa.randn(1, 2, 3, 3), fa.rand(1, 3, 3, 2) * 2 - 1
+    local wantg = F.grid_sample(gi, gr)
+    F.grid_sample(gi, gr, { out = gi })
+    assert.is_true(fa.maxAbsDiff(gi, wantg) < 1e-6)
+  end)
+
+  it('a backward whose gradient buffer is its input computes the other gradients from the input', function()
+    fa.manualSeed(8)
+    local x, w, g = fa.randn(2, 3), fa.randn(3, 3), fa.randn(2, 3)
+    local gi0, gw0 = F.linear_backward(g, x, w)
+    local xx = x:clone()
+    local gi, gw = F.linear_backward(g, xx, w, { grad_input = xx })
+    assert.are.equal(xx, gi)
+    assert.is_true(fa.maxAbsDiff(gi, gi0) < 1e-6)
+    assert.is_true(fa.maxAbsDiff(gw, gw0) < 1e-6)
+  end)
+
+  it('expanded or mutually overlapping output buffers are refused', function()
+    local x, e = fa.randn(2, 3), fa.zeros(1, 3):expand(2, 3)
+    fails("fa.F.relu: argument 'out': expected a tensor whose elements are distinct in memory, got an expanded view " ..
+          "(stride 0 in dimension 1 of size 2x3); write into a :clone() of it", function() F.relu(x, { out = e }) end)
+    local buf = fa.zeros(9)
+    fails("fa.F.linear_backward: argument 'grad_bias': expected a tensor that does not share memory with 'grad_weight', " ..
+          "got a float32 tensor of size 3", function()
+      F.linear_backward(fa.randn(2, 3), x, fa.randn(3, 3), { grad_weight = buf:view(3, 3), grad_bias = buf:narrow(1, 1, 3) })
+    end)
+  end)
+
+  it('conv2d arguments: the bad element, the kernel against the input, an output too large to allocate', function()
+    local i, w = fa.randn(1, 3, 5, 5), fa.randn(4, 3, 3, 3)
+    fails("fa.F.conv2d: argument 'stride[2]': expected an integer >= 1, got 0", function() F.conv2d(i, w, nil, { 1, 0 }) end)
+    fails("fa.F.conv2d: argument 'padding[2]': expected an integer >= 0, got -1", function() F.conv2d(i, w, nil, 1, { 1, -1 }) end)
+    fails("fa.F.conv2d: argument 'input': expected a tensor of size (N, C, H, W) with H + 2*padding >= 201 and " ..
+          "W + 2*padding >= 201 (the dilated kernel 201x201, padding 0x0), got a float32 tensor of size 1x3x5x5",
+          function() F.conv2d(i, w, nil, 1, 0, 100) end)
+    fails("fa.F.conv2d: the output of size 1x4x2000003x2000003 (64000192000144 bytes) is too large to allocate " ..
+          '(more than the memory and swap of this machine)',
+          function() F.conv2d(i, w, nil, 1, 1e6, 1, 1, { out = nil }) end)
+  end)
+
+  it('updateGradInput and accGradParameters report their own names, backward its own', function()
+    local x = fa.randn(2, 3)
+    local m = nn.Linear(3, 4)
+    m:forward(x)
+    fails("fa.nn.Linear:updateGradInput: argument 'gradOutput': expected a tensor, got nil", function() m:updateGradInput(x) end)
+    fails("fa.nn.Linear:accGradParameters: argument 'gradOutput': expected a float32 tensor of size 2x4 (the output's), " ..
+          "got a float32 tensor of size 2x3", function() m:accGradParameters(x, x) end)
+    fails("fa.nn.Linear:backward: argument 'gradOutput': expected a float32 tensor of size 2x4 (the output's), " ..
+          "got a float32 tensor of size 2x3", function() m:backward(x, x, 0.5) end) -- (the scaled path: Module.backward)
+    local s = nn.Sigmoid()
+    s:forward(x)
+    fails("fa.nn.Sigmoid:backward: argument 'gradOutput': expected a float32 tensor of size 2x3 (the output's), " ..
+          "got a float32 tensor of size 3x2", function() s:backward(x, fa.randn(3, 2)) end)
+    fails("fa.nn.Sigmoid:updateGradInput: argument 'gradOutput': expected a float32 tensor of size 2x3 (the output's), " ..
+          "got a float64 tensor of size 2x3", function() s:updateGradInput(x, x:double()) end)
+    -- after a failed backward, a direct call names itself again
+    fails("fa.nn.Sigmoid:updateGradInput: argument 'gradOutput': expected a tensor, got nil", function() s:updateGradInput(x) end)
+    local c = nn.MSECriterion()
+    c:forward(x, x)
+    fails("fa.nn.MSECriterion:backward: argument 'gradOutput': expected a number, got \"a\"", function() c:backward(x, x, 'a') end)
+    fails("fa.nn.MSECriterion:updateGradInput: argument 'gradOutput': expected a number, got \"a\"",
+          function() c:updateGradInput(x, x, 'a') end)
+  end)
+
+  it('abstract bases, sizes too large, View dimensions, apply', function()
+    local x = fa.randn(2, 3)
+    fails('fa.nn.Module:forward: nn.Module is abstract: a module class must implement updateOutput (this one has none)',
+          function() nn.Module():forward(x) end)
+    fails('fa.nn.Criterion:forward: nn.Criterion is abstract: a module class must implement updateOutput (this one has none)',
+          function() nn.Criterion():forward(x, x) end)
+    fails("fa.nn.Linear: arguments 'inputSize', 'outputSize': a parameter of size 1099511627776x1099511627776 " ..
+          '(1.209e+24 elements) is too large to allocate', function() nn.Linear(2 ^ 40, 2 ^ 40) end)
+    fails("fa.nn.View: argument 'sizes': expected at most 8 sizes, got 9", function() nn.View(1, 1, 1, 1, 1, 1, 1, 1, 1) end)
+    fails("fa.nn.Linear:apply: argument 'fn': expected a function, got \"x\"", function() nn.Linear(3, 4):apply('x') end)
+    fails("fa.nn.MSDeformAttn: argument 'padding': expected 'zeros' or 'border', got \"reflect\"",
+          function() nn.MSDeformAttn { padding = 'reflect' } end)
+    fails("fa.nn.MSDeformAttn: arguments 'd_model', 'n_levels', 'n_heads', 'n_points': parameters of 2.418e+24 elements " ..
+          'are too large to allocate', function() nn.MSDeformAttn { d_model = 2 ^ 40, n_heads = 1 } end)
+  end)
+
+  it('containers refuse a module already in them and cycles; get() checks its index', function()
+    local s = nn.Sequential()
+    fails("fa.nn.Sequential:add: argument 'module': expected a module that does not contain this container, got the " ..
+          'container itself', function() s:add(s) end)
+    fails("fa.nn.Sequential:add: argument 'module': expected a module that does not contain this container, got an " ..
+          'nn.Sequential that contains it (a cycle)', function() s:add(nn.Sequential():add(s)) end)
+    local l = nn.Linear(3, 3)
+    s:add(l)
+    fails("fa.nn.Sequential:add: argument 'module': expected a module not already in this container (use :clone() or " ..
+          'share parameters), got an nn.Linear that is already in it', function() s:add(l) end)
+    fails("fa.nn.Sequential:add: argument 'module': expected a module not already in this container (use :clone() or " ..
+          'share parameters), got a module containing an nn.Linear that is already in it',
+          function() s:add(nn.Sequential(nn.ReLU(), l)) end)
+    assert.are.equal(1, s:size()) -- nothing added by the refused calls
+    fails("fa.nn.Sequential: argument 'modules[2]': expected a module, got \"x\"", function() nn.Sequential(l, 'x') end)
+    fails("fa.nn.Sequential:get: argument 'index': expected an integer in 1..1, got 5", function() s:get(5) end)
+    assert.are.equal(l, s:get(1))
+  end)
+
+  it('a module fed its own output buffer computes the right result', function()
+    fa.manualSeed(9)
+    local x = fa.randn(2, 3)
+    local s = nn.Sequential():add(nn.Linear(3, 3))
+    local o = s:forward(x)
+    local want = F.linear(o, s:get(1).weight, s:get(1).bias)
+    assert.is_true(fa.maxAbsDiff(s:forward(o), want) < 1e-6)
+    local c = nn.Conv2d(3, 3, 3, 1, 1)
+    local oc = c:forward(fa.randn(1, 3, 5, 5))
+    local wantc = F.conv2d(oc, c.weight, c.bias, { padding = 1 })
+    assert.is_true(fa.maxAbsDiff(c:forward(oc), wantc) < 1e-5)
+  end)
+
+  it('gradOutput is checked against what the module needs (GridSample, criterions)', function()
+    local m, i = nn.GridSample(), { fa.randn(1, 2, 3, 3), fa.rand(1, 3, 3, 2) }
+    m:forward(i)
+    fails("fa.nn.GridSample:backward: argument 'gradOutput': expected a float32 tensor of size 1x2x3x3 (the output's), " ..
+          'got a float32 tensor of size 1x2x3x2', function() m:backward(i, fa.randn(1, 2, 3, 2)) end)
+    local x = fa.randn(2, 3)
+    local c = nn.MSECriterion('none')
+    c:forward(x, x)
+    fails("fa.nn.MSECriterion:backward: argument 'gradOutput': expected a float32 tensor of size 2x3 (the loss's, " ..
+          "reduction 'none'), got a float32 tensor of size 3x2", function() c:backward(x, x, fa.randn(3, 2)) end)
+    local ce, t = nn.CrossEntropyCriterion(), fa.tensor({ 1, 2 }, 'int64')
+    ce:forward(x, t)
+    fails("fa.nn.CrossEntropyCriterion:backward: argument 'gradOutput': expected a float32 tensor of size [] (one " ..
+          'element: the loss is reduced), got a float32 tensor of size 2', function() ce:backward(x, t, fa.randn(2)) end)
+    -- a one-element tensor scales the gradient of a reduced loss
+    local g1 = ce:backward(x, t):clone()
+    assert.is_true(fa.maxAbsDiff(ce:backward(x, t, fa.full({ 1 }, 2)), g1 * 2) < 1e-6)
+    fails("fa.nn.Sequential:insert: argument 'index': expected an integer in 1..1, got 3",
+          function() nn.Sequential():insert(nn.Linear(2, 2), 3) end)
+  end)
+
+  it('MSDeformAttn checks the levels against input_flatten itself', function()
+    local m = nn.MSDeformAttn { d_model = 4, n_levels = 2, n_heads = 1, n_points = 1 }
+    local inp = { fa.randn(1, 2, 4), fa.rand(1, 2, 2, 2), fa.randn(1, 6, 4), { { 2, 2 }, { 1, 1 } } }
+    fails("fa.nn.MSDeformAttn:forward: argument 'input_flatten': expected size (N, S, 4) with S = 5 (the sum of H*W " ..
+          'over spatial_shapes), got a float32 tensor of size 1x6x4', function() m:forward(inp) end)
+    inp[3], inp[4] = fa.randn(1, 5, 4), { { 2.5, 2 }, { 1, 1 } }
+    fails("fa.nn.MSDeformAttn:forward: argument 'spatial_shapes[1]': expected an integer in 0..2147483647, got 2.5",
+          function() m:forward(inp) end)
   end)
 end)

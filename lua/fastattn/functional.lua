@@ -67,10 +67,101 @@ end
 
 local function new_like(shape, x) return fa.empty(shape, { dtype = x.desc.dtype, device = x.desc.device }) end
 
+-- the bytes of memory and swap of this machine (Linux: /proc/meminfo), false where unknown
+local host_bytes
+local function host_memory()
+  if host_bytes == nil then
+    host_bytes = false
+    local f = io.open('/proc/meminfo')
+    if f then
+      local s = f:read('*a')
+      f:close()
+      local mem, swap = s:match('MemTotal:%s*(%d+) kB'), s:match('SwapTotal:%s*(%d+) kB')
+      if mem then host_bytes = (tonumber(mem) + (tonumber(swap) or 0)) * 1024 end
+    end
+  end
+  return host_bytes
+end
+F._host_memory = host_memory
+
+-- an output of `shape` like x, allocated for fn: a size that cannot be allocated is reported under fn's name,
+-- with the size (what: 'the output', ...); a CPU size beyond the machine's memory and swap is refused before
+-- it is asked for (where memory is overcommitted, the allocation would succeed and the op be killed later)
+local function alloc(fn, shape, x, what)
+  local n = 1
+  for _, v in ipairs(shape) do n = n * v end
+  local bytes = n * tonumber(C.fa_dtype_size(x.desc.dtype))
+  local ok, t, why = false, nil, ''
+  local host = x.desc.device < 0 and host_memory()
+  if host and bytes > host then
+    why = ' (more than the memory and swap of this machine)'
+  elseif n < 2 ^ 53 then
+    ok, t = pcall(fa.empty, shape, { dtype = x.desc.dtype, device = x.desc.device })
+  end
+  if not ok then
+    E.fail(fn, '%s of size %s (%s bytes) is too large to allocate%s', what, table.concat(shape, 'x'),
+           bytes < 2 ^ 53 and string.format('%d', bytes) or string.format('%.4g', bytes), why)
+  end
+  return t
+end
+
+---------------------------------------------------------------------------- aliasing
+-- the byte range [lo, hi) of a tensor's elements (nil when it has none)
+local function byte_range(x)
+  local d, hi = x.desc, 0
+  for i = 0, d.ndim - 1 do
+    if d.shape[i] == 0 then return nil end
+    hi = hi + (tonumber(d.shape[i]) - 1) * tonumber(d.stride[i])
+  end
+  local lo = require('ffi').cast('char*', d.data)
+  return lo, lo + (hi + 1) * C.fa_dtype_size(d.dtype)
+end
+local function overlap(a, b)
+  if a == nil or b == nil or a.storage ~= b.storage then return false end
+  local a0, a1 = byte_range(a)
+  local b0, b1 = byte_range(b)
+  return a0 ~= nil and b0 ~= nil and a0 < b1 and b0 < a1
+end
+-- the inputs of an op that writes the buffers `outs` ({name = tensor or nil}): an input sharing memory with
+-- an output is read from a copy (the op would read elements it has already written). Elementwise ops
+-- (`elementwise`) may read the very view they write, element by element; for the others (a matrix product,
+-- a convolution, sampling) any overlap is copied. An output buffer must have its elements distinct in memory
+-- and must not overlap another output. Returns the inputs, in order.
+local OUT_ORDER = { 'out', 'mean', 'rstd', 'mask', 'grad_input', 'grad_grid', 'grad_weight', 'grad_bias' }
+local function unalias(fn, outs, elementwise, ...)
+  local names, bufs = {}, {}
+  for _, name in ipairs(OUT_ORDER) do
+    local t = outs[name]
+    if t then
+      fa._check_writable(fn, t, name)
+      for i, other in ipairs(bufs) do
+        if overlap(t, other) then
+          E.raise(string.format("%s: argument '%s': expected a tensor that does not share memory with '%s', got %s",
+                  fn, name, names[i], E.describe(t)))
+        end
+      end
+      names[#names + 1], bufs[#bufs + 1] = name, t
+    end
+  end
+  local ins = { ... }
+  for k = 1, select('#', ...) do
+    local x = ins[k]
+    if x ~= nil then
+      for _, o in ipairs(bufs) do
+        if elementwise then x = fa._unaliased(o, x)
+        elseif overlap(o, x) then x = x:clone() end
+      end
+      ins[k] = x
+    end
+  end
+  return unpack(ins, 1, select('#', ...))
+end
+F._unalias = unalias
+
 -- opts.out (checked to be a tensor) or a new tensor of `shape` like x
 local function out_buf(fn, o, key, shape, like)
   local t = o[key]
-  if t == nil then return new_like(shape, like) end
+  if t == nil then return alloc(fn, shape, like, 'the output') end
   return E.tensor(fn, key, t)
 end
 
@@ -80,7 +171,7 @@ local function grad_buf(fn, o, key, shape, like, zero)
   local g = o[key]
   if g == false then return nil end
   if g == nil then
-    g = new_like(shape, like)
+    g = alloc(fn, shape, like, 'the ' .. key)
     if zero then g:zero() end
     return g
   end
@@ -139,6 +230,7 @@ function impl.linear(fn, input, weight, bias, opts)
   local shape = input:size()
   shape[#shape] = weight:size(1)
   local out = out_buf(fn, o, 'out', shape, input)
+  input, weight, bias = unalias(fn, { out = out }, false, input, weight, bias)
   check(C.fa_linear_forward(out.desc, input:contiguous().desc, weight.desc, bias and bias.desc or nil), fn)
   return out
 end
@@ -151,6 +243,8 @@ function impl.linear_backward(fn, gradOutput, input, weight, opts)
   local gi = grad_buf(fn, o, 'grad_input', input:size(), input, false)
   local gw = grad_buf(fn, o, 'grad_weight', weight:size(), weight, true)
   local gb = grad_buf(fn, o, 'grad_bias', { weight:size(1) }, weight, true)
+  gradOutput, input, weight = unalias(fn, { grad_input = gi, grad_weight = gw, grad_bias = gb }, false, gradOutput,
+                                      input, weight)
   check(C.fa_linear_backward(gi and gi.desc or nil, gw and gw.desc or nil, gb and gb.desc or nil,
     gradOutput:contiguous().desc, input:contiguous().desc, weight.desc), fn)
   return gi, gw, gb
@@ -159,23 +253,36 @@ end
 ---------------------------------------------------------------------------- conv2d
 -- the fields of fa_conv2d_params are int32
 local function int32(v) return type(v) == 'number' and v == math.floor(v) and v >= -2^31 and v < 2^31 end
-local function pair(fn, name, v, default)
+-- an integer >= lo that fits the int32 fields of fa_conv2d_params
+local function one(fn, name, v, lo, alt)
+  if not int32(v) or v < lo then
+    local big = type(v) == 'number' and v == math.floor(v) and v >= 2 ^ 31
+    E.argv(fn, name, big and string.format('an integer in %d..%d%s', lo, 2 ^ 31 - 1, alt)
+           or string.format('an integer >= %d%s', lo, alt), v)
+  end
+  return v
+end
+-- a number or {h, w} of integers >= lo (each element checked, so a message names the bad one: 'stride[2]')
+local function pair(fn, name, v, default, lo)
   if v == nil then return default, default end
   if type(v) == 'table' and not fa.isTensor(v) and #v >= 1 and #v <= 2 then
-    local a, b = v[1], v[2] == nil and v[1] or v[2]
-    if int32(a) and int32(b) then return a, b end
-  elseif int32(v) then
-    return v, v
+    for k in pairs(v) do
+      if k ~= 1 and k ~= 2 then E.argv(fn, name, 'an integer or {h, w}', v) end
+    end
+    local a = one(fn, name .. '[1]', v[1], lo, '')
+    local b = v[2] == nil and a or one(fn, name .. '[2]', v[2], lo, '')
+    return a, b
   end
-  E.argv(fn, name, 'an integer or {h, w}', v)
+  one(fn, name, v, lo, ' or {h, w}')
+  return v, v
 end
 
 -- stride/padding/dilation/groups -> fa_conv2d_params (padding may be 'valid' or, for odd effective kernels
 -- and stride 1, 'same')
 local function conv_params(fn, kh, kw, o)
   local p = require('ffi').new('fa_conv2d_params')
-  p.stride_h, p.stride_w = pair(fn, 'stride', o.stride, 1)
-  p.dilation_h, p.dilation_w = pair(fn, 'dilation', o.dilation, 1)
+  p.stride_h, p.stride_w = pair(fn, 'stride', o.stride, 1, 1)
+  p.dilation_h, p.dilation_w = pair(fn, 'dilation', o.dilation, 1, 1)
   local padding = o.padding
   if padding == 'valid' then padding = 0 end
   if padding == 'same' then
@@ -186,11 +293,8 @@ local function conv_params(fn, kh, kw, o)
     padding = { eh / 2, ew / 2 }
   end
   if type(padding) == 'string' then E.argv(fn, 'padding', "an integer, {h, w}, 'valid' or 'same'", padding) end
-  p.pad_h, p.pad_w = pair(fn, 'padding', padding, 0)
+  p.pad_h, p.pad_w = pair(fn, 'padding', padding, 0, 0)
   p.groups = E.integer(fn, 'groups', o.groups == nil and 1 or o.groups, 1, 2^31 - 1)
-  if p.stride_h < 1 or p.stride_w < 1 then E.argv(fn, 'stride', 'integers >= 1', o.stride) end
-  if p.dilation_h < 1 or p.dilation_w < 1 then E.argv(fn, 'dilation', 'integers >= 1', o.dilation) end
-  if p.pad_h < 0 or p.pad_w < 0 then E.argv(fn, 'padding', 'integers >= 0', o.padding) end
   return p
 end
 F._conv_params = conv_params
@@ -206,18 +310,21 @@ local function conv_output_size(fn, input, weight, bias, p)
   if input:dim() ~= 4 or input:size(2) ~= Cg * g then
     E.arg(fn, 'input', string.format('a tensor of size (N, %d, H, W)', Cg * g), input)
   end
-  if O % g ~= 0 then E.fail(fn, "argument 'groups': %d does not divide the %d output channels", g, O) end
+  if O % g ~= 0 then E.argv(fn, 'groups', string.format('a divisor of the %d output channels', O), g) end
   if bias and (bias:dim() ~= 1 or bias:size(1) ~= O) then
     E.arg(fn, 'bias', string.format('a tensor of size %d', O), bias)
   end
   local H, W = input:size(3), input:size(4)
   local Ho = math.floor((H + 2 * p.pad_h - p.dilation_h * (kh - 1) - 1) / p.stride_h) + 1
   local Wo = math.floor((W + 2 * p.pad_w - p.dilation_w * (kw - 1) - 1) / p.stride_w) + 1
-  if Ho < 1 or Wo < 1 then
-    E.fail(fn, "argument 'input': size %s is smaller than the (dilated) kernel %dx%d with padding %dx%d",
-           shape_str(input), p.dilation_h * (kh - 1) + 1, p.dilation_w * (kw - 1) + 1, p.pad_h, p.pad_w)
-  end
+  if Ho < 1 or Wo < 1 then F._kernel_too_large(fn, input, kh, kw, p) end
   return { input:size(1), O, Ho, Wo }
+end
+-- the message for an input smaller than the (dilated) kernel
+function F._kernel_too_large(fn, input, kh, kw, p)
+  local eh, ew = p.dilation_h * (kh - 1) + 1, p.dilation_w * (kw - 1) + 1
+  E.arg(fn, 'input', string.format('a tensor of size (N, C, H, W) with H + 2*padding >= %d and W + 2*padding >= %d ' ..
+        '(the dilated kernel %dx%d, padding %dx%d)', eh, ew, eh, ew, p.pad_h, p.pad_w), input)
 end
 
 local function conv_weight(fn, weight)
@@ -232,6 +339,7 @@ function impl.conv2d(fn, input, weight, bias, o, p)
   p = p or conv_params(fn, weight:size(3), weight:size(4), o)
   local shape = conv_output_size(fn, input, weight, bias, p)
   local out = out_buf(fn, o, 'out', shape, input)
+  input, weight, bias = unalias(fn, { out = out }, false, input, weight, bias)
   check(C.fa_conv2d_forward(out.desc, input.desc, weight.desc, bias and bias.desc or nil, p), fn)
   return out
 end
@@ -245,6 +353,8 @@ function impl.conv2d_backward(fn, gradOutput, input, weight, o, p)
   local gi = grad_buf(fn, o, 'grad_input', input:size(), input, false)
   local gw = grad_buf(fn, o, 'grad_weight', weight:size(), weight, true)
   local gb = grad_buf(fn, o, 'grad_bias', { weight:size(1) }, weight, true)
+  gradOutput, input, weight = unalias(fn, { grad_input = gi, grad_weight = gw, grad_bias = gb }, false, gradOutput,
+                                      input, weight)
   check(C.fa_conv2d_backward(gi and gi.desc or nil, gw and gw.desc or nil, gb and gb.desc or nil, gradOutput.desc,
     input.desc, weight.desc, p), fn)
   return gi, gw, gb
@@ -292,6 +402,7 @@ function impl.layer_norm(fn, input, normalized_shape, weight, bias, eps, opts)
   -- C takes weight and bias as 1-D tensors of n elements
   local w1 = weight and (weight:dim() == 1 and weight or weight:view(n))
   local b1 = bias and (bias:dim() == 1 and bias or bias:view(n))
+  input, w1, b1 = unalias(fn, { out = out, mean = mean, rstd = rstd }, true, input, w1, b1)
   check(C.fa_layernorm_forward(out.desc, mean.desc, rstd.desc, input.desc, w1 and w1.desc or nil,
     b1 and b1.desc or nil, n, eps), fn)
   return out, mean, rstd
@@ -313,6 +424,8 @@ function impl.layer_norm_backward(fn, gradOutput, input, mean, rstd, weight, nor
   local gb = grad_buf(fn, o, 'grad_bias', pshape, weight or input, true)
   local function flat(t) return t and (t:dim() == 1 and t or t:view(n)) end
   local w1, gw1, gb1 = flat(weight), flat(gw), flat(gb)
+  gradOutput, input, mean, rstd, w1 = unalias(fn, { grad_input = gi, grad_weight = gw1, grad_bias = gb1 }, true,
+                                              gradOutput, input, mean, rstd, w1)
   check(C.fa_layernorm_backward(gi and gi.desc or nil, gw1 and gw1.desc or nil, gb1 and gb1.desc or nil,
     gradOutput.desc, input.desc, mean.desc, rstd.desc, w1 and w1.desc or nil, n), fn)
   return gi, gw, gb
@@ -327,6 +440,7 @@ function impl.softmax(fn, log, input, dim, opts)
   E.tensor(fn, 'input', input)
   local d = dim0(fn, input, dim)
   local out = out_buf(fn, o, 'out', input:size(), input)
+  input = unalias(fn, { out = out }, true, input)
   check(C.fa_softmax_forward(out.desc, input.desc, d, log and 1 or 0), fn)
   return out
 end
@@ -337,6 +451,7 @@ function impl.softmax_backward(fn, log, gradOutput, output, dim, opts)
   E.tensor(fn, 'output', output)
   local d = dim0(fn, output, dim)
   local gi = o.grad_input == nil and new_like(output:size(), output) or E.tensor(fn, 'grad_input', o.grad_input)
+  gradOutput, output = unalias(fn, { grad_input = gi }, true, gradOutput, output)
   local rc = C.fa_softmax_backward(gi.desc, gradOutput.desc, output.desc, d, log and 1 or 0)
   if rc ~= 0 then c_fail(fn, SOFTMAX_BWD_RENAME) end
   return gi
@@ -347,7 +462,9 @@ local UNARY_BWD = set('output', 'grad_input')
 function impl.unary(fn, op, input, opts)
   local o = E.opts(fn, 'opts', opts, OUT)
   E.tensor(fn, 'input', input)
+  if not input:isFloatingPoint() then E.arg(fn, 'input', 'a floating-point tensor', input) end
   local out = out_buf(fn, o, 'out', input:size(), input)
+  input = unalias(fn, { out = out }, true, input)
   check(C.fa_unary_forward(op, out.desc, input.desc), fn)
   return out
 end
@@ -358,7 +475,14 @@ function impl.unary_backward(fn, op, gradOutput, input, opts)
   E.tensor(fn, 'gradOutput', gradOutput)
   E.tensor(fn, 'input', input, o.output ~= nil)
   local y = E.tensor(fn, 'output', o.output, true)
+  -- the forward's input and output have gradOutput's size (C checks dtypes and devices)
+  for _, a in ipairs({ { 'input', input }, { 'output', y } }) do
+    if a[2] and not a[2]:isSameSizeAs(gradOutput) then
+      E.arg(fn, a[1], string.format("a tensor of size %s (as 'gradOutput')", shape_str(gradOutput)), a[2])
+    end
+  end
   local gi = o.grad_input == nil and new_like(gradOutput:size(), gradOutput) or E.tensor(fn, 'grad_input', o.grad_input)
+  gradOutput, input, y = unalias(fn, { grad_input = gi }, true, gradOutput, input, y)
   check(C.fa_unary_backward(op, gi.desc, gradOutput.desc, input and input.desc or nil, y and y.desc or nil), fn)
   return gi
 end
@@ -397,6 +521,7 @@ function impl.dropout(fn, input, p, training, opts)
     check(C.fa_fill(out.desc, 0), fn)
     return out, mask
   end
+  input = unalias(fn, { out = out, mask = mask }, true, input)
   local seed, off = fa._rng_take(input:numel())
   check(C.fa_dropout_forward(out.desc, mask.desc, input.desc, p, seed, off), fn)
   return out, mask
@@ -407,6 +532,7 @@ function impl.dropout_backward(fn, gradOutput, mask, p, opts)
   E.tensor(fn, 'mask', mask)
   p = check_p(fn, p == nil and 0.5 or p)
   local gi = o.grad_input == nil and new_like(gradOutput:size(), gradOutput) or E.tensor(fn, 'grad_input', o.grad_input)
+  gradOutput, mask = unalias(fn, { grad_input = gi }, true, gradOutput, mask)
   if p == 1 then check(C.fa_fill(gi.desc, 0), fn); return gi end
   check(C.fa_dropout_backward(gi.desc, gradOutput.desc, mask.desc, p), fn)
   return gi
@@ -440,6 +566,7 @@ function impl.grid_sample(fn, input, grid, o, pad, ac)
   if pad == nil then pad, ac = grid_sample_opts(fn, o) end
   local shape = grid_sample_check(fn, input, grid)
   local out = out_buf(fn, o, 'out', shape, input)
+  input, grid = unalias(fn, { out = out }, false, input, grid)
   check(C.fa_grid_sample_forward(out.desc, input.desc, grid.desc, pad, ac), fn)
   return out
 end
@@ -450,6 +577,7 @@ function impl.grid_sample_backward(fn, gradOutput, input, grid, o, pad, ac)
   grid_sample_check(fn, input, grid)
   local gi = grad_buf(fn, o, 'grad_input', input:size(), input, false)
   local gg = grad_buf(fn, o, 'grad_grid', grid:size(), grid, false)
+  gradOutput, input, grid = unalias(fn, { grad_input = gi, grad_grid = gg }, false, gradOutput, input, grid)
   check(C.fa_grid_sample_backward(gi and gi.desc or nil, gg and gg.desc or nil, gradOutput.desc, input.desc,
     grid.desc, pad, ac), fn)
   return gi, gg
@@ -488,6 +616,7 @@ function impl.mse_loss(fn, input, target, reduction)
   check_mse(fn, input, target)
   local red = reduction_id(fn, o.reduction)
   local loss = out_buf(fn, o, 'out', red == C.FA_REDUCE_NONE and input:size() or {}, input)
+  input, target = unalias(fn, { out = loss }, true, input, target)
   check(C.fa_mse_forward(loss.desc, input.desc, target.desc, red), fn)
   return loss
 end
@@ -498,6 +627,7 @@ function impl.mse_loss_backward(fn, gradLoss, input, target, reduction)
   local red = reduction_id(fn, o.reduction)
   local g = grad_loss(fn, gradLoss, red == C.FA_REDUCE_NONE and input:size() or {}, input)
   local gi = o.grad_input == nil and new_like(input:size(), input) or E.tensor(fn, 'grad_input', o.grad_input)
+  g, input, target = unalias(fn, { grad_input = gi }, true, g, input, target)
   check(C.fa_mse_backward(gi.desc, g.desc, input.desc, target.desc, red), fn)
   return gi
 end
@@ -565,6 +695,7 @@ function impl.cross_entropy(fn, input, target, opts, tbuf)
   local ii, ls, red = ce_opts(fn, o)
   local want = check_cross_entropy(fn, input, target)
   local loss = out_buf(fn, o, 'out', red == C.FA_REDUCE_NONE and want or {}, input)
+  input = unalias(fn, { out = loss }, true, input)
   tbuf = targets0(fn, target, tbuf)
   ce_check(C.fa_cross_entropy_forward(loss.desc, input.desc, tbuf.desc, ii - 1, ls, red), fn, ii)
   return loss, tbuf
@@ -576,6 +707,7 @@ function impl.cross_entropy_backward(fn, gradLoss, input, target, opts, tbuf)
   local want = check_cross_entropy(fn, input, target)
   local g = grad_loss(fn, gradLoss, red == C.FA_REDUCE_NONE and want or {}, input)
   local gi = o.grad_input == nil and new_like(input:size(), input) or E.tensor(fn, 'grad_input', o.grad_input)
+  g, input = unalias(fn, { grad_input = gi }, true, g, input)
   tbuf = targets0(fn, target, tbuf)
   ce_check(C.fa_cross_entropy_backward(gi.desc, g.desc, input.desc, tbuf.desc, ii - 1, ls, red), fn, ii)
   return gi, tbuf

@@ -1,5 +1,6 @@
 -- activation.lua: nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid (elementwise, any shape) and nn.Softmax(dim),
 -- nn.LogSoftmax(dim) (dim 1-based, negative from the end; default -1, the last dim).
+local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 local E = require 'fastattn.errors'
@@ -18,11 +19,14 @@ for name, opname in pairs({ GELU = 'gelu', ReLU = 'relu', Tanh = 'tanh', Sigmoid
     return op.unary(fn, id, input, { out = self.output })
   end
   function cls:updateGradInput(input, gradOutput)
-    local fn = self.__fnBackward
+    local fn = self.__fnUpdateGradInput
     E.tensor(fn, 'input', input)
-    E.tensor(fn, 'gradOutput', gradOutput)
+    nn._checkGradOutput(fn, gradOutput, input, input:size())
+    -- the forward's output where it fits (the derivative then reads it), else the derivative from the input
+    local y = self.output
+    if not (fa.isTensor(y) and y:isSameSizeAs(input) and y.desc.dtype == input.desc.dtype) then y = nil end
     self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-    return op.unary_backward(fn, id, gradOutput, input, { output = self.output, grad_input = self.gradInput })
+    return op.unary_backward(fn, id, gradOutput, input, { output = y, grad_input = self.gradInput })
   end
 end
 
@@ -54,9 +58,12 @@ for name, log in pairs({ Softmax = false, LogSoftmax = true }) do
     return op.softmax(fn, log, input, self.dim, { out = self.output })
   end
   function cls:updateGradInput(input, gradOutput)
-    local fn = self.__fnBackward
+    local fn = self.__fnUpdateGradInput
     E.tensor(fn, 'input', input)
-    E.tensor(fn, 'gradOutput', gradOutput)
+    nn._checkGradOutput(fn, gradOutput, input, input:size())
+    if self.output == nil or not self.output:isSameSizeAs(input) then
+      E.fail(fn, 'expected the input of the last forward (call forward first)')
+    end
     self.gradInput = nn._buffer(self.gradInput, input:size(), input)
     return op.softmax_backward(fn, log, gradOutput, self.output, self.dim, { grad_input = self.gradInput })
   end

@@ -9,26 +9,71 @@ local Container = nn.class('Container', nn.Module)
 function Container:__init(...)
   nn.Module.__init(self)
   self.modules = {}
-  local args = { ... }
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container')
+  local n, args, name = select('#', ...), { ... }, 'modules'
   -- nn.Sequential(m1, m2, ...) or nn.ModuleList({m1, m2, ...})
-  if #args == 1 and type(args[1]) == 'table' and not nn.isModule(args[1]) then args = args[1] end
-  for _, m in ipairs(args) do self:add(m) end
+  if n == 1 and type(args[1]) == 'table' and not nn.isModule(args[1]) then
+    args, name = args[1], 'modules'
+    n = #args
+  end
+  for i = 1, n do
+    if not nn.isModule(args[i]) then E.argv(fn, string.format('%s[%d]', name, i), 'a module', args[i]) end
+  end
+  for i = 1, n do self:_add(fn, string.format('%s[%d]', name, i), args[i]) end
 end
 
-function Container:add(m, index)
-  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':add'
-  if not nn.isModule(m) then E.argv(fn, 'module', 'a module', m) end
-  E.integer(fn, 'index', index, 1, #self.modules + 1, true)
+-- the modules of m's tree (m included), as a set
+local function tree(m, set)
+  set = set or {}
+  if set[m] then return set end
+  set[m] = true
+  for _, c in ipairs(m:namedChildren()) do tree(c[2], set) end
+  return set
+end
+
+-- adds m (checked) at index; a module already in this container's tree would run twice in one pass, its
+-- kept output overwritten before its backward reads it, and a container inside itself would recurse forever:
+-- both are refused (share parameters with :clone('weight', 'bias', ...) instead)
+function Container:_add(fn, name, m, index)
+  if not nn.isModule(m) then E.argv(fn, name, 'a module', m) end
+  if tree(m)[self] then
+    E.arg(fn, name, 'a module that does not contain this container', m == self and 'the container itself'
+          or string.format('an %s that contains it (a cycle)', nn.typename(m) or 'module'))
+  end
+  local mine, theirs = tree(self), tree(m)
+  for x in pairs(theirs) do
+    if mine[x] then
+      E.arg(fn, name, "a module not already in this container (use :clone() or share parameters)",
+            string.format('%s%s that is already in it', x == m and '' or ('a module containing '),
+                          'an ' .. (nn.typename(x) or 'module')))
+    end
+  end
   if index then table.insert(self.modules, index, m) else self.modules[#self.modules + 1] = m end
   return self
 end
-function Container:insert(m, index) return self:add(m, index) end
+
+local function add(self, name, m, index)
+  local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. name
+  if not nn.isModule(m) then E.argv(fn, 'module', 'a module', m) end
+  E.integer(fn, 'index', index, 1, #self.modules + 1, true)
+  return self:_add(fn, 'module', m, index)
+end
+function Container:add(m, index) return add(self, ':add', m, index) end
+function Container:insert(m, index) return add(self, ':insert', m, index) end
 function Container:remove(index)
   local fn = 'fa.' .. (nn.typename(self) or 'nn.Container') .. ':remove'
+  if #self.modules == 0 then E.argv(fn, 'index', 'an index into the modules, but the container is empty', index) end
   index = E.integer(fn, 'index', index == nil and #self.modules or index, 1, #self.modules)
   return table.remove(self.modules, index)
 end
-function Container:get(i) return self.modules[i] end
+function Container:get(i)
+  local n = #self.modules
+  if type(i) ~= 'number' or i ~= math.floor(i) or i < 1 or i > n then
+    E.argv('fa.' .. (nn.typename(self) or 'nn.Container') .. ':get', 'index',
+           n == 0 and 'an index into the modules, but the container is empty' or string.format('an integer in 1..%d', n), i)
+  end
+  return self.modules[i]
+end
 function Container:size() return #self.modules end
 
 function Container:namedChildren()
@@ -89,7 +134,7 @@ function Sequential:updateGradInput(input, gradOutput)
     local m = self.modules[i]
     local inp = i > 1 and self.modules[i - 1].output or input
     local ok, r = pcall(m.updateGradInput, m, inp, g)
-    if not ok then self:_childError(self.__fnBackward, i, m, r) end
+    if not ok then self:_childError(self.__fnUpdateGradInput, i, m, r) end
     g = r
   end
   self.gradInput = g
@@ -102,7 +147,7 @@ function Sequential:accGradParameters(input, gradOutput, scale)
     local m = self.modules[i]
     local inp = i > 1 and self.modules[i - 1].output or input
     local ok, r = pcall(m.accGradParameters, m, inp, g, scale)
-    if not ok then self:_childError(self.__fnBackward, i, m, r) end
+    if not ok then self:_childError(self.__fnAccGradParameters, i, m, r) end
     g = m.gradInput
   end
 end

@@ -32,7 +32,7 @@ function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bia
   E.integer(fn, 'out_channels', outC, 1)
   groups = E.integer(fn, 'groups', groups == nil and 1 or groups, 1)
   if inC % groups ~= 0 or outC % groups ~= 0 then
-    E.fail(fn, "argument 'groups': %d does not divide in_channels %d and out_channels %d", groups, inC, outC)
+    E.argv(fn, 'groups', string.format('a divisor of in_channels %d and out_channels %d', inC, outC), groups)
   end
   E.boolean(fn, 'bias', bias, true)
   local kh, kw = pair(kernel)
@@ -46,8 +46,9 @@ function Conv2d:__init(inC, outC, kernel, stride, padding, dilation, groups, bia
   local p = self._p
   self.dH, self.dW, self.padH, self.padW = p.stride_h, p.stride_w, p.pad_h, p.pad_w
   self.dilationH, self.dilationW = p.dilation_h, p.dilation_w
-  self:registerParameter('weight', fa.empty(outC, inC / groups, kh, kw))
-  if bias ~= false then self:registerParameter('bias', fa.empty(outC)) end
+  self:registerParameter('weight', nn._param(fn, { outC, inC / groups, kh, kw },
+                                             { 'in_channels', 'out_channels', 'kernel_size' }))
+  if bias ~= false then self:registerParameter('bias', nn._param(fn, { outC }, { 'out_channels' })) end
   self:reset()
 end
 
@@ -77,6 +78,12 @@ end
 
 -- self.output resized to the output size of `input` (checked on the way)
 function Conv2d:_outBuffer(fn, input)
+  self.output = nn._buffer(self.output, self:_outShape(fn, input), input)
+  return self.output
+end
+
+-- the output size for `input` (checked)
+function Conv2d:_outShape(fn, input)
   local p = self._p
   local H, W = input:dim() == 4 and input:size(3) or 0, input:dim() == 4 and input:size(4) or 0
   local Ho = math.floor((H + 2 * p.pad_h - p.dilation_h * (self.kH - 1) - 1) / p.stride_h) + 1
@@ -84,37 +91,40 @@ function Conv2d:_outBuffer(fn, input)
   if input:dim() ~= 4 or input:size(2) ~= self.in_channels then
     E.arg(fn, 'input', string.format('a tensor of size (N, %d, H, W)', self.in_channels), input)
   end
-  if Ho < 1 or Wo < 1 then
-    E.fail(fn, "argument 'input': size %s is smaller than the (dilated) kernel %dx%d with padding %dx%d",
-           fa._shape_str(input, 'x'), p.dilation_h * (self.kH - 1) + 1, p.dilation_w * (self.kW - 1) + 1, p.pad_h, p.pad_w)
-  end
-  self.output = nn._buffer(self.output, { input:size(1), self.out_channels, Ho, Wo }, input)
-  return self.output
+  if Ho < 1 or Wo < 1 then F._kernel_too_large(fn, input, self.kH, self.kW, p) end
+  return { input:size(1), self.out_channels, Ho, Wo }
 end
 
-function Conv2d:_backward(input, gradOutput, gi, gw, gb)
-  local fn = self.__fnBackward
+-- checks input and gradOutput for a backward named fn
+function Conv2d:_checkBackward(fn, input, gradOutput)
   nn._checkInput(fn, 'input', input, self.weight)
-  nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+  nn._checkGradOutput(fn, gradOutput, self.weight, self:_outShape(fn, input))
+end
+
+function Conv2d:_backward(fn, input, gradOutput, gi, gw, gb)
   op.conv2d_backward(fn, gradOutput, input, self.weight, { grad_input = gi, grad_weight = gw, grad_bias = gb }, self._p)
 end
 
 function Conv2d:updateGradInput(input, gradOutput)
-  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
+  local fn = self.__fnUpdateGradInput
+  self:_checkBackward(fn, input, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, false, false)
+  self:_backward(fn, input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function Conv2d:accGradParameters(input, gradOutput, scale)
-  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
+  local fn = self.__fnAccGradParameters
+  self:_checkBackward(fn, input, gradOutput)
+  self:_backward(fn, input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 function Conv2d:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
-  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
+  local fn = self.__fnBackward
+  self:_checkBackward(fn, input, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
+  self:_backward(fn, input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
   return self.gradInput
 end
 

@@ -17,13 +17,22 @@ function Criterion:__init()
   nn.Module.__init(self)
 end
 function Criterion:forward(input, target) return self:updateOutput(input, target) end
-function Criterion:backward(input, target, gradOutput) return self:updateGradInput(input, target, gradOutput) end
+function Criterion:backward(input, target, gradOutput)
+  return nn._as(self, self.__fnBackward, self.updateGradInput, input, target, gradOutput)
+end
 
 -- a kept tensor holding the gradient of the loss: gradOutput (a tensor or a number), or ones (0-D for
 -- mean/sum, `shape` for none)
 function Criterion:_gradLoss(fn, like, shape, gradOutput)
   if gradOutput ~= nil then
-    if fa.isTensor(gradOutput) then return gradOutput end
+    if fa.isTensor(gradOutput) then
+      -- the loss's size: reduced losses take any one-element tensor
+      if #shape > 0 or gradOutput:numel() ~= 1 then
+        nn._checkGradOutput(fn, gradOutput, like, shape, #shape > 0 and "the loss's, reduction 'none'"
+                            or "one element: the loss is reduced")
+      end
+      return gradOutput
+    end
     E.number(fn, 'gradOutput', gradOutput)
     if #shape > 0 then
       E.argv(fn, 'gradOutput', 'a tensor of size ' .. table.concat(shape, 'x') .. " (reduction 'none')", gradOutput)
@@ -66,7 +75,7 @@ function MSECriterion:updateOutput(input, target)
 end
 
 function MSECriterion:updateGradInput(input, target, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   E.tensor(fn, 'input', input)
   local g = self:_gradLoss(fn, input, self._red == NONE and input:size() or {}, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
@@ -117,7 +126,7 @@ function CrossEntropyCriterion:updateOutput(input, target)
 end
 
 function CrossEntropyCriterion:updateGradInput(input, target, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   E.tensor(fn, 'input', input)
   local g = self:_gradLoss(fn, input, loss_shape(self._red, input), gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)

@@ -37,13 +37,13 @@ function Dropout:updateOutput(input)
 end
 
 function Dropout:updateGradInput(input, gradOutput)
-  local fn = self.__fnBackward
-  E.tensor(fn, 'gradOutput', gradOutput)
+  local fn = self.__fnUpdateGradInput
+  E.tensor(fn, 'input', input)
+  nn._checkGradOutput(fn, gradOutput, input, input:size())
   if not self:_active() then
     self.gradInput = gradOutput
     return gradOutput
   end
-  E.tensor(fn, 'input', input)
   if self.mask == nil then E.fail(fn, 'no mask: call forward (in training mode) before backward') end
   self._gradInput = nn._buffer(self._gradInput, input:size(), input)
   op.dropout_backward(fn, gradOutput, self.mask, self.p, { grad_input = self._gradInput })

@@ -39,10 +39,13 @@ function GridSample:updateOutput(input)
 end
 
 function GridSample:updateGradInput(input, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   local x, grid = self:_unpack(fn, input)
   E.tensor(fn, 'input', x)
   E.tensor(fn, 'grid', grid)
+  if x:dim() == 4 and grid:dim() == 4 then
+    nn._checkGradOutput(fn, gradOutput, x, { x:size(1), x:size(2), grid:size(2), grid:size(3) })
+  end
   local gi = self.gradInput
   if type(gi) ~= 'table' or fa.isTensor(gi) then gi = {}; self.gradInput = gi end
   gi[1] = nn._buffer(gi[1], x:size(), x)

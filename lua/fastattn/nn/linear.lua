@@ -21,8 +21,8 @@ function Linear:__init(inputSize, outputSize, bias)
   E.integer(fn, 'outputSize', outputSize, 1)
   E.boolean(fn, 'bias', bias, true)
   self.inputSize, self.outputSize = inputSize, outputSize
-  self:registerParameter('weight', fa.empty(outputSize, inputSize))
-  if bias ~= false then self:registerParameter('bias', fa.empty(outputSize)) end
+  self:registerParameter('weight', nn._param(fn, { outputSize, inputSize }, { 'inputSize', 'outputSize' }))
+  if bias ~= false then self:registerParameter('bias', nn._param(fn, { outputSize }, { 'outputSize' })) end
   self:reset()
 end
 
@@ -38,18 +38,16 @@ function Linear:__tostring__()
   return string.format('nn.Linear(%d -> %d%s)', self.inputSize, self.outputSize, self.bias and '' or ', no bias')
 end
 
-function Linear:_check(fn, input, gradOutput)
+-- backward: also checks gradOutput
+function Linear:_check(fn, input, gradOutput, backward)
   nn._checkInput(fn, 'input', input, self.weight)
   if input:dim() < 1 or input:size(-1) ~= self.inputSize then
     E.arg(fn, 'input', string.format('a tensor of size (..., %d)', self.inputSize), input)
   end
-  if fn == self.__fnBackward then
-    nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+  if backward then
     local want = input:size()
     want[#want] = self.outputSize
-    if not nn._hasSize(gradOutput, want) then
-      E.arg(fn, 'gradOutput', 'a tensor of size ' .. table.concat(want, 'x') .. ' (the output\'s)', gradOutput)
-    end
+    nn._checkGradOutput(fn, gradOutput, self.weight, want)
   end
 end
 
@@ -62,28 +60,32 @@ function Linear:updateOutput(input)
   return op.linear(fn, nn._contiguous(self, '_inputC', input), self.weight, self.bias, { out = self.output })
 end
 
-function Linear:_backward(input, gradOutput, gi, gw, gb)
-  local fn = self.__fnBackward
-  self:_check(fn, input, gradOutput)
+function Linear:_backward(fn, input, gradOutput, gi, gw, gb)
+  self:_check(fn, input, gradOutput, true)
   op.linear_backward(fn, nn._contiguous(self, '_gradOutputC', gradOutput), nn._contiguous(self, '_inputC', input),
                      self.weight, { grad_input = gi, grad_weight = gw, grad_bias = gb })
 end
 
 function Linear:updateGradInput(input, gradOutput)
+  local fn = self.__fnUpdateGradInput
+  self:_check(fn, input, gradOutput, true)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, false, false)
+  self:_backward(fn, input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function Linear:accGradParameters(input, gradOutput, scale)
-  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
+  local fn = self.__fnAccGradParameters
+  self:_check(fn, input, gradOutput, true)
+  self:_backward(fn, input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 -- one fused C call for both directions
 function Linear:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
+  self:_check(self.__fnBackward, input, gradOutput, true)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
+  self:_backward(self.__fnBackward, input, gradOutput, self.gradInput, self.gradWeight, self.bias and self.gradBias or false)
   return self.gradInput
 end
 

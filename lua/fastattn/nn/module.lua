@@ -17,9 +17,11 @@ function nn.class(name, parent)
   local cls = {}
   cls.__index = cls
   cls.__typename = 'nn.' .. name
-  -- the names messages give the methods ('fa.nn.Linear:forward'); backward covers updateGradInput and
-  -- accGradParameters
+  -- the names messages give the methods ('fa.nn.Linear:forward'), as the user called them: updateGradInput
+  -- and accGradParameters report their own names, or backward's when backward called them (nn._as)
   cls.__fnForward, cls.__fnBackward = 'fa.nn.' .. name .. ':forward', 'fa.nn.' .. name .. ':backward'
+  cls.__fnUpdateGradInput = 'fa.nn.' .. name .. ':updateGradInput'
+  cls.__fnAccGradParameters = 'fa.nn.' .. name .. ':accGradParameters'
   cls.__call = function(self, ...) return self:forward(...) end
   cls.__tostring = function(self) return self:__tostring__() end
   setmetatable(cls, {
@@ -45,6 +47,53 @@ function nn.isModule(m)
 end
 
 ---------------------------------------------------------------------------- helpers shared by the modules
+-- nn._as(self, fn, f, ...): f(self, ...) with the module's updateGradInput and accGradParameters reporting
+-- their errors under fn (backward runs them for the user, who called backward)
+function nn._as(self, fn, f, ...)
+  local u, a = rawget(self, '__fnUpdateGradInput'), rawget(self, '__fnAccGradParameters')
+  if u ~= nil then return f(self, ...) end -- already inside a call that named them
+  rawset(self, '__fnUpdateGradInput', fn)
+  rawset(self, '__fnAccGradParameters', fn)
+  local res = { pcall(f, self, ...) }
+  rawset(self, '__fnUpdateGradInput', nil)
+  rawset(self, '__fnAccGradParameters', nil)
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, table.maxn(res))
+end
+
+-- a parameter tensor of `shape` for constructor fn: a size that cannot be allocated is reported under fn,
+-- naming the arguments it comes from (args: a list of names)
+function nn._param(fn, shape, args)
+  local n = 1
+  for _, v in ipairs(shape) do n = n * v end
+  local ok, t = false, nil
+  local host = require('fastattn.functional')._host_memory()
+  local es = tonumber(C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype())))
+  -- beyond the machine's memory: refused before it is asked for (an overcommitted allocation would succeed and
+  -- the initialisation be killed)
+  if n < 2 ^ 53 and not (host and n * es > host) then ok, t = pcall(fa.empty, shape) end
+  if not ok then
+    local q = {}
+    for i, a in ipairs(args) do q[i] = "'" .. a .. "'" end
+    E.fail(fn, "argument%s %s: a parameter of size %s (%s elements) is too large to allocate", #q > 1 and 's' or '',
+           table.concat(q, ', '), table.concat(shape, 'x'),
+           n < 2 ^ 53 and string.format('%d', n) or string.format('%.4g', n))
+  end
+  return t
+end
+
+-- checks a backward's gradOutput: a tensor of `like`'s dtype and device and of size `shape` (a table;
+-- what: how that size is named, e.g. "the output's")
+function nn._checkGradOutput(fn, gradOutput, like, shape, what)
+  E.tensor(fn, 'gradOutput', gradOutput)
+  if gradOutput.desc.dtype ~= like.desc.dtype or gradOutput.desc.device ~= like.desc.device
+     or not nn._hasSize(gradOutput, shape) then
+    E.arg(fn, 'gradOutput', string.format('a %s tensor%s of size %s (%s)', like:dtype(),
+          like.desc.device >= 0 and (' on ' .. like:device()) or '', #shape == 0 and '[]' or table.concat(shape, 'x'),
+          what or "the output's"), gradOutput)
+  end
+  return gradOutput
+end
 -- buffer(t, shape, like): t resized to shape with like's dtype and device (or `dtype`, `device`), reusing
 -- its storage when it can; a new tensor otherwise. Modules keep output/gradInput through this.
 function nn._buffer(t, shape, dtype, device)
@@ -58,8 +107,8 @@ end
 -- scales gradOutput when scale ~= 1 (into a kept buffer)
 function nn._scaled(self, gradOutput, scale)
   if scale == nil or scale == 1 then return gradOutput end
-  E.number(self.__fnBackward, 'scale', scale)
-  E.tensor(self.__fnBackward, 'gradOutput', gradOutput)
+  E.number(self.__fnAccGradParameters, 'scale', scale)
+  E.tensor(self.__fnAccGradParameters, 'gradOutput', gradOutput)
   self._scaledGrad = nn._buffer(self._scaledGrad, gradOutput:size(), gradOutput)
   return self._scaledGrad:copy(gradOutput):scale_(scale)
 end
@@ -151,8 +200,16 @@ function Module:namedChildren()
 end
 
 ---------------------------------------------------------------------------- forward / backward
-function Module:updateOutput(input) return self.output end
-function Module:updateGradInput(input, gradOutput) return self.gradInput end
+-- nn.Module is abstract: a module class implements updateOutput and updateGradInput (accGradParameters
+-- only when it has parameters)
+function Module:updateOutput(input)
+  E.fail(self.__fnForward, '%s is abstract: a module class must implement updateOutput (this one has none)',
+         nn.typename(self) or 'nn.Module')
+end
+function Module:updateGradInput(input, gradOutput)
+  E.fail(self.__fnUpdateGradInput, '%s is abstract: a module class must implement updateGradInput (this one has none)',
+         nn.typename(self) or 'nn.Module')
+end
 function Module:accGradParameters(input, gradOutput, scale) end
 
 function Module:forward(input)
@@ -160,11 +217,14 @@ function Module:forward(input)
 end
 
 -- backward = updateGradInput, then accGradParameters (which adds scale * dL/dparams into the gradients)
-function Module:backward(input, gradOutput, scale)
-  scale = scale or 1
+local function backward(self, input, gradOutput, scale)
   self:updateGradInput(input, gradOutput)
   self:accGradParameters(input, gradOutput, scale)
   return self.gradInput
+end
+function Module:backward(input, gradOutput, scale)
+  scale = scale or 1
+  return nn._as(self, self.__fnBackward, backward, input, gradOutput, scale)
 end
 
 function Module:training()
@@ -402,7 +462,7 @@ function Module:loadStateDict(dict, strict)
       missing[#missing + 1] = name
     else
       if not fa.isTensor(src) then
-        E.arg(fn, 'dict', string.format("a tensor under '%s'", name), src)
+        E.argv(fn, 'dict', string.format("a tensor under '%s'", name), src)
       end
       if not src:isSameSizeAs(dst) then
         E.arg(fn, 'dict', string.format("a tensor of size %s under '%s'", fa._shape_str(dst, 'x'), name), src)
@@ -532,6 +592,9 @@ end
 
 -- apply(fn): fn(module) on this module and every descendant
 function Module:apply(fn)
+  if type(fn) ~= 'function' then
+    E.argv('fa.' .. (nn.typename(self) or 'nn.Module') .. ':apply', 'fn', 'a function', fn)
+  end
   fn(self)
   for _, c in ipairs(self:namedChildren()) do c[2]:apply(fn) end
 end

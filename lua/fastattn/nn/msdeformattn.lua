@@ -61,9 +61,17 @@ function MSDeformAttn:__init(opts)
   end
   self.d_head = self.d_model / self.n_heads
   -- fa.msda options (padding 'zeros' and align_corners false are the reference's)
-  self.msda_opts = { padding = opts.padding or 'zeros', align_corners = opts.align_corners or false,
-                     deterministic = opts.deterministic or false }
+  self.msda_opts = { padding = E.string(NEW, 'padding', opts.padding, { 'zeros', 'border' }, true) or 'zeros',
+                     align_corners = E.boolean(NEW, 'align_corners', opts.align_corners, true) or false,
+                     deterministic = E.boolean(NEW, 'deterministic', opts.deterministic, true) or false }
   local d, M, L, P = self.d_model, self.n_heads, self.n_levels, self.n_points
+  -- the parameters' size, checked here so that a message names this constructor and its options
+  local n = (d + 1) * (M * L * P * 3 + 2 * d)
+  local host = F._host_memory()
+  if n >= 2 ^ 53 or (host and n * fa.C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype())) > host) then
+    E.fail(NEW, "arguments 'd_model', 'n_levels', 'n_heads', 'n_points': parameters of %s elements are too large to " ..
+           'allocate', n < 2 ^ 53 and string.format('%d', n) or string.format('%.4g', n))
+  end
   -- registration order = the reference's state_dict order
   self:registerModule('sampling_offsets', nn.Linear(d, M * L * P * 2))
   self:registerModule('attention_weights', nn.Linear(d, M * L * P))
@@ -131,17 +139,22 @@ local function levels_of(fn, shapes, L)
   local hw = shapes
   if fa.isTensor(shapes) then
     if shapes:dim() ~= 2 or shapes:size(2) ~= 2 then E.argv(fn, 'spatial_shapes', 'an (L, 2) tensor', shapes) end
+    if shapes:isFloatingPoint() then E.argv(fn, 'spatial_shapes', 'an int64 or int32 (L, 2) tensor', shapes) end
     hw = shapes:to('float64', 'cpu'):table()
   elseif type(shapes) ~= 'table' then
     E.argv(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', shapes)
   end
   if #hw ~= L then E.arg(fn, 'spatial_shapes', L .. ' levels (n_levels)', #hw .. ' levels') end
-  for l, e in ipairs(hw) do
-    if type(e) ~= 'table' or type(e[1]) ~= 'number' or type(e[2]) ~= 'number' then
-      E.arg(fn, 'spatial_shapes', '{{H, W}, ...} or an (L, 2) tensor', 'a bad entry at level ' .. l)
+  local S = 0
+  for l = 1, L do
+    local e = hw[l]
+    if type(e) ~= 'table' or fa.isTensor(e) or #e ~= 2 then
+      E.arg(fn, 'spatial_shapes[' .. l .. ']', '{H, W}', E.describe(e))
     end
+    local name = 'spatial_shapes[' .. l .. ']'
+    S = S + E.integer(fn, name, e[1], 0, 2 ^ 31 - 1) * E.integer(fn, name, e[2], 0, 2 ^ 31 - 1)
   end
-  return hw
+  return hw, S
 end
 
 -- checks the input table against the module; returns query, ref, x, levels {{H, W}...}, shapes, lsi, mask,
@@ -166,6 +179,11 @@ function MSDeformAttn:_unpack(fn, input)
   if x:dim() ~= 3 or x:size(1) ~= N or x:size(3) ~= d then
     E.argv(fn, 'input_flatten', string.format("size (N, S, %d) with N = %d (as 'query')", d, N), x)
   end
+  local hw, total = levels_of(fn, get(input, 4, 'spatial_shapes'), L)
+  if x:size(2) ~= total then
+    E.argv(fn, 'input_flatten', string.format('size (N, S, %d) with S = %d (the sum of H*W over spatial_shapes)', d,
+           total), x)
+  end
   local S, nref = x:size(2), ref:dim() == 4 and ref:size(4)
   if (nref ~= 2 and nref ~= 4) or ref:size(1) ~= N or ref:size(2) ~= Lq or ref:size(3) ~= L then
     E.argv(fn, 'reference_points', string.format('size %dx%dx%dx2 or %dx%dx%dx4 (N, Lq, n_levels, points 2 or boxes 4)',
@@ -177,7 +195,7 @@ function MSDeformAttn:_unpack(fn, input)
     E.argv(fn, 'input_padding_mask', string.format('a bool tensor of size %dx%d (N, S) or nil', N, S), mask)
   end
   local shapes = get(input, 4, 'spatial_shapes')
-  return q, ref, x, levels_of(fn, shapes, L), shapes, get(input, 5, 'level_start_index'), mask, N, Lq, S, nref
+  return q, ref, x, hw, shapes, get(input, 5, 'level_start_index'), mask, N, Lq, S, nref
 end
 
 -- selection matrices (cached per reference-point kind, dtype and device) that broadcast reference points
@@ -293,7 +311,7 @@ end
 
 ---------------------------------------------------------------------------- backward
 -- the input gradients; with acc, the children's fused backward also adds their parameter gradients
-function MSDeformAttn:_backward(input, gradOutput, scale, acc)
+function MSDeformAttn:_backward(BWD, input, gradOutput, scale, acc)
   local q, _, x, _, shapes, lsi, _, N, Lq, S, nref = self:_unpack(BWD, input)
   local M, L, P, d = self.n_heads, self.n_levels, self.n_points, self.d_model
   E.tensor(BWD, 'gradOutput', gradOutput)
@@ -351,13 +369,14 @@ function MSDeformAttn:_backward(input, gradOutput, scale, acc)
 end
 
 function MSDeformAttn:updateGradInput(input, gradOutput)
-  return self:_backward(input, gradOutput, 1, false)
+  return self:_backward(self.__fnUpdateGradInput, input, gradOutput, 1, false)
 end
 
 -- uses the gradients that updateGradInput left (the Torch7 order: updateGradInput, then accGradParameters)
 function MSDeformAttn:accGradParameters(input, gradOutput, scale)
-  local q, _, x = self:_unpack(BWD, input)
-  if self._gValProj == nil then E.fail(BWD, 'call updateGradInput before accGradParameters') end
+  local fn = self.__fnAccGradParameters
+  local q, _, x = self:_unpack(fn, input)
+  if self._gValProj == nil then E.fail(fn, 'call updateGradInput before accGradParameters') end
   local N, Lq = q:size(1), q:size(2)
   self.output_proj:accGradParameters(self._core, gradOutput, scale)
   self.sampling_offsets:accGradParameters(q, self._gOff:view(N, Lq, -1), scale)
@@ -367,7 +386,7 @@ end
 
 -- both in one pass (the children's fused backward calls)
 function MSDeformAttn:backward(input, gradOutput, scale)
-  return self:_backward(input, gradOutput, scale or 1, true)
+  return self:_backward(BWD, input, gradOutput, scale or 1, true)
 end
 
 return MSDeformAttn

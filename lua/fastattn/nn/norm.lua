@@ -64,31 +64,38 @@ function LayerNorm:updateOutput(input)
   return self.output
 end
 
-function LayerNorm:_backward(input, gradOutput, gi, gw, gb)
-  local fn = self.__fnBackward
+-- checks input and gradOutput for a backward named fn
+function LayerNorm:_checkBackward(fn, input, gradOutput)
   nn._checkInput(fn, 'input', input, self.weight)
-  nn._checkInput(fn, 'gradOutput', gradOutput, self.weight)
+  nn._checkGradOutput(fn, gradOutput, input, input:size())
+end
+
+function LayerNorm:_backward(fn, input, gradOutput, gi, gw, gb)
   op.layer_norm_backward(fn, gradOutput, input, self.mean, self.rstd, self.weight, self.normalized_shape,
                          { grad_input = gi, grad_weight = gw, grad_bias = gb })
 end
 
 function LayerNorm:updateGradInput(input, gradOutput)
-  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
+  local fn = self.__fnUpdateGradInput
+  self:_checkBackward(fn, input, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, false, false)
+  self:_backward(fn, input, gradOutput, self.gradInput, false, false)
   return self.gradInput
 end
 
 function LayerNorm:accGradParameters(input, gradOutput, scale)
   if not self.weight then return end
-  self:_backward(input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
+  local fn = self.__fnAccGradParameters
+  self:_checkBackward(fn, input, gradOutput)
+  self:_backward(fn, input, nn._scaled(self, gradOutput, scale), false, self.gradWeight, self.bias and self.gradBias or false)
 end
 
 function LayerNorm:backward(input, gradOutput, scale)
   if scale ~= nil and scale ~= 1 then return nn.Module.backward(self, input, gradOutput, scale) end
-  nn._checkInput(self.__fnBackward, 'input', input, self.weight)
+  local fn = self.__fnBackward
+  self:_checkBackward(fn, input, gradOutput)
   self.gradInput = nn._buffer(self.gradInput, input:size(), input)
-  self:_backward(input, gradOutput, self.gradInput, self.weight and self.gradWeight or false,
+  self:_backward(fn, input, gradOutput, self.gradInput, self.weight and self.gradWeight or false,
                  self.bias and self.gradBias or false)
   return self.gradInput
 end

@@ -20,7 +20,7 @@ end
 
 -- the gradient of a pure view: gradOutput seen with the input's shape
 local function view_back(self, input, gradOutput)
-  local fn = self.__fnBackward
+  local fn = self.__fnUpdateGradInput
   E.tensor(fn, 'input', input)
   E.tensor(fn, 'gradOutput', gradOutput)
   if gradOutput:numel() ~= input:numel() then
@@ -82,6 +82,8 @@ function View:__init(...)
   local n = select('#', ...)
   if type(a) == 'table' and not fa.isTensor(a) then self.size, n = { unpack(a) }, #a else self.size = { ... } end
   if n == 0 then E.fail('fa.nn.View', 'expected sizes, got none') end
+  local max = tonumber(fa.C.FA_MAX_DIMS)
+  if n > max then E.arg('fa.nn.View', 'sizes', string.format('at most %d sizes', max), tostring(n)) end
   for i = 1, n do E.integer('fa.nn.View', 'size[' .. i .. ']', self.size[i], -1) end
   self.numInputDims = nil
 end
