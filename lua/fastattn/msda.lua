@@ -112,6 +112,7 @@ local function msda_backward(grad_out, value, spatial_shapes, level_start_index,
   return gv, gl, ga
 end
 
+msda, msda_backward = E.strict('fa.msda', msda), E.strict('fa.msda_backward', msda_backward)
 rawset(fa, 'msda', msda)
 rawset(fa, 'msda_backward', msda_backward)
 return { msda = msda, msda_backward = msda_backward }
