@@ -291,7 +291,7 @@ int fa_overlaps(const fa_tensor *a, const fa_tensor *b) {
 
 int fa_check_no_overlap(const char *fn, const char *arg, const fa_tensor *out, const char *in_arg, const fa_tensor *in) {
   if (fa_overlaps(out, in))
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor that shares no memory with '%s' (the result is "
-                    "written into it), got one that overlaps it", fn, arg, in_arg);
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor that shares no memory with argument '%s' (the "
+                    "result is written into it), got one that overlaps it", fn, arg, in_arg);
   return 0;
 }

@@ -237,6 +237,12 @@ function U.parseArgs(cli, args)
   for _, spec in ipairs(cli.options) do byname[norm(opt_fields(spec))] = spec end
   local o = U.defaults(cli)
   local n = args and #args or 0
+  for i = 1, n do -- (a number where a string belongs: the script passed arg values it made itself)
+    if type(args[i]) ~= 'string' then
+      return nil, string.format('%s: argument %d: expected a string (--name or a value), got %s', prog, i,
+                                E.describe(args[i]))
+    end
+  end
   for i = 1, n do
     if args[i] == '--help' or args[i] == '-h' then
       o.help = true
@@ -246,9 +252,6 @@ function U.parseArgs(cli, args)
   local i = 1
   while i <= n do
     local a = args[i]
-    if type(a) ~= 'string' then
-      return nil, string.format('%s: argument %d: expected a string (--name or a value), got %s', prog, i, E.describe(a))
-    end
     local name, eqv = a:match('^%-%-([%w_%-]+)=(.*)$')
     if not name then name = a:match('^%-%-([%w_%-]+)$') end
     if not name then
