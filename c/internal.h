@@ -65,6 +65,11 @@ int fa_check_contiguous(const char *fn, const char *arg, const fa_tensor *t);
 int fa_check_dim(const char *fn, const char *arg, const fa_tensor *t, int dim, int64_t size);
 /* all three at once: defined, same device and dtype as ref */
 int fa_check_like(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
+/* do two defined tensors share memory? Byte ranges on one device, so interleaved views that share no element
+ * count too (a false alarm costs an error or a copy, never a wrong result); NULL or empty: no */
+int fa_overlaps(const fa_tensor *a, const fa_tensor *b);
+/* an output must not share memory with an input (or another output) it is computed from */
+int fa_check_no_overlap(const char *fn, const char *arg, const fa_tensor *out, const char *in_arg, const fa_tensor *in);
 
 /* ---- 16-bit float conversions (round to nearest even) ---- */
 static inline float fa_bf16_to_f32(uint16_t h) {

@@ -191,6 +191,20 @@ static int check_output(const char *fn, const char *arg, const fa_tensor *t, con
   return 0;
 }
 
+/* an output (NULL: not wanted) against every input: the kernels read the inputs while they write it */
+static int no_overlap(const char *fn, const char *arg, const fa_tensor *t, const fa_tensor *shapes, const fa_tensor *lsi,
+                      const fa_tensor *loc, const fa_tensor *attn, const fa_tensor *value, const fa_tensor *grad_out) {
+  int rc;
+  if (!t) return 0;
+  if ((rc = fa_check_no_overlap(fn, arg, t, "value", value)) || (rc = fa_check_no_overlap(fn, arg, t, "spatial_shapes", shapes)) ||
+      (rc = fa_check_no_overlap(fn, arg, t, "level_start_index", lsi)) ||
+      (rc = fa_check_no_overlap(fn, arg, t, "sampling_locations", loc)) ||
+      (rc = fa_check_no_overlap(fn, arg, t, "attention_weights", attn)) ||
+      (rc = fa_check_no_overlap(fn, arg, t, "grad_out", grad_out)))
+    return rc;
+  return 0;
+}
+
 /* ------------------------------------------------------------------ one sampling point */
 /* the taps of point (lx, ly) on level l and d(pixel)/d(loc) (0 where border-clamped); 0 when the point
  * touches no pixel (zeros padding, or NaN). Coordinates in double for both dtypes. */
@@ -448,6 +462,8 @@ int fa_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spa
   rc = msda_check(fn, out, "out", value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                   opts, &g, &lv);
   if (!rc) rc = check_dense_output(fn, "out", out);
+  if (!rc) rc = no_overlap(fn, "out", out, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           value, NULL);
   if (rc || fa_numel(out) == 0) { free(lv); return rc; }
   const fa_tensor *in[3] = {value, sampling_locations, attention_weights};
   const void *p[3];
@@ -475,6 +491,18 @@ int fa_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, 
   if (!rc) rc = check_output(fn, "grad_value", grad_value, "value", value);
   if (!rc) rc = check_output(fn, "grad_sampling_locations", grad_sampling_locations, "sampling_locations", sampling_locations);
   if (!rc) rc = check_output(fn, "grad_attention_weights", grad_attention_weights, "attention_weights", attention_weights);
+  /* every gradient against every input and the other gradients */
+  if (!rc) rc = no_overlap(fn, "grad_value", grad_value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights, value, grad_out);
+  if (!rc) rc = no_overlap(fn, "grad_sampling_locations", grad_sampling_locations, spatial_shapes, level_start_index,
+                           sampling_locations, attention_weights, value, grad_out);
+  if (!rc) rc = no_overlap(fn, "grad_attention_weights", grad_attention_weights, spatial_shapes, level_start_index,
+                           sampling_locations, attention_weights, value, grad_out);
+  if (!rc && grad_value) rc = fa_check_no_overlap(fn, "grad_sampling_locations", grad_sampling_locations, "grad_value", grad_value);
+  if (!rc && grad_value) rc = fa_check_no_overlap(fn, "grad_attention_weights", grad_attention_weights, "grad_value", grad_value);
+  if (!rc && grad_sampling_locations)
+    rc = fa_check_no_overlap(fn, "grad_attention_weights", grad_attention_weights, "grad_sampling_locations",
+                             grad_sampling_locations);
   void *gv = grad_value && fa_numel(grad_value) ? grad_value->data : NULL;
   void *gl = grad_sampling_locations && fa_numel(grad_sampling_locations) ? grad_sampling_locations->data : NULL;
   void *ga = grad_attention_weights && fa_numel(grad_attention_weights) ? grad_attention_weights->data : NULL;

@@ -268,3 +268,30 @@ int fa_check_like(const char *fn, const char *arg, const fa_tensor *t, const cha
   if ((rc = fa_check_same_device(fn, arg, t, ref_arg, ref))) return rc;
   return fa_check_same_dtype(fn, arg, t, ref_arg, ref);
 }
+
+/* ------------------------------------------------------------------ memory overlap */
+/* [lo, hi) bytes of a defined tensor (strides >= 0, checked by fa_check_defined); 0 when it has no element */
+static int byte_range(const fa_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+  int64_t last = 0;
+  for (int i = 0; i < t->ndim; i++) {
+    if (t->shape[i] == 0) return 0;
+    last += (t->shape[i] - 1) * t->stride[i];
+  }
+  *lo = (uintptr_t)t->data;
+  *hi = *lo + (uintptr_t)((last + 1) * fa_dtype_size(t->dtype));
+  return 1;
+}
+
+int fa_overlaps(const fa_tensor *a, const fa_tensor *b) {
+  uintptr_t a0, a1, b0, b1;
+  if (!a || !b || a->device != b->device) return 0;
+  if (!byte_range(a, &a0, &a1) || !byte_range(b, &b0, &b1)) return 0;
+  return a0 < b1 && b0 < a1;
+}
+
+int fa_check_no_overlap(const char *fn, const char *arg, const fa_tensor *out, const char *in_arg, const fa_tensor *in) {
+  if (fa_overlaps(out, in))
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor that shares no memory with argument '%s' (the "
+                    "result is written into it), got one that overlaps it", fn, arg, in_arg);
+  return 0;
+}

@@ -476,3 +476,36 @@ describe('elementwise argument checks (Lua side, before any kernel)', function()
     assert.are.equal(4, fa.maxAbsDiff(x, y:t():contiguous():view(2, 3))) -- {{1,2,1},{2,1,2}}
   end)
 end)
+
+describe('extra arguments (x:log(a) is not Torch7\'s log of a into x here)', function()
+  local function raises(pattern, f)
+    local ok, err = pcall(f)
+    assert.is_false(ok, 'expected an error matching ' .. pattern)
+    assert.matches('^spec/elementwise_spec.lua:%d+: ' .. pattern, tostring(err))
+  end
+  local x, a = fa.tensor({ { 1, 2, 3 }, { 4, 5, 6 } }), fa.tensor({ { 2, 2, 2 }, { 3, 3, 3 } })
+  it('are refused by unary methods and functions, which leave self as it was', function()
+    for _, name in ipairs(UNARY) do
+      local before = x:clone()
+      raises('Tensor:' .. name .. ': argument #1: expected nothing %(Tensor:' .. name .. ' takes no arguments; .*%), got ' ..
+             'a float32 tensor of size 2x3$', function() x[name](x, a) end)
+      raises('Tensor:' .. name .. '_: argument #1: expected nothing', function() x[name .. '_'](x, a) end)
+      raises('fa.' .. name .. ': argument #2: expected nothing %(fa.' .. name .. ' takes at most 1 argument; ',
+             function() fa[name](x, a) end)
+      assert.is_true(x:equal(before))
+    end
+  end)
+  it('are refused by binary ops past alpha; trailing nils are no arguments', function()
+    raises('Tensor:add: argument #3: expected nothing %(Tensor:add takes at most 2 arguments; .*%), got 5$',
+           function() x:add(a, 1, 5) end)
+    raises('fa.mul: argument #4: expected nothing', function() fa.mul(x, a, 1, {}) end)
+    assert.are.same({ { 3, 4, 5 }, { 7, 8, 9 } }, x:add(a, nil, nil):table())
+  end)
+  it('name the multiple results of a call passed last', function()
+    local ok, err = pcall(fa.maxAbsDiff, x, x:max(2)) -- max(2) gives values and indices: three arguments
+    assert.is_false(ok)
+    assert.matches('fa.maxAbsDiff: argument #3: expected nothing %(fa.maxAbsDiff takes at most 2 arguments; a call as ' ..
+                   'the last argument passes all its results, %(f%(...%)%) passes one%), got an int64 tensor of size 2x1$', err)
+    assert.are.equal(0, fa.maxAbsDiff(x:max(2), (x:max(2))))
+  end)
+end)

@@ -261,3 +261,68 @@ describe('fa.msda', function()
     end)
   end)
 end)
+
+describe('fa.msda outputs that share memory with an input', function()
+  -- N=1, S=5 (levels 2x2, 1x1), M=1, D=2, Lq=2, L=2, P=1
+  local shapes = { { 2, 2 }, { 1, 1 } }
+  local function ins()
+    fa.manualSeed(7)
+    return fa.randn(1, 5, 1, 2, 'float64'), fa.rand(1, 2, 1, 2, 1, 2, 'float64'), fa.rand(1, 2, 1, 2, 1, 'float64')
+  end
+  local function raises(pattern, f, ...)
+    local ok, err = pcall(f, ...)
+    assert.is_false(ok, 'expected an error matching ' .. pattern)
+    assert.matches('^spec/msda_spec.lua:%d+: ' .. pattern, tostring(err))
+  end
+  local OV = ": expected a tensor that shares no memory with argument '%s' %%(the result is written into it%%), " ..
+             'got one that overlaps it$'
+  it('are refused by the forward (out against every input)', function()
+    local v, loc, a = ins()
+    raises("fa.msda: argument 'out'" .. OV:format('value'), fa.msda, v, shapes, nil, loc, a,
+           { out = v:view(10):narrow(1, 1, 4):view(1, 2, 2) })
+    raises("fa.msda: argument 'out'" .. OV:format('sampling_locations'), fa.msda, v, shapes, nil, loc, a,
+           { out = loc:view(8):narrow(1, 3, 4):view(1, 2, 2) })
+    -- out over the last element of the weights
+    local buf = fa.zeros(8, 'float64')
+    local a2 = buf:narrow(1, 1, 4):view(1, 2, 1, 2, 1):copy(a)
+    raises("fa.msda: argument 'out'" .. OV:format('attention_weights'), fa.msda, v, shapes, nil, loc, a2,
+           { out = buf:narrow(1, 4, 4):view(1, 2, 2) })
+  end)
+  it('are taken when they only share a storage, with the result of a fresh out', function()
+    local v, loc, a = ins()
+    local want = fa.msda(v, shapes, nil, loc, a)
+    local buf = fa.zeros(14, 'float64')
+    local v2 = buf:narrow(1, 1, 10):view(1, 5, 1, 2):copy(v)
+    local out = buf:narrow(1, 11, 4):view(1, 2, 2)
+    assert.are.equal(out, fa.msda(v2, shapes, nil, loc, a, { out = out }))
+    assert.is_true(out:equal(want))
+    assert.is_true(v2:equal(v))
+  end)
+  it('are refused by the backward (every gradient against every input and the other gradients)', function()
+    local v, loc, a = ins()
+    local go = fa.randn(1, 2, 2, 'float64')
+    raises("fa.msda_backward: argument 'grad_value'" .. OV:format('value'), fa.msda_backward, go, v, shapes, nil, loc, a,
+           { grad_value = v })
+    raises("fa.msda_backward: argument 'grad_sampling_locations'" .. OV:format('sampling_locations'), fa.msda_backward,
+           go, v, shapes, nil, loc, a, { grad_sampling_locations = loc })
+    raises("fa.msda_backward: argument 'grad_attention_weights'" .. OV:format('grad_out'), fa.msda_backward,
+           go, v, shapes, nil, loc, a, { grad_attention_weights = go:view(1, 2, 1, 2, 1) })
+    local buf = fa.zeros(22, 'float64')
+    raises("fa.msda_backward: argument 'grad_sampling_locations'" .. OV:format('grad_value'), fa.msda_backward,
+           go, v, shapes, nil, loc, a, { grad_value = buf:narrow(1, 1, 10):view(1, 5, 1, 2),
+                                         grad_sampling_locations = buf:narrow(1, 10, 8):view(1, 2, 1, 2, 1, 2) })
+    raises("fa.msda_backward: argument 'grad_attention_weights'" .. OV:format('grad_sampling_locations'),
+           fa.msda_backward, go, v, shapes, nil, loc, a, { grad_value = false,
+             grad_sampling_locations = buf:narrow(1, 1, 8):view(1, 2, 1, 2, 1, 2),
+             grad_attention_weights = buf:narrow(1, 8, 4):view(1, 2, 1, 2, 1) })
+    -- disjoint parts of one buffer: the gradients of separate buffers
+    local gv, gl, ga = fa.msda_backward(go, v, shapes, nil, loc, a)
+    local bv, bl, ba = buf:narrow(1, 1, 10):view(1, 5, 1, 2), buf:narrow(1, 11, 8):view(1, 2, 1, 2, 1, 2),
+                       buf:narrow(1, 19, 4):view(1, 2, 1, 2, 1)
+    fa.msda_backward(go, v, shapes, nil, loc, a, { grad_value = bv, grad_sampling_locations = bl,
+                                                   grad_attention_weights = ba })
+    assert.is_true(bv:equal(gv))
+    assert.is_true(bl:equal(gl))
+    assert.is_true(ba:equal(ga))
+  end)
+end)

@@ -414,3 +414,71 @@ describe('fa.Tensor printing', function()
     assert.truthy(tostring(fa.tensor({ true })):find('[fa.BoolTensor of size 1]', 1, true))
   end)
 end)
+
+describe('fa.tensor into an integer dtype', function()
+  local ffi = require 'ffi'
+  it('refuses values the dtype cannot hold, naming the element (as fill does)', function()
+    raises("fa.tensor: argument 'data': expected integers in the range of int64, got 1e%+20 at %[1%]$",
+           fa.tensor, { 1e20 }, 'int64')
+    raises("fa.tensor: argument 'data': expected integers in the range of int64, got nan at %[2%]%[1%]$",
+           fa.tensor, { { 1, 2 }, { 0 / 0, 3 } }, 'int64')
+    raises("fa.tensor: argument 'data': expected integers in the range of int32, got 2147483648 at %[2%]$",
+           fa.tensor, { 1, 2 ^ 31 }, { dtype = 'int32' })
+    raises("fa.tensor: argument 'data': expected integers in the range of int32, got %-inf at %[1%]$",
+           fa.tensor, { -1 / 0 }, 'int')
+    raises("fa.tensor: argument 'data': expected integers in the range of int64, got 1.5 at %[1%]$",
+           fa.tensor, { 1.5 }, 'int64')
+    raises("fa.Tensor: argument 'data': expected integers in the range of int64, got 9.223372036854776e%+18 at %[1%]$",
+           fa.Tensor, { 2 ^ 63 }, 'int64')
+    raises("fa.full: argument 'value': expected an integer in the range of int64, got 1e%+20$", fa.full, { 1 }, 1e20, 'int64')
+  end)
+  it('takes the extremes exactly', function()
+    assert.are.same({ -2147483648, 2147483647 }, fa.tensor({ -2 ^ 31, 2 ^ 31 - 1 }, 'int32'):table())
+    assert.are.equal('-9223372036854775808LL', tostring(ffi.cast('int64_t*', fa.tensor({ -2 ^ 63 }, 'int64').desc.data)[0]))
+    assert.are.same({ 1, 0 }, fa.tensor({ true, false }, 'int64'):table())
+    -- float dtypes keep PyTorch's torch.tensor behaviour: a value past the range is inf
+    assert.are.equal(math.huge, fa.tensor({ 1e39 }):item())
+  end)
+end)
+
+describe('extra arguments', function()
+  local x = fa.tensor({ { 1, 2, 3 }, { 4, 5, 6 } })
+  it('are refused by every Tensor method that declares its arguments, naming the method and the value', function()
+    raises('Tensor:clone: argument #1: expected nothing %(Tensor:clone takes no arguments; .*%), got "float64"$',
+           function() return x:clone('float64') end)
+    raises('Tensor:size: argument #2: expected nothing %(Tensor:size takes at most 1 argument; .*%), got 2$',
+           function() return x:size(1, 2) end)
+    raises('Tensor:narrow: argument #4: expected nothing %(Tensor:narrow takes at most 3 arguments; .*%), got 1$',
+           function() return x:narrow(1, 1, 1, 1) end)
+    raises('Tensor:to: argument #3: expected nothing', function() return x:to('float64', 'cpu', true) end)
+    raises('Tensor:fill: argument #2: expected nothing', function() return x:clone():fill(1, 2) end)
+    raises('Tensor:t: argument #1: expected nothing', function() return x:t(2) end)
+    -- nils past the end are no arguments (a wrapper passing its optional arguments on)
+    assert.are.same({ 2, 3 }, x:clone(nil, nil):size())
+    -- methods taking sizes or indices check those themselves
+    raises("Tensor:view: argument 'size': expected sizes as numbers, one table of numbers or a tensor, got \"a\"$",
+           function() return x:view(6, 'a') end)
+    raises("Tensor:get: argument 'index': expected 2 indices %(one per dimension%), got 3$", function() return x:get(1, 1, 1) end)
+    -- every method: the self check still comes first
+    raises("Tensor:clone: argument 'self': expected a tensor %(call it as x:clone%(...%), with a colon%), got 5$",
+           function() return x.clone(5, 6) end)
+  end)
+  it('are refused by every fa.* function', function()
+    raises('fa.zeros_like: argument #3: expected nothing %(fa.zeros_like takes at most 2 arguments; .*%), got 1$',
+           fa.zeros_like, x, nil, 1)
+    raises('fa.tensor: argument #3: expected nothing', fa.tensor, { 1 }, 'float64', 'cpu')
+    raises('fa.manualSeed: argument #2: expected nothing', fa.manualSeed, 1, 2)
+    raises('fa.setNumThreads: argument #2: expected nothing', fa.setNumThreads, 1, 2)
+    raises('fa.allclose: argument #5: expected nothing %(fa.allclose takes at most 4 arguments; .*%), got "x"$',
+           fa.allclose, x, x, 0, 0, 'x')
+    raises('fa.arange: argument #5: expected nothing', fa.arange, 1, 5, 1, 'int64', 2)
+    raises("fa.zeros: argument 'options': expected nothing after the options", fa.zeros, 2, 'float64', 3)
+    raises('fa.util.writePlot: argument #4: expected nothing', fa.util.writePlot, '/nonexistent/p.svg', { 1 }, nil, 1)
+    raises('fa.cuda.isAvailable: argument #1: expected nothing', fa.cuda.isAvailable, 0)
+    raises('fa.optim.gradNorm: argument #2: expected nothing', fa.optim.gradNorm, { x }, 2)
+    raises('fa.F.relu: argument #3: expected nothing', fa.F.relu, x, nil, 1)
+    raises('fa.grid_sample: argument #6: expected nothing', fa.grid_sample, x, x, nil, nil, nil, 1)
+    raises('fa.msda: argument #7: expected nothing', fa.msda, x, {}, nil, x, x, nil, 1)
+    raises('fa.msda_backward: argument #8: expected nothing', fa.msda_backward, x, x, {}, nil, x, x, nil, 1)
+  end)
+end)

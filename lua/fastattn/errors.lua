@@ -174,4 +174,58 @@ function E.opts(fn, name, t, known)
   return t
 end
 
+
+---------------------------------------------------------------------------- fixcore: extra arguments
+-- An argument past the ones a function declares is an error, not silently dropped (x:log(a), x:sum(1, 2) and
+-- x:clone('float64') would otherwise mean something else than the caller thinks).
+--   E.nparams(f)                     f's declared parameter count; nil for a vararg or C function
+--   E.no_extra(fn, n, skip, ...)     raises for the first non-nil argument past the n-th ("skip" leading
+--                                    arguments, a method's self, are not counted in the message)
+--   E.strict(fn, f, skip)            f wrapped to call no_extra first; f itself when it is vararg (it checks its own)
+--   E.strictModule(prefix, t)        every function field of t not starting with '_' made strict in place,
+--                                    named prefix .. '.' .. key
+function E.nparams(f)
+  local info = debug.getinfo(f, 'Su')
+  if info.what ~= 'Lua' or info.isvararg then return nil end
+  return info.nparams
+end
+
+function E.no_extra(fn, n, skip, ...)
+  for i = n + 1, select('#', ...) do
+    local v = select(i, ...)
+    if v ~= nil then
+      local k = n - skip
+      -- a call as the last argument passes all its results: fa.maxAbsDiff(a, F.layer_norm(x, 3)) passes four
+      E.raise(string.format('%s: argument #%d: expected nothing (%s takes %s; a call as the last argument passes ' ..
+                            'all its results, (f(...)) passes one), got %s', fn, i - skip, fn,
+                            k == 0 and 'no arguments' or k == 1 and 'at most 1 argument' or ('at most ' .. k .. ' arguments'),
+                            E.describe(v)))
+    end
+  end
+end
+
+local strict_wrappers = setmetatable({}, { __mode = 'k' })
+function E.strict(fn, f, skip)
+  if strict_wrappers[f] then return f end
+  local n = E.nparams(f)
+  if not n then return f end
+  skip = skip or 0
+  local w = function(...)
+    if select('#', ...) > n then E.no_extra(fn, n, skip, ...) end
+    return f(...)
+  end
+  strict_wrappers[w] = true
+  return w
+end
+E._strict_wrappers = strict_wrappers
+
+function E.strictModule(prefix, t)
+  for k, f in pairs(t) do
+    if type(f) == 'function' and type(k) == 'string' and k:sub(1, 1) ~= '_' then
+      t[k] = E.strict(prefix .. '.' .. k, f)
+    end
+  end
+  return t
+end
+
 return E

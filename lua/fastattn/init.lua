@@ -17,7 +17,8 @@ merge(require 'fastattn.math')
 merge(require 'fastattn.io')
 
 -- x.view(2, 3) for x:view(2, 3) (a newcomer's slip) gets a message instead of "attempt to index local 'self'":
--- every Tensor method checks its self. Once per method (a reloaded module brings new functions; wrappers stay).
+-- every Tensor method checks its self, and an argument past the ones it declares is an error (x:log(a) is not
+-- log(a), x:clone('float64') no conversion). Once per method (a reloaded module brings new functions; wrappers stay).
 do
   local registry = debug.getregistry()
   local wrappers = registry.fastattn_method_wrappers or setmetatable({}, { __mode = 'k' })
@@ -26,9 +27,20 @@ do
   for name, f in pairs(Tensor) do
     if type(f) == 'function' and not wrappers[f] and name ~= '__tostring' then
       local fn, hint = 'Tensor:' .. name, 'a tensor (call it as x:' .. name .. '(...), with a colon)'
-      local w = function(self, ...)
-        if not isTensor(self) then E.argv(fn, 'self', hint, self) end
-        return f(self, ...)
+      local np = E.nparams(f) -- nil: vararg, checks its own arguments
+      local w
+      if np then
+        local nx = np - 1
+        w = function(self, ...)
+          if not isTensor(self) then E.argv(fn, 'self', hint, self) end
+          if select('#', ...) > nx then E.no_extra(fn, np, 1, self, ...) end
+          return f(self, ...)
+        end
+      else
+        w = function(self, ...)
+          if not isTensor(self) then E.argv(fn, 'self', hint, self) end
+          return f(self, ...)
+        end
       end
       wrappers[w] = true
       Tensor[name] = w
@@ -48,6 +60,11 @@ end
 function fa.setNumThreads(n) lib.fa_set_num_threads(fa.errors.integer('fa.setNumThreads', 'n', n, 1, 65536)) end
 function fa.getNumThreads() return tonumber(lib.fa_get_num_threads()) end
 
+-- every fa.* function rejects arguments past the ones it declares (fa.errors' E.strict); the lazily loaded
+-- modules below get the same as they load
+fa.errors.strictModule('fa', fa)
+local STRICT = { util = 'fa.util', cuda = 'fa.cuda', optim = 'fa.optim', F = 'fa.F' }
+
 -- optional parts load lazily so that a missing one names itself in the error
 setmetatable(fa, {
   __index = function(t, k)
@@ -58,6 +75,12 @@ setmetatable(fa, {
       local m = require(mods[k])
       -- a module that sets fa[k] itself while loading (functional.lua sets fa.grid_sample) keeps its value
       if rawget(t, k) == nil then rawset(t, k, m) end
+      if STRICT[k] and type(m) == 'table' then fa.errors.strictModule(STRICT[k], m) end
+      -- functions a module sets on fa while loading (fa.grid_sample, fa.msda)
+      for name in pairs(mods) do
+        local f = rawget(t, name)
+        if type(f) == 'function' then rawset(t, name, fa.errors.strict('fa.' .. name, f)) end
+      end
       return rawget(t, k)
     end
   end,

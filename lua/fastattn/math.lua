@@ -233,11 +233,13 @@ local function reduce_out_shape(x, dim)
 end
 
 -- sum()/mean()/max() without a dim return a number (Torch7); with a dim a tensor that keeps the dim
--- (size 1). max(dim) returns values and 1-based int64 indices; argmax(dim) the indices alone.
-local function reduce(name, x, dim)
+-- (size 1) unless keepdim is false (PyTorch's keepdim; the default true is Torch7's). max(dim) returns values and
+-- 1-based int64 indices; argmax(dim) the indices alone.
+local function reduce(name, x, dim, keepdim)
   local fn = 'Tensor:' .. name
   local op = RED[name]
   if dim == nil then
+    if keepdim ~= nil then E.argv(fn, 'keepdim', 'nothing without a dim (a full reduction gives a number)', keepdim) end
     local out = new({}, (op == RED.argmax) and T.dtypes.int64 or x.desc.dtype, x.desc.device, fn)
     check(lib.fa_reduce_forward(op, out.desc, nil, x.desc, -1), fn, { x = 'self' })
     local v = out:item()
@@ -245,6 +247,11 @@ local function reduce(name, x, dim)
     return v
   end
   dim = T._norm_dim(x, dim, fn)
+  if E.boolean(fn, 'keepdim', keepdim, true) == false then
+    local a, b = reduce(name, x, dim)
+    if b then return a:squeeze(dim), b:squeeze(dim) end
+    return a:squeeze(dim)
+  end
   local shape = reduce_out_shape(x, dim)
   if op == RED.argmax then
     local idx = new(shape, T.dtypes.int64, x.desc.device, fn)
@@ -261,7 +268,7 @@ local function reduce(name, x, dim)
   return out
 end
 for name in pairs(RED) do
-  Tensor[name] = function(self, dim) return reduce(name, self, dim) end
+  Tensor[name] = function(self, dim, keepdim) return reduce(name, self, dim, keepdim) end
 end
 
 ---------------------------------------------------------------------------- matmul
@@ -328,8 +335,7 @@ local function tolerance(fn, name, v, default)
   return v
 end
 
-function M.allclose(a, b, rtol, atol, fn)
-  fn = fn or 'fa.allclose'
+local function allclose(fn, a, b, rtol, atol)
   E.tensor(fn, 'a', a)
   E.tensor(fn, 'b', b)
   rtol, atol = tolerance(fn, 'rtol', rtol, 1e-5), tolerance(fn, 'atol', atol, 1e-8)
@@ -344,6 +350,7 @@ function M.allclose(a, b, rtol, atol, fn)
   end
   return true
 end
+function M.allclose(a, b, rtol, atol) return allclose('fa.allclose', a, b, rtol, atol) end
 function M.maxAbsDiff(a, b)
   local fn = 'fa.maxAbsDiff'
   E.tensor(fn, 'a', a)
@@ -362,8 +369,8 @@ end
 -- x:equal(y): same shape and exactly the same values
 function Tensor:equal(b)
   E.tensor('Tensor:equal', 'other', b)
-  return self:isSameSizeAs(b) and M.allclose(self, b, 0, 0, 'Tensor:equal')
+  return self:isSameSizeAs(b) and allclose('Tensor:equal', self, b, 0, 0)
 end
-function Tensor:allclose(b, rtol, atol) return M.allclose(self, b, rtol, atol, 'Tensor:allclose') end
+function Tensor:allclose(b, rtol, atol) return allclose('Tensor:allclose', self, b, rtol, atol) end
 
 return M

@@ -36,6 +36,7 @@ for k in pairs(COMMON) do FWD_OPTS[k], BWD_OPTS[k] = true, true end
 
 -- a table of integers (a list, or a list of {H, W} pairs) as an int64 tensor; a tensor moved to the CPU
 local function levels(fn, name, x, pairs_of)
+  -- (name: the argument as the caller knows it)
   if x == nil and not pairs_of then return nil end
   if type(x) == 'table' and not fa.isTensor(x) then
     local flat = {}
@@ -55,63 +56,81 @@ local function levels(fn, name, x, pairs_of)
   return x:isCuda() and x:cpu() or x
 end
 
-local function c_opts(fn, opts, known)
-  local o = E.opts(fn, 'opts', opts, known)
+local function c_opts(fn, opts, known, N)
+  local o = E.opts(fn, N('opts'), opts, known)
   local c = ffi.new('fa_msda_opts')
-  c.padding = PADDING[E.string(fn, 'opts.padding', o.padding, { 'zeros', 'border' }, true) or 'zeros']
-  c.align_corners = E.boolean(fn, 'opts.align_corners', o.align_corners, true) and 1 or 0
-  c.deterministic = E.boolean(fn, 'opts.deterministic', o.deterministic, true) and 1 or 0
-  c.order = ORDER[E.string(fn, 'opts.order', o.order, { 'auto', 'query', 'head' }, true) or 'auto']
-  local merge = E.boolean(fn, 'opts.merge', o.merge, true)
+  c.padding = PADDING[E.string(fn, N('opts') .. '.padding', o.padding, { 'zeros', 'border' }, true) or 'zeros']
+  c.align_corners = E.boolean(fn, N('opts') .. '.align_corners', o.align_corners, true) and 1 or 0
+  c.deterministic = E.boolean(fn, N('opts') .. '.deterministic', o.deterministic, true) and 1 or 0
+  c.order = ORDER[E.string(fn, N('opts') .. '.order', o.order, { 'auto', 'query', 'head' }, true) or 'auto']
+  local merge = E.boolean(fn, N('opts') .. '.merge', o.merge, true)
   c.merge = merge == nil and C.FA_MSDA_AUTO or merge and C.FA_MSDA_ON or C.FA_MSDA_OFF
   return c, o
 end
 
-local function msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, opts)
-  local fn = 'fa.msda'
-  E.tensor(fn, 'value', value)
-  E.tensor(fn, 'sampling_locations', sampling_locations)
-  E.tensor(fn, 'attention_weights', attention_weights)
-  local shapes = levels(fn, 'spatial_shapes', spatial_shapes, true)
-  local lsi = levels(fn, 'level_start_index', level_start_index, false)
-  local o, t = c_opts(fn, opts, FWD_OPTS)
-  local out = E.tensor(fn, 'out', t.out, true)
+-- the argument names a caller uses (rename: {value = 'input[3]', ...} or nil), for Lua checks and C messages
+local function namer(rename)
+  if rename == nil then return function(n) return n end end
+  return function(n) return rename[n] or n end
+end
+
+local function msda_impl(fn, rename, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, opts)
+  local N = namer(rename)
+  E.tensor(fn, N('value'), value)
+  E.tensor(fn, N('sampling_locations'), sampling_locations)
+  E.tensor(fn, N('attention_weights'), attention_weights)
+  local shapes = levels(fn, N('spatial_shapes'), spatial_shapes, true)
+  local lsi = levels(fn, N('level_start_index'), level_start_index, false)
+  local o, t = c_opts(fn, opts, FWD_OPTS, N)
+  local out = E.tensor(fn, N('out'), t.out, true)
   if out == nil then -- (N, Lq, M*D); for inputs of the wrong rank C reports them before it looks at out
     local ok = value:dim() == 4 and sampling_locations:dim() == 6
     out = fa.empty(ok and { value:size(1), sampling_locations:size(2), value:size(3) * value:size(4) } or { 0 },
                    { dtype = value:dtype(), device = value:device() })
   end
   E.check(C.fa_msda_forward(out.desc, value.desc, shapes.desc, lsi and lsi.desc, sampling_locations.desc,
-                            attention_weights.desc, o), fn)
+                            attention_weights.desc, o), fn, rename)
   return out
 end
 
 -- a gradient buffer: the given tensor, nil for false (skipped), else a new one like `like`
-local function grad_buffer(fn, t, key, like)
+local function grad_buffer(fn, t, key, like, N)
   local g = t[key]
   if g == false then return nil end
-  if g ~= nil then return E.tensor(fn, key, g) end
+  if g ~= nil then return E.tensor(fn, N(key), g) end
   return fa.empty_like(like)
 end
 
-local function msda_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
-                             attention_weights, opts)
-  local fn = 'fa.msda_backward'
-  E.tensor(fn, 'grad_out', grad_out)
-  E.tensor(fn, 'value', value)
-  E.tensor(fn, 'sampling_locations', sampling_locations)
-  E.tensor(fn, 'attention_weights', attention_weights)
-  local shapes = levels(fn, 'spatial_shapes', spatial_shapes, true)
-  local lsi = levels(fn, 'level_start_index', level_start_index, false)
-  local o, t = c_opts(fn, opts, BWD_OPTS)
-  local gv = grad_buffer(fn, t, 'grad_value', value)
-  local gl = grad_buffer(fn, t, 'grad_sampling_locations', sampling_locations)
-  local ga = grad_buffer(fn, t, 'grad_attention_weights', attention_weights)
+local function msda_backward_impl(fn, rename, grad_out, value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights, opts)
+  local N = namer(rename)
+  E.tensor(fn, N('grad_out'), grad_out)
+  E.tensor(fn, N('value'), value)
+  E.tensor(fn, N('sampling_locations'), sampling_locations)
+  E.tensor(fn, N('attention_weights'), attention_weights)
+  local shapes = levels(fn, N('spatial_shapes'), spatial_shapes, true)
+  local lsi = levels(fn, N('level_start_index'), level_start_index, false)
+  local o, t = c_opts(fn, opts, BWD_OPTS, N)
+  local gv = grad_buffer(fn, t, 'grad_value', value, N)
+  local gl = grad_buffer(fn, t, 'grad_sampling_locations', sampling_locations, N)
+  local ga = grad_buffer(fn, t, 'grad_attention_weights', attention_weights, N)
   E.check(C.fa_msda_backward(gv and gv.desc, gl and gl.desc, ga and ga.desc, grad_out.desc, value.desc, shapes.desc,
-                             lsi and lsi.desc, sampling_locations.desc, attention_weights.desc, o), fn)
+                             lsi and lsi.desc, sampling_locations.desc, attention_weights.desc, o), fn, rename)
   return gv, gl, ga
 end
 
+local function msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, opts)
+  return msda_impl('fa.msda', nil, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, opts)
+end
+local function msda_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
+                             attention_weights, opts)
+  return msda_backward_impl('fa.msda_backward', nil, grad_out, value, spatial_shapes, level_start_index,
+                            sampling_locations, attention_weights, opts)
+end
+
+msda, msda_backward = E.strict('fa.msda', msda), E.strict('fa.msda_backward', msda_backward)
 rawset(fa, 'msda', msda)
 rawset(fa, 'msda_backward', msda_backward)
-return { msda = msda, msda_backward = msda_backward }
+-- _msda(fn, rename, ...) and _msda_backward(fn, rename, ...): the same, with messages in a caller's words (fn its
+-- name, rename {value = 'input[3]', ...} its argument names), for nn.MSDeformAttn
+return { msda = msda, msda_backward = msda_backward, _msda = msda_impl, _msda_backward = msda_backward_impl }

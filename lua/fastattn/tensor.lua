@@ -441,6 +441,7 @@ function M.arange(a, b, step, opts)
 end
 
 -- fa.tensor(nested table, [dtype | {dtype=, device=}]): numbers (float32 by default) or booleans (bool)
+local INT_LIMIT = { [DT.int32] = 2 ^ 31, [DT.int64] = 2 ^ 63 } -- integers in [-lim, lim)
 local function tensor(fn, tbl, opts)
   if ffi.istype(ctype, tbl) then
     local dtype, device = dtype_device(fn, opts, tbl.desc.dtype, tbl.desc.device)
@@ -483,6 +484,19 @@ local function tensor(fn, tbl, opts)
   end
   walk(tbl, 1)
   local dtype, device = dtype_device(fn, opts, kind == 'boolean' and DT.bool or default_dtype, -1)
+  -- an integer dtype takes integers it can hold, as fa_fill: the conversion would saturate 1e20, make NaN 0 and
+  -- truncate 1.5 (a fraction where an integer is expected is an error here)
+  local lim = INT_LIMIT[dtype]
+  if lim and kind == 'number' then
+    for i = 1, #flat do
+      local v = flat[i]
+      if not (v == floor(v) and v >= -lim and v < lim) then
+        local at, r = {}, i - 1
+        for d = #shape, 1, -1 do at[d] = r % shape[d] + 1; r = floor(r / shape[d]) end
+        E.arg(fn, 'data', 'integers in the range of ' .. DT_NAME[dtype], E.describe(v) .. ' at ' .. where(at))
+      end
+    end
+  end
   local x = new(shape, DT.float64, -1, fn)
   local p = ffi.cast('double*', x.desc.data)
   for i = 1, #flat do p[i - 1] = flat[i] end

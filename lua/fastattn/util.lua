@@ -237,6 +237,12 @@ function U.parseArgs(cli, args)
   for _, spec in ipairs(cli.options) do byname[norm(opt_fields(spec))] = spec end
   local o = U.defaults(cli)
   local n = args and #args or 0
+  for i = 1, n do -- (a number where a string belongs: the script passed arg values it made itself)
+    if type(args[i]) ~= 'string' then
+      return nil, string.format('%s: argument %d: expected a string (--name or a value), got %s', prog, i,
+                                E.describe(args[i]))
+    end
+  end
   for i = 1, n do
     if args[i] == '--help' or args[i] == '-h' then
       o.help = true
@@ -246,7 +252,6 @@ function U.parseArgs(cli, args)
   local i = 1
   while i <= n do
     local a = args[i]
-    if type(a) ~= 'string' then return nil, prog .. ': argument ' .. i .. ' is not a string' end
     local name, eqv = a:match('^%-%-([%w_%-]+)=(.*)$')
     if not name then name = a:match('^%-%-([%w_%-]+)$') end
     if not name then
@@ -292,8 +297,13 @@ function U.parseArgs(cli, args)
 end
 
 -- before a run: o.threads (when given) sets the thread count; o.device 'cuda' needs a CUDA device.
--- Returns true, or nil and the message (in the words of the --device option).
+-- Returns true, or nil and the message (in the words of the --device option). o is parseArgs' result, so
+-- other keys (the script's own options) are allowed; threads and device are checked.
 function U.setupDevice(o)
+  local fn = 'fa.util.setupDevice'
+  if type(o) ~= 'table' or E.isTensor(o) then E.argv(fn, 'options', 'a table of options (fa.util.parseArgs\'s result)', o) end
+  if o.threads ~= nil then E.integer(fn, 'options.threads', o.threads, 1, 65536) end
+  if o.device ~= nil then E.string(fn, 'options.device', o.device, { 'cpu', 'cuda' }) end
   if o.threads then fa.setNumThreads(o.threads) end
   if o.device == 'cuda' and not fa.cuda.isAvailable() then
     return nil, 'option --device: cuda needs a CUDA GPU, and none was found (this build '
@@ -413,4 +423,4 @@ function U.writePlot(path, values, opts)
   return path
 end
 
-return U
+return E.strictModule('fa.util', U)
