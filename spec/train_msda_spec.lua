@@ -5,27 +5,8 @@ local H = require 'helpers.check'
 
 local function load_example() return H.load_example('examples/train_msda.lua') end
 
--- the recipe lines (tab-indented) of a Makefile target
-local function make_recipe(target)
-  local f = assert(io.open('Makefile'))
-  local body, inside = {}, false
-  for line in f:lines() do
-    if inside and line:match('^\t') then body[#body + 1] = line
-    elseif inside then break
-    elseif line:match('^' .. target:gsub('%-', '%%-') .. ':') then inside = true end
-  end
-  f:close()
-  return table.concat(body, '\n')
-end
-
 -- runs `bin/fastattn examples/train_msda.lua <args>`: its output (stdout and stderr) and exit code
-local function run(args)
-  local p = io.popen('bin/fastattn examples/train_msda.lua ' .. args .. ' 2>&1; echo "exit=$?"')
-  local out = p:read('*a')
-  p:close()
-  local body, code = out:match('^(.-)exit=(%d+)%s*$')
-  return body, tonumber(code)
-end
+local function run(args) return H.run_script('examples/train_msda.lua', args) end
 
 describe('examples/train_msda.lua', function()
   it('the loss falls in a short run (size 32: levels 8x8, 4x4, 2x2, 1x1)', function()
@@ -122,7 +103,7 @@ describe('examples/train_msda.lua', function()
     os.remove(path)
     assert.matches('^<svg', svg)
     assert.matches('</svg>%s*$', svg)
-    assert(make_recipe('demo'):find('bin/fastattn examples/train_msda.lua', 1, true), 'make demo runs it')
+    assert(H.make_recipe('demo'):find('bin/fastattn examples/train_msda.lua', 1, true), 'make demo runs it')
     local src = assert(io.open('examples/train_msda.lua')):read('*a')
     assert(src:match('^(.-)\nlocal ') :find('--   make demo ', 1, true), 'the header names make demo')
   end)

@@ -26,26 +26,7 @@ local function bars(n)
 end
 
 -- runs `bin/fastattn examples/train_convnet.lua <args>`: its output (stdout and stderr) and exit code
-local function run(args)
-  local p = io.popen('bin/fastattn examples/train_convnet.lua ' .. args .. ' 2>&1; echo "exit=$?"')
-  local out = p:read('*a')
-  p:close()
-  local body, code = out:match('^(.-)exit=(%d+)%s*$')
-  return body, tonumber(code)
-end
-
--- the recipe lines (tab-indented) of a Makefile target
-local function make_recipe(target)
-  local f = assert(io.open('Makefile'))
-  local body, inside = {}, false
-  for line in f:lines() do
-    if inside and line:match('^\t') then body[#body + 1] = line
-    elseif inside then break
-    elseif line:match('^' .. target:gsub('%-', '%%-') .. ':') then inside = true end
-  end
-  f:close()
-  return table.concat(body, '\n')
-end
+local function run(args) return H.run_script('examples/train_convnet.lua', args) end
 
 -- mean cross-entropy of the model on a fixed batch (evaluate mode)
 local function eval_loss(model, crit, x, y)
@@ -134,7 +115,7 @@ describe('training', function()
     f:close()
     os.remove(path)
 
-    assert(make_recipe('demo-convnet'):find('bin/fastattn examples/train_convnet.lua', 1, true))
+    assert(H.make_recipe('demo-convnet'):find('bin/fastattn examples/train_convnet.lua', 1, true))
     local src = assert(io.open('examples/train_convnet.lua')):read('*a')
     assert(src:match('^(.-)\nlocal '):find('--   make demo-convnet ', 1, true), 'the header names make demo-convnet')
     assert.is_nil(src:match('^(.-)\nlocal '):find('`make demo` runs it', 1, true))

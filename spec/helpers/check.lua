@@ -90,4 +90,26 @@ function H.load_example(path)
   return ex
 end
 
+-- runs `bin/fastattn <path> <args>` from the repo root: its output (stdout and stderr) and exit code
+function H.run_script(path, args)
+  local p = io.popen('bin/fastattn ' .. path .. ' ' .. args .. ' 2>&1; echo "exit=$?"')
+  local out = p:read('*a')
+  p:close()
+  local body, code = out:match('^(.-)exit=(%d+)%s*$')
+  return body, tonumber(code)
+end
+
+-- the recipe lines (tab-indented) of a Makefile target
+function H.make_recipe(target)
+  local f = assert(io.open('Makefile'))
+  local body, inside = {}, false
+  for line in f:lines() do
+    if inside and line:match('^\t') then body[#body + 1] = line
+    elseif inside then break
+    elseif line:match('^' .. target:gsub('%-', '%%-') .. ':') then inside = true end
+  end
+  f:close()
+  return table.concat(body, '\n')
+end
+
 return H
