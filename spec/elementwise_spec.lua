@@ -15,6 +15,13 @@ local TOL = { f32 = { 2e-6, 1e-6 }, f64 = { 1e-12, 1e-13 } } -- rtol, atol
 
 local c_error, has = H.c_error, H.has
 
+-- asserts that f() raises a message matching pattern, at a line of this file (not inside the library)
+local function raises(pattern, f)
+  local ok, err = pcall(f)
+  assert.is_false(ok, 'expected an error matching ' .. pattern)
+  assert.matches('^spec/elementwise_spec.lua:%d+: ' .. pattern, tostring(err))
+end
+
 describe('binary ops', function()
   for _, dt in ipairs({ 'f32', 'f64' }) do
     for _, tag in ipairs(SHAPES) do
@@ -415,11 +422,6 @@ describe('float32 exp, tanh, sigmoid and gelu (vectorised approximations)', func
 end)
 
 describe('elementwise argument checks (Lua side, before any kernel)', function()
-  local function raises(pattern, f)
-    local ok, err = pcall(f)
-    assert.is_false(ok, 'expected an error matching ' .. pattern)
-    assert.matches('^spec/elementwise_spec.lua:%d+: ' .. pattern, tostring(err))
-  end
   local x, y = fa.tensor({ { 1, 2, 3 }, { 4, 5, 6 } }), fa.tensor({ { 1, 1, 1 }, { 2, 2, 2 } })
   it('take numbers and tensors only, with the argument named', function()
     raises("Tensor:add: argument 'other': expected a tensor or a number, got \"a\"$", function() x:add('a') end)
@@ -478,11 +480,6 @@ describe('elementwise argument checks (Lua side, before any kernel)', function()
 end)
 
 describe('extra arguments (x:log(a) is not Torch7\'s log of a into x here)', function()
-  local function raises(pattern, f)
-    local ok, err = pcall(f)
-    assert.is_false(ok, 'expected an error matching ' .. pattern)
-    assert.matches('^spec/elementwise_spec.lua:%d+: ' .. pattern, tostring(err))
-  end
   local x, a = fa.tensor({ { 1, 2, 3 }, { 4, 5, 6 } }), fa.tensor({ { 2, 2, 2 }, { 3, 3, 3 } })
   it('are refused by unary methods and functions, which leave self as it was', function()
     for _, name in ipairs(UNARY) do

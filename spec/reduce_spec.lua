@@ -35,6 +35,13 @@ local function red_back(op, x, gout, dim, idx)
   return gx
 end
 
+-- asserts that f() raises a message matching pattern, at a line of this file (not inside the library)
+local function raises(pattern, f)
+  local ok, err = pcall(f)
+  assert.is_false(ok, 'expected an error matching ' .. pattern)
+  assert.matches('^spec/reduce_spec.lua:%d+: ' .. pattern, tostring(err))
+end
+
 describe('reductions', function()
   for _, dt in ipairs({ 'f32', 'f64' }) do
     for _, tag in ipairs(SHAPES) do
@@ -273,11 +280,6 @@ describe('reductions', function()
 end)
 
 describe('reduction and matmul argument checks (Lua side)', function()
-  local function raises(pattern, f)
-    local ok, err = pcall(f)
-    assert.is_false(ok, 'expected an error matching ' .. pattern)
-    assert.matches('^spec/reduce_spec.lua:%d+: ' .. pattern, tostring(err))
-  end
   local x = fa.tensor({ { 1, 5, 3 }, { 4, 2, 6 } })
   it('take integer dims in range', function()
     raises("Tensor:sum: argument 'dim': expected a dimension in 1..2 or %-2..%-1, got 1.5$", function() x:sum(1.5) end)
@@ -300,11 +302,6 @@ describe('reduction and matmul argument checks (Lua side)', function()
 end)
 
 describe('reductions: keepdim', function()
-  local function raises(pattern, f)
-    local ok, err = pcall(f)
-    assert.is_false(ok, 'expected an error matching ' .. pattern)
-    assert.matches('^spec/reduce_spec.lua:%d+: ' .. pattern, tostring(err))
-  end
   local x = fa.tensor({ { 1, 5, 3 }, { 4, 2, 6 } })
   it('keeps the dim by default (Torch7) and drops it with keepdim false (PyTorch)', function()
     assert.are.same({ { 9 }, { 12 } }, x:sum(2):table())
