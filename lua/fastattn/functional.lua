@@ -106,22 +106,7 @@ local function alloc(fn, shape, x, what)
 end
 
 ---------------------------------------------------------------------------- aliasing
--- the byte range [lo, hi) of a tensor's elements (nil when it has none)
-local function byte_range(x)
-  local d, hi = x.desc, 0
-  for i = 0, d.ndim - 1 do
-    if d.shape[i] == 0 then return nil end
-    hi = hi + (tonumber(d.shape[i]) - 1) * tonumber(d.stride[i])
-  end
-  local lo = require('ffi').cast('char*', d.data)
-  return lo, lo + (hi + 1) * C.fa_dtype_size(d.dtype)
-end
-local function overlap(a, b)
-  if a == nil or b == nil or a.storage ~= b.storage then return false end
-  local a0, a1 = byte_range(a)
-  local b0, b1 = byte_range(b)
-  return a0 ~= nil and b0 ~= nil and a0 < b1 and b0 < a1
-end
+local overlap = fa._overlaps
 -- the inputs of an op that writes the buffers `outs` ({name = tensor or nil}): an input sharing memory with
 -- an output is read from a copy (the op would read elements it has already written). Elementwise ops
 -- (`elementwise`) may read the very view they write, element by element; for the others (a matrix product,

@@ -206,6 +206,14 @@ local function byte_range(x)
   local lo = ffi.cast('char*', d.data)
   return lo, lo + (hi + 1) * lib.fa_dtype_size(d.dtype)
 end
+-- whether two tensors' elements may share memory (same storage, intersecting byte ranges)
+local function overlaps(a, b)
+  if a == nil or b == nil or a.storage ~= b.storage then return false end
+  local a0, a1 = byte_range(a)
+  local b0, b1 = byte_range(b)
+  return a0 ~= nil and b0 ~= nil and a0 < b1 and b0 < a1
+end
+M._overlaps = overlaps
 local function unaliased(out, x)
   if not ffi.istype(ctype, x) or out.storage ~= x.storage then return x end
   local od, xd = out.desc, x.desc
@@ -214,9 +222,7 @@ local function unaliased(out, x)
     for i = 0, od.ndim - 1 do same = same and od.shape[i] == xd.shape[i] and od.stride[i] == xd.stride[i] end
     if same then return x end
   end
-  local a0, a1 = byte_range(out)
-  local b0, b1 = byte_range(x)
-  if a0 == nil or b0 == nil or a1 <= b0 or b1 <= a0 then return x end
+  if not overlaps(out, x) then return x end
   local y = M._new(x:size(), x.desc.dtype, x.desc.device, 'Tensor:clone') -- (defined below)
   check(lib.fa_copy(y.desc, x.desc), 'Tensor:clone')
   return y
