@@ -67,33 +67,14 @@ end
 
 local function new_like(shape, x) return fa.empty(shape, { dtype = x.desc.dtype, device = x.desc.device }) end
 
--- the bytes of memory and swap of this machine (Linux: /proc/meminfo), false where unknown
-local host_bytes
-local function host_memory()
-  if host_bytes == nil then
-    host_bytes = false
-    local f = io.open('/proc/meminfo')
-    if f then
-      local s = f:read('*a')
-      f:close()
-      local mem, swap = s:match('MemTotal:%s*(%d+) kB'), s:match('SwapTotal:%s*(%d+) kB')
-      if mem then host_bytes = (tonumber(mem) + (tonumber(swap) or 0)) * 1024 end
-    end
-  end
-  return host_bytes
-end
-F._host_memory = host_memory
-
 -- an output of `shape` like x, allocated for fn: a size that cannot be allocated is reported under fn's name,
--- with the size (what: 'the output', ...); a CPU size beyond the machine's memory and swap is refused before
--- it is asked for (where memory is overcommitted, the allocation would succeed and the op be killed later)
+-- with the size (what: 'the output', ...), and why when the CPU's memory and swap cannot hold it
 local function alloc(fn, shape, x, what)
   local n = 1
   for _, v in ipairs(shape) do n = n * v end
   local bytes = n * tonumber(C.fa_dtype_size(x.desc.dtype))
   local ok, t, why = false, nil, ''
-  local host = x.desc.device < 0 and host_memory()
-  if host and bytes > host then
+  if x.desc.device < 0 and fa._beyond_host(bytes) then
     why = ' (more than the memory and swap of this machine)'
   elseif n < 2 ^ 53 then
     ok, t = pcall(fa.empty, shape, { dtype = x.desc.dtype, device = x.desc.device })

@@ -267,7 +267,34 @@ local function after_cpu_alloc(nbytes)
 end
 
 -- storage of nbytes for the new tensor x (descriptor filled in), collecting once on a CUDA out-of-memory
+-- the bytes of memory and swap of this machine (Linux: /proc/meminfo, read once), false where unknown
+local host_bytes
+local function host_memory()
+  if host_bytes == nil then
+    host_bytes = false
+    local f = io.open('/proc/meminfo')
+    if f then
+      local s = f:read('*a')
+      f:close()
+      local mem, swap = s:match('MemTotal:%s*(%d+) kB'), s:match('SwapTotal:%s*(%d+) kB')
+      if mem then host_bytes = (tonumber(mem) + (tonumber(swap) or 0)) * 1024 end
+    end
+  end
+  return host_bytes
+end
+M._host_memory = host_memory
+-- whether nbytes on the CPU exceed memory and swap: refused before they are asked for (where memory is
+-- overcommitted the allocation would succeed and the process be killed when the pages are touched)
+local function beyond_host(nbytes)
+  local host = host_memory()
+  return host and nbytes > host
+end
+M._beyond_host = beyond_host
+
 local function alloc_storage(x, device, nbytes, fn)
+  if device < 0 and beyond_host(nbytes) then
+    E.fail(fn or 'fa.empty', 'out of CPU memory allocating %d bytes', nbytes) -- (as the C allocator says it)
+  end
   local st = lib.fa_storage_new(device, nbytes)
   if st == nil then
     if device >= 0 then collectgarbage('collect'); st = lib.fa_storage_new(device, nbytes) end

@@ -67,11 +67,7 @@ function nn._param(fn, shape, args)
   local n = 1
   for _, v in ipairs(shape) do n = n * v end
   local ok, t = false, nil
-  local host = require('fastattn.functional')._host_memory()
-  local es = tonumber(C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype())))
-  -- beyond the machine's memory: refused before it is asked for (an overcommitted allocation would succeed and
-  -- the initialisation be killed)
-  if n < 2 ^ 53 and not (host and n * es > host) then ok, t = pcall(fa.empty, shape) end
+  if n < 2 ^ 53 then ok, t = pcall(fa.empty, shape) end -- (fa.empty refuses what memory and swap cannot hold)
   if not ok then
     local q = {}
     for i, a in ipairs(args) do q[i] = "'" .. a .. "'" end

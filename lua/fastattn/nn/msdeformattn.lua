@@ -67,8 +67,7 @@ function MSDeformAttn:__init(opts)
   local d, M, L, P = self.d_model, self.n_heads, self.n_levels, self.n_points
   -- the parameters' size, checked here so that a message names this constructor and its options
   local n = (d + 1) * (M * L * P * 3 + 2 * d)
-  local host = F._host_memory()
-  if n >= 2 ^ 53 or (host and n * fa.C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype())) > host) then
+  if n >= 2 ^ 53 or fa._beyond_host(n * fa.C.fa_dtype_size(fa.dtype_id(fa.getDefaultDtype()))) then
     E.fail(NEW, "arguments 'd_model', 'n_levels', 'n_heads', 'n_points': parameters of %s elements are too large to " ..
            'allocate', n < 2 ^ 53 and string.format('%d', n) or string.format('%.4g', n))
   end
