@@ -50,8 +50,7 @@ end
 -- nn._as(self, fn, f, ...): f(self, ...) with the module's updateGradInput and accGradParameters reporting
 -- their errors under fn (backward runs them for the user, who called backward)
 function nn._as(self, fn, f, ...)
-  local u, a = rawget(self, '__fnUpdateGradInput'), rawget(self, '__fnAccGradParameters')
-  if u ~= nil then return f(self, ...) end -- already inside a call that named them
+  if rawget(self, '__fnUpdateGradInput') ~= nil then return f(self, ...) end -- already inside a call that named them
   rawset(self, '__fnUpdateGradInput', fn)
   rawset(self, '__fnAccGradParameters', fn)
   local res = { pcall(f, self, ...) }
