@@ -43,15 +43,7 @@ local RENAME = { x = 'input', grad_x = 'grad_input', grad_out = 'gradOutput', gr
 -- in fa_softmax_backward, 'out' is the forward's output
 local SOFTMAX_BWD_RENAME = setmetatable({ out = 'output' }, { __index = RENAME })
 -- rc ~= 0: the C message under fn's name, its argument names (also in "(as 'x')") the Lua ones
-local function c_fail(fn, rename)
-  local msg = require('ffi').string(C.fa_last_error()):gsub('^fa_[%w_]+: ', '', 1)
-  local function ren(pre, a) return pre .. (rename[a] or a) .. "'" end
-  msg = msg:gsub("(argument ')([%w_]+)'", ren):gsub("(%(as ')([%w_]+)'", ren)
-  E.raise(fn .. ': ' .. msg)
-end
-local function check(rc, fn)
-  if rc ~= 0 then c_fail(fn, RENAME) end
-end
+local function check(rc, fn) E.check(rc, fn, RENAME) end
 F._check = check
 
 local function same_place(fn, name, x, ref, refname)
@@ -419,7 +411,7 @@ function impl.softmax_backward(fn, log, gradOutput, output, dim, opts)
   local gi = o.grad_input == nil and new_like(output:size(), output) or E.tensor(fn, 'grad_input', o.grad_input)
   gradOutput, output = unalias(fn, { grad_input = gi }, true, gradOutput, output)
   local rc = C.fa_softmax_backward(gi.desc, gradOutput.desc, output.desc, d, log and 1 or 0)
-  if rc ~= 0 then c_fail(fn, SOFTMAX_BWD_RENAME) end
+  E.check(rc, fn, SOFTMAX_BWD_RENAME)
   return gi
 end
 
@@ -651,7 +643,7 @@ local function ce_check(rc, fn, ii)
     E.fail(fn, "argument 'target': class %s at position %s is out of range 1..%s (ignore_index %s)",
            tostring(tonumber(t) + 1), tostring(tonumber(pos) + 1), nc, E.describe(ii))
   end
-  c_fail(fn, RENAME)
+  E.check(rc, fn, RENAME)
 end
 
 -- tbuf: a kept buffer for the 0-based targets (nn.CrossEntropyCriterion's); returns loss, the buffer
