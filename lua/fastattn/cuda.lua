@@ -12,11 +12,7 @@ local lib = require 'fastattn.ffi'
 local E = require 'fastattn.errors'
 
 local M = {}
--- E.check only on failure: E.check's body holds a closure, and a call through it stops LuaJIT from compiling the
--- caller's trace (UCLO is not compiled), which would slow every op
-local function check(rc, fn, rename)
-  if rc ~= 0 then E.check(rc, fn, rename) end
-end
+local check = E.check
 
 -- true when the library has its CUDA kernels and at least one GPU is visible
 function M.isAvailable()

@@ -5,11 +5,7 @@ local lib = require 'fastattn.ffi'
 local T = require 'fastattn.tensor'
 local E = require 'fastattn.errors'
 local Tensor, new, new_like, isTensor = T.Tensor, T._new, T._new_like, T.isTensor
--- E.check only on failure: E.check's body holds a closure, and a call through it stops LuaJIT from compiling the
--- caller's trace (UCLO is not compiled), which would slow every op
-local function check(rc, fn, rename)
-  if rc ~= 0 then E.check(rc, fn, rename) end
-end
+local check = E.check
 
 local M = {}
 

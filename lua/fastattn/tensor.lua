@@ -97,11 +97,7 @@ function M.check(rc, fn, rename)
   if type(fn) == 'string' then return E.check(rc, fn, rename) end
   E.raise(ffi.string(lib.fa_last_error()))
 end
--- E.check only on failure: E.check's body holds a closure, and a call through it stops LuaJIT from compiling the
--- caller's trace (UCLO is not compiled), which would slow every op
-local function check(rc, fn, rename)
-  if rc ~= 0 then E.check(rc, fn, rename) end
-end
+local check = E.check
 
 ---------------------------------------------------------------------------- descriptors
 local ctype -- set below by ffi.metatype
