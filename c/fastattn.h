@@ -216,6 +216,38 @@ int fa_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, 
                      const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
                      const fa_tensor *attention_weights, const fa_msda_opts *opts);
 
+/* ---------------------------------------------------------------- attention (fa.attention) */
+/* GPU kernel families, for tests and benchmarks (the planner picks one when AUTO) */
+typedef enum fa_attn_kernel {
+  FA_ATTN_KERNEL_AUTO = 0,
+  FA_ATTN_KERNEL_SIMT = 1,  /* CUDA cores: every dtype, exact float32 */
+  FA_ATTN_KERNEL_MMA = 2,   /* mma.sync tensor cores (sm_80 and later): bfloat16, float16, TF32 float32 */
+  FA_ATTN_KERNEL_WGMMA = 3  /* Hopper wgmma (sm_90a) */
+} fa_attn_kernel;
+/* A zeroed struct (or NULL) is the default: no bias, no mask, scale D^-1/2, no dropout, the planner's kernel. */
+typedef struct fa_attention_opts {
+  const fa_tensor *bias;  /* NULL or broadcastable to (..., H, Lq, Lk) (size-1 or missing leading dims) */
+  const fa_tensor *mask;  /* NULL or broadcastable like bias; bool, integer or float; nonzero = keep */
+  double scale;           /* used when has_scale = 1, else D^-1/2 */
+  int32_t has_scale;
+  double mask_scale;      /* 0: the mask selects keys; > 0: it is added as mask_scale * (mask - 1) (OpenFold) */
+  double dropout;         /* probability of dropping an attention weight, 0 <= p < 1 */
+  uint64_t seed, offset;  /* dropout's Philox stream (the forward and the backward must get the same) */
+  int32_t deterministic;  /* GPU backward bit-identical run to run (the CPU always is) */
+  int32_t kernel;         /* fa_attn_kernel */
+} fa_attention_opts;
+/* q (..., H, Lq, D), k and v (..., Hkv, Lk, D), the same leading dims, H a multiple of Hkv: query head h reads
+ * kv head h / (H / Hkv). out (..., H, Lq, D), lse (..., H, Lq) float32 (float64 for float64 inputs). Every
+ * tensor may be a strided view; q, k, v, out and the gradients need a contiguous last dim. CPU: float32 or
+ * float64. CUDA: float32, bfloat16 or float16 (float32 accumulation); the bias float32 or q's dtype.
+ * Backward: grad_q/k/v like q/k/v, grad_bias like the bias (summed over its broadcast dims); overwritten;
+ * NULL = not wanted. */
+int fa_attention_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, const fa_tensor *k, const fa_tensor *v,
+                         const fa_attention_opts *opts);
+int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_v, fa_tensor *grad_bias,
+                          const fa_tensor *grad_out, const fa_tensor *q, const fa_tensor *k, const fa_tensor *v,
+                          const fa_tensor *out, const fa_tensor *lse, const fa_attention_opts *opts);
+
 /* ---------------------------------------------------------------- CUDA runtime */
 /* All of these exist in a build without CUDA: they report no device (count 0) or return FA_ERR_UNSUPPORTED. */
 int fa_cuda_device_count(void);
