@@ -92,10 +92,11 @@ test-gpu:
 # out-of-memory allocation), which the tool would count as an API error, so they are left out here.
 SANITIZE_TOOLS := memcheck racecheck initcheck synccheck
 SANITIZER ?= compute-sanitizer
+SANITIZE_SPECS ?= spec
 sanitize: $(addprefix sanitize-,$(SANITIZE_TOOLS))
 sanitize-%: $(LIB)
 	@$(SANITIZER) --tool $* --show-backtrace device --error-exitcode 3 \
-	  $(LUAJIT) $$(command -v $(BUSTED)) -o TAP --tags=gpu --exclude-tags=cuda_error spec > build/sanitize-$*.log 2>&1; \
+	  $(LUAJIT) $$(command -v $(BUSTED)) -o TAP --tags=gpu --exclude-tags=cuda_error $(SANITIZE_SPECS) > build/sanitize-$*.log 2>&1; \
 	  rc=$$?; echo "$*: $$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' build/sanitize-$*.log | tail -1); \
 	  $$(grep -c '^ok ' build/sanitize-$*.log) tests ok, $$(grep -c '^not ok ' build/sanitize-$*.log) not ok (exit $$rc)"; \
 	  [ $$rc -eq 0 ]
