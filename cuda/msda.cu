@@ -27,10 +27,11 @@
 // (n, pixel, m) sums coefficient * grad_out over the points of the 4 cells around the pixel, in that fixed
 // order. Every row is written once: no memset, 16-bit output written directly.
 //
-// Variants are template parameters: the group order (HEAD) of both kernels, the warp merge (MERGE) and the
-// grad_value scatter (SCATTER; off in the deterministic path's point pass) of the backward. make_plan picks
-// the order and the merge (fa_msda_opts' order/merge force them for tests and benchmarks), launch_fwd/launch_bwd
-// instantiate only the reachable combinations. The rejected v3 staged kernels are in git at 69998e3
+// Variants: make_plan picks the group order and the warp merge (fa_msda_opts' order/merge force them for
+// tests and benchmarks). In the backward they are template parameters (HEAD, MERGE, and SCATTER: off in the
+// deterministic path's point pass), launch_bwd instantiating only the reachable combinations; the forward
+// reads its order from Params.qfast (a uniform branch: as a template parameter it made ptxas allocate the
+// hot forwards worse, bench/MSDA_NOTES.md). The rejected v3 staged kernels are in git at 69998e3
 // (bench/MSDA_NOTES.md).
 #include "dense.cuh"
 #include "bilinear.cuh"
