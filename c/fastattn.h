@@ -200,7 +200,10 @@ typedef struct fa_msda_opts {
   int32_t order; /* GPU kernel choice, for tests and benchmarks: FA_MSDA_ORDER_AUTO (0, the planner), FA_MSDA_ORDER_QUERY (1: groups (n,q,m)), FA_MSDA_ORDER_HEAD (2: groups (n,m,q)) */
   int32_t merge;  /* backward: FA_MSDA_AUTO (0), FA_MSDA_OFF (1), FA_MSDA_ON (2) */
                   /* (the warp merge: groups of a warp that sample the same cell of the same head add up
-                   * before the atomics; the planner picks (n,m,q) order and the merge when Lq == S) */
+                   * before the atomics; the planner picks (n,m,q) order and the merge when Lq == S). The
+                   * merge exists in head order only: ON with FA_MSDA_ORDER_QUERY runs the query-order
+                   * kernel without it (there a warp's neighbouring groups are mostly other heads). Ignored
+                   * by the forward and by the deterministic backward (no atomics to merge). */
 } fa_msda_opts;
 /* value (N, S, M, D), spatial_shapes int64 or int32 (L, 2) as (H, W), level_start_index int64 or int32 (L),
  * or NULL (then the running sum of H*W), sampling_locations (N, Lq, M, L, P, 2) x first, attention_weights

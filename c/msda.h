@@ -17,7 +17,8 @@ typedef struct {
   int64_t Sx;                   /* sum of (H+1)(W+1): the CUDA deterministic backward's key grid per (n, m) */
   int dtype, device;            /* value's; on CUDA locations and weights are float32 */
   int border, align, deterministic;
-  int order, merge;             /* fa_msda_opts' forced GPU variants (FA_MSDA_ORDER_*, FA_MSDA_AUTO/OFF/ON) */
+  int order, merge;             /* fa_msda_opts' forced GPU variants (FA_MSDA_ORDER_*, FA_MSDA_AUTO/OFF/ON):
+                                 * cuda/msda.cu's make_plan turns them into kernel template parameters */
 } fa_msda_geom;
 
 /* value, grad_out: the value dtype; loc (N, Lq, M, L, P, 2), attn (N, Lq, M, L, P): float32. All dense.

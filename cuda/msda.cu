@@ -27,8 +27,11 @@
 // (n, pixel, m) sums coefficient * grad_out over the points of the 4 cells around the pixel, in that fixed
 // order. Every row is written once: no memset, 16-bit output written directly.
 //
-// Variants (group order, warp merge) are Params fields set by make_plan, overridable through fa_msda_opts'
-// order/merge for tests and benchmarks. The rejected v3 staged kernels are in git at 69998e3
+// Variants: make_plan picks the group order and the warp merge (fa_msda_opts' order/merge force them for
+// tests and benchmarks). In the backward they are template parameters (HEAD, MERGE, and SCATTER: off in the
+// deterministic path's point pass), launch_bwd instantiating only the reachable combinations; the forward
+// reads its order from Params.qfast (a uniform branch: as a template parameter it made ptxas allocate the
+// hot forwards worse, bench/MSDA_NOTES.md). The rejected v3 staged kernels are in git at 69998e3
 // (bench/MSDA_NOTES.md).
 #include "dense.cuh"
 #include "bilinear.cuh"
@@ -44,8 +47,7 @@ constexpr unsigned FULL = 0xffffffffu;
 struct Params {
   int N, Lq, M, D, L, P, LP, S;
   int border, align;
-  int qfast;                      // groups ordered (n, m, q): a block holds consecutive queries of one head
-  int merge;                      // backward: groups of a warp with the same footprint add up before the atomics
+  int qfast;                      // forward: groups in head order (n, m, q) (a runtime choice: see make_plan)
   int Sx;                         // (H+1)*(W+1) summed over levels: the key grid of one (n, m)
   int H[MAXL], W[MAXL], start[MAXL], xstart[MAXL];
 };
@@ -147,10 +149,9 @@ __device__ __forceinline__ void no_footprint(const Params &p, int n, Foot &f) {
   f.c[0] = f.c[1] = f.c[2] = f.c[3] = 0.f;
 }
 
-// the (n, q, m) row of group gi: (n, q, m) order, or (n, m, q) with qfast (neighbouring queries of one head
-// share a block and an SM, so their nearby points share L1 lines)
-__device__ __forceinline__ int group_of(const Params &p, int gi) {
-  if (!p.qfast) return gi;
+// the (n, q, m) row of group gi in head order (n, m, q): neighbouring queries of one head share a block and
+// an SM, so their nearby points share L1 lines (in query order the row is gi itself)
+__device__ __forceinline__ int head_group(const Params &p, int gi) {
   const int q = gi % p.Lq, t = gi / p.Lq;
   return (t / p.M * p.Lq + q) * p.M + t % p.M;
 }
@@ -164,7 +165,8 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const
   const int lane = threadIdx.x % TPG;
   const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
   const bool active = gid < groups;
-  const int g = group_of(p, active ? gid : groups - 1);  // idle lanes stay in bounds and in the shuffles
+  const int gi = active ? gid : groups - 1;  // idle lanes stay in bounds and in the shuffles
+  const int g = p.qfast ? head_group(p, gi) : gi;
   const int m = g % p.M, n = g / (p.M * p.Lq);
   const int c = blockIdx.y * (TPG * VEC) + lane * VEC;
   const bool chan = c < p.D;
@@ -217,20 +219,23 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(T *__restrict__ out, const
 }
 
 // ------------------------------------------------------------------------------------------------ backward
-// One kernel for the fast path (scatter = atomics into gv32, points = attention/location gradients) and for
-// the point gradients of the deterministic path (scatter = 0). With several channel chunks the point
-// gradients are partial sums, written to part[chunk][point][3] and added by finish_points_kernel.
-template <typename T, int VEC, int TPG>
+// One kernel for the fast path (SCATTER: atomics into gv32; points: attention/location gradients) and for
+// the point gradients of the deterministic path (!SCATTER). MERGE: the warp merge before the atomics (head
+// order only). With several channel chunks the point gradients are partial sums, written to
+// part[chunk][point][3] and added by finish_points_kernel.
+template <typename T, int VEC, int TPG, bool HEAD, bool MERGE, bool SCATTER>
 __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, float *__restrict__ gloc,
                                                       float *__restrict__ gattn, float *__restrict__ part,
                                                       const T *__restrict__ gout, const T *__restrict__ value,
                                                       const float *__restrict__ loc, const float *__restrict__ attn,
-                                                      const __grid_constant__ Params p, int groups, int scatter, int points) {
+                                                      const __grid_constant__ Params p, int groups, int points) {
+  static_assert(SCATTER || !MERGE, "the merge is part of the scatter");
   constexpr int R = TPG < 8 ? TPG : 8;  // points per round (the reduce-scatter keeps R x 4 partials per lane)
   const int lane = threadIdx.x % TPG;
   const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / TPG);
   const bool active = gid < groups;
-  const int g = group_of(p, active ? gid : groups - 1);
+  const int gi = active ? gid : groups - 1;
+  const int g = HEAD ? head_group(p, gi) : gi;
   const int m = g % p.M, n = g / (p.M * p.Lq);
   const int c0 = blockIdx.y * (TPG * VEC), c = c0 + lane * VEC;
   const bool chan = c < p.D;
@@ -320,11 +325,11 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
             }
           }
         }
-        if (scatter) {
+        if constexpr (SCATTER) {
           // outside the divergent branch: the merge shuffles need the whole warp
           bool alive = active && (f.step & 15) != 0;
           bool mt[NSTEP > 0 ? NSTEP : 1], any[NSTEP > 0 ? NSTEP : 1];
-          if (p.merge) {
+          if constexpr (MERGE) {
 #pragma unroll
             for (int t = 0; t < NSTEP; t++) {
               const int d = TPG << t;
@@ -343,7 +348,7 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
             float u[VEC];
 #pragma unroll
             for (int i = 0; i < VEC; i++) u[i] = f.c[k] * sgo[i];
-            if (p.merge) {
+            if constexpr (MERGE) {
 #pragma unroll
               for (int t = 0; t < NSTEP; t++) {
                 if (!any[t]) continue;  // uniform over the warp
@@ -355,7 +360,7 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
                 }
               }
             }
-            const bool need = p.merge ? ((f.step >> k) & 1) != 0 : f.c[k] != 0.f;
+            const bool need = MERGE ? ((f.step >> k) & 1) != 0 : f.c[k] != 0.f;
             if (alive && need) {
 #pragma unroll
               for (int sg = 0; sg < NSEG; sg++) {
@@ -495,6 +500,7 @@ __global__ void __launch_bounds__(THREADS) gather_kernel(T *__restrict__ gv, con
 // ------------------------------------------------------------------------------------------------ host
 struct Plan {
   Params p;
+  bool head, merge;  // the variants: head order (else query order), warp merge (head order only)
   int vec, tpg, chunks, groups;
   int64_t npts;
 };
@@ -524,9 +530,12 @@ static int make_plan(const char *fn, Plan &pl, const fa_msda_geom *g, bool backw
   // from (n, m, q) order plus the warp merge when the queries are the value's own pixels (Lq == S, encoder
   // self-attention: neighbouring queries sample neighbouring cells); otherwise (n, q, m) order is faster
   // (the atomics of concurrent blocks spread over every head's columns, hence over more L2 slices).
+  // The merge is only built for head order: in query order a warp's neighbouring groups are mostly other
+  // heads, and the planner never pairs the two (a forced merge with query order runs without it).
   const bool self = g->Lq == g->S;
-  p.qfast = g->order == FA_MSDA_ORDER_QUERY ? 0 : g->order == FA_MSDA_ORDER_HEAD ? 1 : backward ? self : 1;
-  p.merge = g->merge == FA_MSDA_OFF ? 0 : g->merge == FA_MSDA_ON ? 1 : backward ? self : 0;
+  pl.head = g->order == FA_MSDA_ORDER_QUERY ? false : g->order == FA_MSDA_ORDER_HEAD ? true : backward ? self : true;
+  pl.merge = pl.head && (g->merge == FA_MSDA_OFF ? false : g->merge == FA_MSDA_ON ? true : backward && self);
+  p.qfast = pl.head;
   pl.vec = vec_ok<T>(g->D, ptrs, nptrs) ? 16 / (int)sizeof(T) : 1;
   int need = (int)((g->D + pl.vec - 1) / pl.vec), t = 1;
   while (t < need && t < 32) t *= 2;
@@ -567,18 +576,35 @@ static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, 
   MSDA_TPG_SWITCH(pl.tpg, fwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups))
 }
 
-template <typename T>
-static void launch_bwd(const Plan &pl, cudaStream_t st, float *gv32, float *gloc, float *gattn, float *part,
-                       const T *gout, const T *value, const float *loc, const float *attn, int scatter, int points) {
+template <typename T, bool HEAD, bool MERGE, bool SCATTER>
+static void launch_bwd_v(const Plan &pl, cudaStream_t st, float *gv32, float *gloc, float *gattn, float *part,
+                         const T *gout, const T *value, const float *loc, const float *attn, int points) {
   constexpr int V = 16 / sizeof(T);
   const dim3 grid = grid_of(pl, pl.groups);
   if (pl.vec == 1) {
-    bwd_kernel<T, 1, 32><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc, attn, pl.p, pl.groups,
-                                                   scatter, points);
+    bwd_kernel<T, 1, 32, HEAD, MERGE, SCATTER><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc,
+                                                                         attn, pl.p, pl.groups, points);
     return;
   }
-  MSDA_TPG_SWITCH(pl.tpg, bwd_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc,
-                                                                           attn, pl.p, pl.groups, scatter, points))
+  MSDA_TPG_SWITCH(pl.tpg, bwd_kernel<T, V, TPG_, HEAD, MERGE, SCATTER><<<grid, THREADS, 0, st>>>(
+                              gv32, gloc, gattn, part, gout, value, loc, attn, pl.p, pl.groups, points))
+}
+
+// scatter: atomics into gv32 (the fast path with grad_value wanted); without it only the point gradients
+// (the deterministic path's first pass), where the merge has nothing to do
+template <typename T>
+static void launch_bwd(const Plan &pl, cudaStream_t st, float *gv32, float *gloc, float *gattn, float *part,
+                       const T *gout, const T *value, const float *loc, const float *attn, bool scatter, int points) {
+  if (!scatter) {
+    if (pl.head) launch_bwd_v<T, true, false, false>(pl, st, gv32, gloc, gattn, part, gout, value, loc, attn, points);
+    else launch_bwd_v<T, false, false, false>(pl, st, gv32, gloc, gattn, part, gout, value, loc, attn, points);
+  } else if (!pl.head) {
+    launch_bwd_v<T, false, false, true>(pl, st, gv32, gloc, gattn, part, gout, value, loc, attn, points);
+  } else if (pl.merge) {
+    launch_bwd_v<T, true, true, true>(pl, st, gv32, gloc, gattn, part, gout, value, loc, attn, points);
+  } else {
+    launch_bwd_v<T, true, false, true>(pl, st, gv32, gloc, gattn, part, gout, value, loc, attn, points);
+  }
 }
 
 template <typename T>
@@ -653,7 +679,7 @@ static int backward_t(const fa_msda_geom *g, T *gv, float *gloc, float *gattn, c
   }
   // deterministic: point gradients without atomics, then grad_value by sorting and gathering
   if (points) {
-    launch_bwd<T>(pl, st, nullptr, gloc, gattn, part, go, val, lc, at, 0, 1);
+    launch_bwd<T>(pl, st, nullptr, gloc, gattn, part, go, val, lc, at, false, 1);
     finish_points();
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
