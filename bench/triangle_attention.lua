@@ -178,7 +178,7 @@ local function bench_cpu()
     end
     local mf = bench.cpuTime(fwd, { runs = REPS, warmup = 1 }) * 1e3
     local mb = bench.cpuTime(fb, { runs = REPS, warmup = 1 }) * 1e3
-    local row = { n, fmt(mf, 2), fmt(mb, 2), fmt(tflops(fwd_flops(n), mf) * 1e3, 1), fmt(tflops(3.5 * fwd_flops(n), mb) * 1e3, 1) }
+    local row = { n, fmt(mf, 3), fmt(mb, 3), fmt(tflops(fwd_flops(n), mf) * 1e3, 1), fmt(tflops(3.5 * fwd_flops(n), mb) * 1e3, 1) }
     for _, p in ipairs(peers) do
       local r = peer[p .. '/' .. n .. '/float32'] or {}
       row[#row + 1] = peer_ms(r, 'fwd')

@@ -9,7 +9,8 @@ Implementations (--impls):
            are (B*N, H, N, D) views of the (B, N, N, H, D) projections; the mask is materialised
            (B*N, H, N, N). torch 1.x (no public SDPA) uses its private F._scaled_dot_product_attention.
   eager    OpenFold's attention: softmax(q k^T * s + bias + 1e9 * (mask - 1)) v, in the input dtype.
-  trifast  TriFast's triangle_attention(q, k, v, bias, mask) (mask True = masked), where importable.
+  trifast  TriFast's triangle_attention(q, k, v, bias, mask) (mask True = masked), where importable; only
+           for --trifast-dtypes (default bfloat16: its float32 runs IEEE dots and autotunes for minutes).
 Inputs (bench/triangle_attention.lua draws the same distributions, not the same numbers): the projections
 (B, N, N, H, D), bias (B, H, N, N) and the output gradient ~ N(0, 1); the mask valid with probability 1/2.
 fwd = forward under no_grad; fwdbwd = forward + torch.autograd.grad of q, k, v and the bias for a fixed
@@ -95,7 +96,9 @@ def run_trifast(qp, kp, vp, bias, valid):
 IMPLS = {"sdpa": run_sdpa, "eager": run_eager, "trifast": run_trifast}
 
 
-def available(name):
+def available(name, dtype_name, a):
+    if name == "trifast" and dtype_name not in a.trifast_dtypes.split(","):
+        return "skipped (--trifast-dtypes %s)" % a.trifast_dtypes
     if name == "sdpa" and SDPA is None:
         return "unavailable (torch %s has no scaled_dot_product_attention)" % torch.__version__
     if name == "trifast" and TRIFAST is None:
@@ -194,6 +197,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--sets", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--trifast-dtypes", default="bfloat16")
     ap.add_argument("--gemm-size", type=int, default=8192, help="bf16 GEMM cube (CUDA; 0: skip)")
     a = ap.parse_args()
     if a.threads:
@@ -207,7 +211,7 @@ def main():
     info = {"impl": "info", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu"}
     for x in impls:
-        info[x] = available(x) or "ok"
+        info[x] = (available(x, None, a) or "ok") if x != "trifast" else (TRIFAST_WHY or "ok")
     print(json.dumps(info), flush=True)
     flush = None
     if a.device == "cuda":
@@ -225,7 +229,7 @@ def main():
                                       "error_fwdbwd": describe(e)}), flush=True)
                 continue
             for x in impls:
-                why = available(x)
+                why = available(x, dtype_name, a)
                 if why:
                     rec = {"impl": x, "n": n, "dtype": dtype_name, "error_fwd": why, "error_fwdbwd": why}
                 else:
