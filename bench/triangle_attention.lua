@@ -224,8 +224,9 @@ local function bench_gpu()
     a, b, c = nil, nil, nil
     collectgarbage()
   end
-  R:line(string.format('## Triangle attention on %s: B=%d, H=%d, D=%d, 50%% mask; %d³ bf16 fa.matmul %.0f TFLOP/s '
-                       .. '(the "%% GEMM" base); L2 flushed before every call', dev, B, H, D, GN, gemm_tf))
+  R:line(string.format('## Triangle attention on %s: B=%d, H=%d, D=%d, 50%% mask%s; %d³ bf16 fa.matmul %.0f TFLOP/s '
+                       .. '(the "%% GEMM" base); L2 flushed before every call', dev, B, H, D,
+                       opt.deterministic and ', deterministic backward' or '', GN, gemm_tf))
   R:line('')
   local results = {}
   for _, n in ipairs(NS) do
