@@ -15,7 +15,8 @@
 -- GPU timing (bench/lib.lua's gpuTimer, bench/peers/triangle_torch.py does the same): CUDA events around each
 -- call, the L2 flushed before every call by a 256 MB write (which also keeps the GPU busy while the host queues
 -- the call: the events measure GPU time unless a call's host side is longer than the flush), 3 warm-up calls,
--- the lower median of --reps calls rotating over --sets input sets. Our calls write into preallocated outputs.
+-- the lower median of --reps calls rotating over --sets input sets. Our timed calls write into preallocated outputs (out,
+-- lse, the gradients).
 -- FLOPs (reference/triangle.md §6): forward 4·B·H·N³·D, backward 10·B·H·N³·D, fwd+bwd 14·B·H·N³·D.
 -- "% GEMM": TFLOP/s over the rate of an 8192³ bf16 fa.matmul timed the same way in the same run.
 -- "% exp": 16-bit forward time over the exponential bound B·H·N³ exps / 3.9e12 exp/s (the MUFU rate of
@@ -95,6 +96,7 @@ local function make_set(n, dtype, device, seed)
   s.bias = fa.randn({ B, H, n, n }, { dtype = 'float32', device = device })
   if dtype ~= 'float32' then s.bias = s.bias:to(dtype) end
   s.out = proj(n, dtype, device, false)
+  s.lse = fa.empty({ B, H, n, n }, { dtype = 'float32', device = device })
   return s
 end
 
@@ -170,11 +172,10 @@ local function bench_cpu()
   for _, n in ipairs(NS) do
     local s = make_set(n, 'float32', 'cpu', 1000 + n)
     local g = grad_buffers(n, 'float32', 'cpu')
-    local lse
-    local function fwd() local _; _, lse = fa.triangle_attention(s.q, s.k, s.v, s.bias, s.mask, { out = s.out }) end
+    local function fwd() fa.triangle_attention(s.q, s.k, s.v, s.bias, s.mask, { out = s.out, lse = s.lse }) end
     local function fb()
       fwd()
-      fa.triangle_attention_backward(s.grad, s.q, s.k, s.v, s.bias, s.mask, s.out, lse, g)
+      fa.triangle_attention_backward(s.grad, s.q, s.k, s.v, s.bias, s.mask, s.out, s.lse, g)
     end
     local mf = bench.cpuTime(fwd, { runs = REPS, warmup = 1 }) * 1e3
     local mb = bench.cpuTime(fb, { runs = REPS, warmup = 1 }) * 1e3
@@ -240,8 +241,7 @@ local function bench_gpu()
           local bo = with(g, { kernel = kern, deterministic = opt.deterministic or nil })
           local function fwd(k)
             local s = sets[k]
-            local _
-            _, s.lse = fa.triangle_attention(s.q, s.k, s.v, s.bias, s.mask, with(fo, { out = s.out }))
+            fa.triangle_attention(s.q, s.k, s.v, s.bias, s.mask, with(fo, { out = s.out, lse = s.lse }))
           end
           local function bwd(k)
             local s = sets[k]
