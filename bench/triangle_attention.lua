@@ -56,6 +56,8 @@ local opt = bench.args({
     { 'out', 'path', nil, help = 'also write the markdown output here' },
     { 'tsv', 'path', nil, help = 'also write the result table as tab-separated text here' },
     { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads, ours and torch (--cpu)' },
+    { 'rounds', 'int', 3, min = 1, help = 'CPU: medians taken, the smallest reported (a round disturbed by another '
+      .. 'process on a shared machine does not count), ours and torch' },
   },
 }, arg)
 if not opt.cpu then bench.needGPU('bench/triangle_attention.lua', 'or use --cpu for the CPU comparison') end
@@ -148,15 +150,15 @@ local result -- the result table (--tsv)
 local function bench_cpu()
   local threads = opt.threads or fa.getNumThreads()
   fa.setNumThreads(threads)
-  R:line(string.format('## Triangle attention on the CPU: B=%d, H=%d, D=%d, float32, %d threads, 50%% mask', B, H, D,
-                       threads))
+  R:line(string.format('## Triangle attention on the CPU: B=%d, H=%d, D=%d, float32, %d threads, 50%% mask; the '
+                       .. 'smallest of %d medians of %d runs', B, H, D, threads, opt.rounds, REPS))
   R:line('')
   local peers = {}
   for _, p in ipairs(opt.peers) do if p ~= 'trifast' then peers[#peers + 1] = p end end
   local peer, _, info = {}, nil, 'skipped (no CPU peer chosen)'
   if #peers > 0 then
-    peer, _, info = run_peer(string.format('--device cpu --threads %d --ns %s --dtypes float32 --impls %s --reps %d --sets 1',
-      threads, table.concat(NS, ','), table.concat(peers, ','), REPS))
+    peer, _, info = run_peer(string.format('--device cpu --threads %d --ns %s --dtypes float32 --impls %s --reps %d --sets 1 '
+      .. '--rounds %d', threads, table.concat(NS, ','), table.concat(peers, ','), REPS, opt.rounds))
   end
   R:line('peer: ' .. tostring(info))
   R:line('')
@@ -177,8 +179,11 @@ local function bench_cpu()
       fwd()
       fa.triangle_attention_backward(s.grad, s.q, s.k, s.v, s.bias, s.mask, s.out, s.lse, g)
     end
-    local mf = bench.cpuTime(fwd, { runs = REPS, warmup = 1 }) * 1e3
-    local mb = bench.cpuTime(fb, { runs = REPS, warmup = 1 }) * 1e3
+    local mf, mb = math.huge, math.huge
+    for _ = 1, opt.rounds do
+      mf = math.min(mf, bench.cpuTime(fwd, { runs = REPS, warmup = 1 }) * 1e3)
+      mb = math.min(mb, bench.cpuTime(fb, { runs = REPS, warmup = 1 }) * 1e3)
+    end
     local row = { n, fmt(mf, 3), fmt(mb, 3), fmt(tflops(fwd_flops(n), mf) * 1e3, 1), fmt(tflops(3.5 * fwd_flops(n), mb) * 1e3, 1) }
     for _, p in ipairs(peers) do
       local r = peer[p .. '/' .. n .. '/float32'] or {}
