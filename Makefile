@@ -114,10 +114,11 @@ demo-convnet: deps
 bench-cpu: $(LIB)
 	bin/fastattn bench/cpu.lua
 
-# GPU benchmarks (on the GPU machine): core ops and MSDA, each with its PyTorch peer in the same run
+# GPU benchmarks (on the GPU machine): core ops, MSDA and triangle attention, each with its peers in the same run
 bench: $(LIB)
 	bin/fastattn bench/gpu.lua
 	bin/fastattn bench/msda.lua
+	bin/fastattn bench/triangle_attention.lua
 
 repl: deps $(LIB)
 	bin/fastattn
