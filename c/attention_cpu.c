@@ -194,6 +194,10 @@ AI void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n, int64_t n8
   for (int64_t c = n; c < n8; c++) s[c] = -(T)INFINITY;
 }
 
+/* a BLAS leading dim from a row stride: c/attention.c leaves strides < D (0 for one row) only where one row is
+ * read, and any leading dim >= D does then */
+AI int64_t AT_S(ld)(int64_t s, int64_t D) { return s >= D && s > 0 ? s : (D > 0 ? D : 1); }
+
 /* ------------------------------------------------------------------ forward */
 /* one task: rows i0..i0+nr of (z, h). Scratch: S (BM x BN), acc (BM x D), m, l (BM); keep (BN doubles) */
 AI void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v, const T *bias,
@@ -207,7 +211,7 @@ AI void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const 
   for (int64_t e = 0; e < nr * D; e++) acc[e] = 0;
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
-    fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, g->q.r, kz + j0 * g->k.r, g->k.r, 0, S, BN);
+    fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, AT_S(ld)(g->q.r, D), kz + j0 * g->k.r, AT_S(ld)(g->k.r, D), 0, S, BN);
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r;
       T *st = S + r * BN;
@@ -235,7 +239,7 @@ AI void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const 
         for (int64_t c = 0; c < n; c++) st[c] *= (T)keep[c];
       }
     }
-    fa_cpu_gemm(DBL, 0, 0, nr, D, n, 1, S, BN, vz + j0 * g->v.r, g->v.r, 1, acc, D);
+    fa_cpu_gemm(DBL, 0, 0, nr, D, n, 1, S, BN, vz + j0 * g->v.r, AT_S(ld)(g->v.r, D), 1, acc, D);
   }
   int64_t ob = zoff(g, &g->o, z) + h * g->o.h, lb = zoff(g, &g->lse, z) + h * g->lse.h;
   for (int64_t r = 0; r < nr; r++) {
@@ -320,8 +324,8 @@ AI void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb,
       for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
         int64_t nr = Lq - i0 < BM ? Lq - i0 : BM;
         const T *qb = b->q + qz + h * g->q.h + i0 * g->q.r, *gob = b->go + goz + h * g->go.h + i0 * g->go.r;
-        fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, g->q.r, kb, g->k.r, 0, S, BN);
-        fa_cpu_gemm(DBL, 0, 1, nr, n, D, 1, gob, g->go.r, vb, g->v.r, 0, dP, BN);
+        fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, AT_S(ld)(g->q.r, D), kb, AT_S(ld)(g->k.r, D), 0, S, BN);
+        fa_cpu_gemm(DBL, 0, 1, nr, n, D, 1, gob, AT_S(ld)(g->go.r, D), vb, AT_S(ld)(g->v.r, D), 0, dP, BN);
         for (int64_t r = 0; r < nr; r++) {
           int64_t i = i0 + r;
           T *st = S + r * BN, *dpt = dP + r * BN;
@@ -352,11 +356,11 @@ AI void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb,
             else for (int64_t c = 0; c < n; c++) gr[c * bc] += dpt[c];
           }
         }
-        fa_cpu_gemm(DBL, 1, 0, n, D, nr, 1, S, BN, gob, g->go.r, 1, dv, D);
-        fa_cpu_gemm(DBL, 1, 0, n, D, nr, g->scale, dP, BN, qb, g->q.r, 1, dk, D);
+        fa_cpu_gemm(DBL, 1, 0, n, D, nr, 1, S, BN, gob, AT_S(ld)(g->go.r, D), 1, dv, D);
+        fa_cpu_gemm(DBL, 1, 0, n, D, nr, g->scale, dP, BN, qb, AT_S(ld)(g->q.r, D), 1, dk, D);
         if (b->gq)
-          fa_cpu_gemm(DBL, 0, 0, nr, D, n, g->scale, dP, BN, kb, g->k.r, 1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r,
-                      g->gq.r);
+          fa_cpu_gemm(DBL, 0, 0, nr, D, n, g->scale, dP, BN, kb, AT_S(ld)(g->k.r, D),
+                      1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r, AT_S(ld)(g->gq.r, D));
       }
     }
     if (b->gk) {

@@ -159,6 +159,8 @@ local A_CASE = {
       { opts = { out = fa.empty(2, 4, 5, 8) } } },
     { "fa%.attention: argument 'opts%.out': expected a contiguous last dimension",
       { opts = { out = fa.empty(2, 4, 8, 5, 'float64'):transpose(3, 4) } } },
+    { "fa%.attention: argument 'opts%.out': expected rows that do not overlap %(a stride >= 8 in dimension 3%), got stride 0",
+      { opts = { out = fa.empty(2, 4, 1, 8, 'float64'):expand(2, 4, 5, 8) } } },
     { "fa%.attention: argument 'opts%.out': expected a tensor that shares no memory with argument 'q'",
       { opts = { out = fq } } },
     { "fa%.attention: argument 'opts%.lse': expected shape %(%.%.%., H, Lq%) as 'q' without D = %(2, 4, 5%), got %(2, 4, 6%)",
@@ -377,6 +379,24 @@ describe('fa.attention shapes', function()
     local out0, lse0 = fa.attention(q, fa.empty(2, 0, 4, 'float64'), fa.empty(2, 0, 4, 'float64'))
     assert.is_true(out0:equal(fa.zeros(2, 3, 4, 'float64')))
     assert.is_true(lse0:equal(fa.full({ 2, 3 }, -math.huge, 'float64')))
+  end)
+
+  it('takes one-row inputs and k, v, grad_out expanded over their rows (stride 0), as their contiguous copies', function()
+    local q1, k1, v1 = fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64')
+    local o1 = fa.attention(q1, k1, v1)
+    assert.is_true(o1:equal(v1)) -- one key: weight 1
+    local q = fa.randn(2, 3, 6, 4, 'float64')
+    local ke, ve = k1:expand(2, 3, 5, 4), v1:expand(2, 3, 5, 4)
+    local ge = fa.ones(1, 1, 1, 4, 'float64'):expand(2, 3, 6, 4)
+    local c = function(t) return t:contiguous() end
+    local o = { bias = fa.randn(6, 5, 'float64') }
+    local out, lse = fa.attention(q, ke, ve, o)
+    local outc, lsec = fa.attention(q, c(ke), c(ve), o)
+    H.assert_close(out, v1:expand(2, 3, 6, 4), 1e-14, 1e-14, 'equal keys and values')
+    assert.is_true(out:equal(outc) and lse:equal(lsec))
+    local a = { fa.attention_backward(ge, q, ke, ve, out, lse, o) }
+    local b = { fa.attention_backward(c(ge), q, c(ke), c(ve), outc, lsec, o) }
+    for i = 1, 4 do assert.is_true(a[i]:equal(b[i]), 'gradient ' .. i) end
   end)
 
   it('takes a bias and a mask with stride-0 (expanded) dims, and sums grad_bias over them', function()
