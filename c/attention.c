@@ -183,7 +183,7 @@ static int attn_check(const char *fn, const fa_tensor *q, const fa_tensor *k, co
   g->offset = opts->offset;
   g->deterministic = opts->deterministic != 0;
   g->kernel = opts->kernel;
-  g->tf32 = 0; /* set by the CUDA side from fa.cuda.allowTF32 */
+  g->tf32 = 0; /* the CUDA side reads fa_cu_tf32_allowed() (C++ linkage, cuda/common.cuh) */
   const fa_tensor *bias = opts->bias, *mask = opts->mask;
   if (bias) {
     if ((rc = check_broadcast(fn, "bias", bias, sh->full, n))) return rc;

@@ -1,15 +1,15 @@
 /* attention_cpu.c: the CPU kernels of the attention core (c/attention.h), float32 and float64: this file includes
- * itself once per dtype (AT_T, with accumulators of the same type).
+ * itself once per dtype (AT_T, with accumulators of the same type). The block products go through single-threaded
+ * BLAS (fa_cpu_gemm: OpenBLAS packs and runs AVX-512/AVX2 kernels), the rest is vectorised loops.
  *
- * Forward: flash-style. A task is (z, kv head, block of BM query rows) and covers the G query heads that share
- * the kv head; for each block of BN keys it transposes K into a D x BN buffer (so that the scores of a row are
- * one vectorised loop over keys), then per row: scores, online softmax (running max m, sum l), acc += P V.
- * Backward: a task is one or more whole (z, kv head) problems; per key block (K and V transposed), per query
- * head of the group and row: S, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), delta = rowsum(dO * O),
- * dV += P dO, dK += scale dS q, dQ += scale dS K, dBias += dS. Every sum runs in a fixed order whatever the
- * thread count: grad_k/grad_v/grad_q are owned by the task of their (z, kv head); grad_bias by the task that
- * owns the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in chunks of a
- * count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order). */
+ * Forward: a task is (z, h, block of BM query rows); per block of BN keys: S = scale Q K^T (BLAS), bias and mask,
+ * online softmax (running max m and sum l per row), dropout, acc = acc * corr + P V (BLAS); no (Lq x Lk) matrix.
+ * Backward: a task is one or more whole (z, kv head) problems; per key block, query head of the group and block
+ * of rows: S = scale Q K^T, dP = dO V^T (BLAS), P = exp(S - lse), dS = P (dP - delta) with delta = rowsum(dO O),
+ * then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (BLAS), dBias += dS. Every sum runs in a fixed order
+ * whatever the thread count: grad_q/grad_k/grad_v are owned by the task of their (z, kv head); grad_bias by the
+ * task that owns the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in
+ * chunks of a count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order). */
 #ifndef AT_T
 #pragma GCC optimize("no-trapping-math")
 #include "internal.h"
