@@ -183,7 +183,7 @@ static int attn_check(const char *fn, const fa_tensor *q, const fa_tensor *k, co
   g->offset = opts->offset;
   g->deterministic = opts->deterministic != 0;
   g->kernel = opts->kernel;
-  g->tf32 = 0; /* set by the CUDA side from fa.cuda.allowTF32 */
+  g->tf32 = 0; /* the CUDA side reads fa_cu_tf32_allowed() (C++ linkage, cuda/common.cuh) */
   const fa_tensor *bias = opts->bias, *mask = opts->mask;
   if (bias) {
     if ((rc = check_broadcast(fn, "bias", bias, sh->full, n))) return rc;
@@ -202,12 +202,41 @@ static int attn_check(const char *fn, const fa_tensor *q, const fa_tensor *k, co
   return 0;
 }
 
-/* an output like ref (shape, dtype, device), with a contiguous last dim, sharing no memory with the inputs */
-static int check_out(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
+/* a tensor like ref (shape, dtype, device) with a contiguous last dim; an output (written) also with rows that do
+ * not overlap */
+static int check_like_q(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref,
+                        int written) {
   int rc;
   if ((rc = fa_check_like(fn, arg, t, ref_arg, ref)) || (rc = fa_check_same_shape(fn, arg, t, ref_arg, ref)) ||
       (rc = check_last_contiguous(fn, arg, t)))
     return rc;
+  int n = t->ndim;
+  if (!written) return 0;
+  if (t->shape[n - 2] > 1 && t->shape[n - 1] > 0 && t->stride[n - 2] < t->shape[n - 1])
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected rows that do not overlap (a stride >= %lld in dimension %d), got stride %lld",
+                    fn, arg, (long long)t->shape[n - 1], n - 1, (long long)t->stride[n - 2]);
+  if (t->device < 0 && t->stride[n - 2] > INT32_MAX)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument '%s': expected a row stride below 2^31 on the CPU (BLAS), got %lld", fn, arg,
+                    (long long)t->stride[n - 2]);
+  return 0;
+}
+
+/* CPU inputs go through BLAS, which wants rows that do not overlap (stride >= D, < 2^31): others (a k expanded
+ * over the keys, say) are copied; *t then describes the copy (fa_free(FA_CPU, *buf) after) */
+static int blas_rows(const fa_tensor **t, fa_tensor *copy, void **buf) {
+  const fa_tensor *x = *t;
+  int n = x->ndim;
+  *buf = NULL;
+  if (x->device >= 0 || x->shape[n - 2] <= 1 || (x->stride[n - 2] >= x->shape[n - 1] && x->stride[n - 2] <= INT32_MAX))
+    return 0;
+  const void *data;
+  int rc = fa_contiguous_data(x, &data, buf);
+  if (rc) return rc;
+  *copy = *x;
+  copy->data = (void *)data;
+  int64_t s = 1;
+  for (int i = n - 1; i >= 0; i--) { copy->stride[i] = s; s *= x->shape[i]; }
+  *t = copy;
   return 0;
 }
 
@@ -282,7 +311,7 @@ int fa_attention_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, con
   fa_attn_geom g;
   attn_shape sh;
   if ((rc = attn_check(fn, q, k, v, opts, &g, &sh))) return rc;
-  if ((rc = check_out(fn, "out", out, "q", q)) || (rc = check_lse(fn, lse, q, &sh))) return rc;
+  if ((rc = check_like_q(fn, "out", out, "q", q, 1)) || (rc = check_lse(fn, lse, q, &sh))) return rc;
   {
     const fa_tensor *outs[2] = {out, lse};
     static const char *const onames[2] = {"out", "lse"};
@@ -293,14 +322,19 @@ int fa_attention_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, con
   fill_strides_lse(&g.lse, lse, sh.n, sh.keep, g.nb);
   if (g.Z * g.H * g.Lq == 0) return 0;
   const void *bias, *mask;
-  void *tmp[2];
-  if (!(rc = convert_bias_mask(&g, opts, &sh, &g, &bias, &mask, tmp))) {
+  void *tmp[5] = {NULL, NULL, NULL, NULL, NULL};
+  fa_tensor cp[3];
+  if (!(rc = convert_bias_mask(&g, opts, &sh, &g, &bias, &mask, tmp)) && !(rc = blas_rows(&q, &cp[0], &tmp[2])) &&
+      !(rc = blas_rows(&k, &cp[1], &tmp[3])) && !(rc = blas_rows(&v, &cp[2], &tmp[4]))) {
+    fill_strides(&g.q, q, sh.n, sh.keep, g.nb);
+    fill_strides(&g.k, k, sh.n, sh.keep, g.nb);
+    fill_strides(&g.v, v, sh.n, sh.keep, g.nb);
     if (g.device >= 0)
       rc = fa_cu_attention_forward(&g, out->data, (float *)lse->data, q->data, k->data, v->data, (const float *)bias, mask);
     else
       rc = fa_attn_cpu_forward(&g, out->data, lse->data, q->data, k->data, v->data, bias, mask);
   }
-  for (int i = 0; i < 2; i++) fa_free(g.device, tmp[i]);
+  for (int i = 0; i < 5; i++) fa_free(g.device, tmp[i]);
   return rc;
 }
 
@@ -312,12 +346,12 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
   fa_attn_geom g;
   attn_shape sh;
   if ((rc = attn_check(fn, q, k, v, opts, &g, &sh))) return rc;
-  if ((rc = check_out(fn, "grad_out", grad_out, "q", q)) || (rc = check_out(fn, "out", out, "q", q)) ||
+  if ((rc = check_like_q(fn, "grad_out", grad_out, "q", q, 0)) || (rc = check_like_q(fn, "out", out, "q", q, 0)) ||
       (rc = check_lse(fn, lse, q, &sh)))
     return rc;
-  if (grad_q && (rc = check_out(fn, "grad_q", grad_q, "q", q))) return rc;
-  if (grad_k && (rc = check_out(fn, "grad_k", grad_k, "k", k))) return rc;
-  if (grad_v && (rc = check_out(fn, "grad_v", grad_v, "v", v))) return rc;
+  if (grad_q && (rc = check_like_q(fn, "grad_q", grad_q, "q", q, 1))) return rc;
+  if (grad_k && (rc = check_like_q(fn, "grad_k", grad_k, "k", k, 1))) return rc;
+  if (grad_v && (rc = check_like_q(fn, "grad_v", grad_v, "v", v, 1))) return rc;
   const fa_tensor *bias = opts ? opts->bias : NULL;
   if (grad_bias) {
     if (!bias) return fa_error(FA_ERR_ARG, "%s: argument 'grad_bias': expected nothing (no 'bias' was given), got a tensor", fn);
@@ -349,9 +383,16 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
   if (!(gq || gk || gv || want_gb)) return 0;
   /* --- validation done: temporaries, then the kernels --- */
   const void *pb, *pm;
-  void *tmp[3] = {NULL, NULL, NULL};
-  fa_tensor gbt; /* the gradient buffer: dense, bias's shape, accumulation dtype */
-  if ((rc = convert_bias_mask(&g, opts, &sh, &g, &pb, &pm, tmp))) goto done;
+  void *tmp[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+  fa_tensor gbt, cp[4]; /* gbt: the gradient buffer: dense, bias's shape, accumulation dtype */
+  if ((rc = convert_bias_mask(&g, opts, &sh, &g, &pb, &pm, tmp)) || (rc = blas_rows(&q, &cp[0], &tmp[3])) ||
+      (rc = blas_rows(&k, &cp[1], &tmp[4])) || (rc = blas_rows(&v, &cp[2], &tmp[5])) ||
+      (rc = blas_rows(&grad_out, &cp[3], &tmp[6])))
+    goto done;
+  fill_strides(&g.q, q, sh.n, sh.keep, g.nb);
+  fill_strides(&g.k, k, sh.n, sh.keep, g.nb);
+  fill_strides(&g.v, v, sh.n, sh.keep, g.nb);
+  fill_strides(&g.go, grad_out, sh.n, sh.keep, g.nb);
   void *gb = NULL;
   if (want_gb) {
     gbt = *grad_bias;
@@ -375,6 +416,6 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
     rc = fa_attn_cpu_backward(&g, gq, gk, gv, gb, grad_out->data, q->data, k->data, v->data, out->data, lse->data, pb, pm);
   if (!rc && tmp[2]) rc = fa_copy(grad_bias, &gbt);
 done:
-  for (int i = 0; i < 3; i++) fa_free(g.device, tmp[i]);
+  for (int i = 0; i < 7; i++) fa_free(g.device, tmp[i]);
   return rc;
 }

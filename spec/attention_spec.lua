@@ -72,6 +72,7 @@ local function a_fixture(name)
   local x = { q = f('q'), k = f('k'), v = f('v'), bias = f('bias'), mask = f('mask') }
   local o = f('opts')
   local opts = { scale = o:get(1) ~= 0 and o:get(1) or nil, mask_scale = o:get(2) }
+  if o:get(3) > 0 then opts.dropout, opts.seed, opts.offset = o:get(3), o:get(4), o:get(5) end
   local want = { out = f('out'), q = f('grad_q'), k = f('grad_k'), v = f('grad_v'), bias = f('grad_bias') }
   return x, opts, f('grad_out'), want
 end
@@ -93,19 +94,22 @@ local function gqa() local x, _, gout = a_fixture('gqa') return x, gout end
 local A_CASE = {
   name = 'fa.attention', inputs = a_inputs, forward = a_forward, backward = a_backward,
   grads = { 'q', 'k', 'v', 'bias' },
-  fixture = { names = { 'gqa', 'mqa', 'additive' }, load = a_fixture },
+  fixture = { names = { 'gqa', 'mqa', 'additive', 'dropout' }, load = a_fixture },
   gradcheck = {
     { shape = { 4, 2, 3, 5, 3, batch = { 2 }, bias = { 4, 1, 5 }, mask = { 2, 1, 3, 5 }, dead = true },
       opts = { scale = 0.7 }, what = 'GQA, broadcast bias, dead row' },
     { shape = { 2, 1, 4, 3, 2, batch = { 2, 1, 2 }, bias = { 2, 1, 1, 1, 4, 3 }, mask = { 3 } },
       opts = { mask_scale = 3 }, what = 'MQA, additive mask, three batch dims' },
-    { shape = { 1, 1, 3, 70, 2, bias = { 1, 3, 70 } }, what = 'two key blocks' },
+    { shape = { 1, 1, 3, 300, 2, bias = { 1, 3, 300 } }, what = 'two key blocks' },
+    { shape = { 2, 1, 3, 9, 3, batch = { 2 }, bias = { 2, 1, 3, 9 }, mask = { 2, 1, 1, 9 }, dead = true },
+      opts = { dropout = 0.3, seed = 5, offset = 11 }, what = 'dropout (the same mask forward and backward)' },
   },
   threads = {
     { shape = { 4, 2, 40, 70, 16, batch = { 2 }, bias = { 4, 1, 70 }, mask = { 2, 1, 40, 70 }, dead = true } },
     { shape = { 2, 2, 33, 130, 8, batch = { 3, 2 }, bias = { 1, 2, 1, 33, 130 } } },
     { shape = { 2, 1, 0, 5, 4, batch = { 2 }, bias = { 2, 0, 5 } } },
     { shape = { 2, 1, 5, 0, 4, batch = { 2 }, bias = { 2, 5, 0 } } },
+    { shape = { 3, 1, 130, 300, 8, bias = { 130, 300 }, mask = { 3, 1, 300 } }, opts = { dropout = 0.2, seed = 3 } },
   },
   tol = {
     fixture = { float64 = { 1e-10, 1e-12 }, float32 = { 1e-4, 1e-5 } },
@@ -155,6 +159,8 @@ local A_CASE = {
       { opts = { out = fa.empty(2, 4, 5, 8) } } },
     { "fa%.attention: argument 'opts%.out': expected a contiguous last dimension",
       { opts = { out = fa.empty(2, 4, 8, 5, 'float64'):transpose(3, 4) } } },
+    { "fa%.attention: argument 'opts%.out': expected rows that do not overlap %(a stride >= 8 in dimension 3%), got stride 0",
+      { opts = { out = fa.empty(2, 4, 1, 8, 'float64'):expand(2, 4, 5, 8) } } },
     { "fa%.attention: argument 'opts%.out': expected a tensor that shares no memory with argument 'q'",
       { opts = { out = fq } } },
     { "fa%.attention: argument 'opts%.lse': expected shape %(%.%.%., H, Lq%) as 'q' without D = %(2, 4, 5%), got %(2, 4, 6%)",
@@ -177,13 +183,22 @@ local A_CASE = {
 }
 
 ---------------------------------------------------------------------------- fa.triangle_attention
+-- x.proj: q, k, v handed over as views of (B, N, N, H, D) buffers (the projection's layout), on any device
+local function layout(x, t)
+  t = lastc(t)
+  if not x.proj then return t end
+  local B, Hh, N, D = t:size(1), t:size(2), t:size(3), t:size(5)
+  local p = fa.empty({ B, N, N, Hh, D }, { dtype = t:dtype(), device = t:device() }):permute(1, 4, 2, 3, 5)
+  p:copy(t)
+  return p
+end
 local function t_forward(x, o)
-  return (fa.triangle_attention(lastc(x.q), lastc(x.k), lastc(x.v), x.bias, x.mask, o))
+  return (fa.triangle_attention(layout(x, x.q), layout(x, x.k), layout(x, x.v), x.bias, x.mask, o))
 end
 local function t_backward(x, gout, o)
   local fo = merge(o)
   for _, n in ipairs({ 'grad_q', 'grad_k', 'grad_v', 'grad_bias' }) do fo[n] = nil end
-  local q, k, v = lastc(x.q), lastc(x.k), lastc(x.v)
+  local q, k, v = layout(x, x.q), layout(x, x.k), layout(x, x.v)
   local out, lse, rng = fa.triangle_attention(q, k, v, x.bias, x.mask, fo)
   local bo = merge(o, { rng = rng })
   if rng then bo.seed, bo.offset = nil, nil end
@@ -191,14 +206,11 @@ local function t_backward(x, gout, o)
   return { q = gq, k = gk, v = gv, bias = gb }
 end
 
--- shape {B, H, N, D, mask = bool, dead = bool, proj = bool}: proj: q, k, v are views of (B, N, N, H, D) buffers
+-- shape {B, H, N, D, mask = bool, dead = bool, proj = bool}: proj: q, k, v go in as views of (B, N, N, H, D) buffers
 local function t_inputs(s)
   local B, Hh, N, D = s[1], s[2], s[3], s[4]
-  local function qkv()
-    if s.proj then return fa.randn(B, N, N, Hh, D, 'float64'):permute(1, 4, 2, 3, 5) end
-    return fa.randn(B, Hh, N, N, D, 'float64')
-  end
-  local x = { q = qkv(), k = qkv(), v = qkv(), bias = fa.randn(B, Hh, N, N, 'float64') }
+  local function qkv() return fa.randn(B, Hh, N, N, D, 'float64') end
+  local x = { q = qkv(), k = qkv(), v = qkv(), bias = fa.randn(B, Hh, N, N, 'float64'), proj = s.proj }
   if s.mask then x.mask = rand_mask({ B, N, N }, s.dead) end
   return x
 end
@@ -298,6 +310,174 @@ describe('fa.attention', function()
   end)
 end)
 
+describe('fa.attention dropout', function()
+  local x = a_inputs({ 2, 1, 6, 9, 4, batch = { 2 }, bias = { 2, 6, 9 } })
+  local gout = fa.randn(2, 2, 6, 4, 'float64')
+
+  it("draws (seed, offset) from fa's generator, returns them, and the backward takes them as opts.rng", function()
+    fa.manualSeed(77)
+    local o = { bias = x.bias, dropout = 0.4 }
+    local out1, lse1, rng1 = fa.attention(x.q, x.k, x.v, o)
+    local out2, _, rng2 = fa.attention(x.q, x.k, x.v, o)
+    assert.are.equal(77, rng1.seed)
+    assert.are.equal(rng1.seed, rng2.seed)
+    assert.are.equal(rng1.offset + math.ceil(2 * 2 * 6 * 9 / 4), rng2.offset) -- one counter per 4 weights
+    assert.is_false(out1:equal(out2)) -- a fresh mask each call
+    -- the same stream given explicitly: the same bits; and the backward with rng = with seed/offset
+    local out3 = fa.attention(x.q, x.k, x.v, { bias = x.bias, dropout = 0.4, seed = rng1.seed, offset = rng1.offset })
+    assert.is_true(out3:equal(out1))
+    local a = { fa.attention_backward(gout, x.q, x.k, x.v, out1, lse1, { bias = x.bias, dropout = 0.4, rng = rng1 }) }
+    local b = { fa.attention_backward(gout, x.q, x.k, x.v, out1, lse1,
+                                      { bias = x.bias, dropout = 0.4, seed = rng1.seed, offset = rng1.offset }) }
+    for i = 1, 4 do assert.is_true(a[i]:equal(b[i])) end
+    -- with a seed given, no stream is drawn and none returned
+    local _, _, none = fa.attention(x.q, x.k, x.v, { dropout = 0.4, seed = 1 })
+    assert.is_nil(none)
+  end)
+
+  it('keeps about 1 - p of the weights, scaled by 1/(1-p): out with V = ones is the kept fraction / (1-p)', function()
+    local q, k = fa.randn(1, 1, 64, 4, 'float64'), fa.zeros(1, 1, 1000, 4, 'float64') -- uniform weights 1/1000
+    local v = fa.ones(1, 1, 1000, 1, 'float64'):expand(1, 1, 1000, 4)
+    local out = fa.attention(q, k, v:contiguous(), { dropout = 0.25, seed = 9, offset = 0 })
+    local mean = out:mean()
+    assert(math.abs(mean - 1) < 0.02, 'mean of out ' .. mean) -- E = 1, sd ~ 0.002
+    -- every value is a multiple of 1/(1000 * 0.75)
+    local o = out:contiguous()
+    for i = 1, 64 do
+      local c = o:get(1, 1, i, 1) * 750
+      assert(math.abs(c - math.floor(c + 0.5)) < 1e-9, 'not a count of kept weights: ' .. c)
+    end
+  end)
+
+  it('needs the stream in the backward when dropout > 0', function()
+    local out, lse = fa.attention(x.q, x.k, x.v, { dropout = 0.2, seed = 1 })
+    local ok, msg = pcall(fa.attention_backward, gout, x.q, x.k, x.v, out, lse, { dropout = 0.2 })
+    assert.is_false(ok)
+    assert.matches("^spec/attention_spec%.lua:%d+: fa%.attention_backward: argument 'opts%.rng': expected the forward's dropout stream", msg)
+    ok, msg = pcall(fa.attention_backward, gout, x.q, x.k, x.v, out, lse, { dropout = 0.2, seed = 1, rng = { seed = 1, offset = 0 } })
+    assert.matches("fa%.attention_backward: argument 'opts%.rng': expected either opts%.rng or opts%.seed and opts%.offset, got both", msg)
+    ok, msg = pcall(fa.attention_backward, gout, x.q, x.k, x.v, out, lse, { dropout = 0.2, rng = 5 })
+    assert.matches("fa%.attention_backward: argument 'opts%.rng': expected a table {seed =, offset =}", msg)
+    ok, msg = pcall(fa.attention, x.q, x.k, x.v, { dropout = 0.2, seed = 1.5 })
+    assert.matches("fa%.attention: argument 'opts%.seed': expected an integer in 0%.%.2%^64%-1, got 1%.5", msg)
+  end)
+end)
+
+describe('fa.attention shapes', function()
+  it('gives mean(V) and lse = -inf for fully masked rows, zeros for Lk = 0', function()
+    local q, k, v = fa.randn(2, 3, 4, 'float64'), fa.randn(2, 5, 4, 'float64'), fa.randn(2, 5, 4, 'float64')
+    local mask = fa.ones(2, 3, 5, 'bool')
+    mask:select(1, 2):select(1, 3):fill(0)
+    local out, lse = fa.attention(q, k, v, { mask = mask, bias = fa.randn(3, 5, 'float64') })
+    H.assert_close(out:select(1, 2):select(1, 3), v:select(1, 2):mean(1):view(4), 1e-14, 1e-14, 'mean(V)')
+    assert.are.equal(-math.huge, lse:get(2, 3))
+    assert(lse:get(1, 3) > -math.huge)
+    local g = { fa.attention_backward(fa.ones(2, 3, 4, 'float64'), q, k, v, out, lse,
+                                      { mask = mask, bias = fa.randn(3, 5, 'float64') }) }
+    -- the dead row adds 1/Lk * grad_out to every key's grad_v and nothing to grad_q
+    assert.are.equal(0, g[1]:select(1, 2):select(1, 3):abs():max())
+    local out0, lse0 = fa.attention(q, fa.empty(2, 0, 4, 'float64'), fa.empty(2, 0, 4, 'float64'))
+    assert.is_true(out0:equal(fa.zeros(2, 3, 4, 'float64')))
+    assert.is_true(lse0:equal(fa.full({ 2, 3 }, -math.huge, 'float64')))
+  end)
+
+  it('takes one-row inputs and k, v, grad_out expanded over their rows (stride 0), as their contiguous copies', function()
+    local q1, k1, v1 = fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64')
+    local o1 = fa.attention(q1, k1, v1)
+    assert.is_true(o1:equal(v1)) -- one key: weight 1
+    local q = fa.randn(2, 3, 6, 4, 'float64')
+    local ke, ve = k1:expand(2, 3, 5, 4), v1:expand(2, 3, 5, 4)
+    local ge = fa.ones(1, 1, 1, 4, 'float64'):expand(2, 3, 6, 4)
+    local c = function(t) return t:contiguous() end
+    local o = { bias = fa.randn(6, 5, 'float64') }
+    local out, lse = fa.attention(q, ke, ve, o)
+    local outc, lsec = fa.attention(q, c(ke), c(ve), o)
+    H.assert_close(out, v1:expand(2, 3, 6, 4), 1e-14, 1e-14, 'equal keys and values')
+    assert.is_true(out:equal(outc) and lse:equal(lsec))
+    local a = { fa.attention_backward(ge, q, ke, ve, out, lse, o) }
+    local b = { fa.attention_backward(c(ge), q, c(ke), c(ve), outc, lsec, o) }
+    for i = 1, 4 do assert.is_true(a[i]:equal(b[i]), 'gradient ' .. i) end
+  end)
+
+  it('takes a bias and a mask with stride-0 (expanded) dims, and sums grad_bias over them', function()
+    local q, k, v = fa.randn(2, 2, 3, 4, 'float64'), fa.randn(2, 2, 5, 4, 'float64'), fa.randn(2, 2, 5, 4, 'float64')
+    local b = fa.randn(1, 2, 1, 5, 'float64')
+    local be = b:expand(2, 2, 3, 5)
+    local gout = fa.randn(2, 2, 3, 4, 'float64')
+    local out, lse = fa.attention(q, k, v, { bias = b })
+    local out_e = fa.attention(q, k, v, { bias = be })
+    assert.is_true(out:equal(out_e))
+    local g = { fa.attention_backward(gout, q, k, v, out, lse, { bias = b }) }
+    local ge = { fa.attention_backward(gout, q, k, v, out, lse, { bias = be }) }
+    assert.are.same({ 2, 2, 3, 5 }, ge[4]:size())
+    H.assert_close(g[4], ge[4]:sum(1):sum(3), 1e-13, 1e-13, 'grad_bias summed over its broadcast dims')
+    -- a float32 grad_bias for float64 inputs is cast at the end
+    local g32 = select(4, fa.attention_backward(gout, q, k, v, out, lse, { bias = b, grad_bias = fa.empty(1, 2, 1, 5) }))
+    H.assert_close(g32:double(), g[4], 1e-6, 1e-7, 'float32 grad_bias')
+  end)
+end)
+
 describe('fa.triangle_attention', function()
   op.run(T_CASE)
+
+  it('equals fa.attention on the permuted views; out has the layout of q, lse is (B, H, N, N)', function()
+    local x = t_inputs({ 2, 3, 7, 4, mask = true, dead = true, proj = true })
+    x.q, x.k, x.v = layout(x, x.q), layout(x, x.k), layout(x, x.v)
+    local out, lse = fa.triangle_attention(x.q, x.k, x.v, x.bias, x.mask)
+    assert.are.same({ 2, 3, 7, 7, 4 }, out:size())
+    assert.are.same({ 2, 3, 7, 7 }, lse:size())
+    -- q is a view of a (B, N, N, H, D) buffer: so is out
+    assert.are.same(x.q:stride(), out:stride())
+    assert.are.same({ 7 * 7 * 3 * 4, 4, 7 * 3 * 4, 3 * 4, 1 }, out:stride())
+    local tr = function(t) return t:transpose(2, 3) end
+    local ref, rlse = fa.attention(tr(x.q), tr(x.k), tr(x.v), { bias = x.bias:unsqueeze(2),
+                                                                mask = x.mask:unsqueeze(3):unsqueeze(3) })
+    assert.is_true(tr(ref):equal(out))
+    assert.is_true(tr(rlse):equal(lse))
+    -- contiguous inputs: contiguous out, the same values
+    local c = function(t) return t:contiguous() end
+    local out_c = fa.triangle_attention(c(x.q), c(x.k), c(x.v), x.bias, x.mask)
+    assert.is_true(out_c:isContiguous())
+    assert.is_true(out_c:equal(out))
+    -- the mask as float, int32, int64 or bool: the same result
+    for _, dt in ipairs({ 'float32', 'int32', 'int64', 'bool' }) do
+      assert.is_true(fa.triangle_attention(x.q, x.k, x.v, x.bias, x.mask:to(dt)):equal(out), dt .. ' mask')
+    end
+    -- gradients in the layout of their inputs
+    local g = { fa.triangle_attention_backward(fa.randn(2, 3, 7, 7, 4, 'float64'), x.q, x.k, x.v, x.bias, x.mask, out, lse) }
+    assert.are.same(x.q:stride(), g[1]:stride())
+    assert.are.same({ 2, 3, 7, 7 }, g[4]:size())
+  end)
+
+  it("reproduces OpenFold's additive mask inf * (mask - 1) with opts.mask_scale", function()
+    local x = t_inputs({ 1, 2, 5, 4, mask = true })
+    local out = fa.triangle_attention(x.q, x.k, x.v, x.bias, x.mask, { mask_scale = 1e9 })
+    local ref = fa.triangle_attention(x.q, x.k, x.v, x.bias, x.mask)
+    H.assert_close(out, ref, 1e-6, 1e-7, 'additive vs select (no fully masked row)')
+  end)
+end)
+
+op.describe_gpu('fa.triangle_attention N = 4096', function()
+  it('runs the forward at N = 4096 (offsets past 2^31 elements) and matches a CPU float64 computation of rows', function()
+    fa.manualSeed(4096)
+    local B, Hh, N, D = 1, 4, 4096, 32 -- q, k, v of 2^31 elements each (8 GB), views of (B, N, N, H, D)
+    local function proj() return fa.randn(B, N, N, Hh, D, { dtype = 'float32', device = 'cuda' }):permute(1, 4, 2, 3, 5) end
+    local q, k, v = proj(), proj(), proj()
+    local bias = fa.randn(B, Hh, N, N, { dtype = 'float32', device = 'cuda' })
+    local mask = rand_mask({ B, N, N }, true):to('bool') -- row i = 1 fully masked
+    local out, lse = fa.triangle_attention(q, k, v, bias, mask:cuda())
+    for _, i in ipairs({ 1, 2, 2049, 4096 }) do
+      -- row i of the triangle op: fa.attention of q[:, :, i] against k[:, :, i], v[:, :, i], the bias, mask[:, i]
+      local row = function(t) return t:select(3, i):to('float64', 'cpu') end
+      local ref, rlse = fa.attention(row(q), row(k), row(v), { bias = bias:to('float64', 'cpu'),
+                                                               mask = mask:select(2, i):view(B, 1, 1, N) })
+      H.assert_near(out:select(3, i), ref, 2e-5, 'out, row i = ' .. i)
+      local l = lse:select(3, i):to('float64', 'cpu')
+      if i == 1 then
+        assert.is_true(l:equal(fa.full(l:size(), -math.huge, 'float64')), 'lse of the fully masked row')
+      else
+        H.assert_near(l, rlse, 1e-6, 'lse, row i = ' .. i)
+      end
+    end
+  end)
 end)
