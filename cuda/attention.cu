@@ -458,6 +458,208 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
   }
 }
 
+
+// ----------------------------------------------------------------------------------------------- MMA kernels
+// mma.sync family (sm_80+; 16-bit dtypes, D a multiple of 16 up to 128, 16-byte aligned rows). Forward: a CTA
+// of 4 warps takes 64 query rows of one (z, h) (16 per warp, Q fragments kept in registers for the whole key
+// loop), K and V tiles of 64 keys come through shared memory by cp.async (rows padded by 16 bytes: ldmatrix
+// conflict-free), S = Q K^T and O += P V on m16n8k16 tensor cores with float32 accumulators; the score
+// accumulators become P's A fragments in registers (FlashAttention-2's layout trick). Each thread holds two
+// rows (lane/4 and lane/4 + 8 of its warp's 16); row max / sum over the 4 lanes of a quad.
+constexpr int MBM = 64, MBN = 64;
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+// 16 bytes global -> shared, zero-filled when !ok
+__device__ __forceinline__ void cp16(void *dst, const void *src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// n rows of D 16-bit elements (row pitch rs elements in global, D + 8 in shared), rows >= valid zero-filled
+template <typename T, int D>
+__device__ __forceinline__ void cp_tile(T *dst, const T *src, int64_t rs, int n, int valid) {
+  constexpr int C = D / 8;  // 16-byte chunks per row
+  for (int e = threadIdx.x; e < n * C; e += THREADS) {
+    const int r = e / C, c = e - r * C;
+    cp16(dst + r * (D + 8) + c * 8, src + (int64_t)r * rs + c * 8, r < valid);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
+                                                          const T *v, const float *bias, const void *mask) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Qs = (T *)smraw, *Ks = Qs + MBM * PD, *Vs = Ks + MBN * PD;
+  float *mv = (float *)(Vs + MBN * PD);
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
+  const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
+  const int64_t z = zh / g.H, h = zh % g.H, hk = h / p.G;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, (int)min((int64_t)MBM, g.Lq - row0));
+  cp_commit();
+  cp_wait_all();
+  __syncthreads();
+  uint32_t qf[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+
+  int64_t ri[2];
+  bool rv[2];
+  const float *brow[2];
+  const void *mrow[2];
+  float m[2], l[2], o[OT][4];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    ri[u] = row0 + w * 16 + gi + 8 * u;
+    rv[u] = ri[u] < g.Lq;
+    brow[u] = g.has_bias && rv[u] ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+    mrow[u] = g.mask_mode == 1 && rv[u]   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+              : g.mask_mode == 2 && rv[u] ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                          : nullptr;
+    m[u] = -INFINITY;
+    l[u] = 0.f;
+  }
+#pragma unroll
+  for (int t = 0; t < OT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+
+  for (int64_t j0 = 0; j0 < g.Lk; j0 += MBN) {
+    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+    __syncthreads();
+    cp_tile<T, D>(Ks, kb + j0 * g.k.r, g.k.r, MBN, nk);
+    cp_tile<T, D>(Vs, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    cp_commit();
+    cp_wait_all();
+    __syncthreads();
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bf[4];
+        ldsm_x4(bf, Ks + (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>::mma(s[2 * n2], qf[kk], bf[0], bf[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf[kk], bf[2], bf[3]);
+      }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        const float x = rv[u] && j < g.Lk ? logit2(p, s[n][e], brow[u], mrow[u], j) : -INFINITY;
+        s[n][e] = x;
+        mx[u] = fmaxf(mx[u], x);
+      }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(FULL, mx[u], 1));
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(FULL, mx[u], 2));
+      const float a = fa_attn_rescale(m[u], mx[u]);
+      l[u] *= a;
+#pragma unroll
+      for (int t = 0; t < OT; t++) {
+        o[t][2 * u] *= a;
+        o[t][2 * u + 1] *= a;
+      }
+    }
+    uint32_t pa[MBN / 16][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float pe[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        float x = fa_attn_exp(s[n][e], m[u]);
+        l[u] += x;
+        if (p.pdrop > 0.f && x > 0.f) x *= drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j0 + n * 8 + 2 * ti + (e & 1));
+        pe[e] = x;
+      }
+      pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+      pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; kk++)
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; d2++) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, Vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
+        Mma<T>::mma(o[2 * d2], pa[kk], bf[0], bf[1]);
+        Mma<T>::mma(o[2 * d2 + 1], pa[kk], bf[2], bf[3]);
+      }
+  }
+  bool lost = false;
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    l[u] += __shfl_xor_sync(FULL, l[u], 1);
+    l[u] += __shfl_xor_sync(FULL, l[u], 2);
+    lost |= rv[u] && !(l[u] > 0.f);
+  }
+  if (__syncthreads_or(lost)) {  // rows with every key left out: mean V of this (z, kv head)
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+      float t = 0.f;
+      for (int64_t j = 0; j < g.Lk; j++) t += fa_to_f<T>(vb[j * g.v.r + d]);
+      mv[d] = t * p.invLk;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (!rv[u]) continue;
+    T *orow = out + fa_attn_off(g.o, b, h, ri[u]);
+    const bool ok = l[u] > 0.f;
+    const float inv = ok ? 1.f / l[u] : 0.f;
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      const float x0 = ok ? o[t][2 * u] * inv : mv[d], x1 = ok ? o[t][2 * u + 1] * inv : mv[d + 1];
+      orow[d] = fa_from_f<T>(x0);
+      orow[d + 1] = fa_from_f<T>(x1);
+    }
+    if (ti == 0) lse[fa_attn_off(g.lse, b, h, ri[u])] = fa_attn_lse(m[u], l[u]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 enum Family { SIMT = FA_ATTN_KERNEL_SIMT, MMA = FA_ATTN_KERNEL_MMA, WGMMA = FA_ATTN_KERNEL_WGMMA };
 
@@ -466,7 +668,22 @@ struct Plan {
   int family, dt;
 };
 
-static int plan(const char *fn, Plan &pl, const fa_attn_geom *g) {
+// the mma.sync family serves 16-bit dtypes with D a multiple of 16 up to 128 whose q, k, v rows start on 16
+// bytes (cp.async): NULL when it can, else what is missing
+static const char *mma_gap(const fa_attn_geom *g, const void *const *ptrs) {
+  if (g->dtype != FA_BFLOAT16 && g->dtype != FA_FLOAT16) return "bfloat16 or float16 inputs";
+  if (g->D % 16 || g->D == 0 || g->D > 128) return "a head size (last dim) that is a multiple of 16 up to 128";
+  const fa_attn_strides *ss[3] = {&g->q, &g->k, &g->v};
+  for (int t = 0; t < 3; t++) {
+    if (!fa_cu_aligned16(ptrs[t])) return "q, k and v aligned to 16 bytes";
+    bool ok = ss[t]->h % 8 == 0 && ss[t]->r % 8 == 0;
+    for (int d = 0; d < g->nb; d++) ok = ok && ss[t]->b[d] % 8 == 0;
+    if (!ok) return "q, k and v strides that are multiples of 8 elements";
+  }
+  return nullptr;
+}
+
+static int plan(const char *fn, Plan &pl, const fa_attn_geom *g, bool backward, const void *const *ptrs) {
   Params &p = pl.p;
   memset(&p, 0, sizeof p);
   p.g = *g;
@@ -481,15 +698,22 @@ static int plan(const char *fn, Plan &pl, const fa_attn_geom *g) {
   p.invLk = g->Lk > 0 ? (float)(1.0 / (double)g->Lk) : 0.f;
   p.ld = (int)(g->D | 1);
   pl.dt = g->D <= 32 ? 1 : g->D <= 64 ? 2 : g->D <= 128 ? 4 : 8;
+  const char *gap = mma_gap(g, ptrs);
   switch (g->kernel) {
-    case FA_ATTN_KERNEL_AUTO:
+    case FA_ATTN_KERNEL_AUTO: pl.family = !backward && !gap ? MMA : SIMT; break;
     case FA_ATTN_KERNEL_SIMT: pl.family = SIMT; break;
     case FA_ATTN_KERNEL_MMA:
-      return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': the mma.sync kernel family (kernel = %d) is not in this build", fn,
-                      g->kernel);
+      if (backward)
+        return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': kernel %d (mma.sync) has no backward in this build; use the SIMT family (1) or the planner (0)",
+                        fn, g->kernel);
+      if (gap)
+        return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': kernel %d (mma.sync) needs %s (got %s, D = %lld)", fn,
+                        g->kernel, gap, fa_dtype_name(g->dtype), (long long)g->D);
+      pl.family = MMA;
+      break;
     case FA_ATTN_KERNEL_WGMMA:
-      return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': the wgmma kernel family (kernel = %d) is not in this build", fn,
-                      g->kernel);
+      return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': kernel %d (wgmma) is not in this build; use the mma.sync (2) or SIMT (1) family",
+                      fn, g->kernel);
     default:
       return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': unknown kernel family %d", fn, g->kernel);
   }
@@ -545,10 +769,27 @@ static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, cons
                      const void *mask) {
   static const char *fn = "fa_attention_forward";
   Plan pl;
-  int rc = plan(fn, pl, g);
+  const void *ptrs[3] = {q, k, v};
+  int rc = plan(fn, pl, g, false, ptrs);
   if (rc) return rc;
   if (g->Z == 0 || g->H == 0 || g->Lq == 0) return 0;
   const Params &p = pl.p;
+  if constexpr (sizeof(T) == 2) {
+   if (pl.family == MMA) {
+    const int64_t mblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
+    const size_t msmem = (size_t)(MBM + 2 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float);
+    switch (g->D) {
+      case 16: return launch(fn, g->device, mma_fwd_kernel<T, 16>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 32: return launch(fn, g->device, mma_fwd_kernel<T, 32>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 48: return launch(fn, g->device, mma_fwd_kernel<T, 48>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 64: return launch(fn, g->device, mma_fwd_kernel<T, 64>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 80: return launch(fn, g->device, mma_fwd_kernel<T, 80>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 96: return launch(fn, g->device, mma_fwd_kernel<T, 96>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 112: return launch(fn, g->device, mma_fwd_kernel<T, 112>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      default: return launch(fn, g->device, mma_fwd_kernel<T, 128>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+    }
+   }
+  }
   const int64_t blocks = g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS);
   const size_t smem = (size_t)(2 * BN * p.ld + ROWS * g->D) * sizeof(float);
   ATTN_DT_SWITCH(pl.dt, return launch(fn, g->device, rows_kernel<T, DT_, false>, blocks, smem, p, out, lse, q, k, v,
@@ -560,7 +801,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
                       const T *v, const T *o, const float *lse, const float *bias, const void *mask) {
   static const char *fn = "fa_attention_backward";
   Plan pl;
-  int rc = plan(fn, pl, g);
+  const void *ptrs[3] = {q, k, v};
+  int rc = plan(fn, pl, g, true, ptrs);
   if (rc) return rc;
   if (!g->has_bias) gbias = nullptr;
   if (g->Z == 0 || g->H == 0) return 0;
