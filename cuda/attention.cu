@@ -660,6 +660,217 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   }
 }
 
+
+// Backward, key-tile major: a CTA owns 64 keys of one (z, kv head) (16 per warp) and loops over the G query
+// heads and the query rows in tiles of BQ. Per tile each warp forms S^T = K Q^T and dP^T = V dO^T for its 16
+// keys (K, V fragments by ldmatrix, Q and dO as the col-major B operand), P^T = exp2(S^T - lse) and
+// dS^T = P^T (dP^T - delta) in registers, and accumulates dV += P^T dO and dK += dS^T Q in registers (the
+// accumulator layout is the next A operand): dK, dV written once, no atomics. dQ (when dq != NULL) comes from
+// dS^T staged in shared memory: dQ_tile = dS K on the tensor cores, added into a float32 scratch (one atomic
+// per element and key tile). dBias (when gbias != NULL) adds dS from a float32 copy of the tile, summed over
+// the tile's rows first when the bias is shared by every row. The deterministic mode passes dq = gbias = NULL
+// and takes those two from the SIMT kernels.
+template <typename T, int D, int BQ>
+__global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv, float *dq, float *gbias, const T *q,
+                                                          const T *k, const T *v, const float *bias, const void *mask,
+                                                          const T *go, const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PQ = BQ + 8, PF = BQ + 1;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD, *St = Os + BQ * PD;
+  float *Sf = (float *)(St + 64 * PQ), *Ls = Sf + 64 * PF, *Dls = Ls + BQ;
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lk + 63) / 64;
+  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * 64;
+  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nk = (int)min((int64_t)64, g.Lk - j0);
+  cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 64, nk);
+  cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 64, nk);
+  cp_commit();
+  int64_t kj[2];
+  bool kv[2];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    kj[u] = j0 + w * 16 + gi + 8 * u;
+    kv[u] = kj[u] < g.Lk;
+  }
+  float dk[OT][4], dv[OT][4];
+#pragma unroll
+  for (int t = 0; t < OT; t++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dk[t][e] = dv[t][e] = 0.f;
+
+  for (int64_t gh = 0; gh < p.G; gh++) {
+    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
+    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+    const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
+    const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
+    const float *mbf = g.mask_mode == 2 ? (const float *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
+    for (int64_t i0 = 0; i0 < g.Lq; i0 += BQ) {
+      const int nr = (int)min((int64_t)BQ, g.Lq - i0);
+      __syncthreads();
+      cp_tile<T, D>(Qs, qb + i0 * g.q.r, g.q.r, BQ, nr);
+      cp_tile<T, D>(Os, ob + i0 * g.go.r, g.go.r, BQ, nr);
+      cp_commit();
+      for (int t = threadIdx.x; t < BQ; t += THREADS) {  // +inf marks rows past Lq (P = 0), -inf lost rows
+        Ls[t] = t < nr ? lse[fa_attn_off(g.lse, b, h, i0 + t)] * FA_ATTN_LOG2E : INFINITY;
+        Dls[t] = t < nr ? delta[zh * g.Lq + i0 + t] : 0.f;
+      }
+      cp_wait_all();
+      __syncthreads();
+      float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+      for (int n = 0; n < NQ; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KD; kk++) {
+        uint32_t kf[4], vf[4];
+        ldsm_x4(kf, Ks + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(vf, Vs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int n2 = 0; n2 < NQ / 2; n2++) {
+          uint32_t bq[4], bo[4];
+          const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4(bq, Qs + o);
+          ldsm_x4(bo, Os + o);
+          Mma<T>::mma(st[2 * n2], kf, bq[0], bq[1]);
+          Mma<T>::mma(st[2 * n2 + 1], kf, bq[2], bq[3]);
+          Mma<T>::mma(dpt[2 * n2], vf, bo[0], bo[1]);
+          Mma<T>::mma(dpt[2 * n2 + 1], vf, bo[2], bo[3]);
+        }
+      }
+      uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+#pragma unroll
+      for (int n = 0; n < NQ; n++) {
+        float pe[4], de[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int u = e >> 1, il = n * 8 + 2 * ti + (e & 1);
+          const int64_t j = kj[u], i = i0 + il;
+          const float L2 = Ls[il];
+          float pv = 0.f, ds = 0.f;
+          if (kv[u] && L2 != INFINITY) {
+            if (L2 == -INFINITY) {
+              pv = p.invLk;
+            } else {
+              float x = st[n][e] * p.scale2;
+              if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
+              if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
+              if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              if (x != -INFINITY) {
+                const float ex = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+                pv = ex * f;
+                ds = ex * (dpt[n][e] * f - Dls[il]);
+              }
+            }
+          }
+          pe[e] = pv;
+          de[e] = ds;
+          if (dq || gbias) {
+            const int kl = w * 16 + gi + 8 * u;
+            St[kl * PQ + il] = fa_from_f<T>(ds);
+            Sf[kl * PF + il] = ds;
+          }
+        }
+        pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+        pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+        da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+        da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+      }
+#pragma unroll
+      for (int kq = 0; kq < BQ / 16; kq++)
+#pragma unroll
+        for (int d2 = 0; d2 < D / 16; d2++) {
+          uint32_t bo[4], bq[4];
+          const int o = (kq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8;
+          ldsm_x4_t(bo, Os + o);
+          ldsm_x4_t(bq, Qs + o);
+          Mma<T>::mma(dv[2 * d2], pa[kq], bo[0], bo[1]);
+          Mma<T>::mma(dv[2 * d2 + 1], pa[kq], bo[2], bo[3]);
+          Mma<T>::mma(dk[2 * d2], da[kq], bq[0], bq[1]);
+          Mma<T>::mma(dk[2 * d2 + 1], da[kq], bq[2], bq[3]);
+        }
+      if (dq || gbias) __syncthreads();
+      if (dq && w < BQ / 16) {  // dQ of the tile's rows w*16 .. w*16+15 over this CTA's 64 keys
+        float acc[OT][4];
+#pragma unroll
+        for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+        for (int kb = 0; kb < 4; kb++) {
+          uint32_t a[4];
+          ldsm_x4_t(a, St + (kb * 16 + (lane & 7) + (lane >> 4) * 8) * PQ + w * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int d2 = 0; d2 < D / 16; d2++) {
+            uint32_t bk[4];
+            ldsm_x4_t(bk, Ks + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
+            Mma<T>::mma(acc[2 * d2], a, bk[0], bk[1]);
+            Mma<T>::mma(acc[2 * d2 + 1], a, bk[2], bk[3]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const int il = w * 16 + gi + 8 * u;
+          if (il >= nr) continue;
+          float *dr = dq + (zh * g.Lq + i0 + il) * g.D;
+#pragma unroll
+          for (int t = 0; t < OT; t++) {
+            atomicAdd(dr + t * 8 + 2 * ti, acc[t][2 * u]);
+            atomicAdd(dr + t * 8 + 2 * ti + 1, acc[t][2 * u + 1]);
+          }
+        }
+      }
+      if (gbias) {
+        float *gb = gbias + fa_attn_off(g.gbias, b, h, 0);
+        if (g.gbias.r == 0) {  // shared by every row: the tile's rows first
+          for (int jl = threadIdx.x; jl < nk; jl += THREADS) {
+            float t = 0.f;
+            for (int il = 0; il < nr; il++) t += Sf[jl * PF + il];
+            atomicAdd(gb + (j0 + jl) * g.gbias.c, t);
+          }
+        } else {
+          for (int e = threadIdx.x; e < nr * 64; e += THREADS) {
+            const int il = e >> 6, jl = e & 63;
+            if (jl < nk) atomicAdd(gb + (i0 + il) * g.gbias.r + (j0 + jl) * g.gbias.c, Sf[jl * PF + il]);
+          }
+        }
+      }
+    }
+  }
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (!kv[u]) continue;
+    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, kj[u]) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, kj[u]) : nullptr;
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      if (kr) {
+        kr[d] = fa_from_f<T>(dk[t][2 * u] * sc);
+        kr[d + 1] = fa_from_f<T>(dk[t][2 * u + 1] * sc);
+      }
+      if (vr) {
+        vr[d] = fa_from_f<T>(dv[t][2 * u]);
+        vr[d + 1] = fa_from_f<T>(dv[t][2 * u + 1]);
+      }
+    }
+  }
+}
+
+// grad_q = scale * the float32 dQ scratch ((z*H + h)*Lq + i, d), into grad_q's strides
+template <typename T>
+__global__ void __launch_bounds__(THREADS) dq_cast_kernel(Params p, T *gq, const float *dq) {
+  const fa_attn_geom &g = p.g;
+  const int64_t n = g.Z * g.H * g.Lq * g.D;
+  const float sc = (float)g.scale;
+  for (int64_t e = (int64_t)blockIdx.x * THREADS + threadIdx.x; e < n; e += (int64_t)gridDim.x * THREADS) {
+    const int64_t d = e % g.D, r = e / g.D, i = r % g.Lq, zh = r / g.Lq;
+    const FaAttnBatch b = fa_attn_batch(g, zh / g.H);
+    gq[fa_attn_off(g.gq, b, zh % g.H, i) + d] = fa_from_f<T>(dq[e] * sc);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 enum Family { SIMT = FA_ATTN_KERNEL_SIMT, MMA = FA_ATTN_KERNEL_MMA, WGMMA = FA_ATTN_KERNEL_WGMMA };
 
@@ -700,12 +911,9 @@ static int plan(const char *fn, Plan &pl, const fa_attn_geom *g, bool backward, 
   pl.dt = g->D <= 32 ? 1 : g->D <= 64 ? 2 : g->D <= 128 ? 4 : 8;
   const char *gap = mma_gap(g, ptrs);
   switch (g->kernel) {
-    case FA_ATTN_KERNEL_AUTO: pl.family = !backward && !gap ? MMA : SIMT; break;
+    case FA_ATTN_KERNEL_AUTO: pl.family = gap ? SIMT : MMA; break;
     case FA_ATTN_KERNEL_SIMT: pl.family = SIMT; break;
     case FA_ATTN_KERNEL_MMA:
-      if (backward)
-        return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': kernel %d (mma.sync) has no backward in this build; use the SIMT family (1) or the planner (0)",
-                        fn, g->kernel);
       if (gap)
         return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'opts': kernel %d (mma.sync) needs %s (got %s, D = %lld)", fn,
                         g->kernel, gap, fa_dtype_name(g->dtype), (long long)g->D);
@@ -817,6 +1025,42 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       return rc;
   }
   const int64_t D = g->D;
+  if constexpr (sizeof(T) == 2) {
+    if (pl.family == MMA) {
+      const bool det = g->deterministic;
+      float *dq32 = nullptr;
+      if (gq && !det && rows > 0) {
+        if (!(dq32 = (float *)tmp.get(rows * D * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
+        if ((rc = fa_cu_check(cudaMemsetAsync(dq32, 0, rows * D * sizeof(float), fa_cu_stream(dev)), fn))) return rc;
+      }
+      float *gba = det ? nullptr : gbias;
+      const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
+      if (gk || gv || dq32 || gba) {
+#define ATTN_MMA_BWD(DD, BQ)                                                                                            \
+  launch(fn, dev, mma_bwd_kernel<T, DD, BQ>, kblocks,                                                                   \
+         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)64 * (BQ + 8) * sizeof(T) +                         \
+             (size_t)(64 * (BQ + 1) + 2 * BQ) * sizeof(float),                                                          \
+         p, gk, gv, dq32, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_BWD(16, 64); break;
+          case 32: rc = ATTN_MMA_BWD(32, 64); break;
+          case 48: rc = ATTN_MMA_BWD(48, 64); break;
+          case 64: rc = ATTN_MMA_BWD(64, 64); break;
+          case 80: rc = ATTN_MMA_BWD(80, 32); break;
+          case 96: rc = ATTN_MMA_BWD(96, 32); break;
+          case 112: rc = ATTN_MMA_BWD(112, 16); break;
+          default: rc = ATTN_MMA_BWD(128, 16); break;
+        }
+#undef ATTN_MMA_BWD
+        if (rc) return rc;
+      }
+      if (dq32 && (rc = launch(fn, dev, dq_cast_kernel<T>, (int64_t)fa_cu_blocks(rows * D, THREADS, dev), 0, p, gq,
+                               (const float *)dq32)))
+        return rc;
+      if (!det) return 0;
+      gk = gv = nullptr;  // done; the SIMT kernels below give dQ and dBias without atomics
+    }
+  }
   ATTN_DT_SWITCH(pl.dt, {
     if (gq && (rc = launch(fn, dev, rows_kernel<T, DT_, true>, g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS),
                            (size_t)(2 * BN * p.ld + 2 * ROWS * D) * sizeof(float), p, gq, (float *)nullptr, q, k, v,
