@@ -10,8 +10,8 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
                                                           const T *v, const float *bias, const void *mask) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
   extern __shared__ __align__(16) unsigned char smraw[];
-  T *Qs = (T *)smraw, *Ks = Qs + MBM * PD, *Vs = Ks + MBN * PD;
-  float *mv = (float *)(Vs + MBN * PD);
+  T *Qs = (T *)smraw, *KV = Qs + MBM * PD;  // K/V tiles double-buffered: K0 V0 K1 V1
+  float *mv = (float *)(KV + 4 * MBN * PD);
   const fa_attn_geom &g = p.g;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
@@ -20,12 +20,23 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   const FaAttnBatch b = fa_attn_batch(g, z);
   cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, (int)min((int64_t)MBM, g.Lq - row0));
   cp_commit();
-  cp_wait_all();
+  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
+    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    cp_commit();
+  };
+  if (g.Lk > 0) {
+    fetch(0, 0);
+    cp_wait_group<1>();  // Q has landed
+  } else {
+    cp_wait_all();
+  }
   __syncthreads();
   uint32_t qf[KD][4];
 #pragma unroll
   for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
-  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
 
   int64_t ri[2];
   bool rv[2];
@@ -46,13 +57,14 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
 #pragma unroll
   for (int t = 0; t < OT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
 
-  for (int64_t j0 = 0; j0 < g.Lk; j0 += MBN) {
-    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
-    __syncthreads();
-    cp_tile<T, D>(Ks, kb + j0 * g.k.r, g.k.r, MBN, nk);
-    cp_tile<T, D>(Vs, vb + j0 * g.v.r, g.v.r, MBN, nk);
-    cp_commit();
-    cp_wait_all();
+  for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
+    const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
+    if (j0 + MBN < g.Lk) {  // the next tile streams in while this one is used
+      fetch(j0 + MBN, (int)(it & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
     __syncthreads();
     float s[NT][4];
 #pragma unroll
@@ -113,6 +125,7 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
         Mma<T>::mma(o[2 * d2], pa[kk], bf[0], bf[1]);
         Mma<T>::mma(o[2 * d2 + 1], pa[kk], bf[2], bf[3]);
       }
+    __syncthreads();  // before the next fetch overwrites this tile's buffer
   }
   bool lost = false;
 #pragma unroll
@@ -159,7 +172,7 @@ static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, cons
   if constexpr (sizeof(T) == 2) {
    if (pl.family == MMA) {
     const int64_t mblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
-    const size_t msmem = (size_t)(MBM + 2 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float);
+    const size_t msmem = (size_t)(MBM + 4 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float);
     switch (g->D) {
       case 16: return launch(fn, g->device, mma_fwd_kernel<T, 16>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
       case 32: return launch(fn, g->device, mma_fwd_kernel<T, 32>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);

@@ -327,6 +327,7 @@ __device__ __forceinline__ void cp16(void *dst, const void *src, bool ok) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // n rows of D 16-bit elements (row pitch rs elements in global, D + 8 in shared), rows >= valid zero-filled
 template <typename T, int D>
