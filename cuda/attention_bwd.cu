@@ -1,7 +1,7 @@
 // attention_bwd.cu: the attention core's backward on the GPU (fa_cu_attention_backward): delta pre-pass, then
 // the SIMT kernels (rows_kernel<BWD> for dQ, dkdv_kernel, dbias_kernel; deterministic in every mode) or the
-// mma.sync kernel (dK/dV in registers, dQ and dBias by float32 atomics; in deterministic mode dQ and dBias from
-// the SIMT kernels), as the planner (cuda/attn.cuh) says.
+// mma.sync kernels (mma_bwd_kernel: dK/dV in registers, dBias by float32 atomics; mma_dq_kernel: dQ
+// query-major; in deterministic mode dBias from the SIMT kernel), as the planner (cuda/attn.cuh) says.
 #include "dense.cuh"
 #include "attn.cuh"
 
@@ -262,19 +262,17 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
 // heads and the query rows in tiles of BQ. Per tile each warp forms S^T = K Q^T and dP^T = V dO^T for its 16
 // keys (K, V fragments by ldmatrix, Q and dO as the col-major B operand), P^T = exp2(S^T - lse) and
 // dS^T = P^T (dP^T - delta) in registers, and accumulates dV += P^T dO and dK += dS^T Q in registers (the
-// accumulator layout is the next A operand): dK, dV written once, no atomics. dQ (when dq != NULL) comes from
-// dS^T staged in shared memory: dQ_tile = dS K on the tensor cores, added into a float32 scratch (one atomic
-// per element and key tile). dBias (when gbias != NULL) adds dS from a float32 copy of the tile, summed over
-// the tile's rows first when the bias is shared by every row. The deterministic mode passes dq = gbias = NULL
-// and takes those two from the SIMT kernels.
+// accumulator layout is the next A operand): dK, dV written once, no atomics. dBias (gbias != NULL, the
+// non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
+// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
 template <typename T, int D, int BQ>
-__global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv, float *dq, float *gbias, const T *q,
+__global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, const float *lse, const float *delta) {
-  constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PQ = BQ + 8, PF = BQ + 1;
+  constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
   extern __shared__ __align__(16) unsigned char smraw[];
-  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD, *St = Os + BQ * PD;
-  float *Sf = (float *)(St + 64 * PQ), *Ls = Sf + 64 * PF, *Dls = Ls + BQ;
+  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD;
+  float *Ls = (float *)(Os + BQ * PD), *Dls = Ls + BQ, *Sf = Dls + BQ;
   const fa_attn_geom &g = p.g;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lk + 63) / 64;
@@ -365,11 +363,7 @@ __global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv
           }
           pe[e] = pv;
           de[e] = ds;
-          if (dq || gbias) {
-            const int kl = w * 16 + gi + 8 * u;
-            St[kl * PQ + il] = fa_from_f<T>(ds);
-            Sf[kl * PF + il] = ds;
-          }
+          if (gbias) Sf[(w * 16 + gi + 8 * u) * PF + il] = ds;
         }
         pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
         pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
@@ -389,36 +383,8 @@ __global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv
           Mma<T>::mma(dk[2 * d2], da[kq], bq[0], bq[1]);
           Mma<T>::mma(dk[2 * d2 + 1], da[kq], bq[2], bq[3]);
         }
-      if (dq || gbias) __syncthreads();
-      if (dq && w < BQ / 16) {  // dQ of the tile's rows w*16 .. w*16+15 over this CTA's 64 keys
-        float acc[OT][4];
-#pragma unroll
-        for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-#pragma unroll
-        for (int kb = 0; kb < 4; kb++) {
-          uint32_t a[4];
-          ldsm_x4_t(a, St + (kb * 16 + (lane & 7) + (lane >> 4) * 8) * PQ + w * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-          for (int d2 = 0; d2 < D / 16; d2++) {
-            uint32_t bk[4];
-            ldsm_x4_t(bk, Ks + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
-            Mma<T>::mma(acc[2 * d2], a, bk[0], bk[1]);
-            Mma<T>::mma(acc[2 * d2 + 1], a, bk[2], bk[3]);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-          const int il = w * 16 + gi + 8 * u;
-          if (il >= nr) continue;
-          float *dr = dq + (zh * g.Lq + i0 + il) * g.D;
-#pragma unroll
-          for (int t = 0; t < OT; t++) {
-            atomicAdd(dr + t * 8 + 2 * ti, acc[t][2 * u]);
-            atomicAdd(dr + t * 8 + 2 * ti + 1, acc[t][2 * u + 1]);
-          }
-        }
-      }
       if (gbias) {
+        __syncthreads();
         float *gb = gbias + fa_attn_off(g.gbias, b, h, 0);
         if (g.gbias.r == 0) {  // shared by every row: the tile's rows first
           for (int jl = threadIdx.x; jl < nk; jl += THREADS) {
@@ -456,16 +422,137 @@ __global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv
   }
 }
 
-// grad_q = scale * the float32 dQ scratch ((z*H + h)*Lq + i, d), into grad_q's strides
-template <typename T>
-__global__ void __launch_bounds__(THREADS) dq_cast_kernel(Params p, T *gq, const float *dq) {
+// dQ on the tensor cores, query-major (no atomics, deterministic): a CTA takes 64 query rows of one (z, h) as
+// the forward does (Q and dO fragments in registers, K/V tiles double-buffered by cp.async) and per key tile
+// recomputes S = Q K^T and dP = dO V^T, forms dS = P (dP - delta) in registers and adds dS K (K as the
+// row-major B operand through ldmatrix.trans): dQ written once.
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
+                                                         const float *bias, const void *mask, const T *go,
+                                                         const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Qs = (T *)smraw, *Os = Qs + MBM * PD, *KV = Os + MBM * PD;  // K/V double-buffered: K0 V0 K1 V1
   const fa_attn_geom &g = p.g;
-  const int64_t n = g.Z * g.H * g.Lq * g.D;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
+  const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
+  const int64_t z = zh / g.H, h = zh % g.H, hk = h / p.G;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nrow = (int)min((int64_t)MBM, g.Lq - row0);
+  cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, nrow);
+  cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, row0), g.go.r, MBM, nrow);
+  cp_commit();
+  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  auto fetch = [&](int64_t j0, int buf) {
+    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    cp_commit();
+  };
+  if (g.Lk > 0) {
+    fetch(0, 0);
+    cp_wait_group<1>();
+  } else {
+    cp_wait_all();
+  }
+  __syncthreads();
+  uint32_t qf[KD][4], of[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; kk++) {
+    ldsm_x4(qf[kk], Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+    ldsm_x4(of[kk], Os + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+  }
+  int64_t ri[2];
+  bool live[2];  // a row inside Lq with at least one key kept (lse > -inf)
+  const float *brow[2];
+  const void *mrow[2];
+  float L2[2], dl[2], acc[OT][4];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    ri[u] = row0 + w * 16 + gi + 8 * u;
+    const bool rv = ri[u] < g.Lq;
+    L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+    live[u] = rv && L2[u] != -INFINITY;
+    dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+    brow[u] = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+    mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+              : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                       : nullptr;
+  }
+#pragma unroll
+  for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+  for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
+    const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
+    if (j0 + MBN < g.Lk) {
+      fetch(j0 + MBN, (int)(it & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bk[4], bv[4];
+        const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bk, Ks + o);
+        ldsm_x4(bv, Vs + o);
+        Mma<T>::mma(s[2 * n2], qf[kk], bk[0], bk[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf[kk], bk[2], bk[3]);
+        Mma<T>::mma(dp[2 * n2], of[kk], bv[0], bv[1]);
+        Mma<T>::mma(dp[2 * n2 + 1], of[kk], bv[2], bv[3]);
+      }
+    uint32_t da[MBN / 16][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float de[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        float ds = 0.f;
+        if (live[u] && j < g.Lk) {
+          const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          if (x != -INFINITY) {
+            const float ex = exp2f(x - L2[u]);
+            ds = ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
+          }
+        }
+        de[e] = ds;
+      }
+      da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+      da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; kk++)
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; d2++) {
+        uint32_t bk[4];
+        ldsm_x4_t(bk, Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
+        Mma<T>::mma(acc[2 * d2], da[kk], bk[0], bk[1]);
+        Mma<T>::mma(acc[2 * d2 + 1], da[kk], bk[2], bk[3]);
+      }
+    __syncthreads();
+  }
   const float sc = (float)g.scale;
-  for (int64_t e = (int64_t)blockIdx.x * THREADS + threadIdx.x; e < n; e += (int64_t)gridDim.x * THREADS) {
-    const int64_t d = e % g.D, r = e / g.D, i = r % g.Lq, zh = r / g.Lq;
-    const FaAttnBatch b = fa_attn_batch(g, zh / g.H);
-    gq[fa_attn_off(g.gq, b, zh % g.H, i) + d] = fa_from_f<T>(dq[e] * sc);
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (ri[u] >= g.Lq) continue;
+    T *row = gq + fa_attn_off(g.gq, b, h, ri[u]);
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      row[d] = fa_from_f<T>(acc[t][2 * u] * sc);
+      row[d + 1] = fa_from_f<T>(acc[t][2 * u + 1] * sc);
+    }
   }
 }
 
@@ -492,20 +579,14 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
   const int64_t D = g->D;
   if constexpr (sizeof(T) == 2) {
     if (pl.family == MMA) {
-      const bool det = g->deterministic;
-      float *dq32 = nullptr;
-      if (gq && !det && rows > 0) {
-        if (!(dq32 = (float *)tmp.get(rows * D * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
-        if ((rc = fa_cu_check(cudaMemsetAsync(dq32, 0, rows * D * sizeof(float), fa_cu_stream(dev)), fn))) return rc;
-      }
-      float *gba = det ? nullptr : gbias;
+      // dBias by atomics from the key-major kernel, or (deterministic) from the SIMT fixed-order kernel
+      float *gba = g->deterministic ? nullptr : gbias;
       const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
-      if (gk || gv || dq32 || gba) {
+      if (gk || gv || gba) {
 #define ATTN_MMA_BWD(DD, BQ)                                                                                            \
   launch(fn, dev, mma_bwd_kernel<T, DD, BQ>, kblocks,                                                                   \
-         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)64 * (BQ + 8) * sizeof(T) +                         \
-             (size_t)(64 * (BQ + 1) + 2 * BQ) * sizeof(float),                                                          \
-         p, gk, gv, dq32, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
+         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float), \
+         p, gk, gv, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
         switch (D) {
           case 16: rc = ATTN_MMA_BWD(16, 64); break;
           case 32: rc = ATTN_MMA_BWD(32, 64); break;
@@ -519,11 +600,26 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
 #undef ATTN_MMA_BWD
         if (rc) return rc;
       }
-      if (dq32 && (rc = launch(fn, dev, dq_cast_kernel<T>, (int64_t)fa_cu_blocks(rows * D, THREADS, dev), 0, p, gq,
-                               (const float *)dq32)))
-        return rc;
-      if (!det) return 0;
-      gk = gv = nullptr;  // done; the SIMT kernels below give dQ and dBias without atomics
+      if (gq) {
+        const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
+#define ATTN_MMA_DQ(DD)                                                                                                 \
+  launch(fn, dev, mma_dq_kernel<T, DD>, qblocks, (size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T), p, gq, q, k, v,  \
+         bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_DQ(16); break;
+          case 32: rc = ATTN_MMA_DQ(32); break;
+          case 48: rc = ATTN_MMA_DQ(48); break;
+          case 64: rc = ATTN_MMA_DQ(64); break;
+          case 80: rc = ATTN_MMA_DQ(80); break;
+          case 96: rc = ATTN_MMA_DQ(96); break;
+          case 112: rc = ATTN_MMA_DQ(112); break;
+          default: rc = ATTN_MMA_DQ(128); break;
+        }
+#undef ATTN_MMA_DQ
+        if (rc) return rc;
+      }
+      if (gba || !gbias) return 0;
+      gq = gk = gv = nullptr;  // done; the SIMT kernel below gives dBias without atomics
     }
   }
   ATTN_DT_SWITCH(pl.dt, {
