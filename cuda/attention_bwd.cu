@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
 // non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
 // rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
 template <typename T, int D, int BQ>
-__global__ void __launch_bounds__(THREADS) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
+__global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, const float *lse, const float *delta) {
   constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
