@@ -1,7 +1,7 @@
 // attention_bwd.cu: the attention core's backward on the GPU (fa_cu_attention_backward): delta pre-pass, then
 // the SIMT kernels (rows_kernel<BWD> for dQ, dkdv_kernel, dbias_kernel; deterministic in every mode) or the
-// mma.sync kernels (mma_bwd_kernel: dK/dV in registers, dBias by float32 atomics; mma_dq_kernel: dQ
-// query-major; in deterministic mode dBias from the SIMT kernel), as the planner (cuda/attn.cuh) says.
+// mma.sync kernels (mma_bwd_kernel: dK/dV; mma_dq_kernel: dQ; mma_dbias_kernel: dBias of a bias over every
+// (row, key); see cuda/attn.cuh), as the planner says.
 #include "dense.cuh"
 #include "attn.cuh"
 
@@ -556,6 +556,144 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   }
 }
 
+// dBias on the tensor cores when the bias spans every (row, key) (no broadcast over rows or keys; the
+// triangle's bias is shared by the batch rows i): a CTA owns a 64 x 64 tile of the gradient for one
+// combination of its own outer dims and loops, in a fixed order, over its broadcast outer dims (dbias_kernel's
+// plan), recomputing S and dP for each (Q, dO, K, V tiles double-buffered by cp.async) and adding dS in
+// registers: one writer per element, no atomics, deterministic.
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, const T *q, const T *k,
+                                                            const T *v, const float *bias, const void *mask,
+                                                            const T *go, const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t itiles = (g.Lq + MBM - 1) / MBM, jtiles = (g.Lk + MBN - 1) / MBN;
+  int64_t blk = blockIdx.x;
+  const int64_t jt = blk % jtiles;
+  blk /= jtiles;
+  const int64_t it = blk % itiles, kz = blk / itiles;
+  const int64_t i0 = it * MBM, j0 = jt * MBN;
+  const int nr = (int)min((int64_t)MBM, g.Lq - i0), nk = (int)min((int64_t)MBN, g.Lk - j0);
+  int64_t co[MAXO];
+  for (int d = 0; d < MAXO; d++) co[d] = 0;
+  int64_t gbo = 0;
+  {
+    int64_t x = kz;
+    for (int n = p.nkeep - 1; n >= 0; n--) {
+      const int d = p.keep[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+      gbo += co[d] * p.ostride[d];
+    }
+  }
+  // the outer coordinates of the rz-th broadcast combination: batch index, its coordinates, head
+  auto outer = [&](int64_t rz, FaAttnBatch &b, int64_t &z, int64_t &h) {
+    for (int n = p.nred - 1; n >= 0; n--) {
+      const int d = p.red[n];
+      co[d] = rz % p.osize[d];
+      rz /= p.osize[d];
+    }
+    z = 0;
+    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
+      b.c[d] = d < g.nb ? co[d] : 0;
+      if (d < g.nb) z = z * g.bs[d] + co[d];
+    }
+    h = co[FA_ATTN_MAX_BATCH];
+  };
+  auto fetch = [&](int64_t rz, int bi) {
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(rz, b, z, h);
+    T *Qs = buf0 + bi * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
+    cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, i0), g.q.r, MBM, nr);
+    cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, i0), g.go.r, MBM, nr);
+    cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, h / p.G, j0), g.k.r, MBN, nk);
+    cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, h / p.G, j0), g.v.r, MBN, nk);
+    cp_commit();
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  fetch(0, 0);
+  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+    const T *Qs = buf0 + (rz & 1) * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
+    if (rz + 1 < p.nred_all) {
+      fetch(rz + 1, (int)(rz & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(rz, b, z, h);
+    const int64_t zh = z * g.H + h;
+    int64_t ri[2];
+    bool live[2];
+    float L2[2], dl[2];
+    const float *brow[2];
+    const void *mrow[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      ri[u] = i0 + w * 16 + gi + 8 * u;
+      const bool rv = ri[u] < g.Lq;
+      L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+      live[u] = rv && L2[u] != -INFINITY;
+      dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+      brow[u] = rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+      mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                         : nullptr;
+    }
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+      uint32_t qf[4], of[4];
+      ldsm_x4(qf, Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(of, Os + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bk[4], bv[4];
+        const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bk, Ks + o);
+        ldsm_x4(bv, Vs + o);
+        Mma<T>::mma(s[2 * n2], qf, bk[0], bk[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf, bk[2], bk[3]);
+        Mma<T>::mma(dp[2 * n2], of, bv[0], bv[1]);
+        Mma<T>::mma(dp[2 * n2 + 1], of, bv[2], bv[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        if (!live[u] || j >= g.Lk) continue;
+        const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        if (x == -INFINITY) continue;
+        const float ex = exp2f(x - L2[u]);
+        acc[n][e] += ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
+      }
+    __syncthreads();  // before the next fetch overwrites this buffer
+  }
+  cp_wait_all();
+#pragma unroll
+  for (int n = 0; n < NT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int64_t i = i0 + w * 16 + gi + 8 * (e >> 1), j = j0 + n * 8 + 2 * ti + (e & 1);
+      if (i < g.Lq && j < g.Lk) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+    }
+}
+
 template <typename T>
 static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, const T *go, const T *q, const T *k,
                       const T *v, const T *o, const float *lse, const float *bias, const void *mask) {
@@ -579,8 +717,10 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
   const int64_t D = g->D;
   if constexpr (sizeof(T) == 2) {
     if (pl.family == MMA) {
-      // dBias by atomics from the key-major kernel, or (deterministic) from the SIMT fixed-order kernel
-      float *gba = g->deterministic ? nullptr : gbias;
+      // dBias: a bias over every (row, key) from mma_dbias_kernel (fixed order), one shared by the rows or the
+      // keys by atomics from the key-major kernel, or (deterministic) from the SIMT fixed-order kernel
+      const bool full = !p.ri && !p.rj;
+      float *gba = g->deterministic || full ? nullptr : gbias;
       const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
       if (gk || gv || gba) {
 #define ATTN_MMA_BWD(DD, BQ)                                                                                            \
@@ -617,6 +757,24 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
         }
 #undef ATTN_MMA_DQ
         if (rc) return rc;
+      }
+      if (gbias && full) {
+        const int64_t dblocks = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+#define ATTN_MMA_DB(DD)                                                                                                 \
+  launch(fn, dev, mma_dbias_kernel<T, DD>, dblocks, (size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T), p, gbias, q, k, v, \
+         bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_DB(16); break;
+          case 32: rc = ATTN_MMA_DB(32); break;
+          case 48: rc = ATTN_MMA_DB(48); break;
+          case 64: rc = ATTN_MMA_DB(64); break;
+          case 80: rc = ATTN_MMA_DB(80); break;
+          case 96: rc = ATTN_MMA_DB(96); break;
+          case 112: rc = ATTN_MMA_DB(112); break;
+          default: rc = ATTN_MMA_DB(128); break;
+        }
+#undef ATTN_MMA_DB
+        return rc;
       }
       if (gba || !gbias) return 0;
       gq = gk = gv = nullptr;  // done; the SIMT kernel below gives dBias without atomics

@@ -91,10 +91,12 @@ __device__ __forceinline__ float fa_attn_rowdot(const T *a, const T *b, int64_t 
 // conflict-free), S = Q K^T and O += P V on m16n8k16 tensor cores with float32 accumulators; the score
 // accumulators become P's A fragments in registers (FlashAttention-2's layout trick). Each thread holds two
 // rows (lane/4 and lane/4 + 8 of its warp's 16); row max / sum over the 4 lanes of a quad.
-//   Backward (cuda/attention_bwd.cu): mma_bwd_kernel, key-tile major with dK/dV in registers (dBias by
-//     float32 atomics, summed over a tile's rows first when the bias is shared by every row); mma_dq_kernel,
-//     query-major like the forward, recomputing S and dP: dQ without atomics or scratch. The deterministic
-//     mode takes dBias from the SIMT fixed-order kernel.
+//   Backward (cuda/attention_bwd.cu): mma_bwd_kernel, key-tile major with dK/dV in registers; mma_dq_kernel,
+//     query-major like the forward, recomputing S and dP: dQ without atomics or scratch; mma_dbias_kernel for a
+//     bias over every (row, key) (the triangle's, shared by the batch rows): a CTA owns a 64x64 tile of the
+//     gradient and loops over the broadcast dims recomputing dS, no atomics. A bias shared by the rows or keys:
+//     float32 atomics from mma_bwd_kernel (a tile's rows summed first), or the SIMT fixed-order kernel in
+//     deterministic mode. Every mma.sync gradient but that atomic one is deterministic.
 // sm_90a runs the same mma.sync kernels; this build has no wgmma family (forcing it: FA_ERR_UNSUPPORTED).
 #include <limits.h>
 #include <string.h>
