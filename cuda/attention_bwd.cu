@@ -1,0 +1,811 @@
+// attention_bwd.cu: the attention core's backward on the GPU (fa_cu_attention_backward): delta pre-pass, then
+// the SIMT kernels (rows_kernel<BWD> for dQ, dkdv_kernel, dbias_kernel; deterministic in every mode) or the
+// mma.sync kernels (mma_bwd_kernel: dK/dV; mma_dq_kernel: dQ; mma_dbias_kernel: dBias of a bias over every
+// (row, key); see cuda/attn.cuh), as the planner says.
+#include "dense.cuh"
+#include "attn.cuh"
+
+namespace fa_attn {
+
+// delta[(z*H + h)*Lq + i] = rowsum(dO * O) in float32, a warp per row
+template <typename T>
+__global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *delta, const T *go, const T *o) {
+  const fa_attn_geom &g = p.g;
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = g.Z * g.H * g.Lq;
+  for (int64_t r = (int64_t)blockIdx.x * NW + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * NW) {
+    const int64_t i = r % g.Lq, zh = r / g.Lq, z = zh / g.H, h = zh % g.H;
+    const FaAttnBatch b = fa_attn_batch(g, z);
+    const float s = fa_attn_rowdot<T>(go + fa_attn_off(g.go, b, h, i), o + fa_attn_off(g.o, b, h, i), g.D, lane);
+    if (lane == 0) delta[r] = s;
+  }
+}
+
+// dK, dV of BK keys of one (z, kv head), summed over the G query heads and every query row
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, const T *q, const T *k, const T *v,
+                                                       const float *bias, const void *mask, const T *go,
+                                                       const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + BK * D, *Qs = Vs + BK * D, *Os = Qs + 32 * ld;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ntiles = (g.Lk + BK - 1) / BK;
+  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * BK;
+  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nk = (int)min((int64_t)BK, g.Lk - j0);
+  load_tile<T>(Ks, D, k + fa_attn_off(g.k, b, hk, j0), g.k.r, BK, nk, D);
+  load_tile<T>(Vs, D, v + fa_attn_off(g.v, b, hk, j0), g.v.r, BK, nk, D);
+  float dk[KPW][DT], dv[KPW][DT];
+#pragma unroll
+  for (int c = 0; c < KPW; c++)
+#pragma unroll
+    for (int t = 0; t < DT; t++) dk[c][t] = dv[c][t] = 0.f;
+  const float *kw = Ks + w * KPW * D, *vw = Vs + w * KPW * D;
+
+  for (int64_t gh = 0; gh < p.G; gh++) {
+    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
+    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+    for (int64_t i0 = 0; i0 < g.Lq; i0 += 32) {
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      __syncthreads();
+      load_tile<T>(Qs, ld, qb + i0 * g.q.r, g.q.r, 32, nr, D);
+      load_tile<T>(Os, ld, ob + i0 * g.go.r, g.go.r, 32, nr, D);
+      __syncthreads();
+      const int64_t i = i0 + lane;
+      const bool rv = lane < nr;
+      const float L2 = rv ? lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : 0.f;
+      const bool lost = rv && L2 == -INFINITY;  // every key left out: P = 1/Lk, dS = 0
+      const float dl = rv ? delta[zh * g.Lq + i] : 0.f;
+      const float *brow = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
+      const void *mrow = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                         : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                  : nullptr;
+      float s[KPW], dp[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) s[c] = dp[c] = 0.f;
+      const float *qr = Qs + lane * ld, *orr = Os + lane * ld;
+#pragma unroll 4
+      for (int d = 0; d < D; d++) {
+        const float qd = qr[d], od = orr[d];
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          s[c] = fmaf(qd, kw[c * D + d], s[c]);
+          dp[c] = fmaf(od, vw[c * D + d], dp[c]);
+        }
+      }
+      float pv[KPW], ds[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) {
+        const int64_t j = j0 + w * KPW + c;
+        pv[c] = ds[c] = 0.f;
+        if (rv && j < g.Lk) {
+          if (lost) {
+            pv[c] = p.invLk;
+          } else {
+            const float x = logit2(p, s[c], brow, mrow, j);
+            if (x != -INFINITY) {
+              const float e = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+              pv[c] = e * f;
+              ds[c] = e * (dp[c] * f - dl);
+            }
+          }
+        }
+      }
+      for (int ii = 0; ii < nr; ii++) {
+        float oc[DT], qc[DT];
+#pragma unroll
+        for (int t = 0; t < DT; t++) {
+          const int d = lane + 32 * t;
+          oc[t] = d < D ? Os[ii * ld + d] : 0.f;
+          qc[t] = d < D ? Qs[ii * ld + d] : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          const float a = __shfl_sync(FULL, pv[c], ii), e = __shfl_sync(FULL, ds[c], ii);
+#pragma unroll
+          for (int t = 0; t < DT; t++) {
+            dv[c][t] = fmaf(a, oc[t], dv[c][t]);
+            dk[c][t] = fmaf(e, qc[t], dk[c][t]);
+          }
+        }
+      }
+    }
+  }
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int c = 0; c < KPW; c++) {
+    const int64_t j = j0 + w * KPW + c;
+    if (j >= g.Lk) continue;
+    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, j) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, j) : nullptr;
+#pragma unroll
+    for (int t = 0; t < DT; t++) {
+      const int d = lane + 32 * t;
+      if (d >= D) continue;
+      if (kr) kr[d] = fa_from_f<T>(dk[c][t] * sc);
+      if (vr) vr[d] = fa_from_f<T>(dv[c][t]);
+    }
+  }
+}
+
+// The bias gradient: a CTA owns a 32 x 32 (row, key) tile of it for one combination of its own (kept) outer
+// dims, and adds up dS over its broadcast dims (outer dims, then row tiles when ri, key tiles when rj) in a
+// fixed order; then over the rows / keys of the tile (ri / rj); one writer per element, no atomics.
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, const T *q, const T *k, const T *v,
+                                                        const float *bias, const void *mask, const T *go,
+                                                        const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + 32 * ld, *Qs = Vs + 32 * ld, *Os = Qs + 32 * D, *red = Os + 32 * D;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t itiles = (g.Lq + 31) / 32, jtiles = (g.Lk + 31) / 32;
+  const int64_t nit = p.ri ? 1 : itiles, njt = p.rj ? 1 : jtiles;
+  int64_t blk = blockIdx.x;
+  const int64_t jt = blk % njt;
+  blk /= njt;
+  const int64_t it = blk % nit, kz = blk / nit;
+  int64_t co[MAXO];
+  for (int d = 0; d < MAXO; d++) co[d] = 0;
+  int64_t gbo = 0;  // offset of the kept coordinates in grad_bias
+  {
+    int64_t x = kz;
+    for (int n = p.nkeep - 1; n >= 0; n--) {
+      const int d = p.keep[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+      gbo += co[d] * p.ostride[d];
+    }
+  }
+  float acc[RB];
+#pragma unroll
+  for (int r = 0; r < RB; r++) acc[r] = 0.f;
+
+  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+    int64_t x = rz;
+    for (int n = p.nred - 1; n >= 0; n--) {
+      const int d = p.red[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+    }
+    FaAttnBatch b;
+    int64_t z = 0;
+    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
+      b.c[d] = d < g.nb ? co[d] : 0;
+      if (d < g.nb) z = z * g.bs[d] + co[d];
+    }
+    const int64_t h = co[FA_ATTN_MAX_BATCH], hk = h / p.G, zh = z * g.H + h;
+    for (int64_t ti = 0; ti < (p.ri ? itiles : 1); ti++) {
+      const int64_t i0 = (p.ri ? ti : it) * 32;
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      for (int64_t tj = 0; tj < (p.rj ? jtiles : 1); tj++) {
+        const int64_t j0 = (p.rj ? tj : jt) * 32;
+        const int nk = (int)min((int64_t)32, g.Lk - j0);
+        __syncthreads();
+        load_tile<T>(Qs, D, q + fa_attn_off(g.q, b, h, i0), g.q.r, 32, nr, D);
+        load_tile<T>(Os, D, go + fa_attn_off(g.go, b, h, i0), g.go.r, 32, nr, D);
+        load_tile<T>(Ks, ld, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 32, nk, D);
+        load_tile<T>(Vs, ld, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 32, nk, D);
+        __syncthreads();
+        float s[RB], dp[RB];
+#pragma unroll
+        for (int r = 0; r < RB; r++) s[r] = dp[r] = 0.f;
+        const float *kr = Ks + lane * ld, *vr = Vs + lane * ld, *qw = Qs + w * RB * D, *ow = Os + w * RB * D;
+#pragma unroll 2
+        for (int d = 0; d < D; d++) {
+          const float kd = kr[d], vd = vr[d];
+#pragma unroll
+          for (int r = 0; r < RB; r++) {
+            s[r] = fmaf(qw[r * D + d], kd, s[r]);
+            dp[r] = fmaf(ow[r * D + d], vd, dp[r]);
+          }
+        }
+        const int64_t j = j0 + lane;
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+          const int ir = w * RB + r;
+          if (ir >= nr || lane >= nk) continue;
+          const int64_t i = i0 + ir;
+          const float L2 = lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E;
+          if (L2 == -INFINITY) continue;
+          const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                             : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                : nullptr;
+          const float xl = logit2(p, s[r], bias + fa_attn_off(g.bias, b, h, i), mrow, j);
+          if (xl == -INFINITY) continue;
+          const float e = exp2f(xl - L2);
+          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - delta[zh * g.Lq + i]);
+        }
+      }
+    }
+  }
+  // the tile's own reductions, then one write per element
+  const int64_t gr = g.gbias.r, gc = g.gbias.c;
+  if (p.rj) {
+#pragma unroll
+    for (int r = 0; r < RB; r++) acc[r] = fa_cu_warp_sum(acc[r]);
+  }
+  if (p.ri) {
+    float t = 0.f;
+#pragma unroll
+    for (int r = 0; r < RB; r++) t += acc[r];
+    red[w * 32 + lane] = t;
+    __syncthreads();
+    if (w == 0) {
+      float tot = 0.f;
+      for (int u = 0; u < NW; u++) tot += red[u * 32 + lane];
+      const int64_t j = jt * 32 + lane;
+      if (p.rj) {
+        if (lane == 0) gbias[gbo] += tot;
+      } else if (j < g.Lk) {
+        gbias[gbo + j * gc] += tot;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < RB; r++) {
+    const int64_t i = it * 32 + w * RB + r, j = jt * 32 + lane;
+    if (i >= g.Lq) continue;
+    if (p.rj) {
+      if (lane == 0) gbias[gbo + i * gr] += acc[r];
+    } else if (j < g.Lk) {
+      gbias[gbo + i * gr + j * gc] += acc[r];
+    }
+  }
+}
+
+// Backward, key-tile major: a CTA owns 64 keys of one (z, kv head) (16 per warp) and loops over the G query
+// heads and the query rows in tiles of BQ. Per tile each warp forms S^T = K Q^T and dP^T = V dO^T for its 16
+// keys (K, V fragments by ldmatrix, Q and dO as the col-major B operand), P^T = exp2(S^T - lse) and
+// dS^T = P^T (dP^T - delta) in registers, and accumulates dV += P^T dO and dK += dS^T Q in registers (the
+// accumulator layout is the next A operand): dK, dV written once, no atomics. dBias (gbias != NULL, the
+// non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
+// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
+template <typename T, int D, int BQ>
+__global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
+                                                          const T *k, const T *v, const float *bias, const void *mask,
+                                                          const T *go, const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD;
+  float *Ls = (float *)(Os + BQ * PD), *Dls = Ls + BQ, *Sf = Dls + BQ;
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lk + 63) / 64;
+  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * 64;
+  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nk = (int)min((int64_t)64, g.Lk - j0);
+  cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 64, nk);
+  cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 64, nk);
+  cp_commit();
+  int64_t kj[2];
+  bool kv[2];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    kj[u] = j0 + w * 16 + gi + 8 * u;
+    kv[u] = kj[u] < g.Lk;
+  }
+  float dk[OT][4], dv[OT][4];
+#pragma unroll
+  for (int t = 0; t < OT; t++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dk[t][e] = dv[t][e] = 0.f;
+
+  for (int64_t gh = 0; gh < p.G; gh++) {
+    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
+    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+    const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
+    const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
+    const float *mbf = g.mask_mode == 2 ? (const float *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
+    for (int64_t i0 = 0; i0 < g.Lq; i0 += BQ) {
+      const int nr = (int)min((int64_t)BQ, g.Lq - i0);
+      __syncthreads();
+      cp_tile<T, D>(Qs, qb + i0 * g.q.r, g.q.r, BQ, nr);
+      cp_tile<T, D>(Os, ob + i0 * g.go.r, g.go.r, BQ, nr);
+      cp_commit();
+      for (int t = threadIdx.x; t < BQ; t += THREADS) {  // +inf marks rows past Lq (P = 0), -inf lost rows
+        Ls[t] = t < nr ? lse[fa_attn_off(g.lse, b, h, i0 + t)] * FA_ATTN_LOG2E : INFINITY;
+        Dls[t] = t < nr ? delta[zh * g.Lq + i0 + t] : 0.f;
+      }
+      cp_wait_all();
+      __syncthreads();
+      float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+      for (int n = 0; n < NQ; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KD; kk++) {
+        uint32_t kf[4], vf[4];
+        ldsm_x4(kf, Ks + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(vf, Vs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int n2 = 0; n2 < NQ / 2; n2++) {
+          uint32_t bq[4], bo[4];
+          const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4(bq, Qs + o);
+          ldsm_x4(bo, Os + o);
+          Mma<T>::mma(st[2 * n2], kf, bq[0], bq[1]);
+          Mma<T>::mma(st[2 * n2 + 1], kf, bq[2], bq[3]);
+          Mma<T>::mma(dpt[2 * n2], vf, bo[0], bo[1]);
+          Mma<T>::mma(dpt[2 * n2 + 1], vf, bo[2], bo[3]);
+        }
+      }
+      uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+#pragma unroll
+      for (int n = 0; n < NQ; n++) {
+        float pe[4], de[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int u = e >> 1, il = n * 8 + 2 * ti + (e & 1);
+          const int64_t j = kj[u], i = i0 + il;
+          const float L2 = Ls[il];
+          float pv = 0.f, ds = 0.f;
+          if (kv[u] && L2 != INFINITY) {
+            if (L2 == -INFINITY) {
+              pv = p.invLk;
+            } else {
+              float x = st[n][e] * p.scale2;
+              if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
+              if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
+              if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              if (x != -INFINITY) {
+                const float ex = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+                pv = ex * f;
+                ds = ex * (dpt[n][e] * f - Dls[il]);
+              }
+            }
+          }
+          pe[e] = pv;
+          de[e] = ds;
+          if (gbias) Sf[(w * 16 + gi + 8 * u) * PF + il] = ds;
+        }
+        pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+        pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+        da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+        da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+      }
+#pragma unroll
+      for (int kq = 0; kq < BQ / 16; kq++)
+#pragma unroll
+        for (int d2 = 0; d2 < D / 16; d2++) {
+          uint32_t bo[4], bq[4];
+          const int o = (kq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8;
+          ldsm_x4_t(bo, Os + o);
+          ldsm_x4_t(bq, Qs + o);
+          Mma<T>::mma(dv[2 * d2], pa[kq], bo[0], bo[1]);
+          Mma<T>::mma(dv[2 * d2 + 1], pa[kq], bo[2], bo[3]);
+          Mma<T>::mma(dk[2 * d2], da[kq], bq[0], bq[1]);
+          Mma<T>::mma(dk[2 * d2 + 1], da[kq], bq[2], bq[3]);
+        }
+      if (gbias) {
+        __syncthreads();
+        float *gb = gbias + fa_attn_off(g.gbias, b, h, 0);
+        if (g.gbias.r == 0) {  // shared by every row: the tile's rows first
+          for (int jl = threadIdx.x; jl < nk; jl += THREADS) {
+            float t = 0.f;
+            for (int il = 0; il < nr; il++) t += Sf[jl * PF + il];
+            atomicAdd(gb + (j0 + jl) * g.gbias.c, t);
+          }
+        } else {
+          for (int e = threadIdx.x; e < nr * 64; e += THREADS) {
+            const int il = e >> 6, jl = e & 63;
+            if (jl < nk) atomicAdd(gb + (i0 + il) * g.gbias.r + (j0 + jl) * g.gbias.c, Sf[jl * PF + il]);
+          }
+        }
+      }
+    }
+  }
+  cp_wait_all();  // no query rows: the K/V copies are still in flight
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (!kv[u]) continue;
+    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, kj[u]) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, kj[u]) : nullptr;
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      if (kr) {
+        kr[d] = fa_from_f<T>(dk[t][2 * u] * sc);
+        kr[d + 1] = fa_from_f<T>(dk[t][2 * u + 1] * sc);
+      }
+      if (vr) {
+        vr[d] = fa_from_f<T>(dv[t][2 * u]);
+        vr[d + 1] = fa_from_f<T>(dv[t][2 * u + 1]);
+      }
+    }
+  }
+}
+
+// dQ on the tensor cores, query-major (no atomics, deterministic): a CTA takes 64 query rows of one (z, h) as
+// the forward does (Q and dO fragments in registers, K/V tiles double-buffered by cp.async) and per key tile
+// recomputes S = Q K^T and dP = dO V^T, forms dS = P (dP - delta) in registers and adds dS K (K as the
+// row-major B operand through ldmatrix.trans): dQ written once.
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
+                                                         const float *bias, const void *mask, const T *go,
+                                                         const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Qs = (T *)smraw, *Os = Qs + MBM * PD, *KV = Os + MBM * PD;  // K/V double-buffered: K0 V0 K1 V1
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
+  const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
+  const int64_t z = zh / g.H, h = zh % g.H, hk = h / p.G;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nrow = (int)min((int64_t)MBM, g.Lq - row0);
+  cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, nrow);
+  cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, row0), g.go.r, MBM, nrow);
+  cp_commit();
+  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  auto fetch = [&](int64_t j0, int buf) {
+    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    cp_commit();
+  };
+  if (g.Lk > 0) {
+    fetch(0, 0);
+    cp_wait_group<1>();
+  } else {
+    cp_wait_all();
+  }
+  __syncthreads();
+  uint32_t qf[KD][4], of[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; kk++) {
+    ldsm_x4(qf[kk], Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+    ldsm_x4(of[kk], Os + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+  }
+  int64_t ri[2];
+  bool live[2];  // a row inside Lq with at least one key kept (lse > -inf)
+  const float *brow[2];
+  const void *mrow[2];
+  float L2[2], dl[2], acc[OT][4];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    ri[u] = row0 + w * 16 + gi + 8 * u;
+    const bool rv = ri[u] < g.Lq;
+    L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+    live[u] = rv && L2[u] != -INFINITY;
+    dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+    brow[u] = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+    mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+              : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                       : nullptr;
+  }
+#pragma unroll
+  for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+  for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
+    const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
+    if (j0 + MBN < g.Lk) {
+      fetch(j0 + MBN, (int)(it & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bk[4], bv[4];
+        const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bk, Ks + o);
+        ldsm_x4(bv, Vs + o);
+        Mma<T>::mma(s[2 * n2], qf[kk], bk[0], bk[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf[kk], bk[2], bk[3]);
+        Mma<T>::mma(dp[2 * n2], of[kk], bv[0], bv[1]);
+        Mma<T>::mma(dp[2 * n2 + 1], of[kk], bv[2], bv[3]);
+      }
+    uint32_t da[MBN / 16][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float de[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        float ds = 0.f;
+        if (live[u] && j < g.Lk) {
+          const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          if (x != -INFINITY) {
+            const float ex = exp2f(x - L2[u]);
+            ds = ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
+          }
+        }
+        de[e] = ds;
+      }
+      da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+      da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; kk++)
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; d2++) {
+        uint32_t bk[4];
+        ldsm_x4_t(bk, Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
+        Mma<T>::mma(acc[2 * d2], da[kk], bk[0], bk[1]);
+        Mma<T>::mma(acc[2 * d2 + 1], da[kk], bk[2], bk[3]);
+      }
+    __syncthreads();
+  }
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (ri[u] >= g.Lq) continue;
+    T *row = gq + fa_attn_off(g.gq, b, h, ri[u]);
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      row[d] = fa_from_f<T>(acc[t][2 * u] * sc);
+      row[d + 1] = fa_from_f<T>(acc[t][2 * u + 1] * sc);
+    }
+  }
+}
+
+// dBias on the tensor cores when the bias spans every (row, key) (no broadcast over rows or keys; the
+// triangle's bias is shared by the batch rows i): a CTA owns a 64 x 64 tile of the gradient for one
+// combination of its own outer dims and loops, in a fixed order, over its broadcast outer dims (dbias_kernel's
+// plan), recomputing S and dP for each (Q, dO, K, V tiles double-buffered by cp.async) and adding dS in
+// registers: one writer per element, no atomics, deterministic.
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, const T *q, const T *k,
+                                                            const T *v, const float *bias, const void *mask,
+                                                            const T *go, const float *lse, const float *delta) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t itiles = (g.Lq + MBM - 1) / MBM, jtiles = (g.Lk + MBN - 1) / MBN;
+  int64_t blk = blockIdx.x;
+  const int64_t jt = blk % jtiles;
+  blk /= jtiles;
+  const int64_t it = blk % itiles, kz = blk / itiles;
+  const int64_t i0 = it * MBM, j0 = jt * MBN;
+  const int nr = (int)min((int64_t)MBM, g.Lq - i0), nk = (int)min((int64_t)MBN, g.Lk - j0);
+  int64_t co[MAXO];
+  for (int d = 0; d < MAXO; d++) co[d] = 0;
+  int64_t gbo = 0;
+  {
+    int64_t x = kz;
+    for (int n = p.nkeep - 1; n >= 0; n--) {
+      const int d = p.keep[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+      gbo += co[d] * p.ostride[d];
+    }
+  }
+  // the outer coordinates of the rz-th broadcast combination: batch index, its coordinates, head
+  auto outer = [&](int64_t rz, FaAttnBatch &b, int64_t &z, int64_t &h) {
+    for (int n = p.nred - 1; n >= 0; n--) {
+      const int d = p.red[n];
+      co[d] = rz % p.osize[d];
+      rz /= p.osize[d];
+    }
+    z = 0;
+    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
+      b.c[d] = d < g.nb ? co[d] : 0;
+      if (d < g.nb) z = z * g.bs[d] + co[d];
+    }
+    h = co[FA_ATTN_MAX_BATCH];
+  };
+  auto fetch = [&](int64_t rz, int bi) {
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(rz, b, z, h);
+    T *Qs = buf0 + bi * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
+    cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, i0), g.q.r, MBM, nr);
+    cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, i0), g.go.r, MBM, nr);
+    cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, h / p.G, j0), g.k.r, MBN, nk);
+    cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, h / p.G, j0), g.v.r, MBN, nk);
+    cp_commit();
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  fetch(0, 0);
+  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+    const T *Qs = buf0 + (rz & 1) * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
+    if (rz + 1 < p.nred_all) {
+      fetch(rz + 1, (int)(rz & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(rz, b, z, h);
+    const int64_t zh = z * g.H + h;
+    int64_t ri[2];
+    bool live[2];
+    float L2[2], dl[2];
+    const float *brow[2];
+    const void *mrow[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      ri[u] = i0 + w * 16 + gi + 8 * u;
+      const bool rv = ri[u] < g.Lq;
+      L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+      live[u] = rv && L2[u] != -INFINITY;
+      dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+      brow[u] = rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+      mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                         : nullptr;
+    }
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+      uint32_t qf[4], of[4];
+      ldsm_x4(qf, Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(of, Os + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bk[4], bv[4];
+        const int o = (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bk, Ks + o);
+        ldsm_x4(bv, Vs + o);
+        Mma<T>::mma(s[2 * n2], qf, bk[0], bk[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf, bk[2], bk[3]);
+        Mma<T>::mma(dp[2 * n2], of, bv[0], bv[1]);
+        Mma<T>::mma(dp[2 * n2 + 1], of, bv[2], bv[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        if (!live[u] || j >= g.Lk) continue;
+        const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        if (x == -INFINITY) continue;
+        const float ex = exp2f(x - L2[u]);
+        acc[n][e] += ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
+      }
+    __syncthreads();  // before the next fetch overwrites this buffer
+  }
+  cp_wait_all();
+#pragma unroll
+  for (int n = 0; n < NT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int64_t i = i0 + w * 16 + gi + 8 * (e >> 1), j = j0 + n * 8 + 2 * ti + (e & 1);
+      if (i < g.Lq && j < g.Lk) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+    }
+}
+
+template <typename T>
+static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, const T *go, const T *q, const T *k,
+                      const T *v, const T *o, const float *lse, const float *bias, const void *mask) {
+  static const char *fn = "fa_attention_backward";
+  Plan pl;
+  const void *ptrs[4] = {q, k, v, go};
+  int rc = plan(fn, pl, g, true, ptrs);
+  if (rc) return rc;
+  if (!g->has_bias) gbias = nullptr;
+  if (g->Z == 0 || g->H == 0) return 0;
+  const Params &p = pl.p;
+  const int dev = g->device;
+  Temps tmp(dev);
+  float *delta = nullptr;
+  const int64_t rows = g->Z * g->H * g->Lq;
+  if (rows > 0) {
+    if (!(delta = (float *)tmp.get(rows * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
+    if ((rc = launch(fn, dev, delta_kernel<T>, (int64_t)fa_cu_blocks(rows * 32, THREADS, dev), 0, p, delta, go, o)))
+      return rc;
+  }
+  const int64_t D = g->D;
+  if constexpr (sizeof(T) == 2) {
+    if (pl.family == MMA) {
+      // dBias: a bias over every (row, key) from mma_dbias_kernel (fixed order), one shared by the rows or the
+      // keys by atomics from the key-major kernel, or (deterministic) from the SIMT fixed-order kernel
+      const bool full = !p.ri && !p.rj;
+      float *gba = g->deterministic || full ? nullptr : gbias;
+      const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
+      if (gk || gv || gba) {
+#define ATTN_MMA_BWD(DD, BQ)                                                                                            \
+  launch(fn, dev, mma_bwd_kernel<T, DD, BQ>, kblocks,                                                                   \
+         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float), \
+         p, gk, gv, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_BWD(16, 64); break;
+          case 32: rc = ATTN_MMA_BWD(32, 64); break;
+          case 48: rc = ATTN_MMA_BWD(48, 64); break;
+          case 64: rc = ATTN_MMA_BWD(64, 64); break;
+          case 80: rc = ATTN_MMA_BWD(80, 32); break;
+          case 96: rc = ATTN_MMA_BWD(96, 32); break;
+          case 112: rc = ATTN_MMA_BWD(112, 16); break;
+          default: rc = ATTN_MMA_BWD(128, 16); break;
+        }
+#undef ATTN_MMA_BWD
+        if (rc) return rc;
+      }
+      if (gq) {
+        const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
+#define ATTN_MMA_DQ(DD)                                                                                                 \
+  launch(fn, dev, mma_dq_kernel<T, DD>, qblocks, (size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T), p, gq, q, k, v,  \
+         bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_DQ(16); break;
+          case 32: rc = ATTN_MMA_DQ(32); break;
+          case 48: rc = ATTN_MMA_DQ(48); break;
+          case 64: rc = ATTN_MMA_DQ(64); break;
+          case 80: rc = ATTN_MMA_DQ(80); break;
+          case 96: rc = ATTN_MMA_DQ(96); break;
+          case 112: rc = ATTN_MMA_DQ(112); break;
+          default: rc = ATTN_MMA_DQ(128); break;
+        }
+#undef ATTN_MMA_DQ
+        if (rc) return rc;
+      }
+      if (gbias && full) {
+        const int64_t dblocks = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+#define ATTN_MMA_DB(DD)                                                                                                 \
+  launch(fn, dev, mma_dbias_kernel<T, DD>, dblocks, (size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T), p, gbias, q, k, v, \
+         bias, mask, go, lse, (const float *)delta)
+        switch (D) {
+          case 16: rc = ATTN_MMA_DB(16); break;
+          case 32: rc = ATTN_MMA_DB(32); break;
+          case 48: rc = ATTN_MMA_DB(48); break;
+          case 64: rc = ATTN_MMA_DB(64); break;
+          case 80: rc = ATTN_MMA_DB(80); break;
+          case 96: rc = ATTN_MMA_DB(96); break;
+          case 112: rc = ATTN_MMA_DB(112); break;
+          default: rc = ATTN_MMA_DB(128); break;
+        }
+#undef ATTN_MMA_DB
+        return rc;
+      }
+      if (gba || !gbias) return 0;
+      gq = gk = gv = nullptr;  // done; the SIMT kernel below gives dBias without atomics
+    }
+  }
+  ATTN_DT_SWITCH(pl.dt, {
+    if (gq && (rc = launch(fn, dev, rows_kernel<T, DT_, true>, g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS),
+                           (size_t)(2 * BN * p.ld + 2 * ROWS * D) * sizeof(float), p, gq, (float *)nullptr, q, k, v,
+                           bias, mask, go, lse, (const float *)delta)))
+      return rc;
+    if ((gk || gv) && (rc = launch(fn, dev, dkdv_kernel<T, DT_>, g->Z * g->Hkv * ((g->Lk + BK - 1) / BK),
+                                   (size_t)(2 * BK * D + 2 * 32 * p.ld) * sizeof(float), p, gk, gv, q, k, v, bias, mask,
+                                   go, lse, (const float *)delta)))
+      return rc;
+    if (gbias) {
+      const int64_t it = p.ri ? 1 : (g->Lq + 31) / 32, jt = p.rj ? 1 : (g->Lk + 31) / 32;
+      if ((rc = launch(fn, dev, dbias_kernel<T, DT_>, p.nkeep_all * it * jt,
+                       (size_t)(2 * 32 * p.ld + 2 * 32 * D + NW * 32) * sizeof(float), p, gbias, q, k, v, bias, mask,
+                       go, lse, (const float *)delta)))
+        return rc;
+    }
+    return 0;
+  })
+}
+
+}  // namespace fa_attn
+
+int fa_cu_attention_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, float *grad_bias,
+                             const void *grad_out, const void *q, const void *k, const void *v, const void *out,
+                             const float *lse, const float *bias, const void *mask) {
+  FA_CU_FLOAT_DISPATCH("fa_attention_backward", g->dtype,
+                       fa_attn::backward_t<T>(g, (T *)grad_q, (T *)grad_k, (T *)grad_v, grad_bias, (const T *)grad_out,
+                                     (const T *)q, (const T *)k, (const T *)v, (const T *)out, lse, bias, mask))
+}

@@ -1,0 +1,200 @@
+// attention_fwd.cu: the attention core's forward on the GPU (fa_cu_attention_forward): the SIMT rows_kernel
+// (cuda/attn.cuh) or the mma.sync kernel below, as the planner (plan in cuda/attn.cuh) says.
+#include "dense.cuh"
+#include "attn.cuh"
+
+namespace fa_attn {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
+                                                          const T *v, const float *bias, const void *mask) {
+  constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T *Qs = (T *)smraw, *KV = Qs + MBM * PD;  // K/V tiles double-buffered: K0 V0 K1 V1
+  float *mv = (float *)(KV + 4 * MBN * PD);
+  const fa_attn_geom &g = p.g;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
+  const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
+  const int64_t z = zh / g.H, h = zh % g.H, hk = h / p.G;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, (int)min((int64_t)MBM, g.Lq - row0));
+  cp_commit();
+  const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
+    const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    cp_commit();
+  };
+  if (g.Lk > 0) {
+    fetch(0, 0);
+    cp_wait_group<1>();  // Q has landed
+  } else {
+    cp_wait_all();
+  }
+  __syncthreads();
+  uint32_t qf[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (w * 16 + (lane & 15)) * PD + kk * 16 + (lane >> 4) * 8);
+
+  int64_t ri[2];
+  bool rv[2];
+  const float *brow[2];
+  const void *mrow[2];
+  float m[2], l[2], o[OT][4];
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    ri[u] = row0 + w * 16 + gi + 8 * u;
+    rv[u] = ri[u] < g.Lq;
+    brow[u] = g.has_bias && rv[u] ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+    mrow[u] = g.mask_mode == 1 && rv[u]   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+              : g.mask_mode == 2 && rv[u] ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                          : nullptr;
+    m[u] = -INFINITY;
+    l[u] = 0.f;
+  }
+#pragma unroll
+  for (int t = 0; t < OT; t++) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+
+  for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
+    const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
+    if (j0 + MBN < g.Lk) {  // the next tile streams in while this one is used
+      fetch(j0 + MBN, (int)(it & 1) ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+      for (int n2 = 0; n2 < NT / 2; n2++) {
+        uint32_t bf[4];
+        ldsm_x4(bf, Ks + (n2 * 16 + (lane & 7) + (lane >> 4) * 8) * PD + kk * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>::mma(s[2 * n2], qf[kk], bf[0], bf[1]);
+        Mma<T>::mma(s[2 * n2 + 1], qf[kk], bf[2], bf[3]);
+      }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+        const float x = rv[u] && j < g.Lk ? logit2(p, s[n][e], brow[u], mrow[u], j) : -INFINITY;
+        s[n][e] = x;
+        mx[u] = fmaxf(mx[u], x);
+      }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(FULL, mx[u], 1));
+      mx[u] = fmaxf(mx[u], __shfl_xor_sync(FULL, mx[u], 2));
+      const float a = fa_attn_rescale(m[u], mx[u]);
+      l[u] *= a;
+#pragma unroll
+      for (int t = 0; t < OT; t++) {
+        o[t][2 * u] *= a;
+        o[t][2 * u + 1] *= a;
+      }
+    }
+    uint32_t pa[MBN / 16][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float pe[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int u = e >> 1;
+        float x = fa_attn_exp(s[n][e], m[u]);
+        l[u] += x;
+        if (p.pdrop > 0.f && x > 0.f) x *= drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j0 + n * 8 + 2 * ti + (e & 1));
+        pe[e] = x;
+      }
+      pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+      pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; kk++)
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; d2++) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, Vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PD + d2 * 16 + (lane >> 4) * 8);
+        Mma<T>::mma(o[2 * d2], pa[kk], bf[0], bf[1]);
+        Mma<T>::mma(o[2 * d2 + 1], pa[kk], bf[2], bf[3]);
+      }
+    __syncthreads();  // before the next fetch overwrites this tile's buffer
+  }
+  bool lost = false;
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    l[u] += __shfl_xor_sync(FULL, l[u], 1);
+    l[u] += __shfl_xor_sync(FULL, l[u], 2);
+    lost |= rv[u] && !(l[u] > 0.f);
+  }
+  if (__syncthreads_or(lost)) {  // rows with every key left out: mean V of this (z, kv head)
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+      float t = 0.f;
+      for (int64_t j = 0; j < g.Lk; j++) t += fa_to_f<T>(vb[j * g.v.r + d]);
+      mv[d] = t * p.invLk;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < 2; u++) {
+    if (!rv[u]) continue;
+    T *orow = out + fa_attn_off(g.o, b, h, ri[u]);
+    const bool ok = l[u] > 0.f;
+    const float inv = ok ? 1.f / l[u] : 0.f;
+#pragma unroll
+    for (int t = 0; t < OT; t++) {
+      const int d = t * 8 + 2 * ti;
+      const float x0 = ok ? o[t][2 * u] * inv : mv[d], x1 = ok ? o[t][2 * u + 1] * inv : mv[d + 1];
+      orow[d] = fa_from_f<T>(x0);
+      orow[d + 1] = fa_from_f<T>(x1);
+    }
+    if (ti == 0) lse[fa_attn_off(g.lse, b, h, ri[u])] = fa_attn_lse(m[u], l[u]);
+  }
+}
+
+template <typename T>
+static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, const T *k, const T *v, const float *bias,
+                     const void *mask) {
+  static const char *fn = "fa_attention_forward";
+  Plan pl;
+  const void *ptrs[3] = {q, k, v};
+  int rc = plan(fn, pl, g, false, ptrs);
+  if (rc) return rc;
+  if (g->Z == 0 || g->H == 0 || g->Lq == 0) return 0;
+  const Params &p = pl.p;
+  if constexpr (sizeof(T) == 2) {
+   if (pl.family == MMA) {
+    const int64_t mblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
+    const size_t msmem = (size_t)(MBM + 4 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float);
+    switch (g->D) {
+      case 16: return launch(fn, g->device, mma_fwd_kernel<T, 16>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 32: return launch(fn, g->device, mma_fwd_kernel<T, 32>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 48: return launch(fn, g->device, mma_fwd_kernel<T, 48>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 64: return launch(fn, g->device, mma_fwd_kernel<T, 64>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 80: return launch(fn, g->device, mma_fwd_kernel<T, 80>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 96: return launch(fn, g->device, mma_fwd_kernel<T, 96>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 112: return launch(fn, g->device, mma_fwd_kernel<T, 112>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      default: return launch(fn, g->device, mma_fwd_kernel<T, 128>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+    }
+   }
+  }
+  const int64_t blocks = g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS);
+  const size_t smem = (size_t)(2 * BN * p.ld + ROWS * g->D) * sizeof(float);
+  ATTN_DT_SWITCH(pl.dt, return launch(fn, g->device, rows_kernel<T, DT_, false>, blocks, smem, p, out, lse, q, k, v,
+                                      bias, mask, (const T *)nullptr, (const float *)nullptr, (const float *)nullptr))
+}
+
+}  // namespace fa_attn
+
+int fa_cu_attention_forward(const fa_attn_geom *g, void *out, float *lse, const void *q, const void *k, const void *v,
+                            const float *bias, const void *mask) {
+  FA_CU_FLOAT_DISPATCH("fa_attention_forward", g->dtype,
+                       fa_attn::forward_t<T>(g, (T *)out, lse, (const T *)q, (const T *)k, (const T *)v, bias, mask))
+}
