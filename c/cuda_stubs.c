@@ -2,6 +2,7 @@
  * linked in, their definitions replace these. */
 #include "internal.h"
 #include "msda.h"
+#include "attention.h"
 
 #define FA_NO_CUDA(fn) fa_error(FA_ERR_UNSUPPORTED, "%s: this fastattn was built without CUDA (rebuild where nvcc is found, without FA_CUDA=0)", fn)
 #define WEAK __attribute__((weak))
@@ -62,6 +63,16 @@ WEAK int fa_cu_msda_forward(const fa_msda_geom *g, void *out, const void *value,
 WEAK int fa_cu_msda_backward(const fa_msda_geom *g, void *grad_value, float *grad_loc, float *grad_attn,
                              const void *grad_out, const void *value, const float *loc, const float *attn) {
   return FA_NO_CUDA("fa_msda_backward");
+}
+
+WEAK int fa_cu_attention_forward(const fa_attn_geom *g, void *out, float *lse, const void *q, const void *k, const void *v,
+                                 const float *bias, const void *mask) {
+  return FA_NO_CUDA("fa_attention_forward");
+}
+WEAK int fa_cu_attention_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, float *grad_bias,
+                                  const void *grad_out, const void *q, const void *k, const void *v, const void *out,
+                                  const float *lse, const float *bias, const void *mask) {
+  return FA_NO_CUDA("fa_attention_backward");
 }
 
 /* public CUDA runtime: no device */

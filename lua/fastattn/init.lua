@@ -70,6 +70,8 @@ setmetatable(fa, {
   __index = function(t, k)
     local mods = { nn = 'fastattn.nn', optim = 'fastattn.optim', cuda = 'fastattn.cuda', F = 'fastattn.functional',
                    grid_sample = 'fastattn.functional', msda = 'fastattn.msda', msda_backward = 'fastattn.msda',
+                   attention = 'fastattn.attention', attention_backward = 'fastattn.attention',
+                   triangle_attention = 'fastattn.attention', triangle_attention_backward = 'fastattn.attention',
                    util = 'fastattn.util' }
     if mods[k] then
       local m = require(mods[k])

@@ -1,0 +1,418 @@
+/* attention_cpu.c: the CPU kernels of the attention core (c/attention.h), float32 and float64: this file includes
+ * itself once per dtype (AT_T, with accumulators of the same type).
+ *
+ * Forward: flash-style. A task is (z, kv head, block of BM query rows) and covers the G query heads that share
+ * the kv head; for each block of BN keys it transposes K into a D x BN buffer (so that the scores of a row are
+ * one vectorised loop over keys), then per row: scores, online softmax (running max m, sum l), acc += P V.
+ * Backward: a task is one or more whole (z, kv head) problems; per key block (K and V transposed), per query
+ * head of the group and row: S, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), delta = rowsum(dO * O),
+ * dV += P dO, dK += scale dS q, dQ += scale dS K, dBias += dS. Every sum runs in a fixed order whatever the
+ * thread count: grad_k/grad_v/grad_q are owned by the task of their (z, kv head); grad_bias by the task that
+ * owns the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in chunks of a
+ * count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order). */
+#ifndef AT_T
+#pragma GCC optimize("no-trapping-math")
+#include "internal.h"
+#include "attention.h"
+#include <stdlib.h>
+
+enum { BN = 64, BM = 32 };
+
+/* element offset of batch index z (row-major over g->bs) for strides s */
+static inline int64_t zoff(const fa_attn_geom *g, const fa_attn_strides *s, int64_t z) {
+  int64_t off = 0;
+  for (int d = g->nb - 1; d >= 0; d--) {
+    off += (z % g->bs[d]) * s->b[d];
+    z /= g->bs[d];
+  }
+  return off;
+}
+
+/* dropout: 1/(1-p) where weight e = ((z*H + h)*Lq + i)*Lk + j0 + c is kept, 0 where dropped (c < n) */
+static inline void keep_factors_common(const fa_attn_geom *g, uint64_t e, int64_t n, double *f) {
+  double p = g->dropout, s = 1.0 / (1.0 - p);
+  uint32_t r[4];
+  uint64_t blk = UINT64_MAX;
+  for (int64_t c = 0; c < n; c++, e++) {
+    if ((e >> 2) != blk) {
+      blk = e >> 2;
+      fa_philox(g->seed, g->offset + blk, r);
+    }
+    double u = (double)(r[e & 3] >> 8) * (1.0 / 16777216.0);
+    f[c] = u >= p ? s : 0.0;
+  }
+}
+
+/* the grad_bias ownership: the (z, kv head) problems as dims (bs[0..nb), Hkv); a dim is owned when the bias
+ * has its own elements along it (gbias stride != 0), else looped inside a task */
+typedef struct {
+  int nd;
+  int64_t size[FA_ATTN_MAX_BATCH + 1];
+  int owned[FA_ATTN_MAX_BATCH + 1];
+  int64_t n_owned, n_inner, chunks, chunk_len;
+} attn_plan;
+
+static void make_plan(const fa_attn_geom *g, int by_bias, int64_t gbias_elems, attn_plan *p) {
+  p->nd = g->nb + 1;
+  p->n_owned = p->n_inner = 1;
+  for (int d = 0; d < p->nd; d++) {
+    p->size[d] = d < g->nb ? g->bs[d] : g->Hkv;
+    p->owned[d] = !by_bias || (d < g->nb ? g->gbias.b[d] != 0 : g->gbias.h != 0);
+    if (p->owned[d]) p->n_owned *= p->size[d];
+    else p->n_inner *= p->size[d];
+  }
+  /* chunks of the inner loop: enough tasks for many threads, from the shapes only (never the thread count) */
+  int64_t c = p->n_owned >= 64 ? 1 : (64 + p->n_owned - 1) / p->n_owned;
+  if (c > p->n_inner) c = p->n_inner;
+  while (c > 1 && (double)c * (double)gbias_elems * 8.0 > (double)(1 << 28)) c /= 2;
+  if (c < 1) c = 1;
+  p->chunk_len = (p->n_inner + c - 1) / c;
+  p->chunks = p->n_inner > 0 ? (p->n_inner + p->chunk_len - 1) / p->chunk_len : 1;
+}
+
+/* problem (z, kv head) from an owned index and an inner index */
+static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, int64_t *kvh) {
+  int64_t idx[FA_ATTN_MAX_BATCH + 1];
+  for (int d = p->nd - 1; d >= 0; d--) {
+    if (p->owned[d]) { idx[d] = o % p->size[d]; o /= p->size[d]; }
+    else { idx[d] = in % p->size[d]; in /= p->size[d]; }
+  }
+  int64_t zz = 0;
+  for (int d = 0; d < p->nd - 1; d++) zz = zz * p->size[d] + idx[d];
+  *z = zz;
+  *kvh = idx[p->nd - 1];
+}
+
+#define AT_T float
+#define AT_S(name) name##_f32
+#define AT_EXP(x) fa_fast_expf(x)
+#define AT_LOG(x) logf(x)
+#include "attention_cpu.c"
+#undef AT_T
+#undef AT_S
+#undef AT_EXP
+#undef AT_LOG
+#define AT_T double
+#define AT_S(name) name##_f64
+#define AT_EXP(x) exp(x)
+#define AT_LOG(x) log(x)
+#include "attention_cpu.c"
+
+int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
+                        const void *bias, const void *mask) {
+  if (g->dtype == FA_FLOAT64) return fwd_f64(g, out, lse, q, k, v, bias, mask);
+  return fwd_f32(g, out, lse, q, k, v, bias, mask);
+}
+
+int fa_attn_cpu_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, void *grad_bias,
+                         const void *grad_out, const void *q, const void *k, const void *v, const void *out,
+                         const void *lse, const void *bias, const void *mask) {
+  if (g->dtype == FA_FLOAT64)
+    return bwd_f64(g, grad_q, grad_k, grad_v, grad_bias, grad_out, q, k, v, out, lse, bias, mask);
+  return bwd_f32(g, grad_q, grad_k, grad_v, grad_bias, grad_out, q, k, v, out, lse, bias, mask);
+}
+
+#else /* ------------------------------------------------------------------ one dtype: AT_T */
+typedef AT_T AT_S(T);
+#define T AT_S(T)
+
+/* sum_d a[d] b[d] in a fixed order (8 partial sums) */
+static inline T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
+  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int c = 0; c < 8; c++) s[c] += a[d + c] * b[d + c];
+  for (int c = 0; d < D; d++, c++) s[c] += a[d] * b[d];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* dst[d][c] = src[c * rs + d] for c < n (zero-padded to BN columns): a block of K or V, transposed */
+static inline void AT_S(transpose)(T *restrict dst, const T *restrict src, int64_t rs, int64_t n, int64_t D) {
+  for (int64_t c = 0; c < n; c++)
+    for (int64_t d = 0; d < D; d++) dst[d * BN + c] = src[c * rs + d];
+  for (int64_t c = n; c < BN; c++)
+    for (int64_t d = 0; d < D; d++) dst[d * BN + c] = 0;
+}
+
+/* s[c] = sum_d x[d] * kt[d][c], c < BN */
+static inline void AT_S(scores)(T *restrict s, const T *restrict x, const T *restrict kt, int64_t D) {
+  for (int c = 0; c < BN; c++) s[c] = 0;
+  for (int64_t d = 0; d < D; d++) {
+    T xd = x[d];
+    const T *restrict kr = kt + d * BN;
+    for (int c = 0; c < BN; c++) s[c] += xd * kr[c];
+  }
+}
+
+/* s = scale * s + bias, with the mask, for the n valid keys of a block of row (z, h, i); masked keys -inf */
+static inline void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n, const T *bias, int64_t boff,
+                                const void *mask, int64_t moff, int64_t j0) {
+  T sc = (T)g->scale;
+  for (int64_t c = 0; c < n; c++) s[c] *= sc;
+  if (bias) {
+    int64_t bc = g->bias.c;
+    const T *b = bias + boff + j0 * bc;
+    if (bc == 1) for (int64_t c = 0; c < n; c++) s[c] += b[c];
+    else for (int64_t c = 0; c < n; c++) s[c] += b[c * bc];
+  }
+  if (g->mask_mode == 1) {
+    const uint8_t *m = (const uint8_t *)mask + moff + j0 * g->mask.c;
+    int64_t mc = g->mask.c;
+    for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -(T)INFINITY;
+  } else if (g->mask_mode == 2) {
+    const T *m = (const T *)mask + moff + j0 * g->mask.c;
+    int64_t mc = g->mask.c;
+    T ms = (T)g->mask_scale;
+    for (int64_t c = 0; c < n; c++) s[c] += ms * (m[c * mc] - (T)1);
+  }
+}
+
+/* ------------------------------------------------------------------ forward */
+/* scratch per thread: kt (D x BN), s (BN), keep (BN), m, l (G*BM), acc (G*BM x D) */
+static void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v, const T *bias,
+                           const void *mask, int64_t z, int64_t kvh, int64_t i0, int64_t nr, T *scr, double *keep) {
+  const int64_t D = g->D, Lk = g->Lk, G = g->H / g->Hkv, R = G * nr;
+  T *kt = scr, *s = kt + D * BN, *m = s + BN, *l = m + G * BM, *acc = l + G * BM;
+  const T *kz = k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + zoff(g, &g->v, z) + kvh * g->v.h;
+  int64_t qz = zoff(g, &g->q, z), bz = bias ? zoff(g, &g->bias, z) : 0, mz = mask ? zoff(g, &g->mask, z) : 0;
+  for (int64_t r = 0; r < R; r++) { m[r] = -(T)INFINITY; l[r] = 0; }
+  for (int64_t e = 0; e < R * D; e++) acc[e] = 0;
+  for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN;
+    AT_S(transpose)(kt, kz + j0 * g->k.r, g->k.r, n, D);
+    for (int64_t gi = 0; gi < G; gi++) {
+      int64_t h = kvh * G + gi;
+      for (int64_t ii = 0; ii < nr; ii++) {
+        int64_t i = i0 + ii, r = gi * nr + ii;
+        AT_S(scores)(s, q + qz + h * g->q.h + i * g->q.r, kt, D);
+        AT_S(logits)(g, s, n, bias, bz + h * g->bias.h + i * g->bias.r, mask, mz + h * g->mask.h + i * g->mask.r, j0);
+        T mx = m[r];
+        for (int64_t c = 0; c < n; c++) mx = s[c] > mx ? s[c] : mx;
+        if (mx == -(T)INFINITY) continue; /* every key so far left out */
+        T corr = AT_EXP(m[r] - mx), sum = 0;
+        m[r] = mx;
+        for (int64_t c = 0; c < n; c++) s[c] = AT_EXP(s[c] - mx);
+        for (int64_t c = 0; c < n; c++) sum += s[c];
+        l[r] = l[r] * corr + sum;
+        T *a = acc + r * D;
+        if (corr != 1) for (int64_t d = 0; d < D; d++) a[d] *= corr;
+        if (g->dropout > 0) {
+          keep_factors_common(g, (((uint64_t)z * g->H + h) * g->Lq + i) * Lk + j0, n, keep);
+          for (int64_t c = 0; c < n; c++) s[c] *= (T)keep[c];
+        }
+        for (int64_t c = 0; c < n; c++) {
+          T p = s[c];
+          const T *vr = vz + (j0 + c) * g->v.r;
+          for (int64_t d = 0; d < D; d++) a[d] += p * vr[d];
+        }
+      }
+    }
+  }
+  int64_t oz = zoff(g, &g->o, z), lz = zoff(g, &g->lse, z);
+  for (int64_t gi = 0; gi < G; gi++) {
+    int64_t h = kvh * G + gi;
+    for (int64_t ii = 0; ii < nr; ii++) {
+      int64_t i = i0 + ii, r = gi * nr + ii;
+      T *o = out + oz + h * g->o.h + i * g->o.r, *a = acc + r * D;
+      if (l[r] > 0) {
+        T inv = 1 / l[r];
+        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+        lse[lz + h * g->lse.h + i * g->lse.r] = m[r] + AT_LOG(l[r]);
+      } else { /* every key left out: mean(V), zeros when Lk = 0 */
+        for (int64_t d = 0; d < D; d++) a[d] = 0;
+        for (int64_t j = 0; j < Lk; j++)
+          for (int64_t d = 0; d < D; d++) a[d] += vz[j * g->v.r + d];
+        T inv = Lk > 0 ? 1 / (T)Lk : 0;
+        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+        lse[lz + h * g->lse.h + i * g->lse.r] = -(T)INFINITY;
+      }
+    }
+  }
+}
+
+FA_HOT_CLONES static void AT_S(fwd_range)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v,
+                                          const T *bias, const void *mask, int64_t t, T *scr, double *keep) {
+  int64_t nblk = (g->Lq + BM - 1) / BM, zk = t / nblk, i0 = (t % nblk) * BM;
+  int64_t nr = g->Lq - i0 < BM ? g->Lq - i0 : BM;
+  AT_S(fwd_task)(g, out, lse, q, k, v, bias, mask, zk / g->Hkv, zk % g->Hkv, i0, nr, scr, keep);
+}
+
+static int AT_S(fwd)(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
+                     const void *bias, const void *mask) {
+  int64_t G = g->H / g->Hkv, nblk = (g->Lq + BM - 1) / BM, tasks = g->Z * g->Hkv * nblk;
+  int64_t per = g->D * BN + BN + 2 * G * BM + G * BM * g->D + 16; /* elements of T */
+  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64;       /* bytes, + keep */
+  int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
+  int threads = par ? fa_max_threads() : 1;
+  char *scr = (char *)fa_alloc(FA_CPU, per * threads);
+  if (!scr) return FA_ERR_MEMORY;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int64_t t = 0; t < tasks; t++) {
+    char *mine = scr + per * fa_thread_id();
+    AT_S(fwd_range)(g, (T *)out, (T *)lse, (const T *)q, (const T *)k, (const T *)v, (const T *)bias, mask, t,
+                    (T *)(mine + BN * 8), (double *)mine);
+  }
+  fa_free(FA_CPU, scr);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ backward */
+typedef struct {
+  T *gq, *gk, *gv, *gb;
+  const T *go, *q, *k, *v, *o, *lse, *bias;
+  const void *mask;
+} AT_S(bwd_bufs);
+
+/* scratch per thread: kt, vt (D x BN), s, dp (BN), dk, dv (BN x D), delta (G*Lq); keep (BN doubles) apart */
+static void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb, int64_t z, int64_t kvh, T *scr,
+                              double *keep) {
+  const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
+  T *kt = scr, *vt = kt + D * BN, *s = vt + D * BN, *dp = s + BN, *dk = dp + BN, *dv = dk + BN * D, *delta = dv + BN * D;
+  const T *kz = b->k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + zoff(g, &g->v, z) + kvh * g->v.h;
+  int64_t qz = zoff(g, &g->q, z), goz = zoff(g, &g->go, z), oz = zoff(g, &g->o, z), lz = zoff(g, &g->lse, z);
+  int64_t bz = b->bias ? zoff(g, &g->bias, z) : 0, mz = b->mask ? zoff(g, &g->mask, z) : 0;
+  int64_t gqz = b->gq ? zoff(g, &g->gq, z) : 0, gbz = gb ? zoff(g, &g->gbias, z) : 0;
+  T sc = (T)g->scale;
+  for (int64_t gi = 0; gi < G; gi++) {
+    int64_t h = kvh * G + gi;
+    for (int64_t i = 0; i < Lq; i++) {
+      delta[gi * Lq + i] = AT_S(dot)(b->go + goz + h * g->go.h + i * g->go.r, b->o + oz + h * g->o.h + i * g->o.r, D);
+      if (b->gq) {
+        T *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
+        for (int64_t d = 0; d < D; d++) dq[d] = 0;
+      }
+    }
+  }
+  for (int64_t j0 = 0; j0 < Lk || (j0 == 0 && Lk == 0); j0 += BN) {
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN;
+    if (n > 0) {
+      AT_S(transpose)(kt, kz + j0 * g->k.r, g->k.r, n, D);
+      AT_S(transpose)(vt, vz + j0 * g->v.r, g->v.r, n, D);
+    }
+    for (int64_t e = 0; e < BN * D; e++) dk[e] = dv[e] = 0;
+    for (int64_t gi = 0; gi < G && n > 0; gi++) {
+      int64_t h = kvh * G + gi;
+      for (int64_t i = 0; i < Lq; i++) {
+        const T *qi = b->q + qz + h * g->q.h + i * g->q.r, *doi = b->go + goz + h * g->go.h + i * g->go.r;
+        T L = b->lse[lz + h * g->lse.h + i * g->lse.r];
+        if (L == -(T)INFINITY) { /* every key left out: P = 1/Lk, dS = 0 */
+          T p = 1 / (T)Lk;
+          for (int64_t c = 0; c < n; c++)
+            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
+          continue;
+        }
+        AT_S(scores)(s, qi, kt, D);
+        AT_S(logits)(g, s, n, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask, mz + h * g->mask.h + i * g->mask.r, j0);
+        for (int64_t c = 0; c < n; c++) s[c] = AT_EXP(s[c] - L); /* P */
+        AT_S(scores)(dp, doi, vt, D);                              /* dO V^T */
+        if (g->dropout > 0) {
+          keep_factors_common(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
+          for (int64_t c = 0; c < n; c++) dp[c] *= (T)keep[c];
+          /* dV with the dropped weights */
+          for (int64_t c = 0; c < n; c++) {
+            T p = s[c] * (T)keep[c];
+            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
+          }
+        } else {
+          for (int64_t c = 0; c < n; c++) {
+            T p = s[c];
+            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
+          }
+        }
+        T dl = delta[gi * Lq + i];
+        for (int64_t c = 0; c < n; c++) s[c] = s[c] * (dp[c] - dl); /* dS */
+        if (gb) {
+          int64_t bc = g->gbias.c;
+          T *gr = gb + gbz + h * g->gbias.h + i * g->gbias.r + j0 * bc;
+          if (bc == 1) for (int64_t c = 0; c < n; c++) gr[c] += s[c];
+          else for (int64_t c = 0; c < n; c++) gr[c * bc] += s[c];
+        }
+        for (int64_t c = 0; c < n; c++) {
+          T ds = s[c] * sc;
+          for (int64_t d = 0; d < D; d++) dk[c * D + d] += ds * qi[d];
+        }
+        if (b->gq) {
+          T *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
+          for (int64_t c = 0; c < n; c++) {
+            T ds = s[c] * sc;
+            const T *kr = kz + (j0 + c) * g->k.r;
+            for (int64_t d = 0; d < D; d++) dq[d] += ds * kr[d];
+          }
+        }
+      }
+    }
+    if (b->gk) {
+      T *o = b->gk + zoff(g, &g->gk, z) + kvh * g->gk.h;
+      for (int64_t c = 0; c < n; c++)
+        for (int64_t d = 0; d < D; d++) o[(j0 + c) * g->gk.r + d] = dk[c * D + d];
+    }
+    if (b->gv) {
+      T *o = b->gv + zoff(g, &g->gv, z) + kvh * g->gv.h;
+      for (int64_t c = 0; c < n; c++)
+        for (int64_t d = 0; d < D; d++) o[(j0 + c) * g->gv.r + d] = dv[c * D + d];
+    }
+    if (Lk == 0) break;
+  }
+}
+
+FA_HOT_CLONES static void AT_S(bwd_task)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, const attn_plan *p, int64_t t,
+                                         T *gb, T *scr, double *keep) {
+  int64_t o = t / p->chunks, c = t % p->chunks, in0 = c * p->chunk_len;
+  int64_t in1 = in0 + p->chunk_len < p->n_inner ? in0 + p->chunk_len : p->n_inner;
+  for (int64_t in = in0; in < in1; in++) {
+    int64_t z, kvh;
+    plan_problem(p, o, in, &z, &kvh);
+    AT_S(bwd_problem)(g, b, gb, z, kvh, scr, keep);
+  }
+}
+
+static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *gb, const void *go, const void *q,
+                     const void *k, const void *v, const void *o, const void *lse, const void *bias, const void *mask) {
+  AT_S(bwd_bufs) b = {(T *)gq, (T *)gk, (T *)gv, (T *)gb, (const T *)go, (const T *)q, (const T *)k, (const T *)v,
+                      (const T *)o, (const T *)lse, (const T *)bias, mask};
+  if (g->Z * g->Hkv == 0) return 0;
+  /* grad_bias elements: the span of the dense buffer */
+  int64_t gbn = 1;
+  if (gb) {
+    int64_t last = 0;
+    for (int d = 0; d < g->nb; d++) last += (g->bs[d] - 1) * g->gbias.b[d];
+    last += (g->H - 1) * g->gbias.h + (g->Lq - 1) * g->gbias.r + (g->Lk - 1) * g->gbias.c;
+    gbn = g->Lq > 0 && g->Lk > 0 ? last + 1 : 1;
+  }
+  attn_plan p;
+  make_plan(g, gb != NULL, gbn, &p);
+  int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
+  int64_t per = 2 * g->D * BN + 2 * BN + 2 * BN * g->D + G * g->Lq + 16;
+  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64;
+  int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
+  int threads = par ? fa_max_threads() : 1;
+  int partial = gb && p.chunks > 1;
+  char *scr = (char *)fa_alloc(FA_CPU, per * threads);
+  T *parts = partial ? (T *)fa_alloc(FA_CPU, (int64_t)sizeof(T) * gbn * p.chunks) : NULL;
+  if (!scr || (partial && !parts)) {
+    fa_free(FA_CPU, scr);
+    fa_free(FA_CPU, parts);
+    return FA_ERR_MEMORY;
+  }
+  if (partial) memset(parts, 0, sizeof(T) * gbn * p.chunks);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+  for (int64_t t = 0; t < tasks; t++) {
+    char *mine = scr + per * fa_thread_id();
+    T *dst = partial ? parts + (t % p.chunks) * gbn : (T *)gb;
+    AT_S(bwd_task)(g, &b, &p, t, dst, (T *)(mine + BN * 8), (double *)mine);
+  }
+  if (partial) {
+    T *out = (T *)gb;
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t e = 0; e < gbn; e++) {
+      T s = 0;
+      for (int64_t c = 0; c < p.chunks; c++) s += parts[c * gbn + e];
+      out[e] = s;
+    }
+  }
+  fa_free(FA_CPU, parts);
+  fa_free(FA_CPU, scr);
+  return 0;
+}
+#undef T
+#endif
