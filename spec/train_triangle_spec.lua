@@ -83,7 +83,7 @@ describe('examples/train_triangle.lua', function()
     assert.are.equal(0, code)
     assert.matches('^train_triangle%.lua: trains a small pair model with triangle attention', out)
     for _, want in ipairs({ 'usage: bin/fastattn examples/train_triangle.lua [options]', '--steps N', '(default 300)',
-                            '--device cpu|cuda', '--plot FILE', '--no-baseline', '`make demo-triangle` runs it' }) do
+                            '--device cpu|cuda', '--plot FILE', '--no_baseline', '`make demo-triangle` runs it' }) do
       assert(out:find(want, 1, true), 'help lacks ' .. want .. ':\n' .. out)
     end
     out, code = run('--steps abc')
