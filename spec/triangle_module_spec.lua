@@ -278,8 +278,12 @@ describe('nn.TriangleAttention', function()
       local g = m:backward(inp, c.grad_output:float())[1]
       local o2 = m:forward(inp)
       local g2 = m:backward(inp, c.grad_output:float())[1]
+      local lse = m._lse
       assert.are.equal(out, o2)
       assert.are.equal(g, g2)
+      m:forward(inp)
+      assert.are.equal(lse, m._lse)
+      assert.are.equal('float32', lse:dtype())
     end)
 
     it('backward before forward, and a backward of another size, are refused', function()
@@ -298,7 +302,8 @@ describe('nn.TriangleAttention', function()
         { function() nn.TriangleAttention{ c_hidden = 2.5 } end, "fa.nn.TriangleAttention: argument 'c_hidden': expected an integer >= 1, got 2.5" },
         { function() nn.TriangleAttention{ no_heads = 'four' } end, "fa.nn.TriangleAttention: argument 'no_heads': expected an integer >= 1, got \"four\"" },
         { function() nn.TriangleAttention{ starting = 1 } end, "fa.nn.TriangleAttention: argument 'starting': expected true or false, got 1" },
-        { function() nn.TriangleAttention{ inf = -1 } end, "fa.nn.TriangleAttention: argument 'inf': expected a positive number, got -1" },
+        { function() nn.TriangleAttention{ inf = -1 } end, "fa.nn.TriangleAttention: argument 'inf': expected a finite positive number, got -1" },
+        { function() nn.TriangleAttention{ inf = math.huge } end, "fa.nn.TriangleAttention: argument 'inf': expected a finite positive number, got inf" },
         { function() nn.TriangleAttention{ inf = 0 / 0 } end, "fa.nn.TriangleAttention: argument 'inf': expected a number, got nan" },
         { function() nn.TriangleAttention{ exact_mask = 'yes' } end, "fa.nn.TriangleAttention: argument 'exact_mask': expected true or false, got \"yes\"" },
         { function() nn.TriangleAttention{ heads = 4 } end, "fa.nn.TriangleAttention: argument 'opts': unknown option \"heads\" (known: c_hidden, c_in, exact_mask, inf, no_heads, starting)" },

@@ -56,7 +56,7 @@ function TriangleAttention:__init(opts)
   self.no_heads = int_opt('no_heads', 4)
   self.starting = E.boolean(NEW, 'starting', opts.starting, true) ~= false
   self.inf = E.number(NEW, 'inf', opts.inf, true) or 1e9
-  if not (self.inf > 0) then E.argv(NEW, 'inf', 'a positive number', self.inf) end
+  if not (self.inf > 0 and self.inf < math.huge) then E.argv(NEW, 'inf', 'a finite positive number', self.inf) end
   self.exact_mask = E.boolean(NEW, 'exact_mask', opts.exact_mask, true) or false
   local c, hd = self.c_in, self.c_hidden * self.no_heads
   local n = (c + 1) * (3 * hd + 2 * hd + self.no_heads + 2) + hd * c
@@ -176,9 +176,12 @@ function TriangleAttention:updateOutput(input)
   local ov = o:permute(p1, p2, p3, p4, p5)
   self._fwdOpts = self._fwdOpts or {}
   local fo = self:_opts(self._fwdOpts)
-  fo.out = ov
-  local _, lse = fa.triangle_attention(q, k, v, bias, m, fo)
-  fo.out = nil
+  -- the log-sum-exp kept for the backward: float64 for float64, else float32
+  local DT = fa.dtypes
+  local lse = nn._buffer(self._lse, { B, H, N, N }, z.desc.dtype == DT.float64 and DT.float64 or DT.float32, z.desc.device)
+  fo.out, fo.lse = ov, lse
+  fa.triangle_attention(q, k, v, bias, m, fo)
+  fo.out, fo.lse = nil, nil
   self._q, self._k, self._v, self._mask, self._ov, self._lse = q, k, v, m, ov, lse
 
   -- gate and output projection
