@@ -16,7 +16,12 @@
 #include "attention.h"
 #include <stdlib.h>
 
-enum { BN = 64, BM = 32 };
+/* c/matmul.c: single-threaded BLAS (row-major C = alpha op(A) op(B) + beta C), deterministic for given shapes */
+void fa_blas_single_thread(void);
+void fa_cpu_gemm(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
+
+enum { BN = 256, BM = 128 }; /* keys and query rows per block */
 
 /* element offset of batch index z (row-major over g->bs) for strides s */
 static inline int64_t zoff(const fa_attn_geom *g, const fa_attn_strides *s, int64_t z) {
@@ -83,9 +88,29 @@ static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, 
   *kvh = idx[p->nd - 1];
 }
 
+/* exp for arguments <= 0 (a logit minus the row max or the lse; tiny positive roundings are fine): fa_fast_expf
+ * without its upper clamp (Cephes' expf, within about 1 ulp); 0 below -87.3 and for -inf, NaN stays NaN */
+static inline float exp_nonpos_f(float x) {
+  float xc = x < -87.3f ? -87.3f : x;
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float sc;
+  memcpy(&sc, &bits, 4);
+  return x < -87.3f ? 0.0f : p * sc;
+}
+
 #define AT_T float
 #define AT_S(name) name##_f32
-#define AT_EXP(x) fa_fast_expf(x)
+#define AT_EXP(x) exp_nonpos_f(x)
 #define AT_LOG(x) logf(x)
 #include "attention_cpu.c"
 #undef AT_T
@@ -115,9 +140,11 @@ int fa_attn_cpu_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void
 #else /* ------------------------------------------------------------------ one dtype: AT_T */
 typedef AT_T AT_S(T);
 #define T AT_S(T)
+#define AI static inline __attribute__((always_inline))
+#define DBL (sizeof(T) == 8)
 
 /* sum_d a[d] b[d] in a fixed order (8 partial sums) */
-static inline T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
+AI T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
   T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
@@ -126,29 +153,27 @@ static inline T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-/* dst[d][c] = src[c * rs + d] for c < n (zero-padded to BN columns): a block of K or V, transposed */
-static inline void AT_S(transpose)(T *restrict dst, const T *restrict src, int64_t rs, int64_t n, int64_t D) {
-  for (int64_t c = 0; c < n; c++)
-    for (int64_t d = 0; d < D; d++) dst[d * BN + c] = src[c * rs + d];
-  for (int64_t c = n; c < BN; c++)
-    for (int64_t d = 0; d < D; d++) dst[d * BN + c] = 0;
+/* max (NaNs ignored, -inf init) and sum of s[0..n8) (n8 a multiple of 8) with 8 lanes: vectorised, the sum in a
+ * fixed order */
+AI T AT_S(max8)(const T *restrict s, int64_t n8, T init) {
+  T m[8];
+  for (int t = 0; t < 8; t++) m[t] = init;
+  for (int64_t c = 0; c < n8; c += 8)
+    for (int t = 0; t < 8; t++) m[t] = s[c + t] > m[t] ? s[c + t] : m[t];
+  for (int t = 1; t < 8; t++) m[0] = m[t] > m[0] ? m[t] : m[0];
+  return m[0];
+}
+AI T AT_S(sum8)(const T *restrict s, int64_t n8) {
+  T a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t c = 0; c < n8; c += 8)
+    for (int t = 0; t < 8; t++) a[t] += s[c + t];
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-/* s[c] = sum_d x[d] * kt[d][c], c < BN */
-static inline void AT_S(scores)(T *restrict s, const T *restrict x, const T *restrict kt, int64_t D) {
-  for (int c = 0; c < BN; c++) s[c] = 0;
-  for (int64_t d = 0; d < D; d++) {
-    T xd = x[d];
-    const T *restrict kr = kt + d * BN;
-    for (int c = 0; c < BN; c++) s[c] += xd * kr[c];
-  }
-}
-
-/* s = scale * s + bias, with the mask, for the n valid keys of a block of row (z, h, i); masked keys -inf */
-static inline void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n, const T *bias, int64_t boff,
-                                const void *mask, int64_t moff, int64_t j0) {
-  T sc = (T)g->scale;
-  for (int64_t c = 0; c < n; c++) s[c] *= sc;
+/* s (the scaled scores of keys j0..j0+n of row (z, h, i)) += bias, with the mask; keys left out get -inf, and so
+ * do the pad entries up to n8 */
+AI void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n, int64_t n8, const T *bias, int64_t boff,
+                     const void *mask, int64_t moff, int64_t j0) {
   if (bias) {
     int64_t bc = g->bias.c;
     const T *b = bias + boff + j0 * bc;
@@ -156,96 +181,98 @@ static inline void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n,
     else for (int64_t c = 0; c < n; c++) s[c] += b[c * bc];
   }
   if (g->mask_mode == 1) {
-    const uint8_t *m = (const uint8_t *)mask + moff + j0 * g->mask.c;
     int64_t mc = g->mask.c;
-    for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -(T)INFINITY;
+    const uint8_t *m = (const uint8_t *)mask + moff + j0 * mc;
+    if (mc == 1) for (int64_t c = 0; c < n; c++) s[c] = m[c] ? s[c] : -(T)INFINITY;
+    else for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -(T)INFINITY;
   } else if (g->mask_mode == 2) {
-    const T *m = (const T *)mask + moff + j0 * g->mask.c;
     int64_t mc = g->mask.c;
+    const T *m = (const T *)mask + moff + j0 * mc;
     T ms = (T)g->mask_scale;
     for (int64_t c = 0; c < n; c++) s[c] += ms * (m[c * mc] - (T)1);
   }
+  for (int64_t c = n; c < n8; c++) s[c] = -(T)INFINITY;
 }
 
 /* ------------------------------------------------------------------ forward */
-/* scratch per thread: kt (D x BN), s (BN), keep (BN), m, l (G*BM), acc (G*BM x D) */
-static void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v, const T *bias,
-                           const void *mask, int64_t z, int64_t kvh, int64_t i0, int64_t nr, T *scr, double *keep) {
-  const int64_t D = g->D, Lk = g->Lk, G = g->H / g->Hkv, R = G * nr;
-  T *kt = scr, *s = kt + D * BN, *m = s + BN, *l = m + G * BM, *acc = l + G * BM;
+/* one task: rows i0..i0+nr of (z, h). Scratch: S (BM x BN), acc (BM x D), m, l (BM); keep (BN doubles) */
+AI void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v, const T *bias,
+                       const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, T *scr, double *keep) {
+  const int64_t D = g->D, Lk = g->Lk, kvh = h / (g->H / g->Hkv);
+  T *S = scr, *acc = S + BM * BN, *m = acc + BM * D, *l = m + BM;
   const T *kz = k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + zoff(g, &g->v, z) + kvh * g->v.h;
-  int64_t qz = zoff(g, &g->q, z), bz = bias ? zoff(g, &g->bias, z) : 0, mz = mask ? zoff(g, &g->mask, z) : 0;
-  for (int64_t r = 0; r < R; r++) { m[r] = -(T)INFINITY; l[r] = 0; }
-  for (int64_t e = 0; e < R * D; e++) acc[e] = 0;
+  const T *qb = q + zoff(g, &g->q, z) + h * g->q.h + i0 * g->q.r;
+  int64_t bz = bias ? zoff(g, &g->bias, z) + h * g->bias.h : 0, mz = mask ? zoff(g, &g->mask, z) + h * g->mask.h : 0;
+  for (int64_t r = 0; r < nr; r++) { m[r] = -(T)INFINITY; l[r] = 0; }
+  for (int64_t e = 0; e < nr * D; e++) acc[e] = 0;
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
-    int64_t n = Lk - j0 < BN ? Lk - j0 : BN;
-    AT_S(transpose)(kt, kz + j0 * g->k.r, g->k.r, n, D);
-    for (int64_t gi = 0; gi < G; gi++) {
-      int64_t h = kvh * G + gi;
-      for (int64_t ii = 0; ii < nr; ii++) {
-        int64_t i = i0 + ii, r = gi * nr + ii;
-        AT_S(scores)(s, q + qz + h * g->q.h + i * g->q.r, kt, D);
-        AT_S(logits)(g, s, n, bias, bz + h * g->bias.h + i * g->bias.r, mask, mz + h * g->mask.h + i * g->mask.r, j0);
-        T mx = m[r];
-        for (int64_t c = 0; c < n; c++) mx = s[c] > mx ? s[c] : mx;
-        if (mx == -(T)INFINITY) continue; /* every key so far left out */
-        T corr = AT_EXP(m[r] - mx), sum = 0;
-        m[r] = mx;
-        for (int64_t c = 0; c < n; c++) s[c] = AT_EXP(s[c] - mx);
-        for (int64_t c = 0; c < n; c++) sum += s[c];
-        l[r] = l[r] * corr + sum;
-        T *a = acc + r * D;
-        if (corr != 1) for (int64_t d = 0; d < D; d++) a[d] *= corr;
-        if (g->dropout > 0) {
-          keep_factors_common(g, (((uint64_t)z * g->H + h) * g->Lq + i) * Lk + j0, n, keep);
-          for (int64_t c = 0; c < n; c++) s[c] *= (T)keep[c];
-        }
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
+    fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, g->q.r, kz + j0 * g->k.r, g->k.r, 0, S, BN);
+    for (int64_t r = 0; r < nr; r++) {
+      int64_t i = i0 + r;
+      T *st = S + r * BN;
+      AT_S(logits)(g, st, n, n8, bias, bz + i * g->bias.r, mask, mz + i * g->mask.r, j0);
+      T mx = AT_S(max8)(st, n8, m[r]);
+      if (mx == -(T)INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
+        int nan = 0;
         for (int64_t c = 0; c < n; c++) {
-          T p = s[c];
-          const T *vr = vz + (j0 + c) * g->v.r;
-          for (int64_t d = 0; d < D; d++) a[d] += p * vr[d];
+          nan |= st[c] != st[c];
+          st[c] = 0;
         }
+        if (nan) m[r] = l[r] = (T)NAN;
+        continue;
+      }
+      T corr = AT_EXP(m[r] - mx);
+      m[r] = mx;
+      for (int64_t c = 0; c < n8; c++) st[c] = AT_EXP(st[c] - mx);
+      l[r] = l[r] * corr + AT_S(sum8)(st, n8);
+      if (corr != 1) {
+        T *a = acc + r * D;
+        for (int64_t d = 0; d < D; d++) a[d] *= corr;
+      }
+      if (g->dropout > 0) {
+        keep_factors_common(g, (((uint64_t)z * g->H + h) * g->Lq + i) * Lk + j0, n, keep);
+        for (int64_t c = 0; c < n; c++) st[c] *= (T)keep[c];
       }
     }
+    fa_cpu_gemm(DBL, 0, 0, nr, D, n, 1, S, BN, vz + j0 * g->v.r, g->v.r, 1, acc, D);
   }
-  int64_t oz = zoff(g, &g->o, z), lz = zoff(g, &g->lse, z);
-  for (int64_t gi = 0; gi < G; gi++) {
-    int64_t h = kvh * G + gi;
-    for (int64_t ii = 0; ii < nr; ii++) {
-      int64_t i = i0 + ii, r = gi * nr + ii;
-      T *o = out + oz + h * g->o.h + i * g->o.r, *a = acc + r * D;
-      if (l[r] > 0) {
-        T inv = 1 / l[r];
-        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-        lse[lz + h * g->lse.h + i * g->lse.r] = m[r] + AT_LOG(l[r]);
-      } else { /* every key left out: mean(V), zeros when Lk = 0 */
-        for (int64_t d = 0; d < D; d++) a[d] = 0;
-        for (int64_t j = 0; j < Lk; j++)
-          for (int64_t d = 0; d < D; d++) a[d] += vz[j * g->v.r + d];
-        T inv = Lk > 0 ? 1 / (T)Lk : 0;
-        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-        lse[lz + h * g->lse.h + i * g->lse.r] = -(T)INFINITY;
-      }
+  int64_t ob = zoff(g, &g->o, z) + h * g->o.h, lb = zoff(g, &g->lse, z) + h * g->lse.h;
+  for (int64_t r = 0; r < nr; r++) {
+    int64_t i = i0 + r;
+    T *o = out + ob + i * g->o.r, *a = acc + r * D;
+    if (m[r] != -(T)INFINITY) {
+      T inv = 1 / l[r];
+      for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+      lse[lb + i * g->lse.r] = m[r] + AT_LOG(l[r]);
+    } else { /* every key left out: mean(V), zeros when Lk = 0 */
+      for (int64_t d = 0; d < D; d++) a[d] = 0;
+      for (int64_t j = 0; j < Lk; j++)
+        for (int64_t d = 0; d < D; d++) a[d] += vz[j * g->v.r + d];
+      T inv = Lk > 0 ? 1 / (T)Lk : 0;
+      for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+      lse[lb + i * g->lse.r] = -(T)INFINITY;
     }
   }
 }
 
 FA_HOT_CLONES static void AT_S(fwd_range)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v,
                                           const T *bias, const void *mask, int64_t t, T *scr, double *keep) {
-  int64_t nblk = (g->Lq + BM - 1) / BM, zk = t / nblk, i0 = (t % nblk) * BM;
+  int64_t nblk = (g->Lq + BM - 1) / BM, zh = t / nblk, i0 = (t % nblk) * BM;
   int64_t nr = g->Lq - i0 < BM ? g->Lq - i0 : BM;
-  AT_S(fwd_task)(g, out, lse, q, k, v, bias, mask, zk / g->Hkv, zk % g->Hkv, i0, nr, scr, keep);
+  AT_S(fwd_task)(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep);
 }
 
 static int AT_S(fwd)(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
                      const void *bias, const void *mask) {
-  int64_t G = g->H / g->Hkv, nblk = (g->Lq + BM - 1) / BM, tasks = g->Z * g->Hkv * nblk;
-  int64_t per = g->D * BN + BN + 2 * G * BM + G * BM * g->D + 16; /* elements of T */
-  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64;       /* bytes, + keep */
+  int64_t nblk = (g->Lq + BM - 1) / BM, tasks = g->Z * g->H * nblk;
+  int64_t per = BM * BN + BM * g->D + 2 * BM + 16;           /* elements of T */
+  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64; /* bytes, + keep */
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
   char *scr = (char *)fa_alloc(FA_CPU, per * threads);
   if (!scr) return FA_ERR_MEMORY;
+  fa_blas_single_thread();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t t = 0; t < tasks; t++) {
     char *mine = scr + per * fa_thread_id();
@@ -263,16 +290,17 @@ typedef struct {
   const void *mask;
 } AT_S(bwd_bufs);
 
-/* scratch per thread: kt, vt (D x BN), s, dp (BN), dk, dv (BN x D), delta (G*Lq); keep (BN doubles) apart */
-static void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb, int64_t z, int64_t kvh, T *scr,
-                              double *keep) {
+/* one (z, kv head) problem. Scratch: S, dP (BM x BN), dk, dv (BN x D), delta (G*Lq); keep (BN doubles) apart.
+ * Per key block, per query head of the group and block of rows: S = scale Q K^T, dP = dO V^T (GEMMs), then per
+ * row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all in a fixed order. */
+AI void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb, int64_t z, int64_t kvh, T *scr,
+                          double *keep) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
-  T *kt = scr, *vt = kt + D * BN, *s = vt + D * BN, *dp = s + BN, *dk = dp + BN, *dv = dk + BN * D, *delta = dv + BN * D;
+  T *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *delta = dv + BN * D;
   const T *kz = b->k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + zoff(g, &g->v, z) + kvh * g->v.h;
   int64_t qz = zoff(g, &g->q, z), goz = zoff(g, &g->go, z), oz = zoff(g, &g->o, z), lz = zoff(g, &g->lse, z);
   int64_t bz = b->bias ? zoff(g, &g->bias, z) : 0, mz = b->mask ? zoff(g, &g->mask, z) : 0;
   int64_t gqz = b->gq ? zoff(g, &g->gq, z) : 0, gbz = gb ? zoff(g, &g->gbias, z) : 0;
-  T sc = (T)g->scale;
   for (int64_t gi = 0; gi < G; gi++) {
     int64_t h = kvh * G + gi;
     for (int64_t i = 0; i < Lq; i++) {
@@ -283,75 +311,64 @@ static void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T 
       }
     }
   }
-  for (int64_t j0 = 0; j0 < Lk || (j0 == 0 && Lk == 0); j0 += BN) {
-    int64_t n = Lk - j0 < BN ? Lk - j0 : BN;
-    if (n > 0) {
-      AT_S(transpose)(kt, kz + j0 * g->k.r, g->k.r, n, D);
-      AT_S(transpose)(vt, vz + j0 * g->v.r, g->v.r, n, D);
-    }
-    for (int64_t e = 0; e < BN * D; e++) dk[e] = dv[e] = 0;
-    for (int64_t gi = 0; gi < G && n > 0; gi++) {
+  for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
+    const T *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
+    for (int64_t e = 0; e < n * D; e++) dk[e] = dv[e] = 0;
+    for (int64_t gi = 0; gi < G; gi++) {
       int64_t h = kvh * G + gi;
-      for (int64_t i = 0; i < Lq; i++) {
-        const T *qi = b->q + qz + h * g->q.h + i * g->q.r, *doi = b->go + goz + h * g->go.h + i * g->go.r;
-        T L = b->lse[lz + h * g->lse.h + i * g->lse.r];
-        if (L == -(T)INFINITY) { /* every key left out: P = 1/Lk, dS = 0 */
-          T p = 1 / (T)Lk;
-          for (int64_t c = 0; c < n; c++)
-            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
-          continue;
-        }
-        AT_S(scores)(s, qi, kt, D);
-        AT_S(logits)(g, s, n, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask, mz + h * g->mask.h + i * g->mask.r, j0);
-        for (int64_t c = 0; c < n; c++) s[c] = AT_EXP(s[c] - L); /* P */
-        AT_S(scores)(dp, doi, vt, D);                              /* dO V^T */
-        if (g->dropout > 0) {
-          keep_factors_common(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
-          for (int64_t c = 0; c < n; c++) dp[c] *= (T)keep[c];
-          /* dV with the dropped weights */
-          for (int64_t c = 0; c < n; c++) {
-            T p = s[c] * (T)keep[c];
-            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
+      for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
+        int64_t nr = Lq - i0 < BM ? Lq - i0 : BM;
+        const T *qb = b->q + qz + h * g->q.h + i0 * g->q.r, *gob = b->go + goz + h * g->go.h + i0 * g->go.r;
+        fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, g->q.r, kb, g->k.r, 0, S, BN);
+        fa_cpu_gemm(DBL, 0, 1, nr, n, D, 1, gob, g->go.r, vb, g->v.r, 0, dP, BN);
+        for (int64_t r = 0; r < nr; r++) {
+          int64_t i = i0 + r;
+          T *st = S + r * BN, *dpt = dP + r * BN;
+          T L = b->lse[lz + h * g->lse.h + i * g->lse.r];
+          if (L == -(T)INFINITY) { /* every key left out: P = 1/Lk (for dV), dS = 0 */
+            T p = 1 / (T)Lk;
+            for (int64_t c = 0; c < n; c++) { st[c] = p; dpt[c] = 0; }
+            continue;
           }
-        } else {
-          for (int64_t c = 0; c < n; c++) {
-            T p = s[c];
-            for (int64_t d = 0; d < D; d++) dv[c * D + d] += p * doi[d];
+          AT_S(logits)(g, st, n, n8, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask,
+                       mz + h * g->mask.h + i * g->mask.r, j0);
+          for (int64_t c = 0; c < n8; c++) st[c] = AT_EXP(st[c] - L); /* P */
+          T dl = delta[gi * Lq + i];
+          if (g->dropout > 0) {
+            keep_factors_common(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
+            for (int64_t c = 0; c < n; c++) {
+              T f = (T)keep[c], p = st[c];
+              dpt[c] = p * (dpt[c] * f - dl); /* dS */
+              st[c] = p * f;                  /* the weights after dropout, for dV */
+            }
+          } else {
+            for (int64_t c = 0; c < n; c++) dpt[c] = st[c] * (dpt[c] - dl);
           }
-        }
-        T dl = delta[gi * Lq + i];
-        for (int64_t c = 0; c < n; c++) s[c] = s[c] * (dp[c] - dl); /* dS */
-        if (gb) {
-          int64_t bc = g->gbias.c;
-          T *gr = gb + gbz + h * g->gbias.h + i * g->gbias.r + j0 * bc;
-          if (bc == 1) for (int64_t c = 0; c < n; c++) gr[c] += s[c];
-          else for (int64_t c = 0; c < n; c++) gr[c * bc] += s[c];
-        }
-        for (int64_t c = 0; c < n; c++) {
-          T ds = s[c] * sc;
-          for (int64_t d = 0; d < D; d++) dk[c * D + d] += ds * qi[d];
-        }
-        if (b->gq) {
-          T *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
-          for (int64_t c = 0; c < n; c++) {
-            T ds = s[c] * sc;
-            const T *kr = kz + (j0 + c) * g->k.r;
-            for (int64_t d = 0; d < D; d++) dq[d] += ds * kr[d];
+          if (gb) {
+            int64_t bc = g->gbias.c;
+            T *gr = gb + gbz + h * g->gbias.h + i * g->gbias.r + j0 * bc;
+            if (bc == 1) for (int64_t c = 0; c < n; c++) gr[c] += dpt[c];
+            else for (int64_t c = 0; c < n; c++) gr[c * bc] += dpt[c];
           }
         }
+        fa_cpu_gemm(DBL, 1, 0, n, D, nr, 1, S, BN, gob, g->go.r, 1, dv, D);
+        fa_cpu_gemm(DBL, 1, 0, n, D, nr, g->scale, dP, BN, qb, g->q.r, 1, dk, D);
+        if (b->gq)
+          fa_cpu_gemm(DBL, 0, 0, nr, D, n, g->scale, dP, BN, kb, g->k.r, 1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r,
+                      g->gq.r);
       }
     }
     if (b->gk) {
-      T *o = b->gk + zoff(g, &g->gk, z) + kvh * g->gk.h;
+      T *o = b->gk + zoff(g, &g->gk, z) + kvh * g->gk.h + j0 * g->gk.r;
       for (int64_t c = 0; c < n; c++)
-        for (int64_t d = 0; d < D; d++) o[(j0 + c) * g->gk.r + d] = dk[c * D + d];
+        for (int64_t d = 0; d < D; d++) o[c * g->gk.r + d] = dk[c * D + d];
     }
     if (b->gv) {
-      T *o = b->gv + zoff(g, &g->gv, z) + kvh * g->gv.h;
+      T *o = b->gv + zoff(g, &g->gv, z) + kvh * g->gv.h + j0 * g->gv.r;
       for (int64_t c = 0; c < n; c++)
-        for (int64_t d = 0; d < D; d++) o[(j0 + c) * g->gv.r + d] = dv[c * D + d];
+        for (int64_t d = 0; d < D; d++) o[c * g->gv.r + d] = dv[c * D + d];
     }
-    if (Lk == 0) break;
   }
 }
 
@@ -373,16 +390,16 @@ static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *
   if (g->Z * g->Hkv == 0) return 0;
   /* grad_bias elements: the span of the dense buffer */
   int64_t gbn = 1;
-  if (gb) {
+  if (gb && g->Lq > 0 && g->Lk > 0) {
     int64_t last = 0;
     for (int d = 0; d < g->nb; d++) last += (g->bs[d] - 1) * g->gbias.b[d];
     last += (g->H - 1) * g->gbias.h + (g->Lq - 1) * g->gbias.r + (g->Lk - 1) * g->gbias.c;
-    gbn = g->Lq > 0 && g->Lk > 0 ? last + 1 : 1;
+    gbn = last + 1;
   }
   attn_plan p;
   make_plan(g, gb != NULL, gbn, &p);
   int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
-  int64_t per = 2 * g->D * BN + 2 * BN + 2 * BN * g->D + G * g->Lq + 16;
+  int64_t per = 2 * BM * BN + 2 * BN * g->D + G * g->Lq + 16;
   per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64;
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
@@ -395,6 +412,7 @@ static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *
     return FA_ERR_MEMORY;
   }
   if (partial) memset(parts, 0, sizeof(T) * gbn * p.chunks);
+  fa_blas_single_thread();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t t = 0; t < tasks; t++) {
     char *mine = scr + per * fa_thread_id();
@@ -414,5 +432,7 @@ static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *
   fa_free(FA_CPU, scr);
   return 0;
 }
+#undef DBL
+#undef AI
 #undef T
 #endif
