@@ -38,7 +38,7 @@ LIB := build/libfastattn.so
 BUSTED := busted
 DEPS_PKGS := luajit libluajit-5.1-dev lua-busted libopenblas-dev rlwrap
 
-.PHONY: all deps test test-gpu sanitize demo demo-convnet bench bench-cpu repl install clean fixtures
+.PHONY: all deps test test-gpu sanitize demo demo-convnet demo-triangle bench bench-cpu repl install clean fixtures
 all: $(LIB)
 
 # build/fa_cuda.0 or .1 records the last choice, so switching FA_CUDA relinks the library
@@ -109,6 +109,10 @@ demo: deps
 demo-convnet: deps
 	$(MAKE) -j$(NPROC) all
 	bin/fastattn examples/train_convnet.lua
+
+demo-triangle: deps
+	$(MAKE) -j$(NPROC) all
+	bin/fastattn examples/train_triangle.lua
 
 # CPU benchmark against PyTorch on the CPU (same threads)
 bench-cpu: $(LIB)

@@ -32,6 +32,7 @@ local MODULES = {
   Criterion = 'criterion', MSECriterion = 'criterion', CrossEntropyCriterion = 'criterion',
   Identity = 'shape', Flatten = 'shape', View = 'shape',
   MSDeformAttn = 'msdeformattn',
+  TriangleAttention = 'triangle_attention',
 }
 nn._MODULES = MODULES
 
