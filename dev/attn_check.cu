@@ -1,4 +1,4 @@
-// attn_check.cu: standalone correctness and timing check of the CUDA attention core (cuda/attention.cu)
+// attn_check.cu: standalone correctness and timing check of the CUDA attention core (cuda/attention_fwd.cu, cuda/attention_bwd.cu)
 // against a double-precision CPU reference written here, through the private kernel entry points
 // fa_cu_attention_forward/backward (c/attention.h). Build and run on a GPU machine, from the repository root:
 //
