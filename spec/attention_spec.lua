@@ -411,6 +411,20 @@ describe('fa.attention shapes', function()
     for i = 1, 4 do assert.is_true(a[i]:equal(b[i]), 'gradient ' .. i) end
   end)
 
+  it('gives NaN rows for NaN inputs (not the mean(V) of a fully masked row)', function()
+    for _, dt in ipairs({ 'float32', 'float64' }) do
+      local q, k, v = fa.randn(1, 3, 4, dt), fa.randn(1, 300, 4, dt), fa.randn(1, 300, 4, dt)
+      q:select(2, 2):fill(0 / 0) -- row 2: every logit NaN
+      k:select(2, 290):fill(0 / 0) -- key 290 (second key block): every row NaN
+      local out, lse = fa.attention(q:narrow(2, 1, 2), k:narrow(2, 1, 100), v:narrow(2, 1, 100))
+      local o = out:double()
+      assert(o:get(1, 1, 1) == o:get(1, 1, 1), dt .. ': row 1 finite')
+      assert(o:get(1, 2, 1) ~= o:get(1, 2, 1) and lse:get(1, 2) ~= lse:get(1, 2), dt .. ': NaN row')
+      out = fa.attention(q, k, v):double()
+      for i = 1, 3 do assert(out:get(1, i, 3) ~= out:get(1, i, 3), dt .. ': row ' .. i .. ' not NaN') end
+    end
+  end)
+
   it('takes a bias and a mask with stride-0 (expanded) dims, and sums grad_bias over them', function()
     local q, k, v = fa.randn(2, 2, 3, 4, 'float64'), fa.randn(2, 2, 5, 4, 'float64'), fa.randn(2, 2, 5, 4, 'float64')
     local b = fa.randn(1, 2, 1, 5, 'float64')
