@@ -1,6 +1,6 @@
-/* attention_cpu.c: the CPU kernels of the attention core (c/attention.h), float32 and float64: this file includes
- * itself once per dtype (AT_T, with accumulators of the same type). The block products go through single-threaded
- * BLAS (fa_cpu_gemm: OpenBLAS packs and runs AVX-512/AVX2 kernels), the rest is vectorised loops.
+/* attention_cpu.c: the float32 CPU kernels of the attention core (c/attention.h); float64 runs the plain reference
+ * of c/attention_ref.c. The block products go through single-threaded BLAS (fa_cpu_gemm: OpenBLAS packs and runs
+ * AVX-512/AVX2 kernels), the rest is vectorised loops.
  *
  * Forward: a task is (z, h, block of BM query rows); per block of BN keys: S = scale Q K^T (BLAS), bias and mask,
  * online softmax (running max m and sum l per row), dropout, acc = acc * corr + P V (BLAS); no (Lq x Lk) matrix.
@@ -10,7 +10,6 @@
  * whatever the thread count: grad_q/grad_k/grad_v are owned by the task of their (z, kv head); grad_bias by the
  * task that owns the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in
  * chunks of a count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order). */
-#ifndef AT_T
 #pragma GCC optimize("no-trapping-math")
 #include "internal.h"
 #include "attention.h"
@@ -21,32 +20,11 @@ void fa_blas_single_thread(void);
 void fa_cpu_gemm(int dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
 
+/* c/attention_ref.c: batch offsets and the dropout factors, shared with the float64 reference */
+int64_t fa_attn_zoff(const fa_attn_geom *g, const fa_attn_strides *s, int64_t z);
+void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f);
+
 enum { BN = 256, BM = 128 }; /* keys and query rows per block */
-
-/* element offset of batch index z (row-major over g->bs) for strides s */
-static inline int64_t zoff(const fa_attn_geom *g, const fa_attn_strides *s, int64_t z) {
-  int64_t off = 0;
-  for (int d = g->nb - 1; d >= 0; d--) {
-    off += (z % g->bs[d]) * s->b[d];
-    z /= g->bs[d];
-  }
-  return off;
-}
-
-/* dropout: 1/(1-p) where weight e = ((z*H + h)*Lq + i)*Lk + j0 + c is kept, 0 where dropped (c < n) */
-static inline void keep_factors_common(const fa_attn_geom *g, uint64_t e, int64_t n, double *f) {
-  double p = g->dropout, s = 1.0 / (1.0 - p);
-  uint32_t r[4];
-  uint64_t blk = UINT64_MAX;
-  for (int64_t c = 0; c < n; c++, e++) {
-    if ((e >> 2) != blk) {
-      blk = e >> 2;
-      fa_philox(g->seed, g->offset + blk, r);
-    }
-    double u = (double)(r[e & 3] >> 8) * (1.0 / 16777216.0);
-    f[c] = u >= p ? s : 0.0;
-  }
-}
 
 /* the grad_bias ownership: the (z, kv head) problems as dims (bs[0..nb), Hkv); a dim is owned when the bias
  * has its own elements along it (gbias stride != 0), else looped inside a task */
@@ -108,44 +86,11 @@ static inline float exp_nonpos_f(float x) {
   return x < -87.3f ? 0.0f : p * sc;
 }
 
-#define AT_T float
-#define AT_S(name) name##_f32
-#define AT_EXP(x) exp_nonpos_f(x)
-#define AT_LOG(x) logf(x)
-#include "attention_cpu.c"
-#undef AT_T
-#undef AT_S
-#undef AT_EXP
-#undef AT_LOG
-#define AT_T double
-#define AT_S(name) name##_f64
-#define AT_EXP(x) exp(x)
-#define AT_LOG(x) log(x)
-#include "attention_cpu.c"
-
-int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
-                        const void *bias, const void *mask) {
-  if (g->dtype == FA_FLOAT64) return fwd_f64(g, out, lse, q, k, v, bias, mask);
-  return fwd_f32(g, out, lse, q, k, v, bias, mask);
-}
-
-int fa_attn_cpu_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, void *grad_bias,
-                         const void *grad_out, const void *q, const void *k, const void *v, const void *out,
-                         const void *lse, const void *bias, const void *mask) {
-  if (g->dtype == FA_FLOAT64)
-    return bwd_f64(g, grad_q, grad_k, grad_v, grad_bias, grad_out, q, k, v, out, lse, bias, mask);
-  return bwd_f32(g, grad_q, grad_k, grad_v, grad_bias, grad_out, q, k, v, out, lse, bias, mask);
-}
-
-#else /* ------------------------------------------------------------------ one dtype: AT_T */
-typedef AT_T AT_S(T);
-#define T AT_S(T)
 #define AI static inline __attribute__((always_inline))
-#define DBL (sizeof(T) == 8)
 
 /* sum_d a[d] b[d] in a fixed order (8 partial sums) */
-AI T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
-  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
     for (int c = 0; c < 8; c++) s[c] += a[d + c] * b[d + c];
@@ -155,16 +100,16 @@ AI T AT_S(dot)(const T *restrict a, const T *restrict b, int64_t D) {
 
 /* max (NaNs ignored, -inf init) and sum of s[0..n8) (n8 a multiple of 8) with 8 lanes: vectorised, the sum in a
  * fixed order */
-AI T AT_S(max8)(const T *restrict s, int64_t n8, T init) {
-  T m[8];
+AI float max8(const float *restrict s, int64_t n8, float init) {
+  float m[8];
   for (int t = 0; t < 8; t++) m[t] = init;
   for (int64_t c = 0; c < n8; c += 8)
     for (int t = 0; t < 8; t++) m[t] = s[c + t] > m[t] ? s[c + t] : m[t];
   for (int t = 1; t < 8; t++) m[0] = m[t] > m[0] ? m[t] : m[0];
   return m[0];
 }
-AI T AT_S(sum8)(const T *restrict s, int64_t n8) {
-  T a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+AI float sum8(const float *restrict s, int64_t n8) {
+  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t c = 0; c < n8; c += 8)
     for (int t = 0; t < 8; t++) a[t] += s[c + t];
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
@@ -172,106 +117,106 @@ AI T AT_S(sum8)(const T *restrict s, int64_t n8) {
 
 /* s (the scaled scores of keys j0..j0+n of row (z, h, i)) += bias, with the mask; keys left out get -inf, and so
  * do the pad entries up to n8 */
-AI void AT_S(logits)(const fa_attn_geom *g, T *restrict s, int64_t n, int64_t n8, const T *bias, int64_t boff,
+AI void logits(const fa_attn_geom *g, float *restrict s, int64_t n, int64_t n8, const float *bias, int64_t boff,
                      const void *mask, int64_t moff, int64_t j0) {
   if (bias) {
     int64_t bc = g->bias.c;
-    const T *b = bias + boff + j0 * bc;
+    const float *b = bias + boff + j0 * bc;
     if (bc == 1) for (int64_t c = 0; c < n; c++) s[c] += b[c];
     else for (int64_t c = 0; c < n; c++) s[c] += b[c * bc];
   }
   if (g->mask_mode == 1) {
     int64_t mc = g->mask.c;
     const uint8_t *m = (const uint8_t *)mask + moff + j0 * mc;
-    if (mc == 1) for (int64_t c = 0; c < n; c++) s[c] = m[c] ? s[c] : -(T)INFINITY;
-    else for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -(T)INFINITY;
+    if (mc == 1) for (int64_t c = 0; c < n; c++) s[c] = m[c] ? s[c] : -INFINITY;
+    else for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -INFINITY;
   } else if (g->mask_mode == 2) {
     int64_t mc = g->mask.c;
-    const T *m = (const T *)mask + moff + j0 * mc;
-    T ms = (T)g->mask_scale;
-    for (int64_t c = 0; c < n; c++) s[c] += ms * (m[c * mc] - (T)1);
+    const float *m = (const float *)mask + moff + j0 * mc;
+    float ms = (float)g->mask_scale;
+    for (int64_t c = 0; c < n; c++) s[c] += ms * (m[c * mc] - (float)1);
   }
-  for (int64_t c = n; c < n8; c++) s[c] = -(T)INFINITY;
+  for (int64_t c = n; c < n8; c++) s[c] = -INFINITY;
 }
 
 /* a BLAS leading dim from a row stride: c/attention.c leaves strides < D (0 for one row) only where one row is
  * read, and any leading dim >= D does then */
-AI int64_t AT_S(ld)(int64_t s, int64_t D) { return s >= D && s > 0 ? s : (D > 0 ? D : 1); }
+AI int64_t ld(int64_t s, int64_t D) { return s >= D && s > 0 ? s : (D > 0 ? D : 1); }
 
 /* ------------------------------------------------------------------ forward */
 /* one task: rows i0..i0+nr of (z, h). Scratch: S (BM x BN), acc (BM x D), m, l (BM); keep (BN doubles) */
-AI void AT_S(fwd_task)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v, const T *bias,
-                       const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, T *scr, double *keep) {
+AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v, const float *bias,
+                       const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, float *scr, double *keep) {
   const int64_t D = g->D, Lk = g->Lk, kvh = h / (g->H / g->Hkv);
-  T *S = scr, *acc = S + BM * BN, *m = acc + BM * D, *l = m + BM;
-  const T *kz = k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + zoff(g, &g->v, z) + kvh * g->v.h;
-  const T *qb = q + zoff(g, &g->q, z) + h * g->q.h + i0 * g->q.r;
-  int64_t bz = bias ? zoff(g, &g->bias, z) + h * g->bias.h : 0, mz = mask ? zoff(g, &g->mask, z) + h * g->mask.h : 0;
-  for (int64_t r = 0; r < nr; r++) { m[r] = -(T)INFINITY; l[r] = 0; }
+  float *S = scr, *acc = S + BM * BN, *m = acc + BM * D, *l = m + BM;
+  const float *kz = k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
+  const float *qb = q + fa_attn_zoff(g, &g->q, z) + h * g->q.h + i0 * g->q.r;
+  int64_t bz = bias ? fa_attn_zoff(g, &g->bias, z) + h * g->bias.h : 0, mz = mask ? fa_attn_zoff(g, &g->mask, z) + h * g->mask.h : 0;
+  for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0; }
   for (int64_t e = 0; e < nr * D; e++) acc[e] = 0;
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
-    fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, AT_S(ld)(g->q.r, D), kz + j0 * g->k.r, AT_S(ld)(g->k.r, D), 0, S, BN);
+    fa_cpu_gemm(0, 0, 1, nr, n, D, g->scale, qb, ld(g->q.r, D), kz + j0 * g->k.r, ld(g->k.r, D), 0, S, BN);
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r;
-      T *st = S + r * BN;
-      AT_S(logits)(g, st, n, n8, bias, bz + i * g->bias.r, mask, mz + i * g->mask.r, j0);
-      T mx = AT_S(max8)(st, n8, m[r]);
-      if (mx == -(T)INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
+      float *st = S + r * BN;
+      logits(g, st, n, n8, bias, bz + i * g->bias.r, mask, mz + i * g->mask.r, j0);
+      float mx = max8(st, n8, m[r]);
+      if (mx == -INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
         int nan = 0;
         for (int64_t c = 0; c < n; c++) {
           nan |= st[c] != st[c];
           st[c] = 0;
         }
-        if (nan) m[r] = l[r] = (T)NAN;
+        if (nan) m[r] = l[r] = NAN;
         continue;
       }
-      T corr = AT_EXP(m[r] - mx);
+      float corr = exp_nonpos_f(m[r] - mx);
       m[r] = mx;
-      for (int64_t c = 0; c < n8; c++) st[c] = AT_EXP(st[c] - mx);
-      l[r] = l[r] * corr + AT_S(sum8)(st, n8);
+      for (int64_t c = 0; c < n8; c++) st[c] = exp_nonpos_f(st[c] - mx);
+      l[r] = l[r] * corr + sum8(st, n8);
       if (corr != 1) {
-        T *a = acc + r * D;
+        float *a = acc + r * D;
         for (int64_t d = 0; d < D; d++) a[d] *= corr;
       }
       if (g->dropout > 0) {
-        keep_factors_common(g, (((uint64_t)z * g->H + h) * g->Lq + i) * Lk + j0, n, keep);
-        for (int64_t c = 0; c < n; c++) st[c] *= (T)keep[c];
+        fa_attn_keep(g, (((uint64_t)z * g->H + h) * g->Lq + i) * Lk + j0, n, keep);
+        for (int64_t c = 0; c < n; c++) st[c] *= (float)keep[c];
       }
     }
-    fa_cpu_gemm(DBL, 0, 0, nr, D, n, 1, S, BN, vz + j0 * g->v.r, AT_S(ld)(g->v.r, D), 1, acc, D);
+    fa_cpu_gemm(0, 0, 0, nr, D, n, 1, S, BN, vz + j0 * g->v.r, ld(g->v.r, D), 1, acc, D);
   }
-  int64_t ob = zoff(g, &g->o, z) + h * g->o.h, lb = zoff(g, &g->lse, z) + h * g->lse.h;
+  int64_t ob = fa_attn_zoff(g, &g->o, z) + h * g->o.h, lb = fa_attn_zoff(g, &g->lse, z) + h * g->lse.h;
   for (int64_t r = 0; r < nr; r++) {
     int64_t i = i0 + r;
-    T *o = out + ob + i * g->o.r, *a = acc + r * D;
-    if (m[r] != -(T)INFINITY) {
-      T inv = 1 / l[r];
+    float *o = out + ob + i * g->o.r, *a = acc + r * D;
+    if (m[r] != -INFINITY) {
+      float inv = 1 / l[r];
       for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-      lse[lb + i * g->lse.r] = m[r] + AT_LOG(l[r]);
+      lse[lb + i * g->lse.r] = m[r] + logf(l[r]);
     } else { /* every key left out: mean(V), zeros when Lk = 0 */
       for (int64_t d = 0; d < D; d++) a[d] = 0;
       for (int64_t j = 0; j < Lk; j++)
         for (int64_t d = 0; d < D; d++) a[d] += vz[j * g->v.r + d];
-      T inv = Lk > 0 ? 1 / (T)Lk : 0;
+      float inv = Lk > 0 ? 1 / (float)Lk : 0;
       for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-      lse[lb + i * g->lse.r] = -(T)INFINITY;
+      lse[lb + i * g->lse.r] = -INFINITY;
     }
   }
 }
 
-FA_HOT_CLONES static void AT_S(fwd_range)(const fa_attn_geom *g, T *out, T *lse, const T *q, const T *k, const T *v,
-                                          const T *bias, const void *mask, int64_t t, T *scr, double *keep) {
+FA_HOT_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v,
+                                          const float *bias, const void *mask, int64_t t, float *scr, double *keep) {
   int64_t nblk = (g->Lq + BM - 1) / BM, zh = t / nblk, i0 = (t % nblk) * BM;
   int64_t nr = g->Lq - i0 < BM ? g->Lq - i0 : BM;
-  AT_S(fwd_task)(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep);
+  fwd_task(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep);
 }
 
-static int AT_S(fwd)(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
+int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
                      const void *bias, const void *mask) {
   int64_t nblk = (g->Lq + BM - 1) / BM, tasks = g->Z * g->H * nblk;
-  int64_t per = BM * BN + BM * g->D + 2 * BM + 16;           /* elements of T */
-  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64; /* bytes, + keep */
+  int64_t per = BM * BN + BM * g->D + 2 * BM + 16;           /* elements of float */
+  per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64; /* bytes, + keep */
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
   char *scr = (char *)fa_alloc(FA_CPU, per * threads);
@@ -280,8 +225,8 @@ static int AT_S(fwd)(const fa_attn_geom *g, void *out, void *lse, const void *q,
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t t = 0; t < tasks; t++) {
     char *mine = scr + per * fa_thread_id();
-    AT_S(fwd_range)(g, (T *)out, (T *)lse, (const T *)q, (const T *)k, (const T *)v, (const T *)bias, mask, t,
-                    (T *)(mine + BN * 8), (double *)mine);
+    fwd_range(g, (float *)out, (float *)lse, (const float *)q, (const float *)k, (const float *)v, (const float *)bias, mask, t,
+                    (float *)(mine + BN * 8), (double *)mine);
   }
   fa_free(FA_CPU, scr);
   return 0;
@@ -289,60 +234,60 @@ static int AT_S(fwd)(const fa_attn_geom *g, void *out, void *lse, const void *q,
 
 /* ------------------------------------------------------------------ backward */
 typedef struct {
-  T *gq, *gk, *gv, *gb;
-  const T *go, *q, *k, *v, *o, *lse, *bias;
+  float *gq, *gk, *gv, *gb;
+  const float *go, *q, *k, *v, *o, *lse, *bias;
   const void *mask;
-} AT_S(bwd_bufs);
+} bwd_bufs;
 
 /* one (z, kv head) problem. Scratch: S, dP (BM x BN), dk, dv (BN x D), delta (G*Lq); keep (BN doubles) apart.
- * Per key block, per query head of the group and block of rows: S = scale Q K^T, dP = dO V^T (GEMMs), then per
- * row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all in a fixed order. */
-AI void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb, int64_t z, int64_t kvh, T *scr,
+ * Per key block, per query head of the group and block of rows: S = scale Q K^float, dP = dO V^float (GEMMs), then per
+ * row P, dS; then dV += P^float dO, dK += scale dS^float Q, dQ += scale dS K (GEMMs), all in a fixed order. */
+AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t z, int64_t kvh, float *scr,
                           double *keep) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
-  T *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *delta = dv + BN * D;
-  const T *kz = b->k + zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + zoff(g, &g->v, z) + kvh * g->v.h;
-  int64_t qz = zoff(g, &g->q, z), goz = zoff(g, &g->go, z), oz = zoff(g, &g->o, z), lz = zoff(g, &g->lse, z);
-  int64_t bz = b->bias ? zoff(g, &g->bias, z) : 0, mz = b->mask ? zoff(g, &g->mask, z) : 0;
-  int64_t gqz = b->gq ? zoff(g, &g->gq, z) : 0, gbz = gb ? zoff(g, &g->gbias, z) : 0;
+  float *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *delta = dv + BN * D;
+  const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
+  int64_t qz = fa_attn_zoff(g, &g->q, z), goz = fa_attn_zoff(g, &g->go, z), oz = fa_attn_zoff(g, &g->o, z), lz = fa_attn_zoff(g, &g->lse, z);
+  int64_t bz = b->bias ? fa_attn_zoff(g, &g->bias, z) : 0, mz = b->mask ? fa_attn_zoff(g, &g->mask, z) : 0;
+  int64_t gqz = b->gq ? fa_attn_zoff(g, &g->gq, z) : 0, gbz = gb ? fa_attn_zoff(g, &g->gbias, z) : 0;
   for (int64_t gi = 0; gi < G; gi++) {
     int64_t h = kvh * G + gi;
     for (int64_t i = 0; i < Lq; i++) {
-      delta[gi * Lq + i] = AT_S(dot)(b->go + goz + h * g->go.h + i * g->go.r, b->o + oz + h * g->o.h + i * g->o.r, D);
+      delta[gi * Lq + i] = dot(b->go + goz + h * g->go.h + i * g->go.r, b->o + oz + h * g->o.h + i * g->o.r, D);
       if (b->gq) {
-        T *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
+        float *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
         for (int64_t d = 0; d < D; d++) dq[d] = 0;
       }
     }
   }
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
-    const T *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
+    const float *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
     for (int64_t e = 0; e < n * D; e++) dk[e] = dv[e] = 0;
     for (int64_t gi = 0; gi < G; gi++) {
       int64_t h = kvh * G + gi;
       for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
         int64_t nr = Lq - i0 < BM ? Lq - i0 : BM;
-        const T *qb = b->q + qz + h * g->q.h + i0 * g->q.r, *gob = b->go + goz + h * g->go.h + i0 * g->go.r;
-        fa_cpu_gemm(DBL, 0, 1, nr, n, D, g->scale, qb, AT_S(ld)(g->q.r, D), kb, AT_S(ld)(g->k.r, D), 0, S, BN);
-        fa_cpu_gemm(DBL, 0, 1, nr, n, D, 1, gob, AT_S(ld)(g->go.r, D), vb, AT_S(ld)(g->v.r, D), 0, dP, BN);
+        const float *qb = b->q + qz + h * g->q.h + i0 * g->q.r, *gob = b->go + goz + h * g->go.h + i0 * g->go.r;
+        fa_cpu_gemm(0, 0, 1, nr, n, D, g->scale, qb, ld(g->q.r, D), kb, ld(g->k.r, D), 0, S, BN);
+        fa_cpu_gemm(0, 0, 1, nr, n, D, 1, gob, ld(g->go.r, D), vb, ld(g->v.r, D), 0, dP, BN);
         for (int64_t r = 0; r < nr; r++) {
           int64_t i = i0 + r;
-          T *st = S + r * BN, *dpt = dP + r * BN;
-          T L = b->lse[lz + h * g->lse.h + i * g->lse.r];
-          if (L == -(T)INFINITY) { /* every key left out: P = 1/Lk (for dV), dS = 0 */
-            T p = 1 / (T)Lk;
+          float *st = S + r * BN, *dpt = dP + r * BN;
+          float L = b->lse[lz + h * g->lse.h + i * g->lse.r];
+          if (L == -INFINITY) { /* every key left out: P = 1/Lk (for dV), dS = 0 */
+            float p = 1 / (float)Lk;
             for (int64_t c = 0; c < n; c++) { st[c] = p; dpt[c] = 0; }
             continue;
           }
-          AT_S(logits)(g, st, n, n8, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask,
+          logits(g, st, n, n8, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask,
                        mz + h * g->mask.h + i * g->mask.r, j0);
-          for (int64_t c = 0; c < n8; c++) st[c] = AT_EXP(st[c] - L); /* P */
-          T dl = delta[gi * Lq + i];
+          for (int64_t c = 0; c < n8; c++) st[c] = exp_nonpos_f(st[c] - L); /* P */
+          float dl = delta[gi * Lq + i];
           if (g->dropout > 0) {
-            keep_factors_common(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
+            fa_attn_keep(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
             for (int64_t c = 0; c < n; c++) {
-              T f = (T)keep[c], p = st[c];
+              float f = (float)keep[c], p = st[c];
               dpt[c] = p * (dpt[c] * f - dl); /* dS */
               st[c] = p * f;                  /* the weights after dropout, for dV */
             }
@@ -351,46 +296,46 @@ AI void AT_S(bwd_problem)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, T *gb,
           }
           if (gb) {
             int64_t bc = g->gbias.c;
-            T *gr = gb + gbz + h * g->gbias.h + i * g->gbias.r + j0 * bc;
+            float *gr = gb + gbz + h * g->gbias.h + i * g->gbias.r + j0 * bc;
             if (bc == 1) for (int64_t c = 0; c < n; c++) gr[c] += dpt[c];
             else for (int64_t c = 0; c < n; c++) gr[c * bc] += dpt[c];
           }
         }
-        fa_cpu_gemm(DBL, 1, 0, n, D, nr, 1, S, BN, gob, AT_S(ld)(g->go.r, D), 1, dv, D);
-        fa_cpu_gemm(DBL, 1, 0, n, D, nr, g->scale, dP, BN, qb, AT_S(ld)(g->q.r, D), 1, dk, D);
+        fa_cpu_gemm(0, 1, 0, n, D, nr, 1, S, BN, gob, ld(g->go.r, D), 1, dv, D);
+        fa_cpu_gemm(0, 1, 0, n, D, nr, g->scale, dP, BN, qb, ld(g->q.r, D), 1, dk, D);
         if (b->gq)
-          fa_cpu_gemm(DBL, 0, 0, nr, D, n, g->scale, dP, BN, kb, AT_S(ld)(g->k.r, D),
-                      1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r, AT_S(ld)(g->gq.r, D));
+          fa_cpu_gemm(0, 0, 0, nr, D, n, g->scale, dP, BN, kb, ld(g->k.r, D),
+                      1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r, ld(g->gq.r, D));
       }
     }
     if (b->gk) {
-      T *o = b->gk + zoff(g, &g->gk, z) + kvh * g->gk.h + j0 * g->gk.r;
+      float *o = b->gk + fa_attn_zoff(g, &g->gk, z) + kvh * g->gk.h + j0 * g->gk.r;
       for (int64_t c = 0; c < n; c++)
         for (int64_t d = 0; d < D; d++) o[c * g->gk.r + d] = dk[c * D + d];
     }
     if (b->gv) {
-      T *o = b->gv + zoff(g, &g->gv, z) + kvh * g->gv.h + j0 * g->gv.r;
+      float *o = b->gv + fa_attn_zoff(g, &g->gv, z) + kvh * g->gv.h + j0 * g->gv.r;
       for (int64_t c = 0; c < n; c++)
         for (int64_t d = 0; d < D; d++) o[c * g->gv.r + d] = dv[c * D + d];
     }
   }
 }
 
-FA_HOT_CLONES static void AT_S(bwd_task)(const fa_attn_geom *g, const AT_S(bwd_bufs) *b, const attn_plan *p, int64_t t,
-                                         T *gb, T *scr, double *keep) {
+FA_HOT_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const attn_plan *p, int64_t t,
+                                         float *gb, float *scr, double *keep) {
   int64_t o = t / p->chunks, c = t % p->chunks, in0 = c * p->chunk_len;
   int64_t in1 = in0 + p->chunk_len < p->n_inner ? in0 + p->chunk_len : p->n_inner;
   for (int64_t in = in0; in < in1; in++) {
     int64_t z, kvh;
     plan_problem(p, o, in, &z, &kvh);
-    AT_S(bwd_problem)(g, b, gb, z, kvh, scr, keep);
+    bwd_problem(g, b, gb, z, kvh, scr, keep);
   }
 }
 
-static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *gb, const void *go, const void *q,
+int fa_attn_cpu_backward(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *gb, const void *go, const void *q,
                      const void *k, const void *v, const void *o, const void *lse, const void *bias, const void *mask) {
-  AT_S(bwd_bufs) b = {(T *)gq, (T *)gk, (T *)gv, (T *)gb, (const T *)go, (const T *)q, (const T *)k, (const T *)v,
-                      (const T *)o, (const T *)lse, (const T *)bias, mask};
+  bwd_bufs b = {(float *)gq, (float *)gk, (float *)gv, (float *)gb, (const float *)go, (const float *)q, (const float *)k, (const float *)v,
+                      (const float *)o, (const float *)lse, (const float *)bias, mask};
   if (g->Z * g->Hkv == 0) return 0;
   /* grad_bias elements: the span of the dense buffer */
   int64_t gbn = 1;
@@ -404,30 +349,30 @@ static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *
   make_plan(g, gb != NULL, gbn, &p);
   int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
   int64_t per = 2 * BM * BN + 2 * BN * g->D + G * g->Lq + 16;
-  per = (per * (int64_t)sizeof(T) + BN * 8 + 63) / 64 * 64;
+  per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64;
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
   int partial = gb && p.chunks > 1;
   char *scr = (char *)fa_alloc(FA_CPU, per * threads);
-  T *parts = partial ? (T *)fa_alloc(FA_CPU, (int64_t)sizeof(T) * gbn * p.chunks) : NULL;
+  float *parts = partial ? (float *)fa_alloc(FA_CPU, (int64_t)sizeof(float) * gbn * p.chunks) : NULL;
   if (!scr || (partial && !parts)) {
     fa_free(FA_CPU, scr);
     fa_free(FA_CPU, parts);
     return FA_ERR_MEMORY;
   }
-  if (partial) memset(parts, 0, sizeof(T) * gbn * p.chunks);
+  if (partial) memset(parts, 0, sizeof(float) * gbn * p.chunks);
   fa_blas_single_thread();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t t = 0; t < tasks; t++) {
     char *mine = scr + per * fa_thread_id();
-    T *dst = partial ? parts + (t % p.chunks) * gbn : (T *)gb;
-    AT_S(bwd_task)(g, &b, &p, t, dst, (T *)(mine + BN * 8), (double *)mine);
+    float *dst = partial ? parts + (t % p.chunks) * gbn : (float *)gb;
+    bwd_task(g, &b, &p, t, dst, (float *)(mine + BN * 8), (double *)mine);
   }
   if (partial) {
-    T *out = (T *)gb;
+    float *out = (float *)gb;
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t e = 0; e < gbn; e++) {
-      T s = 0;
+      float s = 0;
       for (int64_t c = 0; c < p.chunks; c++) s += parts[c * gbn + e];
       out[e] = s;
     }
@@ -436,7 +381,3 @@ static int AT_S(bwd)(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *
   fa_free(FA_CPU, scr);
   return 0;
 }
-#undef DBL
-#undef AI
-#undef T
-#endif
