@@ -1,18 +1,25 @@
 /* attention_cpu.c: the float32 CPU kernels of the attention core (c/attention.h); float64 runs the plain reference
- * of c/attention_ref.c. The block products go through single-threaded BLAS (fa_cpu_gemm: OpenBLAS packs and runs
- * AVX-512/AVX2 kernels), the rest is vectorised loops.
+ * of c/attention_ref.c. The block products go through single-threaded BLAS (fa_cpu_gemm: OpenBLAS), the rest is
+ * 8-lane vector code (GCC vector extensions, compiled for AVX2 and for the baseline by FA_HOT_CLONES).
  *
- * Forward: a task is (z, h, block of BM query rows); per block of BN keys: S = scale Q K^T (BLAS), bias and mask,
- * online softmax (running max m and sum l per row), dropout, acc = acc * corr + P V (BLAS); no (Lq x Lk) matrix.
+ * Forward: a task is (z, h, block of BM query rows); per block of BN keys: S = scale Q K^T, bias and mask, online
+ * softmax (running max m and sum l per row), dropout, acc = acc * corr + P V; no (Lq x Lk) matrix.
  * Backward: a task is one or more whole (z, kv head) problems; per key block, query head of the group and block
- * of rows: S = scale Q K^T, dP = dO V^T (BLAS), P = exp(S - lse), dS = P (dP - delta) with delta = rowsum(dO O),
- * then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (BLAS), dBias += dS. Every sum runs in a fixed order
- * whatever the thread count: grad_q/grad_k/grad_v are owned by the task of their (z, kv head); grad_bias by the
- * task that owns the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in
- * chunks of a count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order). */
+ * of rows: S = scale Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - delta) with delta = rowsum(dO O), then
+ * dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K, dBias += dS. Every sum runs in a fixed order whatever the
+ * thread count: grad_q/grad_k/grad_v are owned by the task of their (z, kv head); grad_bias by the task that owns
+ * the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in chunks of a
+ * count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order).
+ *
+ * Measured (OpenBLAS 0.3.21, AVX-512 Xeon, one thread, 128 x 128 x 32 blocks): Q K^T as NT takes OpenBLAS's
+ * packing path (12.4 us) but Q (K^T) with K^T transposed once per key block (somatcopy, 0.55 us) its small-matrix
+ * kernel (7.8 us), so S and dP are products with K^T and V^T. P^T dO and dS^T Q stay TN (8.4 us; transposing P
+ * and dS for NN products costs 2 x 2.5 us and saves 2 x 1.5). The additive mask term is added before the bias
+ * (OpenFold's order: a fully masked row's -1e9 + bias rounds as OpenFold's). */
 #pragma GCC optimize("no-trapping-math")
 #include "internal.h"
 #include "attention.h"
+#include <cblas.h>
 #include <stdlib.h>
 
 /* c/matmul.c: single-threaded BLAS (row-major C = alpha op(A) op(B) + beta C), deterministic for given shapes */
@@ -26,6 +33,9 @@ void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f);
 
 enum { BN = 256, BM = 128 }; /* keys and query rows per block */
 
+#define AI static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------ the grad_bias plan */
 /* the grad_bias ownership: the (z, kv head) problems as dims (bs[0..nb), Hkv); a dim is owned when the bias
  * has its own elements along it (gbias stride != 0), else looped inside a task */
 typedef struct {
@@ -66,102 +76,145 @@ static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, 
   *kvh = idx[p->nd - 1];
 }
 
-/* exp for arguments <= 0 (a logit minus the row max or the lse; tiny positive roundings are fine): fa_fast_expf
- * without its upper clamp (Cephes' expf, within about 1 ulp); 0 below -87.3 and for -inf, NaN stays NaN */
-static inline float exp_nonpos_f(float x) {
-  float xc = x < -87.3f ? -87.3f : x;
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
+/* ------------------------------------------------------------------ 8-lane helpers */
+/* always inlined into FA_HOT_CLONES functions: no AVX vector ever crosses a call (-Wpsabi warns regardless) */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+
+AI v8f ldv(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+AI void stv(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+AI v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+AI v8f sel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); } /* m ? a : b per lane */
+/* max with NaN lanes of s ignored */
+AI v8f vmax(v8f m, v8f s) { return sel(s > m, s, m); }
+AI float hmax(v8f m) {
+  float r = m[0];
+  for (int t = 1; t < 8; t++) r = m[t] > r ? m[t] : r;
+  return r;
+}
+AI float hsum(v8f a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+
+/* exp for arguments <= 0 (a logit minus the row max or the lse; tiny positive roundings are fine): Cephes' expf
+ * without the upper clamp, within about 1 ulp; 0 below -87.3 and for -inf, NaN stays NaN */
+AI v8f vexp_nonpos(v8f x) {
+  v8i under = x < -87.3f;
+  v8f xc = sel(under, splat(-87.3f), x);
+  v8f n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  v8f r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  v8f p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float sc;
-  memcpy(&sc, &bits, 4);
-  return x < -87.3f ? 0.0f : p * sc;
+  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return (v8f)(~under & (v8i)(p * (v8f)bits));
 }
 
-#define AI static inline __attribute__((always_inline))
-
-/* sum_d a[d] b[d] in a fixed order (8 partial sums) */
+/* sum_d a[d] b[d] in a fixed order (8 lanes) */
 AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  v8f s = splat(0);
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int c = 0; c < 8; c++) s[c] += a[d + c] * b[d + c];
+  for (; d + 8 <= D; d += 8) s += ldv(a + d) * ldv(b + d);
   for (int c = 0; d < D; d++, c++) s[c] += a[d] * b[d];
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
-/* max (NaNs ignored, -inf init) and sum of s[0..n8) (n8 a multiple of 8) with 8 lanes: vectorised, the sum in a
- * fixed order */
-AI float max8(const float *restrict s, int64_t n8, float init) {
-  float m[8];
-  for (int t = 0; t < 8; t++) m[t] = init;
-  for (int64_t c = 0; c < n8; c += 8)
-    for (int t = 0; t < 8; t++) m[t] = s[c + t] > m[t] ? s[c + t] : m[t];
-  for (int t = 1; t < 8; t++) m[0] = m[t] > m[0] ? m[t] : m[0];
-  return m[0];
-}
-AI float sum8(const float *restrict s, int64_t n8) {
-  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t c = 0; c < n8; c += 8)
-    for (int t = 0; t < 8; t++) a[t] += s[c + t];
-  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-}
-
-/* s (the scaled scores of keys j0..j0+n of row (z, h, i)) += bias, with the mask; keys left out get -inf, and so
- * do the pad entries up to n8 */
-AI void logits(const fa_attn_geom *g, float *restrict s, int64_t n, int64_t n8, const float *bias, int64_t boff,
-                     const void *mask, int64_t moff, int64_t j0) {
-  if (bias) {
-    int64_t bc = g->bias.c;
-    const float *b = bias + boff + j0 * bc;
-    if (bc == 1) for (int64_t c = 0; c < n; c++) s[c] += b[c];
-    else for (int64_t c = 0; c < n; c++) s[c] += b[c * bc];
-  }
-  if (g->mask_mode == 1) {
-    int64_t mc = g->mask.c;
-    const uint8_t *m = (const uint8_t *)mask + moff + j0 * mc;
-    if (mc == 1) for (int64_t c = 0; c < n; c++) s[c] = m[c] ? s[c] : -INFINITY;
-    else for (int64_t c = 0; c < n; c++) s[c] = m[c * mc] ? s[c] : -INFINITY;
-  } else if (g->mask_mode == 2) {
-    int64_t mc = g->mask.c;
-    const float *m = (const float *)mask + moff + j0 * mc;
-    float ms = (float)g->mask_scale;
-    for (int64_t c = 0; c < n; c++) s[c] += ms * (m[c * mc] - (float)1);
-  }
-  for (int64_t c = n; c < n8; c++) s[c] = -INFINITY;
+  return hsum(s);
 }
 
 /* a BLAS leading dim from a row stride: c/attention.c leaves strides < D (0 for one row) only where one row is
  * read, and any leading dim >= D does then */
 AI int64_t ld(int64_t s, int64_t D) { return s >= D && s > 0 ? s : (D > 0 ? D : 1); }
 
+/* the key block j0..j0+n (n8 = n rounded up to 8) of rows as the logits see them: the bias row and the mask row
+ * of row i as unit-stride arrays of n8 entries (pointers into the tensors, or copies padded with 0 when strided
+ * or n < n8) */
+typedef struct {
+  const float *b;    /* bias or NULL */
+  const uint8_t *ms; /* select mask (mode 1) or NULL */
+  const float *ma;   /* additive mask (mode 2) or NULL */
+} row_src;
+
+AI row_src row_sources(const fa_attn_geom *g, const float *bias, const void *mask, int64_t boff, int64_t moff, int64_t j0,
+                       int64_t n, int64_t n8, float *tb, float *tm) {
+  row_src s = {NULL, NULL, NULL};
+  if (bias) {
+    const float *b = bias + boff + j0 * g->bias.c;
+    if (g->bias.c == 1 && n == n8) s.b = b;
+    else {
+      for (int64_t c = 0; c < n; c++) tb[c] = b[c * g->bias.c];
+      for (int64_t c = n; c < n8; c++) tb[c] = 0;
+      s.b = tb;
+    }
+  }
+  if (g->mask_mode == 1) {
+    const uint8_t *m = (const uint8_t *)mask + moff + j0 * g->mask.c;
+    if (g->mask.c == 1 && n == n8) s.ms = m;
+    else {
+      uint8_t *t = (uint8_t *)tm;
+      for (int64_t c = 0; c < n; c++) t[c] = m[c * g->mask.c];
+      for (int64_t c = n; c < n8; c++) t[c] = 0;
+      s.ms = t;
+    }
+  } else if (g->mask_mode == 2) {
+    const float *m = (const float *)mask + moff + j0 * g->mask.c;
+    if (g->mask.c == 1 && n == n8) s.ma = m;
+    else {
+      for (int64_t c = 0; c < n; c++) tm[c] = m[c * g->mask.c];
+      for (int64_t c = n; c < n8; c++) tm[c] = 1;
+      s.ma = tm;
+    }
+  }
+  return s;
+}
+
+/* st[0..n8) (the scaled scores, pad entries from n set to -inf here) += the additive mask term, then the bias;
+ * keys the select mask leaves out get -inf. Returns the max (NaNs ignored) of the result and init */
+AI float logits(const fa_attn_geom *g, float *restrict st, int64_t n, int64_t n8, row_src s, float init) {
+  for (int64_t c = n; c < n8; c++) st[c] = -INFINITY;
+  const v8f ninf = splat(-INFINITY), one = splat(1), ms = splat((float)g->mask_scale);
+  v8f mx = splat(init);
+  for (int64_t c = 0; c < n8; c += 8) {
+    v8f x = ldv(st + c);
+    if (s.ma) x += ms * (ldv(s.ma + c) - one);
+    if (s.b) x += ldv(s.b + c);
+    if (s.ms) {
+      v8b mb;
+      memcpy(&mb, s.ms + c, 8);
+      x = sel(__builtin_convertvector(mb, v8i) != 0, x, ninf);
+    }
+    stv(st + c, x);
+    mx = vmax(mx, x);
+  }
+  return hmax(mx);
+}
+
 /* ------------------------------------------------------------------ forward */
-/* one task: rows i0..i0+nr of (z, h). Scratch: S (BM x BN), acc (BM x D), m, l (BM); keep (BN doubles) */
-AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v, const float *bias,
-                       const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, float *scr, double *keep) {
+/* one task: rows i0..i0+nr of (z, h). Scratch: S (BM x BN), acc (BM x D), kT (D x BN), m, l (BM), tb, tm (BN);
+ * keep (BN doubles) */
+AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v,
+                 const float *bias, const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, float *scr,
+                 double *keep) {
   const int64_t D = g->D, Lk = g->Lk, kvh = h / (g->H / g->Hkv);
-  float *S = scr, *acc = S + BM * BN, *m = acc + BM * D, *l = m + BM;
+  float *S = scr, *acc = S + BM * BN, *kT = acc + BM * D, *m = kT + D * BN, *l = m + BM, *tb = l + BM, *tm = tb + BN;
   const float *kz = k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
   const float *qb = q + fa_attn_zoff(g, &g->q, z) + h * g->q.h + i0 * g->q.r;
-  int64_t bz = bias ? fa_attn_zoff(g, &g->bias, z) + h * g->bias.h : 0, mz = mask ? fa_attn_zoff(g, &g->mask, z) + h * g->mask.h : 0;
+  int64_t bz = bias ? fa_attn_zoff(g, &g->bias, z) + h * g->bias.h : 0;
+  int64_t mz = mask ? fa_attn_zoff(g, &g->mask, z) + h * g->mask.h : 0;
   for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0; }
   for (int64_t e = 0; e < nr * D; e++) acc[e] = 0;
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
-    fa_cpu_gemm(0, 0, 1, nr, n, D, g->scale, qb, ld(g->q.r, D), kz + j0 * g->k.r, ld(g->k.r, D), 0, S, BN);
+    if (D > 0)
+      cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, kz + j0 * g->k.r, (int)ld(g->k.r, D), kT, (int)n);
+    fa_cpu_gemm(0, 0, 0, nr, n, D, g->scale, qb, ld(g->q.r, D), kT, n, 0, S, BN);
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r;
       float *st = S + r * BN;
-      logits(g, st, n, n8, bias, bz + i * g->bias.r, mask, mz + i * g->mask.r, j0);
-      float mx = max8(st, n8, m[r]);
+      row_src src = row_sources(g, bias, mask, bz + i * g->bias.r, mz + i * g->mask.r, j0, n, n8, tb, tm);
+      float mx = logits(g, st, n, n8, src, m[r]);
       if (mx == -INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
         int nan = 0;
         for (int64_t c = 0; c < n; c++) {
@@ -171,10 +224,15 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
         if (nan) m[r] = l[r] = NAN;
         continue;
       }
-      float corr = exp_nonpos_f(m[r] - mx);
+      float corr = vexp_nonpos(splat(m[r] - mx))[0];
       m[r] = mx;
-      for (int64_t c = 0; c < n8; c++) st[c] = exp_nonpos_f(st[c] - mx);
-      l[r] = l[r] * corr + sum8(st, n8);
+      v8f sum = splat(0), vm = splat(mx);
+      for (int64_t c = 0; c < n8; c += 8) {
+        v8f p = vexp_nonpos(ldv(st + c) - vm);
+        stv(st + c, p);
+        sum += p;
+      }
+      l[r] = l[r] * corr + hsum(sum);
       if (corr != 1) {
         float *a = acc + r * D;
         for (int64_t d = 0; d < D; d++) a[d] *= corr;
@@ -205,18 +263,19 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
   }
 }
 
-FA_HOT_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v,
-                                          const float *bias, const void *mask, int64_t t, float *scr, double *keep) {
+FA_HOT_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k,
+                                    const float *v, const float *bias, const void *mask, int64_t t, float *scr,
+                                    double *keep) {
   int64_t nblk = (g->Lq + BM - 1) / BM, zh = t / nblk, i0 = (t % nblk) * BM;
   int64_t nr = g->Lq - i0 < BM ? g->Lq - i0 : BM;
   fwd_task(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep);
 }
 
 int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
-                     const void *bias, const void *mask) {
+                        const void *bias, const void *mask) {
   int64_t nblk = (g->Lq + BM - 1) / BM, tasks = g->Z * g->H * nblk;
-  int64_t per = BM * BN + BM * g->D + 2 * BM + 16;           /* elements of float */
-  per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64; /* bytes, + keep */
+  int64_t per = BM * BN + BM * g->D + g->D * BN + 2 * BM + 2 * BN + 16; /* floats */
+  per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64;         /* bytes, + keep */
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
   char *scr = (char *)fa_alloc(FA_CPU, per * threads);
@@ -225,8 +284,8 @@ int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void 
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t t = 0; t < tasks; t++) {
     char *mine = scr + per * fa_thread_id();
-    fwd_range(g, (float *)out, (float *)lse, (const float *)q, (const float *)k, (const float *)v, (const float *)bias, mask, t,
-                    (float *)(mine + BN * 8), (double *)mine);
+    fwd_range(g, (float *)out, (float *)lse, (const float *)q, (const float *)k, (const float *)v, (const float *)bias,
+              mask, t, (float *)(mine + BN * 8), (double *)mine);
   }
   fa_free(FA_CPU, scr);
   return 0;
@@ -239,15 +298,18 @@ typedef struct {
   const void *mask;
 } bwd_bufs;
 
-/* one (z, kv head) problem. Scratch: S, dP (BM x BN), dk, dv (BN x D), delta (G*Lq); keep (BN doubles) apart.
- * Per key block, per query head of the group and block of rows: S = scale Q K^float, dP = dO V^float (GEMMs), then per
- * row P, dS; then dV += P^float dO, dK += scale dS^float Q, dQ += scale dS K (GEMMs), all in a fixed order. */
+/* one (z, kv head) problem. Scratch: S, dP (BM x BN), dk, dv (BN x D), kT, vT (D x BN), tb, tm (BN), delta (G*Lq);
+ * keep (BN doubles) apart. Per key block, per query head of the group and block of rows: S = scale Q K^T,
+ * dP = dO V^T (GEMMs), then per row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all
+ * in a fixed order. */
 AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t z, int64_t kvh, float *scr,
-                          double *keep) {
+                    double *keep) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
-  float *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *delta = dv + BN * D;
+  float *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *kT = dv + BN * D, *vT = kT + D * BN;
+  float *tb = vT + D * BN, *tm = tb + BN, *delta = tm + BN;
   const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
-  int64_t qz = fa_attn_zoff(g, &g->q, z), goz = fa_attn_zoff(g, &g->go, z), oz = fa_attn_zoff(g, &g->o, z), lz = fa_attn_zoff(g, &g->lse, z);
+  int64_t qz = fa_attn_zoff(g, &g->q, z), goz = fa_attn_zoff(g, &g->go, z), oz = fa_attn_zoff(g, &g->o, z);
+  int64_t lz = fa_attn_zoff(g, &g->lse, z);
   int64_t bz = b->bias ? fa_attn_zoff(g, &g->bias, z) : 0, mz = b->mask ? fa_attn_zoff(g, &g->mask, z) : 0;
   int64_t gqz = b->gq ? fa_attn_zoff(g, &g->gq, z) : 0, gbz = gb ? fa_attn_zoff(g, &g->gbias, z) : 0;
   for (int64_t gi = 0; gi < G; gi++) {
@@ -264,13 +326,17 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
     const float *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
     for (int64_t e = 0; e < n * D; e++) dk[e] = dv[e] = 0;
+    if (D > 0) {
+      cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, kb, (int)ld(g->k.r, D), kT, (int)n);
+      cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, vb, (int)ld(g->v.r, D), vT, (int)n);
+    }
     for (int64_t gi = 0; gi < G; gi++) {
       int64_t h = kvh * G + gi;
       for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
         int64_t nr = Lq - i0 < BM ? Lq - i0 : BM;
         const float *qb = b->q + qz + h * g->q.h + i0 * g->q.r, *gob = b->go + goz + h * g->go.h + i0 * g->go.r;
-        fa_cpu_gemm(0, 0, 1, nr, n, D, g->scale, qb, ld(g->q.r, D), kb, ld(g->k.r, D), 0, S, BN);
-        fa_cpu_gemm(0, 0, 1, nr, n, D, 1, gob, ld(g->go.r, D), vb, ld(g->v.r, D), 0, dP, BN);
+        fa_cpu_gemm(0, 0, 0, nr, n, D, g->scale, qb, ld(g->q.r, D), kT, n, 0, S, BN);
+        fa_cpu_gemm(0, 0, 0, nr, n, D, 1, gob, ld(g->go.r, D), vT, n, 0, dP, BN);
         for (int64_t r = 0; r < nr; r++) {
           int64_t i = i0 + r;
           float *st = S + r * BN, *dpt = dP + r * BN;
@@ -280,19 +346,24 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
             for (int64_t c = 0; c < n; c++) { st[c] = p; dpt[c] = 0; }
             continue;
           }
-          logits(g, st, n, n8, b->bias, bz + h * g->bias.h + i * g->bias.r, b->mask,
-                       mz + h * g->mask.h + i * g->mask.r, j0);
-          for (int64_t c = 0; c < n8; c++) st[c] = exp_nonpos_f(st[c] - L); /* P */
-          float dl = delta[gi * Lq + i];
+          row_src src = row_sources(g, b->bias, b->mask, bz + h * g->bias.h + i * g->bias.r,
+                                    mz + h * g->mask.h + i * g->mask.r, j0, n, n8, tb, tm);
+          logits(g, st, n, n8, src, -INFINITY);
+          v8f vl = splat(L), vd = splat(delta[gi * Lq + i]);
           if (g->dropout > 0) {
             fa_attn_keep(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
-            for (int64_t c = 0; c < n; c++) {
-              float f = (float)keep[c], p = st[c];
-              dpt[c] = p * (dpt[c] * f - dl); /* dS */
-              st[c] = p * f;                  /* the weights after dropout, for dV */
+            for (int64_t c = 0; c < n8; c += 8) {
+              v8f p = vexp_nonpos(ldv(st + c) - vl), f;
+              for (int t = 0; t < 8; t++) f[t] = c + t < n ? (float)keep[c + t] : 0;
+              stv(dpt + c, p * (ldv(dpt + c) * f - vd)); /* dS */
+              stv(st + c, p * f);                        /* the weights after dropout, for dV */
             }
           } else {
-            for (int64_t c = 0; c < n; c++) dpt[c] = st[c] * (dpt[c] - dl);
+            for (int64_t c = 0; c < n8; c += 8) {
+              v8f p = vexp_nonpos(ldv(st + c) - vl);
+              stv(st + c, p);
+              stv(dpt + c, p * (ldv(dpt + c) - vd));
+            }
           }
           if (gb) {
             int64_t bc = g->gbias.c;
@@ -304,8 +375,8 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
         fa_cpu_gemm(0, 1, 0, n, D, nr, 1, S, BN, gob, ld(g->go.r, D), 1, dv, D);
         fa_cpu_gemm(0, 1, 0, n, D, nr, g->scale, dP, BN, qb, ld(g->q.r, D), 1, dk, D);
         if (b->gq)
-          fa_cpu_gemm(0, 0, 0, nr, D, n, g->scale, dP, BN, kb, ld(g->k.r, D),
-                      1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r, ld(g->gq.r, D));
+          fa_cpu_gemm(0, 0, 0, nr, D, n, g->scale, dP, BN, kb, ld(g->k.r, D), 1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r,
+                      ld(g->gq.r, D));
       }
     }
     if (b->gk) {
@@ -321,8 +392,8 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
   }
 }
 
-FA_HOT_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const attn_plan *p, int64_t t,
-                                         float *gb, float *scr, double *keep) {
+FA_HOT_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const attn_plan *p, int64_t t, float *gb,
+                                   float *scr, double *keep) {
   int64_t o = t / p->chunks, c = t % p->chunks, in0 = c * p->chunk_len;
   int64_t in1 = in0 + p->chunk_len < p->n_inner ? in0 + p->chunk_len : p->n_inner;
   for (int64_t in = in0; in < in1; in++) {
@@ -333,9 +404,10 @@ FA_HOT_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, con
 }
 
 int fa_attn_cpu_backward(const fa_attn_geom *g, void *gq, void *gk, void *gv, void *gb, const void *go, const void *q,
-                     const void *k, const void *v, const void *o, const void *lse, const void *bias, const void *mask) {
-  bwd_bufs b = {(float *)gq, (float *)gk, (float *)gv, (float *)gb, (const float *)go, (const float *)q, (const float *)k, (const float *)v,
-                      (const float *)o, (const float *)lse, (const float *)bias, mask};
+                         const void *k, const void *v, const void *o, const void *lse, const void *bias,
+                         const void *mask) {
+  bwd_bufs b = {(float *)gq, (float *)gk, (float *)gv, (float *)gb, (const float *)go, (const float *)q,
+                (const float *)k, (const float *)v, (const float *)o, (const float *)lse, (const float *)bias, mask};
   if (g->Z * g->Hkv == 0) return 0;
   /* grad_bias elements: the span of the dense buffer */
   int64_t gbn = 1;
@@ -348,7 +420,7 @@ int fa_attn_cpu_backward(const fa_attn_geom *g, void *gq, void *gk, void *gv, vo
   attn_plan p;
   make_plan(g, gb != NULL, gbn, &p);
   int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
-  int64_t per = 2 * BM * BN + 2 * BN * g->D + G * g->Lq + 16;
+  int64_t per = 2 * BM * BN + 4 * BN * g->D + 2 * BN + G * g->Lq + 16; /* floats */
   per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64;
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
