@@ -34,6 +34,12 @@ void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f);
 enum { BN = 256, BM = 128 }; /* keys and query rows per block */
 
 #define AI static inline __attribute__((always_inline))
+/* FA_HOT_CLONES plus an AVX-512 clone: the 16-lane vector code below runs as one zmm op there (2 ymm ops with AVX2) */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__GLIBC__)
+#define ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ATTN_CLONES FA_HOT_CLONES
+#endif
 
 /* ------------------------------------------------------------------ the grad_bias plan */
 /* the grad_bias ownership: the (z, kv head) problems as dims (bs[0..nb), Hkv); a dim is owned when the bias
@@ -76,25 +82,32 @@ static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, 
   *kvh = idx[p->nd - 1];
 }
 
-/* ------------------------------------------------------------------ 8-lane helpers */
+/* ------------------------------------------------------------------ vector helpers */
 /* always inlined into FA_HOT_CLONES functions: no AVX vector ever crosses a call (-Wpsabi warns regardless) */
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
+enum { W = 16 }; /* lanes */
+typedef float v8f __attribute__((vector_size(4 * W)));
+typedef int32_t v8i __attribute__((vector_size(4 * W)));
 
 AI v8f ldv(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 AI void stv(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-AI v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+AI v8f splat(float x) { return (v8f){0} + x; }
 AI v8f sel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); } /* m ? a : b per lane */
 /* max with NaN lanes of s ignored */
 AI v8f vmax(v8f m, v8f s) { return sel(s > m, s, m); }
 AI float hmax(v8f m) {
   float r = m[0];
-  for (int t = 1; t < 8; t++) r = m[t] > r ? m[t] : r;
+  for (int t = 1; t < W; t++) r = m[t] > r ? m[t] : r;
   return r;
 }
-AI float hsum(v8f a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+/* in a fixed order: lanes t and t + W/2 first, and so on */
+AI float hsum(v8f a) {
+  float s[W];
+  memcpy(s, &a, sizeof s);
+  for (int h = W / 2; h >= 1; h /= 2)
+    for (int t = 0; t < h; t++) s[t] += s[t + h];
+  return s[0];
+}
 
 /* exp for arguments <= 0 (a logit minus the row max or the lse; tiny positive roundings are fine): Cephes' expf
  * without the upper clamp, within about 1 ulp; 0 below -87.3 and for -inf, NaN stays NaN */
@@ -115,11 +128,11 @@ AI v8f vexp_nonpos(v8f x) {
   return (v8f)(~under & (v8i)(p * (v8f)bits));
 }
 
-/* sum_d a[d] b[d] in a fixed order (8 lanes) */
+/* sum_d a[d] b[d] in a fixed order (W lanes) */
 AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
   v8f s = splat(0);
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) s += ldv(a + d) * ldv(b + d);
+  for (; d + W <= D; d += W) s += ldv(a + d) * ldv(b + d);
   for (int c = 0; d < D; d++, c++) s[c] += a[d] * b[d];
   return hsum(s);
 }
@@ -128,62 +141,69 @@ AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
  * read, and any leading dim >= D does then */
 AI int64_t ld(int64_t s, int64_t D) { return s >= D && s > 0 ? s : (D > 0 ? D : 1); }
 
-/* the key block j0..j0+n (n8 = n rounded up to 8) of rows as the logits see them: the bias row and the mask row
- * of row i as unit-stride arrays of n8 entries (pointers into the tensors, or copies padded with 0 when strided
- * or n < n8) */
+/* the key block j0..j0+n (nw = n rounded up to W) of rows as the logits see them: the bias row and the mask row
+ * of row i as unit-stride arrays of nw entries: pointers into the tensors, or copies padded with 0 when strided or
+ * n < nw. The select mask becomes lanes of -1 (keep) or 0, converted once per distinct row (tmp->mrow: the triangle's
+ * mask row is the same for every row i and head) */
 typedef struct {
   const float *b;    /* bias or NULL */
-  const uint8_t *ms; /* select mask (mode 1) or NULL */
+  const int32_t *ms; /* select mask (mode 1) or NULL */
   const float *ma;   /* additive mask (mode 2) or NULL */
 } row_src;
 
+typedef struct {
+  float *b;
+  int32_t *m;
+  const void *mrow; /* the select-mask row m holds, NULL: none yet */
+} row_tmp;
+
 AI row_src row_sources(const fa_attn_geom *g, const float *bias, const void *mask, int64_t boff, int64_t moff, int64_t j0,
-                       int64_t n, int64_t n8, float *tb, float *tm) {
+                       int64_t n, int64_t nw, row_tmp *t) {
   row_src s = {NULL, NULL, NULL};
   if (bias) {
     const float *b = bias + boff + j0 * g->bias.c;
-    if (g->bias.c == 1 && n == n8) s.b = b;
+    if (g->bias.c == 1 && n == nw) s.b = b;
     else {
-      for (int64_t c = 0; c < n; c++) tb[c] = b[c * g->bias.c];
-      for (int64_t c = n; c < n8; c++) tb[c] = 0;
-      s.b = tb;
+      for (int64_t c = 0; c < n; c++) t->b[c] = b[c * g->bias.c];
+      for (int64_t c = n; c < nw; c++) t->b[c] = 0;
+      s.b = t->b;
     }
   }
   if (g->mask_mode == 1) {
     const uint8_t *m = (const uint8_t *)mask + moff + j0 * g->mask.c;
-    if (g->mask.c == 1 && n == n8) s.ms = m;
-    else {
-      uint8_t *t = (uint8_t *)tm;
-      for (int64_t c = 0; c < n; c++) t[c] = m[c * g->mask.c];
-      for (int64_t c = n; c < n8; c++) t[c] = 0;
-      s.ms = t;
+    if (t->mrow != m) {
+      for (int64_t c = 0; c < n; c++) t->m[c] = m[c * g->mask.c] ? -1 : 0;
+      for (int64_t c = n; c < nw; c++) t->m[c] = 0;
+      t->mrow = m;
     }
+    s.ms = t->m;
   } else if (g->mask_mode == 2) {
     const float *m = (const float *)mask + moff + j0 * g->mask.c;
-    if (g->mask.c == 1 && n == n8) s.ma = m;
+    float *f = (float *)t->m;
+    if (g->mask.c == 1 && n == nw) s.ma = m;
     else {
-      for (int64_t c = 0; c < n; c++) tm[c] = m[c * g->mask.c];
-      for (int64_t c = n; c < n8; c++) tm[c] = 1;
-      s.ma = tm;
+      for (int64_t c = 0; c < n; c++) f[c] = m[c * g->mask.c];
+      for (int64_t c = n; c < nw; c++) f[c] = 1;
+      s.ma = f;
     }
   }
   return s;
 }
 
-/* st[0..n8) (the scaled scores, pad entries from n set to -inf here) += the additive mask term, then the bias;
+/* st[0..nw) (the scaled scores, pad entries from n set to -inf here) += the additive mask term, then the bias;
  * keys the select mask leaves out get -inf. Returns the max (NaNs ignored) of the result and init */
-AI float logits(const fa_attn_geom *g, float *restrict st, int64_t n, int64_t n8, row_src s, float init) {
-  for (int64_t c = n; c < n8; c++) st[c] = -INFINITY;
+AI float logits(const fa_attn_geom *g, float *restrict st, int64_t n, int64_t nw, row_src s, float init) {
+  for (int64_t c = n; c < nw; c++) st[c] = -INFINITY;
   const v8f ninf = splat(-INFINITY), one = splat(1), ms = splat((float)g->mask_scale);
   v8f mx = splat(init);
-  for (int64_t c = 0; c < n8; c += 8) {
+  for (int64_t c = 0; c < nw; c += W) {
     v8f x = ldv(st + c);
     if (s.ma) x += ms * (ldv(s.ma + c) - one);
     if (s.b) x += ldv(s.b + c);
     if (s.ms) {
-      v8b mb;
-      memcpy(&mb, s.ms + c, 8);
-      x = sel(__builtin_convertvector(mb, v8i) != 0, x, ninf);
+      v8i keep;
+      memcpy(&keep, s.ms + c, sizeof keep);
+      x = sel(keep, x, ninf);
     }
     stv(st + c, x);
     mx = vmax(mx, x);
@@ -198,7 +218,8 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
                  const float *bias, const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, float *scr,
                  double *keep) {
   const int64_t D = g->D, Lk = g->Lk, kvh = h / (g->H / g->Hkv);
-  float *S = scr, *acc = S + BM * BN, *kT = acc + BM * D, *m = kT + D * BN, *l = m + BM, *tb = l + BM, *tm = tb + BN;
+  float *S = scr, *acc = S + BM * BN, *kT = acc + BM * D, *m = kT + D * BN, *l = m + BM;
+  row_tmp tmp = {l + BM, (int32_t *)(l + BM + BN), NULL};
   const float *kz = k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
   const float *qb = q + fa_attn_zoff(g, &g->q, z) + h * g->q.h + i0 * g->q.r;
   int64_t bz = bias ? fa_attn_zoff(g, &g->bias, z) + h * g->bias.h : 0;
@@ -206,15 +227,15 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
   for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0; }
   for (int64_t e = 0; e < nr * D; e++) acc[e] = 0;
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
-    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, nw = (n + W - 1) / W * W;
     if (D > 0)
       cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, kz + j0 * g->k.r, (int)ld(g->k.r, D), kT, (int)n);
     fa_cpu_gemm(0, 0, 0, nr, n, D, g->scale, qb, ld(g->q.r, D), kT, n, 0, S, BN);
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r;
       float *st = S + r * BN;
-      row_src src = row_sources(g, bias, mask, bz + i * g->bias.r, mz + i * g->mask.r, j0, n, n8, tb, tm);
-      float mx = logits(g, st, n, n8, src, m[r]);
+      row_src src = row_sources(g, bias, mask, bz + i * g->bias.r, mz + i * g->mask.r, j0, n, nw, &tmp);
+      float mx = logits(g, st, n, nw, src, m[r]);
       if (mx == -INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
         int nan = 0;
         for (int64_t c = 0; c < n; c++) {
@@ -227,7 +248,7 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
       float corr = vexp_nonpos(splat(m[r] - mx))[0];
       m[r] = mx;
       v8f sum = splat(0), vm = splat(mx);
-      for (int64_t c = 0; c < n8; c += 8) {
+      for (int64_t c = 0; c < nw; c += W) {
         v8f p = vexp_nonpos(ldv(st + c) - vm);
         stv(st + c, p);
         sum += p;
@@ -263,7 +284,7 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
   }
 }
 
-FA_HOT_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k,
+ATTN_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k,
                                     const float *v, const float *bias, const void *mask, int64_t t, float *scr,
                                     double *keep) {
   int64_t nblk = (g->Lq + BM - 1) / BM, zh = t / nblk, i0 = (t % nblk) * BM;
@@ -306,7 +327,8 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
                     double *keep) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
   float *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *kT = dv + BN * D, *vT = kT + D * BN;
-  float *tb = vT + D * BN, *tm = tb + BN, *delta = tm + BN;
+  float *delta = vT + D * BN + 2 * BN;
+  row_tmp tmp = {vT + D * BN, (int32_t *)(vT + D * BN + BN), NULL};
   const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
   int64_t qz = fa_attn_zoff(g, &g->q, z), goz = fa_attn_zoff(g, &g->go, z), oz = fa_attn_zoff(g, &g->o, z);
   int64_t lz = fa_attn_zoff(g, &g->lse, z);
@@ -323,7 +345,7 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
     }
   }
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
-    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, n8 = (n + 7) / 8 * 8;
+    int64_t n = Lk - j0 < BN ? Lk - j0 : BN, nw = (n + W - 1) / W * W;
     const float *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
     for (int64_t e = 0; e < n * D; e++) dk[e] = dv[e] = 0;
     if (D > 0) {
@@ -347,19 +369,19 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
             continue;
           }
           row_src src = row_sources(g, b->bias, b->mask, bz + h * g->bias.h + i * g->bias.r,
-                                    mz + h * g->mask.h + i * g->mask.r, j0, n, n8, tb, tm);
-          logits(g, st, n, n8, src, -INFINITY);
+                                    mz + h * g->mask.h + i * g->mask.r, j0, n, nw, &tmp);
+          logits(g, st, n, nw, src, -INFINITY);
           v8f vl = splat(L), vd = splat(delta[gi * Lq + i]);
           if (g->dropout > 0) {
             fa_attn_keep(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
-            for (int64_t c = 0; c < n8; c += 8) {
+            for (int64_t c = 0; c < nw; c += W) {
               v8f p = vexp_nonpos(ldv(st + c) - vl), f;
-              for (int t = 0; t < 8; t++) f[t] = c + t < n ? (float)keep[c + t] : 0;
+              for (int t = 0; t < W; t++) f[t] = c + t < n ? (float)keep[c + t] : 0;
               stv(dpt + c, p * (ldv(dpt + c) * f - vd)); /* dS */
               stv(st + c, p * f);                        /* the weights after dropout, for dV */
             }
           } else {
-            for (int64_t c = 0; c < n8; c += 8) {
+            for (int64_t c = 0; c < nw; c += W) {
               v8f p = vexp_nonpos(ldv(st + c) - vl);
               stv(st + c, p);
               stv(dpt + c, p * (ldv(dpt + c) - vd));
@@ -392,7 +414,7 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
   }
 }
 
-FA_HOT_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const attn_plan *p, int64_t t, float *gb,
+ATTN_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const attn_plan *p, int64_t t, float *gb,
                                    float *scr, double *keep) {
   int64_t o = t / p->chunks, c = t % p->chunks, in0 = c * p->chunk_len;
   int64_t in1 = in0 + p->chunk_len < p->n_inner ? in0 + p->chunk_len : p->n_inner;
