@@ -319,14 +319,14 @@ typedef struct {
   const void *mask;
 } bwd_bufs;
 
-/* one (z, kv head) problem. Scratch: S, dP (BM x BN), dk, dv (BN x D), kT, vT (D x BN), tb, tm (BN), delta (G*Lq);
+/* one (z, kv head) problem. Scratch: S, dP (BM x BN), kT, vT (D x BN), tb, tm (BN), delta (G*Lq);
  * keep (BN doubles) apart. Per key block, per query head of the group and block of rows: S = scale Q K^T,
  * dP = dO V^T (GEMMs), then per row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all
  * in a fixed order. */
 AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t z, int64_t kvh, float *scr,
                     double *keep) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
-  float *S = scr, *dP = S + BM * BN, *dk = dP + BM * BN, *dv = dk + BN * D, *kT = dv + BN * D, *vT = kT + D * BN;
+  float *S = scr, *dP = S + BM * BN, *kT = dP + BM * BN, *vT = kT + D * BN;
   float *delta = vT + D * BN + 2 * BN;
   row_tmp tmp = {vT + D * BN, (int32_t *)(vT + D * BN + BN), NULL};
   const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
@@ -336,9 +336,16 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
   int64_t gqz = b->gq ? fa_attn_zoff(g, &g->gq, z) : 0, gbz = gb ? fa_attn_zoff(g, &g->gbias, z) : 0;
   for (int64_t gi = 0; gi < G; gi++) {
     int64_t h = kvh * G + gi;
+    const float *gor = b->go + goz + h * g->go.h, *orow = b->o + oz + h * g->o.h;
     for (int64_t i = 0; i < Lq; i++) {
-      delta[gi * Lq + i] = dot(b->go + goz + h * g->go.h + i * g->go.r, b->o + oz + h * g->o.h + i * g->o.r, D);
-      if (b->gq) {
+      if (i + 8 < Lq) { /* strided rows: the hardware prefetcher lags */
+        __builtin_prefetch(gor + (i + 8) * g->go.r);
+        __builtin_prefetch(orow + (i + 8) * g->o.r);
+        __builtin_prefetch(gor + (i + 8) * g->go.r + D - 1);
+        __builtin_prefetch(orow + (i + 8) * g->o.r + D - 1);
+      }
+      delta[gi * Lq + i] = dot(gor + i * g->go.r, orow + i * g->o.r, D);
+      if (b->gq && Lk == 0) {
         float *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
         for (int64_t d = 0; d < D; d++) dq[d] = 0;
       }
@@ -347,7 +354,15 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
   for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
     int64_t n = Lk - j0 < BN ? Lk - j0 : BN, nw = (n + W - 1) / W * W;
     const float *kb = kz + j0 * g->k.r, *vb = vz + j0 * g->v.r;
-    for (int64_t e = 0; e < n * D; e++) dk[e] = dv[e] = 0;
+    /* grad_k and grad_v rows j0..j0+n, written by the first product (beta 0), then added into */
+    float *gkb = b->gk ? b->gk + fa_attn_zoff(g, &g->gk, z) + kvh * g->gk.h + j0 * g->gk.r : NULL;
+    float *gvb = b->gv ? b->gv + fa_attn_zoff(g, &g->gv, z) + kvh * g->gv.h + j0 * g->gv.r : NULL;
+    if (G * Lq == 0)
+      for (int64_t c = 0; c < n; c++)
+        for (int64_t d = 0; d < D; d++) {
+          if (gkb) gkb[c * g->gk.r + d] = 0;
+          if (gvb) gvb[c * g->gv.r + d] = 0;
+        }
     if (D > 0) {
       cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, kb, (int)ld(g->k.r, D), kT, (int)n);
       cblas_somatcopy(CblasRowMajor, CblasTrans, (int)n, (int)D, 1.0f, vb, (int)ld(g->v.r, D), vT, (int)n);
@@ -394,22 +409,13 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
             else for (int64_t c = 0; c < n; c++) gr[c * bc] += dpt[c];
           }
         }
-        fa_cpu_gemm(0, 1, 0, n, D, nr, 1, S, BN, gob, ld(g->go.r, D), 1, dv, D);
-        fa_cpu_gemm(0, 1, 0, n, D, nr, g->scale, dP, BN, qb, ld(g->q.r, D), 1, dk, D);
+        double beta = gi == 0 && i0 == 0 ? 0 : 1;
+        if (gvb) fa_cpu_gemm(0, 1, 0, n, D, nr, 1, S, BN, gob, ld(g->go.r, D), beta, gvb, ld(g->gv.r, D));
+        if (gkb) fa_cpu_gemm(0, 1, 0, n, D, nr, g->scale, dP, BN, qb, ld(g->q.r, D), beta, gkb, ld(g->gk.r, D));
         if (b->gq)
-          fa_cpu_gemm(0, 0, 0, nr, D, n, g->scale, dP, BN, kb, ld(g->k.r, D), 1, b->gq + gqz + h * g->gq.h + i0 * g->gq.r,
-                      ld(g->gq.r, D));
+          fa_cpu_gemm(0, 0, 0, nr, D, n, g->scale, dP, BN, kb, ld(g->k.r, D), j0 == 0 ? 0 : 1,
+                      b->gq + gqz + h * g->gq.h + i0 * g->gq.r, ld(g->gq.r, D));
       }
-    }
-    if (b->gk) {
-      float *o = b->gk + fa_attn_zoff(g, &g->gk, z) + kvh * g->gk.h + j0 * g->gk.r;
-      for (int64_t c = 0; c < n; c++)
-        for (int64_t d = 0; d < D; d++) o[c * g->gk.r + d] = dk[c * D + d];
-    }
-    if (b->gv) {
-      float *o = b->gv + fa_attn_zoff(g, &g->gv, z) + kvh * g->gv.h + j0 * g->gv.r;
-      for (int64_t c = 0; c < n; c++)
-        for (int64_t d = 0; d < D; d++) o[c * g->gv.r + d] = dv[c * D + d];
     }
   }
 }
@@ -442,7 +448,7 @@ int fa_attn_cpu_backward(const fa_attn_geom *g, void *gq, void *gk, void *gv, vo
   attn_plan p;
   make_plan(g, gb != NULL, gbn, &p);
   int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
-  int64_t per = 2 * BM * BN + 4 * BN * g->D + 2 * BN + G * g->Lq + 16; /* floats */
+  int64_t per = 2 * BM * BN + 2 * BN * g->D + 2 * BN + G * g->Lq + 16; /* floats */
   per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64;
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
