@@ -71,7 +71,7 @@ static void make_plan(const fa_attn_geom *g, int by_bias, int64_t gbias_elems, a
 
 /* problem (z, kv head) from an owned index and an inner index */
 static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, int64_t *kvh) {
-  int64_t idx[FA_ATTN_MAX_BATCH + 1];
+  int64_t idx[FA_ATTN_MAX_BATCH + 1] = {0};
   for (int d = p->nd - 1; d >= 0; d--) {
     if (p->owned[d]) { idx[d] = o % p->size[d]; o /= p->size[d]; }
     else { idx[d] = in % p->size[d]; in /= p->size[d]; }
@@ -135,6 +135,30 @@ AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
   for (; d + W <= D; d += W) s += ldv(a + d) * ldv(b + d);
   for (int c = 0; d < D; d++, c++) s[c] += a[d] * b[d];
   return hsum(s);
+}
+
+/* The next problem's rows, prefetched (into L2) a few at a time while this one computes: its strided rows (one or
+ * two cache lines each) defeat the hardware prefetcher, and their misses took about a tenth of the time; all at
+ * once, the prefetches stall on the line fill buffers. */
+enum { PF_MAX = 5 };
+typedef struct {
+  int n;
+  const float *p[PF_MAX];
+  int64_t rows[PF_MAX], rs[PF_MAX], D, next;
+} prefetcher;
+
+AI void pf_add(prefetcher *f, const float *p, int64_t rows, int64_t cap, int64_t rs) {
+  f->p[f->n] = p;
+  f->rows[f->n] = rows < cap ? rows : cap;
+  f->rs[f->n++] = rs;
+}
+
+/* the next row of each tensor */
+AI void pf_step(prefetcher *f) {
+  int64_t r = f->next++;
+  for (int t = 0; t < f->n; t++)
+    if (r < f->rows[t])
+      for (int64_t d = 0; d < f->D; d += 16) __builtin_prefetch(f->p[t] + r * f->rs[t] + d, 0, 2);
 }
 
 /* a BLAS leading dim from a row stride: c/attention.c leaves strides < D (0 for one row) only where one row is
@@ -216,7 +240,7 @@ AI float logits(const fa_attn_geom *g, float *restrict st, int64_t n, int64_t nw
  * keep (BN doubles) */
 AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, const float *k, const float *v,
                  const float *bias, const void *mask, int64_t z, int64_t h, int64_t i0, int64_t nr, float *scr,
-                 double *keep) {
+                 double *keep, prefetcher *pf) {
   const int64_t D = g->D, Lk = g->Lk, kvh = h / (g->H / g->Hkv);
   float *S = scr, *acc = S + BM * BN, *kT = acc + BM * D, *m = kT + D * BN, *l = m + BM;
   row_tmp tmp = {l + BM, (int32_t *)(l + BM + BN), NULL};
@@ -234,6 +258,7 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r;
       float *st = S + r * BN;
+      pf_step(pf);
       row_src src = row_sources(g, bias, mask, bz + i * g->bias.r, mz + i * g->mask.r, j0, n, nw, &tmp);
       float mx = logits(g, st, n, nw, src, m[r]);
       if (mx == -INFINITY) { /* every key so far left out, or NaN logits (then the row is NaN) */
@@ -289,7 +314,18 @@ ATTN_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse,
                                     double *keep) {
   int64_t nblk = (g->Lq + BM - 1) / BM, zh = t / nblk, i0 = (t % nblk) * BM;
   int64_t nr = g->Lq - i0 < BM ? g->Lq - i0 : BM;
-  fwd_task(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep);
+  prefetcher pf = {0};
+  pf.D = g->D;
+  if (t + 1 < g->Z * g->H * nblk) { /* the next task's rows (usually this thread's next) */
+    int64_t zh1 = (t + 1) / nblk, z1 = zh1 / g->H, h1 = zh1 % g->H, j1 = ((t + 1) % nblk) * BM;
+    int64_t kvh1 = h1 / (g->H / g->Hkv);
+    pf_add(&pf, q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h + j1 * g->q.r, g->Lq - j1, BM, g->q.r);
+    if (j1 == 0) {
+      pf_add(&pf, k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r);
+      pf_add(&pf, v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r);
+    }
+  }
+  fwd_task(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep, &pf);
 }
 
 int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
@@ -324,7 +360,7 @@ typedef struct {
  * dP = dO V^T (GEMMs), then per row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all
  * in a fixed order. */
 AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t z, int64_t kvh, float *scr,
-                    double *keep) {
+                    double *keep, prefetcher *pf) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
   float *S = scr, *dP = S + BM * BN, *kT = dP + BM * BN, *vT = kT + D * BN;
   float *delta = vT + D * BN + 2 * BN;
@@ -377,6 +413,7 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
         for (int64_t r = 0; r < nr; r++) {
           int64_t i = i0 + r;
           float *st = S + r * BN, *dpt = dP + r * BN;
+          pf_step(pf);
           float L = b->lse[lz + h * g->lse.h + i * g->lse.r];
           if (L == -INFINITY) { /* every key left out: P = 1/Lk (for dV), dS = 0 */
             float p = 1 / (float)Lk;
@@ -427,7 +464,19 @@ ATTN_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const
   for (int64_t in = in0; in < in1; in++) {
     int64_t z, kvh;
     plan_problem(p, o, in, &z, &kvh);
-    bwd_problem(g, b, gb, z, kvh, scr, keep);
+    prefetcher pf = {0};
+    pf.D = g->D;
+    if (in + 1 < in1) { /* the next problem's rows (its first query head's) */
+      int64_t z1, kvh1, h1;
+      plan_problem(p, o, in + 1, &z1, &kvh1);
+      h1 = kvh1 * (g->H / g->Hkv);
+      pf_add(&pf, b->k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r);
+      pf_add(&pf, b->v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r);
+      pf_add(&pf, b->q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h, g->Lq, BM, g->q.r);
+      pf_add(&pf, b->go + fa_attn_zoff(g, &g->go, z1) + h1 * g->go.h, g->Lq, BM, g->go.r);
+      pf_add(&pf, b->o + fa_attn_zoff(g, &g->o, z1) + h1 * g->o.h, g->Lq, BM, g->o.r);
+    }
+    bwd_problem(g, b, gb, z, kvh, scr, keep, &pf);
   }
 }
 
