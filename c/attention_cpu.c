@@ -140,16 +140,20 @@ AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
 /* The next problem's rows, prefetched (into L2) a few at a time while this one computes: its strided rows (one or
  * two cache lines each) defeat the hardware prefetcher, and their misses took about a tenth of the time; all at
  * once, the prefetches stall on the line fill buffers. */
-enum { PF_MAX = 5 };
+enum { PF_MAX = 8 };
 typedef struct {
   int n;
   const float *p[PF_MAX];
   int64_t rows[PF_MAX], rs[PF_MAX], D, next;
+  int write[PF_MAX];
 } prefetcher;
 
-AI void pf_add(prefetcher *f, const float *p, int64_t rows, int64_t cap, int64_t rs) {
-  f->p[f->n] = p;
+/* rows 0..min(rows, cap) of p at stride rs; write: an output */
+AI void pf_add(prefetcher *f, const void *p, int64_t rows, int64_t cap, int64_t rs, int write) {
+  if (!p) return;
+  f->p[f->n] = (const float *)p;
   f->rows[f->n] = rows < cap ? rows : cap;
+  f->write[f->n] = write;
   f->rs[f->n++] = rs;
 }
 
@@ -158,7 +162,10 @@ AI void pf_step(prefetcher *f) {
   int64_t r = f->next++;
   for (int t = 0; t < f->n; t++)
     if (r < f->rows[t])
-      for (int64_t d = 0; d < f->D; d += 16) __builtin_prefetch(f->p[t] + r * f->rs[t] + d, 0, 2);
+      for (int64_t d = 0; d < f->D; d += 16) {
+        if (f->write[t]) __builtin_prefetch(f->p[t] + r * f->rs[t] + d, 1, 2);
+        else __builtin_prefetch(f->p[t] + r * f->rs[t] + d, 0, 2);
+      }
 }
 
 /* a BLAS leading dim from a row stride: c/attention.c leaves strides < D (0 for one row) only where one row is
@@ -319,11 +326,12 @@ ATTN_CLONES static void fwd_range(const fa_attn_geom *g, float *out, float *lse,
   if (t + 1 < g->Z * g->H * nblk) { /* the next task's rows (usually this thread's next) */
     int64_t zh1 = (t + 1) / nblk, z1 = zh1 / g->H, h1 = zh1 % g->H, j1 = ((t + 1) % nblk) * BM;
     int64_t kvh1 = h1 / (g->H / g->Hkv);
-    pf_add(&pf, q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h + j1 * g->q.r, g->Lq - j1, BM, g->q.r);
+    pf_add(&pf, q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h + j1 * g->q.r, g->Lq - j1, BM, g->q.r, 0);
     if (j1 == 0) {
-      pf_add(&pf, k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r);
-      pf_add(&pf, v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r);
+      pf_add(&pf, k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r, 0);
+      pf_add(&pf, v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r, 0);
     }
+    pf_add(&pf, out + fa_attn_zoff(g, &g->o, z1) + h1 * g->o.h + j1 * g->o.r, g->Lq - j1, BM, g->o.r, 1);
   }
   fwd_task(g, out, lse, q, k, v, bias, mask, zh / g->H, zh % g->H, i0, nr, scr, keep, &pf);
 }
@@ -470,11 +478,14 @@ ATTN_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const
       int64_t z1, kvh1, h1;
       plan_problem(p, o, in + 1, &z1, &kvh1);
       h1 = kvh1 * (g->H / g->Hkv);
-      pf_add(&pf, b->k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r);
-      pf_add(&pf, b->v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r);
-      pf_add(&pf, b->q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h, g->Lq, BM, g->q.r);
-      pf_add(&pf, b->go + fa_attn_zoff(g, &g->go, z1) + h1 * g->go.h, g->Lq, BM, g->go.r);
-      pf_add(&pf, b->o + fa_attn_zoff(g, &g->o, z1) + h1 * g->o.h, g->Lq, BM, g->o.r);
+      pf_add(&pf, b->k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r, 0);
+      pf_add(&pf, b->v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r, 0);
+      pf_add(&pf, b->q + fa_attn_zoff(g, &g->q, z1) + h1 * g->q.h, g->Lq, BM, g->q.r, 0);
+      pf_add(&pf, b->go + fa_attn_zoff(g, &g->go, z1) + h1 * g->go.h, g->Lq, BM, g->go.r, 0);
+      pf_add(&pf, b->o + fa_attn_zoff(g, &g->o, z1) + h1 * g->o.h, g->Lq, BM, g->o.r, 0);
+      if (b->gq) pf_add(&pf, b->gq + fa_attn_zoff(g, &g->gq, z1) + h1 * g->gq.h, g->Lq, BM, g->gq.r, 1);
+      if (b->gk) pf_add(&pf, b->gk + fa_attn_zoff(g, &g->gk, z1) + kvh1 * g->gk.h, g->Lk, BN, g->gk.r, 1);
+      if (b->gv) pf_add(&pf, b->gv + fa_attn_zoff(g, &g->gv, z1) + kvh1 * g->gv.h, g->Lk, BN, g->gv.r, 1);
     }
     bwd_problem(g, b, gb, z, kvh, scr, keep, &pf);
   }
