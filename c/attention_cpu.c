@@ -474,9 +474,16 @@ ATTN_CLONES static void bwd_task(const fa_attn_geom *g, const bwd_bufs *b, const
     plan_problem(p, o, in, &z, &kvh);
     prefetcher pf = {0};
     pf.D = g->D;
-    if (in + 1 < in1) { /* the next problem's rows (its first query head's) */
+    /* the next problem's rows (its first query head's): this task's next, or the next task's first (this thread's
+     * next, usually) */
+    int64_t o1 = o, in_1 = in + 1;
+    if (in_1 >= in1 && t + 1 < p->n_owned * p->chunks) {
+      o1 = (t + 1) / p->chunks;
+      in_1 = ((t + 1) % p->chunks) * p->chunk_len;
+    }
+    if (in_1 < p->n_inner) {
       int64_t z1, kvh1, h1;
-      plan_problem(p, o, in + 1, &z1, &kvh1);
+      plan_problem(p, o1, in_1, &z1, &kvh1);
       h1 = kvh1 * (g->H / g->Hkv);
       pf_add(&pf, b->k + fa_attn_zoff(g, &g->k, z1) + kvh1 * g->k.h, g->Lk, BN, g->k.r, 0);
       pf_add(&pf, b->v + fa_attn_zoff(g, &g->v, z1) + kvh1 * g->v.h, g->Lk, BN, g->v.r, 0);
