@@ -15,6 +15,7 @@
  * an ulp of 1.2e-7, and exp(S - lse) would be off by that relatively, where autograd through a softmax is not.
  * lse = -inf still marks the fully masked rows (P = 1/Lk, dS = 0). The float32 kernels share zoff and the
  * dropout factors (fa_attn_*). */
+#pragma GCC optimize("fp-contract=off") /* the same bits from the AVX2 clones (FA_HOT_CLONES) and the baseline */
 #include "internal.h"
 #include "attention.h"
 
@@ -43,10 +44,14 @@ void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f) {
   }
 }
 
-static double dot_d(const double *a, const double *b, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; d++) s += a[d] * b[d];
-  return s;
+/* sum_d a[d] b[d] in a fixed order: 8 interleaved partial sums, combined pairwise (it vectorises) */
+static inline double dot_d(const double *restrict a, const double *restrict b, int64_t D) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
+  for (int k = 0; d < D; d++, k++) s[k] += a[d] * b[d];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
 typedef struct {
@@ -57,37 +62,59 @@ typedef struct {
 
 /* one query row (z, h, i) resolved: its q (and dO) row, bias and mask rows, the key and value rows' base */
 typedef struct {
-  const double *q, *go, *k, *v, *bias;
+  const double *q, *go, *k, *v, *bias, *lsep, *stat; /* lsep, stat: of row 0 (head_of) */
   const void *mask;
   double lse, delta, m, l;
   uint64_t e; /* dropout index of key 0 */
 } ref_row;
 
-static ref_row row_of(const fa_attn_geom *g, const ref_in *in, int64_t z, int64_t h, int64_t i) {
+/* row 0 of (z, h): the batch offsets, computed once per head (rows then add their row strides) */
+static ref_row head_of(const fa_attn_geom *g, const ref_in *in, int64_t z, int64_t h) {
   ref_row r;
   int64_t kvh = h / (g->H / g->Hkv);
-  r.q = in->q + fa_attn_zoff(g, &g->q, z) + h * g->q.h + i * g->q.r;
+  r.q = in->q + fa_attn_zoff(g, &g->q, z) + h * g->q.h;
   r.k = in->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h;
   r.v = in->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
-  r.bias = in->bias ? in->bias + fa_attn_zoff(g, &g->bias, z) + h * g->bias.h + i * g->bias.r : NULL;
+  r.bias = in->bias ? in->bias + fa_attn_zoff(g, &g->bias, z) + h * g->bias.h : NULL;
   r.mask = NULL;
   if (in->mask) {
-    int64_t m = fa_attn_zoff(g, &g->mask, z) + h * g->mask.h + i * g->mask.r;
+    int64_t m = fa_attn_zoff(g, &g->mask, z) + h * g->mask.h;
     r.mask = g->mask_mode == 1 ? (const void *)((const uint8_t *)in->mask + m) : (const void *)((const double *)in->mask + m);
   }
-  r.go = in->go ? in->go + fa_attn_zoff(g, &g->go, z) + h * g->go.h + i * g->go.r : NULL;
-  r.lse = in->lse ? in->lse[fa_attn_zoff(g, &g->lse, z) + h * g->lse.h + i * g->lse.r] : 0;
-  const double *st = in->stat ? in->stat + 3 * ((z * g->H + h) * g->Lq + i) : NULL;
+  r.go = in->go ? in->go + fa_attn_zoff(g, &g->go, z) + h * g->go.h : NULL;
+  r.lsep = in->lse ? in->lse + fa_attn_zoff(g, &g->lse, z) + h * g->lse.h : NULL;
+  r.stat = in->stat ? in->stat + 3 * (z * g->H + h) * g->Lq : NULL;
+  r.lse = r.delta = r.m = r.l = 0;
+  r.e = ((uint64_t)z * g->H + h) * g->Lq * g->Lk;
+  return r;
+}
+
+/* row i of the head h0 = head_of(z, h) */
+static ref_row row_at(const fa_attn_geom *g, const ref_row *h0, int64_t i) {
+  ref_row r = *h0;
+  r.q += i * g->q.r;
+  if (r.bias) r.bias += i * g->bias.r;
+  if (r.mask)
+    r.mask = g->mask_mode == 1 ? (const void *)((const uint8_t *)r.mask + i * g->mask.r)
+                               : (const void *)((const double *)r.mask + i * g->mask.r);
+  if (r.go) r.go += i * g->go.r;
+  r.lse = r.lsep ? r.lsep[i * g->lse.r] : 0;
+  const double *st = r.stat ? r.stat + 3 * i : NULL;
   r.delta = st ? st[0] : 0;
   r.m = st ? st[1] : 0;
   r.l = st ? st[2] : 0;
-  r.e = (((uint64_t)z * g->H + h) * g->Lq + i) * g->Lk;
+  r.e = h0->e + (uint64_t)i * g->Lk;
   return r;
+}
+
+static ref_row row_of(const fa_attn_geom *g, const ref_in *in, int64_t z, int64_t h, int64_t i) {
+  ref_row h0 = head_of(g, in, z, h);
+  return row_at(g, &h0, i);
 }
 
 /* the logit of key j: scale <q, k_j>, then the additive mask term, then the bias (OpenFold's order); -inf for a
  * key the select mask leaves out */
-static double logit(const fa_attn_geom *g, const ref_row *r, int64_t j) {
+static inline double logit(const fa_attn_geom *g, const ref_row *r, int64_t j) {
   double s = g->scale * dot_d(r->q, r->k + j * g->k.r, g->D);
   if (g->mask_mode == 1 && !((const uint8_t *)r->mask)[j * g->mask.c]) return -INFINITY;
   if (g->mask_mode == 2) s += g->mask_scale * (((const double *)r->mask)[j * g->mask.c] - 1);
@@ -97,7 +124,7 @@ static double logit(const fa_attn_geom *g, const ref_row *r, int64_t j) {
 
 /* backward, key j of row r: *w = the weight after dropout (for grad_v), returns dS (0 on a fully masked row,
  * where the weight is 1/Lk) */
-static double dscore(const fa_attn_geom *g, const ref_row *r, int64_t j, double *w) {
+static inline double dscore(const fa_attn_geom *g, const ref_row *r, int64_t j, double *w) {
   if (r->lse == -INFINITY) {
     *w = 1.0 / (double)g->Lk;
     return 0;
@@ -111,7 +138,7 @@ static double dscore(const fa_attn_geom *g, const ref_row *r, int64_t j, double 
 /* s = the logits of row r, *m their max (NaN when all are NaN, -inf when every key is left out) and the sum
  * l = sum_j exp(s_j - m), in key order; s becomes those exponentials. Returns 0 for a row with every key left
  * out (or Lk = 0) */
-static int softmax_row(const fa_attn_geom *g, const ref_row *r, double *s, double *m, double *l) {
+static inline int softmax_row(const fa_attn_geom *g, const ref_row *r, double *s, double *m, double *l) {
   double mx = -INFINITY, sum = 0;
   int nan = 0;
   for (int64_t j = 0; j < g->Lk; j++) {
@@ -136,7 +163,7 @@ static int softmax_row(const fa_attn_geom *g, const ref_row *r, double *s, doubl
 
 /* ------------------------------------------------------------------ forward */
 /* row (z, h, i). Scratch: s, f (Lk each), acc (D) */
-static void fwd_row(const fa_attn_geom *g, const ref_in *in, double *out, double *lse, int64_t z, int64_t h, int64_t i,
+FA_HOT_CLONES static void fwd_row(const fa_attn_geom *g, const ref_in *in, double *out, double *lse, int64_t z, int64_t h, int64_t i,
                     double *s, double *f, double *acc) {
   const int64_t Lk = g->Lk, D = g->D;
   ref_row r = row_of(g, in, z, h, i);
@@ -185,7 +212,7 @@ int fa_attn_ref_forward(const fa_attn_geom *g, void *out, void *lse, const void 
 
 /* ------------------------------------------------------------------ backward */
 /* grad_q row (z, h, i) */
-static void gq_row(const fa_attn_geom *g, const ref_in *in, double *gq, int64_t z, int64_t h, int64_t i, double *acc) {
+FA_HOT_CLONES static void gq_row(const fa_attn_geom *g, const ref_in *in, double *gq, int64_t z, int64_t h, int64_t i, double *acc) {
   ref_row r = row_of(g, in, z, h, i);
   double w;
   for (int64_t d = 0; d < g->D; d++) acc[d] = 0;
@@ -198,19 +225,21 @@ static void gq_row(const fa_attn_geom *g, const ref_in *in, double *gq, int64_t 
 }
 
 /* grad_k and grad_v rows (z, kv head, j) */
-static void gkv_row(const fa_attn_geom *g, const ref_in *in, double *gk, double *gv, int64_t z, int64_t kvh, int64_t j,
+FA_HOT_CLONES static void gkv_row(const fa_attn_geom *g, const ref_in *in, double *gk, double *gv, int64_t z, int64_t kvh, int64_t j,
                     double *ak, double *av) {
   const int64_t D = g->D, G = g->H / g->Hkv;
   for (int64_t d = 0; d < D; d++) ak[d] = av[d] = 0;
-  for (int64_t h = kvh * G; h < (kvh + 1) * G; h++)
+  for (int64_t h = kvh * G; h < (kvh + 1) * G; h++) {
+    ref_row h0 = head_of(g, in, z, h);
     for (int64_t i = 0; i < g->Lq; i++) {
-      ref_row r = row_of(g, in, z, h, i);
+      ref_row r = row_at(g, &h0, i);
       double w, ds = dscore(g, &r, j, &w);
       for (int64_t d = 0; d < D; d++) {
         ak[d] += ds * r.q[d];
         av[d] += w * r.go[d];
       }
     }
+  }
   if (gk) {
     double *o = gk + fa_attn_zoff(g, &g->gk, z) + kvh * g->gk.h + j * g->gk.r;
     for (int64_t d = 0; d < D; d++) o[d] = g->scale * ak[d];
@@ -223,7 +252,7 @@ static void gkv_row(const fa_attn_geom *g, const ref_in *in, double *gk, double 
 
 /* the grad_bias row owned by row t = (z, h, i) when t's index is 0 along every dim where the bias broadcasts
  * (dims bs[0..nb), H, Lq); it sums dS over the rows that share it, row-major, then over keys */
-static void gbias_row(const fa_attn_geom *g, const ref_in *in, double *gb, int64_t t) {
+FA_HOT_CLONES static void gbias_row(const fa_attn_geom *g, const ref_in *in, double *gb, int64_t t) {
   enum { ND = FA_ATTN_MAX_BATCH + 2 };
   int64_t size[ND], idx[ND], stride[ND];
   int nd = g->nb + 2, bc[ND], nbc = 0;
