@@ -1,6 +1,6 @@
 /* attention_cpu.c: the float32 CPU kernels of the attention core (c/attention.h); float64 runs the plain reference
  * of c/attention_ref.c. The block products go through single-threaded BLAS (fa_cpu_gemm: OpenBLAS), the rest is
- * 8-lane vector code (GCC vector extensions, compiled for AVX2 and for the baseline by FA_HOT_CLONES).
+ * 16-lane vector code (GCC vector extensions; compiled for AVX-512, AVX2 and the baseline, picked at load time).
  *
  * Forward: a task is (z, h, block of BM query rows); per block of BN keys: S = scale Q K^T, bias and mask, online
  * softmax (running max m and sum l per row), dropout, acc = acc * corr + P V; no (Lq x Lk) matrix.
@@ -10,12 +10,19 @@
  * thread count: grad_q/grad_k/grad_v are owned by the task of their (z, kv head); grad_bias by the task that owns
  * the bias element: the (z, kv head) dims where the bias broadcasts are looped inside a task (in chunks of a
  * count fixed by the shapes, each chunk adding into its own partial buffer, summed in chunk order).
+ * The additive mask term is added before the bias (OpenFold's order: a fully masked row's -1e9 + bias rounds as
+ * OpenFold's).
  *
- * Measured (OpenBLAS 0.3.21, AVX-512 Xeon, one thread, 128 x 128 x 32 blocks): Q K^T as NT takes OpenBLAS's
- * packing path (12.4 us) but Q (K^T) with K^T transposed once per key block (somatcopy, 0.55 us) its small-matrix
- * kernel (7.8 us), so S and dP are products with K^T and V^T. P^T dO and dS^T Q stay TN (8.4 us; transposing P
- * and dS for NN products costs 2 x 2.5 us and saves 2 x 1.5). The additive mask term is added before the bias
- * (OpenFold's order: a fully masked row's -1e9 + bias rounds as OpenFold's). */
+ * Measured (OpenBLAS 0.3.21, an AVX-512 Xeon, one thread; triangle shape B=1, H=4, N=128, D=32):
+ *  - Q K^T as an NT product takes OpenBLAS's packing path (12.4 us for 128 x 128 x 32); Q (K^T), with K^T
+ *    transposed once per key block (somatcopy, 0.55 us), its small-matrix kernel (7.8 us): S and dP are
+ *    products with K^T and V^T. P^T dO and dS^T Q stay TN (8.4 us; transposing P and dS to make them NN costs
+ *    2 x 2.5 us and saves 2 x 1.5).
+ *  - GCC compiles the widening of uint8 mask lanes to scalar code: the select mask becomes int32 lane masks
+ *    once per distinct mask row (the triangle's is the same for every row and head): forward 24 -> 20 ms.
+ *  - The strided rows of q, k, v, grad_out, out (one or two cache lines each) miss the hardware prefetcher:
+ *    the next task's rows are prefetched a row per row computed: forward 19 -> 16 ms, backward 39 -> 35 ms.
+ *  - grad_k/grad_v/grad_q are written by their products (beta 0 first), no buffers and copies: backward -8 ms. */
 #pragma GCC optimize("no-trapping-math")
 #include "internal.h"
 #include "attention.h"
@@ -34,7 +41,7 @@ void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f);
 enum { BN = 256, BM = 128 }; /* keys and query rows per block */
 
 #define AI static inline __attribute__((always_inline))
-/* FA_HOT_CLONES plus an AVX-512 clone: the 16-lane vector code below runs as one zmm op there (2 ymm ops with AVX2) */
+/* FA_HOT_CLONES plus an AVX-512 clone: a 16-lane op is one zmm op there (two ymm ops with AVX2) */
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__GLIBC__)
 #define ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -86,22 +93,22 @@ static void plan_problem(const attn_plan *p, int64_t o, int64_t in, int64_t *z, 
 /* always inlined into FA_HOT_CLONES functions: no AVX vector ever crosses a call (-Wpsabi warns regardless) */
 #pragma GCC diagnostic ignored "-Wpsabi"
 enum { W = 16 }; /* lanes */
-typedef float v8f __attribute__((vector_size(4 * W)));
-typedef int32_t v8i __attribute__((vector_size(4 * W)));
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-AI v8f ldv(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
-AI void stv(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-AI v8f splat(float x) { return (v8f){0} + x; }
-AI v8f sel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); } /* m ? a : b per lane */
+AI vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+AI void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
+AI vf splat(float x) { return (vf){0} + x; }
+AI vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); } /* m ? a : b per lane */
 /* max with NaN lanes of s ignored */
-AI v8f vmax(v8f m, v8f s) { return sel(s > m, s, m); }
-AI float hmax(v8f m) {
+AI vf vmax(vf m, vf s) { return sel(s > m, s, m); }
+AI float hmax(vf m) {
   float r = m[0];
   for (int t = 1; t < W; t++) r = m[t] > r ? m[t] : r;
   return r;
 }
 /* in a fixed order: lanes t and t + W/2 first, and so on */
-AI float hsum(v8f a) {
+AI float hsum(vf a) {
   float s[W];
   memcpy(s, &a, sizeof s);
   for (int h = W / 2; h >= 1; h /= 2)
@@ -111,26 +118,26 @@ AI float hsum(v8f a) {
 
 /* exp for arguments <= 0 (a logit minus the row max or the lse; tiny positive roundings are fine): Cephes' expf
  * without the upper clamp, within about 1 ulp; 0 below -87.3 and for -inf, NaN stays NaN */
-AI v8f vexp_nonpos(v8f x) {
-  v8i under = x < -87.3f;
-  v8f xc = sel(under, splat(-87.3f), x);
-  v8f n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  v8f r = xc - n * 0.693359375f;
+AI vf vexp_nonpos(vf x) {
+  vi under = x < -87.3f;
+  vf xc = sel(under, splat(-87.3f), x);
+  vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v8f p = splat(1.9875691500e-4f);
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  return (v8f)(~under & (v8i)(p * (v8f)bits));
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return (vf)(~under & (vi)(p * (vf)bits));
 }
 
 /* sum_d a[d] b[d] in a fixed order (W lanes) */
 AI float dot(const float *restrict a, const float *restrict b, int64_t D) {
-  v8f s = splat(0);
+  vf s = splat(0);
   int64_t d = 0;
   for (; d + W <= D; d += W) s += ldv(a + d) * ldv(b + d);
   for (int c = 0; d < D; d++, c++) s[c] += a[d] * b[d];
@@ -225,14 +232,14 @@ AI row_src row_sources(const fa_attn_geom *g, const float *bias, const void *mas
  * keys the select mask leaves out get -inf. Returns the max (NaNs ignored) of the result and init */
 AI float logits(const fa_attn_geom *g, float *restrict st, int64_t n, int64_t nw, row_src s, float init) {
   for (int64_t c = n; c < nw; c++) st[c] = -INFINITY;
-  const v8f ninf = splat(-INFINITY), one = splat(1), ms = splat((float)g->mask_scale);
-  v8f mx = splat(init);
+  const vf ninf = splat(-INFINITY), one = splat(1), ms = splat((float)g->mask_scale);
+  vf mx = splat(init);
   for (int64_t c = 0; c < nw; c += W) {
-    v8f x = ldv(st + c);
+    vf x = ldv(st + c);
     if (s.ma) x += ms * (ldv(s.ma + c) - one);
     if (s.b) x += ldv(s.b + c);
     if (s.ms) {
-      v8i keep;
+      vi keep;
       memcpy(&keep, s.ms + c, sizeof keep);
       x = sel(keep, x, ninf);
     }
@@ -279,9 +286,9 @@ AI void fwd_task(const fa_attn_geom *g, float *out, float *lse, const float *q, 
       }
       float corr = vexp_nonpos(splat(m[r] - mx))[0];
       m[r] = mx;
-      v8f sum = splat(0), vm = splat(mx);
+      vf sum = splat(0), vm = splat(mx);
       for (int64_t c = 0; c < nw; c += W) {
-        v8f p = vexp_nonpos(ldv(st + c) - vm);
+        vf p = vexp_nonpos(ldv(st + c) - vm);
         stv(st + c, p);
         sum += p;
       }
@@ -431,18 +438,18 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
           row_src src = row_sources(g, b->bias, b->mask, bz + h * g->bias.h + i * g->bias.r,
                                     mz + h * g->mask.h + i * g->mask.r, j0, n, nw, &tmp);
           logits(g, st, n, nw, src, -INFINITY);
-          v8f vl = splat(L), vd = splat(delta[gi * Lq + i]);
+          vf vl = splat(L), vd = splat(delta[gi * Lq + i]);
           if (g->dropout > 0) {
             fa_attn_keep(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
             for (int64_t c = 0; c < nw; c += W) {
-              v8f p = vexp_nonpos(ldv(st + c) - vl), f;
+              vf p = vexp_nonpos(ldv(st + c) - vl), f;
               for (int t = 0; t < W; t++) f[t] = c + t < n ? (float)keep[c + t] : 0;
               stv(dpt + c, p * (ldv(dpt + c) * f - vd)); /* dS */
               stv(st + c, p * f);                        /* the weights after dropout, for dV */
             }
           } else {
             for (int64_t c = 0; c < nw; c += W) {
-              v8f p = vexp_nonpos(ldv(st + c) - vl);
+              vf p = vexp_nonpos(ldv(st + c) - vl);
               stv(st + c, p);
               stv(dpt + c, p * (ldv(dpt + c) - vd));
             }
