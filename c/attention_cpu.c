@@ -370,6 +370,30 @@ typedef struct {
   const void *mask;
 } bwd_bufs;
 
+/* the max m and the sum l = sum_j exp(s_j - m) of row (z, h, i)'s logits over all its keys, each logit from a
+ * dot product in the order of the logits above (scale q.k, the additive mask term, the bias; -inf where the
+ * select mask leaves the key out): for the rows whose lse is too coarse to give P (l = 0 leaves lse in use) */
+static void coarse_row(const fa_attn_geom *g, const bwd_bufs *b, int64_t z, int64_t h, int64_t i, float *m, float *l) {
+  const int64_t kvh = h / (g->H / g->Hkv);
+  const float *qi = b->q + fa_attn_zoff(g, &g->q, z) + h * g->q.h + i * g->q.r;
+  const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h;
+  const float *bi = b->bias ? b->bias + fa_attn_zoff(g, &g->bias, z) + h * g->bias.h + i * g->bias.r : NULL;
+  int64_t mo = b->mask ? fa_attn_zoff(g, &g->mask, z) + h * g->mask.h + i * g->mask.r : 0;
+  float mx = -INFINITY, sum = 0;
+  for (int pass = 0; pass < 2; pass++)
+    for (int64_t j = 0; j < g->Lk; j++) {
+      float x = (float)g->scale * dot(qi, kz + j * g->k.r, g->D);
+      if (g->mask_mode == 2) x += (float)g->mask_scale * (((const float *)b->mask)[mo + j * g->mask.c] - 1);
+      if (bi) x += bi[j * g->bias.c];
+      if (g->mask_mode == 1 && !((const uint8_t *)b->mask)[mo + j * g->mask.c]) x = -INFINITY;
+      if (pass == 0) mx = x > mx ? x : mx;
+      else sum += vexp_nonpos(splat(x - mx))[0];
+    }
+  if (mx == -INFINITY || !(sum > 0)) return;
+  *m = mx;
+  *l = sum;
+}
+
 /* one (z, kv head) problem. Scratch: S, dP (BM x BN), kT, vT (D x BN), tb, tm (BN), delta (G*Lq);
  * keep (BN doubles) apart. Per key block, per query head of the group and block of rows: S = scale Q K^T,
  * dP = dO V^T (GEMMs), then per row P, dS; then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K (GEMMs), all
@@ -378,7 +402,7 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
                     double *keep, prefetcher *pf) {
   const int64_t D = g->D, Lk = g->Lk, Lq = g->Lq, G = g->H / g->Hkv;
   float *S = scr, *dP = S + BM * BN, *kT = dP + BM * BN, *vT = kT + D * BN;
-  float *delta = vT + D * BN + 2 * BN;
+  float *delta = vT + D * BN + 2 * BN, *rm = delta + G * Lq, *rl = rm + G * Lq;
   row_tmp tmp = {vT + D * BN, (int32_t *)(vT + D * BN + BN), NULL};
   const float *kz = b->k + fa_attn_zoff(g, &g->k, z) + kvh * g->k.h, *vz = b->v + fa_attn_zoff(g, &g->v, z) + kvh * g->v.h;
   int64_t qz = fa_attn_zoff(g, &g->q, z), goz = fa_attn_zoff(g, &g->go, z), oz = fa_attn_zoff(g, &g->o, z);
@@ -396,6 +420,10 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
         __builtin_prefetch(orow + (i + 8) * g->o.r + D - 1);
       }
       delta[gi * Lq + i] = dot(gor + i * g->go.r, orow + i * g->o.r, D);
+      float L = b->lse[lz + h * g->lse.h + i * g->lse.r];
+      rl[gi * Lq + i] = 0;
+      if (Lk > BN && fabsf(L) >= 1024.f && L != INFINITY) /* see coarse_row */
+        coarse_row(g, b, z, h, i, &rm[gi * Lq + i], &rl[gi * Lq + i]);
       if (b->gq && Lk == 0) {
         float *dq = b->gq + gqz + h * g->gq.h + i * g->gq.r;
         for (int64_t d = 0; d < D; d++) dq[d] = 0;
@@ -437,19 +465,31 @@ AI void bwd_problem(const fa_attn_geom *g, const bwd_bufs *b, float *gb, int64_t
           }
           row_src src = row_sources(g, b->bias, b->mask, bz + h * g->bias.h + i * g->bias.r,
                                     mz + h * g->mask.h + i * g->mask.r, j0, n, nw, &tmp);
-          logits(g, st, n, nw, src, -INFINITY);
-          vf vl = splat(L), vd = splat(delta[gi * Lq + i]);
+          float mx = logits(g, st, n, nw, src, -INFINITY);
+          /* P = exp(S - lse), or, where lse is too coarse (|lse| >= 1024: an additive mask of -1e9 on every key
+           * of the row, whose float32 lse is a multiple of 64), exp(S - m) / l from the row's own max and sum, as
+           * the forward had them: from this block when it holds the whole row, else from coarse_row */
+          vf vl = splat(L), vd = splat(delta[gi * Lq + i]), vs = splat(1);
+          if (n == Lk && fabsf(L) >= 1024.f && mx != -INFINITY) {
+            vf sum = splat(0);
+            vl = splat(mx);
+            for (int64_t c = 0; c < nw; c += W) sum += vexp_nonpos(ldv(st + c) - vl);
+            vs = splat(1 / hsum(sum));
+          } else if (rl[gi * Lq + i] > 0) {
+            vl = splat(rm[gi * Lq + i]);
+            vs = splat(1 / rl[gi * Lq + i]);
+          }
           if (g->dropout > 0) {
             fa_attn_keep(g, (((uint64_t)z * g->H + h) * Lq + i) * Lk + j0, n, keep);
             for (int64_t c = 0; c < nw; c += W) {
-              vf p = vexp_nonpos(ldv(st + c) - vl), f;
+              vf p = vexp_nonpos(ldv(st + c) - vl) * vs, f;
               for (int t = 0; t < W; t++) f[t] = c + t < n ? (float)keep[c + t] : 0;
               stv(dpt + c, p * (ldv(dpt + c) * f - vd)); /* dS */
               stv(st + c, p * f);                        /* the weights after dropout, for dV */
             }
           } else {
             for (int64_t c = 0; c < nw; c += W) {
-              vf p = vexp_nonpos(ldv(st + c) - vl);
+              vf p = vexp_nonpos(ldv(st + c) - vl) * vs;
               stv(st + c, p);
               stv(dpt + c, p * (ldv(dpt + c) - vd));
             }
@@ -522,7 +562,7 @@ int fa_attn_cpu_backward(const fa_attn_geom *g, void *gq, void *gk, void *gv, vo
   attn_plan p;
   make_plan(g, gb != NULL, gbn, &p);
   int64_t tasks = p.n_owned * p.chunks, G = g->H / g->Hkv;
-  int64_t per = 2 * BM * BN + 2 * BN * g->D + 2 * BN + G * g->Lq + 16; /* floats */
+  int64_t per = 2 * BM * BN + 2 * BN * g->D + 2 * BN + 3 * G * g->Lq + 16; /* floats */
   per = (per * (int64_t)sizeof(float) + BN * 8 + 63) / 64 * 64;
   int par = (double)g->Z * g->H * g->Lq * (g->Lk + 1) * (g->D + 1) > FA_PARALLEL_GRAIN && tasks > 1;
   int threads = par ? fa_max_threads() : 1;
