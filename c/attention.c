@@ -1,16 +1,22 @@
 /* attention.c: the shared attention core (fa.attention, c/attention.h): the entry points, which validate every
  * argument once (messages name the Lua arguments: q, k, v, bias, mask, out, lse, grad_*), convert the bias and
- * the mask to the kernels' dtypes, fill a fa_attn_geom, and run the CPU kernels (c/attention_cpu.c) or
- * fa_cu_attention_* (cuda/attention.cu). Nothing is written before validation ends. */
+ * the mask to the kernels' dtypes, fill a fa_attn_geom, and run the CPU kernels (c/attention_cpu.c; float64:
+ * c/attention_ref.c) or fa_cu_attention_* (cuda/attention.cu). Nothing is written before validation ends. */
 #include "internal.h"
 #include "attention.h"
 #include <stdio.h>
 
-/* c/attention_cpu.c (float32 or float64 as g->dtype; bias, gbias, lse and an additive mask in the same dtype;
- * a select mask uint8). 0, or FA_ERR_MEMORY before anything is written. */
+/* The CPU kernels: float32 in c/attention_cpu.c (BLAS-blocked), float64 in c/attention_ref.c (plain loops). Bias,
+ * gbias, lse and an additive mask in the dtype of q; a select mask uint8. 0, or FA_ERR_MEMORY before anything is
+ * written. */
 int fa_attn_cpu_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
                         const void *bias, const void *mask);
 int fa_attn_cpu_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, void *grad_bias,
+                         const void *grad_out, const void *q, const void *k, const void *v, const void *out,
+                         const void *lse, const void *bias, const void *mask);
+int fa_attn_ref_forward(const fa_attn_geom *g, void *out, void *lse, const void *q, const void *k, const void *v,
+                        const void *bias, const void *mask);
+int fa_attn_ref_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void *grad_v, void *grad_bias,
                          const void *grad_out, const void *q, const void *k, const void *v, const void *out,
                          const void *lse, const void *bias, const void *mask);
 
@@ -331,6 +337,8 @@ int fa_attention_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, con
     fill_strides(&g.v, v, sh.n, sh.keep, g.nb);
     if (g.device >= 0)
       rc = fa_cu_attention_forward(&g, out->data, (float *)lse->data, q->data, k->data, v->data, (const float *)bias, mask);
+    else if (g.dtype == FA_FLOAT64)
+      rc = fa_attn_ref_forward(&g, out->data, lse->data, q->data, k->data, v->data, bias, mask);
     else
       rc = fa_attn_cpu_forward(&g, out->data, lse->data, q->data, k->data, v->data, bias, mask);
   }
@@ -413,7 +421,8 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
     rc = fa_cu_attention_backward(&g, gq, gk, gv, (float *)gb, grad_out->data, q->data, k->data, v->data, out->data,
                                   (const float *)lse->data, (const float *)pb, pm);
   else
-    rc = fa_attn_cpu_backward(&g, gq, gk, gv, gb, grad_out->data, q->data, k->data, v->data, out->data, lse->data, pb, pm);
+    rc = (g.dtype == FA_FLOAT64 ? fa_attn_ref_backward : fa_attn_cpu_backward)(&g, gq, gk, gv, gb, grad_out->data, q->data,
+                                                                              k->data, v->data, out->data, lse->data, pb, pm);
   if (!rc && tmp[2]) rc = fa_copy(grad_bias, &gbt);
 done:
   for (int i = 0; i < 7; i++) fa_free(g.device, tmp[i]);

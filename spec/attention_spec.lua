@@ -393,6 +393,80 @@ describe('fa.attention shapes', function()
     assert.is_true(lse0:equal(fa.full({ 2, 3 }, -math.huge, 'float64')))
   end)
 
+  it("adds the additive mask term before the bias (OpenFold's order), in float64 and float32", function()
+    -- One fully masked row, scale 1, D = 2 and integer k: the logits q.k are computed here as the kernels do, so
+    -- the scores are exactly (q.k - mask_scale) + bias, rounded twice in the dtype (float64 with mask_scale 1e9: on
+    -- the 1.2e-7 grid; float32 with 2.5e5: on the 0.016 grid), where the other order rounds once. Expected: the
+    -- softmax of those scores computed here in double, its output and grad_bias (dS = P (dP - delta)); the other
+    -- order is far from both. float64's q has bits below the grid; float32's q.k is exact (multiples of 2^-12).
+    local Lk, D = 6, 2
+    local kv = { { 3, 1 }, { -1, 2 }, { 0, 1 }, { 2, 2 }, { -3, 0 }, { 1, -1 } }
+    local QV = { float64 = { 0.37, -1.21 }, float32 = { 1365 / 4096, -2731 / 4096 } }
+    local bv = { 0.3, -0.7, 0.11, 1.3, -0.45, 0.9 }
+    local vv = { { 0.5, -1 }, { 2, 0.25 }, { -1.5, 1 }, { 0.75, 0.5 }, { 1, -2 }, { -0.25, 1.5 } }
+    local gov = { 0.6, -1.1 }
+    local f32 = ffi.new('float[1]')
+    local function round32(x) f32[0] = x return f32[0] end
+    local function expect(dt, ms, mask_first)
+      local rd = dt == 'float32' and round32 or function(x) return x end
+      local qv, a, mx = QV[dt], {}, -math.huge
+      for j = 1, Lk do
+        local s, b = qv[1] * kv[j][1] + qv[2] * kv[j][2], rd(bv[j])
+        a[j] = mask_first and rd(rd(s - ms) + b) or rd(rd(s + b) - ms)
+        mx = math.max(mx, a[j])
+      end
+      local p, sum, out = {}, 0, { 0, 0 }
+      for j = 1, Lk do p[j] = math.exp(a[j] - mx); sum = sum + p[j] end
+      for j = 1, Lk do
+        p[j] = p[j] / sum
+        for d = 1, D do out[d] = out[d] + p[j] * rd(vv[j][d]) end
+      end
+      local delta, gb = gov[1] * out[1] + gov[2] * out[2], {}
+      for j = 1, Lk do gb[j] = p[j] * ((rd(gov[1]) * rd(vv[j][1]) + rd(gov[2]) * rd(vv[j][2])) - delta) end
+      return fa.tensor({ { out } }, 'float64'), fa.tensor({ { gb } }, 'float64')
+    end
+    for _, c in ipairs({ { 'float64', 1e9, 1e-12, 1e-14 }, { 'float32', 2.5e5, 2e-6, 1e-7 } }) do
+      local dt, ms, rtol, atol = c[1], c[2], c[3], c[4]
+      local want_out, want_gb = expect(dt, ms, true)
+      local other_out, other_gb = expect(dt, ms, false)
+      assert(fa.maxAbsDiff(want_out, other_out) > 100 * rtol and fa.maxAbsDiff(want_gb, other_gb) > 100 * rtol,
+             dt .. ': the two orders should differ') -- the test can fail
+      local q, k = fa.tensor({ { QV[dt] } }, dt), fa.tensor({ kv }, dt):view(1, Lk, D)
+      local v, b = fa.tensor({ vv }, dt):view(1, Lk, D), fa.tensor({ { bv } }, dt)
+      local o = { bias = b, mask = fa.zeros(1, 1, Lk, dt), mask_scale = ms, scale = 1 }
+      local out, lse = fa.attention(q, k, v, o)
+      local _, _, _, gb = fa.attention_backward(fa.tensor({ { gov } }, dt), q, k, v, out, lse, o)
+      H.assert_close(out, want_out, rtol, atol, dt .. ' out')
+      H.assert_close(gb, want_gb, rtol, atol, dt .. ' grad_bias')
+    end
+  end)
+
+  it('float32: a row under an additive mask of -1e9 on every key has uniform weights in the backward too (one and two key blocks)', function()
+    -- float32 scores -1e9 + O(1) all round to -1e9 (ulp 64), so the row's softmax is uniform, and so is its lse
+    -- only to a multiple of 64: P must not come from exp(S - lse). grad_out is 0 on the other rows, so grad_v's
+    -- rows are grad_out/Lk and grad_q's row is scale/Lk sum_j (g.v_j - g.mean(v)) k_j.
+    fa.manualSeed(9)
+    for _, Lk in ipairs({ 7, 300 }) do
+      local q, k, v = fa.randn(1, 3, 4), fa.randn(1, Lk, 4), fa.randn(1, Lk, 4)
+      local mask = fa.ones(1, 3, Lk); mask:select(2, 2):fill(0)
+      local o = { bias = fa.randn(3, Lk), mask = mask, mask_scale = 1e9 }
+      local go = fa.zeros(1, 3, 4); go:select(2, 2):copy(fa.randn(4))
+      local out, lse = fa.attention(q, k, v, o)
+      local gq, _, gv = fa.attention_backward(go, q, k, v, out, lse, o)
+      local g, vm = go:select(2, 2):double():view(4), v:double():mean(2):view(4)
+      H.assert_close(out:select(2, 2):view(4), vm, 1e-5, 1e-6, 'out = mean(v)')
+      H.assert_close(gv:view(Lk, 4), (g / Lk):view(1, 4):expand(Lk, 4), 1e-5, 1e-7, 'grad_v, Lk = ' .. Lk)
+      local want, gm = { 0, 0, 0, 0 }, 0
+      for d = 1, 4 do gm = gm + g:get(d) * vm:get(d) end
+      for j = 1, Lk do
+        local gvj = 0
+        for d = 1, 4 do gvj = gvj + g:get(d) * v:get(1, j, d) end
+        for d = 1, 4 do want[d] = want[d] + k:get(1, j, d) * (gvj - gm) / Lk / 2 end -- scale 4^-1/2
+      end
+      H.assert_close(gq:select(2, 2):view(4), fa.tensor(want, 'float64'), 1e-4, 1e-6, 'grad_q, Lk = ' .. Lk)
+    end
+  end)
+
   it('takes one-row inputs and k, v, grad_out expanded over their rows (stride 0), as their contiguous copies', function()
     local q1, k1, v1 = fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64'), fa.randn(2, 3, 1, 4, 'float64')
     local o1 = fa.attention(q1, k1, v1)
