@@ -265,7 +265,8 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
 // accumulator layout is the next A operand): dK, dV written once, no atomics. dBias (gbias != NULL, the
 // non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
 // rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
-template <typename T, int D, int BQ>
+// ST: the bias / select-mask tiles come through shared memory with Q and dO (stage_bm), read key-major.
+template <typename T, int D, int BQ, bool ST>
 __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, const float *lse, const float *delta) {
@@ -274,6 +275,9 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
   T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD;
   float *Ls = (float *)(Os + BQ * PD), *Dls = Ls + BQ, *Sf = Dls + BQ;
   const fa_attn_geom &g = p.g;
+  float *Bs = Sf + (gbias ? 64 * PF : 0);  // ST: the bias tile (BQ x SBT), then the mask tile (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? BQ * SBT : 0));
+  const int mrows = g.mask.r == 0 ? 1 : BQ;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lk + 63) / 64;
   const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * 64;
@@ -307,6 +311,9 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
       __syncthreads();
       cp_tile<T, D>(Qs, qb + i0 * g.q.r, g.q.r, BQ, nr);
       cp_tile<T, D>(Os, ob + i0 * g.go.r, g.go.r, BQ, nr);
+      if (ST)
+        stage_bm<BQ, SBT>(g, Bs, Ms, bb ? bb + i0 * g.bias.r + j0 : nullptr, mb8 ? mb8 + i0 * g.mask.r + j0 : nullptr, nr,
+                          nk);
       cp_commit();
       for (int t = threadIdx.x; t < BQ; t += THREADS) {  // +inf marks rows past Lq (P = 0), -inf lost rows
         Ls[t] = t < nr ? lse[fa_attn_off(g.lse, b, h, i0 + t)] * FA_ATTN_LOG2E : INFINITY;
@@ -351,9 +358,15 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
               pv = p.invLk;
             } else {
               float x = st[n][e] * p.scale2;
-              if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
-              if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
-              if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              if constexpr (ST) {
+                const int jl = w * 16 + gi + 8 * u;
+                if (bb) x = fmaf(Bs[il * SBT + jl], FA_ATTN_LOG2E, x);
+                if (mb8 && Ms[(mrows == 1 ? 0 : il) * SMP + jl] == 0) x = -INFINITY;
+              } else {
+                if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
+                if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
+                if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              }
               if (x != -INFINITY) {
                 const float ex = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
                 pv = ex * f;
@@ -426,7 +439,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 // the forward does (Q and dO fragments in registers, K/V tiles double-buffered by cp.async) and per key tile
 // recomputes S = Q K^T and dP = dO V^T, forms dS = P (dP - delta) in registers and adds dS K (K as the
 // row-major B operand through ldmatrix.trans): dQ written once.
-template <typename T, int D>
+template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
                                                          const float *bias, const void *mask, const T *go,
                                                          const float *lse, const float *delta) {
@@ -434,6 +447,9 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   extern __shared__ __align__(16) unsigned char smraw[];
   T *Qs = (T *)smraw, *Os = Qs + MBM * PD, *KV = Os + MBM * PD;  // K/V double-buffered: K0 V0 K1 V1
   const fa_attn_geom &g = p.g;
+  float *Bs = (float *)(KV + 4 * MBN * PD);  // ST: 2 bias tiles (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * MBM * SBP : 0));
+  const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
   const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
@@ -444,10 +460,16 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, row0), g.go.r, MBM, nrow);
   cp_commit();
   const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  const float *bt = ST && g.has_bias ? bias + fa_attn_off(g.bias, b, h, row0) : nullptr;
+  const unsigned char *mt =
+      ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
     cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
     cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    if (ST)
+      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
+                         nrow, nk);
     cp_commit();
   };
   if (g.Lk > 0) {
@@ -511,6 +533,8 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
         Mma<T>::mma(dp[2 * n2 + 1], of[kk], bv[2], bv[3]);
       }
     uint32_t da[MBN / 16][4];
+    const float *Bt = Bs + (it & 1) * MBM * SBP;
+    const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
 #pragma unroll
     for (int n = 0; n < NT; n++) {
       float de[4];
@@ -520,7 +544,15 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
         const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
         float ds = 0.f;
         if (live[u] && j < g.Lk) {
-          const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          float x;
+          if constexpr (ST) {  // logit2's arithmetic on the staged values
+            const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti + (e & 1);
+            x = s[n][e] * p.scale2;
+            if (bt) x = fmaf(Bt[rl * SBP + cl], FA_ATTN_LOG2E, x);
+            if (mt && Mt[(mrows == 1 ? 0 : rl) * SMP + cl] == 0) x = -INFINITY;
+          } else {
+            x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          }
           if (x != -INFINITY) {
             const float ex = exp2f(x - L2[u]);
             ds = ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
@@ -561,7 +593,9 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
 // combination of its own outer dims and loops, in a fixed order, over its broadcast outer dims (dbias_kernel's
 // plan), recomputing S and dP for each (Q, dO, K, V tiles double-buffered by cp.async) and adding dS in
 // registers: one writer per element, no atomics, deterministic.
-template <typename T, int D>
+// ST (needs stageable() and p.bias_inv: the bias is the same for every broadcast combination): the bias tile is
+// read once into shared memory, the select-mask tile of each combination comes by cp.async with Q, dO, K, V.
+template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, const T *q, const T *k,
                                                             const T *v, const float *bias, const void *mask,
                                                             const T *go, const float *lse, const float *delta) {
@@ -569,6 +603,9 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
   extern __shared__ __align__(16) unsigned char smraw[];
   T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
   const fa_attn_geom &g = p.g;
+  float *Bsm = (float *)(buf0 + 2 * TILE);  // ST: the bias tile (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bsm + (ST ? MBM * SBP : 0));
+  const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t itiles = (g.Lq + MBM - 1) / MBM, jtiles = (g.Lk + MBN - 1) / MBN;
   int64_t blk = blockIdx.x;
@@ -612,14 +649,28 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
     cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, i0), g.go.r, MBM, nr);
     cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, h / p.G, j0), g.k.r, MBN, nk);
     cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, h / p.G, j0), g.v.r, MBN, nk);
+    if (ST && g.mask_mode == 1)
+      stage_bm<MBM, SBP>(g, nullptr, Ms + bi * mrows * SMP, nullptr,
+                         (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0, nr, nk);
     cp_commit();
   };
+  if (ST) {  // bias_inv: the same bias for every rz, read at rz = 0's outer coordinates
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(0, b, z, h);
+    const float *bb = bias + fa_attn_off(g.bias, b, h, i0) + j0 * g.bias.c;
+    for (int e = threadIdx.x; e < MBM * MBN; e += THREADS) {
+      const int r = e >> 6, c = e & 63;
+      Bsm[r * SBP + c] = r < nr && c < nk ? bb[r * g.bias.r + c * g.bias.c] : 0.f;
+    }
+  }
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   fetch(0, 0);
   for (int64_t rz = 0; rz < p.nred_all; rz++) {
     const T *Qs = buf0 + (rz & 1) * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
+    const unsigned char *Mt = Ms + (rz & 1) * mrows * SMP;
     if (rz + 1 < p.nred_all) {
       fetch(rz + 1, (int)(rz & 1) ^ 1);
       cp_wait_group<1>();
@@ -677,7 +728,14 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
         const int u = e >> 1;
         const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
         if (!live[u] || j >= g.Lk) continue;
-        const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti + (e & 1);
+        float x;
+        if constexpr (ST) {
+          x = fmaf(Bsm[rl * SBP + cl], FA_ATTN_LOG2E, s[n][e] * p.scale2);
+          if (g.mask_mode == 1 && Mt[(mrows == 1 ? 0 : rl) * SMP + cl] == 0) x = -INFINITY;
+        } else {
+          x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        }
         if (x == -INFINITY) continue;
         const float ex = exp2f(x - L2[u]);
         acc[n][e] += ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
@@ -722,11 +780,19 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       const bool full = !p.ri && !p.rj;
       float *gba = g->deterministic || full ? nullptr : gbias;
       const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
+      const bool st = stageable(g, bias, mask), stb = st && p.bias_inv;
       if (gk || gv || gba) {
+#define ATTN_MMA_BWD_SMEM(DD, BQ, ST)                                                                                   \
+  ((size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
+   (ST ? stage_bytes(g, BQ, SBT, 1) : 0))
+#define ATTN_MMA_BWD_(DD, BQ, ST)                                                                                       \
+  launch(fn, dev, mma_bwd_kernel<T, DD, BQ, ST>, kblocks, ATTN_MMA_BWD_SMEM(DD, BQ, ST), p, gk, gv, gba, q, k, v, bias, \
+         mask, go, lse, (const float *)delta)
 #define ATTN_MMA_BWD(DD, BQ)                                                                                            \
-  launch(fn, dev, mma_bwd_kernel<T, DD, BQ>, kblocks,                                                                   \
-         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float), \
-         p, gk, gv, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
+  (st && pick_staged(dev, mma_bwd_kernel<T, DD, BQ, true>, ATTN_MMA_BWD_SMEM(DD, BQ, true),                              \
+                     mma_bwd_kernel<T, DD, BQ, false>, ATTN_MMA_BWD_SMEM(DD, BQ, false))                                 \
+       ? ATTN_MMA_BWD_(DD, BQ, true)                                                                                   \
+       : ATTN_MMA_BWD_(DD, BQ, false))
         switch (D) {
           case 16: rc = ATTN_MMA_BWD(16, 64); break;
           case 32: rc = ATTN_MMA_BWD(32, 64); break;
@@ -738,13 +804,21 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_BWD(128, 16); break;
         }
 #undef ATTN_MMA_BWD
+#undef ATTN_MMA_BWD_
+#undef ATTN_MMA_BWD_SMEM
         if (rc) return rc;
       }
       if (gq) {
         const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
-#define ATTN_MMA_DQ(DD)                                                                                                 \
-  launch(fn, dev, mma_dq_kernel<T, DD>, qblocks, (size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T), p, gq, q, k, v,  \
-         bias, mask, go, lse, (const float *)delta)
+#define ATTN_MMA_DQ_SMEM(DD, ST) ((size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T) + (ST ? stage_bytes(g, MBM, SBP, 2) : 0))
+#define ATTN_MMA_DQ_(DD, ST)                                                                                          \
+  launch(fn, dev, mma_dq_kernel<T, DD, ST>, qblocks, ATTN_MMA_DQ_SMEM(DD, ST), p, gq, q, k, v, bias, mask, go, lse,  \
+         (const float *)delta)
+#define ATTN_MMA_DQ(DD)                                                                                               \
+  (st && pick_staged(dev, mma_dq_kernel<T, DD, true>, ATTN_MMA_DQ_SMEM(DD, true), mma_dq_kernel<T, DD, false>,        \
+                     ATTN_MMA_DQ_SMEM(DD, false))                                                                     \
+       ? ATTN_MMA_DQ_(DD, true)                                                                                       \
+       : ATTN_MMA_DQ_(DD, false))
         switch (D) {
           case 16: rc = ATTN_MMA_DQ(16); break;
           case 32: rc = ATTN_MMA_DQ(32); break;
@@ -756,13 +830,23 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_DQ(128); break;
         }
 #undef ATTN_MMA_DQ
+#undef ATTN_MMA_DQ_
+#undef ATTN_MMA_DQ_SMEM
         if (rc) return rc;
       }
       if (gbias && full) {
         const int64_t dblocks = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
-#define ATTN_MMA_DB(DD)                                                                                                 \
-  launch(fn, dev, mma_dbias_kernel<T, DD>, dblocks, (size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T), p, gbias, q, k, v, \
-         bias, mask, go, lse, (const float *)delta)
+#define ATTN_MMA_DB_SMEM(DD, ST)                                                                                      \
+  ((size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T) + (ST ? (size_t)MBM * SBP * sizeof(float) : 0) +                   \
+   (ST && g->mask_mode == 1 ? (size_t)2 * (g->mask.r == 0 ? 1 : MBM) * SMP : 0))
+#define ATTN_MMA_DB_(DD, ST)                                                                                          \
+  launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, q, k, v, bias, mask, go, \
+         lse, (const float *)delta)
+#define ATTN_MMA_DB(DD)                                                                                               \
+  (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
+                      ATTN_MMA_DB_SMEM(DD, false))                                                                    \
+       ? ATTN_MMA_DB_(DD, true)                                                                                       \
+       : ATTN_MMA_DB_(DD, false))
         switch (D) {
           case 16: rc = ATTN_MMA_DB(16); break;
           case 32: rc = ATTN_MMA_DB(32); break;
@@ -774,6 +858,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_DB(128); break;
         }
 #undef ATTN_MMA_DB
+#undef ATTN_MMA_DB_
+#undef ATTN_MMA_DB_SMEM
         return rc;
       }
       if (gba || !gbias) return 0;

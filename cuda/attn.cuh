@@ -124,6 +124,8 @@ struct Params {
   int nkeep, nred, keep[MAXO], red[MAXO];
   int64_t osize[MAXO], ostride[MAXO], nkeep_all, nred_all;
   int ri, rj;
+  int staged;    // bias / select-mask tiles through shared memory by cp.async (stageable(), the mma kernels' ST)
+  int bias_inv;  // the bias is the same for every broadcast (reduced) combination of dbias (mma_dbias_kernel)
 };
 
 // log2-domain score of key j for a row whose bias / mask rows start at brow / mrow (NULL when absent);
@@ -333,6 +335,41 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 __device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// 16 bytes global -> shared of which the first n are read (0 <= n <= 16), the rest zero-filled
+__device__ __forceinline__ void cp16n(void *dst, const void *src, int n) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(n) : "memory");
+}
+
+// 4 bytes global -> shared (zero when !ok)
+__device__ __forceinline__ void cp4(void *dst, const void *src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+
+// Shared-memory pitches of staged tiles: SBP floats for a bias tile read query-major (float2 at row gi, column
+// 2*ti: conflict-free), SBT floats read key-major (row 2*ti, column gi: conflict-free), SMP bytes for the mask.
+constexpr int SBP = 72, SBT = 68, SMP = 80;
+
+// The bias (float32) and select-mask (uint8) values of a ROWS x 64 (row, key) tile into shared memory by
+// cp.async (the caller commits): Bs pitch BP floats, Ms pitch SMP bytes, one row when the mask is shared by the
+// rows (mask.r == 0); zeros outside nr x nk. bb / mb point at the tile's (row 0, key 0) element, NULL when
+// absent. Needs stageable(): unit column strides and 16-byte aligned rows.
+template <int ROWS, int BP>
+__device__ __forceinline__ void stage_bm(const fa_attn_geom &g, float *Bs, unsigned char *Ms, const float *bb,
+                                         const unsigned char *mb, int nr, int nk) {
+  if (bb)
+    for (int e = threadIdx.x; e < ROWS * 16; e += THREADS) {
+      const int r = e >> 4, c = (e & 15) * 4;
+      cp16n(Bs + r * BP + c, bb + (int64_t)r * g.bias.r + c, r < nr ? min(max(nk - c, 0), 4) * 4 : 0);
+    }
+  if (mb) {
+    const int mr = g.mask.r == 0 ? 1 : ROWS;
+    for (int e = threadIdx.x; e < mr * 4; e += THREADS) {
+      const int r = e >> 2, c = (e & 3) * 16;
+      cp16n(Ms + r * SMP + c, mb + (int64_t)r * g.mask.r + c, r < nr ? min(max(nk - c, 0), 16) : 0);
+    }
+  }
+}
+
 // n rows of D 16-bit elements (row pitch rs elements in global, D + 8 in shared), rows >= valid zero-filled
 template <typename T, int D>
 __device__ __forceinline__ void cp_tile(T *dst, const T *src, int64_t rs, int n, int valid) {
@@ -414,9 +451,60 @@ static int plan(const char *fn, Plan &pl, const fa_attn_geom *g, bool backward, 
   p.nkeep_all = p.nred_all = 1;
   for (int n = 0; n < p.nkeep; n++) p.nkeep_all *= p.osize[p.keep[n]];
   for (int n = 0; n < p.nred; n++) p.nred_all *= p.osize[p.red[n]];
+  p.bias_inv = 1;
+  for (int n = 0; n < p.nred; n++) {
+    const int d = p.red[n];
+    if ((d == FA_ATTN_MAX_BATCH ? g->bias.h : g->bias.b[d]) != 0) p.bias_inv = 0;
+  }
   p.ri = g->gbias.r == 0 && g->Lq > 1;
   p.rj = g->gbias.c == 0 && g->Lk > 1;
   return 0;
+}
+
+// the mma kernels may stage bias / mask tiles (stage_bm) when the bias (float32) has unit column stride and
+// 16-byte aligned rows, and the mask is absent or a select mask (uint8) with unit column stride and 16-byte
+// aligned rows (or shared by the rows: row stride 0); the additive mask keeps the per-score path
+static bool stageable(const fa_attn_geom *g, const float *bias, const void *mask) {
+  if (g->has_bias) {
+    bool ok = fa_cu_aligned16(bias) && g->bias.c == 1 && g->bias.r % 4 == 0 && g->bias.h % 4 == 0;
+    for (int d = 0; d < g->nb; d++) ok = ok && g->bias.b[d] % 4 == 0;
+    if (!ok) return false;
+  }
+  if (g->mask_mode == 2) return false;
+  if (g->mask_mode == 1) {
+    bool ok = fa_cu_aligned16(mask) && g->mask.c == 1 && g->mask.r % 16 == 0 && g->mask.h % 16 == 0;
+    for (int d = 0; d < g->nb; d++) ok = ok && g->mask.b[d] % 16 == 0;
+    if (!ok) return false;
+  }
+  return true;
+}
+// shared memory of staged tiles of rows x 64 (row, key), nbuf buffers, bias pitch bp
+static size_t stage_bytes(const fa_attn_geom *g, int rows, int bp, int nbuf) {
+  return (g->has_bias ? (size_t)nbuf * rows * bp * sizeof(float) : 0) +
+         (g->mask_mode == 1 ? (size_t)nbuf * (g->mask.r == 0 ? 1 : rows) * SMP : 0);
+}
+
+// resident CTAs of THREADS threads per SM for kern with smem bytes of dynamic shared memory (registers, shared
+// memory with its 1 KB per block reserve, threads); 0 when the runtime cannot say
+template <typename... KA>
+static int ctas_per_sm(int dev, void (*kern)(KA...), size_t smem) {
+  cudaFuncAttributes a;
+  int smsm = 0;
+  if (cudaFuncGetAttributes(&a, (const void *)kern) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smsm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const int wregs = (a.numRegs * 32 + 255) / 256 * 256;
+  const int by_regs = wregs > 0 ? 65536 / (wregs * NW) : 2048 / THREADS;
+  const int by_smem = (int)((size_t)smsm / (smem + a.sharedSizeBytes + 1024));
+  return min(min(by_regs, by_smem), 2048 / THREADS);
+}
+// the staged variant (ks, smem_s) unless its shared memory costs residency: it must keep at least
+// min(3, the plain variant's) CTAs per SM
+template <typename... KA>
+static bool pick_staged(int dev, void (*ks)(KA...), size_t smem_s, void (*kp)(KA...), size_t smem_p) {
+  return ctas_per_sm(dev, ks, smem_s) >= min(3, ctas_per_sm(dev, kp, smem_p));
 }
 
 // one launch of THREADS threads per block; dynamic shared memory beyond 48 KB is opted into (and checked
