@@ -264,19 +264,22 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
 // dS^T = P^T (dP^T - delta) in registers, and accumulates dV += P^T dO and dK += dS^T Q in registers (the
 // accumulator layout is the next A operand): dK, dV written once, no atomics. dBias (gbias != NULL, the
 // non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
-// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
-// ST: the bias / select-mask tiles come through shared memory with Q and dO (stage_bm), read key-major.
+// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel. The (head, query tile) pairs
+// are one flat loop whose next tile (Q, dO, lse, delta; with ST the bias / select-mask tiles, stage_bm, read
+// key-major) streams in by cp.async while the current one is used.
 template <typename T, int D, int BQ, bool ST>
 __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, const float *lse, const float *delta) {
   constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
   extern __shared__ __align__(16) unsigned char smraw[];
-  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD;
-  float *Ls = (float *)(Os + BQ * PD), *Dls = Ls + BQ, *Sf = Dls + BQ;
+  // K, V; Q and dO double-buffered (Q0 dO0 Q1 dO1); raw lse and delta (2 buffers of 2 x BQ); Sf; ST: 2 bias
+  // tiles (BQ x SBT), 2 mask tiles (mrows x SMP)
+  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *QO = Vs + 64 * PD;
+  float *LD = (float *)(QO + 4 * BQ * PD), *Sf = LD + 4 * BQ;
   const fa_attn_geom &g = p.g;
-  float *Bs = Sf + (gbias ? 64 * PF : 0);  // ST: the bias tile (BQ x SBT), then the mask tile (mrows x SMP)
-  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? BQ * SBT : 0));
+  float *Bs = Sf + (gbias ? 64 * PF : 0);
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * BQ * SBT : 0));
   const int mrows = g.mask.r == 0 ? 1 : BQ;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lk + 63) / 64;
@@ -300,27 +303,47 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 #pragma unroll
     for (int e = 0; e < 4; e++) dk[t][e] = dv[t][e] = 0.f;
 
-  for (int64_t gh = 0; gh < p.G; gh++) {
-    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
-    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+  // the (query head, query tile) pairs in order, flattened: tile t+1 streams in while tile t is used
+  const int64_t qt = (g.Lq + BQ - 1) / BQ, nt = p.G * qt;
+  auto fetch = [&](int64_t t, int buf) {  // one commit group per tile
+    const int64_t gh = t / qt, i0 = (t - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int nr = (int)min((int64_t)BQ, g.Lq - i0);
+    T *Qb = QO + buf * 2 * BQ * PD;
+    cp_tile<T, D>(Qb, q + fa_attn_off(g.q, b, h, i0), g.q.r, BQ, nr);
+    cp_tile<T, D>(Qb + BQ * PD, go + fa_attn_off(g.go, b, h, i0), g.go.r, BQ, nr);
+    if (ST)
+      stage_bm<BQ, SBT>(g, Bs + buf * BQ * SBT, Ms + buf * mrows * SMP,
+                        g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
+                        g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
+                        nr, nk);
+    float *Lb = LD + buf * 2 * BQ;
+    for (int r = threadIdx.x; r < BQ; r += THREADS) {
+      const int rr = min(r, nr - 1);
+      cp4(Lb + r, lse + fa_attn_off(g.lse, b, h, i0 + rr), r < nr);
+      cp4(Lb + BQ + r, delta + zh * g.Lq + i0 + rr, r < nr);
+    }
+    cp_commit();
+  };
+  if (nt > 0) fetch(0, 0);
+  for (int64_t it = 0; it < nt; it++) {
+    const int buf = (int)(it & 1);
+    if (it + 1 < nt) {
+      fetch(it + 1, buf ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    const int64_t gh = it / qt, i0 = (it - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
     const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
     const float *mbf = g.mask_mode == 2 ? (const float *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
-    for (int64_t i0 = 0; i0 < g.Lq; i0 += BQ) {
-      const int nr = (int)min((int64_t)BQ, g.Lq - i0);
-      __syncthreads();
-      cp_tile<T, D>(Qs, qb + i0 * g.q.r, g.q.r, BQ, nr);
-      cp_tile<T, D>(Os, ob + i0 * g.go.r, g.go.r, BQ, nr);
-      if (ST)
-        stage_bm<BQ, SBT>(g, Bs, Ms, bb ? bb + i0 * g.bias.r + j0 : nullptr, mb8 ? mb8 + i0 * g.mask.r + j0 : nullptr, nr,
-                          nk);
-      cp_commit();
-      for (int t = threadIdx.x; t < BQ; t += THREADS) {  // +inf marks rows past Lq (P = 0), -inf lost rows
-        Ls[t] = t < nr ? lse[fa_attn_off(g.lse, b, h, i0 + t)] * FA_ATTN_LOG2E : INFINITY;
-        Dls[t] = t < nr ? delta[zh * g.Lq + i0 + t] : 0.f;
-      }
-      cp_wait_all();
-      __syncthreads();
+    const T *Qs = QO + buf * 2 * BQ * PD, *Os = Qs + BQ * PD;
+    const float *Lr = LD + buf * 2 * BQ, *Dls = Lr + BQ;  // raw lse, delta (rows < nr)
+    const float *Bt = Bs + buf * BQ * SBT;
+    const unsigned char *Mt = Ms + buf * mrows * SMP;
+    {
       float st[NQ][4], dpt[NQ][4];
 #pragma unroll
       for (int n = 0; n < NQ; n++)
@@ -351,7 +374,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         for (int e = 0; e < 4; e++) {
           const int u = e >> 1, il = n * 8 + 2 * ti + (e & 1);
           const int64_t j = kj[u], i = i0 + il;
-          const float L2 = Ls[il];
+          const float L2 = il < nr ? Lr[il] * FA_ATTN_LOG2E : INFINITY;  // +inf: past Lq (P = 0); -inf: lost
           float pv = 0.f, ds = 0.f;
           if (kv[u] && L2 != INFINITY) {
             if (L2 == -INFINITY) {
@@ -360,8 +383,8 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
               float x = st[n][e] * p.scale2;
               if constexpr (ST) {
                 const int jl = w * 16 + gi + 8 * u;
-                if (bb) x = fmaf(Bs[il * SBT + jl], FA_ATTN_LOG2E, x);
-                if (mb8 && Ms[(mrows == 1 ? 0 : il) * SMP + jl] == 0) x = -INFINITY;
+                if (bb) x = fmaf(Bt[il * SBT + jl], FA_ATTN_LOG2E, x);
+                if (mb8 && Mt[(mrows == 1 ? 0 : il) * SMP + jl] == 0) x = -INFINITY;
               } else {
                 if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
                 if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
@@ -413,6 +436,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         }
       }
     }
+    __syncthreads();  // before the next fetch overwrites this tile's buffers (and Sf is written again)
   }
   cp_wait_all();  // no query rows: the K/V copies are still in flight
   const float sc = (float)g.scale;
@@ -596,9 +620,10 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
 // ST (needs stageable() and p.bias_inv: the bias is the same for every broadcast combination): the bias tile is
 // read once into shared memory, the select-mask tile of each combination comes by cp.async with Q, dO, K, V.
 template <typename T, int D, bool ST>
-__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, const T *q, const T *k,
-                                                            const T *v, const float *bias, const void *mask,
-                                                            const T *go, const float *lse, const float *delta) {
+__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, float *part, int64_t nch,
+                                                            const T *q, const T *k, const T *v, const float *bias,
+                                                            const void *mask, const T *go, const float *lse,
+                                                            const float *delta) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
   extern __shared__ __align__(16) unsigned char smraw[];
   T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
@@ -611,7 +636,10 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
   int64_t blk = blockIdx.x;
   const int64_t jt = blk % jtiles;
   blk /= jtiles;
-  const int64_t it = blk % itiles, kz = blk / itiles;
+  const int64_t it = blk % itiles;
+  blk /= itiles;
+  const int64_t kz = blk % p.nkeep_all, ch = blk / p.nkeep_all;  // ch: this CTA's chunk of the nch
+  const int64_t per = (p.nred_all + nch - 1) / nch, r0 = ch * per, r1 = min(p.nred_all, r0 + per);
   const int64_t i0 = it * MBM, j0 = jt * MBN;
   const int nr = (int)min((int64_t)MBM, g.Lq - i0), nk = (int)min((int64_t)MBN, g.Lk - j0);
   int64_t co[MAXO];
@@ -667,11 +695,11 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  fetch(0, 0);
-  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+  if (r0 < r1) fetch(r0, (int)(r0 & 1));
+  for (int64_t rz = r0; rz < r1; rz++) {
     const T *Qs = buf0 + (rz & 1) * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
     const unsigned char *Mt = Ms + (rz & 1) * mrows * SMP;
-    if (rz + 1 < p.nred_all) {
+    if (rz + 1 < r1) {
       fetch(rz + 1, (int)(rz & 1) ^ 1);
       cp_wait_group<1>();
     } else {
@@ -748,8 +776,28 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int64_t i = i0 + w * 16 + gi + 8 * (e >> 1), j = j0 + n * 8 + 2 * ti + (e & 1);
-      if (i < g.Lq && j < g.Lk) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+      if (i >= g.Lq || j >= g.Lk) continue;
+      if (nch == 1) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+      else part[((ch * p.nkeep_all + kz) * g.Lq + i) * g.Lk + j] = acc[n][e];
     }
+}
+
+// mma_dbias_kernel's chunk partials part[ch][kz][i][j] summed in chunk order into grad_bias (deterministic)
+__global__ void __launch_bounds__(THREADS) dbias_sum_kernel(Params p, float *gbias, const float *part, int64_t nch) {
+  const fa_attn_geom &g = p.g;
+  const int64_t per = g.Lq * g.Lk, n = p.nkeep_all * per;
+  for (int64_t e = (int64_t)blockIdx.x * THREADS + threadIdx.x; e < n; e += (int64_t)gridDim.x * THREADS) {
+    const int64_t kz = e / per, ij = e - kz * per, i = ij / g.Lk, j = ij - i * g.Lk;
+    int64_t gbo = 0, x = kz;
+    for (int c = p.nkeep - 1; c >= 0; c--) {
+      const int d = p.keep[c];
+      gbo += x % p.osize[d] * p.ostride[d];
+      x /= p.osize[d];
+    }
+    float t = 0.f;
+    for (int64_t c = 0; c < nch; c++) t += part[c * n + e];
+    gbias[gbo + i * g.gbias.r + j * g.gbias.c] += t;
+  }
 }
 
 template <typename T>
@@ -783,8 +831,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       const bool st = stageable(g, bias, mask), stb = st && p.bias_inv;
       if (gk || gv || gba) {
 #define ATTN_MMA_BWD_SMEM(DD, BQ, ST)                                                                                   \
-  ((size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
-   (ST ? stage_bytes(g, BQ, SBT, 1) : 0))
+  ((size_t)(2 * 64 + 4 * BQ) * (DD + 8) * sizeof(T) + (size_t)(4 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
+   (ST ? stage_bytes(g, BQ, SBT, 2) : 0))
 #define ATTN_MMA_BWD_(DD, BQ, ST)                                                                                       \
   launch(fn, dev, mma_bwd_kernel<T, DD, BQ, ST>, kblocks, ATTN_MMA_BWD_SMEM(DD, BQ, ST), p, gk, gv, gba, q, k, v, bias, \
          mask, go, lse, (const float *)delta)
@@ -835,13 +883,23 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
         if (rc) return rc;
       }
       if (gbias && full) {
-        const int64_t dblocks = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+        // the reduction over the broadcast dims split in nch chunks when the gradient's tiles alone would leave
+        // the SMs idle (H (N/64)^2 CTAs: 64 at N = 256), partials then summed in a fixed order
+        const int64_t tiles = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+        int nsm = 0;
+        if ((rc = fa_cu_check(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev), fn))) return rc;
+        int64_t nch = ((int64_t)4 * nsm + tiles - 1) / tiles;
+        nch = max((int64_t)1, min(nch, min((int64_t)16, p.nred_all / 32)));
+        float *part = nullptr;
+        if (nch > 1 && !(part = (float *)tmp.get(nch * p.nkeep_all * g->Lq * g->Lk * (int64_t)sizeof(float))))
+          return FA_ERR_MEMORY;
+        const int64_t dblocks = nch * tiles;
 #define ATTN_MMA_DB_SMEM(DD, ST)                                                                                      \
   ((size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T) + (ST ? (size_t)MBM * SBP * sizeof(float) : 0) +                   \
    (ST && g->mask_mode == 1 ? (size_t)2 * (g->mask.r == 0 ? 1 : MBM) * SMP : 0))
 #define ATTN_MMA_DB_(DD, ST)                                                                                          \
-  launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, q, k, v, bias, mask, go, \
-         lse, (const float *)delta)
+  launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, part, nch, q, k, v, bias, \
+         mask, go, lse, (const float *)delta)
 #define ATTN_MMA_DB(DD)                                                                                               \
   (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
                       ATTN_MMA_DB_SMEM(DD, false))                                                                    \
@@ -860,7 +918,9 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
 #undef ATTN_MMA_DB
 #undef ATTN_MMA_DB_
 #undef ATTN_MMA_DB_SMEM
-        return rc;
+        if (rc || nch == 1) return rc;
+        return launch(fn, dev, dbias_sum_kernel, (int64_t)fa_cu_blocks(p.nkeep_all * g->Lq * g->Lk, THREADS, dev), 0, p,
+                      gbias, (const float *)part, nch);
       }
       if (gba || !gbias) return 0;
       gq = gk = gv = nullptr;  // done; the SIMT kernel below gives dBias without atomics
