@@ -290,6 +290,244 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
 }
 
 
+// ---- the SIMT backward's dK/dV and dBias kernels (cuda/attention_bwd.cu launches them)
+// dK, dV of BK keys of one (z, kv head), summed over the G query heads and every query row
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, const T *q, const T *k, const T *v,
+                                                       const float *bias, const void *mask, const T *go,
+                                                       const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + BK * D, *Qs = Vs + BK * D, *Os = Qs + 32 * ld;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ntiles = (g.Lk + BK - 1) / BK;
+  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * BK;
+  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nk = (int)min((int64_t)BK, g.Lk - j0);
+  load_tile<T>(Ks, D, k + fa_attn_off(g.k, b, hk, j0), g.k.r, BK, nk, D);
+  load_tile<T>(Vs, D, v + fa_attn_off(g.v, b, hk, j0), g.v.r, BK, nk, D);
+  float dk[KPW][DT], dv[KPW][DT];
+#pragma unroll
+  for (int c = 0; c < KPW; c++)
+#pragma unroll
+    for (int t = 0; t < DT; t++) dk[c][t] = dv[c][t] = 0.f;
+  const float *kw = Ks + w * KPW * D, *vw = Vs + w * KPW * D;
+
+  for (int64_t gh = 0; gh < p.G; gh++) {
+    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
+    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+    for (int64_t i0 = 0; i0 < g.Lq; i0 += 32) {
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      __syncthreads();
+      load_tile<T>(Qs, ld, qb + i0 * g.q.r, g.q.r, 32, nr, D);
+      load_tile<T>(Os, ld, ob + i0 * g.go.r, g.go.r, 32, nr, D);
+      __syncthreads();
+      const int64_t i = i0 + lane;
+      const bool rv = lane < nr;
+      const float L2 = rv ? lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : 0.f;
+      const bool lost = rv && L2 == -INFINITY;  // every key left out: P = 1/Lk, dS = 0
+      const float dl = rv ? delta[zh * g.Lq + i] : 0.f;
+      const float *brow = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
+      const void *mrow = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                         : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                  : nullptr;
+      float s[KPW], dp[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) s[c] = dp[c] = 0.f;
+      const float *qr = Qs + lane * ld, *orr = Os + lane * ld;
+#pragma unroll 4
+      for (int d = 0; d < D; d++) {
+        const float qd = qr[d], od = orr[d];
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          s[c] = fmaf(qd, kw[c * D + d], s[c]);
+          dp[c] = fmaf(od, vw[c * D + d], dp[c]);
+        }
+      }
+      float pv[KPW], ds[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) {
+        const int64_t j = j0 + w * KPW + c;
+        pv[c] = ds[c] = 0.f;
+        if (rv && j < g.Lk) {
+          if (lost) {
+            pv[c] = p.invLk;
+          } else {
+            const float x = logit2(p, s[c], brow, mrow, j);
+            if (x != -INFINITY) {
+              const float e = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+              pv[c] = e * f;
+              ds[c] = e * (dp[c] * f - dl);
+            }
+          }
+        }
+      }
+      for (int ii = 0; ii < nr; ii++) {
+        float oc[DT], qc[DT];
+#pragma unroll
+        for (int t = 0; t < DT; t++) {
+          const int d = lane + 32 * t;
+          oc[t] = d < D ? Os[ii * ld + d] : 0.f;
+          qc[t] = d < D ? Qs[ii * ld + d] : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          const float a = __shfl_sync(FULL, pv[c], ii), e = __shfl_sync(FULL, ds[c], ii);
+#pragma unroll
+          for (int t = 0; t < DT; t++) {
+            dv[c][t] = fmaf(a, oc[t], dv[c][t]);
+            dk[c][t] = fmaf(e, qc[t], dk[c][t]);
+          }
+        }
+      }
+    }
+  }
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int c = 0; c < KPW; c++) {
+    const int64_t j = j0 + w * KPW + c;
+    if (j >= g.Lk) continue;
+    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, j) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, j) : nullptr;
+#pragma unroll
+    for (int t = 0; t < DT; t++) {
+      const int d = lane + 32 * t;
+      if (d >= D) continue;
+      if (kr) kr[d] = fa_from_f<T>(dk[c][t] * sc);
+      if (vr) vr[d] = fa_from_f<T>(dv[c][t]);
+    }
+  }
+}
+
+// The bias gradient: a CTA owns a 32 x 32 (row, key) tile of it for one combination of its own (kept) outer
+// dims, and adds up dS over its broadcast dims (outer dims, then row tiles when ri, key tiles when rj) in a
+// fixed order; then over the rows / keys of the tile (ri / rj); one writer per element, no atomics.
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, const T *q, const T *k, const T *v,
+                                                        const float *bias, const void *mask, const T *go,
+                                                        const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + 32 * ld, *Qs = Vs + 32 * ld, *Os = Qs + 32 * D, *red = Os + 32 * D;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t itiles = (g.Lq + 31) / 32, jtiles = (g.Lk + 31) / 32;
+  const int64_t nit = p.ri ? 1 : itiles, njt = p.rj ? 1 : jtiles;
+  int64_t blk = blockIdx.x;
+  const int64_t jt = blk % njt;
+  blk /= njt;
+  const int64_t it = blk % nit, kz = blk / nit;
+  int64_t co[MAXO];
+  for (int d = 0; d < MAXO; d++) co[d] = 0;
+  int64_t gbo = 0;  // offset of the kept coordinates in grad_bias
+  {
+    int64_t x = kz;
+    for (int n = p.nkeep - 1; n >= 0; n--) {
+      const int d = p.keep[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+      gbo += co[d] * p.ostride[d];
+    }
+  }
+  float acc[RB];
+#pragma unroll
+  for (int r = 0; r < RB; r++) acc[r] = 0.f;
+
+  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+    int64_t x = rz;
+    for (int n = p.nred - 1; n >= 0; n--) {
+      const int d = p.red[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+    }
+    FaAttnBatch b;
+    int64_t z = 0;
+    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
+      b.c[d] = d < g.nb ? co[d] : 0;
+      if (d < g.nb) z = z * g.bs[d] + co[d];
+    }
+    const int64_t h = co[FA_ATTN_MAX_BATCH], hk = h / p.G, zh = z * g.H + h;
+    for (int64_t ti = 0; ti < (p.ri ? itiles : 1); ti++) {
+      const int64_t i0 = (p.ri ? ti : it) * 32;
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      for (int64_t tj = 0; tj < (p.rj ? jtiles : 1); tj++) {
+        const int64_t j0 = (p.rj ? tj : jt) * 32;
+        const int nk = (int)min((int64_t)32, g.Lk - j0);
+        __syncthreads();
+        load_tile<T>(Qs, D, q + fa_attn_off(g.q, b, h, i0), g.q.r, 32, nr, D);
+        load_tile<T>(Os, D, go + fa_attn_off(g.go, b, h, i0), g.go.r, 32, nr, D);
+        load_tile<T>(Ks, ld, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 32, nk, D);
+        load_tile<T>(Vs, ld, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 32, nk, D);
+        __syncthreads();
+        float s[RB], dp[RB];
+#pragma unroll
+        for (int r = 0; r < RB; r++) s[r] = dp[r] = 0.f;
+        const float *kr = Ks + lane * ld, *vr = Vs + lane * ld, *qw = Qs + w * RB * D, *ow = Os + w * RB * D;
+#pragma unroll 2
+        for (int d = 0; d < D; d++) {
+          const float kd = kr[d], vd = vr[d];
+#pragma unroll
+          for (int r = 0; r < RB; r++) {
+            s[r] = fmaf(qw[r * D + d], kd, s[r]);
+            dp[r] = fmaf(ow[r * D + d], vd, dp[r]);
+          }
+        }
+        const int64_t j = j0 + lane;
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+          const int ir = w * RB + r;
+          if (ir >= nr || lane >= nk) continue;
+          const int64_t i = i0 + ir;
+          const float L2 = lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E;
+          if (L2 == -INFINITY) continue;
+          const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                             : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                : nullptr;
+          const float xl = logit2(p, s[r], bias + fa_attn_off(g.bias, b, h, i), mrow, j);
+          if (xl == -INFINITY) continue;
+          const float e = exp2f(xl - L2);
+          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - delta[zh * g.Lq + i]);
+        }
+      }
+    }
+  }
+  // the tile's own reductions, then one write per element
+  const int64_t gr = g.gbias.r, gc = g.gbias.c;
+  if (p.rj) {
+#pragma unroll
+    for (int r = 0; r < RB; r++) acc[r] = fa_cu_warp_sum(acc[r]);
+  }
+  if (p.ri) {
+    float t = 0.f;
+#pragma unroll
+    for (int r = 0; r < RB; r++) t += acc[r];
+    red[w * 32 + lane] = t;
+    __syncthreads();
+    if (w == 0) {
+      float tot = 0.f;
+      for (int u = 0; u < NW; u++) tot += red[u * 32 + lane];
+      const int64_t j = jt * 32 + lane;
+      if (p.rj) {
+        if (lane == 0) gbias[gbo] += tot;
+      } else if (j < g.Lk) {
+        gbias[gbo + j * gc] += tot;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < RB; r++) {
+    const int64_t i = it * 32 + w * RB + r, j = jt * 32 + lane;
+    if (i >= g.Lq) continue;
+    if (p.rj) {
+      if (lane == 0) gbias[gbo + i * gr] += acc[r];
+    } else if (j < g.Lk) {
+      gbias[gbo + i * gr + j * gc] += acc[r];
+    }
+  }
+}
+
 // ---- mma.sync, ldmatrix and cp.async
 constexpr int MBM = 64, MBN = 64;
 
