@@ -21,259 +21,29 @@ __global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *delta, 
   }
 }
 
-// dK, dV of BK keys of one (z, kv head), summed over the G query heads and every query row
-template <typename T, int DT>
-__global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, const T *q, const T *k, const T *v,
-                                                       const float *bias, const void *mask, const T *go,
-                                                       const float *lse, const float *delta) {
-  extern __shared__ float sm[];
-  const fa_attn_geom &g = p.g;
-  const int D = (int)g.D, ld = p.ld;
-  float *Ks = sm, *Vs = Ks + BK * D, *Qs = Vs + BK * D, *Os = Qs + 32 * ld;
-  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t ntiles = (g.Lk + BK - 1) / BK;
-  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * BK;
-  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
-  const FaAttnBatch b = fa_attn_batch(g, z);
-  const int nk = (int)min((int64_t)BK, g.Lk - j0);
-  load_tile<T>(Ks, D, k + fa_attn_off(g.k, b, hk, j0), g.k.r, BK, nk, D);
-  load_tile<T>(Vs, D, v + fa_attn_off(g.v, b, hk, j0), g.v.r, BK, nk, D);
-  float dk[KPW][DT], dv[KPW][DT];
-#pragma unroll
-  for (int c = 0; c < KPW; c++)
-#pragma unroll
-    for (int t = 0; t < DT; t++) dk[c][t] = dv[c][t] = 0.f;
-  const float *kw = Ks + w * KPW * D, *vw = Vs + w * KPW * D;
-
-  for (int64_t gh = 0; gh < p.G; gh++) {
-    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
-    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
-    for (int64_t i0 = 0; i0 < g.Lq; i0 += 32) {
-      const int nr = (int)min((int64_t)32, g.Lq - i0);
-      __syncthreads();
-      load_tile<T>(Qs, ld, qb + i0 * g.q.r, g.q.r, 32, nr, D);
-      load_tile<T>(Os, ld, ob + i0 * g.go.r, g.go.r, 32, nr, D);
-      __syncthreads();
-      const int64_t i = i0 + lane;
-      const bool rv = lane < nr;
-      const float L2 = rv ? lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : 0.f;
-      const bool lost = rv && L2 == -INFINITY;  // every key left out: P = 1/Lk, dS = 0
-      const float dl = rv ? delta[zh * g.Lq + i] : 0.f;
-      const float *brow = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
-      const void *mrow = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
-                         : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
-                                                  : nullptr;
-      float s[KPW], dp[KPW];
-#pragma unroll
-      for (int c = 0; c < KPW; c++) s[c] = dp[c] = 0.f;
-      const float *qr = Qs + lane * ld, *orr = Os + lane * ld;
-#pragma unroll 4
-      for (int d = 0; d < D; d++) {
-        const float qd = qr[d], od = orr[d];
-#pragma unroll
-        for (int c = 0; c < KPW; c++) {
-          s[c] = fmaf(qd, kw[c * D + d], s[c]);
-          dp[c] = fmaf(od, vw[c * D + d], dp[c]);
-        }
-      }
-      float pv[KPW], ds[KPW];
-#pragma unroll
-      for (int c = 0; c < KPW; c++) {
-        const int64_t j = j0 + w * KPW + c;
-        pv[c] = ds[c] = 0.f;
-        if (rv && j < g.Lk) {
-          if (lost) {
-            pv[c] = p.invLk;
-          } else {
-            const float x = logit2(p, s[c], brow, mrow, j);
-            if (x != -INFINITY) {
-              const float e = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
-              pv[c] = e * f;
-              ds[c] = e * (dp[c] * f - dl);
-            }
-          }
-        }
-      }
-      for (int ii = 0; ii < nr; ii++) {
-        float oc[DT], qc[DT];
-#pragma unroll
-        for (int t = 0; t < DT; t++) {
-          const int d = lane + 32 * t;
-          oc[t] = d < D ? Os[ii * ld + d] : 0.f;
-          qc[t] = d < D ? Qs[ii * ld + d] : 0.f;
-        }
-#pragma unroll
-        for (int c = 0; c < KPW; c++) {
-          const float a = __shfl_sync(FULL, pv[c], ii), e = __shfl_sync(FULL, ds[c], ii);
-#pragma unroll
-          for (int t = 0; t < DT; t++) {
-            dv[c][t] = fmaf(a, oc[t], dv[c][t]);
-            dk[c][t] = fmaf(e, qc[t], dk[c][t]);
-          }
-        }
-      }
-    }
-  }
-  const float sc = (float)g.scale;
-#pragma unroll
-  for (int c = 0; c < KPW; c++) {
-    const int64_t j = j0 + w * KPW + c;
-    if (j >= g.Lk) continue;
-    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, j) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, j) : nullptr;
-#pragma unroll
-    for (int t = 0; t < DT; t++) {
-      const int d = lane + 32 * t;
-      if (d >= D) continue;
-      if (kr) kr[d] = fa_from_f<T>(dk[c][t] * sc);
-      if (vr) vr[d] = fa_from_f<T>(dv[c][t]);
-    }
-  }
-}
-
-// The bias gradient: a CTA owns a 32 x 32 (row, key) tile of it for one combination of its own (kept) outer
-// dims, and adds up dS over its broadcast dims (outer dims, then row tiles when ri, key tiles when rj) in a
-// fixed order; then over the rows / keys of the tile (ri / rj); one writer per element, no atomics.
-template <typename T, int DT>
-__global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, const T *q, const T *k, const T *v,
-                                                        const float *bias, const void *mask, const T *go,
-                                                        const float *lse, const float *delta) {
-  extern __shared__ float sm[];
-  const fa_attn_geom &g = p.g;
-  const int D = (int)g.D, ld = p.ld;
-  float *Ks = sm, *Vs = Ks + 32 * ld, *Qs = Vs + 32 * ld, *Os = Qs + 32 * D, *red = Os + 32 * D;
-  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t itiles = (g.Lq + 31) / 32, jtiles = (g.Lk + 31) / 32;
-  const int64_t nit = p.ri ? 1 : itiles, njt = p.rj ? 1 : jtiles;
-  int64_t blk = blockIdx.x;
-  const int64_t jt = blk % njt;
-  blk /= njt;
-  const int64_t it = blk % nit, kz = blk / nit;
-  int64_t co[MAXO];
-  for (int d = 0; d < MAXO; d++) co[d] = 0;
-  int64_t gbo = 0;  // offset of the kept coordinates in grad_bias
-  {
-    int64_t x = kz;
-    for (int n = p.nkeep - 1; n >= 0; n--) {
-      const int d = p.keep[n];
-      co[d] = x % p.osize[d];
-      x /= p.osize[d];
-      gbo += co[d] * p.ostride[d];
-    }
-  }
-  float acc[RB];
-#pragma unroll
-  for (int r = 0; r < RB; r++) acc[r] = 0.f;
-
-  for (int64_t rz = 0; rz < p.nred_all; rz++) {
-    int64_t x = rz;
-    for (int n = p.nred - 1; n >= 0; n--) {
-      const int d = p.red[n];
-      co[d] = x % p.osize[d];
-      x /= p.osize[d];
-    }
-    FaAttnBatch b;
-    int64_t z = 0;
-    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
-      b.c[d] = d < g.nb ? co[d] : 0;
-      if (d < g.nb) z = z * g.bs[d] + co[d];
-    }
-    const int64_t h = co[FA_ATTN_MAX_BATCH], hk = h / p.G, zh = z * g.H + h;
-    for (int64_t ti = 0; ti < (p.ri ? itiles : 1); ti++) {
-      const int64_t i0 = (p.ri ? ti : it) * 32;
-      const int nr = (int)min((int64_t)32, g.Lq - i0);
-      for (int64_t tj = 0; tj < (p.rj ? jtiles : 1); tj++) {
-        const int64_t j0 = (p.rj ? tj : jt) * 32;
-        const int nk = (int)min((int64_t)32, g.Lk - j0);
-        __syncthreads();
-        load_tile<T>(Qs, D, q + fa_attn_off(g.q, b, h, i0), g.q.r, 32, nr, D);
-        load_tile<T>(Os, D, go + fa_attn_off(g.go, b, h, i0), g.go.r, 32, nr, D);
-        load_tile<T>(Ks, ld, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 32, nk, D);
-        load_tile<T>(Vs, ld, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 32, nk, D);
-        __syncthreads();
-        float s[RB], dp[RB];
-#pragma unroll
-        for (int r = 0; r < RB; r++) s[r] = dp[r] = 0.f;
-        const float *kr = Ks + lane * ld, *vr = Vs + lane * ld, *qw = Qs + w * RB * D, *ow = Os + w * RB * D;
-#pragma unroll 2
-        for (int d = 0; d < D; d++) {
-          const float kd = kr[d], vd = vr[d];
-#pragma unroll
-          for (int r = 0; r < RB; r++) {
-            s[r] = fmaf(qw[r * D + d], kd, s[r]);
-            dp[r] = fmaf(ow[r * D + d], vd, dp[r]);
-          }
-        }
-        const int64_t j = j0 + lane;
-#pragma unroll
-        for (int r = 0; r < RB; r++) {
-          const int ir = w * RB + r;
-          if (ir >= nr || lane >= nk) continue;
-          const int64_t i = i0 + ir;
-          const float L2 = lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E;
-          if (L2 == -INFINITY) continue;
-          const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
-                             : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
-                                                : nullptr;
-          const float xl = logit2(p, s[r], bias + fa_attn_off(g.bias, b, h, i), mrow, j);
-          if (xl == -INFINITY) continue;
-          const float e = exp2f(xl - L2);
-          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - delta[zh * g.Lq + i]);
-        }
-      }
-    }
-  }
-  // the tile's own reductions, then one write per element
-  const int64_t gr = g.gbias.r, gc = g.gbias.c;
-  if (p.rj) {
-#pragma unroll
-    for (int r = 0; r < RB; r++) acc[r] = fa_cu_warp_sum(acc[r]);
-  }
-  if (p.ri) {
-    float t = 0.f;
-#pragma unroll
-    for (int r = 0; r < RB; r++) t += acc[r];
-    red[w * 32 + lane] = t;
-    __syncthreads();
-    if (w == 0) {
-      float tot = 0.f;
-      for (int u = 0; u < NW; u++) tot += red[u * 32 + lane];
-      const int64_t j = jt * 32 + lane;
-      if (p.rj) {
-        if (lane == 0) gbias[gbo] += tot;
-      } else if (j < g.Lk) {
-        gbias[gbo + j * gc] += tot;
-      }
-    }
-    return;
-  }
-#pragma unroll
-  for (int r = 0; r < RB; r++) {
-    const int64_t i = it * 32 + w * RB + r, j = jt * 32 + lane;
-    if (i >= g.Lq) continue;
-    if (p.rj) {
-      if (lane == 0) gbias[gbo + i * gr] += acc[r];
-    } else if (j < g.Lk) {
-      gbias[gbo + i * gr + j * gc] += acc[r];
-    }
-  }
-}
-
 // Backward, key-tile major: a CTA owns 64 keys of one (z, kv head) (16 per warp) and loops over the G query
 // heads and the query rows in tiles of BQ. Per tile each warp forms S^T = K Q^T and dP^T = V dO^T for its 16
 // keys (K, V fragments by ldmatrix, Q and dO as the col-major B operand), P^T = exp2(S^T - lse) and
 // dS^T = P^T (dP^T - delta) in registers, and accumulates dV += P^T dO and dK += dS^T Q in registers (the
 // accumulator layout is the next A operand): dK, dV written once, no atomics. dBias (gbias != NULL, the
 // non-deterministic mode) adds dS from a float32 copy of the tile in shared memory, summed over the tile's
-// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel.
-template <typename T, int D, int BQ>
+// rows first when the bias is shared by every row. dQ comes from mma_dq_kernel. The (head, query tile) pairs
+// are one flat loop whose next tile (Q, dO, lse, delta; with ST the bias / select-mask tiles, stage_bm, read
+// key-major) streams in by cp.async while the current one is used.
+template <typename T, int D, int BQ, bool ST>
 __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, const float *lse, const float *delta) {
   constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
   extern __shared__ __align__(16) unsigned char smraw[];
-  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *Qs = Vs + 64 * PD, *Os = Qs + BQ * PD;
-  float *Ls = (float *)(Os + BQ * PD), *Dls = Ls + BQ, *Sf = Dls + BQ;
+  // K, V; Q and dO double-buffered (Q0 dO0 Q1 dO1); raw lse and delta (2 buffers of 2 x BQ); Sf; ST: 2 bias
+  // tiles (BQ x SBT), 2 mask tiles (mrows x SMP)
+  T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *QO = Vs + 64 * PD;
+  float *LD = (float *)(QO + 4 * BQ * PD), *Sf = LD + 4 * BQ;
   const fa_attn_geom &g = p.g;
+  float *Bs = Sf + (gbias ? 64 * PF : 0);
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * BQ * SBT : 0));
+  const int mrows = g.mask.r == 0 ? 1 : BQ;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lk + 63) / 64;
   const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * 64;
@@ -296,24 +66,47 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 #pragma unroll
     for (int e = 0; e < 4; e++) dk[t][e] = dv[t][e] = 0.f;
 
-  for (int64_t gh = 0; gh < p.G; gh++) {
-    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
-    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+  // the (query head, query tile) pairs in order, flattened: tile t+1 streams in while tile t is used
+  const int64_t qt = (g.Lq + BQ - 1) / BQ, nt = p.G * qt;
+  auto fetch = [&](int64_t t, int buf) {  // one commit group per tile
+    const int64_t gh = t / qt, i0 = (t - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int nr = (int)min((int64_t)BQ, g.Lq - i0);
+    T *Qb = QO + buf * 2 * BQ * PD;
+    cp_tile<T, D>(Qb, q + fa_attn_off(g.q, b, h, i0), g.q.r, BQ, nr);
+    cp_tile<T, D>(Qb + BQ * PD, go + fa_attn_off(g.go, b, h, i0), g.go.r, BQ, nr);
+    if (ST)
+      stage_bm<BQ, SBT>(g, Bs + buf * BQ * SBT, Ms + buf * mrows * SMP,
+                        g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
+                        g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
+                        nr, nk);
+    float *Lb = LD + buf * 2 * BQ;
+    for (int r = threadIdx.x; r < BQ; r += THREADS) {
+      const int rr = min(r, nr - 1);
+      cp4(Lb + r, lse + fa_attn_off(g.lse, b, h, i0 + rr), r < nr);
+      cp4(Lb + BQ + r, delta + zh * g.Lq + i0 + rr, r < nr);
+    }
+    cp_commit();
+  };
+  if (nt > 0) fetch(0, 0);
+  for (int64_t it = 0; it < nt; it++) {
+    const int buf = (int)(it & 1);
+    if (it + 1 < nt) {
+      fetch(it + 1, buf ^ 1);
+      cp_wait_group<1>();
+    } else {
+      cp_wait_all();
+    }
+    __syncthreads();
+    const int64_t gh = it / qt, i0 = (it - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
     const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
     const float *mbf = g.mask_mode == 2 ? (const float *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
-    for (int64_t i0 = 0; i0 < g.Lq; i0 += BQ) {
-      const int nr = (int)min((int64_t)BQ, g.Lq - i0);
-      __syncthreads();
-      cp_tile<T, D>(Qs, qb + i0 * g.q.r, g.q.r, BQ, nr);
-      cp_tile<T, D>(Os, ob + i0 * g.go.r, g.go.r, BQ, nr);
-      cp_commit();
-      for (int t = threadIdx.x; t < BQ; t += THREADS) {  // +inf marks rows past Lq (P = 0), -inf lost rows
-        Ls[t] = t < nr ? lse[fa_attn_off(g.lse, b, h, i0 + t)] * FA_ATTN_LOG2E : INFINITY;
-        Dls[t] = t < nr ? delta[zh * g.Lq + i0 + t] : 0.f;
-      }
-      cp_wait_all();
-      __syncthreads();
+    const T *Qs = QO + buf * 2 * BQ * PD, *Os = Qs + BQ * PD;
+    const float *Lr = LD + buf * 2 * BQ, *Dls = Lr + BQ;  // raw lse, delta (rows < nr)
+    const float *Bt = Bs + buf * BQ * SBT;
+    const unsigned char *Mt = Ms + buf * mrows * SMP;
+    {
       float st[NQ][4], dpt[NQ][4];
 #pragma unroll
       for (int n = 0; n < NQ; n++)
@@ -344,16 +137,22 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         for (int e = 0; e < 4; e++) {
           const int u = e >> 1, il = n * 8 + 2 * ti + (e & 1);
           const int64_t j = kj[u], i = i0 + il;
-          const float L2 = Ls[il];
+          const float L2 = il < nr ? Lr[il] * FA_ATTN_LOG2E : INFINITY;  // +inf: past Lq (P = 0); -inf: lost
           float pv = 0.f, ds = 0.f;
           if (kv[u] && L2 != INFINITY) {
             if (L2 == -INFINITY) {
               pv = p.invLk;
             } else {
               float x = st[n][e] * p.scale2;
-              if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
-              if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
-              if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              if constexpr (ST) {
+                const int jl = w * 16 + gi + 8 * u;
+                if (bb) x = fmaf(Bt[il * SBT + jl], FA_ATTN_LOG2E, x);
+                if (mb8 && Mt[(mrows == 1 ? 0 : il) * SMP + jl] == 0) x = -INFINITY;
+              } else {
+                if (bb) x = fmaf(bb[i * g.bias.r + j * g.bias.c], FA_ATTN_LOG2E, x);
+                if (mb8 && mb8[i * g.mask.r + j * g.mask.c] == 0) x = -INFINITY;
+                if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
+              }
               if (x != -INFINITY) {
                 const float ex = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
                 pv = ex * f;
@@ -400,6 +199,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         }
       }
     }
+    __syncthreads();  // before the next fetch overwrites this tile's buffers (and Sf is written again)
   }
   cp_wait_all();  // no query rows: the K/V copies are still in flight
   const float sc = (float)g.scale;
@@ -426,7 +226,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 // the forward does (Q and dO fragments in registers, K/V tiles double-buffered by cp.async) and per key tile
 // recomputes S = Q K^T and dP = dO V^T, forms dS = P (dP - delta) in registers and adds dS K (K as the
 // row-major B operand through ldmatrix.trans): dQ written once.
-template <typename T, int D>
+template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
                                                          const float *bias, const void *mask, const T *go,
                                                          const float *lse, const float *delta) {
@@ -434,6 +234,9 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   extern __shared__ __align__(16) unsigned char smraw[];
   T *Qs = (T *)smraw, *Os = Qs + MBM * PD, *KV = Os + MBM * PD;  // K/V double-buffered: K0 V0 K1 V1
   const fa_attn_geom &g = p.g;
+  float *Bs = (float *)(KV + 4 * MBN * PD);  // ST: 2 bias tiles (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * MBM * SBP : 0));
+  const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
   const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
@@ -444,10 +247,16 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, row0), g.go.r, MBM, nrow);
   cp_commit();
   const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  const float *bt = ST && g.has_bias ? bias + fa_attn_off(g.bias, b, h, row0) : nullptr;
+  const unsigned char *mt =
+      ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
     cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
     cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    if (ST)
+      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
+                         nrow, nk);
     cp_commit();
   };
   if (g.Lk > 0) {
@@ -511,6 +320,8 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
         Mma<T>::mma(dp[2 * n2 + 1], of[kk], bv[2], bv[3]);
       }
     uint32_t da[MBN / 16][4];
+    const float *Bt = Bs + (it & 1) * MBM * SBP;
+    const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
 #pragma unroll
     for (int n = 0; n < NT; n++) {
       float de[4];
@@ -520,7 +331,15 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
         const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
         float ds = 0.f;
         if (live[u] && j < g.Lk) {
-          const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          float x;
+          if constexpr (ST) {  // logit2's arithmetic on the staged values
+            const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti + (e & 1);
+            x = s[n][e] * p.scale2;
+            if (bt) x = fmaf(Bt[rl * SBP + cl], FA_ATTN_LOG2E, x);
+            if (mt && Mt[(mrows == 1 ? 0 : rl) * SMP + cl] == 0) x = -INFINITY;
+          } else {
+            x = logit2(p, s[n][e], brow[u], mrow[u], j);
+          }
           if (x != -INFINITY) {
             const float ex = exp2f(x - L2[u]);
             ds = ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
@@ -561,20 +380,29 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
 // combination of its own outer dims and loops, in a fixed order, over its broadcast outer dims (dbias_kernel's
 // plan), recomputing S and dP for each (Q, dO, K, V tiles double-buffered by cp.async) and adding dS in
 // registers: one writer per element, no atomics, deterministic.
-template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, const T *q, const T *k,
-                                                            const T *v, const float *bias, const void *mask,
-                                                            const T *go, const float *lse, const float *delta) {
+// ST (needs stageable() and p.bias_inv: the bias is the same for every broadcast combination): the bias tile is
+// read once into shared memory, the select-mask tile of each combination comes by cp.async with Q, dO, K, V.
+template <typename T, int D, bool ST>
+__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, float *part, int64_t nch,
+                                                            const T *q, const T *k, const T *v, const float *bias,
+                                                            const void *mask, const T *go, const float *lse,
+                                                            const float *delta) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
   extern __shared__ __align__(16) unsigned char smraw[];
   T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
   const fa_attn_geom &g = p.g;
+  float *Bsm = (float *)(buf0 + 2 * TILE);  // ST: the bias tile (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bsm + (ST ? MBM * SBP : 0));
+  const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t itiles = (g.Lq + MBM - 1) / MBM, jtiles = (g.Lk + MBN - 1) / MBN;
   int64_t blk = blockIdx.x;
   const int64_t jt = blk % jtiles;
   blk /= jtiles;
-  const int64_t it = blk % itiles, kz = blk / itiles;
+  const int64_t it = blk % itiles;
+  blk /= itiles;
+  const int64_t kz = blk % p.nkeep_all, ch = blk / p.nkeep_all;  // ch: this CTA's chunk of the nch
+  const int64_t per = (p.nred_all + nch - 1) / nch, r0 = ch * per, r1 = min(p.nred_all, r0 + per);
   const int64_t i0 = it * MBM, j0 = jt * MBN;
   const int nr = (int)min((int64_t)MBM, g.Lq - i0), nk = (int)min((int64_t)MBN, g.Lk - j0);
   int64_t co[MAXO];
@@ -612,15 +440,29 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
     cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, i0), g.go.r, MBM, nr);
     cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, h / p.G, j0), g.k.r, MBN, nk);
     cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, h / p.G, j0), g.v.r, MBN, nk);
+    if (ST && g.mask_mode == 1)
+      stage_bm<MBM, SBP>(g, nullptr, Ms + bi * mrows * SMP, nullptr,
+                         (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0, nr, nk);
     cp_commit();
   };
+  if (ST) {  // bias_inv: the same bias for every rz, read at rz = 0's outer coordinates
+    FaAttnBatch b;
+    int64_t z, h;
+    outer(0, b, z, h);
+    const float *bb = bias + fa_attn_off(g.bias, b, h, i0) + j0 * g.bias.c;
+    for (int e = threadIdx.x; e < MBM * MBN; e += THREADS) {
+      const int r = e >> 6, c = e & 63;
+      Bsm[r * SBP + c] = r < nr && c < nk ? bb[r * g.bias.r + c * g.bias.c] : 0.f;
+    }
+  }
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  fetch(0, 0);
-  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+  if (r0 < r1) fetch(r0, (int)(r0 & 1));
+  for (int64_t rz = r0; rz < r1; rz++) {
     const T *Qs = buf0 + (rz & 1) * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
-    if (rz + 1 < p.nred_all) {
+    const unsigned char *Mt = Ms + (rz & 1) * mrows * SMP;
+    if (rz + 1 < r1) {
       fetch(rz + 1, (int)(rz & 1) ^ 1);
       cp_wait_group<1>();
     } else {
@@ -677,7 +519,14 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
         const int u = e >> 1;
         const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
         if (!live[u] || j >= g.Lk) continue;
-        const float x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti + (e & 1);
+        float x;
+        if constexpr (ST) {
+          x = fmaf(Bsm[rl * SBP + cl], FA_ATTN_LOG2E, s[n][e] * p.scale2);
+          if (g.mask_mode == 1 && Mt[(mrows == 1 ? 0 : rl) * SMP + cl] == 0) x = -INFINITY;
+        } else {
+          x = logit2(p, s[n][e], brow[u], mrow[u], j);
+        }
         if (x == -INFINITY) continue;
         const float ex = exp2f(x - L2[u]);
         acc[n][e] += ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
@@ -690,8 +539,28 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int64_t i = i0 + w * 16 + gi + 8 * (e >> 1), j = j0 + n * 8 + 2 * ti + (e & 1);
-      if (i < g.Lq && j < g.Lk) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+      if (i >= g.Lq || j >= g.Lk) continue;
+      if (nch == 1) gbias[gbo + i * g.gbias.r + j * g.gbias.c] += acc[n][e];
+      else part[((ch * p.nkeep_all + kz) * g.Lq + i) * g.Lk + j] = acc[n][e];
     }
+}
+
+// mma_dbias_kernel's chunk partials part[ch][kz][i][j] summed in chunk order into grad_bias (deterministic)
+__global__ void __launch_bounds__(THREADS) dbias_sum_kernel(Params p, float *gbias, const float *part, int64_t nch) {
+  const fa_attn_geom &g = p.g;
+  const int64_t per = g.Lq * g.Lk, n = p.nkeep_all * per;
+  for (int64_t e = (int64_t)blockIdx.x * THREADS + threadIdx.x; e < n; e += (int64_t)gridDim.x * THREADS) {
+    const int64_t kz = e / per, ij = e - kz * per, i = ij / g.Lk, j = ij - i * g.Lk;
+    int64_t gbo = 0, x = kz;
+    for (int c = p.nkeep - 1; c >= 0; c--) {
+      const int d = p.keep[c];
+      gbo += x % p.osize[d] * p.ostride[d];
+      x /= p.osize[d];
+    }
+    float t = 0.f;
+    for (int64_t c = 0; c < nch; c++) t += part[c * n + e];
+    gbias[gbo + i * g.gbias.r + j * g.gbias.c] += t;
+  }
 }
 
 template <typename T>
@@ -722,11 +591,19 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       const bool full = !p.ri && !p.rj;
       float *gba = g->deterministic || full ? nullptr : gbias;
       const int64_t kblocks = g->Z * g->Hkv * ((g->Lk + 63) / 64);
+      const bool st = stageable(g, bias, mask), stb = st && p.bias_inv;
       if (gk || gv || gba) {
+#define ATTN_MMA_BWD_SMEM(DD, BQ, ST)                                                                                   \
+  ((size_t)(2 * 64 + 4 * BQ) * (DD + 8) * sizeof(T) + (size_t)(4 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
+   (ST ? stage_bytes(g, BQ, SBT, 2) : 0))
+#define ATTN_MMA_BWD_(DD, BQ, ST)                                                                                       \
+  launch(fn, dev, mma_bwd_kernel<T, DD, BQ, ST>, kblocks, ATTN_MMA_BWD_SMEM(DD, BQ, ST), p, gk, gv, gba, q, k, v, bias, \
+         mask, go, lse, (const float *)delta)
 #define ATTN_MMA_BWD(DD, BQ)                                                                                            \
-  launch(fn, dev, mma_bwd_kernel<T, DD, BQ>, kblocks,                                                                   \
-         (size_t)(2 * 64 + 2 * BQ) * (DD + 8) * sizeof(T) + (size_t)(2 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float), \
-         p, gk, gv, gba, q, k, v, bias, mask, go, lse, (const float *)delta)
+  (st && pick_staged(dev, mma_bwd_kernel<T, DD, BQ, true>, ATTN_MMA_BWD_SMEM(DD, BQ, true),                              \
+                     mma_bwd_kernel<T, DD, BQ, false>, ATTN_MMA_BWD_SMEM(DD, BQ, false))                                 \
+       ? ATTN_MMA_BWD_(DD, BQ, true)                                                                                   \
+       : ATTN_MMA_BWD_(DD, BQ, false))
         switch (D) {
           case 16: rc = ATTN_MMA_BWD(16, 64); break;
           case 32: rc = ATTN_MMA_BWD(32, 64); break;
@@ -738,13 +615,21 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_BWD(128, 16); break;
         }
 #undef ATTN_MMA_BWD
+#undef ATTN_MMA_BWD_
+#undef ATTN_MMA_BWD_SMEM
         if (rc) return rc;
       }
       if (gq) {
         const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
-#define ATTN_MMA_DQ(DD)                                                                                                 \
-  launch(fn, dev, mma_dq_kernel<T, DD>, qblocks, (size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T), p, gq, q, k, v,  \
-         bias, mask, go, lse, (const float *)delta)
+#define ATTN_MMA_DQ_SMEM(DD, ST) ((size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T) + (ST ? stage_bytes(g, MBM, SBP, 2) : 0))
+#define ATTN_MMA_DQ_(DD, ST)                                                                                          \
+  launch(fn, dev, mma_dq_kernel<T, DD, ST>, qblocks, ATTN_MMA_DQ_SMEM(DD, ST), p, gq, q, k, v, bias, mask, go, lse,  \
+         (const float *)delta)
+#define ATTN_MMA_DQ(DD)                                                                                               \
+  (st && pick_staged(dev, mma_dq_kernel<T, DD, true>, ATTN_MMA_DQ_SMEM(DD, true), mma_dq_kernel<T, DD, false>,        \
+                     ATTN_MMA_DQ_SMEM(DD, false))                                                                     \
+       ? ATTN_MMA_DQ_(DD, true)                                                                                       \
+       : ATTN_MMA_DQ_(DD, false))
         switch (D) {
           case 16: rc = ATTN_MMA_DQ(16); break;
           case 32: rc = ATTN_MMA_DQ(32); break;
@@ -756,13 +641,33 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_DQ(128); break;
         }
 #undef ATTN_MMA_DQ
+#undef ATTN_MMA_DQ_
+#undef ATTN_MMA_DQ_SMEM
         if (rc) return rc;
       }
       if (gbias && full) {
-        const int64_t dblocks = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
-#define ATTN_MMA_DB(DD)                                                                                                 \
-  launch(fn, dev, mma_dbias_kernel<T, DD>, dblocks, (size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T), p, gbias, q, k, v, \
-         bias, mask, go, lse, (const float *)delta)
+        // the reduction over the broadcast dims split in nch chunks when the gradient's tiles alone would leave
+        // the SMs idle (H (N/64)^2 CTAs: 64 at N = 256), partials then summed in a fixed order
+        const int64_t tiles = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+        int nsm = 0;
+        if ((rc = fa_cu_check(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev), fn))) return rc;
+        int64_t nch = ((int64_t)4 * nsm + tiles - 1) / tiles;
+        nch = max((int64_t)1, min(nch, min((int64_t)16, p.nred_all / 32)));
+        float *part = nullptr;
+        if (nch > 1 && !(part = (float *)tmp.get(nch * p.nkeep_all * g->Lq * g->Lk * (int64_t)sizeof(float))))
+          return FA_ERR_MEMORY;
+        const int64_t dblocks = nch * tiles;
+#define ATTN_MMA_DB_SMEM(DD, ST)                                                                                      \
+  ((size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T) + (ST ? (size_t)MBM * SBP * sizeof(float) : 0) +                   \
+   (ST && g->mask_mode == 1 ? (size_t)2 * (g->mask.r == 0 ? 1 : MBM) * SMP : 0))
+#define ATTN_MMA_DB_(DD, ST)                                                                                          \
+  launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, part, nch, q, k, v, bias, \
+         mask, go, lse, (const float *)delta)
+#define ATTN_MMA_DB(DD)                                                                                               \
+  (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
+                      ATTN_MMA_DB_SMEM(DD, false))                                                                    \
+       ? ATTN_MMA_DB_(DD, true)                                                                                       \
+       : ATTN_MMA_DB_(DD, false))
         switch (D) {
           case 16: rc = ATTN_MMA_DB(16); break;
           case 32: rc = ATTN_MMA_DB(32); break;
@@ -774,7 +679,11 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
           default: rc = ATTN_MMA_DB(128); break;
         }
 #undef ATTN_MMA_DB
-        return rc;
+#undef ATTN_MMA_DB_
+#undef ATTN_MMA_DB_SMEM
+        if (rc || nch == 1) return rc;
+        return launch(fn, dev, dbias_sum_kernel, (int64_t)fa_cu_blocks(p.nkeep_all * g->Lq * g->Lk, THREADS, dev), 0, p,
+                      gbias, (const float *)part, nch);
       }
       if (gba || !gbias) return 0;
       gq = gk = gv = nullptr;  // done; the SIMT kernel below gives dBias without atomics

@@ -5,7 +5,8 @@
 
 namespace fa_attn {
 
-template <typename T, int D>
+// ST: the bias / select-mask tiles of each key tile come through shared memory with K and V (stage_bm)
+template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
                                                           const T *v, const float *bias, const void *mask) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
@@ -13,6 +14,9 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   T *Qs = (T *)smraw, *KV = Qs + MBM * PD;  // K/V tiles double-buffered: K0 V0 K1 V1
   float *mv = (float *)(KV + 4 * MBN * PD);
   const fa_attn_geom &g = p.g;
+  float *Bs = mv + D;  // ST: 2 bias tiles (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * MBM * SBP : 0));
+  const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
   const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
@@ -21,10 +25,17 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, row0), g.q.r, MBM, (int)min((int64_t)MBM, g.Lq - row0));
   cp_commit();
   const T *kb = k + fa_attn_off(g.k, b, hk, 0), *vb = v + fa_attn_off(g.v, b, hk, 0);
+  const int nrow = (int)min((int64_t)MBM, g.Lq - row0);
+  const float *bt = ST && g.has_bias ? bias + fa_attn_off(g.bias, b, h, row0) : nullptr;
+  const unsigned char *mt =
+      ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
     cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
     cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    if (ST)
+      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
+                         nrow, nk);
     cp_commit();
   };
   if (g.Lk > 0) {
@@ -79,16 +90,38 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
         Mma<T>::mma(s[2 * n2 + 1], qf[kk], bf[2], bf[3]);
       }
     float mx[2] = {-INFINITY, -INFINITY};
+    if constexpr (ST) {  // logit2's arithmetic on the staged values
+      const float *Bt = Bs + (it & 1) * MBM * SBP;
+      const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
+      const int nk = (int)min((int64_t)MBN, g.Lk - j0);
 #pragma unroll
-    for (int n = 0; n < NT; n++)
+      for (int n = 0; n < NT; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int u = e >> 1;
-        const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
-        const float x = rv[u] && j < g.Lk ? logit2(p, s[n][e], brow[u], mrow[u], j) : -INFINITY;
-        s[n][e] = x;
-        mx[u] = fmaxf(mx[u], x);
-      }
+        for (int u = 0; u < 2; u++) {
+          const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti;
+          const float2 bv = bt ? *reinterpret_cast<const float2 *>(Bt + rl * SBP + cl) : make_float2(0.f, 0.f);
+          const uchar2 mk = mt ? *reinterpret_cast<const uchar2 *>(Mt + (mrows == 1 ? 0 : rl) * SMP + cl) : make_uchar2(1, 1);
+#pragma unroll
+          for (int c = 0; c < 2; c++) {
+            float x = s[n][2 * u + c] * p.scale2;
+            if (bt) x = fmaf(c ? bv.y : bv.x, FA_ATTN_LOG2E, x);
+            if (!rv[u] || cl + c >= nk || (c ? mk.y : mk.x) == 0) x = -INFINITY;
+            s[n][2 * u + c] = x;
+            mx[u] = fmaxf(mx[u], x);
+          }
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int u = e >> 1;
+          const int64_t j = j0 + n * 8 + 2 * ti + (e & 1);
+          const float x = rv[u] && j < g.Lk ? logit2(p, s[n][e], brow[u], mrow[u], j) : -INFINITY;
+          s[n][e] = x;
+          mx[u] = fmaxf(mx[u], x);
+        }
+    }
 #pragma unroll
     for (int u = 0; u < 2; u++) {
       mx[u] = fmaxf(mx[u], __shfl_xor_sync(FULL, mx[u], 1));
@@ -172,17 +205,24 @@ static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, cons
   if constexpr (sizeof(T) == 2) {
    if (pl.family == MMA) {
     const int64_t mblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
-    const size_t msmem = (size_t)(MBM + 4 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float);
+    const bool st = stageable(g, bias, mask);
+    const size_t msmem = (size_t)(MBM + 4 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float),
+                 ssmem = msmem + stage_bytes(g, MBM, SBP, 2);
+#define ATTN_MMA_FWD(DD)                                                                                                  \
+  return st && pick_staged(g->device, mma_fwd_kernel<T, DD, true>, ssmem, mma_fwd_kernel<T, DD, false>, msmem)          \
+             ? launch(fn, g->device, mma_fwd_kernel<T, DD, true>, mblocks, ssmem, p, out, lse, q, k, v, bias, mask)    \
+             : launch(fn, g->device, mma_fwd_kernel<T, DD, false>, mblocks, msmem, p, out, lse, q, k, v, bias, mask)
     switch (g->D) {
-      case 16: return launch(fn, g->device, mma_fwd_kernel<T, 16>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 32: return launch(fn, g->device, mma_fwd_kernel<T, 32>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 48: return launch(fn, g->device, mma_fwd_kernel<T, 48>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 64: return launch(fn, g->device, mma_fwd_kernel<T, 64>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 80: return launch(fn, g->device, mma_fwd_kernel<T, 80>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 96: return launch(fn, g->device, mma_fwd_kernel<T, 96>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      case 112: return launch(fn, g->device, mma_fwd_kernel<T, 112>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
-      default: return launch(fn, g->device, mma_fwd_kernel<T, 128>, mblocks, msmem, p, out, lse, q, k, v, bias, mask);
+      case 16: ATTN_MMA_FWD(16);
+      case 32: ATTN_MMA_FWD(32);
+      case 48: ATTN_MMA_FWD(48);
+      case 64: ATTN_MMA_FWD(64);
+      case 80: ATTN_MMA_FWD(80);
+      case 96: ATTN_MMA_FWD(96);
+      case 112: ATTN_MMA_FWD(112);
+      default: ATTN_MMA_FWD(128);
     }
+#undef ATTN_MMA_FWD
    }
   }
   const int64_t blocks = g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS);

@@ -124,6 +124,8 @@ struct Params {
   int nkeep, nred, keep[MAXO], red[MAXO];
   int64_t osize[MAXO], ostride[MAXO], nkeep_all, nred_all;
   int ri, rj;
+  int staged;    // bias / select-mask tiles through shared memory by cp.async (stageable(), the mma kernels' ST)
+  int bias_inv;  // the bias is the same for every broadcast (reduced) combination of dbias (mma_dbias_kernel)
 };
 
 // log2-domain score of key j for a row whose bias / mask rows start at brow / mrow (NULL when absent);
@@ -288,6 +290,244 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
 }
 
 
+// ---- the SIMT backward's dK/dV and dBias kernels (cuda/attention_bwd.cu launches them)
+// dK, dV of BK keys of one (z, kv head), summed over the G query heads and every query row
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, const T *q, const T *k, const T *v,
+                                                       const float *bias, const void *mask, const T *go,
+                                                       const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + BK * D, *Qs = Vs + BK * D, *Os = Qs + 32 * ld;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ntiles = (g.Lk + BK - 1) / BK;
+  const int64_t zk = blockIdx.x / ntiles, j0 = (blockIdx.x % ntiles) * BK;
+  const int64_t z = zk / g.Hkv, hk = zk % g.Hkv;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const int nk = (int)min((int64_t)BK, g.Lk - j0);
+  load_tile<T>(Ks, D, k + fa_attn_off(g.k, b, hk, j0), g.k.r, BK, nk, D);
+  load_tile<T>(Vs, D, v + fa_attn_off(g.v, b, hk, j0), g.v.r, BK, nk, D);
+  float dk[KPW][DT], dv[KPW][DT];
+#pragma unroll
+  for (int c = 0; c < KPW; c++)
+#pragma unroll
+    for (int t = 0; t < DT; t++) dk[c][t] = dv[c][t] = 0.f;
+  const float *kw = Ks + w * KPW * D, *vw = Vs + w * KPW * D;
+
+  for (int64_t gh = 0; gh < p.G; gh++) {
+    const int64_t h = hk * p.G + gh, zh = z * g.H + h;
+    const T *qb = q + fa_attn_off(g.q, b, h, 0), *ob = go + fa_attn_off(g.go, b, h, 0);
+    for (int64_t i0 = 0; i0 < g.Lq; i0 += 32) {
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      __syncthreads();
+      load_tile<T>(Qs, ld, qb + i0 * g.q.r, g.q.r, 32, nr, D);
+      load_tile<T>(Os, ld, ob + i0 * g.go.r, g.go.r, 32, nr, D);
+      __syncthreads();
+      const int64_t i = i0 + lane;
+      const bool rv = lane < nr;
+      const float L2 = rv ? lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : 0.f;
+      const bool lost = rv && L2 == -INFINITY;  // every key left out: P = 1/Lk, dS = 0
+      const float dl = rv ? delta[zh * g.Lq + i] : 0.f;
+      const float *brow = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
+      const void *mrow = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                         : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                  : nullptr;
+      float s[KPW], dp[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) s[c] = dp[c] = 0.f;
+      const float *qr = Qs + lane * ld, *orr = Os + lane * ld;
+#pragma unroll 4
+      for (int d = 0; d < D; d++) {
+        const float qd = qr[d], od = orr[d];
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          s[c] = fmaf(qd, kw[c * D + d], s[c]);
+          dp[c] = fmaf(od, vw[c * D + d], dp[c]);
+        }
+      }
+      float pv[KPW], ds[KPW];
+#pragma unroll
+      for (int c = 0; c < KPW; c++) {
+        const int64_t j = j0 + w * KPW + c;
+        pv[c] = ds[c] = 0.f;
+        if (rv && j < g.Lk) {
+          if (lost) {
+            pv[c] = p.invLk;
+          } else {
+            const float x = logit2(p, s[c], brow, mrow, j);
+            if (x != -INFINITY) {
+              const float e = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+              pv[c] = e * f;
+              ds[c] = e * (dp[c] * f - dl);
+            }
+          }
+        }
+      }
+      for (int ii = 0; ii < nr; ii++) {
+        float oc[DT], qc[DT];
+#pragma unroll
+        for (int t = 0; t < DT; t++) {
+          const int d = lane + 32 * t;
+          oc[t] = d < D ? Os[ii * ld + d] : 0.f;
+          qc[t] = d < D ? Qs[ii * ld + d] : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < KPW; c++) {
+          const float a = __shfl_sync(FULL, pv[c], ii), e = __shfl_sync(FULL, ds[c], ii);
+#pragma unroll
+          for (int t = 0; t < DT; t++) {
+            dv[c][t] = fmaf(a, oc[t], dv[c][t]);
+            dk[c][t] = fmaf(e, qc[t], dk[c][t]);
+          }
+        }
+      }
+    }
+  }
+  const float sc = (float)g.scale;
+#pragma unroll
+  for (int c = 0; c < KPW; c++) {
+    const int64_t j = j0 + w * KPW + c;
+    if (j >= g.Lk) continue;
+    T *kr = gk ? gk + fa_attn_off(g.gk, b, hk, j) : nullptr, *vr = gv ? gv + fa_attn_off(g.gv, b, hk, j) : nullptr;
+#pragma unroll
+    for (int t = 0; t < DT; t++) {
+      const int d = lane + 32 * t;
+      if (d >= D) continue;
+      if (kr) kr[d] = fa_from_f<T>(dk[c][t] * sc);
+      if (vr) vr[d] = fa_from_f<T>(dv[c][t]);
+    }
+  }
+}
+
+// The bias gradient: a CTA owns a 32 x 32 (row, key) tile of it for one combination of its own (kept) outer
+// dims, and adds up dS over its broadcast dims (outer dims, then row tiles when ri, key tiles when rj) in a
+// fixed order; then over the rows / keys of the tile (ri / rj); one writer per element, no atomics.
+template <typename T, int DT>
+__global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, const T *q, const T *k, const T *v,
+                                                        const float *bias, const void *mask, const T *go,
+                                                        const float *lse, const float *delta) {
+  extern __shared__ float sm[];
+  const fa_attn_geom &g = p.g;
+  const int D = (int)g.D, ld = p.ld;
+  float *Ks = sm, *Vs = Ks + 32 * ld, *Qs = Vs + 32 * ld, *Os = Qs + 32 * D, *red = Os + 32 * D;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t itiles = (g.Lq + 31) / 32, jtiles = (g.Lk + 31) / 32;
+  const int64_t nit = p.ri ? 1 : itiles, njt = p.rj ? 1 : jtiles;
+  int64_t blk = blockIdx.x;
+  const int64_t jt = blk % njt;
+  blk /= njt;
+  const int64_t it = blk % nit, kz = blk / nit;
+  int64_t co[MAXO];
+  for (int d = 0; d < MAXO; d++) co[d] = 0;
+  int64_t gbo = 0;  // offset of the kept coordinates in grad_bias
+  {
+    int64_t x = kz;
+    for (int n = p.nkeep - 1; n >= 0; n--) {
+      const int d = p.keep[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+      gbo += co[d] * p.ostride[d];
+    }
+  }
+  float acc[RB];
+#pragma unroll
+  for (int r = 0; r < RB; r++) acc[r] = 0.f;
+
+  for (int64_t rz = 0; rz < p.nred_all; rz++) {
+    int64_t x = rz;
+    for (int n = p.nred - 1; n >= 0; n--) {
+      const int d = p.red[n];
+      co[d] = x % p.osize[d];
+      x /= p.osize[d];
+    }
+    FaAttnBatch b;
+    int64_t z = 0;
+    for (int d = 0; d < FA_ATTN_MAX_BATCH; d++) {
+      b.c[d] = d < g.nb ? co[d] : 0;
+      if (d < g.nb) z = z * g.bs[d] + co[d];
+    }
+    const int64_t h = co[FA_ATTN_MAX_BATCH], hk = h / p.G, zh = z * g.H + h;
+    for (int64_t ti = 0; ti < (p.ri ? itiles : 1); ti++) {
+      const int64_t i0 = (p.ri ? ti : it) * 32;
+      const int nr = (int)min((int64_t)32, g.Lq - i0);
+      for (int64_t tj = 0; tj < (p.rj ? jtiles : 1); tj++) {
+        const int64_t j0 = (p.rj ? tj : jt) * 32;
+        const int nk = (int)min((int64_t)32, g.Lk - j0);
+        __syncthreads();
+        load_tile<T>(Qs, D, q + fa_attn_off(g.q, b, h, i0), g.q.r, 32, nr, D);
+        load_tile<T>(Os, D, go + fa_attn_off(g.go, b, h, i0), g.go.r, 32, nr, D);
+        load_tile<T>(Ks, ld, k + fa_attn_off(g.k, b, hk, j0), g.k.r, 32, nk, D);
+        load_tile<T>(Vs, ld, v + fa_attn_off(g.v, b, hk, j0), g.v.r, 32, nk, D);
+        __syncthreads();
+        float s[RB], dp[RB];
+#pragma unroll
+        for (int r = 0; r < RB; r++) s[r] = dp[r] = 0.f;
+        const float *kr = Ks + lane * ld, *vr = Vs + lane * ld, *qw = Qs + w * RB * D, *ow = Os + w * RB * D;
+#pragma unroll 2
+        for (int d = 0; d < D; d++) {
+          const float kd = kr[d], vd = vr[d];
+#pragma unroll
+          for (int r = 0; r < RB; r++) {
+            s[r] = fmaf(qw[r * D + d], kd, s[r]);
+            dp[r] = fmaf(ow[r * D + d], vd, dp[r]);
+          }
+        }
+        const int64_t j = j0 + lane;
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+          const int ir = w * RB + r;
+          if (ir >= nr || lane >= nk) continue;
+          const int64_t i = i0 + ir;
+          const float L2 = lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E;
+          if (L2 == -INFINITY) continue;
+          const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                             : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                                : nullptr;
+          const float xl = logit2(p, s[r], bias + fa_attn_off(g.bias, b, h, i), mrow, j);
+          if (xl == -INFINITY) continue;
+          const float e = exp2f(xl - L2);
+          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - delta[zh * g.Lq + i]);
+        }
+      }
+    }
+  }
+  // the tile's own reductions, then one write per element
+  const int64_t gr = g.gbias.r, gc = g.gbias.c;
+  if (p.rj) {
+#pragma unroll
+    for (int r = 0; r < RB; r++) acc[r] = fa_cu_warp_sum(acc[r]);
+  }
+  if (p.ri) {
+    float t = 0.f;
+#pragma unroll
+    for (int r = 0; r < RB; r++) t += acc[r];
+    red[w * 32 + lane] = t;
+    __syncthreads();
+    if (w == 0) {
+      float tot = 0.f;
+      for (int u = 0; u < NW; u++) tot += red[u * 32 + lane];
+      const int64_t j = jt * 32 + lane;
+      if (p.rj) {
+        if (lane == 0) gbias[gbo] += tot;
+      } else if (j < g.Lk) {
+        gbias[gbo + j * gc] += tot;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < RB; r++) {
+    const int64_t i = it * 32 + w * RB + r, j = jt * 32 + lane;
+    if (i >= g.Lq) continue;
+    if (p.rj) {
+      if (lane == 0) gbias[gbo + i * gr] += acc[r];
+    } else if (j < g.Lk) {
+      gbias[gbo + i * gr + j * gc] += acc[r];
+    }
+  }
+}
+
 // ---- mma.sync, ldmatrix and cp.async
 constexpr int MBM = 64, MBN = 64;
 
@@ -332,6 +572,41 @@ __device__ __forceinline__ void cp16(void *dst, const void *src, bool ok) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// 16 bytes global -> shared of which the first n are read (0 <= n <= 16), the rest zero-filled
+__device__ __forceinline__ void cp16n(void *dst, const void *src, int n) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(n) : "memory");
+}
+
+// 4 bytes global -> shared (zero when !ok)
+__device__ __forceinline__ void cp4(void *dst, const void *src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+
+// Shared-memory pitches of staged tiles: SBP floats for a bias tile read query-major (float2 at row gi, column
+// 2*ti: conflict-free), SBT floats read key-major (row 2*ti, column gi: conflict-free), SMP bytes for the mask.
+constexpr int SBP = 72, SBT = 68, SMP = 80;
+
+// The bias (float32) and select-mask (uint8) values of a ROWS x 64 (row, key) tile into shared memory by
+// cp.async (the caller commits): Bs pitch BP floats, Ms pitch SMP bytes, one row when the mask is shared by the
+// rows (mask.r == 0); zeros outside nr x nk. bb / mb point at the tile's (row 0, key 0) element, NULL when
+// absent. Needs stageable(): unit column strides and 16-byte aligned rows.
+template <int ROWS, int BP>
+__device__ __forceinline__ void stage_bm(const fa_attn_geom &g, float *Bs, unsigned char *Ms, const float *bb,
+                                         const unsigned char *mb, int nr, int nk) {
+  if (bb)
+    for (int e = threadIdx.x; e < ROWS * 16; e += THREADS) {
+      const int r = e >> 4, c = (e & 15) * 4;
+      cp16n(Bs + r * BP + c, bb + (int64_t)r * g.bias.r + c, r < nr ? min(max(nk - c, 0), 4) * 4 : 0);
+    }
+  if (mb) {
+    const int mr = g.mask.r == 0 ? 1 : ROWS;
+    for (int e = threadIdx.x; e < mr * 4; e += THREADS) {
+      const int r = e >> 2, c = (e & 3) * 16;
+      cp16n(Ms + r * SMP + c, mb + (int64_t)r * g.mask.r + c, r < nr ? min(max(nk - c, 0), 16) : 0);
+    }
+  }
+}
 
 // n rows of D 16-bit elements (row pitch rs elements in global, D + 8 in shared), rows >= valid zero-filled
 template <typename T, int D>
@@ -414,9 +689,60 @@ static int plan(const char *fn, Plan &pl, const fa_attn_geom *g, bool backward, 
   p.nkeep_all = p.nred_all = 1;
   for (int n = 0; n < p.nkeep; n++) p.nkeep_all *= p.osize[p.keep[n]];
   for (int n = 0; n < p.nred; n++) p.nred_all *= p.osize[p.red[n]];
+  p.bias_inv = 1;
+  for (int n = 0; n < p.nred; n++) {
+    const int d = p.red[n];
+    if ((d == FA_ATTN_MAX_BATCH ? g->bias.h : g->bias.b[d]) != 0) p.bias_inv = 0;
+  }
   p.ri = g->gbias.r == 0 && g->Lq > 1;
   p.rj = g->gbias.c == 0 && g->Lk > 1;
   return 0;
+}
+
+// the mma kernels may stage bias / mask tiles (stage_bm) when the bias (float32) has unit column stride and
+// 16-byte aligned rows, and the mask is absent or a select mask (uint8) with unit column stride and 16-byte
+// aligned rows (or shared by the rows: row stride 0); the additive mask keeps the per-score path
+static bool stageable(const fa_attn_geom *g, const float *bias, const void *mask) {
+  if (g->has_bias) {
+    bool ok = fa_cu_aligned16(bias) && g->bias.c == 1 && g->bias.r % 4 == 0 && g->bias.h % 4 == 0;
+    for (int d = 0; d < g->nb; d++) ok = ok && g->bias.b[d] % 4 == 0;
+    if (!ok) return false;
+  }
+  if (g->mask_mode == 2) return false;
+  if (g->mask_mode == 1) {
+    bool ok = fa_cu_aligned16(mask) && g->mask.c == 1 && g->mask.r % 16 == 0 && g->mask.h % 16 == 0;
+    for (int d = 0; d < g->nb; d++) ok = ok && g->mask.b[d] % 16 == 0;
+    if (!ok) return false;
+  }
+  return true;
+}
+// shared memory of staged tiles of rows x 64 (row, key), nbuf buffers, bias pitch bp
+static size_t stage_bytes(const fa_attn_geom *g, int rows, int bp, int nbuf) {
+  return (g->has_bias ? (size_t)nbuf * rows * bp * sizeof(float) : 0) +
+         (g->mask_mode == 1 ? (size_t)nbuf * (g->mask.r == 0 ? 1 : rows) * SMP : 0);
+}
+
+// resident CTAs of THREADS threads per SM for kern with smem bytes of dynamic shared memory (registers, shared
+// memory with its 1 KB per block reserve, threads); 0 when the runtime cannot say
+template <typename... KA>
+static int ctas_per_sm(int dev, void (*kern)(KA...), size_t smem) {
+  cudaFuncAttributes a;
+  int smsm = 0;
+  if (cudaFuncGetAttributes(&a, (const void *)kern) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smsm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const int wregs = (a.numRegs * 32 + 255) / 256 * 256;
+  const int by_regs = wregs > 0 ? 65536 / (wregs * NW) : 2048 / THREADS;
+  const int by_smem = (int)((size_t)smsm / (smem + a.sharedSizeBytes + 1024));
+  return min(min(by_regs, by_smem), 2048 / THREADS);
+}
+// the staged variant (ks, smem_s) unless its shared memory costs residency: it must keep at least
+// min(3, the plain variant's) CTAs per SM
+template <typename... KA>
+static bool pick_staged(int dev, void (*ks)(KA...), size_t smem_s, void (*kp)(KA...), size_t smem_p) {
+  return ctas_per_sm(dev, ks, smem_s) >= min(3, ctas_per_sm(dev, kp, smem_p));
 }
 
 // one launch of THREADS threads per block; dynamic shared memory beyond 48 KB is opted into (and checked
