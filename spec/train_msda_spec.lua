@@ -11,25 +11,10 @@ local function run(args) return H.run_script('examples/train_msda.lua', args) en
 describe('examples/train_msda.lua', function()
   it('the loss falls in a short run (size 32: levels 8x8, 4x4, 2x2, 1x1)', function()
     local ex = load_example()
-    local o = assert(ex.parseArgs({ '--size', '32', '--steps', '80', '--batch', '16', '--lr', '3e-3', '--every', '0',
-                                    '--d_model', '16', '--heads', '2', '--points', '2', '--plot', 'none' }))
-    math.randomseed(7)
-    fa.manualSeed(7)
-    local model = ex.makeModel(o)
-    -- the held-out loss before and after, on the same images (same seeds)
-    math.randomseed(1234); fa.manualSeed(1234)
-    local before = ex.evaluate(model, o, 64)
-    math.randomseed(7); fa.manualSeed(7)
-    local losses = ex.train(model, o)
+    local _, _, losses = H.assert_short_run(ex, { '--size', '32', '--steps', '80', '--batch', '16', '--lr', '3e-3',
+      '--every', '0', '--d_model', '16', '--heads', '2', '--points', '2', '--plot', 'none' },
+      { eval = 64, held = 0.6, window = 10, train = 0.7 })
     assert.are.equal(80, #losses)
-    math.randomseed(1234); fa.manualSeed(1234)
-    local after = ex.evaluate(model, o, 64)
-    assert(after.loss < 0.6 * before.loss,
-           string.format('held-out loss did not fall enough: %.4f -> %.4f', before.loss, after.loss))
-    local first, last = 0, 0
-    for i = 1, 10 do first, last = first + losses[i], last + losses[#losses - 10 + i] end
-    assert(last < 0.7 * first, string.format('training loss did not fall: %.4f -> %.4f', first / 10, last / 10))
-    for _, l in ipairs(losses) do assert(l == l and l < math.huge, 'loss is not finite') end
   end)
 
   it('makes discs of the requested radius range', function()
@@ -116,19 +101,8 @@ describe('examples/train_msda.lua on the GPU #gpu', function()
   end
   it('the loss falls in a short run with --device cuda', function()
     local ex = load_example()
-    local o = assert(ex.parseArgs({ '--size', '64', '--steps', '80', '--batch', '32', '--lr', '3e-3', '--every', '0',
-                                    '--device', 'cuda', '--plot', 'none' }))
-    math.randomseed(7)
-    fa.manualSeed(7)
-    local model = ex.makeModel(o):cuda()
-    math.randomseed(1234); fa.manualSeed(1234)
-    local before = ex.evaluate(model, o, 64)
-    math.randomseed(7); fa.manualSeed(7)
-    ex.train(model, o)
+    local model = H.assert_short_run(ex, { '--size', '64', '--steps', '80', '--batch', '32', '--lr', '3e-3',
+      '--every', '0', '--device', 'cuda', '--plot', 'none' }, { eval = 64, held = 0.6, cuda = true })
     assert.are.equal('cuda:0', model.head.weight:device())
-    math.randomseed(1234); fa.manualSeed(1234)
-    local after = ex.evaluate(model, o, 64)
-    assert(after.loss < 0.6 * before.loss,
-           string.format('held-out loss did not fall enough: %.4f -> %.4f', before.loss, after.loss))
   end)
 end)

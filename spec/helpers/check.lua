@@ -112,4 +112,30 @@ function H.make_recipe(target)
   return table.concat(body, '\n')
 end
 
+-- an example's short run (its parseArgs, makeModel, evaluate, train): the held-out loss on the same data (same
+-- seeds) must fall below c.held x its value before training; with c.window, the mean training loss of the last
+-- c.window steps must fall below c.train x that of the first ones, every loss finite. c.cuda moves the model.
+-- Returns the model, the options and the losses.
+function H.assert_short_run(ex, args, c)
+  local o = luassert(ex.parseArgs(args))
+  math.randomseed(7); fa.manualSeed(7)
+  local model = ex.makeModel(o)
+  if c.cuda then model = model:cuda() end
+  math.randomseed(1234); fa.manualSeed(1234)
+  local before = ex.evaluate(model, o, c.eval)
+  math.randomseed(7); fa.manualSeed(7)
+  local losses = ex.train(model, o)
+  math.randomseed(1234); fa.manualSeed(1234)
+  local after = ex.evaluate(model, o, c.eval)
+  luassert(after.loss < c.held * before.loss,
+           string.format('held-out loss did not fall enough: %.4f -> %.4f', before.loss, after.loss))
+  if c.window then
+    local w, first, last = c.window, 0, 0
+    for i = 1, w do first, last = first + losses[i], last + losses[#losses - w + i] end
+    luassert(last < c.train * first, string.format('training loss did not fall: %.4f -> %.4f', first / w, last / w))
+    for _, l in ipairs(losses) do luassert(l == l and l < math.huge, 'loss is not finite') end
+  end
+  return model, o, losses
+end
+
 return H
