@@ -645,10 +645,11 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
 #undef ATTN_MMA_DQ_SMEM
         if (rc) return rc;
       }
-      if (gbias && full) {
+      // (no tiles when Lq or Lk is 0: grad_bias stays the zeros c/attention.c wrote)
+      const int64_t tiles = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
+      if (gbias && full && tiles > 0) {
         // the reduction over the broadcast dims split in nch chunks when the gradient's tiles alone would leave
         // the SMs idle (H (N/64)^2 CTAs: 64 at N = 256), partials then summed in a fixed order
-        const int64_t tiles = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
         int nsm = 0;
         if ((rc = fa_cu_check(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev), fn))) return rc;
         int64_t nch = ((int64_t)4 * nsm + tiles - 1) / tiles;

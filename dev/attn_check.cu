@@ -573,6 +573,7 @@ static int big_case(int kernel) {
 }
 
 int main(int argc, char **argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // a line per case even when a case crashes the process
   const bool quick = argc > 1 && !strcmp(argv[1], "quick");
   std::vector<Case> base = {
       // name, dtype, kernel, tri, nb, bs, H, Hkv, Lq, Lk, D, bias, mask, dropout, det
