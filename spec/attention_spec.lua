@@ -8,13 +8,7 @@ local op = require 'helpers.op'
 
 local FX = H.fixture('attention')
 
-local function merge(...)
-  local r = {}
-  for i = 1, select('#', ...) do
-    for k, v in pairs(select(i, ...) or {}) do r[k] = v end
-  end
-  return r
-end
+local merge = op.merge
 
 -- op.lua's "non-contiguous inputs" check moves dim 1 innermost; q, k, v and grad_out need a contiguous last dim
 -- (DESIGN §2.1), so those get a layout that keeps it (the bias and the mask keep the harness's)

@@ -65,6 +65,7 @@ local function merge(...)
   end
   return r
 end
+op.merge = merge  -- the tables' fields, later ones winning (cases build their options with it)
 
 -- floating-point inputs to dtype and device (the float32_on_gpu ones stay float32 under a 16-bit dtype)
 local function cast(case, x, dtype, device)
