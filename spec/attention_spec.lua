@@ -576,6 +576,31 @@ op.describe_gpu('fa.triangle_attention N = 1', function()
   end)
 end)
 
+op.describe_gpu('fa.attention with no query rows or no keys on CUDA', function()
+  -- the tensor-core backward's dBias plan once divided by the number of (row, key) tiles: 0 here (a SIGFPE in
+  -- dev/attn_check on the H200)
+  it('returns empty or zero gradients, grad_bias zeros, in every dtype and kernel', function()
+    for _, dtype in ipairs(op.GPU_DTYPES) do
+      for _, kernel in ipairs({ 'auto', 'simt' }) do
+        for _, L in ipairs({ { 0, 9 }, { 5, 0 } }) do
+          local Lq, Lk = L[1], L[2]
+          local c = function(...) return fa.randn(...):to(dtype, 'cuda') end
+          local q, k, v, bias = c(2, 2, Lq, 32), c(2, 2, Lk, 32), c(2, 2, Lk, 32), c(2, 2, Lq, Lk)
+          local o = { bias = bias, kernel = kernel }
+          local out, lse = fa.attention(q, k, v, o)
+          assert.are.same({ 2, 2, Lq, 32 }, out:size())
+          if Lq > 0 then assert.are.equal(0, H.maxabs(out:double())) end
+          local gq, gk, gv, gb = fa.attention_backward(c(2, 2, Lq, 32), q, k, v, out, lse, o)
+          assert.are.same({ 2, 2, Lq, Lk }, gb:size())
+          for name, g in pairs({ grad_q = gq, grad_k = gk, grad_v = gv }) do
+            if g:numel() > 0 then assert.are.equal(0, H.maxabs(g:double()), dtype .. ' ' .. kernel .. ' ' .. name) end
+          end
+        end
+      end
+    end
+  end)
+end)
+
 op.describe_gpu('fa.triangle_attention N = 4096', function()
   it('runs the forward at N = 4096 (offsets past 2^31 elements) and matches a CPU float64 computation of rows', function()
     fa.manualSeed(4096)
