@@ -48,14 +48,10 @@ local function round32(v) f32[0] = v; return tonumber(f32[0]) end
 function MSDeformAttn:__init(opts)
   nn.Module.__init(self)
   opts = E.opts(NEW, 'opts', opts, OPTS)
-  local function int_opt(name, default)
-    if opts[name] == nil then return default end
-    return E.integer(NEW, name, opts[name], 1)
-  end
-  self.d_model = int_opt('d_model', 256)
-  self.n_levels = int_opt('n_levels', 4)
-  self.n_heads = int_opt('n_heads', 8)
-  self.n_points = int_opt('n_points', 4)
+  self.d_model = E.integer(NEW, 'd_model', opts.d_model, 1, nil, true) or 256
+  self.n_levels = E.integer(NEW, 'n_levels', opts.n_levels, 1, nil, true) or 4
+  self.n_heads = E.integer(NEW, 'n_heads', opts.n_heads, 1, nil, true) or 8
+  self.n_points = E.integer(NEW, 'n_points', opts.n_points, 1, nil, true) or 4
   if self.d_model % self.n_heads ~= 0 then
     E.arg(NEW, 'd_model', 'a multiple of n_heads = ' .. self.n_heads, self.d_model)
   end

@@ -47,13 +47,9 @@ local SIGMOID = F._unary_op.sigmoid
 function TriangleAttention:__init(opts)
   nn.Module.__init(self)
   opts = E.opts(NEW, 'opts', opts, OPTS)
-  local function int_opt(name, default)
-    if opts[name] == nil then return default end
-    return E.integer(NEW, name, opts[name], 1)
-  end
-  self.c_in = int_opt('c_in', 128)
-  self.c_hidden = int_opt('c_hidden', 32)
-  self.no_heads = int_opt('no_heads', 4)
+  self.c_in = E.integer(NEW, 'c_in', opts.c_in, 1, nil, true) or 128
+  self.c_hidden = E.integer(NEW, 'c_hidden', opts.c_hidden, 1, nil, true) or 32
+  self.no_heads = E.integer(NEW, 'no_heads', opts.no_heads, 1, nil, true) or 4
   self.starting = E.boolean(NEW, 'starting', opts.starting, true) ~= false
   self.inf = E.number(NEW, 'inf', opts.inf, true) or 1e9
   if not (self.inf > 0 and self.inf < math.huge) then E.argv(NEW, 'inf', 'a finite positive number', self.inf) end
