@@ -44,16 +44,6 @@ void fa_attn_keep(const fa_attn_geom *g, uint64_t e, int64_t n, double *f) {
   }
 }
 
-/* sum_d a[d] b[d] in a fixed order: 8 interleaved partial sums, combined pairwise (it vectorises) */
-static inline double dot_d(const double *restrict a, const double *restrict b, int64_t D) {
-  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
-  for (int k = 0; d < D; d++, k++) s[k] += a[d] * b[d];
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
 typedef struct {
   const double *q, *k, *v, *bias, *go, *o, *lse;
   const double *stat; /* backward: (delta, m, l) per row (z, h, i) */
@@ -115,7 +105,7 @@ static ref_row row_of(const fa_attn_geom *g, const ref_in *in, int64_t z, int64_
 /* the logit of key j: scale <q, k_j>, then the additive mask term, then the bias (OpenFold's order); -inf for a
  * key the select mask leaves out */
 static inline double logit(const fa_attn_geom *g, const ref_row *r, int64_t j) {
-  double s = g->scale * dot_d(r->q, r->k + j * g->k.r, g->D);
+  double s = g->scale * fa_dot_d(r->q, r->k + j * g->k.r, g->D);
   if (g->mask_mode == 1 && !((const uint8_t *)r->mask)[j * g->mask.c]) return -INFINITY;
   if (g->mask_mode == 2) s += g->mask_scale * (((const double *)r->mask)[j * g->mask.c] - 1);
   if (r->bias) s += r->bias[j * g->bias.c];
@@ -129,7 +119,7 @@ static inline double dscore(const fa_attn_geom *g, const ref_row *r, int64_t j, 
     *w = 1.0 / (double)g->Lk;
     return 0;
   }
-  double p = exp(logit(g, r, j) - r->m) / r->l, dp = dot_d(r->go, r->v + j * g->v.r, g->D), f = 1;
+  double p = exp(logit(g, r, j) - r->m) / r->l, dp = fa_dot_d(r->go, r->v + j * g->v.r, g->D), f = 1;
   if (g->dropout > 0) fa_attn_keep(g, r->e + j, 1, &f);
   *w = p * f;
   return p * (dp * f - r->delta);
@@ -303,7 +293,7 @@ int fa_attn_ref_backward(const fa_attn_geom *g, void *grad_q, void *grad_k, void
   for (int64_t t = 0; t < rows; t++) {
     int64_t zh = t / g->Lq, z = zh / g->H, h = zh % g->H, i = t % g->Lq;
     ref_row r = row_of(g, &in, z, h, i);
-    stat[3 * t] = dot_d(r.go, in.o + fa_attn_zoff(g, &g->o, z) + h * g->o.h + i * g->o.r, D);
+    stat[3 * t] = fa_dot_d(r.go, in.o + fa_attn_zoff(g, &g->o, z) + h * g->o.h + i * g->o.r, D);
     softmax_row(g, &r, scr + per * fa_thread_id(), &stat[3 * t + 1], &stat[3 * t + 2]);
   }
   in.stat = stat;

@@ -163,6 +163,17 @@ static inline float fa_fast_expf(float x) {
   return x < -87.3f ? 0.0f : (x > 88.37f ? INFINITY : y);
 }
 
+/* sum_d a[d] * b[d] in a fixed order: 8 interleaved partial sums, then combined pairwise. The order does not
+ * depend on the caller (the CPU backwards' bit-identity rests on it); it vectorises. */
+static inline double fa_dot_d(const double *a, const double *b, int64_t D) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
+  for (int k = 0; d < D; d++, k++) s[k] += a[d] * b[d];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
 /* ---- copy to contiguous, the one helper for the C entries that want dense inputs: *data = t's data, or a
  * fresh contiguous copy's on t's device (also in *tmp: fa_free(t->device, *tmp) when done). */
 static inline int fa_contiguous_data(const fa_tensor *t, const void **data, void **tmp) {

@@ -245,14 +245,6 @@ static inline float dot_f(const float *restrict a, const float *restrict b, int6
   for (int k = 0; d < D; d++, k++) s[k] += a[d] * b[d];
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
-static inline double dot_d(const double *restrict a, const double *restrict b, int64_t D) {
-  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
-  for (int k = 0; d < D; d++, k++) s[k] += a[d] * b[d];
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
 
 /* y[d] += alpha * x[d] */
 static inline void axpy_f(float *restrict y, const float *restrict x, float alpha, int64_t D) {
@@ -357,7 +349,7 @@ static inline __attribute__((always_inline)) void bwd_slice(const fa_msda_geom *
             int64_t off = vbase + offs[k] * MD;
             if (dbl) {
               const double *go = (const double *)b->gout + grow;
-              if (points) gvk[k] = dot_d(go, (const double *)b->value + off, D);
+              if (points) gvk[k] = fa_dot_d(go, (const double *)b->value + off, D);
               if (b->gv) axpy_d((double *)b->gv + off + c0, go + c0, t.w[k] * a, C);
             } else {
               const float *go = (const float *)b->gout + grow;
@@ -395,7 +387,7 @@ static inline __attribute__((always_inline)) void bwd_points_row(const fa_msda_g
           for (int k = 0; k < 4; k++) {
             if (!t.in[k]) continue;
             int64_t off = vbase + offs[k] * MD;
-            gvk[k] = dbl ? dot_d((const double *)b->gout + grow, (const double *)b->value + off, D)
+            gvk[k] = dbl ? fa_dot_d((const double *)b->gout + grow, (const double *)b->value + off, D)
                          : (double)dot_f((const float *)b->gout + grow, (const float *)b->value + off, D);
           }
           point_grads(&t, sx, sy, a, gvk, &dA, &dx, &dy);
