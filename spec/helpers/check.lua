@@ -138,4 +138,21 @@ function H.assert_short_run(ex, args, c)
   return model, o, losses
 end
 
+-- the SVG loss curve an example wrote to path (removed afterwards)
+function H.assert_plot(path)
+  local f = luassert(io.open(path))
+  local svg = f:read('*a')
+  f:close()
+  os.remove(path)
+  luassert.matches('^<svg', svg)
+  luassert.matches('</svg>%s*$', svg)
+end
+
+-- `make <target>` runs the example at path, and the example's header names `make <target>`
+function H.assert_demo_target(target, path)
+  luassert(H.make_recipe(target):find('bin/fastattn ' .. path, 1, true), 'make ' .. target .. ' runs it')
+  local src = luassert(io.open(path)):read('*a')
+  luassert(src:match('^(.-)\nlocal '):find('--   make ' .. target .. ' ', 1, true), 'the header names make ' .. target)
+end
+
 return H
