@@ -47,11 +47,7 @@ static int check_shape(const char *fn, const char *arg, const fa_tensor *t, cons
   for (int i = 0; same && i < n; i++) same = t->shape[i] == want[i];
   if (!same) {
     char a[256], b[256];
-    fa_tensor w;
-    memset(&w, 0, sizeof w);
-    w.ndim = n;
-    for (int i = 0; i < n; i++) w.shape[i] = want[i];
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s = %s, got %s", fn, arg, what, fa_shape_str(&w, a),
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s = %s, got %s", fn, arg, what, fa_dims_str(want, n, a),
                     fa_shape_str(t, b));
   }
   return 0;
@@ -93,12 +89,8 @@ static int check_broadcast(const char *fn, const char *arg, const fa_tensor *t, 
   }
   if (!ok) {
     char a[256], b[256];
-    fa_tensor w;
-    memset(&w, 0, sizeof w);
-    w.ndim = n;
-    for (int i = 0; i < n; i++) w.shape[i] = full[i];
     return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a tensor broadcastable to (..., H, Lq, Lk) = %s (sizes equal or 1, "
-                    "leading dims may be missing), got shape %s", fn, arg, fa_shape_str(&w, a), fa_shape_str(t, b));
+                    "leading dims may be missing), got shape %s", fn, arg, fa_dims_str(full, n, a), fa_shape_str(t, b));
   }
   return 0;
 }

@@ -47,6 +47,7 @@ static inline int64_t fa_offset(const fa_tensor *t, int64_t i) {
 }
 /* writes "(2, 3, 4)" into buf (a caller-owned buffer of >= 200 bytes); returns buf */
 const char *fa_shape_str(const fa_tensor *t, char *buf);
+const char *fa_dims_str(const int64_t *shape, int n, char *buf); /* the same for n sizes */
 const char *fa_device_str(int device, char *buf);
 
 /* ---- validation: each names the function (fn) and the argument (arg) in its message ---- */

@@ -151,13 +151,15 @@ const char *fa_device_str(int device, char *buf) {
   return buf;
 }
 
-const char *fa_shape_str(const fa_tensor *t, char *buf) {
+const char *fa_dims_str(const int64_t *shape, int n, char *buf) {
   char *p = buf;
   p += sprintf(p, "(");
-  for (int i = 0; i < t->ndim && i < FA_MAX_DIMS; i++) p += sprintf(p, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-  sprintf(p, t->ndim == 1 ? ",)" : ")");
+  for (int i = 0; i < n && i < FA_MAX_DIMS; i++) p += sprintf(p, i ? ", %lld" : "%lld", (long long)shape[i]);
+  sprintf(p, n == 1 ? ",)" : ")");
   return buf;
 }
+
+const char *fa_shape_str(const fa_tensor *t, char *buf) { return fa_dims_str(t->shape, t->ndim, buf); }
 
 /* The one check of a descriptor every entry runs first: a rank in 0..8, a known dtype, the CPU or a visible CUDA
  * device, sizes and strides >= 0 (the library makes no negative strides, and a descriptor owns no storage bounds to
