@@ -102,14 +102,6 @@ local function n_weights(q, k)
   return q:numel() / math.max(q:size(q:dim()), 1) * k:size(k:dim() - 1)
 end
 
--- a buffer: the given tensor, nil for false, else a new one from make()
-local function buffer(fn, t, key, make)
-  local g = t[key]
-  if g == false then return nil end
-  if g ~= nil then return E.tensor(fn, 'opts.' .. key, g) end
-  return make()
-end
-
 local function like(shape, x, dtype)
   return fa.empty(shape, { dtype = dtype or x:dtype(), device = x:device() })
 end
@@ -141,12 +133,12 @@ end
 local function backward_impl(fn, rename, grad_out, q, k, v, out, lse, bias, mask, o, make)
   local c = c_opts(fn, o, bias, mask, false, 0)
   make = make or {}
-  local gq = buffer(fn, o, 'grad_q', make.q or function() return like(q:size(), q) end)
-  local gk = buffer(fn, o, 'grad_k', make.k or function() return like(k:size(), k) end)
-  local gv = buffer(fn, o, 'grad_v', make.v or function() return like(v:size(), v) end)
+  local gq = E.buffer(fn, 'opts.grad_q', o.grad_q, make.q or function() return like(q:size(), q) end)
+  local gk = E.buffer(fn, 'opts.grad_k', o.grad_k, make.k or function() return like(k:size(), k) end)
+  local gv = E.buffer(fn, 'opts.grad_v', o.grad_v, make.v or function() return like(v:size(), v) end)
   local gb
   if bias ~= nil then
-    gb = buffer(fn, o, 'grad_bias', make.bias or function() return like(bias:size(), bias) end)
+    gb = E.buffer(fn, 'opts.grad_bias', o.grad_bias, make.bias or function() return like(bias:size(), bias) end)
   elseif o.grad_bias then
     gb = E.tensor(fn, 'opts.grad_bias', o.grad_bias)
   end

@@ -228,4 +228,12 @@ function E.strictModule(prefix, t)
   return t
 end
 
+-- The buffer convention of the core ops (DESIGN §3): opts[key] = false skips that result (nil), a tensor is
+-- written into (checked), nil gets make(...), a new one.
+function E.buffer(fn, name, g, make, ...)
+  if g == false then return nil end
+  if g ~= nil then return E.tensor(fn, name, g) end
+  return make(...)
+end
+
 return E

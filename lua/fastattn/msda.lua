@@ -93,14 +93,6 @@ local function msda_impl(fn, rename, value, spatial_shapes, level_start_index, s
   return out
 end
 
--- a gradient buffer: the given tensor, nil for false (skipped), else a new one like `like`
-local function grad_buffer(fn, t, key, like, N)
-  local g = t[key]
-  if g == false then return nil end
-  if g ~= nil then return E.tensor(fn, N(key), g) end
-  return fa.empty_like(like)
-end
-
 local function msda_backward_impl(fn, rename, grad_out, value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights, opts)
   local N = namer(rename)
@@ -111,9 +103,9 @@ local function msda_backward_impl(fn, rename, grad_out, value, spatial_shapes, l
   local shapes = levels(fn, N('spatial_shapes'), spatial_shapes, true)
   local lsi = levels(fn, N('level_start_index'), level_start_index, false)
   local o, t = c_opts(fn, opts, BWD_OPTS, N)
-  local gv = grad_buffer(fn, t, 'grad_value', value, N)
-  local gl = grad_buffer(fn, t, 'grad_sampling_locations', sampling_locations, N)
-  local ga = grad_buffer(fn, t, 'grad_attention_weights', attention_weights, N)
+  local gv = E.buffer(fn, N('grad_value'), t.grad_value, fa.empty_like, value)
+  local gl = E.buffer(fn, N('grad_sampling_locations'), t.grad_sampling_locations, fa.empty_like, sampling_locations)
+  local ga = E.buffer(fn, N('grad_attention_weights'), t.grad_attention_weights, fa.empty_like, attention_weights)
   E.check(C.fa_msda_backward(gv and gv.desc, gl and gl.desc, ga and ga.desc, grad_out.desc, value.desc, shapes.desc,
                              lsi and lsi.desc, sampling_locations.desc, attention_weights.desc, o), fn, rename)
   return gv, gl, ga
