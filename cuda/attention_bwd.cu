@@ -7,9 +7,13 @@
 
 namespace fa_attn {
 
-// delta[(z*H + h)*Lq + i] = rowsum(dO * O) in float32, a warp per row
+// The row statistics (RowStats, cuda/attn.cuh) in st[0, n), st[n, 2n), st[2n, 3n) (n = Z*H*Lq rows), a warp per
+// row: delta = rowsum(dO * O) in float32; L2, C2 from lse, or for a coarse row from its scores, recomputed here
+// by logit2 over every key (such rows are rare: a padding row under OpenFold's additive mask)
 template <typename T>
-__global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *delta, const T *go, const T *o) {
+__global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *st, const T *go, const T *o, const T *q,
+                                                        const T *k, const float *lse, const float *bias,
+                                                        const void *mask) {
   const fa_attn_geom &g = p.g;
   const int lane = threadIdx.x & 31;
   const int64_t rows = g.Z * g.H * g.Lq;
@@ -17,7 +21,39 @@ __global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *delta, 
     const int64_t i = r % g.Lq, zh = r / g.Lq, z = zh / g.H, h = zh % g.H;
     const FaAttnBatch b = fa_attn_batch(g, z);
     const float s = fa_attn_rowdot<T>(go + fa_attn_off(g.go, b, h, i), o + fa_attn_off(g.o, b, h, i), g.D, lane);
-    if (lane == 0) delta[r] = s;
+    const float L = lse[fa_attn_off(g.lse, b, h, i)];
+    float L2 = L * FA_ATTN_LOG2E, C2 = 0.f;
+    if (fabsf(L) >= 1024.f && L != INFINITY) {
+      const T *qr = q + fa_attn_off(g.q, b, h, i), *kb = k + fa_attn_off(g.k, b, h / p.G, 0);
+      const float *brow = g.has_bias ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
+      const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                         : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                            : nullptr;
+      float m = -INFINITY, l = 0.f;  // online over the lane's keys, then across the lanes
+      for (int64_t j = lane; j < g.Lk; j += 32) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < g.D; d++) dot = fmaf(fa_to_f<T>(qr[d]), fa_to_f<T>(kb[j * g.k.r + d]), dot);
+        const float x = logit2(p, dot, brow, mrow, j);
+        if (x == -INFINITY) continue;
+        if (x > m) {
+          l = l * fa_attn_exp(m, x) + 1.f;
+          m = x;
+        } else {
+          l += exp2f(x - m);
+        }
+      }
+      const float mx = fa_cu_warp_max(m);
+      l = fa_cu_warp_sum(mx == -INFINITY ? 0.f : l * fa_attn_exp(m, mx));
+      if (mx != -INFINITY) {
+        L2 = mx;
+        C2 = log2f(l);
+      }
+    }
+    if (lane == 0) {
+      st[r] = s;
+      st[rows + r] = L2;
+      st[2 * rows + r] = C2;
+    }
   }
 }
 
@@ -33,13 +69,13 @@ __global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *delta, 
 template <typename T, int D, int BQ, bool ST>
 __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
-                                                          const T *go, const float *lse, const float *delta) {
+                                                          const T *go, RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
   extern __shared__ __align__(16) unsigned char smraw[];
-  // K, V; Q and dO double-buffered (Q0 dO0 Q1 dO1); raw lse and delta (2 buffers of 2 x BQ); Sf; ST: 2 bias
+  // K, V; Q and dO double-buffered (Q0 dO0 Q1 dO1); L2, delta, C2 (2 buffers of 3 x BQ); Sf; ST: 2 bias
   // tiles (BQ x SBT), 2 mask tiles (mrows x SMP)
   T *Ks = (T *)smraw, *Vs = Ks + 64 * PD, *QO = Vs + 64 * PD;
-  float *LD = (float *)(QO + 4 * BQ * PD), *Sf = LD + 4 * BQ;
+  float *LD = (float *)(QO + 4 * BQ * PD), *Sf = LD + 6 * BQ;
   const fa_attn_geom &g = p.g;
   float *Bs = Sf + (gbias ? 64 * PF : 0);
   unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * BQ * SBT : 0));
@@ -79,11 +115,12 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
                         g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
                         g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
                         nr, nk);
-    float *Lb = LD + buf * 2 * BQ;
+    float *Lb = LD + buf * 3 * BQ;
     for (int r = threadIdx.x; r < BQ; r += THREADS) {
-      const int rr = min(r, nr - 1);
-      cp4(Lb + r, lse + fa_attn_off(g.lse, b, h, i0 + rr), r < nr);
-      cp4(Lb + BQ + r, delta + zh * g.Lq + i0 + rr, r < nr);
+      const int64_t e = zh * g.Lq + i0 + min(r, nr - 1);
+      cp4(Lb + r, rs.L2 + e, r < nr);
+      cp4(Lb + BQ + r, rs.delta + e, r < nr);
+      cp4(Lb + 2 * BQ + r, rs.C2 + e, r < nr);
     }
     cp_commit();
   };
@@ -103,7 +140,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
     const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
     const float *mbf = g.mask_mode == 2 ? (const float *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
     const T *Qs = QO + buf * 2 * BQ * PD, *Os = Qs + BQ * PD;
-    const float *Lr = LD + buf * 2 * BQ, *Dls = Lr + BQ;  // raw lse, delta (rows < nr)
+    const float *Lr = LD + buf * 3 * BQ, *Dls = Lr + BQ, *Cr = Lr + 2 * BQ;  // L2, delta, C2 (rows < nr)
     const float *Bt = Bs + buf * BQ * SBT;
     const unsigned char *Mt = Ms + buf * mrows * SMP;
     {
@@ -137,7 +174,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         for (int e = 0; e < 4; e++) {
           const int u = e >> 1, il = n * 8 + 2 * ti + (e & 1);
           const int64_t j = kj[u], i = i0 + il;
-          const float L2 = il < nr ? Lr[il] * FA_ATTN_LOG2E : INFINITY;  // +inf: past Lq (P = 0); -inf: lost
+          const float L2 = il < nr ? Lr[il] : INFINITY;  // +inf: past Lq (P = 0); -inf: lost
           float pv = 0.f, ds = 0.f;
           if (kv[u] && L2 != INFINITY) {
             if (L2 == -INFINITY) {
@@ -154,7 +191,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
                 if (mbf) x = fmaf(p.mscale2, mbf[i * g.mask.r + j * g.mask.c] - 1.f, x);
               }
               if (x != -INFINITY) {
-                const float ex = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+                const float ex = exp2f((x - L2) - Cr[il]), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
                 pv = ex * f;
                 ds = ex * (dpt[n][e] * f - Dls[il]);
               }
@@ -229,7 +266,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
                                                          const float *bias, const void *mask, const T *go,
-                                                         const float *lse, const float *delta) {
+                                                         RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
   extern __shared__ __align__(16) unsigned char smraw[];
   T *Qs = (T *)smraw, *Os = Qs + MBM * PD, *KV = Os + MBM * PD;  // K/V double-buffered: K0 V0 K1 V1
@@ -276,14 +313,15 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   bool live[2];  // a row inside Lq with at least one key kept (lse > -inf)
   const float *brow[2];
   const void *mrow[2];
-  float L2[2], dl[2], acc[OT][4];
+  float L2[2], C2[2], dl[2], acc[OT][4];
 #pragma unroll
   for (int u = 0; u < 2; u++) {
     ri[u] = row0 + w * 16 + gi + 8 * u;
     const bool rv = ri[u] < g.Lq;
-    L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+    L2[u] = rv ? rs.L2[zh * g.Lq + ri[u]] : -INFINITY;
+    C2[u] = rv ? rs.C2[zh * g.Lq + ri[u]] : 0.f;
     live[u] = rv && L2[u] != -INFINITY;
-    dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+    dl[u] = rv ? rs.delta[zh * g.Lq + ri[u]] : 0.f;
     brow[u] = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
     mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
               : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
@@ -341,7 +379,7 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
             x = logit2(p, s[n][e], brow[u], mrow[u], j);
           }
           if (x != -INFINITY) {
-            const float ex = exp2f(x - L2[u]);
+            const float ex = exp2f((x - L2[u]) - C2[u]);
             ds = ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
           }
         }
@@ -385,8 +423,7 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
 template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, float *part, int64_t nch,
                                                             const T *q, const T *k, const T *v, const float *bias,
-                                                            const void *mask, const T *go, const float *lse,
-                                                            const float *delta) {
+                                                            const void *mask, const T *go, RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
   extern __shared__ __align__(16) unsigned char smraw[];
   T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
@@ -475,16 +512,17 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
     const int64_t zh = z * g.H + h;
     int64_t ri[2];
     bool live[2];
-    float L2[2], dl[2];
+    float L2[2], C2[2], dl[2];
     const float *brow[2];
     const void *mrow[2];
 #pragma unroll
     for (int u = 0; u < 2; u++) {
       ri[u] = i0 + w * 16 + gi + 8 * u;
       const bool rv = ri[u] < g.Lq;
-      L2[u] = rv ? lse[fa_attn_off(g.lse, b, h, ri[u])] * FA_ATTN_LOG2E : -INFINITY;
+      L2[u] = rv ? rs.L2[zh * g.Lq + ri[u]] : -INFINITY;
+      C2[u] = rv ? rs.C2[zh * g.Lq + ri[u]] : 0.f;
       live[u] = rv && L2[u] != -INFINITY;
-      dl[u] = rv ? delta[zh * g.Lq + ri[u]] : 0.f;
+      dl[u] = rv ? rs.delta[zh * g.Lq + ri[u]] : 0.f;
       brow[u] = rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
       mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
                 : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
@@ -528,7 +566,7 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
           x = logit2(p, s[n][e], brow[u], mrow[u], j);
         }
         if (x == -INFINITY) continue;
-        const float ex = exp2f(x - L2[u]);
+        const float ex = exp2f((x - L2[u]) - C2[u]);
         acc[n][e] += ex * (dp[n][e] * drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j) - dl[u]);
       }
     __syncthreads();  // before the next fetch overwrites this buffer
@@ -576,13 +614,15 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
   const Params &p = pl.p;
   const int dev = g->device;
   Temps tmp(dev);
-  float *delta = nullptr;
+  float *stats = nullptr;
   const int64_t rows = g->Z * g->H * g->Lq;
   if (rows > 0) {
-    if (!(delta = (float *)tmp.get(rows * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
-    if ((rc = launch(fn, dev, delta_kernel<T>, (int64_t)fa_cu_blocks(rows * 32, THREADS, dev), 0, p, delta, go, o)))
+    if (!(stats = (float *)tmp.get(3 * rows * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
+    if ((rc = launch(fn, dev, delta_kernel<T>, (int64_t)fa_cu_blocks(rows * 32, THREADS, dev), 0, p, stats, go, o, q, k,
+                     lse, bias, mask)))
       return rc;
   }
+  const RowStats rs = {stats, stats + rows, stats + 2 * rows};
   const int64_t D = g->D;
   if constexpr (sizeof(T) == 2) {
     if (pl.family == MMA) {
@@ -594,11 +634,11 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       const bool st = stageable(g, bias, mask), stb = st && p.bias_inv;
       if (gk || gv || gba) {
 #define ATTN_MMA_BWD_SMEM(DD, BQ, ST)                                                                                   \
-  ((size_t)(2 * 64 + 4 * BQ) * (DD + 8) * sizeof(T) + (size_t)(4 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
+  ((size_t)(2 * 64 + 4 * BQ) * (DD + 8) * sizeof(T) + (size_t)(6 * BQ + (gba ? 64 * (BQ + 1) : 0)) * sizeof(float) + \
    (ST ? stage_bytes(g, BQ, SBT, 2) : 0))
 #define ATTN_MMA_BWD_(DD, BQ, ST)                                                                                       \
   launch(fn, dev, mma_bwd_kernel<T, DD, BQ, ST>, kblocks, ATTN_MMA_BWD_SMEM(DD, BQ, ST), p, gk, gv, gba, q, k, v, bias, \
-         mask, go, lse, (const float *)delta)
+         mask, go, rs)
 #define ATTN_MMA_BWD(DD, BQ)                                                                                            \
   (st && pick_staged(dev, mma_bwd_kernel<T, DD, BQ, true>, ATTN_MMA_BWD_SMEM(DD, BQ, true),                              \
                      mma_bwd_kernel<T, DD, BQ, false>, ATTN_MMA_BWD_SMEM(DD, BQ, false))                                 \
@@ -623,8 +663,7 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
         const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
 #define ATTN_MMA_DQ_SMEM(DD, ST) ((size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T) + (ST ? stage_bytes(g, MBM, SBP, 2) : 0))
 #define ATTN_MMA_DQ_(DD, ST)                                                                                          \
-  launch(fn, dev, mma_dq_kernel<T, DD, ST>, qblocks, ATTN_MMA_DQ_SMEM(DD, ST), p, gq, q, k, v, bias, mask, go, lse,  \
-         (const float *)delta)
+  launch(fn, dev, mma_dq_kernel<T, DD, ST>, qblocks, ATTN_MMA_DQ_SMEM(DD, ST), p, gq, q, k, v, bias, mask, go, rs)
 #define ATTN_MMA_DQ(DD)                                                                                               \
   (st && pick_staged(dev, mma_dq_kernel<T, DD, true>, ATTN_MMA_DQ_SMEM(DD, true), mma_dq_kernel<T, DD, false>,        \
                      ATTN_MMA_DQ_SMEM(DD, false))                                                                     \
@@ -663,7 +702,7 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
    (ST && g->mask_mode == 1 ? (size_t)2 * (g->mask.r == 0 ? 1 : MBM) * SMP : 0))
 #define ATTN_MMA_DB_(DD, ST)                                                                                          \
   launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, part, nch, q, k, v, bias, \
-         mask, go, lse, (const float *)delta)
+         mask, go, rs)
 #define ATTN_MMA_DB(DD)                                                                                               \
   (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
                       ATTN_MMA_DB_SMEM(DD, false))                                                                    \
@@ -693,17 +732,17 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
   ATTN_DT_SWITCH(pl.dt, {
     if (gq && (rc = launch(fn, dev, rows_kernel<T, DT_, true>, g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS),
                            (size_t)(2 * BN * p.ld + 2 * ROWS * D) * sizeof(float), p, gq, (float *)nullptr, q, k, v,
-                           bias, mask, go, lse, (const float *)delta)))
+                           bias, mask, go, rs)))
       return rc;
     if ((gk || gv) && (rc = launch(fn, dev, dkdv_kernel<T, DT_>, g->Z * g->Hkv * ((g->Lk + BK - 1) / BK),
                                    (size_t)(2 * BK * D + 2 * 32 * p.ld) * sizeof(float), p, gk, gv, q, k, v, bias, mask,
-                                   go, lse, (const float *)delta)))
+                                   go, rs)))
       return rc;
     if (gbias) {
       const int64_t it = p.ri ? 1 : (g->Lq + 31) / 32, jt = p.rj ? 1 : (g->Lk + 31) / 32;
       if ((rc = launch(fn, dev, dbias_kernel<T, DT_>, p.nkeep_all * it * jt,
                        (size_t)(2 * 32 * p.ld + 2 * 32 * D + NW * 32) * sizeof(float), p, gbias, q, k, v, bias, mask,
-                       go, lse, (const float *)delta)))
+                       go, rs)))
         return rc;
     }
     return 0;

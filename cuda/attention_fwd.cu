@@ -228,7 +228,7 @@ static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, cons
   const int64_t blocks = g->Z * g->H * ((g->Lq + ROWS - 1) / ROWS);
   const size_t smem = (size_t)(2 * BN * p.ld + ROWS * g->D) * sizeof(float);
   ATTN_DT_SWITCH(pl.dt, return launch(fn, g->device, rows_kernel<T, DT_, false>, blocks, smem, p, out, lse, q, k, v,
-                                      bias, mask, (const T *)nullptr, (const float *)nullptr, (const float *)nullptr))
+                                      bias, mask, (const T *)nullptr, RowStats{}))
 }
 
 }  // namespace fa_attn

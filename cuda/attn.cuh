@@ -128,6 +128,14 @@ struct Params {
   int bias_inv;  // the bias is the same for every broadcast (reduced) combination of dbias (mma_dbias_kernel)
 };
 
+// The backward's per-row statistics (delta_kernel), each at r = (z*H + h)*Lq + i: delta = rowsum(dO * O); L2 =
+// lse * log2 e (-inf: every key left out) and C2 = 0, so that P = exp2((x - L2) - C2) = exp2(x - L2) exactly; or,
+// for a row whose float32 lse is too coarse to give P (|lse| >= 1024: an additive mask of -1e9 on every key, where
+// lse is a multiple of 64 and exp2(x - L2) would be 1 for each key), L2 = the row's max and C2 = log2 of its sum.
+struct RowStats {
+  const float *delta, *L2, *C2;
+};
+
 // log2-domain score of key j for a row whose bias / mask rows start at brow / mrow (NULL when absent);
 // -inf = left out (select mask)
 __device__ __forceinline__ float logit2(const Params &p, float dot, const float *brow, const void *mrow, int64_t j) {
@@ -162,7 +170,7 @@ __device__ __forceinline__ void load_tile(float *dst, int pitch, const T *src, i
 template <typename T, int DT, bool BWD>
 __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *lse_out, const T *q, const T *k,
                                                        const T *v, const float *bias, const void *mask, const T *go,
-                                                       const float *lse_in, const float *delta) {
+                                                       RowStats rs) {
   extern __shared__ float sm[];
   const fa_attn_geom &g = p.g;
   const int D = (int)g.D, ld = p.ld;
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
   const void *mrow[R];
   bool rv[R];
   int64_t ebase[R];
-  float m[R], l[R], L2[R], dl[R], acc[R][DT], sv[DT];
+  float m[R], l[R], L2[R], C2[R], dl[R], acc[R][DT], sv[DT];
 #pragma unroll
   for (int r = 0; r < R; r++) {
     const int64_t i = row0 + w * R + r;
@@ -193,8 +201,9 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
     ebase[r] = (zh * g.Lq + i) * g.Lk;
     m[r] = -INFINITY;
     l[r] = 0.f;
-    L2[r] = BWD && rv[r] ? lse_in[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : -INFINITY;
-    dl[r] = BWD && rv[r] ? delta[zh * g.Lq + i] : 0.f;
+    L2[r] = BWD && rv[r] ? rs.L2[zh * g.Lq + i] : -INFINITY;
+    C2[r] = BWD && rv[r] ? rs.C2[zh * g.Lq + i] : 0.f;
+    dl[r] = BWD && rv[r] ? rs.delta[zh * g.Lq + i] : 0.f;
 #pragma unroll
     for (int t = 0; t < DT; t++) acc[r][t] = 0.f;
   }
@@ -239,7 +248,7 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
       } else {
         float ds = 0.f;
         if (x != -INFINITY && L2[r] != -INFINITY) {
-          const float e = exp2f(x - L2[r]);
+          const float e = exp2f((x - L2[r]) - C2[r]);
           ds = e * (dp[r] * drop_factor(p, ebase[r] + j) - dl[r]);
         }
         pv[r] = ds;
@@ -295,7 +304,7 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Params p, T *dst, float *
 template <typename T, int DT>
 __global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, const T *q, const T *k, const T *v,
                                                        const float *bias, const void *mask, const T *go,
-                                                       const float *lse, const float *delta) {
+                                                       RowStats rs) {
   extern __shared__ float sm[];
   const fa_attn_geom &g = p.g;
   const int D = (int)g.D, ld = p.ld;
@@ -326,9 +335,9 @@ __global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, c
       __syncthreads();
       const int64_t i = i0 + lane;
       const bool rv = lane < nr;
-      const float L2 = rv ? lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E : 0.f;
+      const float L2 = rv ? rs.L2[zh * g.Lq + i] : 0.f, C2 = rv ? rs.C2[zh * g.Lq + i] : 0.f;
       const bool lost = rv && L2 == -INFINITY;  // every key left out: P = 1/Lk, dS = 0
-      const float dl = rv ? delta[zh * g.Lq + i] : 0.f;
+      const float dl = rv ? rs.delta[zh * g.Lq + i] : 0.f;
       const float *brow = g.has_bias && rv ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
       const void *mrow = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
                          : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
@@ -357,7 +366,7 @@ __global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, c
           } else {
             const float x = logit2(p, s[c], brow, mrow, j);
             if (x != -INFINITY) {
-              const float e = exp2f(x - L2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
+              const float e = exp2f((x - L2) - C2), f = drop_factor(p, (zh * g.Lq + i) * g.Lk + j);
               pv[c] = e * f;
               ds[c] = e * (dp[c] * f - dl);
             }
@@ -406,7 +415,7 @@ __global__ void __launch_bounds__(THREADS) dkdv_kernel(Params p, T *gk, T *gv, c
 template <typename T, int DT>
 __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, const T *q, const T *k, const T *v,
                                                         const float *bias, const void *mask, const T *go,
-                                                        const float *lse, const float *delta) {
+                                                        RowStats rs) {
   extern __shared__ float sm[];
   const fa_attn_geom &g = p.g;
   const int D = (int)g.D, ld = p.ld;
@@ -479,15 +488,15 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(Params p, float *gbias, 
           const int ir = w * RB + r;
           if (ir >= nr || lane >= nk) continue;
           const int64_t i = i0 + ir;
-          const float L2 = lse[fa_attn_off(g.lse, b, h, i)] * FA_ATTN_LOG2E;
+          const float L2 = rs.L2[zh * g.Lq + i];
           if (L2 == -INFINITY) continue;
           const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
                              : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
                                                 : nullptr;
           const float xl = logit2(p, s[r], bias + fa_attn_off(g.bias, b, h, i), mrow, j);
           if (xl == -INFINITY) continue;
-          const float e = exp2f(xl - L2);
-          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - delta[zh * g.Lq + i]);
+          const float e = exp2f((xl - L2) - rs.C2[zh * g.Lq + i]);
+          acc[r] += e * (dp[r] * drop_factor(p, (zh * g.Lq + i) * g.Lk + j) - rs.delta[zh * g.Lq + i]);
         }
       }
     }

@@ -286,6 +286,39 @@ local function mma_case(case)
                    variants = { { name = 'mma', kernel = 'mma' }, { name = 'mma deterministic', kernel = 'mma', deterministic = true } } } }
 end
 
+-- A row under an additive mask of -1e9 on every key: float32 scores -1e9 + O(1) all round to -1e9 (ulp 64), so
+-- the row's softmax is uniform, and so is its lse only to a multiple of 64: P must not come from exp(S - lse).
+-- grad_out is 0 on the other rows, so grad_v's rows are grad_out/Lk and grad_q's row is
+-- scale/Lk sum_j (g.v_j - g.mean(v)) k_j. Expectations from the inputs as rounded to dtype, in float64.
+local function coarse_row_case(dtype, device, kernel, D, Lks)
+  local tol = dtype == 'float32' and { 1e-5, 1e-4 } or { 2e-2, 3e-2 } -- out/grad_v, grad_q (relative)
+  fa.manualSeed(9)
+  for _, Lk in ipairs(Lks) do
+    local c = function(t) return t:to(dtype, device) end
+    local q, k, v = c(fa.randn(1, 3, D)), c(fa.randn(1, Lk, D)), c(fa.randn(1, Lk, D))
+    local mask = fa.ones(1, 3, Lk); mask:select(2, 2):fill(0)
+    local o = { bias = c(fa.randn(3, Lk)), mask = c(mask), mask_scale = 1e9, kernel = kernel }
+    local go = fa.zeros(1, 3, D); go:select(2, 2):copy(fa.randn(D)); go = c(go)
+    local out, lse = fa.attention(q, k, v, o)
+    local gq, _, gv = fa.attention_backward(go, q, k, v, out, lse, o)
+    local k64, v64 = k:double(), v:double()
+    local g, vm = go:select(2, 2):double():view(D), v64:mean(2):view(D)
+    local what = string.format('%s %s %s, Lk = %d: ', dtype, device, kernel or 'auto', Lk)
+    H.assert_close(out:select(2, 2):double():view(D), vm, tol[1], tol[1] * H.maxabs(vm), what .. 'out = mean(v)')
+    local gvw = (g / Lk):view(1, D):expand(Lk, D)
+    H.assert_close(gv:double():view(Lk, D), gvw, tol[1], tol[1] * H.maxabs(gvw), what .. 'grad_v')
+    local want, gm = {}, 0
+    for d = 1, D do want[d] = 0; gm = gm + g:get(d) * vm:get(d) end
+    for j = 1, Lk do
+      local gvj = 0
+      for d = 1, D do gvj = gvj + g:get(d) * v64:get(1, j, d) end
+      for d = 1, D do want[d] = want[d] + k64:get(1, j, d) * (gvj - gm) / Lk / math.sqrt(D) end
+    end
+    want = fa.tensor(want, 'float64')
+    H.assert_close(gq:select(2, 2):double():view(D), want, tol[2], tol[2] * H.maxabs(want), what .. 'grad_q')
+  end
+end
+
 describe('fa.attention', function()
   op.run(A_CASE)
   op.run(mma_case(A_CASE))
@@ -436,29 +469,7 @@ describe('fa.attention shapes', function()
   end)
 
   it('float32: a row under an additive mask of -1e9 on every key has uniform weights in the backward too (one and two key blocks)', function()
-    -- float32 scores -1e9 + O(1) all round to -1e9 (ulp 64), so the row's softmax is uniform, and so is its lse
-    -- only to a multiple of 64: P must not come from exp(S - lse). grad_out is 0 on the other rows, so grad_v's
-    -- rows are grad_out/Lk and grad_q's row is scale/Lk sum_j (g.v_j - g.mean(v)) k_j.
-    fa.manualSeed(9)
-    for _, Lk in ipairs({ 7, 300 }) do
-      local q, k, v = fa.randn(1, 3, 4), fa.randn(1, Lk, 4), fa.randn(1, Lk, 4)
-      local mask = fa.ones(1, 3, Lk); mask:select(2, 2):fill(0)
-      local o = { bias = fa.randn(3, Lk), mask = mask, mask_scale = 1e9 }
-      local go = fa.zeros(1, 3, 4); go:select(2, 2):copy(fa.randn(4))
-      local out, lse = fa.attention(q, k, v, o)
-      local gq, _, gv = fa.attention_backward(go, q, k, v, out, lse, o)
-      local g, vm = go:select(2, 2):double():view(4), v:double():mean(2):view(4)
-      H.assert_close(out:select(2, 2):view(4), vm, 1e-5, 1e-6, 'out = mean(v)')
-      H.assert_close(gv:view(Lk, 4), (g / Lk):view(1, 4):expand(Lk, 4), 1e-5, 1e-7, 'grad_v, Lk = ' .. Lk)
-      local want, gm = { 0, 0, 0, 0 }, 0
-      for d = 1, 4 do gm = gm + g:get(d) * vm:get(d) end
-      for j = 1, Lk do
-        local gvj = 0
-        for d = 1, 4 do gvj = gvj + g:get(d) * v:get(1, j, d) end
-        for d = 1, 4 do want[d] = want[d] + k:get(1, j, d) * (gvj - gm) / Lk / 2 end -- scale 4^-1/2
-      end
-      H.assert_close(gq:select(2, 2):view(4), fa.tensor(want, 'float64'), 1e-4, 1e-6, 'grad_q, Lk = ' .. Lk)
-    end
+    coarse_row_case('float32', 'cpu', nil, 4, { 7, 300 })
   end)
 
   it('takes one-row inputs and k, v, grad_out expanded over their rows (stride 0), as their contiguous copies', function()
@@ -598,6 +609,15 @@ op.describe_gpu('fa.attention with no query rows or no keys on CUDA', function()
         end
       end
     end
+  end)
+end)
+
+op.describe_gpu('fa.attention: a row under an additive mask of -1e9 on every key, on CUDA', function()
+  -- the backward kernels take P = exp2((x - L2) - C2) with the row's own max and sum for such a row (delta_kernel)
+  it('has uniform weights in the backward, SIMT float32 and the tensor-core kernels in bfloat16 and float16', function()
+    coarse_row_case('float32', 'cuda', 'simt', 4, { 7, 300 })
+    coarse_row_case('float32', 'cuda', nil, 32, { 7, 300 })
+    for _, dtype in ipairs({ 'bfloat16', 'float16' }) do coarse_row_case(dtype, 'cuda', 'mma', 32, { 7, 130 }) end
   end)
 end)
 
