@@ -3,6 +3,7 @@
 #include "internal.h"
 #include "msda.h"
 #include "attention.h"
+#include "cpb.h"
 
 #define FA_NO_CUDA(fn) fa_error(FA_ERR_UNSUPPORTED, "%s: this fastattn was built without CUDA (rebuild where nvcc is found, without FA_CUDA=0)", fn)
 #define WEAK __attribute__((weak))
@@ -92,3 +93,7 @@ WEAK int fa_cuda_event_destroy(void *event) { return FA_NO_CUDA("fa_cuda_event_d
 WEAK int fa_cuda_event_record(void *event, int device) { return FA_NO_CUDA("fa_cuda_event_record"); }
 WEAK int fa_cuda_event_synchronize(void *event) { return FA_NO_CUDA("fa_cuda_event_synchronize"); }
 WEAK int fa_cuda_event_elapsed(float *ms, void *start, void *end) { return FA_NO_CUDA("fa_cuda_event_elapsed"); }
+WEAK int fa_cu_cpb_forward(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) { return FA_NO_CUDA("fa_cpb_forward"); }
+WEAK int fa_cu_cpb_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
+  return FA_NO_CUDA("fa_cpb_backward");
+}

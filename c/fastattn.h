@@ -251,6 +251,28 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
                           const fa_tensor *grad_out, const fa_tensor *q, const fa_tensor *k, const fa_tensor *v,
                           const fa_tensor *out, const fa_tensor *lse, const fa_attention_opts *opts);
 
+/* ---------------------------------------------------------------- continuous position bias (fa.cpb) */
+/* A zeroed struct (or NULL) is the default. */
+typedef struct fa_cpb_opts {
+  int32_t deterministic;  /* GPU backward bit-identical run to run (the CPU always is, for any thread count) */
+} fa_cpb_opts;
+/* The CPB MLP of DeformableAttention2D over every (p, query i, key j) pair:
+ *   d = qpos[i] - kpos[p, j], f = sign(d) log(|d| + 1), h1 = relu(w1 f + b1), h2 = relu(w2 h1 + b2),
+ *   out[p, o, i, j] = (w3 h2 + b3)[o]
+ * qpos (N, 2), kpos (P, M, 2) x first, w1 (C, 2), b1 (C), w2 (C, C), b2 (C), w3 (O, C), b3 (O) -> out (P, O, N, M),
+ * contiguous. Inputs may be strided views (copied when they are not contiguous). CPU: float32 or float64
+ * throughout. CUDA: float32 throughout, or bfloat16/float16 weights and biases with float32 positions, out and
+ * grad_out (grad_out may also have the weights' dtype). Backward: grad_kpos (P, M, 2) and the weight gradients
+ * shaped and typed as their inputs, contiguous, overwritten; NULL = not wanted. No gradient for qpos; the
+ * gradient of f at d == 0 is 0 (as PyTorch's autograd of sign(d) * log1p(|d|)). */
+int fa_cpb_forward(fa_tensor *out, const fa_tensor *qpos, const fa_tensor *kpos, const fa_tensor *w1, const fa_tensor *b1,
+                   const fa_tensor *w2, const fa_tensor *b2, const fa_tensor *w3, const fa_tensor *b3,
+                   const fa_cpb_opts *opts);
+int fa_cpb_backward(fa_tensor *grad_kpos, fa_tensor *grad_w1, fa_tensor *grad_b1, fa_tensor *grad_w2, fa_tensor *grad_b2,
+                    fa_tensor *grad_w3, fa_tensor *grad_b3, const fa_tensor *grad_bias, const fa_tensor *qpos,
+                    const fa_tensor *kpos, const fa_tensor *w1, const fa_tensor *b1, const fa_tensor *w2,
+                    const fa_tensor *b2, const fa_tensor *w3, const fa_tensor *b3, const fa_cpb_opts *opts);
+
 /* ---------------------------------------------------------------- CUDA runtime */
 /* All of these exist in a build without CUDA: they report no device (count 0) or return FA_ERR_UNSUPPORTED. */
 int fa_cuda_device_count(void);

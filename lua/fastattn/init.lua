@@ -72,6 +72,7 @@ setmetatable(fa, {
                    grid_sample = 'fastattn.functional', msda = 'fastattn.msda', msda_backward = 'fastattn.msda',
                    attention = 'fastattn.attention', attention_backward = 'fastattn.attention',
                    triangle_attention = 'fastattn.attention', triangle_attention_backward = 'fastattn.attention',
+                   cpb = 'fastattn.cpb', cpb_backward = 'fastattn.cpb',
                    util = 'fastattn.util' }
     if mods[k] then
       local m = require(mods[k])
