@@ -133,9 +133,10 @@ function DA:_mlp()
 end
 
 -- the dtype of the positions and the bias: float32 under a 16-bit module dtype
+local DT = fa.dtypes
 local function pos_dtype(x)
-  local dt = x:dtype()
-  return (dt == 'bfloat16' or dt == 'float16') and 'float32' or dt
+  local dt = x.desc.dtype
+  return (dt == DT.bfloat16 or dt == DT.float16) and DT.float32 or dt
 end
 
 -- the normalisation's divisors of x and y for an h x w grid: the reference divides x by h - 1 and y by w - 1
@@ -203,13 +204,13 @@ function DA:updateOutput(input)
   local t = self.to_offsets:forward(q:view(P, inner / G, H, W))
   local Hk, Wk = t:size(3), t:size(4)
   local M = Hk * Wk
-  local c = self:_constants(H, W, Hk, Wk, pdt, dt, dev)
+  local c = self:_constants(H, W, Hk, Wk, pdt, dt, x:device())
 
   -- key positions (P, Hk, Wk, 2) = t (channels last) * coef + base
   local kpos = buffer(self, '_kpos', { P, Hk, Wk, 2 }, pdt, dev)
   kpos:copy(t:permute(1, 3, 4, 2)):mul_(c.coef):add_(c.base)
   local grid = kpos
-  if pdt ~= x:dtype() then grid = buffer(self, '_kposLow', { P, Hk, Wk, 2 }, dt, dev):copy(kpos) end
+  if pdt ~= dt then grid = buffer(self, '_kposLow', { P, Hk, Wk, 2 }, dt, dev):copy(kpos) end
   self._grid = grid
 
   -- keys and values from the input sampled at the key positions (x grouped as (P, dim/G, H, W): a view)
@@ -228,7 +229,7 @@ function DA:updateOutput(input)
   fa.cpb(c.qpos, kpos:view(P, M, 2), w1.weight, w1.bias, w2.weight, w2.bias, w3.weight, w3.bias, { out = bias })
 
   local oa = buffer(self, '_oa', { B, heads, N, D }, dt, dev)
-  local lse = buffer(self, '_lse', { B, heads, N }, dt == 'float64' and 'float64' or 'float32', dev)
+  local lse = buffer(self, '_lse', { B, heads, N }, dt == DT.float64 and DT.float64 or DT.float32, dev)
   self._aopts = self._aopts or {}
   local ao = self._aopts
   ao.bias, ao.scale, ao.out, ao.lse = bias:view(B, heads, N, M), 1 / math.sqrt(D), oa, lse
