@@ -44,7 +44,7 @@ static void make_tiling(const fa_cpb_geom *g, cpb_tiling *t) {
   t->ti = TMAX / t->kb;
   t->nqt = (g->N + t->ti - 1) / t->ti;
   int64_t pk = g->P * t->nkb;
-  t->S = pk >= 32 ? 1 : (32 + pk - 1) / pk;
+  t->S = pk >= 32 || pk == 0 ? 1 : (32 + pk - 1) / pk;
   if (t->S > t->nqt) t->S = t->nqt > 0 ? t->nqt : 1;
   t->qps = (t->nqt + t->S - 1) / t->S;
   t->S = t->nqt > 0 ? (t->nqt + t->qps - 1) / t->qps : 1;

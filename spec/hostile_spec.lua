@@ -865,6 +865,34 @@ E(MD .. "m:forward(i); m:backward(i, fa.randn(1, 2, 5))", 'fa.nn.MSDeformAttn:ba
 E(MD .. "m:backward(i, fa.randn(1, 2, 4))", 'fa.nn.MSDeformAttn:backward', 'forward')
 OK(MD .. "local o = m:forward(i); return table.concat(o:size(), 'x')", '1x2x4')
 
+---------------------------------------------------------------------------- cpb
+AREA 'cpb'
+local CI = "local q, k, w1, b1, w2, b2, w3, b3 = fa.rand(3, 2), fa.rand(2, 4, 2), fa.randn(5, 2), fa.randn(5), " ..
+           "fa.randn(5, 5), fa.randn(5), fa.randn(2, 5), fa.randn(2); "
+E(CI .. "fa.cpb('q', k, w1, b1, w2, b2, w3, b3)", 'fa.cpb', A('qpos', '"q"'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3)", 'fa.cpb', A('b3', 'nil'))
+E(CI .. "fa.cpb(q, k:view(8, 2), w1, b1, w2, b2, w3, b3)", 'fa.cpb', A('kpos', '8x2'))
+E(CI .. "fa.cpb(q, k, w1, b1, fa.randn(5, 4), b2, w3, b3)", 'fa.cpb', A('w2', '5x4'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, fa.randn(3))", 'fa.cpb', A('b3', '3'))
+E(CI .. "fa.cpb(q:double(), k, w1, b1, w2, b2, w3, b3)", 'fa.cpb', A('qpos', 'float64'))
+E(CI .. "fa.cpb(q, k, w1:int(), b1, w2, b2, w3, b3)", 'fa.cpb', A('w1', 'int32'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, b3, 'x')", 'fa.cpb', A('opts', '"x"'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, b3, {determinstic = true})", 'fa.cpb', 'unknown option "determinstic"')
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, b3, {out = fa.zeros(2, 2, 3, 1):expand(2, 2, 3, 4)})", 'fa.cpb', A('out'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, b3, {out = w2})", 'fa.cpb', A('out', '5x5'))
+E(CI .. "fa.cpb(q, k, w1, b1, w2, b2, w3, b3, {}, {})", 'fa.cpb', 'argument #10')
+OK(CI .. "local o = fa.cpb(q, k, w1, b1, w2, b2, w3, b3); return table.concat(o:size(), 'x')", '2x2x3x4')
+OK(CI .. "local o = fa.cpb(q, k:narrow(2, 1, 0), w1, b1, w2, b2, w3, b3); return table.concat(o:size(), 'x')", '2x2x3x0')
+OK(CI .. "local kt = fa.rand(2, 2, 4):transpose(2, 3); return fa.cpb(q, kt, w1, b1, w2, b2, w3, b3):equal(fa.cpb(q, kt:contiguous(), w1, b1, w2, b2, w3, b3))", 'true')
+local CB = CI .. "local g = fa.randn(2, 2, 3, 4); "
+E(CB .. "fa.cpb_backward(fa.randn(2, 2, 4, 3), q, k, w1, b1, w2, b2, w3, b3)", 'fa.cpb_backward', A('grad_bias', '2x2x4x3'))
+E(CB .. "fa.cpb_backward(g:double(), q, k, w1, b1, w2, b2, w3, b3)", 'fa.cpb_backward', A('grad_bias', 'float64'))
+E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_w2 = 'x'})", 'fa.cpb_backward', A('grad_w2', '"x"'))
+E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_w2 = fa.zeros(5, 1):expand(5, 5)})", 'fa.cpb_backward', A('grad_w2'))
+E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_kpos = k})", 'fa.cpb_backward', A('grad_kpos'), OVERLAP)
+E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_qpos = false})", 'fa.cpb_backward', 'unknown option "grad_qpos"')
+OK(CB .. "local gk = fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3); return table.concat(gk:size(), 'x')", '2x4x2')
+
 ---------------------------------------------------------------------------- global state, fa.util, fa.cuda
 AREA 'global'
 E("fa.manualSeed('abc')", 'fa.manualSeed', A('seed', '"abc"'))
