@@ -247,18 +247,19 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.check:
-        check(a.check)
-        return
     torch.backends.cuda.matmul.allow_tf32 = bool(a.tf32)
     torch.backends.cudnn.allow_tf32 = bool(a.tf32)
-    info = {'impl': 'info', 'torch': torch.__version__, 'device': a.device, 'threads': torch.get_num_threads()}
+    info = {'impl': 'info', 'torch': torch.__version__, 'device': 'cpu' if a.check else a.device,
+            'threads': torch.get_num_threads()}
     for impl in ('lucidrains', 'gqa'):
         cls, why = real_module(impl)
         info[impl] = why or 'available'
-    if a.device == 'cuda':
+    if a.device == 'cuda' and not a.check:
         info['gpu'] = torch.cuda.get_device_name()
     print(json.dumps(info), flush=True)
+    if a.check:
+        check(a.check)
+        return
     t = timer(a.device, a.reps, a.rounds)
     if a.device == 'cuda':
         n = 8192
