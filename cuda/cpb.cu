@@ -1,0 +1,468 @@
+// cpb.cu: the continuous position bias MLP on the GPU (fa.cpb, c/cpb.h). c/cpb.c validated everything and hands
+// dense buffers; this file prepares the weights, plans the launches and checks the device's limits.
+//
+// A CTA loops over tiles of pairs (TP consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 =
+// relu(w1 f + b1) into smem in the product's dtype, z2 = h1 w2^T on tensor cores (WMMA: bfloat16/float16
+// 16x16x16, or TF32 16x16x8 under fa.cuda.allowTF32(true)) or exact float32 FMAs (SIMT), h2 = relu(z2 + b2),
+// then the O outputs (float32, coalesced along the keys). w2 is read from a padded (CP x CP) copy in global memory
+// (L1/L2-resident), so the shared memory holds only the tile.
+// Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1 (accumulated in
+// the CTA's slice of a partial buffer in global memory), gh1 = gz2 w2, gz1 = gh1 [h1 > 0], gw1 += gz1^T f,
+// gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer. Then two fixed-order reductions: the weight partials over
+// the CTAs, grad_kpos[p, j] = -sum_i gd over the queries. No float atomics: the backward is deterministic
+// always (opts.deterministic changes nothing).
+#include "common.cuh"
+#include "cpb.h"
+#include <mma.h>
+#include <type_traits>
+
+namespace {
+using namespace nvcuda;
+
+constexpr int THREADS = 128, WARPS = THREADS / 32;
+constexpr int TPF = 64, TPB = 32; // pairs per tile: forward, backward
+constexpr int MAXC = 256;         // hidden units at most (the shared memory of a forward tile)
+enum { SIMT = 0, TF32 = 1, HALF16 = 2 };
+
+template <int MODE, typename T> struct Compute { typedef float type; };
+template <typename T> struct Compute<HALF16, T> { typedef T type; };
+
+// the weights as the kernels read them: float32 vectors padded to CP (zeros), w2 (CP x CP) in the product's dtype
+struct W {
+  const float *w1x, *w1y, *b1, *b2, *w3, *b3; // w3: (O x CP)
+  const void *w2;                              // (CP x CP), row n = output unit
+  int C, CP, O;
+};
+
+__device__ __forceinline__ void feature(float q, float k, float &f, float &df) {
+  float d = q - k, a = fabsf(d), l = log1pf(a);
+  f = d > 0.f ? l : d < 0.f ? -l : 0.f;
+  df = d != 0.f ? 1.f / (a + 1.f) : 0.f;
+}
+
+template <typename T>
+__global__ void prep_kernel(float *small, void *w2p, const T *w1, const T *b1, const T *w2, const T *b2, const T *w3,
+                            const T *b3, int C, int CP, int O, int w2_half) {
+  int64_t nsmall = 4 * (int64_t)CP + (int64_t)O * CP + O, n = nsmall + (int64_t)CP * CP;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    if (e < nsmall) {
+      int64_t part = e / CP, c = e % CP;
+      float v = 0.f;
+      if (part == 0) v = c < C ? fa_to_f(w1[2 * c]) : 0.f;
+      else if (part == 1) v = c < C ? fa_to_f(w1[2 * c + 1]) : 0.f;
+      else if (part == 2) v = c < C ? fa_to_f(b1[c]) : 0.f;
+      else if (part == 3) v = c < C ? fa_to_f(b2[c]) : 0.f;
+      else if (e < 4 * (int64_t)CP + (int64_t)O * CP) {
+        int64_t r = e - 4 * (int64_t)CP, o = r / CP, cc = r % CP;
+        v = cc < C ? fa_to_f(w3[o * C + cc]) : 0.f;
+      } else {
+        v = fa_to_f(b3[e - 4 * (int64_t)CP - (int64_t)O * CP]);
+      }
+      small[e] = v;
+    } else {
+      int64_t r = e - nsmall, a = r / CP, b = r % CP;
+      float v = a < C && b < C ? fa_to_f(w2[a * C + b]) : 0.f;
+      if (w2_half) ((T *)w2p)[r] = fa_from_f<T>(v);
+      else ((float *)w2p)[r] = v;
+    }
+  }
+}
+
+// Cs (Mr x Nc, float, row-major, ldc) (+)= A (Mr x K) B (K x Nc). A(r, k) = A[r*lda + k] (ARow) or A[k*lda + r];
+// B(k, n) = B[k*ldb + n] (BRow) or B[n*ldb + k]. Mr, Nc, K multiples of 16; the block's warps share the work.
+template <int MODE, typename TC, bool ARow, bool BRow>
+__device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int lda, const TC *B, int ldb, float *Cs, int ldc,
+                                      bool acc) {
+  if constexpr (MODE == SIMT) {
+    for (int e = threadIdx.x; e < Mr * Nc; e += THREADS) {
+      int r = e / Nc, n = e % Nc;
+      float s = acc ? Cs[(int64_t)r * ldc + n] : 0.f;
+      for (int k = 0; k < K; k++)
+        s = fmaf(ARow ? A[r * lda + k] : A[k * lda + r], BRow ? B[(int64_t)k * ldb + n] : B[(int64_t)n * ldb + k], s);
+      Cs[(int64_t)r * ldc + n] = s;
+    }
+  } else {
+    typedef typename std::conditional<MODE == TF32, wmma::precision::tf32, TC>::type FT;
+    constexpr int KS = MODE == TF32 ? 8 : 16;
+    typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
+    typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
+    const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
+    for (int blk = warp; blk < blocks; blk += WARPS) {
+      const int r0 = blk / nb * 16, n0 = blk % nb * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
+      if (acc) wmma::load_matrix_sync(c, Cs + (int64_t)r0 * ldc + n0, ldc, wmma::mem_row_major);
+      else wmma::fill_fragment(c, 0.f);
+      for (int k0 = 0; k0 < K; k0 += KS) {
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> b;
+        wmma::load_matrix_sync(a, ARow ? A + (int64_t)r0 * lda + k0 : A + (int64_t)k0 * lda + r0, lda);
+        wmma::load_matrix_sync(b, BRow ? B + (int64_t)k0 * ldb + n0 : B + (int64_t)n0 * ldb + k0, ldb);
+        if constexpr (MODE == TF32) {
+          for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+          for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+        }
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+// row pitches: h1/gz (the product's dtype) and z (float32), padded against bank conflicts, multiples of 32 bytes
+template <typename TC> __host__ __device__ constexpr int pitch_h(int CP) { return CP + (int)(32 / sizeof(TC)) / 2 * 2; }
+__host__ __device__ constexpr int pitch_z(int CP) { return CP + 8; }
+
+template <typename TC> static size_t fwd_smem(int CP) {
+  return (size_t)TPF * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPF * pitch_z(CP) * 4 + TPF * 2 * 4 + 64;
+}
+
+// f of the tile's pairs (0 past the end), then h1 = relu(w1 f + b1)
+template <typename TC, int TP>
+__device__ __forceinline__ void tile_h1(const W &w, const float *qpos, const float *kp, int64_t u0, int64_t NM, int64_t M,
+                                        float *f, float *df, TC *h1, int ldh) {
+  for (int t = threadIdx.x; t < TP; t += THREADS) {
+    int64_t u = u0 + t;
+    float f0 = 0.f, f1 = 0.f, d0 = 0.f, d1 = 0.f;
+    if (u < NM) {
+      int64_t i = u / M, j = u % M;
+      feature(qpos[2 * i], kp[2 * j], f0, d0);
+      feature(qpos[2 * i + 1], kp[2 * j + 1], f1, d1);
+    }
+    f[2 * t] = f0;
+    f[2 * t + 1] = f1;
+    if (df) { df[2 * t] = d0; df[2 * t + 1] = d1; }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < TP * w.CP; e += THREADS) {
+    int t = e / w.CP, c = e % w.CP;
+    float z = fmaf(w.w1x[c], f[2 * t], fmaf(w.w1y[c], f[2 * t + 1], w.b1[c]));
+    h1[t * ldh + c] = fa_from_f<TC>(z > 0.f ? z : 0.f);
+  }
+  __syncthreads();
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, float *out, const float *qpos,
+                                                      const float *kpos) {
+  typedef typename Compute<MODE, T>::type TC;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int CP = w.CP, ldh = pitch_h<TC>(CP), ldz = pitch_z(CP);
+  TC *h1 = (TC *)smem;
+  float *z = (float *)(smem + (size_t)TPF * ldh * sizeof(TC)), *f = z + (size_t)TPF * ldz;
+  const int64_t NM = g.N * g.M, tpp = (NM + TPF - 1) / TPF, tiles = g.P * tpp;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * TPF;
+    tile_h1<TC, TPF>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, nullptr, h1, ldh);
+    bgemm<MODE, TC, true, false>(TPF, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false);
+    __syncthreads();
+    for (int e = threadIdx.x; e < TPF * w.O; e += THREADS) {
+      int t = e % TPF, o = e / TPF;
+      int64_t u = u0 + t;
+      const float *zr = z + t * ldz, *w3 = w.w3 + o * CP;
+      float s = 0.f;
+      for (int c = 0; c < w.C; c++) s = fmaf(w3[c], fmaxf(zr[c] + w.b2[c], 0.f), s);
+      if (u < NM) out[(p * w.O + o) * NM + u] = s + w.b3[o];
+    }
+    __syncthreads();
+  }
+}
+
+// the CTA's partial: gw2 (CP x CP) first (32-byte aligned for WMMA), then gw1x, gw1y, gb1, gb2 (CP each), gw3
+// (O x CP), gb3 (O); the slice length rounded up to 64 floats
+__host__ __device__ inline int64_t part_len(int CP, int O) { return ((int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O + 63) / 64 * 64; }
+
+template <typename TC> static size_t bwd_smem(int CP, int O) {
+  return 2 * (size_t)TPB * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPB * pitch_z(CP) * 4 +
+         ((size_t)TPB * (4 + O) + 4 * CP + (size_t)O * CP + O) * 4 + 128;
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(THREADS) bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
+                                                      const float *grad_bias, const float *qpos, const float *kpos) {
+  typedef typename Compute<MODE, T>::type TC;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int CP = w.CP, O = w.O, ldh = pitch_h<TC>(CP), ldz = pitch_z(CP);
+  TC *h1 = (TC *)smem, *gz = h1 + (size_t)TPB * ldh;
+  float *z = (float *)(gz + (size_t)TPB * ldh), *f = z + (size_t)TPB * ldz, *df = f + 2 * TPB, *gg = df + 2 * TPB;
+  float *acc = gg + TPB * O; // gw1x, gw1y, gb1, gb2 (CP each), gw3 (O x CP), gb3 (O): as the partial after gw2
+  const int nacc = 4 * CP + O * CP + O;
+  float *mine = part + blockIdx.x * part_len(CP, O);
+  for (int e = threadIdx.x; e < CP * CP; e += THREADS) mine[e] = 0.f;
+  for (int e = threadIdx.x; e < nacc; e += THREADS) acc[e] = 0.f;
+  float *gw1x = acc, *gw1y = acc + CP, *gb1 = acc + 2 * CP, *gb2 = acc + 3 * CP, *gw3 = acc + 4 * CP, *gb3 = gw3 + O * CP;
+  __syncthreads();
+  const int64_t NM = g.N * g.M, tpp = (NM + TPB - 1) / TPB, tiles = g.P * tpp;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * TPB;
+    for (int e = threadIdx.x; e < TPB * O; e += THREADS) {
+      int t = e % TPB, o = e / TPB;
+      int64_t u = u0 + t;
+      gg[t * O + o] = u < NM ? grad_bias[(p * O + o) * NM + u] : 0.f;
+    }
+    tile_h1<TC, TPB>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, df, h1, ldh);
+    bgemm<MODE, TC, true, false>(TPB, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false);
+    __syncthreads();
+    for (int e = threadIdx.x; e < TPB * CP; e += THREADS) {
+      int t = e / CP, c = e % CP;
+      z[t * ldz + c] = fmaxf(z[t * ldz + c] + w.b2[c], 0.f); // h2
+    }
+    __syncthreads();
+    // gw3, gb3 (one thread per element), gz2 and gb2 (one thread per hidden unit)
+    for (int e = threadIdx.x; e < O * CP + O; e += THREADS) {
+      float s = 0.f;
+      if (e < O * CP) {
+        int o = e / CP, c = e % CP;
+        for (int t = 0; t < TPB; t++) s = fmaf(gg[t * O + o], z[t * ldz + c], s);
+        gw3[e] += s;
+      } else {
+        for (int t = 0; t < TPB; t++) s += gg[t * O + e - O * CP];
+        gb3[e - O * CP] += s;
+      }
+    }
+    for (int c = threadIdx.x; c < CP; c += THREADS) {
+      float sb = 0.f;
+      for (int t = 0; t < TPB; t++) {
+        float s = 0.f;
+        for (int o = 0; o < O; o++) s = fmaf(gg[t * O + o], w.w3[o * CP + c], s);
+        s = z[t * ldz + c] > 0.f ? s : 0.f;
+        gz[t * ldh + c] = fa_from_f<TC>(s);
+        sb += s;
+      }
+      gb2[c] += sb;
+    }
+    __syncthreads();
+    // gw2 += gz2^T h1 (the CTA's partial, global); gh1 = gz2 w2 (into z)
+    bgemm<MODE, TC, false, true>(CP, CP, TPB, gz, ldh, h1, ldh, mine, CP, true);
+    bgemm<MODE, TC, true, true>(TPB, CP, CP, gz, ldh, (const TC *)w.w2, CP, z, ldz, false);
+    __syncthreads();
+    // gz1 = gh1 [h1 > 0] (h1 recomputed in float32: the mask of the forward's float32 pre-activation)
+    for (int c = threadIdx.x; c < CP; c += THREADS) {
+      float a0 = 0.f, a1 = 0.f, ab = 0.f;
+      for (int t = 0; t < TPB; t++) {
+        float pre = fmaf(w.w1x[c], f[2 * t], fmaf(w.w1y[c], f[2 * t + 1], w.b1[c]));
+        float s = pre > 0.f ? z[t * ldz + c] : 0.f;
+        ab += s;
+        a0 = fmaf(s, f[2 * t], a0);
+        a1 = fmaf(s, f[2 * t + 1], a1);
+      }
+      gb1[c] += ab;
+      gw1x[c] += a0;
+      gw1y[c] += a1;
+    }
+    for (int t = threadIdx.x; t < TPB; t += THREADS) {
+      float s0 = 0.f, s1 = 0.f;
+      for (int c = 0; c < w.C; c++) {
+        float pre = fmaf(w.w1x[c], f[2 * t], fmaf(w.w1y[c], f[2 * t + 1], w.b1[c]));
+        float s = pre > 0.f ? z[t * ldz + c] : 0.f;
+        s0 = fmaf(s, w.w1x[c], s0);
+        s1 = fmaf(s, w.w1y[c], s1);
+      }
+      int64_t u = u0 + t;
+      if (u < NM) {
+        gd[(p * NM + u) * 2] = s0 * df[2 * t];
+        gd[(p * NM + u) * 2 + 1] = s1 * df[2 * t + 1];
+      }
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < nacc; e += THREADS) mine[(int64_t)CP * CP + e] = acc[e];
+}
+
+// grad weights = the CTAs' partials summed in CTA order
+template <typename T>
+__global__ void reduce_w_kernel(const float *part, int ncta, int C, int CP, int O, T *gw1, T *gb1, T *gw2, T *gb2,
+                                T *gw3, T *gb3) {
+  const int64_t L = part_len(CP, O), n = (int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int b = 0; b < ncta; b++) s += part[b * L + e];
+    T v = fa_from_f<T>(s);
+    if (e < (int64_t)CP * CP) {
+      int64_t a = e / CP, b = e % CP;
+      if (gw2 && a < C && b < C) gw2[a * C + b] = v;
+      continue;
+    }
+    int64_t r = e - (int64_t)CP * CP, k = r / CP, c = r % CP;
+    if (k < 4) {
+      if (c >= C) continue;
+      if (k == 0 && gw1) gw1[2 * c] = v;
+      if (k == 1 && gw1) gw1[2 * c + 1] = v;
+      if (k == 2 && gb1) gb1[c] = v;
+      if (k == 3 && gb2) gb2[c] = v;
+    } else if (r < 4 * (int64_t)CP + (int64_t)O * CP) {
+      int64_t o = (r - 4 * CP) / CP, cc = (r - 4 * CP) % CP;
+      if (gw3 && cc < C) gw3[o * C + cc] = v;
+    } else if (gb3) {
+      gb3[r - 4 * (int64_t)CP - (int64_t)O * CP] = v;
+    }
+  }
+}
+
+// grad_kpos[p, j] = -sum_i gd[p, i*M + j] in query order
+__global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N, int64_t M) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < P * M * 2; e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t p = e / (2 * M), jk = e % (2 * M);
+    const float *src = gd + p * N * M * 2 + jk;
+    float s = 0.f;
+    for (int64_t i = 0; i < N; i++) s += src[i * M * 2];
+    gk[e] = 0.f - s;
+  }
+}
+
+template <typename T> int mode_of(int tf32);
+template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : SIMT; }
+template <> int mode_of<__nv_bfloat16>(int) { return HALF16; }
+template <> int mode_of<__half>(int) { return HALF16; }
+
+template <typename K> static int set_smem(K kernel, size_t bytes, int dev, int64_t C, const char *fn) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (bytes > (size_t)optin)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'w1': %lld hidden units need %zu bytes of shared memory per block, the device allows %d",
+                    fn, (long long)C, bytes, optin);
+  return fa_cu_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), fn);
+}
+
+// the padded weights in one temporary buffer: small floats, then w2 (CP x CP)
+struct Prep {
+  void *buf = nullptr;
+  W w;
+};
+template <typename T, int MODE>
+static int prepare(const fa_cpb_geom *g, const fa_cpb_in *in, Prep &pr, const char *fn) {
+  int dev = g->device;
+  int CP = (int)((g->C + 15) / 16 * 16), O = (int)g->O;
+  if (CP == 0) CP = 16;
+  int64_t nsmall = 4 * (int64_t)CP + (int64_t)O * CP + O, off = (nsmall * 4 + 255) / 256 * 256;
+  size_t es = MODE == HALF16 ? sizeof(T) : 4;
+  pr.buf = fa_cu_temp_alloc(dev, off + (int64_t)CP * CP * es);
+  if (!pr.buf) return FA_ERR_MEMORY;
+  float *small = (float *)pr.buf;
+  void *w2p = (char *)pr.buf + off;
+  int64_t n = nsmall + (int64_t)CP * CP;
+  prep_kernel<T><<<fa_cu_blocks(n, 256, dev), 256, 0, fa_cu_stream(dev)>>>(
+      small, w2p, (const T *)in->w1, (const T *)in->b1, (const T *)in->w2, (const T *)in->b2, (const T *)in->w3,
+      (const T *)in->b3, (int)g->C, CP, O, MODE == HALF16);
+  int rc = fa_cu_launch_check(fn);
+  if (rc) return rc;
+  pr.w.w1x = small;
+  pr.w.w1y = small + CP;
+  pr.w.b1 = small + 2 * CP;
+  pr.w.b2 = small + 3 * CP;
+  pr.w.w3 = small + 4 * CP;
+  pr.w.b3 = small + 4 * CP + (int64_t)O * CP;
+  pr.w.w2 = w2p;
+  pr.w.C = (int)g->C;
+  pr.w.CP = CP;
+  pr.w.O = O;
+  return 0;
+}
+
+static int check_limits(const fa_cpb_geom *g, const char *fn) {
+  if (g->C > MAXC)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'w1': expected at most %d hidden units (rows) on CUDA, got %lld", fn, MAXC,
+                    (long long)g->C);
+  if (g->O > 64)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'w3': expected at most 64 outputs (rows) on CUDA, got %lld", fn,
+                    (long long)g->O);
+  return 0;
+}
+
+template <typename T, int MODE> static int forward_t(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_forward";
+  typedef typename Compute<MODE, T>::type TC;
+  int dev = g->device, rc;
+  Prep pr;
+  if ((rc = prepare<T, MODE>(g, in, pr, fn))) return rc;
+  size_t sm = fwd_smem<TC>(pr.w.CP);
+  if (!(rc = set_smem(fwd_kernel<T, MODE>, sm, dev, g->C, fn))) {
+    int64_t tiles = g->P * ((g->N * g->M + TPF - 1) / TPF);
+    int64_t grid = (int64_t)fa_cu_sm_count(dev) * 4;
+    if (grid > tiles) grid = tiles;
+    fwd_kernel<T, MODE><<<(unsigned)grid, THREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, out, (const float *)in->qpos,
+                                                                           (const float *)in->kpos);
+    rc = fa_cu_launch_check(fn);
+  }
+  fa_cu_temp_free(dev, pr.buf);
+  return rc;
+}
+
+template <typename T, int MODE>
+static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_backward";
+  typedef typename Compute<MODE, T>::type TC;
+  int dev = g->device, rc;
+  cudaStream_t st = fa_cu_stream(dev);
+  Prep pr;
+  if ((rc = prepare<T, MODE>(g, in, pr, fn))) return rc;
+  const int CP = pr.w.CP, O = pr.w.O;
+  int64_t NM = g->N * g->M, tiles = g->P * ((NM + TPB - 1) / TPB);
+  int64_t grid = (int64_t)fa_cu_sm_count(dev) * 3; // fixed by the device: the partials' order is too
+  if (grid > tiles) grid = tiles;
+  if (grid < 1) grid = 1;
+  float *part = (float *)fa_cu_temp_alloc(dev, grid * part_len(CP, O) * 4);
+  float *gd = (float *)fa_cu_temp_alloc(dev, (g->P * NM * 2 > 0 ? g->P * NM * 2 : 1) * 4);
+  size_t sm = bwd_smem<TC>(CP, O);
+  if (!part || !gd) rc = FA_ERR_MEMORY;
+  if (!rc) rc = set_smem(bwd_kernel<T, MODE>, sm, dev, g->C, fn);
+  if (!rc) {
+    bwd_kernel<T, MODE><<<(unsigned)grid, THREADS, sm, st>>>(*g, pr.w, part, gd, grad_bias, (const float *)in->qpos,
+                                                             (const float *)in->kpos);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc) {
+    int64_t n = (int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O;
+    reduce_w_kernel<T><<<fa_cu_blocks(n, 256, dev), 256, 0, st>>>(part, (int)grid, (int)g->C, CP, O, (T *)gr->w1,
+                                                                   (T *)gr->b1, (T *)gr->w2, (T *)gr->b2, (T *)gr->w3,
+                                                                   (T *)gr->b3);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc && gr->kpos && g->P * g->M > 0) {
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    rc = fa_cu_launch_check(fn);
+  }
+  fa_cu_temp_free(dev, gd);
+  fa_cu_temp_free(dev, part);
+  fa_cu_temp_free(dev, pr.buf);
+  return rc;
+}
+
+template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
+  int m = mode_of<T>(fa_cu_tf32_allowed());
+  if constexpr (std::is_same<T, float>::value)
+    return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, SIMT>(g, out, in);
+  else
+    return forward_t<T, HALF16>(g, out, in);
+}
+template <typename T>
+static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
+  int m = mode_of<T>(fa_cu_tf32_allowed());
+  if constexpr (std::is_same<T, float>::value)
+    return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, SIMT>(g, gr, gb, in);
+  else
+    return backward_t<T, HALF16>(g, gr, gb, in);
+}
+} // namespace
+
+extern "C" int fa_cu_cpb_forward(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
+  int rc;
+  if ((rc = check_limits(g, "fa_cpb_forward"))) return rc;
+  if ((rc = fa_cu_check(cudaSetDevice(g->device), "fa_cpb_forward"))) return rc;
+  if (g->P * g->N * g->M * g->O == 0) return 0;
+  switch (g->dtype) {
+  case FA_FLOAT32: return forward_d<float>(g, out, in);
+  case FA_BFLOAT16: return forward_d<__nv_bfloat16>(g, out, in);
+  default: return forward_d<__half>(g, out, in);
+  }
+}
+
+extern "C" int fa_cu_cpb_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
+  int rc;
+  if ((rc = check_limits(g, "fa_cpb_backward"))) return rc;
+  if ((rc = fa_cu_check(cudaSetDevice(g->device), "fa_cpb_backward"))) return rc;
+  switch (g->dtype) {
+  case FA_FLOAT32: return backward_d<float>(g, gr, grad_bias, in);
+  case FA_BFLOAT16: return backward_d<__nv_bfloat16>(g, gr, grad_bias, in);
+  default: return backward_d<__half>(g, gr, grad_bias, in);
+  }
+}
