@@ -38,7 +38,7 @@ LIB := build/libfastattn.so
 BUSTED := busted
 DEPS_PKGS := luajit libluajit-5.1-dev lua-busted libopenblas-dev rlwrap
 
-.PHONY: all deps test test-gpu sanitize demo demo-convnet demo-triangle bench bench-cpu repl install clean fixtures
+.PHONY: all deps test test-gpu sanitize demo demo-convnet demo-triangle demo-deform2d bench bench-cpu repl install clean fixtures
 all: $(LIB)
 
 # build/fa_cuda.0 or .1 records the last choice, so switching FA_CUDA relinks the library
@@ -114,6 +114,10 @@ demo-triangle: deps
 	$(MAKE) -j$(NPROC) all
 	bin/fastattn examples/train_triangle.lua
 
+demo-deform2d: deps
+	$(MAKE) -j$(NPROC) all
+	bin/fastattn examples/train_deform2d.lua
+
 # CPU benchmark against PyTorch on the CPU (same threads)
 bench-cpu: $(LIB)
 	bin/fastattn bench/cpu.lua
@@ -123,6 +127,7 @@ bench: $(LIB)
 	bin/fastattn bench/gpu.lua
 	bin/fastattn bench/msda.lua
 	bin/fastattn bench/triangle_attention.lua
+	bin/fastattn bench/deformable_attention2d.lua
 
 repl: deps $(LIB)
 	bin/fastattn

@@ -33,6 +33,7 @@ local MODULES = {
   Identity = 'shape', Flatten = 'shape', View = 'shape',
   MSDeformAttn = 'msdeformattn',
   TriangleAttention = 'triangle_attention',
+  DeformableAttention2D = 'deformable_attention2d',
 }
 nn._MODULES = MODULES
 
