@@ -301,12 +301,13 @@ local function coarse_row_case(dtype, device, kernel, D, Lks)
     local go = fa.zeros(1, 3, D); go:select(2, 2):copy(fa.randn(D)); go = c(go)
     local out, lse = fa.attention(q, k, v, o)
     local gq, _, gv = fa.attention_backward(go, q, k, v, out, lse, o)
-    local k64, v64 = k:double(), v:double()
-    local g, vm = go:select(2, 2):double():view(D), v64:mean(2):view(D)
+    local f64 = function(t) return t:to('float64', 'cpu') end
+    local k64, v64 = f64(k), f64(v)
+    local g, vm = f64(go:select(2, 2)):view(D), v64:mean(2):view(D)
     local what = string.format('%s %s %s, Lk = %d: ', dtype, device, kernel or 'auto', Lk)
-    H.assert_close(out:select(2, 2):double():view(D), vm, tol[1], tol[1] * H.maxabs(vm), what .. 'out = mean(v)')
+    H.assert_close(f64(out:select(2, 2)):view(D), vm, tol[1], tol[1] * H.maxabs(vm), what .. 'out = mean(v)')
     local gvw = (g / Lk):view(1, D):expand(Lk, D)
-    H.assert_close(gv:double():view(Lk, D), gvw, tol[1], tol[1] * H.maxabs(gvw), what .. 'grad_v')
+    H.assert_close(f64(gv):view(Lk, D), gvw, tol[1], tol[1] * H.maxabs(gvw), what .. 'grad_v')
     local want, gm = {}, 0
     for d = 1, D do want[d] = 0; gm = gm + g:get(d) * vm:get(d) end
     for j = 1, Lk do
@@ -315,7 +316,7 @@ local function coarse_row_case(dtype, device, kernel, D, Lks)
       for d = 1, D do want[d] = want[d] + k64:get(1, j, d) * (gvj - gm) / Lk / math.sqrt(D) end
     end
     want = fa.tensor(want, 'float64')
-    H.assert_close(gq:select(2, 2):double():view(D), want, tol[2], tol[2] * H.maxabs(want), what .. 'grad_q')
+    H.assert_close(f64(gq:select(2, 2)):view(D), want, tol[2], tol[2] * H.maxabs(want), what .. 'grad_q')
   end
 end
 
