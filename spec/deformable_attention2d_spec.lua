@@ -99,7 +99,8 @@ local function random_inputs(name)
   local cfg, B, Hh, W = unpack(CFG[name])
   local m = layer(cfg, 'float64')
   local x = { cfg = name, x = fa.randn(B, cfg.dim, Hh, W, 'float64') }
-  for n, p in pairs(m:namedParameters()) do x[n] = p + fa.randn(p:size(), 'float64') * 0.2 end
+  local params = m:namedParameters()
+  for _, n in ipairs(PARAMS) do x[n] = params[n] + fa.randn(params[n]:size(), 'float64') * 0.2 end -- a fixed draw order
   return x
 end
 
