@@ -6,6 +6,10 @@
 // 16x16x16, or TF32 16x16x8 under fa.cuda.allowTF32(true)) or exact float32 FMAs (SIMT), h2 = relu(z2 + b2),
 // then the O outputs (float32, coalesced along the keys). w2 is read from a padded (CP x CP) copy in global memory
 // (L1/L2-resident), so the shared memory holds only the tile.
+// 16-bit weights: h1 enters the products as two 16-bit parts, hi + lo (lo = h1 - hi rounded), z2 = hi w2^T +
+// lo w2^T, nearly the float32 product (w2 itself is exact). With h1 rounded alone, z2 erred by 2^-9 / 2^-12 and
+// h2's relu flipped at pairs near 0, each flip moving a whole term of the weight gradients: errors of a few % of
+// max|grad| in the first GPU run, float16 no better than bfloat16 (spec/fixtures/emulate_cpb.py reproduces them).
 // Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1 (accumulated in
 // the CTA's slice of a partial buffer in global memory), gh1 = gz2 w2, gz1 = gh1 [h1 > 0], gw1 += gz1^T f,
 // gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer. Then two fixed-order reductions: the weight partials over
@@ -68,17 +72,21 @@ __global__ void prep_kernel(float *small, void *w2p, const T *w1, const T *b1, c
   }
 }
 
-// Cs (Mr x Nc, float, row-major, ldc) (+)= A (Mr x K) B (K x Nc). A(r, k) = A[r*lda + k] (ARow) or A[k*lda + r];
-// B(k, n) = B[k*ldb + n] (BRow) or B[n*ldb + k]. Mr, Nc, K multiples of 16; the block's warps share the work.
+// Cs (Mr x Nc, float, row-major, ldc) (+)= A (Mr x K) B (K x Nc) (+ A2 B: A2 as A, nullptr = none). A(r, k) =
+// A[r*lda + k] (ARow) or A[k*lda + r]; B(k, n) = B[k*ldb + n] (BRow) or B[n*ldb + k]. Mr, Nc, K multiples of 16;
+// the block's warps share the work.
 template <int MODE, typename TC, bool ARow, bool BRow>
 __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int lda, const TC *B, int ldb, float *Cs, int ldc,
-                                      bool acc) {
+                                      bool acc, const TC *A2 = nullptr) {
   if constexpr (MODE == SIMT) {
     for (int e = threadIdx.x; e < Mr * Nc; e += THREADS) {
       int r = e / Nc, n = e % Nc;
       float s = acc ? Cs[(int64_t)r * ldc + n] : 0.f;
-      for (int k = 0; k < K; k++)
-        s = fmaf(ARow ? A[r * lda + k] : A[k * lda + r], BRow ? B[(int64_t)k * ldb + n] : B[(int64_t)n * ldb + k], s);
+      for (int k = 0; k < K; k++) {
+        float b = BRow ? B[(int64_t)k * ldb + n] : B[(int64_t)n * ldb + k];
+        s = fmaf(ARow ? A[r * lda + k] : A[k * lda + r], b, s);
+        if (A2) s = fmaf(ARow ? A2[r * lda + k] : A2[k * lda + r], b, s);
+      }
       Cs[(int64_t)r * ldc + n] = s;
     }
   } else {
@@ -102,6 +110,12 @@ __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int ld
           for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
         }
         wmma::mma_sync(c, a, b, c);
+        if (A2) {
+          wmma::load_matrix_sync(a, ARow ? A2 + (int64_t)r0 * lda + k0 : A2 + (int64_t)k0 * lda + r0, lda);
+          if constexpr (MODE == TF32)
+            for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+          wmma::mma_sync(c, a, b, c);
+        }
       }
       wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
     }
@@ -112,14 +126,17 @@ __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int ld
 template <typename TC> __host__ __device__ constexpr int pitch_h(int CP) { return CP + (int)(32 / sizeof(TC)) / 2 * 2; }
 __host__ __device__ constexpr int pitch_z(int CP) { return CP + 8; }
 
-template <typename TC> static size_t fwd_smem(int CP) {
-  return (size_t)TPF * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPF * pitch_z(CP) * 4 + TPF * 2 * 4 + 64;
+// h1 in two 16-bit parts (hi, lo) with 16-bit weights; in float32 (SIMT, TF32) one
+template <int MODE> __host__ __device__ constexpr int h_parts() { return MODE == HALF16 ? 2 : 1; }
+
+template <int MODE, typename TC> static size_t fwd_smem(int CP) {
+  return h_parts<MODE>() * (size_t)TPF * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPF * pitch_z(CP) * 4 + TPF * 2 * 4 + 64;
 }
 
-// f of the tile's pairs (0 past the end), then h1 = relu(w1 f + b1)
+// f of the tile's pairs (0 past the end), then h1 = relu(w1 f + b1) (h1lo: nullptr, or h1 = h1 + h1lo in 16 bits)
 template <typename TC, int TP>
 __device__ __forceinline__ void tile_h1(const W &w, const float *qpos, const float *kp, int64_t u0, int64_t NM, int64_t M,
-                                        float *f, float *df, TC *h1, int ldh) {
+                                        float *f, float *df, TC *h1, TC *h1lo, int ldh) {
   for (int t = threadIdx.x; t < TP; t += THREADS) {
     int64_t u = u0 + t;
     float f0 = 0.f, f1 = 0.f, d0 = 0.f, d1 = 0.f;
@@ -135,8 +152,10 @@ __device__ __forceinline__ void tile_h1(const W &w, const float *qpos, const flo
   __syncthreads();
   for (int e = threadIdx.x; e < TP * w.CP; e += THREADS) {
     int t = e / w.CP, c = e % w.CP;
-    float z = fmaf(w.w1x[c], f[2 * t], fmaf(w.w1y[c], f[2 * t + 1], w.b1[c]));
-    h1[t * ldh + c] = fa_from_f<TC>(z > 0.f ? z : 0.f);
+    float z = fmaf(w.w1x[c], f[2 * t], fmaf(w.w1y[c], f[2 * t + 1], w.b1[c])), v = z > 0.f ? z : 0.f;
+    TC hi = fa_from_f<TC>(v);
+    h1[t * ldh + c] = hi;
+    if (h1lo) h1lo[t * ldh + c] = fa_from_f<TC>(v - fa_to_f<TC>(hi)); // v - hi is exact in float32
   }
   __syncthreads();
 }
@@ -147,13 +166,14 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, 
   typedef typename Compute<MODE, T>::type TC;
   extern __shared__ __align__(128) unsigned char smem[];
   const int CP = w.CP, ldh = pitch_h<TC>(CP), ldz = pitch_z(CP);
-  TC *h1 = (TC *)smem;
-  float *z = (float *)(smem + (size_t)TPF * ldh * sizeof(TC)), *f = z + (size_t)TPF * ldz;
+  constexpr int NH = h_parts<MODE>();
+  TC *h1 = (TC *)smem, *h1lo = NH == 2 ? h1 + (size_t)TPF * ldh : nullptr;
+  float *z = (float *)(smem + NH * (size_t)TPF * ldh * sizeof(TC)), *f = z + (size_t)TPF * ldz;
   const int64_t NM = g.N * g.M, tpp = (NM + TPF - 1) / TPF, tiles = g.P * tpp;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t p = tile / tpp, u0 = tile % tpp * TPF;
-    tile_h1<TC, TPF>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, nullptr, h1, ldh);
-    bgemm<MODE, TC, true, false>(TPF, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false);
+    tile_h1<TC, TPF>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, nullptr, h1, h1lo, ldh);
+    bgemm<MODE, TC, true, false>(TPF, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false, h1lo);
     __syncthreads();
     for (int e = threadIdx.x; e < TPF * w.O; e += THREADS) {
       int t = e % TPF, o = e / TPF;
@@ -171,8 +191,8 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, 
 // (O x CP), gb3 (O); the slice length rounded up to 64 floats
 __host__ __device__ inline int64_t part_len(int CP, int O) { return ((int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O + 63) / 64 * 64; }
 
-template <typename TC> static size_t bwd_smem(int CP, int O) {
-  return 2 * (size_t)TPB * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPB * pitch_z(CP) * 4 +
+template <int MODE, typename TC> static size_t bwd_smem(int CP, int O) {
+  return (1 + h_parts<MODE>()) * (size_t)TPB * pitch_h<TC>(CP) * sizeof(TC) + (size_t)TPB * pitch_z(CP) * 4 +
          ((size_t)TPB * (4 + O) + 4 * CP + (size_t)O * CP + O) * 4 + 128;
 }
 
@@ -182,8 +202,9 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const fa_cpb_geom g, W w, 
   typedef typename Compute<MODE, T>::type TC;
   extern __shared__ __align__(128) unsigned char smem[];
   const int CP = w.CP, O = w.O, ldh = pitch_h<TC>(CP), ldz = pitch_z(CP);
-  TC *h1 = (TC *)smem, *gz = h1 + (size_t)TPB * ldh;
-  float *z = (float *)(gz + (size_t)TPB * ldh), *f = z + (size_t)TPB * ldz, *df = f + 2 * TPB, *gg = df + 2 * TPB;
+  constexpr int NH = h_parts<MODE>();
+  TC *h1 = (TC *)smem, *gz = h1 + (size_t)TPB * ldh, *h1lo = NH == 2 ? gz + (size_t)TPB * ldh : nullptr;
+  float *z = (float *)(gz + NH * (size_t)TPB * ldh), *f = z + (size_t)TPB * ldz, *df = f + 2 * TPB, *gg = df + 2 * TPB;
   float *acc = gg + TPB * O; // gw1x, gw1y, gb1, gb2 (CP each), gw3 (O x CP), gb3 (O): as the partial after gw2
   const int nacc = 4 * CP + O * CP + O;
   float *mine = part + blockIdx.x * part_len(CP, O);
@@ -199,8 +220,9 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const fa_cpb_geom g, W w, 
       int64_t u = u0 + t;
       gg[t * O + o] = u < NM ? grad_bias[(p * O + o) * NM + u] : 0.f;
     }
-    tile_h1<TC, TPB>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, df, h1, ldh);
-    bgemm<MODE, TC, true, false>(TPB, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false);
+    tile_h1<TC, TPB>(w, qpos, kpos + p * g.M * 2, u0, NM, g.M, f, df, h1, h1lo, ldh);
+    // z2 as the forward's (the same parts, the same order): the same relu masks
+    bgemm<MODE, TC, true, false>(TPB, CP, CP, h1, ldh, (const TC *)w.w2, CP, z, ldz, false, h1lo);
     __syncthreads();
     for (int e = threadIdx.x; e < TPB * CP; e += THREADS) {
       int t = e / CP, c = e % CP;
@@ -231,7 +253,8 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(const fa_cpb_geom g, W w, 
       gb2[c] += sb;
     }
     __syncthreads();
-    // gw2 += gz2^T h1 (the CTA's partial, global); gh1 = gz2 w2 (into z)
+    // gw2 += gz2^T h1 (the CTA's partial, global); gh1 = gz2 w2 (into z). gz2 and h1 rounded to 16 bits here
+    // (hi only) err by 2^-9 / 2^-12 relative per term, with nothing discontinuous after them
     bgemm<MODE, TC, false, true>(CP, CP, TPB, gz, ldh, h1, ldh, mine, CP, true);
     bgemm<MODE, TC, true, true>(TPB, CP, CP, gz, ldh, (const TC *)w.w2, CP, z, ldz, false);
     __syncthreads();
@@ -374,7 +397,7 @@ template <typename T, int MODE> static int forward_t(const fa_cpb_geom *g, float
   int dev = g->device, rc;
   Prep pr;
   if ((rc = prepare<T, MODE>(g, in, pr, fn))) return rc;
-  size_t sm = fwd_smem<TC>(pr.w.CP);
+  size_t sm = fwd_smem<MODE, TC>(pr.w.CP);
   if (!(rc = set_smem(fwd_kernel<T, MODE>, sm, dev, g->C, fn))) {
     int64_t tiles = g->P * ((g->N * g->M + TPF - 1) / TPF);
     int64_t grid = (int64_t)fa_cu_sm_count(dev) * 4;
@@ -402,7 +425,7 @@ static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float 
   if (grid < 1) grid = 1;
   float *part = (float *)fa_cu_temp_alloc(dev, grid * part_len(CP, O) * 4);
   float *gd = (float *)fa_cu_temp_alloc(dev, (g->P * NM * 2 > 0 ? g->P * NM * 2 : 1) * 4);
-  size_t sm = bwd_smem<TC>(CP, O);
+  size_t sm = bwd_smem<MODE, TC>(CP, O);
   if (!part || !gd) rc = FA_ERR_MEMORY;
   if (!rc) rc = set_smem(bwd_kernel<T, MODE>, sm, dev, g->C, fn);
   if (!rc) {
