@@ -15,6 +15,21 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 
+// cp_tile of MBN full rows when the 16-byte chunks of a row divide the CTA (D in {16, 32, 64, 128}): thread t
+// copies chunk t % C of rows t / C + i (THREADS / C), the 64-bit row offset added, not multiplied, per copy
+template <typename T, int D>
+__device__ __forceinline__ void cp_tile_full(T *dst, const T *src, int64_t rs) {
+  constexpr int C = D / 8, RS = THREADS / C;
+  static_assert(THREADS % C == 0, "chunks per row must divide the CTA");
+  const int r = threadIdx.x / C, c = threadIdx.x % C;
+  src += (int64_t)r * rs + c * 8;
+  const int64_t step = RS * rs;
+  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
+#pragma unroll
+  for (int i = 0; i < MBN / RS; i++, src += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src) : "memory");
+}
+
 // ST: the bias / select-mask tiles of each key tile come through shared memory with K and V (stage_bm)
 template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
@@ -48,10 +63,31 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
       ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
-    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
-    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    bool kvdone = false;
+    if constexpr (THREADS % (D / 8) == 0) {
+      if (nk == MBN) {
+        cp_tile_full<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r);
+        cp_tile_full<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r);
+        kvdone = true;
+      }
+    }
+    if (!kvdone) {
+      cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+      cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    }
     if (ST) {
-      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr,
+      // a bias tile of full rows and keys: stage_bm's copies (thread t: 16 bytes at column 4 (t & 15) of rows
+      // t / 16 + 8 i) with the index math once per tile
+      const bool full = bt && nrow == MBM && nk == MBN;
+      if (full) {
+        const float *src = bt + j0 + (int64_t)(threadIdx.x >> 4) * g.bias.r + (threadIdx.x & 15) * 4;
+        const int64_t step = 8 * g.bias.r;
+        const uint32_t dst = smem_addr(Bs + buf * MBM * SBP + (threadIdx.x >> 4) * SBP + (threadIdx.x & 15) * 4);
+#pragma unroll
+        for (int i = 0; i < MBM / 8; i++, src += step)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + i * 8 * SBP * 4), "l"(src) : "memory");
+      }
+      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt && !full ? bt + j0 : nullptr,
                          mt && !kvec ? mt + j0 : nullptr, nrow, nk);
       if (kvec && threadIdx.x < MBN)
         wreg = (int)threadIdx.x < nk && (!mt || mt[j0 + threadIdx.x]) ? INFINITY : -INFINITY;
