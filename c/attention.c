@@ -41,18 +41,6 @@ static int check_last_contiguous(const char *fn, const char *arg, const fa_tenso
   return 0;
 }
 
-/* t (shape ending in (..., a, b[, c])) the same in every dimension as ref except the last one */
-static int check_shape(const char *fn, const char *arg, const fa_tensor *t, const int64_t *want, int n, const char *what) {
-  int same = t->ndim == n;
-  for (int i = 0; same && i < n; i++) same = t->shape[i] == want[i];
-  if (!same) {
-    char a[256], b[256];
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s = %s, got %s", fn, arg, what, fa_dims_str(want, n, a),
-                    fa_shape_str(t, b));
-  }
-  return 0;
-}
-
 /* strides of t (aligned right against the n-dim problem shape full[]) for the kept batch dims keep[0..nb) and
  * the last three dims; dims t lacks, and size-1 dims, get stride 0 (broadcast) */
 static void fill_strides(fa_attn_strides *s, const fa_tensor *t, int n, const int *keep, int nb) {
@@ -242,7 +230,7 @@ static int blas_rows(const fa_tensor **t, fa_tensor *copy, void **buf) {
 static int check_lse(const char *fn, const fa_tensor *lse, const fa_tensor *q, const attn_shape *sh) {
   int rc;
   if ((rc = fa_check_defined(fn, "lse", lse)) || (rc = fa_check_same_device(fn, "lse", lse, "q", q))) return rc;
-  if ((rc = check_shape(fn, "lse", lse, q->shape, q->ndim - 1, "(..., H, Lq) as 'q' without D"))) return rc;
+  if ((rc = fa_check_shape(fn, "lse", lse, q->shape, q->ndim - 1, "(..., H, Lq) as 'q' without D"))) return rc;
   if (lse->dtype != sh->acc)
     return fa_error(FA_ERR_ARG, "%s: argument 'lse': expected dtype %s (for %s inputs), got %s", fn, fa_dtype_name(sh->acc),
                     fa_dtype_name(q->dtype), fa_dtype_name(lse->dtype));

@@ -8,18 +8,6 @@
 enum { NIN = 8 }; /* qpos, kpos, w1, b1, w2, b2, w3, b3 */
 static const char *const IN_NAMES[NIN] = {"qpos", "kpos", "w1", "b1", "w2", "b2", "w3", "b3"};
 
-/* t has exactly the n sizes want (what: how the sizes are named) */
-static int check_shape(const char *fn, const char *arg, const fa_tensor *t, const int64_t *want, int n, const char *what) {
-  int same = t->ndim == n;
-  for (int i = 0; same && i < n; i++) same = t->shape[i] == want[i];
-  if (!same) {
-    char a[256], b[256];
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s = %s, got %s", fn, arg, what, fa_dims_str(want, n, a),
-                    fa_shape_str(t, b));
-  }
-  return 0;
-}
-
 /* the positions' dtype: the weights' on the CPU, float32 on CUDA */
 static int pos_dtype(const fa_cpb_geom *g) { return g->device < 0 ? g->dtype : FA_FLOAT32; }
 
@@ -42,13 +30,14 @@ static int cpb_check(const char *fn, const fa_tensor *const *in, const fa_cpb_op
   {
     int64_t s_w1[2] = {g->C, 2}, s_c[1] = {g->C}, s_w2[2] = {g->C, g->C}, s_w3[2] = {g->O, g->C}, s_o[1] = {g->O};
     int64_t s_q[2] = {g->N, 2}, s_k[3] = {g->P, g->M, 2};
-    if ((rc = check_shape(fn, "w1", w1, s_w1, 2, "(C, 2)")) || (rc = check_shape(fn, "qpos", qpos, s_q, 2, "(N, 2)")) ||
-        (rc = check_shape(fn, "kpos", kpos, s_k, 3, "(P, M, 2)")) ||
-        (rc = check_shape(fn, "b1", in[3], s_c, 1, "(C) with C the rows of 'w1'")) ||
-        (rc = check_shape(fn, "w2", w2, s_w2, 2, "(C, C) with C the rows of 'w1'")) ||
-        (rc = check_shape(fn, "b2", in[5], s_c, 1, "(C) with C the rows of 'w1'")) ||
-        (rc = check_shape(fn, "w3", w3, s_w3, 2, "(O, C) with C the rows of 'w1'")) ||
-        (rc = check_shape(fn, "b3", in[7], s_o, 1, "(O) with O the rows of 'w3'")))
+    if ((rc = fa_check_shape(fn, "w1", w1, s_w1, 2, "(C, 2)")) ||
+        (rc = fa_check_shape(fn, "qpos", qpos, s_q, 2, "(N, 2)")) ||
+        (rc = fa_check_shape(fn, "kpos", kpos, s_k, 3, "(P, M, 2)")) ||
+        (rc = fa_check_shape(fn, "b1", in[3], s_c, 1, "(C) with C the rows of 'w1'")) ||
+        (rc = fa_check_shape(fn, "w2", w2, s_w2, 2, "(C, C) with C the rows of 'w1'")) ||
+        (rc = fa_check_shape(fn, "b2", in[5], s_c, 1, "(C) with C the rows of 'w1'")) ||
+        (rc = fa_check_shape(fn, "w3", w3, s_w3, 2, "(O, C) with C the rows of 'w1'")) ||
+        (rc = fa_check_shape(fn, "b3", in[7], s_o, 1, "(O) with O the rows of 'w3'")))
       return rc;
   }
   /* dtypes and devices: the weights all as w1; the positions as w1 on the CPU, float32 on CUDA */
@@ -77,7 +66,7 @@ static int check_bias_like(const char *fn, const char *arg, const fa_tensor *t, 
   int rc;
   int64_t s[4] = {g->P, g->O, g->N, g->M};
   if ((rc = fa_check_defined(fn, arg, t)) || (rc = fa_check_same_device(fn, arg, t, "w1", w1)) ||
-      (rc = check_shape(fn, arg, t, s, 4, "(P, O, N, M)")))
+      (rc = fa_check_shape(fn, arg, t, s, 4, "(P, O, N, M)")))
     return rc;
   if (t->dtype != pos_dtype(g) && !(allow16 && g->device >= 0 && t->dtype == g->dtype))
     return fa_error(FA_ERR_ARG, "%s: argument '%s': expected dtype %s%s, got %s", fn, arg, fa_dtype_name(pos_dtype(g)),

@@ -62,6 +62,8 @@ int fa_check_same_dtype(const char *fn, const char *arg, const fa_tensor *t, con
 int fa_check_same_device(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
 int fa_check_same_shape(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref);
 int fa_check_contiguous(const char *fn, const char *arg, const fa_tensor *t);
+/* t has exactly the n sizes want; what names them in the message, e.g. "(C, 2)" */
+int fa_check_shape(const char *fn, const char *arg, const fa_tensor *t, const int64_t *want, int n, const char *what);
 /* t->shape[dim] == size */
 int fa_check_dim(const char *fn, const char *arg, const fa_tensor *t, int dim, int64_t size);
 /* all three at once: defined, same device and dtype as ref */

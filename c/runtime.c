@@ -204,6 +204,17 @@ int fa_check_ndim(const char *fn, const char *arg, const fa_tensor *t, int ndim)
   return 0;
 }
 
+int fa_check_shape(const char *fn, const char *arg, const fa_tensor *t, const int64_t *want, int n, const char *what) {
+  int same = t->ndim == n;
+  for (int i = 0; same && i < n; i++) same = t->shape[i] == want[i];
+  if (!same) {
+    char a[256], b[256];
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected shape %s = %s, got %s", fn, arg, what, fa_dims_str(want, n, a),
+                    fa_shape_str(t, b));
+  }
+  return 0;
+}
+
 int fa_check_dtype(const char *fn, const char *arg, const fa_tensor *t, int dtype) {
   if (t->dtype != dtype)
     return fa_error(FA_ERR_ARG, "%s: argument '%s': expected dtype %s, got %s", fn, arg, fa_dtype_name(dtype),

@@ -7,52 +7,81 @@
 
 namespace fa_attn {
 
-// The row statistics (RowStats, cuda/attn.cuh) in st[0, n), st[n, 2n), st[2n, 3n) (n = Z*H*Lq rows), a warp per
-// row: delta = rowsum(dO * O) in float32; L2, C2 from lse, or for a coarse row from its scores, recomputed here
-// by logit2 over every key (such rows are rare: a padding row under OpenFold's additive mask)
+// The row statistics (RowStats, cuda/attn.cuh) in st[0, n), st[n, 2n), st[2n, 3n) (n = Z*H*Lq rows): delta =
+// rowsum(dO * O) in float32 (a warp per row, fa_attn_rowdot's order); L2, C2 from lse, or for a coarse row from
+// its scores, recomputed here by logit2 over every key (such rows are rare: a padding row under OpenFold's
+// additive mask). A CTA per (z*H + h, DELTA_R rows), a warp per DELTA_R / NW rows taken 4 at a time: the 64-bit
+// divisions and the batch coordinates once per CTA, not per row.
+constexpr int DELTA_R = 64;
+template <typename T>
+__device__ __forceinline__ void delta_coarse(const Params &p, const FaAttnBatch &b, int64_t h, int64_t i, int lane,
+                                          const T *q, const T *k, const float *bias, const void *mask, float &L2,
+                                          float &C2) {
+  const fa_attn_geom &g = p.g;
+  const T *qr = q + fa_attn_off(g.q, b, h, i), *kb = k + fa_attn_off(g.k, b, h / p.G, 0);
+  const float *brow = g.has_bias ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
+  const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
+                     : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
+                                        : nullptr;
+  float m = -INFINITY, l = 0.f;  // online over the lane's keys, then across the lanes
+  for (int64_t j = lane; j < g.Lk; j += 32) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < g.D; d++) dot = fmaf(fa_to_f<T>(qr[d]), fa_to_f<T>(kb[j * g.k.r + d]), dot);
+    const float x = logit2(p, dot, brow, mrow, j);
+    if (x == -INFINITY) continue;
+    if (x > m) {
+      l = l * fa_attn_exp(m, x) + 1.f;
+      m = x;
+    } else {
+      l += exp2f(x - m);
+    }
+  }
+  const float mx = fa_cu_warp_max(m);
+  l = fa_cu_warp_sum(mx == -INFINITY ? 0.f : l * fa_attn_exp(m, mx));
+  if (mx != -INFINITY) {
+    L2 = mx;
+    C2 = log2f(l);
+  }
+}
 template <typename T>
 __global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *st, const T *go, const T *o, const T *q,
                                                         const T *k, const float *lse, const float *bias,
                                                         const void *mask) {
+  constexpr int RW = DELTA_R / NW;
   const fa_attn_geom &g = p.g;
-  const int lane = threadIdx.x & 31;
-  const int64_t rows = g.Z * g.H * g.Lq;
-  for (int64_t r = (int64_t)blockIdx.x * NW + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * NW) {
-    const int64_t i = r % g.Lq, zh = r / g.Lq, z = zh / g.H, h = zh % g.H;
-    const FaAttnBatch b = fa_attn_batch(g, z);
-    const float s = fa_attn_rowdot<T>(go + fa_attn_off(g.go, b, h, i), o + fa_attn_off(g.o, b, h, i), g.D, lane);
-    const float L = lse[fa_attn_off(g.lse, b, h, i)];
-    float L2 = L * FA_ATTN_LOG2E, C2 = 0.f;
-    if (fabsf(L) >= 1024.f && L != INFINITY) {
-      const T *qr = q + fa_attn_off(g.q, b, h, i), *kb = k + fa_attn_off(g.k, b, h / p.G, 0);
-      const float *brow = g.has_bias ? bias + fa_attn_off(g.bias, b, h, i) : nullptr;
-      const void *mrow = g.mask_mode == 1 ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, i))
-                         : g.mask_mode == 2 ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, i))
-                                            : nullptr;
-      float m = -INFINITY, l = 0.f;  // online over the lane's keys, then across the lanes
-      for (int64_t j = lane; j < g.Lk; j += 32) {
-        float dot = 0.f;
-        for (int64_t d = 0; d < g.D; d++) dot = fmaf(fa_to_f<T>(qr[d]), fa_to_f<T>(kb[j * g.k.r + d]), dot);
-        const float x = logit2(p, dot, brow, mrow, j);
-        if (x == -INFINITY) continue;
-        if (x > m) {
-          l = l * fa_attn_exp(m, x) + 1.f;
-          m = x;
-        } else {
-          l += exp2f(x - m);
-        }
-      }
-      const float mx = fa_cu_warp_max(m);
-      l = fa_cu_warp_sum(mx == -INFINITY ? 0.f : l * fa_attn_exp(m, mx));
-      if (mx != -INFINITY) {
-        L2 = mx;
-        C2 = log2f(l);
-      }
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, D = (int)g.D;
+  const int64_t rows = g.Z * g.H * g.Lq, ntiles = (g.Lq + DELTA_R - 1) / DELTA_R;
+  const int64_t zh = blockIdx.x / ntiles, i0 = (blockIdx.x - zh * ntiles) * DELTA_R + w * RW;
+  const int64_t z = zh / g.H, h = zh - z * g.H;
+  const FaAttnBatch b = fa_attn_batch(g, z);
+  const T *gob = go + fa_attn_off(g.go, b, h, i0), *ob = o + fa_attn_off(g.o, b, h, i0);
+  const float *lb = lse + fa_attn_off(g.lse, b, h, i0);
+  const int n = (int)min((int64_t)RW, g.Lq - i0);
+  for (int r0 = 0; r0 < n; r0 += 4) {
+    float s[4], L[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      s[u] = 0.f;
+      L[u] = r0 + u < n ? lb[(r0 + u) * g.lse.r] : 0.f;
     }
-    if (lane == 0) {
-      st[r] = s;
-      st[rows + r] = L2;
-      st[2 * rows + r] = C2;
+    for (int d = lane; d < D; d += 32)
+#pragma unroll
+      for (int u = 0; u < 4; u++)
+        if (r0 + u < n)
+          s[u] = fmaf(fa_to_f<T>(gob[(r0 + u) * g.go.r + d]), fa_to_f<T>(ob[(r0 + u) * g.o.r + d]), s[u]);
+#pragma unroll
+    for (int u = 0; u < 4; u++) s[u] = fa_cu_warp_sum(s[u]);
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (r0 + u >= n) break;
+      const int64_t i = i0 + r0 + u, r = zh * g.Lq + i;
+      float L2 = L[u] * FA_ATTN_LOG2E, C2 = 0.f;
+      if (fabsf(L[u]) >= 1024.f && L[u] != INFINITY) delta_coarse<T>(p, b, h, i, lane, q, k, bias, mask, L2, C2);
+      if (lane == 0) {
+        st[r] = s[u];
+        st[rows + r] = L2;
+        st[2 * rows + r] = C2;
+      }
     }
   }
 }
@@ -618,8 +647,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
   const int64_t rows = g->Z * g->H * g->Lq;
   if (rows > 0) {
     if (!(stats = (float *)tmp.get(3 * rows * (int64_t)sizeof(float)))) return FA_ERR_MEMORY;
-    if ((rc = launch(fn, dev, delta_kernel<T>, (int64_t)fa_cu_blocks(rows * 32, THREADS, dev), 0, p, stats, go, o, q, k,
-                     lse, bias, mask)))
+    if ((rc = launch(fn, dev, delta_kernel<T>, g->Z * g->H * ((g->Lq + DELTA_R - 1) / DELTA_R), 0, p, stats, go, o, q,
+                     k, lse, bias, mask)))
       return rc;
   }
   const RowStats rs = {stats, stats + rows, stats + 2 * rows};

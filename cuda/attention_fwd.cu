@@ -5,6 +5,31 @@
 
 namespace fa_attn {
 
+template <bool B> struct Flag { static constexpr bool value = B; };
+
+// exp2 for the probabilities: a subnormal result (p < 2^-126 of the row's max, nothing next to l >= 1 and the
+// 16-bit P operand) flushes to 0; exp2f's non-ftz path costs a compare and two predicated multiplies more
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// cp_tile of MBN full rows when the 16-byte chunks of a row divide the CTA (D in {16, 32, 64, 128}): thread t
+// copies chunk t % C of rows t / C + i (THREADS / C), the 64-bit row offset added, not multiplied, per copy
+template <typename T, int D>
+__device__ __forceinline__ void cp_tile_full(T *dst, const T *src, int64_t rs) {
+  constexpr int C = D / 8, RS = THREADS / C;
+  static_assert(THREADS % C == 0, "chunks per row must divide the CTA");
+  const int r = threadIdx.x / C, c = threadIdx.x % C;
+  src += (int64_t)r * rs + c * 8;
+  const int64_t step = RS * rs;
+  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
+#pragma unroll
+  for (int i = 0; i < MBN / RS; i++, src += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src) : "memory");
+}
+
 // ST: the bias / select-mask tiles of each key tile come through shared memory with K and V (stage_bm)
 template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
@@ -14,9 +39,16 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   T *Qs = (T *)smraw, *KV = Qs + MBM * PD;  // K/V tiles double-buffered: K0 V0 K1 V1
   float *mv = (float *)(KV + 4 * MBN * PD);
   const fa_attn_geom &g = p.g;
-  float *Bs = mv + D;  // ST: 2 bias tiles (MBM x SBP), then 2 mask tiles (mrows x SMP)
+  // ST: 2 key-limit rows (MBN floats), 2 bias tiles (MBM x SBP), then 2 mask tiles (MBM x SMP, a row mask only)
+  float *Wf = mv + D, *Bs = Wf + 2 * MBN;
   unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * MBM * SBP : 0));
   const int mrows = g.mask.r == 0 ? 1 : MBM;
+  // ST with no mask or a key-vector one (mask.r == 0): key j's limit +inf (kept) or -inf (left out: masked or
+  // j >= Lk) is staged per key tile, loaded into wreg by threads < MBN when the tile is fetched and stored to Wf
+  // once the load had a tile's time to land; the scores then take fminf(x, limit) (a NaN score of a masked key
+  // still becomes -inf, as the select did)
+  const bool kvec = g.mask_mode == 0 || g.mask.r == 0;
+  float wreg = 0.f;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
   const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
@@ -31,15 +63,40 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
       ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
-    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
-    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
-    if (ST)
-      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
-                         nrow, nk);
+    bool kvdone = false;
+    if constexpr (THREADS % (D / 8) == 0) {
+      if (nk == MBN) {
+        cp_tile_full<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r);
+        cp_tile_full<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r);
+        kvdone = true;
+      }
+    }
+    if (!kvdone) {
+      cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
+      cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
+    }
+    if (ST) {
+      // a bias tile of full rows and keys: stage_bm's copies (thread t: 16 bytes at column 4 (t & 15) of rows
+      // t / 16 + 8 i) with the index math once per tile
+      const bool full = bt && nrow == MBM && nk == MBN;
+      if (full) {
+        const float *src = bt + j0 + (int64_t)(threadIdx.x >> 4) * g.bias.r + (threadIdx.x & 15) * 4;
+        const int64_t step = 8 * g.bias.r;
+        const uint32_t dst = smem_addr(Bs + buf * MBM * SBP + (threadIdx.x >> 4) * SBP + (threadIdx.x & 15) * 4);
+#pragma unroll
+        for (int i = 0; i < MBM / 8; i++, src += step)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + i * 8 * SBP * 4), "l"(src) : "memory");
+      }
+      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt && !full ? bt + j0 : nullptr,
+                         mt && !kvec ? mt + j0 : nullptr, nrow, nk);
+      if (kvec && threadIdx.x < MBN)
+        wreg = (int)threadIdx.x < nk && (!mt || mt[j0 + threadIdx.x]) ? INFINITY : -INFINITY;
+    }
     cp_commit();
   };
   if (g.Lk > 0) {
     fetch(0, 0);
+    if (ST && kvec && threadIdx.x < MBN) Wf[threadIdx.x] = wreg;
     cp_wait_group<1>();  // Q has landed
   } else {
     cp_wait_all();
@@ -70,7 +127,8 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
 
   for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
     const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
-    if (j0 + MBN < g.Lk) {  // the next tile streams in while this one is used
+    const bool more = j0 + MBN < g.Lk;
+    if (more) {  // the next tile streams in while this one is used
       fetch(j0 + MBN, (int)(it & 1) ^ 1);
       cp_wait_group<1>();
     } else {
@@ -92,24 +150,59 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
     float mx[2] = {-INFINITY, -INFINITY};
     if constexpr (ST) {  // logit2's arithmetic on the staged values
       const float *Bt = Bs + (it & 1) * MBM * SBP;
-      const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
       const int nk = (int)min((int64_t)MBN, g.Lk - j0);
+      // kvec: no per-score bounds or mask tests (rows past Lq have zero Q and bias, finite scores, and are never
+      // written); KM: the tile has a left-out key (mask or past Lk), HB: bias
+      auto scores = [&](auto km, auto hb) {
+        constexpr bool KM = decltype(km)::value, HB = decltype(hb)::value;
+        const float *Wt = Wf + (it & 1) * MBN;
 #pragma unroll
-      for (int n = 0; n < NT; n++)
+        for (int n = 0; n < NT; n++) {
+          const int cl = n * 8 + 2 * ti;
+          const float2 wv = KM ? *reinterpret_cast<const float2 *>(Wt + cl) : make_float2(0.f, 0.f);
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-          const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti;
-          const float2 bv = bt ? *reinterpret_cast<const float2 *>(Bt + rl * SBP + cl) : make_float2(0.f, 0.f);
-          const uchar2 mk = mt ? *reinterpret_cast<const uchar2 *>(Mt + (mrows == 1 ? 0 : rl) * SMP + cl) : make_uchar2(1, 1);
+          for (int u = 0; u < 2; u++) {
+            const int rl = w * 16 + gi + 8 * u;
+            const float2 bv = HB ? *reinterpret_cast<const float2 *>(Bt + rl * SBP + cl) : make_float2(0.f, 0.f);
 #pragma unroll
-          for (int c = 0; c < 2; c++) {
-            float x = s[n][2 * u + c] * p.scale2;
-            if (bt) x = fmaf(c ? bv.y : bv.x, FA_ATTN_LOG2E, x);
-            if (!rv[u] || cl + c >= nk || (c ? mk.y : mk.x) == 0) x = -INFINITY;
-            s[n][2 * u + c] = x;
-            mx[u] = fmaxf(mx[u], x);
+            for (int c = 0; c < 2; c++) {
+              float x = s[n][2 * u + c] * p.scale2;
+              if (HB) x = fmaf(c ? bv.y : bv.x, FA_ATTN_LOG2E, x);
+              if (KM) x = fminf(x, c ? wv.y : wv.x);
+              s[n][2 * u + c] = x;
+              mx[u] = fmaxf(mx[u], x);
+            }
           }
         }
+      };
+      if (kvec) {
+        const bool km = mt || nk < MBN;
+        if (bt) {
+          if (km) scores(Flag<true>(), Flag<true>());
+          else scores(Flag<false>(), Flag<true>());
+        } else {
+          if (km) scores(Flag<true>(), Flag<false>());
+          else scores(Flag<false>(), Flag<false>());
+        }
+      } else {  // a mask per row: the staged byte per score
+        const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+          for (int u = 0; u < 2; u++) {
+            const int rl = w * 16 + gi + 8 * u, cl = n * 8 + 2 * ti;
+            const float2 bv = bt ? *reinterpret_cast<const float2 *>(Bt + rl * SBP + cl) : make_float2(0.f, 0.f);
+            const uchar2 mk = *reinterpret_cast<const uchar2 *>(Mt + rl * SMP + cl);
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+              float x = s[n][2 * u + c] * p.scale2;
+              if (bt) x = fmaf(c ? bv.y : bv.x, FA_ATTN_LOG2E, x);
+              if (!rv[u] || cl + c >= nk || (c ? mk.y : mk.x) == 0) x = -INFINITY;
+              s[n][2 * u + c] = x;
+              mx[u] = fmaxf(mx[u], x);
+            }
+          }
+      }
     } else {
 #pragma unroll
       for (int n = 0; n < NT; n++)
@@ -134,20 +227,39 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
         o[t][2 * u + 1] *= a;
       }
     }
+    // fa_attn_exp with its -inf guard once per row: m == -inf only when every score of the row is -inf so far,
+    // and exp2(-inf - 0) = 0
+    float mu[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) mu[u] = m[u] == -INFINITY ? 0.f : m[u];
     uint32_t pa[MBN / 16][4];
+    if (p.pdrop > 0.f) {  // uniform: no per-score test without dropout
 #pragma unroll
-    for (int n = 0; n < NT; n++) {
-      float pe[4];
+      for (int n = 0; n < NT; n++) {
+        float pe[4];
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int u = e >> 1;
-        float x = fa_attn_exp(s[n][e], m[u]);
-        l[u] += x;
-        if (p.pdrop > 0.f && x > 0.f) x *= drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j0 + n * 8 + 2 * ti + (e & 1));
-        pe[e] = x;
+        for (int e = 0; e < 4; e++) {
+          const int u = e >> 1;
+          float x = ex2_ftz(s[n][e] - mu[u]);
+          l[u] += x;
+          if (x > 0.f) x *= drop_factor(p, (zh * g.Lq + ri[u]) * g.Lk + j0 + n * 8 + 2 * ti + (e & 1));
+          pe[e] = x;
+        }
+        pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+        pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
       }
-      pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
-      pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        float pe[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          pe[e] = ex2_ftz(s[n][e] - mu[e >> 1]);
+          l[e >> 1] += pe[e];
+        }
+        pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+        pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < MBN / 16; kk++)
@@ -158,7 +270,8 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
         Mma<T>::mma(o[2 * d2], pa[kk], bf[0], bf[1]);
         Mma<T>::mma(o[2 * d2 + 1], pa[kk], bf[2], bf[3]);
       }
-    __syncthreads();  // before the next fetch overwrites this tile's buffer
+    if (ST && kvec && more && threadIdx.x < MBN) Wf[((it & 1) ^ 1) * MBN + threadIdx.x] = wreg;
+    __syncthreads();  // before the next fetch overwrites this tile's buffer (and the next tile's limits are in)
   }
   bool lost = false;
 #pragma unroll
@@ -207,7 +320,7 @@ static int forward_t(const fa_attn_geom *g, T *out, float *lse, const T *q, cons
     const int64_t mblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
     const bool st = stageable(g, bias, mask);
     const size_t msmem = (size_t)(MBM + 4 * MBN) * (g->D + 8) * sizeof(T) + (size_t)g->D * sizeof(float),
-                 ssmem = msmem + stage_bytes(g, MBM, SBP, 2);
+                 ssmem = msmem + 2 * MBN * sizeof(float) + stage_bytes(g, MBM, SBP, 2);
 #define ATTN_MMA_FWD(DD)                                                                                                  \
   return st && pick_staged(g->device, mma_fwd_kernel<T, DD, true>, ssmem, mma_fwd_kernel<T, DD, false>, msmem)          \
              ? launch(fn, g->device, mma_fwd_kernel<T, DD, true>, mblocks, ssmem, p, out, lse, q, k, v, bias, mask)    \

@@ -12,6 +12,8 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
+local common = require 'examples.common' -- the plumbing every example shares: option rows, training loop, plot
+local opt = common.opt
 
 local M = {}
 local SIZE, CLASSES = 16, 4
@@ -72,61 +74,42 @@ function M.makeModel()
     :add(nn.Linear(64, CLASSES))
 end
 
----------------------------------------------------------------------------- helpers
-local now = fa.clock
-
+---------------------------------------------------------------------------- train / evaluate
 -- fraction of correctly classified images of (x, y), in batches, in evaluate mode
 function M.accuracy(model, x, y, device)
-  model:evaluate()
-  local n, correct, bs = x:size(1), 0, 250
-  for i = 1, n, bs do
-    local m = math.min(bs, n - i + 1)
+  local n, correct = x:size(1), 0
+  common.heldOut(model, n, 250, function(m, i)
     local xb = x:narrow(1, i, m)
     if device == 'cuda' then xb = xb:cuda() end
     local pred = model:forward(xb):argmax(2):view(-1):cpu():table()
     local yt = y:narrow(1, i, m):table()
     for k = 1, m do if pred[k] == yt[k] then correct = correct + 1 end end
-  end
-  model:training()
+  end)
   return correct / n
 end
 
--- trains model for opts.steps steps; returns the per-step losses. opts: steps, batch, lr, device,
--- every (print period; 0 = silent), weightDecay, clip
+-- trains model for opts.steps steps (common.train: AdamW, cosine schedule, clipping); returns the per-step
+-- losses and the seconds it took. opts: steps, batch, lr, device, every (print period; 0 = silent),
+-- weightDecay, clip
 function M.train(model, opts)
-  local device = opts.device or 'cpu'
   local crit = nn.CrossEntropyCriterion()
-  if device == 'cuda' then model:cuda(); crit:cuda() end
-  local params, grads = model:getParameters()
-  local sched = fa.optim.CosineLR{ lr = opts.lr, T_max = opts.steps, warmup = math.max(1, math.floor(opts.steps / 20)),
-                                   eta_min = opts.lr * 0.01 }
-  local config = { learningRate = opts.lr, weightDecay = opts.weightDecay or 1e-4 }
-  local state = {}
-  local losses = {}
-  local t0, seen = now(), 0
-  for step = 1, opts.steps do
-    local x, y = M.makeBatch(opts.batch)
-    if device == 'cuda' then x, y = x:cuda(), y:cuda() end
-    config.learningRate = sched:get(step - 1)
-    local function feval()
-      grads:zero()
-      local out = model:forward(x)
+  if opts.device == 'cuda' then crit:cuda() end
+  return common.train(model, opts, {
+    eta_min = 0.01, weightDecay = opts.weightDecay,
+    batch = function(n)
+      local x, y = M.makeBatch(n)
+      if opts.device == 'cuda' then x, y = x:cuda(), y:cuda() end
+      return x, y
+    end,
+    loss = function(out, y)
       local loss = crit:forward(out, y)
-      model:backward(x, crit:backward(out, y))
-      if opts.clip and opts.clip > 0 then fa.optim.clipGradNorm(grads, opts.clip) end
-      return loss, grads
-    end
-    local _, fx = fa.optim.adamw(feval, params, config, state)
-    losses[step] = fx[1]
-    seen = seen + opts.batch
-    if opts.every and opts.every > 0 and (step % opts.every == 0 or step == opts.steps) then
-      local dt = now() - t0
-      print(string.format('step %4d/%d  loss %.4f  lr %.2e  %7.0f img/s', step, opts.steps, fx[1],
-                          config.learningRate, seen / dt))
-      t0, seen = now(), 0
-    end
-  end
-  return losses
+      return loss, crit:backward(out, y)
+    end,
+    -- this example's progress line shows the step's own loss
+    line = function(step, steps, _, last, lr, rate)
+      return string.format('step %4d/%d  loss %.4f  lr %.2e  %7.0f img/s', step, steps, last, lr, rate)
+    end,
+  })
 end
 
 -- the command line (fa.util.parseArgs): options, defaults, ranges, help
@@ -137,18 +120,9 @@ M.cli = {
           '16x16 images: horizontal bar, vertical bar, diagonal, hollow square.',
   footer = '`make demo-convnet` runs it with the defaults.',
   options = {
-    { 'steps', 'int', 300, min = 1, help = 'training steps' },
-    { 'batch', 'int', 64, min = 1, help = 'images per step' },
-    { 'lr', 'number', 3e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
-    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
-    { 'seed', 'int', 1, min = 0, help = 'random seed (images and weights)' },
-    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    opt.steps(300), opt.batch(64), opt.lr(3e-3), opt.device(), opt.seed(), opt.threads(),
     { 'test', 'int', 1000, min = 1, help = 'held-out images for the accuracy' },
-    { 'every', 'int', 25, min = 0, help = 'print progress every N steps (0: never)' },
-    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
-    -- into build/ (ignored by git) when run from the repository, else the current directory
-    { 'plot', 'path', os.rename('build', 'build') and 'build/convnet_loss.svg' or 'convnet_loss.svg', none = true,
-      help = "SVG file for the loss curve ('none': no plot)" },
+    opt.every(25), opt.clip(), opt.plot('convnet_loss.svg'),
   },
 }
 M.defaults = fa.util.defaults(M.cli)
@@ -159,30 +133,20 @@ function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 -- runs the example with the command line args; --help and bad options end the script here (fa.util.cli)
 function M.main(args)
   local o = fa.util.cli(M.cli, args)
-  math.randomseed(o.seed)
-  fa.manualSeed(o.seed)
+  common.seed(o.seed)
   local model = M.makeModel()
   local nparams = model:getParameters():numel()
   print(string.format('fastattn %s: conv net, %d parameters, %d classes (%s), %s, %d threads', fa.version, nparams,
                       CLASSES, table.concat(CLASS_NAMES, ', '), o.device, fa.getNumThreads()))
-  local t0 = now()
-  local losses = M.train(model, o)
-  local train_time = now() - t0
+  local losses, train_time = M.train(model, o)
   math.randomseed(o.seed + 1000) -- a held-out set: other draws
   local tx, ty = M.makeBatch(o.test)
   local acc = M.accuracy(model, tx, ty, o.device)
   print(string.format('trained %d steps of %d images in %.1f s; test accuracy %.1f%% on %d held-out images',
                       o.steps, o.batch, train_time, 100 * acc, o.test))
-  if o.plot then
-    fa.util.writePlot(o.plot, losses, string.format('train_convnet: loss per step (%d steps, batch %d)', o.steps, o.batch))
-    print('loss curve written to ' .. o.plot)
-  end
+  common.plot(o.plot, losses, string.format('train_convnet: loss per step (%d steps, batch %d)', o.steps, o.batch))
   return acc, losses
 end
 
 -- run as a script (bin/fastattn examples/train_convnet.lua ...), or return the parts to dofile()
-local script = arg and arg[0] and arg[0]:match('train_convnet%.lua$')
-if script and not _G.__FASTATTN_NO_MAIN then
-  M.main(arg)
-end
-return M
+return common.script(M, 'train_convnet.lua')

@@ -26,10 +26,11 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
+local common = require 'examples.common' -- the plumbing every example shares: option rows, training loop, plot
+local opt = common.opt
 
 local M = {}
 
-local in_repo = os.rename('build', 'build') -- outputs into build/ (ignored by git) when run from the repository
 M.cli = {
   prog = 'train_deform2d.lua',
   usage = 'bin/fastattn examples/train_deform2d.lua [options]',
@@ -37,24 +38,19 @@ M.cli = {
           'attention) to tell whether the cross in a synthetic image is left of the square.',
   footer = '`make demo-deform2d` runs it with the defaults (about a minute on 2 CPU cores).',
   options = {
-    { 'steps', 'int', 1200, min = 1, help = 'training steps' },
-    { 'batch', 'int', 32, min = 1, help = 'images per step' },
-    { 'lr', 'number', 5e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
+    opt.steps(1200), opt.batch(32), opt.lr(5e-3),
     { 'size', 'int', 32, min = 16, help = 'image side in pixels, a multiple of 8' },
-    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
+    opt.device(),
     { 'blocks', 'int', 2, min = 1, help = 'attention blocks' },
     { 'dim', 'int', 32, min = 8, help = 'model width, a multiple of 4 and of --heads' },
     { 'heads', 'int', 4, min = 1, help = 'query heads' },
     { 'kv_heads', 'int', 2, min = 1, help = 'key/value heads (num_groups; also the offset groups), a divisor of --heads' },
-    { 'seed', 'int', 1, min = 0, help = 'random seed (images and weights)' },
-    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    opt.seed(), opt.threads(),
     { 'test', 'int', 500, min = 1, help = 'held-out images for the final accuracy' },
-    { 'every', 'int', 50, min = 0, help = 'print progress every N steps (0: never)' },
-    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
+    opt.every(50), opt.clip(),
     { 'noise', 'number', 0.2, min = 0, help = 'background noise (standard deviation)' },
-    { 'plot', 'path', in_repo and 'build/deform2d_loss.svg' or 'deform2d_loss.svg', none = true,
-      help = "SVG file for the loss curve ('none': no plot)" },
-    { 'grid', 'path', in_repo and 'build/deform2d_grid.svg' or 'deform2d_grid.svg', none = true,
+    opt.plot('deform2d_loss.svg'),
+    { 'grid', 'path', common.outPath('deform2d_grid.svg'), none = true,
       help = "SVG file for the learned sampling grid over a held-out image ('none': no picture)" },
   },
   check = function(o)
@@ -127,10 +123,7 @@ function Block:__init(o)
   self:registerModule('ffn', nn.Sequential(nn.Conv2d(d, 2 * d, 1), nn.GELU(), nn.Conv2d(2 * d, d, 1)))
 end
 
-local function buf(self, key, like)
-  self[key] = nn._buffer(self[key], like:size(), like)
-  return self[key]
-end
+local buf = common.buffer
 
 function Block:updateOutput(x)
   local a = self.attn:forward(x)[1]
@@ -185,64 +178,33 @@ function Net:backward(x, g)
   return self.gradInput
 end
 
-function M.makeModel(o)
-  local opts = {}
-  for k, v in pairs(M.defaults) do opts[k] = v end
-  for k, v in pairs(o or {}) do opts[k] = v end
-  return Net(opts)
-end
+function M.makeModel(o) return Net(common.withDefaults(M.defaults, o)) end
 
 ---------------------------------------------------------------------------- train / evaluate
-local now = fa.clock
-M.now = now
-
 local function batchOnDevice(o, n)
   local x, t = M.makeBatch(n, o.size, o.noise)
   if o.device == 'cuda' then x, t.label = x:cuda(), t.label:cuda() end
   return x, t
 end
 
--- trains `model` for o.steps steps; returns the per-step losses
+-- trains `model` for o.steps steps (common.train: AdamW, cosine schedule, clipping, progress lines) on the
+-- cross-entropy of the label; returns the per-step losses and the seconds it took
 function M.train(model, o)
-  if o.device == 'cuda' then model:cuda() end
   local crit = nn.CrossEntropyCriterion()
-  local params, grads = model:getParameters()
-  local sched = fa.optim.CosineLR{ lr = o.lr, T_max = o.steps, warmup = math.max(1, math.floor(o.steps / 20)),
-                                   eta_min = o.lr * 0.02 }
-  local config, state = { learningRate = o.lr, weightDecay = 1e-4 }, {}
-  local losses = {}
-  local t0, seen, acc = now(), 0, 0
-  for step = 1, o.steps do
-    local x, t = batchOnDevice(o, o.batch)
-    config.learningRate = sched:get(step - 1)
-    local function feval()
-      grads:zero()
-      local out = model:forward(x)
+  return common.train(model, o, {
+    batch = function(n) return batchOnDevice(o, n) end,
+    loss = function(out, t)
       local l = crit:forward(out, t.label)
-      model:backward(x, crit:backward(out, t.label))
-      if o.clip and o.clip > 0 then fa.optim.clipGradNorm(grads, o.clip) end
-      return l, grads
-    end
-    local _, fx = fa.optim.adamw(feval, params, config, state)
-    losses[step] = fx[1]
-    seen, acc = seen + o.batch, acc + fx[1]
-    if o.every and o.every > 0 and (step % o.every == 0 or step == o.steps) then
-      print(string.format('step %5d/%d  loss %.4f  lr %.2e  %7.0f img/s', step, o.steps,
-                          acc / ((step - 1) % o.every + 1), config.learningRate, seen / (now() - t0)))
-      t0, seen, acc = now(), 0, 0
-    end
-  end
-  return losses
+      return l, crit:backward(out, t.label)
+    end,
+  })
 end
 
 -- on n fresh images: accuracy and mean loss
 function M.evaluate(model, o, n)
-  model:evaluate()
   local crit = nn.CrossEntropyCriterion()
   local right, total, lsum, batches = 0, 0, 0, 0
-  local bs = math.min(n, 100)
-  for start = 1, n, bs do
-    local m = math.min(bs, n - start + 1)
+  common.heldOut(model, n, math.min(n, 100), function(m)
     local x, t = batchOnDevice(o, m)
     local out = model:forward(x)
     lsum, batches = lsum + crit:forward(out, t.label), batches + 1
@@ -250,8 +212,7 @@ function M.evaluate(model, o, n)
     local lab = t.label:to(nil, 'cpu'):table()
     for i = 1, m do if pred[i] == lab[i] then right = right + 1 end end
     total = total + m
-  end
-  model:training()
+  end)
   return { accuracy = right / total, loss = lsum / batches }
 end
 
@@ -316,8 +277,7 @@ function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 
 function M.main(args)
   local o = fa.util.cli(M.cli, args)
-  math.randomseed(o.seed)
-  fa.manualSeed(o.seed)
+  common.seed(o.seed)
   local model = M.makeModel(o)
   print(string.format('fastattn %s: DAT-style classifier, %d parameters (%d DeformableAttention2D block%s, dim %d, ' ..
                       '%d query heads over %d key/value heads), %s, %d threads', fa.version,
@@ -325,19 +285,14 @@ function M.main(args)
                       o.device, fa.getNumThreads()))
   print(string.format('task: is the cross left of the square? (%dx%d noisy images, shapes at random places)', o.size,
                       o.size))
-  local t0 = now()
-  local losses = M.train(model, o)
-  local train_time = now() - t0
+  local losses, train_time = M.train(model, o)
   math.randomseed(o.seed + 1000) -- held-out images: other draws
   local r = M.evaluate(model, o, o.test)
   print(string.format('trained %d steps of %d images in %.1f s', o.steps, o.batch, train_time))
   print(string.format('held-out (%d images): accuracy %.1f%% (chance 50%%), loss %.3f', o.test, 100 * r.accuracy,
                       r.loss))
-  if o.plot then
-    fa.util.writePlot(o.plot, losses, string.format('train_deform2d: loss per step (%d steps, batch %d, size %d)',
-                                                    o.steps, o.batch, o.size))
-    print('loss curve written to ' .. o.plot)
-  end
+  common.plot(o.plot, losses, string.format('train_deform2d: loss per step (%d steps, batch %d, size %d)', o.steps,
+                                            o.batch, o.size))
   if o.grid then
     local x, t = batchOnDevice(o, 1)
     M.writeGrid(o.grid, model, x, string.format('last block: sampling points per offset group (cross %s of the square)',
@@ -347,8 +302,4 @@ function M.main(args)
   return r, losses
 end
 
-local script = arg and arg[0] and arg[0]:match('train_deform2d%.lua$')
-if script and not _G.__FASTATTN_NO_MAIN then
-  M.main(arg)
-end
-return M
+return common.script(M, 'train_deform2d.lua')

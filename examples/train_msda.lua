@@ -30,6 +30,8 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
+local common = require 'examples.common' -- the plumbing every example shares: option rows, training loop, plot
+local opt = common.opt
 
 local M = {}
 local K = 3 -- size classes
@@ -44,25 +46,19 @@ M.cli = {
           'encoder layers) to find one disc of varying size in synthetic noisy images: its centre and size class.',
   footer = '`make demo` runs it with the defaults (about 30 s on 2 CPU cores).',
   options = {
-    { 'steps', 'int', 600, min = 1, help = 'training steps' },
-    { 'batch', 'int', 24, min = 1, help = 'images per step' },
-    { 'lr', 'number', 2e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
+    opt.steps(600), opt.batch(24), opt.lr(2e-3),
     { 'size', 'int', 64, min = 32, help = 'image side in pixels, a multiple of 32' },
-    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
+    opt.device(),
     { 'layers', 'int', 1, min = 1, help = 'MSDA encoder layers' },
     { 'd_model', 'int', 32, min = 4, help = 'model width, a multiple of 4 and of --heads' },
     { 'heads', 'int', 4, min = 1, help = 'attention heads' },
     { 'points', 'int', 4, min = 1, help = 'sampling points per head and level' },
-    { 'seed', 'int', 1, min = 0, help = 'random seed (images and weights)' },
-    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    opt.seed(), opt.threads(),
     { 'test', 'int', 400, min = 1, help = 'held-out images for the final metric' },
-    { 'every', 'int', 50, min = 0, help = 'print progress every N steps (0: never)' },
-    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
+    opt.every(50), opt.clip(),
     { 'noise', 'number', 0.15, min = 0, help = 'background noise (standard deviation)' },
     { 'offset_weight', 'number', 4, min = 0, help = 'weight of the centre-offset loss' },
-    -- into build/ (ignored by git) when run from the repository, else the current directory
-    { 'plot', 'path', os.rename('build', 'build') and 'build/msda_loss.svg' or 'msda_loss.svg', none = true,
-      help = "SVG file for the loss curve ('none': no plot)" },
+    opt.plot('msda_loss.svg'),
   },
   check = function(o)
     if o.size % 32 ~= 0 then
@@ -129,10 +125,7 @@ function EncoderLayer:__init(d, ffn, heads, points)
   self:registerModule('norm2', nn.LayerNorm(d))
 end
 
-local function buf(self, key, like)
-  self[key] = nn._buffer(self[key], like:size(), like)
-  return self[key]
-end
+local buf = common.buffer
 
 -- input {src (N, S, d), pos (1, S, d), ref (N, S, L, 2), shapes, lsi} -> (N, S, d)
 function EncoderLayer:updateOutput(input)
@@ -286,12 +279,7 @@ function Net:backward(x, gradOutput)
   return self.gradInput
 end
 
-function M.makeModel(o)
-  local opts = {}
-  for k, v in pairs(M.defaults) do opts[k] = v end
-  for k, v in pairs(o or {}) do opts[k] = v end
-  return Net(opts)
-end
+function M.makeModel(o) return Net(common.withDefaults(M.defaults, o)) end
 
 ---------------------------------------------------------------------------- loss
 -- the targets of a batch on the finest level (H1 x W1 cells of `stride` px): 1-based cell indices
@@ -350,10 +338,7 @@ function Loss:backward(out, tg)
   return g
 end
 
----------------------------------------------------------------------------- helpers
-local now = fa.clock -- monotonic wall-clock seconds
-M.now = now
-
+---------------------------------------------------------------------------- train / evaluate
 local function batchOnDevice(o, n)
   local x, t = M.makeBatch(n, o.size, o.noise)
   if o.device == 'cuda' then x = x:cuda() end
@@ -366,51 +351,26 @@ local function targetsFor(model, t, like)
   return { cell = cell, off = off, cls = cls, onehot = onehot }
 end
 
--- trains `model` for o.steps steps (o: the options of M.defaults); returns the per-step losses
+-- trains `model` for o.steps steps (o: the options of M.defaults; common.train: AdamW, cosine schedule, clipping,
+-- progress lines); returns the per-step losses and the seconds it took
 function M.train(model, o)
-  local device = o.device or 'cpu'
-  if device == 'cuda' then model:cuda() end
   local loss = newLoss(o.offset_weight or M.defaults.offset_weight)
-  local params, grads = model:getParameters()
-  local sched = fa.optim.CosineLR{ lr = o.lr, T_max = o.steps, warmup = math.max(1, math.floor(o.steps / 20)),
-                                   eta_min = o.lr * 0.02 }
-  local config, state = { learningRate = o.lr, weightDecay = 1e-4 }, {}
-  local losses = {}
-  local t0, seen, acc = now(), 0, 0
-  for step = 1, o.steps do
-    local x, t = batchOnDevice(o, o.batch)
-    config.learningRate = sched:get(step - 1)
-    local function feval()
-      grads:zero()
-      local out = model:forward(x)
+  return common.train(model, o, {
+    batch = function(n) return batchOnDevice(o, n) end,
+    loss = function(out, t)
       local tg = targetsFor(model, t, out)
       local l = loss:forward(out, tg)
-      model:backward(x, loss:backward(out, tg))
-      if o.clip and o.clip > 0 then fa.optim.clipGradNorm(grads, o.clip) end
-      return l, grads
-    end
-    local _, fx = fa.optim.adamw(feval, params, config, state)
-    losses[step] = fx[1]
-    seen, acc = seen + o.batch, acc + fx[1]
-    if o.every and o.every > 0 and (step % o.every == 0 or step == o.steps) then
-      local dt = now() - t0
-      print(string.format('step %5d/%d  loss %.4f  lr %.2e  %7.0f img/s', step, o.steps, acc / ((step - 1) % o.every + 1),
-                          config.learningRate, seen / dt))
-      t0, seen, acc = now(), 0, 0
-    end
-  end
-  return losses
+      return l, loss:backward(out, tg)
+    end,
+  })
 end
 
 -- on n fresh images: mean centre error (px), size-class accuracy, fraction within 2 px (at size 64,
 -- scaled), and the mean loss
 function M.evaluate(model, o, n)
-  model:evaluate()
   local loss = newLoss(o.offset_weight or M.defaults.offset_weight)
   local err, right, near, total, lsum, batches = 0, 0, 0, 0, 0, 0
-  local bs = math.min(n, 100)
-  for start = 1, n, bs do
-    local m = math.min(bs, n - start + 1)
+  common.heldOut(model, n, math.min(n, 100), function(m)
     local x, t = batchOnDevice(o, m)
     local out = model:forward(x)
     local tg = targetsFor(model, t, out)
@@ -432,8 +392,7 @@ function M.evaluate(model, o, n)
       if best == t.cls[i] then right = right + 1 end
     end
     total = total + m
-  end
-  model:training()
+  end)
   return { centre_error = err / total, size_accuracy = right / total, within2 = near / total, loss = lsum / batches }
 end
 
@@ -444,8 +403,7 @@ function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 -- runs the example with the command line args; --help and bad options end the script here (fa.util.cli)
 function M.main(args)
   local o = fa.util.cli(M.cli, args)
-  math.randomseed(o.seed)
-  fa.manualSeed(o.seed)
+  common.seed(o.seed)
   local model = M.makeModel(o)
   local nparams = model:getParameters():numel()
   local g = geometry(o.size)
@@ -455,25 +413,16 @@ function M.main(args)
   print(string.format('task: find one disc of radius %.0f..%.0f px in %dx%d noisy images; its centre and size class ' ..
                       '(%s: r < %.1f, r < %.1f, larger)', g.rmin, g.rmax, o.size, o.size, table.concat(CLASS_NAMES, '/'),
                       g.small, g.medium))
-  local t0 = now()
-  local losses = M.train(model, o)
-  local train_time = now() - t0
+  local losses, train_time = M.train(model, o)
   math.randomseed(o.seed + 1000) -- held-out images: other draws
   local r = M.evaluate(model, o, o.test)
   print(string.format('trained %d steps of %d images in %.1f s', o.steps, o.batch, train_time))
   print(string.format('held-out (%d images): mean centre error %.2f px (%.0f%% within %.0f px), size-class accuracy %.1f%%, loss %.3f',
                       o.test, r.centre_error, 100 * r.within2, 2 * o.size / 64, 100 * r.size_accuracy, r.loss))
-  if o.plot then
-    fa.util.writePlot(o.plot, losses, string.format('train_msda: loss per step (%d steps, batch %d, size %d)', o.steps,
-                                                    o.batch, o.size))
-    print('loss curve written to ' .. o.plot)
-  end
+  common.plot(o.plot, losses, string.format('train_msda: loss per step (%d steps, batch %d, size %d)', o.steps, o.batch,
+                                            o.size))
   return r, losses
 end
 
 -- run as a script (bin/fastattn examples/train_msda.lua ...), or return the parts to dofile()
-local script = arg and arg[0] and arg[0]:match('train_msda%.lua$')
-if script and not _G.__FASTATTN_NO_MAIN then
-  M.main(arg)
-end
-return M
+return common.script(M, 'train_msda.lua')

@@ -27,6 +27,8 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = fa.nn
+local common = require 'examples.common' -- the plumbing every example shares: option rows, training loop, plot
+local opt = common.opt
 
 local M = {}
 local NFEAT = 6
@@ -39,26 +41,20 @@ M.cli = {
           'baseline without the triangle blocks.',
   footer = '`make demo-triangle` runs it with the defaults (about a minute on 2 CPU cores).',
   options = {
-    { 'steps', 'int', 300, min = 1, help = 'training steps (each model)' },
-    { 'batch', 'int', 16, min = 1, help = 'chains per step' },
-    { 'lr', 'number', 3e-3, positive = true, help = 'peak learning rate (AdamW, cosine schedule)' },
+    opt.steps(300, 'training steps (each model)'), opt.batch(16, 'chains'), opt.lr(3e-3),
     { 'n', 'int', 16, min = 4, help = 'points per chain (padded size; chains have n/2..n points)' },
     { 'obs', 'number', 0.35, min = 0, max = 1, help = 'fraction of the non-bonded pairs whose distance is seen' },
     { 'noise', 'number', 0.1, min = 0, help = 'noise on the seen distances (standard deviation, in steps)' },
-    { 'device', 'choice', 'cpu', choices = { 'cpu', 'cuda' }, help = 'where to train' },
+    opt.device(),
     { 'blocks', 'int', 2, min = 1, help = 'pair blocks (triangle start + end + transition)' },
     { 'c_z', 'int', 32, min = 2, help = 'pair representation width' },
     { 'heads', 'int', 4, min = 1, help = 'triangle attention heads' },
     { 'c_hidden', 'int', 8, min = 1, help = 'triangle attention width per head' },
-    { 'seed', 'int', 1, min = 0, help = 'random seed (chains and weights)' },
-    { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads' },
+    opt.seed('chains'), opt.threads(),
     { 'test', 'int', 200, min = 1, help = 'held-out chains for the final metric' },
-    { 'every', 'int', 50, min = 0, help = 'print progress every N steps (0: never)' },
-    { 'clip', 'number', 1.0, min = 0, help = 'gradient-norm clipping (0: off)' },
+    opt.every(50), opt.clip(),
     { 'no_baseline', 'flag', nil, help = 'skip the baseline (the same model without the triangle blocks)' },
-    -- into build/ (ignored by git) when run from the repository, else the current directory
-    { 'plot', 'path', os.rename('build', 'build') and 'build/triangle_loss.svg' or 'triangle_loss.svg', none = true,
-      help = "SVG file for the loss curve ('none': no plot)" },
+    opt.plot('triangle_loss.svg'),
   },
 }
 M.defaults = fa.util.defaults(M.cli)
@@ -124,10 +120,7 @@ function Block:__init(o, triangle)
   self:registerModule('transition', nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.ReLU(), nn.Linear(4 * c, c)))
 end
 
-local function buf(self, key, like)
-  self[key] = nn._buffer(self[key], like:size(), like)
-  return self[key]
-end
+local buf = common.buffer
 
 -- input {z, mask} -> z
 function Block:updateOutput(input)
@@ -187,12 +180,7 @@ function Net:backward(input, g)
 end
 
 -- the triangle model (triangle ~= false) or the baseline (triangle = false)
-function M.makeModel(o, triangle)
-  local opts = {}
-  for k, v in pairs(M.defaults) do opts[k] = v end
-  for k, v in pairs(o or {}) do opts[k] = v end
-  return Net(opts, triangle ~= false)
-end
+function M.makeModel(o, triangle) return Net(common.withDefaults(M.defaults, o), triangle ~= false) end
 
 ---------------------------------------------------------------------------- loss
 -- weighted mean squared error over the real pairs: sum w (pred - d)^2 / sum w; its gradient into g
@@ -205,9 +193,7 @@ local function mse(pred, batch, g)
   return loss
 end
 
-local now = fa.clock
-M.now = now
-
+---------------------------------------------------------------------------- train / evaluate
 local function onDevice(o, b)
   for _, k in ipairs({ 'feat', 'mask', 'dist', 'w', 'unseen' }) do b[k] = b[k]:to('float32', o.device) end
   return b
@@ -215,48 +201,28 @@ end
 
 local function batchFor(o, n) return onDevice(o, M.makeBatch(n, o.n, o.obs, o.noise)) end
 
--- trains `model` for o.steps steps (o: the options of M.defaults); returns the per-step losses
+-- trains `model` for o.steps steps (o: the options of M.defaults; common.train: AdamW, cosine schedule, clipping,
+-- progress lines starting with `label`); returns the per-step losses and the seconds it took
 function M.train(model, o, label)
-  if o.device == 'cuda' then model:cuda() end
-  local params, grads = model:getParameters()
-  local sched = fa.optim.CosineLR{ lr = o.lr, T_max = o.steps, warmup = math.max(1, math.floor(o.steps / 20)),
-                                   eta_min = o.lr * 0.02 }
-  local config, state = { learningRate = o.lr, weightDecay = 1e-4 }, {}
-  local losses, gbuf = {}, nil
-  local t0, seen, acc = now(), 0, 0
-  for step = 1, o.steps do
-    local b = batchFor(o, o.batch)
-    config.learningRate = sched:get(step - 1)
-    local function feval()
-      grads:zero()
-      local pred = model:forward({ b.feat, b.mask })
+  local gbuf
+  return common.train(model, o, {
+    label = label, unit = 'chains',
+    batch = function(n)
+      local b = batchFor(o, n)
+      return { b.feat, b.mask }, b
+    end,
+    loss = function(pred, b)
       gbuf = nn._buffer(gbuf, pred:size(), pred)
-      local l = mse(pred, b, gbuf)
-      model:backward({ b.feat, b.mask }, gbuf)
-      if o.clip and o.clip > 0 then fa.optim.clipGradNorm(grads, o.clip) end
-      return l, grads
-    end
-    local _, fx = fa.optim.adamw(feval, params, config, state)
-    losses[step] = fx[1]
-    seen, acc = seen + o.batch, acc + fx[1]
-    if o.every and o.every > 0 and (step % o.every == 0 or step == o.steps) then
-      local dt = now() - t0
-      print(string.format('%sstep %5d/%d  loss %.4f  lr %.2e  %7.0f chains/s', label or '', step, o.steps,
-                          acc / ((step - 1) % o.every + 1), config.learningRate, seen / dt))
-      t0, seen, acc = now(), 0, 0
-    end
-  end
-  return losses
+      return mse(pred, b, gbuf), gbuf
+    end,
+  })
 end
 
 -- on n fresh chains: RMSE of the distances of the unseen pairs and of all real pairs, and the mean loss
 function M.evaluate(model, o, n)
-  model:evaluate()
   local su, nu, sa, na, lsum, batches = 0, 0, 0, 0, 0, 0
-  local bs = math.min(n, 50)
   local g
-  for start = 1, n, bs do
-    local m = math.min(bs, n - start + 1)
+  common.heldOut(model, n, math.min(n, 50), function(m)
     local b = batchFor(o, m)
     local pred = model:forward({ b.feat, b.mask })
     g = nn._buffer(g, pred:size(), pred)
@@ -265,8 +231,7 @@ function M.evaluate(model, o, n)
     e = e * e
     su, nu = su + (e * b.unseen):sum(), nu + b.unseen:sum()
     sa, na = sa + (e * b.w):sum(), na + b.w:sum()
-  end
-  model:training()
+  end)
   return { rmse_unseen = math.sqrt(su / math.max(nu, 1)), rmse_all = math.sqrt(sa / math.max(na, 1)),
            loss = lsum / batches }
 end
@@ -278,14 +243,11 @@ function M.parseArgs(args) return fa.util.parseArgs(M.cli, args) end
 function M.main(args)
   local o = fa.util.cli(M.cli, args)
   local function run(triangle, label)
-    math.randomseed(o.seed)
-    fa.manualSeed(o.seed)
+    common.seed(o.seed)
     local model = M.makeModel(o, triangle)
     local nparams = model:getParameters():numel()
     print(string.format('%s: %d parameters', label, nparams))
-    local t0 = now()
-    local losses = M.train(model, o, triangle and '' or 'baseline ')
-    local dt = now() - t0
+    local losses, dt = M.train(model, o, triangle and '' or 'baseline ')
     math.randomseed(o.seed + 1000) -- held-out chains: other draws, the same for both models
     local r = M.evaluate(model, o, o.test)
     r.time = dt
@@ -308,17 +270,10 @@ function M.main(args)
     print(string.format(line, o.test, 'baseline:', base.rmse_unseen, base.rmse_all, base.loss))
     print(string.format('triangle attention: %.0f%% lower RMSE on the unseen distances', 100 * (1 - r.rmse_unseen / base.rmse_unseen)))
   end
-  if o.plot then
-    fa.util.writePlot(o.plot, losses, { title = string.format('train_triangle: loss per step (%d steps, batch %d, n %d)',
-                                                              o.steps, o.batch, o.n) })
-    print('loss curve written to ' .. o.plot)
-  end
+  common.plot(o.plot, losses, string.format('train_triangle: loss per step (%d steps, batch %d, n %d)', o.steps, o.batch,
+                                            o.n))
   return r, base, losses
 end
 
 -- run as a script (bin/fastattn examples/train_triangle.lua ...), or return the parts to dofile()
-local script = arg and arg[0] and arg[0]:match('train_triangle%.lua$')
-if script and not _G.__FASTATTN_NO_MAIN then
-  M.main(arg)
-end
-return M
+return common.script(M, 'train_triangle.lua')

@@ -37,25 +37,10 @@ local PARAMS = { 'to_offsets.0.weight', 'to_offsets.0.bias', 'to_offsets.2.weigh
                  'rel_pos_bias.mlp.2.weight', 'rel_pos_bias.mlp.2.bias', 'to_q.weight', 'to_k.weight', 'to_v.weight',
                  'to_out.weight', 'to_out.bias' }
 
-local function copy(t, extra)
-  local r = {}
-  for k, v in pairs(t) do r[k] = v end
-  for k, v in pairs(extra or {}) do r[k] = v end
-  return r
-end
+local copy = H.merge
 
 -- the fixture entries of a case, with the prefix removed
-local function case(name)
-  local c = { param = {}, grad = { param = {} } }
-  for k, v in pairs(FX) do
-    local rest = k:match('^' .. name .. '%.(.*)$')
-    if rest then
-      local p, gp, g = rest:match('^param%.(.*)$'), rest:match('^grad%.param%.(.*)$'), rest:match('^grad%.(.*)$')
-      if p then c.param[p] = v elseif gp then c.grad.param[gp] = v elseif g then c.grad[g] = v else c[rest] = v end
-    end
-  end
-  return c
-end
+local function case(name) return H.fixture_case(FX, name) end
 
 local function layer(cfg, dtype, device, params)
   local m = nn.DeformableAttention2D(cfg):to(dtype, device or 'cpu')

@@ -17,22 +17,7 @@ local INPUTS = { 'query', 'reference_points', 'input_flatten', 'spatial_shapes',
                  'input_padding_mask' }
 
 -- the fixture entries of one case, with the prefix removed
-local function case(name)
-  local c = { param = {}, grad = { param = {} } }
-  for k, v in pairs(FX) do
-    local rest = k:match('^' .. name .. '%.(.*)$')
-    if rest then
-      local p = rest:match('^param%.(.*)$')
-      local gp = rest:match('^grad%.param%.(.*)$')
-      local g = rest:match('^grad%.(.*)$')
-      if p then c.param[p] = v
-      elseif gp then c.grad.param[gp] = v
-      elseif g then c.grad[g] = v
-      else c[rest] = v end
-    end
-  end
-  return c
-end
+local function case(name) return H.fixture_case(FX, name) end
 
 local function input_of(c, dtype, device, mask)
   local function f(t) return t:to(dtype, device) end

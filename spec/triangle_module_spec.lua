@@ -22,27 +22,10 @@ local CASES = {
 }
 
 -- the fixture entries of one case, with the prefix removed
-local function case(name)
-  local c = { param = {}, grad = { param = {} } }
-  for k, v in pairs(FX) do
-    local rest = k:match('^' .. name .. '%.(.*)$')
-    if rest then
-      local p, gp, g = rest:match('^param%.(.*)$'), rest:match('^grad%.param%.(.*)$'), rest:match('^grad%.(.*)$')
-      if p then c.param[p] = v
-      elseif gp then c.grad.param[gp] = v
-      elseif g then c.grad[g] = v
-      else c[rest] = v end
-    end
-  end
-  return c
-end
+local function case(name) return H.fixture_case(FX, name) end
 
-local function config(o)
-  local t = {}
-  for k, v in pairs(CFG) do t[k] = v end
-  for k, v in pairs(o or {}) do t[k] = v end
-  return t
-end
+-- CFG with the options o on top
+local function config(o) return H.merge(CFG, o) end
 
 local function layer(name, dtype)
   local c = case(name)

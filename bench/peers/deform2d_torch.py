@@ -7,9 +7,10 @@
 A config is BxDIMxHxW:heads:num_groups:dim_head (downsample factor 4, offset kernel 6, offset_groups = heads,
 the reference's defaults).
 Implementations (--impls):
-  torch       the reference's data flow written here in plain PyTorch (lucidrains' DeformableAttention2D 0.0.20
-              with the GQA variant's K/V heads repeated by repeat_interleave; the CPB MLP materialised over every
-              (group, query, key) pair, as the reference does); always available
+  torch       the reference's data flow in plain PyTorch, spec/fixtures/deform2d_ref.py (the spec's fixtures come
+              from it: lucidrains' DeformableAttention2D 0.0.20, with the GQA variant's K/V heads repeated by
+              repeat_interleave; the CPB MLP materialised over every (group, query, key) pair, as the reference
+              does); always available
   lucidrains  deformable_attention.DeformableAttention2D (pip deformable-attention), where importable and
               num_groups = heads
   gqa         deformable_gqa.DeformableAttention2D (AbelHutten/deformable-grouped-query-attention), where importable
@@ -26,104 +27,16 @@ or "error_fwd" / "error_fwdbwd"; with --check {"impl": "check", "peer", "max_abs
 """
 import argparse
 import json
+import os
 import struct
+import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-
-def create_grid_like(t, dim=0):
-    h, w = t.shape[-2:]
-    grid = torch.stack(torch.meshgrid(torch.arange(w, device=t.device), torch.arange(h, device=t.device),
-                                      indexing='xy'), dim=dim)
-    return grid.type_as(t)
-
-
-def normalize_grid(grid, dim=1, out_dim=-1):
-    h, w = grid.shape[-2:]
-    gx, gy = grid.unbind(dim=dim)
-    return torch.stack((2.0 * gx / max(h - 1, 1) - 1.0, 2.0 * gy / max(w - 1, 1) - 1.0), dim=out_dim)
-
-
-class Scale(nn.Module):
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x):
-        return x * self.scale
-
-
-class CPB(nn.Module):
-    def __init__(self, dim, *, heads, offset_groups, depth):
-        super().__init__()
-        self.offset_groups = offset_groups
-        self.mlp = nn.ModuleList([nn.Sequential(nn.Linear(2, dim), nn.ReLU())])
-        for _ in range(depth - 1):
-            self.mlp.append(nn.Sequential(nn.Linear(dim, dim), nn.ReLU()))
-        self.mlp.append(nn.Linear(dim, heads // offset_groups))
-
-    def forward(self, grid_q, grid_kv):
-        grid_q = grid_q.reshape(1, -1, 2)
-        grid_kv = grid_kv.reshape(grid_kv.shape[0], -1, 2)
-        pos = grid_q[:, :, None, :] - grid_kv[:, None, :, :]
-        bias = torch.sign(pos) * torch.log(pos.abs() + 1)
-        for layer in self.mlp:
-            bias = layer(bias)
-        bg, i, j, o = bias.shape
-        g = self.offset_groups
-        return bias.view(bg // g, g, i, j, o).permute(0, 1, 4, 2, 3).reshape(bg // g, g * o, i, j)
-
-
-class Deform2D(nn.Module):
-    """The reference's data flow (the names of its state_dict); num_groups < heads as the GQA variant."""
-
-    def __init__(self, *, dim, dim_head=64, heads=8, num_groups=None, downsample_factor=4, offset_kernel_size=6):
-        super().__init__()
-        G = heads
-        num_groups = num_groups or heads
-        inner, inner_kv = dim_head * heads, dim_head * num_groups
-        self.scale, self.heads, self.num_groups, self.G = dim_head ** -0.5, heads, num_groups, G
-        od = inner // G
-        self.to_offsets = nn.Sequential(
-            nn.Conv2d(od, od, offset_kernel_size, groups=od, stride=downsample_factor,
-                      padding=(offset_kernel_size - downsample_factor) // 2),
-            nn.GELU(), nn.Conv2d(od, 2, 1, bias=False), nn.Tanh(), Scale(downsample_factor))
-        self.rel_pos_bias = CPB(dim // 4, offset_groups=G, heads=heads, depth=2)
-        self.to_q = nn.Conv2d(dim, inner, 1, groups=G, bias=False)
-        self.to_k = nn.Conv2d(dim, inner_kv, 1, groups=G, bias=False)
-        self.to_v = nn.Conv2d(dim, inner_kv, 1, groups=G, bias=False)
-        self.to_out = nn.Conv2d(inner, dim, 1)
-
-    def forward(self, x):
-        b, h, w, G, heads = x.shape[0], x.shape[2], x.shape[3], self.G, self.heads
-
-        def group(t):
-            return t.reshape(t.shape[0] * G, t.shape[1] // G, *t.shape[2:])
-
-        q = self.to_q(x)
-        offsets = self.to_offsets(group(q))
-        vgrid = create_grid_like(offsets) + offsets
-        vgrid_scaled = normalize_grid(vgrid)
-        kv = F.grid_sample(group(x), vgrid_scaled, mode='bilinear', padding_mode='zeros', align_corners=False)
-        kv = kv.reshape(b, -1, *kv.shape[2:])
-        k, v = self.to_k(kv), self.to_v(kv)
-        q = q * self.scale
-
-        def heads_of(t, n):
-            return t.reshape(t.shape[0], n, t.shape[1] // n, -1).transpose(2, 3)
-
-        q, k, v = heads_of(q, heads), heads_of(k, self.num_groups), heads_of(v, self.num_groups)
-        if self.num_groups != heads:
-            k, v = (torch.repeat_interleave(t, heads // self.num_groups, dim=1) for t in (k, v))
-        sim = q @ k.transpose(-1, -2)
-        sim = sim + self.rel_pos_bias(normalize_grid(create_grid_like(x), dim=0), vgrid_scaled)
-        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
-        out = sim.softmax(dim=-1) @ v
-        return self.to_out(out.transpose(2, 3).reshape(b, -1, h, w))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "spec", "fixtures"))
+from deform2d_ref import DeformableAttention2D  # noqa: E402
 
 
 def real_module(impl):
@@ -140,7 +53,9 @@ def real_module(impl):
 def build(impl, cfg, device):
     B, dim, H, W, heads, ng, dh = cfg
     if impl == 'torch':
-        return Deform2D(dim=dim, dim_head=dh, heads=heads, num_groups=ng).to(device)
+        # num_groups = heads: lucidrains' module (K/V not repeated)
+        m = DeformableAttention2D(dim=dim, dim_head=dh, heads=heads, num_groups=ng if ng != heads else None)
+        return m.to(device)
     cls, why = real_module(impl)
     if cls is None:
         raise RuntimeError(why)

@@ -13,6 +13,32 @@ function H.fixture(name)
   return (fa.load(H.fixtures_dir .. '/' .. name .. '.safetensors'))
 end
 
+-- the entries of one case of a module fixture (written by spec/fixtures/gen_*.py as '<case>.<key>'), the prefix
+-- removed: c.param[p] ('<case>.param.<p>'), c.grad.param[p] ('<case>.grad.param.<p>'), c.grad[k]
+-- ('<case>.grad.<k>'), c[k] (the rest)
+function H.fixture_case(fx, name)
+  local c = { param = {}, grad = { param = {} } }
+  for k, v in pairs(fx) do
+    local rest = k:match('^' .. name .. '%.(.*)$')
+    if rest then
+      local p, gp, g = rest:match('^param%.(.*)$'), rest:match('^grad%.param%.(.*)$'), rest:match('^grad%.(.*)$')
+      if p then c.param[p] = v
+      elseif gp then c.grad.param[gp] = v
+      elseif g then c.grad[g] = v
+      else c[rest] = v end
+    end
+  end
+  return c
+end
+
+-- a shallow copy of table t with extra's keys on top (a module's options: a case's configuration plus a few)
+function H.merge(t, extra)
+  local r = {}
+  for k, v in pairs(t) do r[k] = v end
+  for k, v in pairs(extra or {}) do r[k] = v end
+  return r
+end
+
 -- asserts |a - b| <= atol + rtol*|b| elementwise; shapes must match exactly
 function H.assert_close(a, b, rtol, atol, what)
   what = what or 'tensor'
