@@ -187,6 +187,204 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, 
   }
 }
 
+// ---- the mma.sync forward (CP = 16, 32, 64 or 128: the hidden units padded to a power of two; wider layers
+// take fwd_kernel). A CTA of FW warps stages w2 in shared memory once (rows padded by 16 bytes: ldmatrix without
+// bank conflicts) and each warp loops over tiles of 16 pairs on its own: f of its two rows (g, g + 8) in
+// registers, h1's A fragments built per k-step in registers from f (the first layer has 2 inputs), z2 = h1 w2^T
+// in float32 accumulators (16 x CP per warp), then h2 = relu(z2 + b2) and the O outputs reduced over the quad.
+// Roundings: HALF16 as fwd_kernel (h1 = hi + lo in the dtype, w2 in the dtype, float32 accumulation); TF32 as
+// fwd_kernel (h1 and w2 rounded to tf32, cvt.rna as wmma::__float_to_tf32); X3 (float32 without TF32): 3xTF32,
+// a = a_hi + a_lo and b = b_hi + b_lo split to tf32, z2 += a_lo b_hi + a_hi b_lo + a_hi b_hi (float32 to
+// ~2^-21 per product).
+constexpr int X3 = 3;
+constexpr int FW = 8, FTHREADS = FW * 32;
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+template <typename T> struct Mma16;
+template <> struct Mma16<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // v0 (lower column) and v1 as hi + lo, each packed as the A fragment's register wants it
+  static __device__ __forceinline__ void split(float v0, float v1, uint32_t &hi, uint32_t &lo) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(v0, v1);
+    __nv_bfloat162 l = __floats2bfloat162_rn(v0 - __low2float(h), v1 - __high2float(h));
+    hi = *reinterpret_cast<uint32_t *>(&h);
+    lo = *reinterpret_cast<uint32_t *>(&l);
+  }
+};
+template <> struct Mma16<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void split(float v0, float v1, uint32_t &hi, uint32_t &lo) {
+    __half2 h = __floats2half2_rn(v0, v1);
+    __half2 l = __floats2half2_rn(v0 - __low2float(h), v1 - __high2float(h));
+    hi = *reinterpret_cast<uint32_t *>(&h);
+    lo = *reinterpret_cast<uint32_t *>(&l);
+  }
+};
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int MODE, typename T> struct W2S { typedef float type; };
+template <typename T> struct W2S<HALF16, T> { typedef T type; };
+template <int MODE, typename T> __host__ __device__ constexpr int w2_pitch(int CP) {
+  return CP + 16 / (int)sizeof(typename W2S<MODE, T>::type);
+}
+template <int MODE, typename T> static size_t mma_fwd_smem(int CP, int O) {
+  return (MODE == X3 ? 2 : 1) * (size_t)CP * w2_pitch<MODE, T>(CP) * sizeof(typename W2S<MODE, T>::type) +
+         (4 * (size_t)CP + (size_t)O * CP + O) * 4;
+}
+
+template <typename T, int MODE, int CP>
+__global__ void __launch_bounds__(FTHREADS) mma_fwd_kernel(const fa_cpb_geom g, W w, float *out, const float *qpos,
+                                                           const float *kpos) {
+  typedef typename W2S<MODE, T>::type TS;
+  constexpr int KS = MODE == HALF16 ? 16 : 8, LD = w2_pitch<MODE, T>(CP), NT = CP / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  TS *w2s = (TS *)smem; // (CP x LD), then for X3 the lo parts (CP x LD)
+  float *sm = (float *)(smem + (MODE == X3 ? 2 : 1) * (size_t)CP * LD * sizeof(TS));
+  const int O = w.O, nsmall = 4 * CP + O * CP + O;
+  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
+    const int n = e / CP, k = e % CP;
+    if constexpr (MODE == HALF16) {
+      w2s[n * LD + k] = ((const T *)w.w2)[e];
+    } else {
+      const float v = ((const float *)w.w2)[e];
+      const uint32_t hi = to_tf32(v);
+      w2s[n * LD + k] = __uint_as_float(hi);
+      if constexpr (MODE == X3) w2s[CP * LD + n * LD + k] = __uint_as_float(to_tf32(v - __uint_as_float(hi)));
+    }
+  }
+  for (int e = threadIdx.x; e < nsmall; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3: contiguous
+  __syncthreads();
+  const float *w1x = sm, *w1y = sm + CP, *b1 = sm + 2 * CP, *b2 = sm + 3 * CP, *w3 = sm + 4 * CP, *b3 = w3 + O * CP;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  // ldmatrix x4 over w2 rows n0..n0+15, k0..k0+KS-1: matrices (rows 0-7, k lower half), (rows 0-7, upper),
+  // (rows 8-15, lower), (rows 8-15, upper) = b0, b1 of the n-tile n0, then of n0 + 8
+  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
+  const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + 15) / 16, tiles = g.P * tpp;
+  for (int64_t tile = (int64_t)blockIdx.x * FW + warp; tile < tiles; tile += (int64_t)gridDim.x * FW) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * 16;
+    const float *kp = kpos + p * M * 2;
+    float f0[2], f1[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int64_t u = u0 + gq + 8 * r;
+      float d;
+      f0[r] = f1[r] = 0.f;
+      if (u < NM) {
+        const int64_t i = u / M, j = u % M;
+        feature(qpos[2 * i], kp[2 * j], f0[r], d);
+        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d);
+      }
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < CP / KS; kk++) {
+      uint32_t ahi[4], alo[4];
+      if constexpr (MODE == HALF16) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 16 + 2 * tq + 8 * h;
+          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+            v0 = v0 > 0.f ? v0 : 0.f;
+            v1 = v1 > 0.f ? v1 : 0.f;
+            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 8 + tq + 4 * h;
+          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
+            v = v > 0.f ? v : 0.f;
+            ahi[2 * h + r] = to_tf32(v);
+            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
+          }
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < CP / 16; np++) {
+        uint32_t b[4];
+        const uint32_t addr = bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS));
+        ldsm4(b, addr);
+        if constexpr (MODE == HALF16) {
+          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+        } else if constexpr (MODE == TF32) {
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        } else {
+          uint32_t bl[4];
+          ldsm4(bl, addr + (uint32_t)(CP * LD * sizeof(TS)));
+          mma_tf32(acc[2 * np], alo, b[0], b[1]);
+          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], alo, b[2], b[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        }
+      }
+    }
+    // h2 = relu(z2 + b2) in place: acc[nt][0..1] row gq, acc[nt][2..3] row gq + 8, columns nt*8 + 2tq + (0, 1)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const float2 bb = *(const float2 *)(b2 + nt * 8 + 2 * tq);
+      acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
+      acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
+      acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
+      acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
+    }
+    for (int o = 0; o < O; o++) {
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const float2 ww = *(const float2 *)(w3 + o * CP + nt * 8 + 2 * tq);
+        s0 = fmaf(ww.x, acc[nt][0], fmaf(ww.y, acc[nt][1], s0));
+        s1 = fmaf(ww.x, acc[nt][2], fmaf(ww.y, acc[nt][3], s1));
+      }
+      s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+      s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+      if (tq == 0) {
+        const int64_t u = u0 + gq;
+        float *dst = out + (p * O + o) * NM;
+        if (u < NM) dst[u] = s0 + b3[o];
+        if (u + 8 < NM) dst[u + 8] = s1 + b3[o];
+      }
+    }
+  }
+}
+
 // the CTA's partial: gw2 (CP x CP) first (32-byte aligned for WMMA), then gw1x, gw1y, gb1, gb2 (CP each), gw3
 // (O x CP), gb3 (O); the slice length rounded up to 64 floats
 __host__ __device__ inline int64_t part_len(int CP, int O) { return ((int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O + 63) / 64 * 64; }
@@ -352,9 +550,9 @@ struct Prep {
   W w;
 };
 template <typename T, int MODE>
-static int prepare(const fa_cpb_geom *g, const fa_cpb_in *in, Prep &pr, const char *fn) {
+static int prepare(const fa_cpb_geom *g, const fa_cpb_in *in, Prep &pr, const char *fn, int cp = 0) {
   int dev = g->device;
-  int CP = (int)((g->C + 15) / 16 * 16), O = (int)g->O;
+  int CP = cp > 0 ? cp : (int)((g->C + 15) / 16 * 16), O = (int)g->O;
   if (CP == 0) CP = 16;
   int64_t nsmall = 4 * (int64_t)CP + (int64_t)O * CP + O, off = (nsmall * 4 + 255) / 256 * 256;
   size_t es = MODE == HALF16 ? sizeof(T) : 4;
@@ -450,12 +648,53 @@ static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float 
   return rc;
 }
 
+// the mma.sync forward's padded width: the hidden units rounded up to 16, 32, 64 or 128; 0 = wider (fwd_kernel)
+static int fast_cp(int64_t C) { return C <= 16 ? 16 : C <= 32 ? 32 : C <= 64 ? 64 : C <= 128 ? 128 : 0; }
+
+template <typename T, int MODE, int CP>
+static int mma_forward_cp(const fa_cpb_geom *g, float *out, const fa_cpb_in *in, const Prep &pr, const char *fn) {
+  const int dev = g->device;
+  const size_t sm = mma_fwd_smem<MODE, T>(CP, pr.w.O);
+  auto kern = mma_fwd_kernel<T, MODE, CP>;
+  int rc = set_smem(kern, sm, dev, g->C, fn);
+  if (rc) return rc;
+  int nb = 0;
+  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, FTHREADS, sm), fn))) return rc;
+  if (nb < 1) nb = 1;
+  const int64_t tiles = g->P * ((g->N * g->M + 15) / 16), need = (tiles + FW - 1) / FW;
+  int64_t grid = (int64_t)fa_cu_sm_count(dev) * nb;
+  if (grid > need) grid = need;
+  kern<<<(unsigned)grid, FTHREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, out, (const float *)in->qpos,
+                                                            (const float *)in->kpos);
+  return fa_cu_launch_check(fn);
+}
+
+template <typename T, int MODE> static int mma_forward(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_forward";
+  const int cp = fast_cp(g->C);
+  Prep pr;
+  int rc = prepare<T, MODE == X3 ? SIMT : MODE>(g, in, pr, fn, cp);
+  if (rc) return rc;
+  switch (cp) {
+  case 16: rc = mma_forward_cp<T, MODE, 16>(g, out, in, pr, fn); break;
+  case 32: rc = mma_forward_cp<T, MODE, 32>(g, out, in, pr, fn); break;
+  case 64: rc = mma_forward_cp<T, MODE, 64>(g, out, in, pr, fn); break;
+  default: rc = mma_forward_cp<T, MODE, 128>(g, out, in, pr, fn); break;
+  }
+  fa_cu_temp_free(g->device, pr.buf);
+  return rc;
+}
+
+// C <= 128: the mma.sync forward (float32: TF32 under fa.cuda.allowTF32(true), else 3xTF32); wider: fwd_kernel
 template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
-  if constexpr (std::is_same<T, float>::value)
+  const bool fast = fast_cp(g->C) > 0;
+  if constexpr (std::is_same<T, float>::value) {
+    if (fast) return m == TF32 ? mma_forward<T, TF32>(g, out, in) : mma_forward<T, X3>(g, out, in);
     return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, SIMT>(g, out, in);
-  else
-    return forward_t<T, HALF16>(g, out, in);
+  } else {
+    return fast ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
+  }
 }
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
