@@ -26,7 +26,7 @@ using namespace nvcuda;
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int TPF = 64, TPB = 32; // pairs per tile: forward, backward
 constexpr int MAXC = 256;         // hidden units at most (the shared memory of a forward tile)
-enum { SIMT = 0, TF32 = 1, HALF16 = 2 };
+enum { TF32 = 1, HALF16 = 2, X3 = 3 }; // X3: float32 without TF32, 3xTF32 split products
 
 template <int MODE, typename T> struct Compute { typedef float type; };
 template <typename T> struct Compute<HALF16, T> { typedef T type; };
@@ -78,20 +78,9 @@ __global__ void prep_kernel(float *small, void *w2p, const T *w1, const T *b1, c
 template <int MODE, typename TC, bool ARow, bool BRow>
 __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int lda, const TC *B, int ldb, float *Cs, int ldc,
                                       bool acc, const TC *A2 = nullptr) {
-  if constexpr (MODE == SIMT) {
-    for (int e = threadIdx.x; e < Mr * Nc; e += THREADS) {
-      int r = e / Nc, n = e % Nc;
-      float s = acc ? Cs[(int64_t)r * ldc + n] : 0.f;
-      for (int k = 0; k < K; k++) {
-        float b = BRow ? B[(int64_t)k * ldb + n] : B[(int64_t)n * ldb + k];
-        s = fmaf(ARow ? A[r * lda + k] : A[k * lda + r], b, s);
-        if (A2) s = fmaf(ARow ? A2[r * lda + k] : A2[k * lda + r], b, s);
-      }
-      Cs[(int64_t)r * ldc + n] = s;
-    }
-  } else {
-    typedef typename std::conditional<MODE == TF32, wmma::precision::tf32, TC>::type FT;
-    constexpr int KS = MODE == TF32 ? 8 : 16;
+  {
+    typedef typename std::conditional<MODE == TF32 || MODE == X3, wmma::precision::tf32, TC>::type FT;
+    constexpr int KS = MODE == HALF16 ? 16 : 8;
     typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
     typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
     const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
@@ -108,6 +97,22 @@ __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int ld
         if constexpr (MODE == TF32) {
           for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
           for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+        }
+        if constexpr (MODE == X3) { // a = hi + lo, b = hi + lo; c += a_lo b_hi + a_hi b_lo + a_hi b_hi
+          wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> alo;
+          wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> blo;
+          for (int i = 0; i < a.num_elements; i++) {
+            const float v = a.x[i];
+            a.x[i] = wmma::__float_to_tf32(v);
+            alo.x[i] = wmma::__float_to_tf32(v - a.x[i]);
+          }
+          for (int i = 0; i < b.num_elements; i++) {
+            const float v = b.x[i];
+            b.x[i] = wmma::__float_to_tf32(v);
+            blo.x[i] = wmma::__float_to_tf32(v - b.x[i]);
+          }
+          wmma::mma_sync(c, alo, b, c);
+          wmma::mma_sync(c, a, blo, c);
         }
         wmma::mma_sync(c, a, b, c);
         if (A2) {
@@ -126,7 +131,7 @@ __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int ld
 template <typename TC> __host__ __device__ constexpr int pitch_h(int CP) { return CP + (int)(32 / sizeof(TC)) / 2 * 2; }
 __host__ __device__ constexpr int pitch_z(int CP) { return CP + 8; }
 
-// h1 in two 16-bit parts (hi, lo) with 16-bit weights; in float32 (SIMT, TF32) one
+// h1 in two 16-bit parts (hi, lo) with 16-bit weights; in float32 (TF32, X3) one
 template <int MODE> __host__ __device__ constexpr int h_parts() { return MODE == HALF16 ? 2 : 1; }
 
 template <int MODE, typename TC> static size_t fwd_smem(int CP) {
@@ -196,7 +201,6 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, 
 // fwd_kernel (h1 and w2 rounded to tf32, cvt.rna as wmma::__float_to_tf32); X3 (float32 without TF32): 3xTF32,
 // a = a_hi + a_lo and b = b_hi + b_lo split to tf32, z2 += a_lo b_hi + a_hi b_lo + a_hi b_hi (float32 to
 // ~2^-21 per product).
-constexpr int X3 = 3;
 constexpr int FW = 8, FTHREADS = FW * 32;
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -531,7 +535,7 @@ __global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N
 }
 
 template <typename T> int mode_of(int tf32);
-template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : SIMT; }
+template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : X3; }
 template <> int mode_of<__nv_bfloat16>(int) { return HALF16; }
 template <> int mode_of<__half>(int) { return HALF16; }
 
@@ -673,7 +677,7 @@ template <typename T, int MODE> static int mma_forward(const fa_cpb_geom *g, flo
   static const char *fn = "fa_cpb_forward";
   const int cp = fast_cp(g->C);
   Prep pr;
-  int rc = prepare<T, MODE == X3 ? SIMT : MODE>(g, in, pr, fn, cp);
+  int rc = prepare<T, MODE>(g, in, pr, fn, cp);
   if (rc) return rc;
   switch (cp) {
   case 16: rc = mma_forward_cp<T, MODE, 16>(g, out, in, pr, fn); break;
@@ -691,7 +695,7 @@ template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, con
   const bool fast = fast_cp(g->C) > 0;
   if constexpr (std::is_same<T, float>::value) {
     if (fast) return m == TF32 ? mma_forward<T, TF32>(g, out, in) : mma_forward<T, X3>(g, out, in);
-    return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, SIMT>(g, out, in);
+    return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, X3>(g, out, in);
   } else {
     return fast ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
   }
@@ -700,7 +704,7 @@ template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
   if constexpr (std::is_same<T, float>::value)
-    return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, SIMT>(g, gr, gb, in);
+    return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, X3>(g, gr, gb, in);
   else
     return backward_t<T, HALF16>(g, gr, gb, in);
 }
