@@ -534,6 +534,314 @@ __global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N
   }
 }
 
+// ---- the mma.sync backward for 16-bit weights (CP = 16, 32, 64 or 128, O <= BOMAX; else bwd_kernel). A CTA of
+// FW warps stages w2 once and loops over tiles of 128 pairs of one p, 16 per warp. Per warp, in registers: the
+// recompute of z2 (as mma_fwd_kernel: h1 = hi + lo, the same masks), h2, gz2 = (g w3) [h2 > 0], gh1 = gz2 w2 (gz2's
+// accumulators repacked as A fragments, w2 by ldmatrix.trans), gz1 = gh1 [pre1 > 0], gd. The sums over pairs of
+// one column (gw3, gb2, gw1, gb1) go through a butterfly over the 8 lane groups (a fixed order) into the warp's
+// own accumulators in shared memory. Then, after a barrier, gw2 += gz2^T h1 over the CTA's 128 pairs (gz2 and
+// h1's hi part staged in shared memory by every warp): warp w owns a stripe of gw2's rows (and a part of its
+// columns when CP < 128) in registers for the whole kernel. Roundings as bwd_kernel: gz2 and h1 (hi) rounded to
+// the dtype in the gw2 and gh1 products, float32 accumulation. At the end the CTA's partial (part_len layout) is
+// written: gw2 from the registers, the rest summed over the warps in warp order; reduce_w_kernel does the rest.
+constexpr int BOMAX = 8;
+
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm2t(uint32_t (&r)[2], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+template <typename T> __device__ __forceinline__ uint32_t pack16(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack16<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack16<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// v[i] (i < V, V >= 8 a power of two): one lane's values of V columns; summed over the 8 lane groups gq (xor 16,
+// 8, 4), each step keeping half. On return v[i], i < V/8, holds the sum of index (V/8)*rev3(gq) + i.
+template <int V, int H, int MASK> __device__ __forceinline__ void group_step(float (&v)[V], int lane) {
+  const bool b = (lane & MASK) != 0;
+#pragma unroll
+  for (int i = 0; i < H; i++) {
+    const float send = b ? v[i] : v[i + H], keep = b ? v[i + H] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, MASK);
+  }
+}
+template <int V> __device__ __forceinline__ void group_sum(float (&v)[V], int lane) {
+  group_step<V, V / 2, 16>(v, lane);
+  group_step<V, V / 4, 8>(v, lane);
+  group_step<V, V / 8, 4>(v, lane);
+}
+__device__ __forceinline__ int rev3(int gq) { return ((gq & 1) << 2) | (gq & 2) | ((gq >> 2) & 1); }
+// adds the group sums of v (value index i of the lane: column cbase + (i >> 1) * 8 + 2 tq + (i & 1)) into dst
+template <int V>
+__device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase, int CP, int lane) {
+  group_sum<V>(v, lane);
+  const int base = (V / 8) * rev3(lane >> 2), tq = lane & 3;
+#pragma unroll
+  for (int i = 0; i < V / 8; i++) {
+    const int idx = base + i, c = cbase + (idx >> 1) * 8 + 2 * tq + (idx & 1);
+    if (c < CP) dst[c] += v[i];
+  }
+}
+
+template <typename T> static size_t mma_bwd_smem(int CP, int O) {
+  const int LD = CP + 8;
+  return (size_t)(CP + 2 * FW * 16) * LD * sizeof(T) + (4 * (size_t)CP + (size_t)O * CP + O) * 4 * (1 + FW) +
+         (size_t)FW * 16 * O * 4;
+}
+
+template <typename T, int CP>
+__global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
+                                                              const float *grad_bias, const float *qpos,
+                                                              const float *kpos) {
+  constexpr int LD = CP + 8, NT = CP / 8, KT = CP / 16, TP = FW * 16;
+  // gw2's stripes: WS of 16 rows; NP parts of its columns (GNT n-tiles each); warps past WS * NP idle there
+  constexpr int WS = KT, NP = (FW / WS < NT ? FW / WS : NT), GNT = NT / NP;
+  // gh1 in chunks of HNT n-tiles (registers)
+  constexpr int HNT = NT < 8 ? NT : 8, HV = 2 * HNT < 8 ? 8 : 2 * HNT, ZV = 2 * NT < 8 ? 8 : 2 * NT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T *w2s = (T *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LD;
+  float *sm = (float *)(gzs + TP * LD);
+  const int O = w.O, nacc = 4 * CP + O * CP + O;
+  float *accw = sm + nacc, *ggs = accw + FW * nacc;
+  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
+  for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
+  for (int e = threadIdx.x; e < FW * nacc; e += FTHREADS) accw[e] = 0.f;
+  __syncthreads();
+  const float *w1x = sm, *w1y = sm + CP, *b1 = sm + 2 * CP, *b2 = sm + 3 * CP, *w3 = sm + 4 * CP;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  // this warp's accumulators (the partial's layout after gw2) and grad_bias rows
+  float *aw = accw + warp * nacc, *gw1xa = aw, *gw1ya = aw + CP, *gb1a = aw + 2 * CP, *gb2a = aw + 3 * CP,
+        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *gg = ggs + warp * 16 * O;
+  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+  // ldmatrix.trans lane offsets: B of gh1 (rows k of w2, columns n), B of gw2 (rows = pairs of h1s, columns n):
+  // matrix q = lane / 8 at row (lane & 7) + (q & 1) * 8, column (q >> 1) * 8; A of gw2 from gzs (rows = pairs, columns
+  // = m): row (lane & 7) + (q >> 1) * 8, column (q & 1) * 8
+  const int tr_r = (lane & 7) + ((lane >> 3) & 1) * 8, tr_c = (lane >> 4) * 8;
+  const uint32_t w2t = smem_u32(w2s + tr_r * LD + tr_c);
+  const int stripe = warp % WS, npart = warp / WS;
+  const bool gw2_mine = warp < WS * NP;
+  const uint32_t gza = smem_u32(gzs + ((lane & 7) + (lane >> 4) * 8) * LD + stripe * 16 + ((lane >> 3) & 1) * 8);
+  const uint32_t h1b = smem_u32(h1s + tr_r * LD + npart * GNT * 8 + tr_c);
+  float gw2[GNT][4];
+#pragma unroll
+  for (int n = 0; n < GNT; n++) gw2[n][0] = gw2[n][1] = gw2[n][2] = gw2[n][3] = 0.f;
+
+  const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + TP - 1) / TP, tiles = g.P * tpp;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * TP + warp * 16;
+    const float *kp = kpos + p * M * 2;
+    __syncwarp();
+    for (int e = lane; e < 16 * O; e += 32) {
+      const int t = e % 16, o = e / 16;
+      gg[t * O + o] = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
+    }
+    float f0[2], f1[2], d0[2], d1[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int64_t u = u0 + gq + 8 * r;
+      f0[r] = f1[r] = d0[r] = d1[r] = 0.f;
+      if (u < NM) {
+        const int64_t i = u / M, j = u % M;
+        feature(qpos[2 * i], kp[2 * j], f0[r], d0[r]);
+        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d1[r]);
+      }
+    }
+    __syncwarp();
+    // z2 = (hi + lo) w2^T as mma_fwd_kernel; h1's hi part into h1s
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+      uint32_t ahi[4], alo[4];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int c = kk * 16 + 2 * tq + 8 * h;
+        const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+          v0 = v0 > 0.f ? v0 : 0.f;
+          v1 = v1 > 0.f ? v1 : 0.f;
+          Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+          *(uint32_t *)(h1s + (warp * 16 + gq + 8 * r) * LD + c) = ahi[2 * h + r];
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; np++) {
+        uint32_t b[4];
+        ldsm4(b, bbase + (uint32_t)((np * 16 * LD + kk * 16) * sizeof(T)));
+        Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+        Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+        Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+        Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+      }
+    }
+    // h2 = relu(z2 + b2) in place; gw3 += g^T h2; gb3 += sum g
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const float2 bb = *(const float2 *)(b2 + nt * 8 + 2 * tq);
+      acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
+      acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
+      acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
+      acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
+    }
+    for (int o = 0; o < O; o++) {
+      const float g0 = gg[gq * O + o], g1 = gg[(gq + 8) * O + o];
+      float v[ZV];
+#pragma unroll
+      for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
+        v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
+      }
+      add_columns<ZV>(v, gw3a + o * CP, 0, CP, lane);
+      if (lane == 0) {
+        float s = 0.f;
+        for (int t = 0; t < 16; t++) s += gg[t * O + o];
+        gb3a[o] += s;
+      }
+    }
+    // gz2 = (g w3) [h2 > 0] in place (float32); gb2 += its column sums; its dtype rounding into gzs
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int c = nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
+        float s = 0.f;
+        for (int o = 0; o < O; o++) s = fmaf(gg[t * O + o], w3[o * CP + c], s);
+        acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
+      }
+    }
+    {
+      float v[ZV];
+#pragma unroll
+      for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        v[2 * nt] = acc[nt][0] + acc[nt][2];
+        v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
+      }
+      add_columns<ZV>(v, gb2a, 0, CP, lane);
+    }
+    uint32_t ga[KT][4]; // gz2 as the A fragments of gh1 = gz2 w2 (k-step j: n-tiles 2j, 2j + 1)
+#pragma unroll
+    for (int j = 0; j < KT; j++) {
+      ga[j][0] = pack16<T>(acc[2 * j][0], acc[2 * j][1]);
+      ga[j][1] = pack16<T>(acc[2 * j][2], acc[2 * j][3]);
+      ga[j][2] = pack16<T>(acc[2 * j + 1][0], acc[2 * j + 1][1]);
+      ga[j][3] = pack16<T>(acc[2 * j + 1][2], acc[2 * j + 1][3]);
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LD + j * 16 + h * 8 + 2 * tq);
+        row[0] = ga[j][2 * h];
+        row[4 * LD] = ga[j][2 * h + 1]; // 8 rows down (LD / 2 words per row)
+      }
+    }
+    // gh1 = gz2 w2 in chunks of HNT n-tiles; gz1 = gh1 [pre1 > 0]; gw1, gb1 column sums; gd
+    float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ch = 0; ch < NT / HNT; ch++) {
+      float hacc[HNT][4];
+#pragma unroll
+      for (int nt = 0; nt < HNT; nt++) hacc[nt][0] = hacc[nt][1] = hacc[nt][2] = hacc[nt][3] = 0.f;
+#pragma unroll
+      for (int j = 0; j < KT; j++)
+#pragma unroll
+        for (int np = 0; np < HNT / 2; np++) {
+          uint32_t b[4];
+          ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + ch * HNT * 8 + np * 16) * sizeof(T)));
+          Mma16<T>::run(hacc[2 * np], ga[j], b[0], b[1]);
+          Mma16<T>::run(hacc[2 * np + 1], ga[j], b[2], b[3]);
+        }
+      float va[HV], vx[HV], vy[HV];
+#pragma unroll
+      for (int i = 0; i < HV; i++) va[i] = vx[i] = vy[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < HNT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int c = ch * HNT * 8 + nt * 8 + 2 * tq + e;
+          float z[2];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            const float pre = fmaf(w1x[c], f0[r], fmaf(w1y[c], f1[r], b1[c]));
+            z[r] = pre > 0.f ? hacc[nt][2 * r + e] : 0.f;
+            s0[r] = fmaf(z[r], w1x[c], s0[r]);
+            s1[r] = fmaf(z[r], w1y[c], s1[r]);
+          }
+          va[2 * nt + e] = z[0] + z[1];
+          vx[2 * nt + e] = fmaf(z[1], f0[1], z[0] * f0[0]);
+          vy[2 * nt + e] = fmaf(z[1], f1[1], z[0] * f1[0]);
+        }
+      add_columns<HV>(va, gb1a, ch * HNT * 8, CP, lane);
+      add_columns<HV>(vx, gw1xa, ch * HNT * 8, CP, lane);
+      add_columns<HV>(vy, gw1ya, ch * HNT * 8, CP, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      s0[r] += __shfl_xor_sync(0xffffffffu, s0[r], 1);
+      s1[r] += __shfl_xor_sync(0xffffffffu, s1[r], 1);
+      s0[r] += __shfl_xor_sync(0xffffffffu, s0[r], 2);
+      s1[r] += __shfl_xor_sync(0xffffffffu, s1[r], 2);
+      const int64_t u = u0 + gq + 8 * r;
+      if (tq == 0 && u < NM) {
+        gd[(p * NM + u) * 2] = s0[r] * d0[r];
+        gd[(p * NM + u) * 2 + 1] = s1[r] * d1[r];
+      }
+    }
+    // gw2 += gz2^T h1 over the CTA's TP pairs: this warp's stripe of rows, its part of the columns
+    __syncthreads();
+    if (gw2_mine) {
+#pragma unroll
+      for (int kp = 0; kp < TP / 16; kp++) {
+        uint32_t a[4];
+        ldsm4t(a, gza + (uint32_t)(kp * 16 * LD * sizeof(T)));
+        if constexpr (GNT == 1) {
+          uint32_t b[2];
+          ldsm2t(b, h1b + (uint32_t)(kp * 16 * LD * sizeof(T)));
+          Mma16<T>::run(gw2[0], a, b[0], b[1]);
+        } else {
+#pragma unroll
+          for (int np = 0; np < GNT / 2; np++) {
+            uint32_t b[4];
+            ldsm4t(b, h1b + (uint32_t)((kp * 16 * LD + np * 16) * sizeof(T)));
+            Mma16<T>::run(gw2[2 * np], a, b[0], b[1]);
+            Mma16<T>::run(gw2[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float *mine = part + blockIdx.x * part_len(CP, O);
+  if (gw2_mine) {
+#pragma unroll
+    for (int n = 0; n < GNT; n++) {
+      const int c1 = npart * GNT * 8 + n * 8 + 2 * tq, c2 = stripe * 16 + gq;
+      mine[c2 * CP + c1] = gw2[n][0];
+      mine[c2 * CP + c1 + 1] = gw2[n][1];
+      mine[(c2 + 8) * CP + c1] = gw2[n][2];
+      mine[(c2 + 8) * CP + c1 + 1] = gw2[n][3];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nacc; e += FTHREADS) {
+    float s = 0.f;
+    for (int k = 0; k < FW; k++) s += accw[k * nacc + e];
+    mine[(int64_t)CP * CP + e] = s;
+  }
+}
+
 template <typename T> int mode_of(int tf32);
 template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : X3; }
 template <> int mode_of<__nv_bfloat16>(int) { return HALF16; }
@@ -700,13 +1008,78 @@ template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, con
     return fast ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
   }
 }
+// the weight partials (grid CTAs, part_len(CP, O) each) and gd reduced in fixed orders into the gradients
+template <typename T>
+static int reduce_grads(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *part, int64_t grid, int CP,
+                        const float *gd, const char *fn) {
+  const int dev = g->device, O = (int)g->O;
+  cudaStream_t st = fa_cu_stream(dev);
+  int64_t n = (int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O;
+  reduce_w_kernel<T><<<fa_cu_blocks(n, 256, dev), 256, 0, st>>>(part, (int)grid, (int)g->C, CP, O, (T *)gr->w1,
+                                                                 (T *)gr->b1, (T *)gr->w2, (T *)gr->b2, (T *)gr->w3,
+                                                                 (T *)gr->b3);
+  int rc = fa_cu_launch_check(fn);
+  if (!rc && gr->kpos && g->P * g->M > 0) {
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    rc = fa_cu_launch_check(fn);
+  }
+  return rc;
+}
+
+template <typename T, int CP>
+static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
+                           const Prep &pr, const char *fn) {
+  const int dev = g->device, O = (int)g->O;
+  const size_t sm = mma_bwd_smem<T>(CP, O);
+  auto kern = mma_bwd_kernel<T, CP>;
+  int rc = set_smem(kern, sm, dev, g->C, fn);
+  if (rc) return rc;
+  int nb = 0;
+  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, FTHREADS, sm), fn))) return rc;
+  if (nb < 1) nb = 1;
+  const int64_t NM = g->N * g->M, tiles = g->P * ((NM + FW * 16 - 1) / (FW * 16));
+  int64_t grid = (int64_t)fa_cu_sm_count(dev) * nb; // fixed by the device: the partials' order is too
+  if (grid > tiles) grid = tiles;
+  if (grid < 1) grid = 1;
+  float *part = (float *)fa_cu_temp_alloc(dev, grid * part_len(CP, O) * 4);
+  float *gd = (float *)fa_cu_temp_alloc(dev, (g->P * NM * 2 > 0 ? g->P * NM * 2 : 1) * 4);
+  if (!part || !gd) rc = FA_ERR_MEMORY;
+  if (!rc) {
+    kern<<<(unsigned)grid, FTHREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, part, gd, grad_bias, (const float *)in->qpos,
+                                                              (const float *)in->kpos);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc) rc = reduce_grads<T>(g, gr, part, grid, CP, gd, fn);
+  fa_cu_temp_free(dev, gd);
+  fa_cu_temp_free(dev, part);
+  return rc;
+}
+
+template <typename T>
+static int mma_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_backward";
+  const int cp = fast_cp(g->C);
+  Prep pr;
+  int rc = prepare<T, HALF16>(g, in, pr, fn, cp);
+  if (rc) return rc;
+  switch (cp) {
+  case 16: rc = mma_backward_cp<T, 16>(g, gr, grad_bias, in, pr, fn); break;
+  case 32: rc = mma_backward_cp<T, 32>(g, gr, grad_bias, in, pr, fn); break;
+  case 64: rc = mma_backward_cp<T, 64>(g, gr, grad_bias, in, pr, fn); break;
+  default: rc = mma_backward_cp<T, 128>(g, gr, grad_bias, in, pr, fn); break;
+  }
+  fa_cu_temp_free(g->device, pr.buf);
+  return rc;
+}
+
+// 16-bit weights, C <= 128 and O <= BOMAX: mma_bwd_kernel; else bwd_kernel (WMMA)
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
   if constexpr (std::is_same<T, float>::value)
     return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, X3>(g, gr, gb, in);
   else
-    return backward_t<T, HALF16>(g, gr, gb, in);
+    return fast_cp(g->C) > 0 && g->O <= BOMAX ? mma_backward<T>(g, gr, gb, in) : backward_t<T, HALF16>(g, gr, gb, in);
 }
 } // namespace
 
