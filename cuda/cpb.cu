@@ -564,7 +564,8 @@ template <> __device__ __forceinline__ uint32_t pack16<__half>(float lo, float h
 }
 
 // v[i] (i < V, V >= 8 a power of two): one lane's values of V columns; summed over the 8 lane groups gq (xor 16,
-// 8, 4), each step keeping half. On return v[i], i < V/8, holds the sum of index (V/8)*rev3(gq) + i.
+// 8, 4), each step keeping half (the lane with the mask's bit set keeps the upper half). On return v[i], i < V/8,
+// holds the sum of index (V/8)*gq + i.
 template <int V, int H, int MASK> __device__ __forceinline__ void group_step(float (&v)[V], int lane) {
   const bool b = (lane & MASK) != 0;
 #pragma unroll
@@ -578,12 +579,11 @@ template <int V> __device__ __forceinline__ void group_sum(float (&v)[V], int la
   group_step<V, V / 4, 8>(v, lane);
   group_step<V, V / 8, 4>(v, lane);
 }
-__device__ __forceinline__ int rev3(int gq) { return ((gq & 1) << 2) | (gq & 2) | ((gq >> 2) & 1); }
 // adds the group sums of v (value index i of the lane: column cbase + (i >> 1) * 8 + 2 tq + (i & 1)) into dst
 template <int V>
 __device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase, int CP, int lane) {
   group_sum<V>(v, lane);
-  const int base = (V / 8) * rev3(lane >> 2), tq = lane & 3;
+  const int base = (V / 8) * (lane >> 2), tq = lane & 3;
 #pragma unroll
   for (int i = 0; i < V / 8; i++) {
     const int idx = base + i, c = cbase + (idx >> 1) * 8 + 2 * tq + (idx & 1);
