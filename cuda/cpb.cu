@@ -591,27 +591,41 @@ __device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase
   }
 }
 
-template <typename T> static size_t mma_bwd_smem(int CP, int O) {
-  const int LD = CP + 8;
-  return (size_t)(CP + 2 * FW * 16) * LD * sizeof(T) + (4 * (size_t)CP + (size_t)O * CP + O) * 4 * (1 + FW) +
-         (size_t)FW * 16 * O * 4;
+// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (FW*16 x (CP + 8) each, in the dtype or float32), the small
+// weights, the warps' accumulators, the warps' grad_bias rows
+template <int MODE, typename T> static size_t mma_bwd_smem(int CP, int O) {
+  const size_t es = sizeof(typename W2S<MODE, T>::type);
+  return (size_t)CP * w2_pitch<MODE, T>(CP) * es + 2 * (size_t)FW * 16 * (CP + 8) * es +
+         (4 * (size_t)CP + (size_t)O * CP + O) * 4 * (1 + FW) + (size_t)FW * 16 * O * 4;
+}
+// x = hi + lo, both tf32
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+  hi = to_tf32(x);
+  lo = to_tf32(x - __uint_as_float(hi));
 }
 
-template <typename T, int CP>
+template <typename T, int MODE, int CP>
 __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
                                                               const float *grad_bias, const float *qpos,
                                                               const float *kpos) {
-  constexpr int LD = CP + 8, NT = CP / 8, KT = CP / 16, TP = FW * 16;
+  typedef typename W2S<MODE, T>::type TS; // w2, h1s, gzs: the dtype (HALF16) or float32 (TF32: w2 tf32-rounded)
+  constexpr bool H16 = MODE == HALF16;
+  constexpr int LD = w2_pitch<MODE, T>(CP), LH = CP + 8, NT = CP / 8, KT = CP / 16, TP = FW * 16;
   // gw2's stripes: WS of 16 rows; NP parts of its columns (GNT n-tiles each); warps past WS * NP idle there
   constexpr int WS = KT, NP = (FW / WS < NT ? FW / WS : NT), GNT = NT / NP;
   // gh1 in chunks of HNT n-tiles (registers)
-  constexpr int HNT = NT < 8 ? NT : 8, HV = 2 * HNT < 8 ? 8 : 2 * HNT, ZV = 2 * NT < 8 ? 8 : 2 * NT;
+  constexpr int HMAX = H16 ? 8 : 4, HNT = NT < HMAX ? NT : HMAX, HV = 2 * HNT < 8 ? 8 : 2 * HNT,
+                ZV = 2 * NT < 8 ? 8 : 2 * NT;
   extern __shared__ __align__(128) unsigned char smem[];
-  T *w2s = (T *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LD;
+  TS *w2s = (TS *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LH;
   float *sm = (float *)(gzs + TP * LD);
   const int O = w.O, nacc = 4 * CP + O * CP + O;
   float *accw = sm + nacc, *ggs = accw + FW * nacc;
-  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
+  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
+    if constexpr (MODE == HALF16) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
+    else if constexpr (MODE == TF32) w2s[e / CP * LD + e % CP] = __uint_as_float(to_tf32(((const float *)w.w2)[e]));
+    else w2s[e / CP * LD + e % CP] = ((const float *)w.w2)[e]; // X3: split where read
+  }
   for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
   for (int e = threadIdx.x; e < FW * nacc; e += FTHREADS) accw[e] = 0.f;
   __syncthreads();
@@ -620,7 +634,8 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   // this warp's accumulators (the partial's layout after gw2) and grad_bias rows
   float *aw = accw + warp * nacc, *gw1xa = aw, *gw1ya = aw + CP, *gb1a = aw + 2 * CP, *gb2a = aw + 3 * CP,
         *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *gg = ggs + warp * 16 * O;
-  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+  constexpr int KS = H16 ? 16 : 8;
+  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
   // ldmatrix.trans lane offsets: B of gh1 (rows k of w2, columns n), B of gw2 (rows = pairs of h1s, columns n):
   // matrix q = lane / 8 at row (lane & 7) + (q & 1) * 8, column (q >> 1) * 8; A of gw2 from gzs (rows = pairs, columns
   // = m): row (lane & 7) + (q >> 1) * 8, column (q & 1) * 8
@@ -628,8 +643,8 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   const uint32_t w2t = smem_u32(w2s + tr_r * LD + tr_c);
   const int stripe = warp % WS, npart = warp / WS;
   const bool gw2_mine = warp < WS * NP;
-  const uint32_t gza = smem_u32(gzs + ((lane & 7) + (lane >> 4) * 8) * LD + stripe * 16 + ((lane >> 3) & 1) * 8);
-  const uint32_t h1b = smem_u32(h1s + tr_r * LD + npart * GNT * 8 + tr_c);
+  const uint32_t gza = smem_u32(gzs + ((lane & 7) + (lane >> 4) * 8) * LH + stripe * 16 + ((lane >> 3) & 1) * 8);
+  const uint32_t h1b = smem_u32(h1s + tr_r * LH + npart * GNT * 8 + tr_c);
   float gw2[GNT][4];
 #pragma unroll
   for (int n = 0; n < GNT; n++) gw2[n][0] = gw2[n][1] = gw2[n][2] = gw2[n][3] = 0.f;
@@ -655,34 +670,65 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
       }
     }
     __syncwarp();
-    // z2 = (hi + lo) w2^T as mma_fwd_kernel; h1's hi part into h1s
+    // z2 as mma_fwd_kernel (the same products in the same order: the same masks); h1 into h1s (16-bit: its hi part)
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < KT; kk++) {
+    for (int kk = 0; kk < CP / KS; kk++) {
       uint32_t ahi[4], alo[4];
+      if constexpr (H16) {
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int c = kk * 16 + 2 * tq + 8 * h;
-        const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 16 + 2 * tq + 8 * h;
+          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-          float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
-          v0 = v0 > 0.f ? v0 : 0.f;
-          v1 = v1 > 0.f ? v1 : 0.f;
-          Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
-          *(uint32_t *)(h1s + (warp * 16 + gq + 8 * r) * LD + c) = ahi[2 * h + r];
+          for (int r = 0; r < 2; r++) {
+            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+            v0 = v0 > 0.f ? v0 : 0.f;
+            v1 = v1 > 0.f ? v1 : 0.f;
+            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+            *(uint32_t *)(h1s + (warp * 16 + gq + 8 * r) * LH + c) = ahi[2 * h + r];
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 8 + tq + 4 * h;
+          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
+            v = v > 0.f ? v : 0.f;
+            ahi[2 * h + r] = to_tf32(v);
+            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
+            h1s[(warp * 16 + gq + 8 * r) * LH + c] = v;
+          }
         }
       }
 #pragma unroll
       for (int np = 0; np < NT / 2; np++) {
         uint32_t b[4];
-        ldsm4(b, bbase + (uint32_t)((np * 16 * LD + kk * 16) * sizeof(T)));
-        Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
-        Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
-        Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
-        Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+        ldsm4(b, bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS)));
+        if constexpr (H16) {
+          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+        } else if constexpr (MODE == TF32) {
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        } else {
+          uint32_t bh[4], bl[4];
+#pragma unroll
+          for (int q = 0; q < 4; q++) split_tf32(__uint_as_float(b[q]), bh[q], bl[q]);
+          mma_tf32(acc[2 * np], alo, bh[0], bh[1]);
+          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
+          mma_tf32(acc[2 * np], ahi, bh[0], bh[1]);
+          mma_tf32(acc[2 * np + 1], alo, bh[2], bh[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bh[2], bh[3]);
+        }
       }
     }
     // h2 = relu(z2 + b2) in place; gw3 += g^T h2; gb3 += sum g
@@ -733,18 +779,28 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
       }
       add_columns<ZV>(v, gb2a, 0, CP, lane);
     }
-    uint32_t ga[KT][4]; // gz2 as the A fragments of gh1 = gz2 w2 (k-step j: n-tiles 2j, 2j + 1)
+    // gz2 into gzs (16-bit: rounded, and kept as the A fragments of gh1 = gz2 w2: k-step j = n-tiles 2j, 2j + 1)
+    uint32_t ga[H16 ? KT : 1][4];
+    if constexpr (H16) {
 #pragma unroll
-    for (int j = 0; j < KT; j++) {
-      ga[j][0] = pack16<T>(acc[2 * j][0], acc[2 * j][1]);
-      ga[j][1] = pack16<T>(acc[2 * j][2], acc[2 * j][3]);
-      ga[j][2] = pack16<T>(acc[2 * j + 1][0], acc[2 * j + 1][1]);
-      ga[j][3] = pack16<T>(acc[2 * j + 1][2], acc[2 * j + 1][3]);
+      for (int j = 0; j < KT; j++) {
+        ga[j][0] = pack16<T>(acc[2 * j][0], acc[2 * j][1]);
+        ga[j][1] = pack16<T>(acc[2 * j][2], acc[2 * j][3]);
+        ga[j][2] = pack16<T>(acc[2 * j + 1][0], acc[2 * j + 1][1]);
+        ga[j][3] = pack16<T>(acc[2 * j + 1][2], acc[2 * j + 1][3]);
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LD + j * 16 + h * 8 + 2 * tq);
-        row[0] = ga[j][2 * h];
-        row[4 * LD] = ga[j][2 * h + 1]; // 8 rows down (LD / 2 words per row)
+        for (int h = 0; h < 2; h++) {
+          uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LH + j * 16 + h * 8 + 2 * tq);
+          row[0] = ga[j][2 * h];
+          row[4 * LH] = ga[j][2 * h + 1]; // 8 rows down (LH / 2 words per row)
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        float *row = gzs + (warp * 16 + gq) * LH + nt * 8 + 2 * tq;
+        *(float2 *)row = make_float2(acc[nt][0], acc[nt][1]);
+        *(float2 *)(row + 8 * LH) = make_float2(acc[nt][2], acc[nt][3]);
       }
     }
     // gh1 = gz2 w2 in chunks of HNT n-tiles; gz1 = gh1 [pre1 > 0]; gw1, gb1 column sums; gd
@@ -754,15 +810,45 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
       float hacc[HNT][4];
 #pragma unroll
       for (int nt = 0; nt < HNT; nt++) hacc[nt][0] = hacc[nt][1] = hacc[nt][2] = hacc[nt][3] = 0.f;
+      if constexpr (H16) {
 #pragma unroll
-      for (int j = 0; j < KT; j++)
+        for (int j = 0; j < KT; j++)
 #pragma unroll
-        for (int np = 0; np < HNT / 2; np++) {
-          uint32_t b[4];
-          ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + ch * HNT * 8 + np * 16) * sizeof(T)));
-          Mma16<T>::run(hacc[2 * np], ga[j], b[0], b[1]);
-          Mma16<T>::run(hacc[2 * np + 1], ga[j], b[2], b[3]);
+          for (int np = 0; np < HNT / 2; np++) {
+            uint32_t b[4];
+            ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + ch * HNT * 8 + np * 16) * sizeof(TS)));
+            Mma16<T>::run(hacc[2 * np], ga[j], b[0], b[1]);
+            Mma16<T>::run(hacc[2 * np + 1], ga[j], b[2], b[3]);
+          }
+      } else {
+        // k-step = gz2's n-tile kt, its k order permuted to the accumulators' (k = t <-> column 2t, t + 4 <-> 2t + 1),
+        // so A comes from the accumulators as they are and B rows 2t, 2t + 1 of the n-tile (w2 row = k)
+#pragma unroll
+        for (int kt = 0; kt < NT; kt++) {
+          uint32_t ah[4], al[4];
+          const float av[4] = {acc[kt][0], acc[kt][2], acc[kt][1], acc[kt][3]};
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            if constexpr (MODE == X3) split_tf32(av[q], ah[q], al[q]);
+            else ah[q] = to_tf32(av[q]);
+          }
+          const TS *brow = w2s + (kt * 8 + 2 * tq) * LD + ch * HNT * 8 + gq;
+#pragma unroll
+          for (int nt = 0; nt < HNT; nt++) {
+            const float x0 = brow[nt * 8], x1 = brow[LD + nt * 8];
+            if constexpr (MODE == X3) {
+              uint32_t h0, l0, h1, l1;
+              split_tf32(x0, h0, l0);
+              split_tf32(x1, h1, l1);
+              mma_tf32(hacc[nt], al, h0, h1);
+              mma_tf32(hacc[nt], ah, l0, l1);
+              mma_tf32(hacc[nt], ah, h0, h1);
+            } else {
+              mma_tf32(hacc[nt], ah, __float_as_uint(x0), __float_as_uint(x1));
+            }
+          }
         }
+      }
       float va[HV], vx[HV], vy[HV];
 #pragma unroll
       for (int i = 0; i < HV; i++) va[i] = vx[i] = vy[i] = 0.f;
@@ -802,21 +888,51 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
     // gw2 += gz2^T h1 over the CTA's TP pairs: this warp's stripe of rows, its part of the columns
     __syncthreads();
     if (gw2_mine) {
+      if constexpr (H16) {
 #pragma unroll
-      for (int kp = 0; kp < TP / 16; kp++) {
-        uint32_t a[4];
-        ldsm4t(a, gza + (uint32_t)(kp * 16 * LD * sizeof(T)));
-        if constexpr (GNT == 1) {
-          uint32_t b[2];
-          ldsm2t(b, h1b + (uint32_t)(kp * 16 * LD * sizeof(T)));
-          Mma16<T>::run(gw2[0], a, b[0], b[1]);
-        } else {
+        for (int kp = 0; kp < TP / 16; kp++) {
+          uint32_t a[4];
+          ldsm4t(a, gza + (uint32_t)(kp * 16 * LH * sizeof(TS)));
+          if constexpr (GNT == 1) {
+            uint32_t b[2];
+            ldsm2t(b, h1b + (uint32_t)(kp * 16 * LH * sizeof(TS)));
+            Mma16<T>::run(gw2[0], a, b[0], b[1]);
+          } else {
 #pragma unroll
-          for (int np = 0; np < GNT / 2; np++) {
-            uint32_t b[4];
-            ldsm4t(b, h1b + (uint32_t)((kp * 16 * LD + np * 16) * sizeof(T)));
-            Mma16<T>::run(gw2[2 * np], a, b[0], b[1]);
-            Mma16<T>::run(gw2[2 * np + 1], a, b[2], b[3]);
+            for (int np = 0; np < GNT / 2; np++) {
+              uint32_t b[4];
+              ldsm4t(b, h1b + (uint32_t)((kp * 16 * LH + np * 16) * sizeof(TS)));
+              Mma16<T>::run(gw2[2 * np], a, b[0], b[1]);
+              Mma16<T>::run(gw2[2 * np + 1], a, b[2], b[3]);
+            }
+          }
+        }
+      } else {
+        // A(m = c2, k = pair) = gzs[pair][c2], B(k = pair, n = c1) = h1s[pair][c1]; k-steps of 8 pairs
+#pragma unroll 2
+        for (int kp = 0; kp < TP / 8; kp++) {
+          const float *ar = gzs + (kp * 8 + tq) * LH + stripe * 16 + gq;
+          const float av[4] = {ar[0], ar[8], ar[4 * LH], ar[4 * LH + 8]};
+          uint32_t ah[4], al[4];
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            if constexpr (MODE == X3) split_tf32(av[q], ah[q], al[q]);
+            else ah[q] = to_tf32(av[q]);
+          }
+          const float *br = h1s + (kp * 8 + tq) * LH + npart * GNT * 8 + gq;
+#pragma unroll
+          for (int n = 0; n < GNT; n++) {
+            const float x0 = br[n * 8], x1 = br[4 * LH + n * 8];
+            if constexpr (MODE == X3) {
+              uint32_t h0, l0, h1, l1;
+              split_tf32(x0, h0, l0);
+              split_tf32(x1, h1, l1);
+              mma_tf32(gw2[n], al, h0, h1);
+              mma_tf32(gw2[n], ah, l0, l1);
+              mma_tf32(gw2[n], ah, h0, h1);
+            } else {
+              mma_tf32(gw2[n], ah, to_tf32(x0), to_tf32(x1));
+            }
           }
         }
       }
@@ -1026,12 +1142,12 @@ static int reduce_grads(const fa_cpb_geom *g, const fa_cpb_grads *gr, const floa
   return rc;
 }
 
-template <typename T, int CP>
+template <typename T, int MODE, int CP>
 static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
                            const Prep &pr, const char *fn) {
   const int dev = g->device, O = (int)g->O;
-  const size_t sm = mma_bwd_smem<T>(CP, O);
-  auto kern = mma_bwd_kernel<T, CP>;
+  const size_t sm = mma_bwd_smem<MODE, T>(CP, O);
+  auto kern = mma_bwd_kernel<T, MODE, CP>;
   int rc = set_smem(kern, sm, dev, g->C, fn);
   if (rc) return rc;
   int nb = 0;
@@ -1055,31 +1171,40 @@ static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const f
   return rc;
 }
 
-template <typename T>
+template <typename T, int MODE>
 static int mma_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
   static const char *fn = "fa_cpb_backward";
   const int cp = fast_cp(g->C);
   Prep pr;
-  int rc = prepare<T, HALF16>(g, in, pr, fn, cp);
+  int rc = prepare<T, MODE>(g, in, pr, fn, cp);
   if (rc) return rc;
   switch (cp) {
-  case 16: rc = mma_backward_cp<T, 16>(g, gr, grad_bias, in, pr, fn); break;
-  case 32: rc = mma_backward_cp<T, 32>(g, gr, grad_bias, in, pr, fn); break;
-  case 64: rc = mma_backward_cp<T, 64>(g, gr, grad_bias, in, pr, fn); break;
-  default: rc = mma_backward_cp<T, 128>(g, gr, grad_bias, in, pr, fn); break;
+  case 16: rc = mma_backward_cp<T, MODE, 16>(g, gr, grad_bias, in, pr, fn); break;
+  case 32: rc = mma_backward_cp<T, MODE, 32>(g, gr, grad_bias, in, pr, fn); break;
+  case 64: rc = mma_backward_cp<T, MODE, 64>(g, gr, grad_bias, in, pr, fn); break;
+  default: rc = mma_backward_cp<T, MODE, 128>(g, gr, grad_bias, in, pr, fn); break;
   }
   fa_cu_temp_free(g->device, pr.buf);
   return rc;
 }
 
-// 16-bit weights, C <= 128 and O <= BOMAX: mma_bwd_kernel; else bwd_kernel (WMMA)
+// C <= 128, O <= BOMAX and the shared memory fits: mma_bwd_kernel; else bwd_kernel (WMMA)
+template <typename T, int MODE> static bool mma_bwd_fits(const fa_cpb_geom *g) {
+  const int cp = fast_cp(g->C);
+  if (cp == 0 || g->O > BOMAX) return false;
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, g->device);
+  return mma_bwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)optin;
+}
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
-  if constexpr (std::is_same<T, float>::value)
-    return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, X3>(g, gr, gb, in);
-  else
-    return fast_cp(g->C) > 0 && g->O <= BOMAX ? mma_backward<T>(g, gr, gb, in) : backward_t<T, HALF16>(g, gr, gb, in);
+  if constexpr (std::is_same<T, float>::value) {
+    if (m == TF32) return mma_bwd_fits<T, TF32>(g) ? mma_backward<T, TF32>(g, gr, gb, in) : backward_t<T, TF32>(g, gr, gb, in);
+    return mma_bwd_fits<T, X3>(g) ? mma_backward<T, X3>(g, gr, gb, in) : backward_t<T, X3>(g, gr, gb, in);
+  } else {
+    return mma_bwd_fits<T, HALF16>(g) ? mma_backward<T, HALF16>(g, gr, gb, in) : backward_t<T, HALF16>(g, gr, gb, in);
+  }
 }
 } // namespace
 
