@@ -1,20 +1,26 @@
 // cpb.cu: the continuous position bias MLP on the GPU (fa.cpb, c/cpb.h). c/cpb.c validated everything and hands
 // dense buffers; this file prepares the weights, plans the launches and checks the device's limits.
 //
-// A CTA loops over tiles of pairs (TP consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 =
-// relu(w1 f + b1) into smem in the product's dtype, z2 = h1 w2^T on tensor cores (WMMA: bfloat16/float16
-// 16x16x16, or TF32 16x16x8 under fa.cuda.allowTF32(true)) or exact float32 FMAs (SIMT), h2 = relu(z2 + b2),
-// then the O outputs (float32, coalesced along the keys). w2 is read from a padded (CP x CP) copy in global memory
-// (L1/L2-resident), so the shared memory holds only the tile.
+// Two kernel families, chosen at launch by the dtype, fa.cuda.allowTF32 and the shapes:
+// - mma.sync (C <= 128, hidden units padded to 16/32/64/128; the backward also needs O <= 8 and its shared memory
+//   to fit, which for float32 at C 128 means O 1): mma_fwd_kernel and mma_bwd_kernel below. w2 in shared memory
+//   once per CTA, h1 built in registers as A fragments, z2 and the gradient products accumulated in registers.
+// - WMMA through shared memory (the rest): fwd_kernel, bwd_kernel. A CTA loops over tiles of pairs (TP
+//   consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 = relu(w1 f + b1) into smem in the product's
+//   dtype, z2 = h1 w2^T on tensor cores, h2 = relu(z2 + b2), then the O outputs (float32, coalesced along the
+//   keys). w2 is read from a padded (CP x CP) copy in global memory (L1/L2-resident).
+// Products: bfloat16/float16 16x16x16 (m16n8k16); TF32 under fa.cuda.allowTF32(true) (h1 and w2 rounded to tf32,
+// one product); float32 otherwise: 3xTF32 (a = a_hi + a_lo, b = b_hi + b_lo, each tf32; c += a_lo b_hi + a_hi b_lo
+// + a_hi b_hi: about 2^-21 relative per product, float32 accumulation).
 // 16-bit weights: h1 enters the products as two 16-bit parts, hi + lo (lo = h1 - hi rounded), z2 = hi w2^T +
 // lo w2^T, nearly the float32 product (w2 itself is exact). With h1 rounded alone, z2 erred by 2^-9 / 2^-12 and
 // h2's relu flipped at pairs near 0, each flip moving a whole term of the weight gradients: errors of a few % of
 // max|grad| in the first GPU run, float16 no better than bfloat16 (spec/fixtures/emulate_cpb.py reproduces them).
-// Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1 (accumulated in
-// the CTA's slice of a partial buffer in global memory), gh1 = gz2 w2, gz1 = gh1 [h1 > 0], gw1 += gz1^T f,
-// gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer. Then two fixed-order reductions: the weight partials over
-// the CTAs, grad_kpos[p, j] = -sum_i gd over the queries. No float atomics: the backward is deterministic
-// always (opts.deterministic changes nothing).
+// Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1, gh1 = gz2 w2,
+// gz1 = gh1 [h1 > 0], gw1 += gz1^T f, gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer (gz2 and h1's hi part
+// rounded to the dtype in the gw2 and gh1 products; relu masks from float32 pre-activations). The weight sums go
+// into per-CTA partials; then two fixed-order reductions: the partials over the CTAs, grad_kpos[p, j] = -sum_i gd
+// over the queries. No float atomics: the backward is deterministic always (opts.deterministic changes nothing).
 #include "common.cuh"
 #include "cpb.h"
 #include <mma.h>
@@ -78,52 +84,50 @@ __global__ void prep_kernel(float *small, void *w2p, const T *w1, const T *b1, c
 template <int MODE, typename TC, bool ARow, bool BRow>
 __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int lda, const TC *B, int ldb, float *Cs, int ldc,
                                       bool acc, const TC *A2 = nullptr) {
-  {
-    typedef typename std::conditional<MODE == TF32 || MODE == X3, wmma::precision::tf32, TC>::type FT;
-    constexpr int KS = MODE == HALF16 ? 16 : 8;
-    typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
-    typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
-    const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
-    for (int blk = warp; blk < blocks; blk += WARPS) {
-      const int r0 = blk / nb * 16, n0 = blk % nb * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
-      if (acc) wmma::load_matrix_sync(c, Cs + (int64_t)r0 * ldc + n0, ldc, wmma::mem_row_major);
-      else wmma::fill_fragment(c, 0.f);
-      for (int k0 = 0; k0 < K; k0 += KS) {
-        wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> b;
-        wmma::load_matrix_sync(a, ARow ? A + (int64_t)r0 * lda + k0 : A + (int64_t)k0 * lda + r0, lda);
-        wmma::load_matrix_sync(b, BRow ? B + (int64_t)k0 * ldb + n0 : B + (int64_t)n0 * ldb + k0, ldb);
-        if constexpr (MODE == TF32) {
-          for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-          for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-        }
-        if constexpr (MODE == X3) { // a = hi + lo, b = hi + lo; c += a_lo b_hi + a_hi b_lo + a_hi b_hi
-          wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> alo;
-          wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> blo;
-          for (int i = 0; i < a.num_elements; i++) {
-            const float v = a.x[i];
-            a.x[i] = wmma::__float_to_tf32(v);
-            alo.x[i] = wmma::__float_to_tf32(v - a.x[i]);
-          }
-          for (int i = 0; i < b.num_elements; i++) {
-            const float v = b.x[i];
-            b.x[i] = wmma::__float_to_tf32(v);
-            blo.x[i] = wmma::__float_to_tf32(v - b.x[i]);
-          }
-          wmma::mma_sync(c, alo, b, c);
-          wmma::mma_sync(c, a, blo, c);
-        }
-        wmma::mma_sync(c, a, b, c);
-        if (A2) {
-          wmma::load_matrix_sync(a, ARow ? A2 + (int64_t)r0 * lda + k0 : A2 + (int64_t)k0 * lda + r0, lda);
-          if constexpr (MODE == TF32)
-            for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-          wmma::mma_sync(c, a, b, c);
-        }
+  typedef typename std::conditional<MODE == TF32 || MODE == X3, wmma::precision::tf32, TC>::type FT;
+  constexpr int KS = MODE == HALF16 ? 16 : 8;
+  typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
+  typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
+  const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
+  for (int blk = warp; blk < blocks; blk += WARPS) {
+    const int r0 = blk / nb * 16, n0 = blk % nb * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
+    if (acc) wmma::load_matrix_sync(c, Cs + (int64_t)r0 * ldc + n0, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(c, 0.f);
+    for (int k0 = 0; k0 < K; k0 += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> b;
+      wmma::load_matrix_sync(a, ARow ? A + (int64_t)r0 * lda + k0 : A + (int64_t)k0 * lda + r0, lda);
+      wmma::load_matrix_sync(b, BRow ? B + (int64_t)k0 * ldb + n0 : B + (int64_t)n0 * ldb + k0, ldb);
+      if constexpr (MODE == TF32) {
+        for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
       }
-      wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
+      if constexpr (MODE == X3) { // a = hi + lo, b = hi + lo; c += a_lo b_hi + a_hi b_lo + a_hi b_hi
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> alo;
+        wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> blo;
+        for (int i = 0; i < a.num_elements; i++) {
+          const float v = a.x[i];
+          a.x[i] = wmma::__float_to_tf32(v);
+          alo.x[i] = wmma::__float_to_tf32(v - a.x[i]);
+        }
+        for (int i = 0; i < b.num_elements; i++) {
+          const float v = b.x[i];
+          b.x[i] = wmma::__float_to_tf32(v);
+          blo.x[i] = wmma::__float_to_tf32(v - b.x[i]);
+        }
+        wmma::mma_sync(c, alo, b, c);
+        wmma::mma_sync(c, a, blo, c);
+      }
+      wmma::mma_sync(c, a, b, c);
+      if (A2) {
+        wmma::load_matrix_sync(a, ARow ? A2 + (int64_t)r0 * lda + k0 : A2 + (int64_t)k0 * lda + r0, lda);
+        if constexpr (MODE == TF32)
+          for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        wmma::mma_sync(c, a, b, c);
+      }
     }
+    wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
   }
 }
 
