@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
                 ZV = 2 * NT < 8 ? 8 : 2 * NT;
   extern __shared__ __align__(128) unsigned char smem[];
   TS *w2s = (TS *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LH;
-  float *sm = (float *)(gzs + TP * LD);
+  float *sm = (float *)(gzs + TP * LH);
   const int O = w.O, nacc = 4 * CP + O * CP + O;
   float *accw = sm + nacc, *ggs = accw + FW * nacc;
   for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
