@@ -3,7 +3,7 @@
 //
 // Two kernel families, chosen at launch by the dtype, fa.cuda.allowTF32 and the shapes:
 // - mma.sync (C <= 128, hidden units padded to 16/32/64/128; the backward also needs O <= 8 and its shared memory
-//   to fit, which for float32 at C 128 means O 1): mma_fwd_kernel and mma_bwd_kernel below. w2 in shared memory
+//   to fit, which for float32 at C 128 means O <= 2): mma_fwd_kernel and mma_bwd_kernel below. w2 in shared memory
 //   once per CTA, h1 built in registers as A fragments, z2 and the gradient products accumulated in registers.
 // - WMMA through shared memory (the rest): fwd_kernel, bwd_kernel. A CTA loops over tiles of pairs (TP
 //   consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 = relu(w1 f + b1) into smem in the product's
@@ -583,24 +583,25 @@ template <int V> __device__ __forceinline__ void group_sum(float (&v)[V], int la
   group_step<V, V / 4, 8>(v, lane);
   group_step<V, V / 8, 4>(v, lane);
 }
-// adds the group sums of v (value index i of the lane: column cbase + (i >> 1) * 8 + 2 tq + (i & 1)) into dst
-template <int V>
+// adds the group sums of v (value index i < NV of the lane: column cbase + (i >> 1) * 8 + 2 tq + (i & 1); the rest
+// padding) into dst
+template <int V, int NV>
 __device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase, int CP, int lane) {
   group_sum<V>(v, lane);
   const int base = (V / 8) * (lane >> 2), tq = lane & 3;
 #pragma unroll
   for (int i = 0; i < V / 8; i++) {
     const int idx = base + i, c = cbase + (idx >> 1) * 8 + 2 * tq + (idx & 1);
-    if (c < CP) dst[c] += v[i];
+    if (idx < NV && c < CP) dst[c] += v[i];
   }
 }
 
-// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (FW*16 x (CP + 8) each, in the dtype or float32), the small
-// weights, the warps' accumulators, the warps' grad_bias rows
+// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (FW*16 x (CP + 8) each, in the dtype or float32), then
+// 16-bit: the small weights, the warps' accumulators, the warps' grad_bias rows; float32: the warps' accumulators
 template <int MODE, typename T> static size_t mma_bwd_smem(int CP, int O) {
-  const size_t es = sizeof(typename W2S<MODE, T>::type);
+  const size_t es = sizeof(typename W2S<MODE, T>::type), nacc = 4 * (size_t)CP + (size_t)O * CP + O;
   return (size_t)CP * w2_pitch<MODE, T>(CP) * es + 2 * (size_t)FW * 16 * (CP + 8) * es +
-         (4 * (size_t)CP + (size_t)O * CP + O) * 4 * (1 + FW) + (size_t)FW * 16 * O * 4;
+         (MODE == HALF16 ? nacc * 4 * (1 + FW) + (size_t)FW * 16 * O * 4 : nacc * 4 * FW);
 }
 // x = hi + lo, both tf32
 __device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
@@ -624,20 +625,29 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   TS *w2s = (TS *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LH;
   float *sm = (float *)(gzs + TP * LH);
   const int O = w.O, nacc = 4 * CP + O * CP + O;
-  float *accw = sm + nacc, *ggs = accw + FW * nacc;
+  // 16-bit: the small weights, the warps' accumulators and grad_bias rows in shared memory. float32 (its shared
+  // memory is tight at C 128): the small weights read from global memory (L1), the warp's grad_bias rows in the
+  // padding columns of its gzs rows (8 floats x 16 rows >= 16 O; never read as gz2)
+  float *accw = H16 ? sm + nacc : sm;
+  const float *smw = H16 ? sm : w.w1x;
   for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
     if constexpr (MODE == HALF16) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
     else if constexpr (MODE == TF32) w2s[e / CP * LD + e % CP] = __uint_as_float(to_tf32(((const float *)w.w2)[e]));
     else w2s[e / CP * LD + e % CP] = ((const float *)w.w2)[e]; // X3: split where read
   }
-  for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
+  if (H16)
+    for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
   for (int e = threadIdx.x; e < FW * nacc; e += FTHREADS) accw[e] = 0.f;
   __syncthreads();
-  const float *w1x = sm, *w1y = sm + CP, *b1 = sm + 2 * CP, *b2 = sm + 3 * CP, *w3 = sm + 4 * CP;
+  const float *w1x = smw, *w1y = smw + CP, *b1 = smw + 2 * CP, *b2 = smw + 3 * CP, *w3 = smw + 4 * CP;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
   // this warp's accumulators (the partial's layout after gw2) and grad_bias rows
   float *aw = accw + warp * nacc, *gw1xa = aw, *gw1ya = aw + CP, *gb1a = aw + 2 * CP, *gb2a = aw + 3 * CP,
-        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *gg = ggs + warp * 16 * O;
+        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *ggw = accw + FW * nacc + warp * 16 * O;
+  auto gg = [&](int e) -> float & { // grad_bias of the warp's row e / O, output e % O
+    if constexpr (H16) return ggw[e];
+    else return ((float *)gzs)[(warp * 16 + (e >> 3)) * LH + CP + (e & 7)];
+  };
   constexpr int KS = H16 ? 16 : 8;
   const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
   // ldmatrix.trans lane offsets: B of gh1 (rows k of w2, columns n), B of gw2 (rows = pairs of h1s, columns n):
@@ -660,7 +670,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
     __syncwarp();
     for (int e = lane; e < 16 * O; e += 32) {
       const int t = e % 16, o = e / 16;
-      gg[t * O + o] = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
+      gg(t * O + o) = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
     }
     float f0[2], f1[2], d0[2], d1[2];
 #pragma unroll
@@ -745,7 +755,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
       acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
     }
     for (int o = 0; o < O; o++) {
-      const float g0 = gg[gq * O + o], g1 = gg[(gq + 8) * O + o];
+      const float g0 = gg(gq * O + o), g1 = gg((gq + 8) * O + o);
       float v[ZV];
 #pragma unroll
       for (int i = 0; i < ZV; i++) v[i] = 0.f;
@@ -754,10 +764,10 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
         v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
         v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
       }
-      add_columns<ZV>(v, gw3a + o * CP, 0, CP, lane);
+      add_columns<ZV, 2 * NT>(v, gw3a + o * CP, 0, CP, lane);
       if (lane == 0) {
         float s = 0.f;
-        for (int t = 0; t < 16; t++) s += gg[t * O + o];
+        for (int t = 0; t < 16; t++) s += gg(t * O + o);
         gb3a[o] += s;
       }
     }
@@ -768,7 +778,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
       for (int e = 0; e < 4; e++) {
         const int c = nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
         float s = 0.f;
-        for (int o = 0; o < O; o++) s = fmaf(gg[t * O + o], w3[o * CP + c], s);
+        for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
         acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
       }
     }
@@ -781,7 +791,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
         v[2 * nt] = acc[nt][0] + acc[nt][2];
         v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
       }
-      add_columns<ZV>(v, gb2a, 0, CP, lane);
+      add_columns<ZV, 2 * NT>(v, gb2a, 0, CP, lane);
     }
     // gz2 into gzs (16-bit: rounded, and kept as the A fragments of gh1 = gz2 w2: k-step j = n-tiles 2j, 2j + 1)
     uint32_t ga[H16 ? KT : 1][4];
@@ -873,9 +883,9 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
           vx[2 * nt + e] = fmaf(z[1], f0[1], z[0] * f0[0]);
           vy[2 * nt + e] = fmaf(z[1], f1[1], z[0] * f1[0]);
         }
-      add_columns<HV>(va, gb1a, ch * HNT * 8, CP, lane);
-      add_columns<HV>(vx, gw1xa, ch * HNT * 8, CP, lane);
-      add_columns<HV>(vy, gw1ya, ch * HNT * 8, CP, lane);
+      add_columns<HV, 2 * HNT>(va, gb1a, ch * HNT * 8, CP, lane);
+      add_columns<HV, 2 * HNT>(vx, gw1xa, ch * HNT * 8, CP, lane);
+      add_columns<HV, 2 * HNT>(vy, gw1ya, ch * HNT * 8, CP, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
