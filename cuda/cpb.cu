@@ -1127,15 +1127,25 @@ template <typename T, int MODE> static int mma_forward(const fa_cpb_geom *g, flo
   return rc;
 }
 
-// C <= 128: the mma.sync forward (float32: TF32 under fa.cuda.allowTF32(true), else 3xTF32); wider: fwd_kernel
+static int smem_optin(int dev) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return optin;
+}
+
+// C <= 128 and the shared memory fits: the mma.sync forward (float32: TF32 under fa.cuda.allowTF32(true), else
+// 3xTF32); else fwd_kernel
+template <typename T, int MODE> static bool mma_fwd_fits(const fa_cpb_geom *g) {
+  const int cp = fast_cp(g->C);
+  return cp > 0 && mma_fwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)smem_optin(g->device);
+}
 template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
-  const bool fast = fast_cp(g->C) > 0;
   if constexpr (std::is_same<T, float>::value) {
-    if (fast) return m == TF32 ? mma_forward<T, TF32>(g, out, in) : mma_forward<T, X3>(g, out, in);
-    return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, X3>(g, out, in);
+    if (m == TF32) return mma_fwd_fits<T, TF32>(g) ? mma_forward<T, TF32>(g, out, in) : forward_t<T, TF32>(g, out, in);
+    return mma_fwd_fits<T, X3>(g) ? mma_forward<T, X3>(g, out, in) : forward_t<T, X3>(g, out, in);
   } else {
-    return fast ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
+    return mma_fwd_fits<T, HALF16>(g) ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
   }
 }
 // the weight partials (grid CTAs, part_len(CP, O) each) and gd reduced in fixed orders into the gradients
@@ -1205,10 +1215,7 @@ static int mma_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const floa
 // C <= 128, O <= BOMAX and the shared memory fits: mma_bwd_kernel; else bwd_kernel (WMMA)
 template <typename T, int MODE> static bool mma_bwd_fits(const fa_cpb_geom *g) {
   const int cp = fast_cp(g->C);
-  if (cp == 0 || g->O > BOMAX) return false;
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, g->device);
-  return mma_bwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)optin;
+  return cp > 0 && g->O <= BOMAX && mma_bwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)smem_optin(g->device);
 }
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
