@@ -1,20 +1,26 @@
 // cpb.cu: the continuous position bias MLP on the GPU (fa.cpb, c/cpb.h). c/cpb.c validated everything and hands
 // dense buffers; this file prepares the weights, plans the launches and checks the device's limits.
 //
-// A CTA loops over tiles of pairs (TP consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 =
-// relu(w1 f + b1) into smem in the product's dtype, z2 = h1 w2^T on tensor cores (WMMA: bfloat16/float16
-// 16x16x16, or TF32 16x16x8 under fa.cuda.allowTF32(true)) or exact float32 FMAs (SIMT), h2 = relu(z2 + b2),
-// then the O outputs (float32, coalesced along the keys). w2 is read from a padded (CP x CP) copy in global memory
-// (L1/L2-resident), so the shared memory holds only the tile.
+// Two kernel families, chosen at launch by the dtype, fa.cuda.allowTF32 and the shapes:
+// - mma.sync (C <= 128, hidden units padded to 16/32/64/128; the backward also needs O <= 8 and its shared memory
+//   to fit, which for float32 at C 128 means O <= 2): mma_fwd_kernel and mma_bwd_kernel below. w2 in shared memory
+//   once per CTA, h1 built in registers as A fragments, z2 and the gradient products accumulated in registers.
+// - WMMA through shared memory (the rest): fwd_kernel, bwd_kernel. A CTA loops over tiles of pairs (TP
+//   consecutive pairs u = i*M + j of one p). Per tile: f (smem), h1 = relu(w1 f + b1) into smem in the product's
+//   dtype, z2 = h1 w2^T on tensor cores, h2 = relu(z2 + b2), then the O outputs (float32, coalesced along the
+//   keys). w2 is read from a padded (CP x CP) copy in global memory (L1/L2-resident).
+// Products: bfloat16/float16 16x16x16 (m16n8k16); TF32 under fa.cuda.allowTF32(true) (h1 and w2 rounded to tf32,
+// one product); float32 otherwise: 3xTF32 (a = a_hi + a_lo, b = b_hi + b_lo, each tf32; c += a_lo b_hi + a_hi b_lo
+// + a_hi b_hi: about 2^-21 relative per product, float32 accumulation).
 // 16-bit weights: h1 enters the products as two 16-bit parts, hi + lo (lo = h1 - hi rounded), z2 = hi w2^T +
 // lo w2^T, nearly the float32 product (w2 itself is exact). With h1 rounded alone, z2 erred by 2^-9 / 2^-12 and
 // h2's relu flipped at pairs near 0, each flip moving a whole term of the weight gradients: errors of a few % of
 // max|grad| in the first GPU run, float16 no better than bfloat16 (spec/fixtures/emulate_cpb.py reproduces them).
-// Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1 (accumulated in
-// the CTA's slice of a partial buffer in global memory), gh1 = gz2 w2, gz1 = gh1 [h1 > 0], gw1 += gz1^T f,
-// gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer. Then two fixed-order reductions: the weight partials over
-// the CTAs, grad_kpos[p, j] = -sum_i gd over the queries. No float atomics: the backward is deterministic
-// always (opts.deterministic changes nothing).
+// Backward, per tile after the recompute: gw3 += g^T h2, gz2 = (g w3) [h2 > 0], gw2 += gz2^T h1, gh1 = gz2 w2,
+// gz1 = gh1 [h1 > 0], gw1 += gz1^T f, gd = (gz1 w1) df per pair into a (P, N*M, 2) buffer (gz2 and h1's hi part
+// rounded to the dtype in the gw2 and gh1 products; relu masks from float32 pre-activations). The weight sums go
+// into per-CTA partials; then two fixed-order reductions: the partials over the CTAs, grad_kpos[p, j] = -sum_i gd
+// over the queries. No float atomics: the backward is deterministic always (opts.deterministic changes nothing).
 #include "common.cuh"
 #include "cpb.h"
 #include <mma.h>
@@ -26,7 +32,7 @@ using namespace nvcuda;
 constexpr int THREADS = 128, WARPS = THREADS / 32;
 constexpr int TPF = 64, TPB = 32; // pairs per tile: forward, backward
 constexpr int MAXC = 256;         // hidden units at most (the shared memory of a forward tile)
-enum { SIMT = 0, TF32 = 1, HALF16 = 2 };
+enum { TF32 = 1, HALF16 = 2, X3 = 3 }; // X3: float32 without TF32, 3xTF32 split products
 
 template <int MODE, typename T> struct Compute { typedef float type; };
 template <typename T> struct Compute<HALF16, T> { typedef T type; };
@@ -78,47 +84,50 @@ __global__ void prep_kernel(float *small, void *w2p, const T *w1, const T *b1, c
 template <int MODE, typename TC, bool ARow, bool BRow>
 __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int lda, const TC *B, int ldb, float *Cs, int ldc,
                                       bool acc, const TC *A2 = nullptr) {
-  if constexpr (MODE == SIMT) {
-    for (int e = threadIdx.x; e < Mr * Nc; e += THREADS) {
-      int r = e / Nc, n = e % Nc;
-      float s = acc ? Cs[(int64_t)r * ldc + n] : 0.f;
-      for (int k = 0; k < K; k++) {
-        float b = BRow ? B[(int64_t)k * ldb + n] : B[(int64_t)n * ldb + k];
-        s = fmaf(ARow ? A[r * lda + k] : A[k * lda + r], b, s);
-        if (A2) s = fmaf(ARow ? A2[r * lda + k] : A2[k * lda + r], b, s);
+  typedef typename std::conditional<MODE == TF32 || MODE == X3, wmma::precision::tf32, TC>::type FT;
+  constexpr int KS = MODE == HALF16 ? 16 : 8;
+  typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
+  typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
+  const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
+  for (int blk = warp; blk < blocks; blk += WARPS) {
+    const int r0 = blk / nb * 16, n0 = blk % nb * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
+    if (acc) wmma::load_matrix_sync(c, Cs + (int64_t)r0 * ldc + n0, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(c, 0.f);
+    for (int k0 = 0; k0 < K; k0 += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> b;
+      wmma::load_matrix_sync(a, ARow ? A + (int64_t)r0 * lda + k0 : A + (int64_t)k0 * lda + r0, lda);
+      wmma::load_matrix_sync(b, BRow ? B + (int64_t)k0 * ldb + n0 : B + (int64_t)n0 * ldb + k0, ldb);
+      if constexpr (MODE == TF32) {
+        for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
       }
-      Cs[(int64_t)r * ldc + n] = s;
-    }
-  } else {
-    typedef typename std::conditional<MODE == TF32, wmma::precision::tf32, TC>::type FT;
-    constexpr int KS = MODE == TF32 ? 8 : 16;
-    typedef typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type AL;
-    typedef typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type BL;
-    const int warp = threadIdx.x / 32, nb = Nc / 16, blocks = (Mr / 16) * nb;
-    for (int blk = warp; blk < blocks; blk += WARPS) {
-      const int r0 = blk / nb * 16, n0 = blk % nb * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
-      if (acc) wmma::load_matrix_sync(c, Cs + (int64_t)r0 * ldc + n0, ldc, wmma::mem_row_major);
-      else wmma::fill_fragment(c, 0.f);
-      for (int k0 = 0; k0 < K; k0 += KS) {
-        wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> b;
-        wmma::load_matrix_sync(a, ARow ? A + (int64_t)r0 * lda + k0 : A + (int64_t)k0 * lda + r0, lda);
-        wmma::load_matrix_sync(b, BRow ? B + (int64_t)k0 * ldb + n0 : B + (int64_t)n0 * ldb + k0, ldb);
-        if constexpr (MODE == TF32) {
+      if constexpr (MODE == X3) { // a = hi + lo, b = hi + lo; c += a_lo b_hi + a_hi b_lo + a_hi b_hi
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, FT, AL> alo;
+        wmma::fragment<wmma::matrix_b, 16, 16, KS, FT, BL> blo;
+        for (int i = 0; i < a.num_elements; i++) {
+          const float v = a.x[i];
+          a.x[i] = wmma::__float_to_tf32(v);
+          alo.x[i] = wmma::__float_to_tf32(v - a.x[i]);
+        }
+        for (int i = 0; i < b.num_elements; i++) {
+          const float v = b.x[i];
+          b.x[i] = wmma::__float_to_tf32(v);
+          blo.x[i] = wmma::__float_to_tf32(v - b.x[i]);
+        }
+        wmma::mma_sync(c, alo, b, c);
+        wmma::mma_sync(c, a, blo, c);
+      }
+      wmma::mma_sync(c, a, b, c);
+      if (A2) {
+        wmma::load_matrix_sync(a, ARow ? A2 + (int64_t)r0 * lda + k0 : A2 + (int64_t)k0 * lda + r0, lda);
+        if constexpr (MODE == TF32)
           for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-          for (int i = 0; i < b.num_elements; i++) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-        }
         wmma::mma_sync(c, a, b, c);
-        if (A2) {
-          wmma::load_matrix_sync(a, ARow ? A2 + (int64_t)r0 * lda + k0 : A2 + (int64_t)k0 * lda + r0, lda);
-          if constexpr (MODE == TF32)
-            for (int i = 0; i < a.num_elements; i++) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-          wmma::mma_sync(c, a, b, c);
-        }
       }
-      wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
     }
+    wmma::store_matrix_sync(Cs + (int64_t)r0 * ldc + n0, c, ldc, wmma::mem_row_major);
   }
 }
 
@@ -126,7 +135,7 @@ __device__ __forceinline__ void bgemm(int Mr, int Nc, int K, const TC *A, int ld
 template <typename TC> __host__ __device__ constexpr int pitch_h(int CP) { return CP + (int)(32 / sizeof(TC)) / 2 * 2; }
 __host__ __device__ constexpr int pitch_z(int CP) { return CP + 8; }
 
-// h1 in two 16-bit parts (hi, lo) with 16-bit weights; in float32 (SIMT, TF32) one
+// h1 in two 16-bit parts (hi, lo) with 16-bit weights; in float32 (TF32, X3) one
 template <int MODE> __host__ __device__ constexpr int h_parts() { return MODE == HALF16 ? 2 : 1; }
 
 template <int MODE, typename TC> static size_t fwd_smem(int CP) {
@@ -184,6 +193,203 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(const fa_cpb_geom g, W w, 
       if (u < NM) out[(p * w.O + o) * NM + u] = s + w.b3[o];
     }
     __syncthreads();
+  }
+}
+
+// ---- the mma.sync forward (CP = 16, 32, 64 or 128: the hidden units padded to a power of two; wider layers
+// take fwd_kernel). A CTA of FW warps stages w2 in shared memory once (rows padded by 16 bytes: ldmatrix without
+// bank conflicts) and each warp loops over tiles of 16 pairs on its own: f of its two rows (g, g + 8) in
+// registers, h1's A fragments built per k-step in registers from f (the first layer has 2 inputs), z2 = h1 w2^T
+// in float32 accumulators (16 x CP per warp), then h2 = relu(z2 + b2) and the O outputs reduced over the quad.
+// Roundings: HALF16 as fwd_kernel (h1 = hi + lo in the dtype, w2 in the dtype, float32 accumulation); TF32 as
+// fwd_kernel (h1 and w2 rounded to tf32, cvt.rna as wmma::__float_to_tf32); X3 (float32 without TF32): 3xTF32,
+// a = a_hi + a_lo and b = b_hi + b_lo split to tf32, z2 += a_lo b_hi + a_hi b_lo + a_hi b_hi (float32 to
+// ~2^-21 per product).
+constexpr int FW = 8, FTHREADS = FW * 32;
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+template <typename T> struct Mma16;
+template <> struct Mma16<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // v0 (lower column) and v1 as hi + lo, each packed as the A fragment's register wants it
+  static __device__ __forceinline__ void split(float v0, float v1, uint32_t &hi, uint32_t &lo) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(v0, v1);
+    __nv_bfloat162 l = __floats2bfloat162_rn(v0 - __low2float(h), v1 - __high2float(h));
+    hi = *reinterpret_cast<uint32_t *>(&h);
+    lo = *reinterpret_cast<uint32_t *>(&l);
+  }
+};
+template <> struct Mma16<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void split(float v0, float v1, uint32_t &hi, uint32_t &lo) {
+    __half2 h = __floats2half2_rn(v0, v1);
+    __half2 l = __floats2half2_rn(v0 - __low2float(h), v1 - __high2float(h));
+    hi = *reinterpret_cast<uint32_t *>(&h);
+    lo = *reinterpret_cast<uint32_t *>(&l);
+  }
+};
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int MODE, typename T> struct W2S { typedef float type; };
+template <typename T> struct W2S<HALF16, T> { typedef T type; };
+template <int MODE, typename T> __host__ __device__ constexpr int w2_pitch(int CP) {
+  return CP + 16 / (int)sizeof(typename W2S<MODE, T>::type);
+}
+template <int MODE, typename T> static size_t mma_fwd_smem(int CP, int O) {
+  return (MODE == X3 ? 2 : 1) * (size_t)CP * w2_pitch<MODE, T>(CP) * sizeof(typename W2S<MODE, T>::type) +
+         (4 * (size_t)CP + (size_t)O * CP + O) * 4;
+}
+
+template <typename T, int MODE, int CP>
+__global__ void __launch_bounds__(FTHREADS) mma_fwd_kernel(const fa_cpb_geom g, W w, float *out, const float *qpos,
+                                                           const float *kpos) {
+  typedef typename W2S<MODE, T>::type TS;
+  constexpr int KS = MODE == HALF16 ? 16 : 8, LD = w2_pitch<MODE, T>(CP), NT = CP / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  TS *w2s = (TS *)smem; // (CP x LD), then for X3 the lo parts (CP x LD)
+  float *sm = (float *)(smem + (MODE == X3 ? 2 : 1) * (size_t)CP * LD * sizeof(TS));
+  const int O = w.O, nsmall = 4 * CP + O * CP + O;
+  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
+    const int n = e / CP, k = e % CP;
+    if constexpr (MODE == HALF16) {
+      w2s[n * LD + k] = ((const T *)w.w2)[e];
+    } else {
+      const float v = ((const float *)w.w2)[e];
+      const uint32_t hi = to_tf32(v);
+      w2s[n * LD + k] = __uint_as_float(hi);
+      if constexpr (MODE == X3) w2s[CP * LD + n * LD + k] = __uint_as_float(to_tf32(v - __uint_as_float(hi)));
+    }
+  }
+  for (int e = threadIdx.x; e < nsmall; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3: contiguous
+  __syncthreads();
+  const float *w1x = sm, *w1y = sm + CP, *b1 = sm + 2 * CP, *b2 = sm + 3 * CP, *w3 = sm + 4 * CP, *b3 = w3 + O * CP;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  // ldmatrix x4 over w2 rows n0..n0+15, k0..k0+KS-1: matrices (rows 0-7, k lower half), (rows 0-7, upper),
+  // (rows 8-15, lower), (rows 8-15, upper) = b0, b1 of the n-tile n0, then of n0 + 8
+  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
+  const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + 15) / 16, tiles = g.P * tpp;
+  for (int64_t tile = (int64_t)blockIdx.x * FW + warp; tile < tiles; tile += (int64_t)gridDim.x * FW) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * 16;
+    const float *kp = kpos + p * M * 2;
+    float f0[2], f1[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int64_t u = u0 + gq + 8 * r;
+      float d;
+      f0[r] = f1[r] = 0.f;
+      if (u < NM) {
+        const int64_t i = u / M, j = u % M;
+        feature(qpos[2 * i], kp[2 * j], f0[r], d);
+        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d);
+      }
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < CP / KS; kk++) {
+      uint32_t ahi[4], alo[4];
+      if constexpr (MODE == HALF16) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 16 + 2 * tq + 8 * h;
+          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+            v0 = v0 > 0.f ? v0 : 0.f;
+            v1 = v1 > 0.f ? v1 : 0.f;
+            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 8 + tq + 4 * h;
+          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
+            v = v > 0.f ? v : 0.f;
+            ahi[2 * h + r] = to_tf32(v);
+            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
+          }
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < CP / 16; np++) {
+        uint32_t b[4];
+        const uint32_t addr = bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS));
+        ldsm4(b, addr);
+        if constexpr (MODE == HALF16) {
+          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+        } else if constexpr (MODE == TF32) {
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        } else {
+          uint32_t bl[4];
+          ldsm4(bl, addr + (uint32_t)(CP * LD * sizeof(TS)));
+          mma_tf32(acc[2 * np], alo, b[0], b[1]);
+          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], alo, b[2], b[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        }
+      }
+    }
+    // h2 = relu(z2 + b2) in place: acc[nt][0..1] row gq, acc[nt][2..3] row gq + 8, columns nt*8 + 2tq + (0, 1)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const float2 bb = *(const float2 *)(b2 + nt * 8 + 2 * tq);
+      acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
+      acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
+      acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
+      acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
+    }
+    for (int o = 0; o < O; o++) {
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const float2 ww = *(const float2 *)(w3 + o * CP + nt * 8 + 2 * tq);
+        s0 = fmaf(ww.x, acc[nt][0], fmaf(ww.y, acc[nt][1], s0));
+        s1 = fmaf(ww.x, acc[nt][2], fmaf(ww.y, acc[nt][3], s1));
+      }
+      s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+      s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+      if (tq == 0) {
+        const int64_t u = u0 + gq;
+        float *dst = out + (p * O + o) * NM;
+        if (u < NM) dst[u] = s0 + b3[o];
+        if (u + 8 < NM) dst[u + 8] = s1 + b3[o];
+      }
+    }
   }
 }
 
@@ -332,8 +538,442 @@ __global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N
   }
 }
 
+// ---- the mma.sync backward for 16-bit weights (CP = 16, 32, 64 or 128, O <= BOMAX; else bwd_kernel). A CTA of
+// FW warps stages w2 once and loops over tiles of 128 pairs of one p, 16 per warp. Per warp, in registers: the
+// recompute of z2 (as mma_fwd_kernel: h1 = hi + lo, the same masks), h2, gz2 = (g w3) [h2 > 0], gh1 = gz2 w2 (gz2's
+// accumulators repacked as A fragments, w2 by ldmatrix.trans), gz1 = gh1 [pre1 > 0], gd. The sums over pairs of
+// one column (gw3, gb2, gw1, gb1) go through a butterfly over the 8 lane groups (a fixed order) into the warp's
+// own accumulators in shared memory. Then, after a barrier, gw2 += gz2^T h1 over the CTA's 128 pairs (gz2 and
+// h1's hi part staged in shared memory by every warp): warp w owns a stripe of gw2's rows (and a part of its
+// columns when CP < 128) in registers for the whole kernel. Roundings as bwd_kernel: gz2 and h1 (hi) rounded to
+// the dtype in the gw2 and gh1 products, float32 accumulation. At the end the CTA's partial (part_len layout) is
+// written: gw2 from the registers, the rest summed over the warps in warp order; reduce_w_kernel does the rest.
+constexpr int BOMAX = 8;
+
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm2t(uint32_t (&r)[2], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+template <typename T> __device__ __forceinline__ uint32_t pack16(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack16<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack16<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// v[i] (i < V, V >= 8 a power of two): one lane's values of V columns; summed over the 8 lane groups gq (xor 16,
+// 8, 4), each step keeping half (the lane with the mask's bit set keeps the upper half). On return v[i], i < V/8,
+// holds the sum of index (V/8)*gq + i.
+template <int V, int H, int MASK> __device__ __forceinline__ void group_step(float (&v)[V], int lane) {
+  const bool b = (lane & MASK) != 0;
+#pragma unroll
+  for (int i = 0; i < H; i++) {
+    const float send = b ? v[i] : v[i + H], keep = b ? v[i + H] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, MASK);
+  }
+}
+template <int V> __device__ __forceinline__ void group_sum(float (&v)[V], int lane) {
+  group_step<V, V / 2, 16>(v, lane);
+  group_step<V, V / 4, 8>(v, lane);
+  group_step<V, V / 8, 4>(v, lane);
+}
+// adds the group sums of v (value index i < NV of the lane: column cbase + (i >> 1) * 8 + 2 tq + (i & 1); the rest
+// padding) into dst
+template <int V, int NV>
+__device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase, int CP, int lane) {
+  group_sum<V>(v, lane);
+  const int base = (V / 8) * (lane >> 2), tq = lane & 3;
+#pragma unroll
+  for (int i = 0; i < V / 8; i++) {
+    const int idx = base + i, c = cbase + (idx >> 1) * 8 + 2 * tq + (idx & 1);
+    if (idx < NV && c < CP) dst[c] += v[i];
+  }
+}
+
+// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (FW*16 x (CP + 8) each, in the dtype or float32), then
+// 16-bit: the small weights, the warps' accumulators, the warps' grad_bias rows; float32: the warps' accumulators
+template <int MODE, typename T> static size_t mma_bwd_smem(int CP, int O) {
+  const size_t es = sizeof(typename W2S<MODE, T>::type), nacc = 4 * (size_t)CP + (size_t)O * CP + O;
+  return (size_t)CP * w2_pitch<MODE, T>(CP) * es + 2 * (size_t)FW * 16 * (CP + 8) * es +
+         (MODE == HALF16 ? nacc * 4 * (1 + FW) + (size_t)FW * 16 * O * 4 : nacc * 4 * FW);
+}
+// x = hi + lo, both tf32
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+  hi = to_tf32(x);
+  lo = to_tf32(x - __uint_as_float(hi));
+}
+
+template <typename T, int MODE, int CP>
+__global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
+                                                              const float *grad_bias, const float *qpos,
+                                                              const float *kpos) {
+  typedef typename W2S<MODE, T>::type TS; // w2, h1s, gzs: the dtype (HALF16) or float32 (TF32: w2 tf32-rounded)
+  constexpr bool H16 = MODE == HALF16;
+  constexpr int LD = w2_pitch<MODE, T>(CP), LH = CP + 8, NT = CP / 8, KT = CP / 16, TP = FW * 16;
+  // gw2's stripes: WS of 16 rows; NP parts of its columns (GNT n-tiles each); warps past WS * NP idle there
+  constexpr int WS = KT, NP = (FW / WS < NT ? FW / WS : NT), GNT = NT / NP;
+  // gh1 in chunks of HNT n-tiles (registers)
+  constexpr int HMAX = H16 ? 8 : 4, HNT = NT < HMAX ? NT : HMAX, HV = 2 * HNT < 8 ? 8 : 2 * HNT,
+                ZV = 2 * NT < 8 ? 8 : 2 * NT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  TS *w2s = (TS *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LH;
+  float *sm = (float *)(gzs + TP * LH);
+  const int O = w.O, nacc = 4 * CP + O * CP + O;
+  // 16-bit: the small weights, the warps' accumulators and grad_bias rows in shared memory. float32 (its shared
+  // memory is tight at C 128): the small weights read from global memory (L1), the warp's grad_bias rows in the
+  // padding columns of its gzs rows (8 floats x 16 rows >= 16 O; never read as gz2)
+  float *accw = H16 ? sm + nacc : sm;
+  const float *smw = H16 ? sm : w.w1x;
+  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
+    if constexpr (MODE == HALF16) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
+    else if constexpr (MODE == TF32) w2s[e / CP * LD + e % CP] = __uint_as_float(to_tf32(((const float *)w.w2)[e]));
+    else w2s[e / CP * LD + e % CP] = ((const float *)w.w2)[e]; // X3: split where read
+  }
+  if (H16)
+    for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
+  for (int e = threadIdx.x; e < FW * nacc; e += FTHREADS) accw[e] = 0.f;
+  __syncthreads();
+  const float *w1x = smw, *w1y = smw + CP, *b1 = smw + 2 * CP, *b2 = smw + 3 * CP, *w3 = smw + 4 * CP;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  // this warp's accumulators (the partial's layout after gw2) and grad_bias rows
+  float *aw = accw + warp * nacc, *gw1xa = aw, *gw1ya = aw + CP, *gb1a = aw + 2 * CP, *gb2a = aw + 3 * CP,
+        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *ggw = accw + FW * nacc + warp * 16 * O;
+  auto gg = [&](int e) -> float & { // grad_bias of the warp's row e / O, output e % O
+    if constexpr (H16) return ggw[e];
+    else return ((float *)gzs)[(warp * 16 + (e >> 3)) * LH + CP + (e & 7)];
+  };
+  constexpr int KS = H16 ? 16 : 8;
+  const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
+  // ldmatrix.trans lane offsets: B of gh1 (rows k of w2, columns n), B of gw2 (rows = pairs of h1s, columns n):
+  // matrix q = lane / 8 at row (lane & 7) + (q & 1) * 8, column (q >> 1) * 8; A of gw2 from gzs (rows = pairs, columns
+  // = m): row (lane & 7) + (q >> 1) * 8, column (q & 1) * 8
+  const int tr_r = (lane & 7) + ((lane >> 3) & 1) * 8, tr_c = (lane >> 4) * 8;
+  const uint32_t w2t = smem_u32(w2s + tr_r * LD + tr_c);
+  const int stripe = warp % WS, npart = warp / WS;
+  const bool gw2_mine = warp < WS * NP;
+  const uint32_t gza = smem_u32(gzs + ((lane & 7) + (lane >> 4) * 8) * LH + stripe * 16 + ((lane >> 3) & 1) * 8);
+  const uint32_t h1b = smem_u32(h1s + tr_r * LH + npart * GNT * 8 + tr_c);
+  float gw2[GNT][4];
+#pragma unroll
+  for (int n = 0; n < GNT; n++) gw2[n][0] = gw2[n][1] = gw2[n][2] = gw2[n][3] = 0.f;
+
+  const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + TP - 1) / TP, tiles = g.P * tpp;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t p = tile / tpp, u0 = tile % tpp * TP + warp * 16;
+    const float *kp = kpos + p * M * 2;
+    __syncwarp();
+    for (int e = lane; e < 16 * O; e += 32) {
+      const int t = e % 16, o = e / 16;
+      gg(t * O + o) = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
+    }
+    float f0[2], f1[2], d0[2], d1[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int64_t u = u0 + gq + 8 * r;
+      f0[r] = f1[r] = d0[r] = d1[r] = 0.f;
+      if (u < NM) {
+        const int64_t i = u / M, j = u % M;
+        feature(qpos[2 * i], kp[2 * j], f0[r], d0[r]);
+        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d1[r]);
+      }
+    }
+    __syncwarp();
+    // z2 as mma_fwd_kernel (the same products in the same order: the same masks); h1 into h1s (16-bit: its hi part)
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < CP / KS; kk++) {
+      uint32_t ahi[4], alo[4];
+      if constexpr (H16) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 16 + 2 * tq + 8 * h;
+          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+            v0 = v0 > 0.f ? v0 : 0.f;
+            v1 = v1 > 0.f ? v1 : 0.f;
+            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+            *(uint32_t *)(h1s + (warp * 16 + gq + 8 * r) * LH + c) = ahi[2 * h + r];
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int c = kk * 8 + tq + 4 * h;
+          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
+            v = v > 0.f ? v : 0.f;
+            ahi[2 * h + r] = to_tf32(v);
+            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
+            h1s[(warp * 16 + gq + 8 * r) * LH + c] = v;
+          }
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; np++) {
+        uint32_t b[4];
+        ldsm4(b, bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS)));
+        if constexpr (H16) {
+          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+        } else if constexpr (MODE == TF32) {
+          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+        } else {
+          uint32_t bh[4], bl[4];
+#pragma unroll
+          for (int q = 0; q < 4; q++) split_tf32(__uint_as_float(b[q]), bh[q], bl[q]);
+          mma_tf32(acc[2 * np], alo, bh[0], bh[1]);
+          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
+          mma_tf32(acc[2 * np], ahi, bh[0], bh[1]);
+          mma_tf32(acc[2 * np + 1], alo, bh[2], bh[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
+          mma_tf32(acc[2 * np + 1], ahi, bh[2], bh[3]);
+        }
+      }
+    }
+    // h2 = relu(z2 + b2) in place; gw3 += g^T h2; gb3 += sum g
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const float2 bb = *(const float2 *)(b2 + nt * 8 + 2 * tq);
+      acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
+      acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
+      acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
+      acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
+    }
+    for (int o = 0; o < O; o++) {
+      const float g0 = gg(gq * O + o), g1 = gg((gq + 8) * O + o);
+      float v[ZV];
+#pragma unroll
+      for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
+        v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
+      }
+      add_columns<ZV, 2 * NT>(v, gw3a + o * CP, 0, CP, lane);
+      if (lane == 0) {
+        float s = 0.f;
+        for (int t = 0; t < 16; t++) s += gg(t * O + o);
+        gb3a[o] += s;
+      }
+    }
+    // gz2 = (g w3) [h2 > 0] in place (float32); gb2 += its column sums; its dtype rounding into gzs
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int c = nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
+        float s = 0.f;
+        for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
+        acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
+      }
+    }
+    {
+      float v[ZV];
+#pragma unroll
+      for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        v[2 * nt] = acc[nt][0] + acc[nt][2];
+        v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
+      }
+      add_columns<ZV, 2 * NT>(v, gb2a, 0, CP, lane);
+    }
+    // gz2 into gzs (16-bit: rounded, and kept as the A fragments of gh1 = gz2 w2: k-step j = n-tiles 2j, 2j + 1)
+    uint32_t ga[H16 ? KT : 1][4];
+    if constexpr (H16) {
+#pragma unroll
+      for (int j = 0; j < KT; j++) {
+        ga[j][0] = pack16<T>(acc[2 * j][0], acc[2 * j][1]);
+        ga[j][1] = pack16<T>(acc[2 * j][2], acc[2 * j][3]);
+        ga[j][2] = pack16<T>(acc[2 * j + 1][0], acc[2 * j + 1][1]);
+        ga[j][3] = pack16<T>(acc[2 * j + 1][2], acc[2 * j + 1][3]);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LH + j * 16 + h * 8 + 2 * tq);
+          row[0] = ga[j][2 * h];
+          row[4 * LH] = ga[j][2 * h + 1]; // 8 rows down (LH / 2 words per row)
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        float *row = gzs + (warp * 16 + gq) * LH + nt * 8 + 2 * tq;
+        *(float2 *)row = make_float2(acc[nt][0], acc[nt][1]);
+        *(float2 *)(row + 8 * LH) = make_float2(acc[nt][2], acc[nt][3]);
+      }
+    }
+    // gh1 = gz2 w2 in chunks of HNT n-tiles; gz1 = gh1 [pre1 > 0]; gw1, gb1 column sums; gd
+    float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ch = 0; ch < NT / HNT; ch++) {
+      float hacc[HNT][4];
+#pragma unroll
+      for (int nt = 0; nt < HNT; nt++) hacc[nt][0] = hacc[nt][1] = hacc[nt][2] = hacc[nt][3] = 0.f;
+      if constexpr (H16) {
+#pragma unroll
+        for (int j = 0; j < KT; j++)
+#pragma unroll
+          for (int np = 0; np < HNT / 2; np++) {
+            uint32_t b[4];
+            ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + ch * HNT * 8 + np * 16) * sizeof(TS)));
+            Mma16<T>::run(hacc[2 * np], ga[j], b[0], b[1]);
+            Mma16<T>::run(hacc[2 * np + 1], ga[j], b[2], b[3]);
+          }
+      } else {
+        // k-step = gz2's n-tile kt, its k order permuted to the accumulators' (k = t <-> column 2t, t + 4 <-> 2t + 1),
+        // so A comes from the accumulators as they are and B rows 2t, 2t + 1 of the n-tile (w2 row = k)
+#pragma unroll
+        for (int kt = 0; kt < NT; kt++) {
+          uint32_t ah[4], al[4];
+          const float av[4] = {acc[kt][0], acc[kt][2], acc[kt][1], acc[kt][3]};
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            if constexpr (MODE == X3) split_tf32(av[q], ah[q], al[q]);
+            else ah[q] = to_tf32(av[q]);
+          }
+          const TS *brow = w2s + (kt * 8 + 2 * tq) * LD + ch * HNT * 8 + gq;
+#pragma unroll
+          for (int nt = 0; nt < HNT; nt++) {
+            const float x0 = brow[nt * 8], x1 = brow[LD + nt * 8];
+            if constexpr (MODE == X3) {
+              uint32_t h0, l0, h1, l1;
+              split_tf32(x0, h0, l0);
+              split_tf32(x1, h1, l1);
+              mma_tf32(hacc[nt], al, h0, h1);
+              mma_tf32(hacc[nt], ah, l0, l1);
+              mma_tf32(hacc[nt], ah, h0, h1);
+            } else {
+              mma_tf32(hacc[nt], ah, __float_as_uint(x0), __float_as_uint(x1));
+            }
+          }
+        }
+      }
+      float va[HV], vx[HV], vy[HV];
+#pragma unroll
+      for (int i = 0; i < HV; i++) va[i] = vx[i] = vy[i] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < HNT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int c = ch * HNT * 8 + nt * 8 + 2 * tq + e;
+          float z[2];
+#pragma unroll
+          for (int r = 0; r < 2; r++) {
+            const float pre = fmaf(w1x[c], f0[r], fmaf(w1y[c], f1[r], b1[c]));
+            z[r] = pre > 0.f ? hacc[nt][2 * r + e] : 0.f;
+            s0[r] = fmaf(z[r], w1x[c], s0[r]);
+            s1[r] = fmaf(z[r], w1y[c], s1[r]);
+          }
+          va[2 * nt + e] = z[0] + z[1];
+          vx[2 * nt + e] = fmaf(z[1], f0[1], z[0] * f0[0]);
+          vy[2 * nt + e] = fmaf(z[1], f1[1], z[0] * f1[0]);
+        }
+      add_columns<HV, 2 * HNT>(va, gb1a, ch * HNT * 8, CP, lane);
+      add_columns<HV, 2 * HNT>(vx, gw1xa, ch * HNT * 8, CP, lane);
+      add_columns<HV, 2 * HNT>(vy, gw1ya, ch * HNT * 8, CP, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      s0[r] += __shfl_xor_sync(0xffffffffu, s0[r], 1);
+      s1[r] += __shfl_xor_sync(0xffffffffu, s1[r], 1);
+      s0[r] += __shfl_xor_sync(0xffffffffu, s0[r], 2);
+      s1[r] += __shfl_xor_sync(0xffffffffu, s1[r], 2);
+      const int64_t u = u0 + gq + 8 * r;
+      if (tq == 0 && u < NM) {
+        gd[(p * NM + u) * 2] = s0[r] * d0[r];
+        gd[(p * NM + u) * 2 + 1] = s1[r] * d1[r];
+      }
+    }
+    // gw2 += gz2^T h1 over the CTA's TP pairs: this warp's stripe of rows, its part of the columns
+    __syncthreads();
+    if (gw2_mine) {
+      if constexpr (H16) {
+#pragma unroll
+        for (int kp = 0; kp < TP / 16; kp++) {
+          uint32_t a[4];
+          ldsm4t(a, gza + (uint32_t)(kp * 16 * LH * sizeof(TS)));
+          if constexpr (GNT == 1) {
+            uint32_t b[2];
+            ldsm2t(b, h1b + (uint32_t)(kp * 16 * LH * sizeof(TS)));
+            Mma16<T>::run(gw2[0], a, b[0], b[1]);
+          } else {
+#pragma unroll
+            for (int np = 0; np < GNT / 2; np++) {
+              uint32_t b[4];
+              ldsm4t(b, h1b + (uint32_t)((kp * 16 * LH + np * 16) * sizeof(TS)));
+              Mma16<T>::run(gw2[2 * np], a, b[0], b[1]);
+              Mma16<T>::run(gw2[2 * np + 1], a, b[2], b[3]);
+            }
+          }
+        }
+      } else {
+        // A(m = c2, k = pair) = gzs[pair][c2], B(k = pair, n = c1) = h1s[pair][c1]; k-steps of 8 pairs
+#pragma unroll 2
+        for (int kp = 0; kp < TP / 8; kp++) {
+          const float *ar = gzs + (kp * 8 + tq) * LH + stripe * 16 + gq;
+          const float av[4] = {ar[0], ar[8], ar[4 * LH], ar[4 * LH + 8]};
+          uint32_t ah[4], al[4];
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            if constexpr (MODE == X3) split_tf32(av[q], ah[q], al[q]);
+            else ah[q] = to_tf32(av[q]);
+          }
+          const float *br = h1s + (kp * 8 + tq) * LH + npart * GNT * 8 + gq;
+#pragma unroll
+          for (int n = 0; n < GNT; n++) {
+            const float x0 = br[n * 8], x1 = br[4 * LH + n * 8];
+            if constexpr (MODE == X3) {
+              uint32_t h0, l0, h1, l1;
+              split_tf32(x0, h0, l0);
+              split_tf32(x1, h1, l1);
+              mma_tf32(gw2[n], al, h0, h1);
+              mma_tf32(gw2[n], ah, l0, l1);
+              mma_tf32(gw2[n], ah, h0, h1);
+            } else {
+              mma_tf32(gw2[n], ah, to_tf32(x0), to_tf32(x1));
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float *mine = part + blockIdx.x * part_len(CP, O);
+  if (gw2_mine) {
+#pragma unroll
+    for (int n = 0; n < GNT; n++) {
+      const int c1 = npart * GNT * 8 + n * 8 + 2 * tq, c2 = stripe * 16 + gq;
+      mine[c2 * CP + c1] = gw2[n][0];
+      mine[c2 * CP + c1 + 1] = gw2[n][1];
+      mine[(c2 + 8) * CP + c1] = gw2[n][2];
+      mine[(c2 + 8) * CP + c1 + 1] = gw2[n][3];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nacc; e += FTHREADS) {
+    float s = 0.f;
+    for (int k = 0; k < FW; k++) s += accw[k * nacc + e];
+    mine[(int64_t)CP * CP + e] = s;
+  }
+}
+
 template <typename T> int mode_of(int tf32);
-template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : SIMT; }
+template <> int mode_of<float>(int tf32) { return tf32 ? TF32 : X3; }
 template <> int mode_of<__nv_bfloat16>(int) { return HALF16; }
 template <> int mode_of<__half>(int) { return HALF16; }
 
@@ -352,9 +992,9 @@ struct Prep {
   W w;
 };
 template <typename T, int MODE>
-static int prepare(const fa_cpb_geom *g, const fa_cpb_in *in, Prep &pr, const char *fn) {
+static int prepare(const fa_cpb_geom *g, const fa_cpb_in *in, Prep &pr, const char *fn, int cp = 0) {
   int dev = g->device;
-  int CP = (int)((g->C + 15) / 16 * 16), O = (int)g->O;
+  int CP = cp > 0 ? cp : (int)((g->C + 15) / 16 * 16), O = (int)g->O;
   if (CP == 0) CP = 16;
   int64_t nsmall = 4 * (int64_t)CP + (int64_t)O * CP + O, off = (nsmall * 4 + 255) / 256 * 256;
   size_t es = MODE == HALF16 ? sizeof(T) : 4;
@@ -450,20 +1090,142 @@ static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float 
   return rc;
 }
 
+// the mma.sync forward's padded width: the hidden units rounded up to 16, 32, 64 or 128; 0 = wider (fwd_kernel)
+static int fast_cp(int64_t C) { return C <= 16 ? 16 : C <= 32 ? 32 : C <= 64 ? 64 : C <= 128 ? 128 : 0; }
+
+template <typename T, int MODE, int CP>
+static int mma_forward_cp(const fa_cpb_geom *g, float *out, const fa_cpb_in *in, const Prep &pr, const char *fn) {
+  const int dev = g->device;
+  const size_t sm = mma_fwd_smem<MODE, T>(CP, pr.w.O);
+  auto kern = mma_fwd_kernel<T, MODE, CP>;
+  int rc = set_smem(kern, sm, dev, g->C, fn);
+  if (rc) return rc;
+  int nb = 0;
+  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, FTHREADS, sm), fn))) return rc;
+  if (nb < 1) nb = 1;
+  const int64_t tiles = g->P * ((g->N * g->M + 15) / 16), need = (tiles + FW - 1) / FW;
+  int64_t grid = (int64_t)fa_cu_sm_count(dev) * nb;
+  if (grid > need) grid = need;
+  kern<<<(unsigned)grid, FTHREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, out, (const float *)in->qpos,
+                                                            (const float *)in->kpos);
+  return fa_cu_launch_check(fn);
+}
+
+template <typename T, int MODE> static int mma_forward(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_forward";
+  const int cp = fast_cp(g->C);
+  Prep pr;
+  int rc = prepare<T, MODE>(g, in, pr, fn, cp);
+  if (rc) return rc;
+  switch (cp) {
+  case 16: rc = mma_forward_cp<T, MODE, 16>(g, out, in, pr, fn); break;
+  case 32: rc = mma_forward_cp<T, MODE, 32>(g, out, in, pr, fn); break;
+  case 64: rc = mma_forward_cp<T, MODE, 64>(g, out, in, pr, fn); break;
+  default: rc = mma_forward_cp<T, MODE, 128>(g, out, in, pr, fn); break;
+  }
+  fa_cu_temp_free(g->device, pr.buf);
+  return rc;
+}
+
+static int smem_optin(int dev) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return optin;
+}
+
+// C <= 128 and the shared memory fits: the mma.sync forward (float32: TF32 under fa.cuda.allowTF32(true), else
+// 3xTF32); else fwd_kernel
+template <typename T, int MODE> static bool mma_fwd_fits(const fa_cpb_geom *g) {
+  const int cp = fast_cp(g->C);
+  return cp > 0 && mma_fwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)smem_optin(g->device);
+}
 template <typename T> static int forward_d(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
-  if constexpr (std::is_same<T, float>::value)
-    return m == TF32 ? forward_t<T, TF32>(g, out, in) : forward_t<T, SIMT>(g, out, in);
-  else
-    return forward_t<T, HALF16>(g, out, in);
+  if constexpr (std::is_same<T, float>::value) {
+    if (m == TF32) return mma_fwd_fits<T, TF32>(g) ? mma_forward<T, TF32>(g, out, in) : forward_t<T, TF32>(g, out, in);
+    return mma_fwd_fits<T, X3>(g) ? mma_forward<T, X3>(g, out, in) : forward_t<T, X3>(g, out, in);
+  } else {
+    return mma_fwd_fits<T, HALF16>(g) ? mma_forward<T, HALF16>(g, out, in) : forward_t<T, HALF16>(g, out, in);
+  }
+}
+// the weight partials (grid CTAs, part_len(CP, O) each) and gd reduced in fixed orders into the gradients
+template <typename T>
+static int reduce_grads(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *part, int64_t grid, int CP,
+                        const float *gd, const char *fn) {
+  const int dev = g->device, O = (int)g->O;
+  cudaStream_t st = fa_cu_stream(dev);
+  int64_t n = (int64_t)CP * CP + 4 * (int64_t)CP + (int64_t)O * CP + O;
+  reduce_w_kernel<T><<<fa_cu_blocks(n, 256, dev), 256, 0, st>>>(part, (int)grid, (int)g->C, CP, O, (T *)gr->w1,
+                                                                 (T *)gr->b1, (T *)gr->w2, (T *)gr->b2, (T *)gr->w3,
+                                                                 (T *)gr->b3);
+  int rc = fa_cu_launch_check(fn);
+  if (!rc && gr->kpos && g->P * g->M > 0) {
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    rc = fa_cu_launch_check(fn);
+  }
+  return rc;
+}
+
+template <typename T, int MODE, int CP>
+static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
+                           const Prep &pr, const char *fn) {
+  const int dev = g->device, O = (int)g->O;
+  const size_t sm = mma_bwd_smem<MODE, T>(CP, O);
+  auto kern = mma_bwd_kernel<T, MODE, CP>;
+  int rc = set_smem(kern, sm, dev, g->C, fn);
+  if (rc) return rc;
+  int nb = 0;
+  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, FTHREADS, sm), fn))) return rc;
+  if (nb < 1) nb = 1;
+  const int64_t NM = g->N * g->M, tiles = g->P * ((NM + FW * 16 - 1) / (FW * 16));
+  int64_t grid = (int64_t)fa_cu_sm_count(dev) * nb; // fixed by the device: the partials' order is too
+  if (grid > tiles) grid = tiles;
+  if (grid < 1) grid = 1;
+  float *part = (float *)fa_cu_temp_alloc(dev, grid * part_len(CP, O) * 4);
+  float *gd = (float *)fa_cu_temp_alloc(dev, (g->P * NM * 2 > 0 ? g->P * NM * 2 : 1) * 4);
+  if (!part || !gd) rc = FA_ERR_MEMORY;
+  if (!rc) {
+    kern<<<(unsigned)grid, FTHREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, part, gd, grad_bias, (const float *)in->qpos,
+                                                              (const float *)in->kpos);
+    rc = fa_cu_launch_check(fn);
+  }
+  if (!rc) rc = reduce_grads<T>(g, gr, part, grid, CP, gd, fn);
+  fa_cu_temp_free(dev, gd);
+  fa_cu_temp_free(dev, part);
+  return rc;
+}
+
+template <typename T, int MODE>
+static int mma_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
+  static const char *fn = "fa_cpb_backward";
+  const int cp = fast_cp(g->C);
+  Prep pr;
+  int rc = prepare<T, MODE>(g, in, pr, fn, cp);
+  if (rc) return rc;
+  switch (cp) {
+  case 16: rc = mma_backward_cp<T, MODE, 16>(g, gr, grad_bias, in, pr, fn); break;
+  case 32: rc = mma_backward_cp<T, MODE, 32>(g, gr, grad_bias, in, pr, fn); break;
+  case 64: rc = mma_backward_cp<T, MODE, 64>(g, gr, grad_bias, in, pr, fn); break;
+  default: rc = mma_backward_cp<T, MODE, 128>(g, gr, grad_bias, in, pr, fn); break;
+  }
+  fa_cu_temp_free(g->device, pr.buf);
+  return rc;
+}
+
+// C <= 128, O <= BOMAX and the shared memory fits: mma_bwd_kernel; else bwd_kernel (WMMA)
+template <typename T, int MODE> static bool mma_bwd_fits(const fa_cpb_geom *g) {
+  const int cp = fast_cp(g->C);
+  return cp > 0 && g->O <= BOMAX && mma_bwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)smem_optin(g->device);
 }
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
   int m = mode_of<T>(fa_cu_tf32_allowed());
-  if constexpr (std::is_same<T, float>::value)
-    return m == TF32 ? backward_t<T, TF32>(g, gr, gb, in) : backward_t<T, SIMT>(g, gr, gb, in);
-  else
-    return backward_t<T, HALF16>(g, gr, gb, in);
+  if constexpr (std::is_same<T, float>::value) {
+    if (m == TF32) return mma_bwd_fits<T, TF32>(g) ? mma_backward<T, TF32>(g, gr, gb, in) : backward_t<T, TF32>(g, gr, gb, in);
+    return mma_bwd_fits<T, X3>(g) ? mma_backward<T, X3>(g, gr, gb, in) : backward_t<T, X3>(g, gr, gb, in);
+  } else {
+    return mma_bwd_fits<T, HALF16>(g) ? mma_backward<T, HALF16>(g, gr, gb, in) : backward_t<T, HALF16>(g, gr, gb, in);
+  }
 }
 } // namespace
 
