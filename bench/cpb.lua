@@ -9,7 +9,7 @@
 -- Sizes (issue 10): readme = B 1, dim 512 (C = 128), heads 8, offset_groups 8 (P = 8, O = 1), a 64x64 query grid
 -- (N = 4096) and 16x16 keys (M = 256); small = B 8, dim 128 (C = 32), heads 4, groups 4 (P = 32, O = 1),
 -- N = 32x32, M = 8x8. Inputs: queries uniform in [-1, 1], keys in [-1.4, 1.4], weights at nn.Linear's scale,
--- grad_bias ~ N(0, 1). dtypes: float32 (exact: SIMT), tf32 (float32 under fa.cuda.allowTF32(true)), bfloat16
+-- grad_bias ~ N(0, 1). dtypes: float32 (exact: 3xTF32 split products on tensor cores), tf32 (float32 under fa.cuda.allowTF32(true)), bfloat16
 -- (bfloat16 weights, float32 positions and bias; the peer: torch.autocast).
 -- FLOPs per (query, key) pair (the model's, the recompute not counted): forward 2(2C + C² + C·O); backward
 -- 2·C·O each for grad w3 and grad h2, 2·C² each for grad w2 and grad h1, 2·2C each for grad w1 and grad d:

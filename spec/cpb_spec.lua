@@ -69,6 +69,9 @@ local CASE = {
                { shape = { 3, 37, 29, 128, 4 }, what = 'C 128, odd N and M' },
                { shape = { 1, 5, 300, 64, 1 }, what = 'C 64, O 1' },
                { shape = { 2, 33, 17, 24, 3 }, what = 'C 24 (not a multiple of 16)' },
+               { shape = { 2, 20, 33, 128, 1 }, what = 'C 128, O 1 (the float32 tensor-core backward)' },
+               { shape = { 1, 9, 70, 40, 8 }, what = 'O 8 (the tensor-core backward at its limit)' },
+               { shape = { 1, 5, 40, 24, 9 }, what = 'O 9 (the WMMA backward)' },
                { shape = { 2, 0, 5, 16, 2 }, what = 'N 0' }, { shape = { 2, 3, 0, 16, 2 }, what = 'M 0' } },
     variants = { { name = 'default' }, { name = 'deterministic', deterministic = true } },
     errors = function() return { -- (made in the #gpu block: they hold GPU tensors)
