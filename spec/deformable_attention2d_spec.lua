@@ -37,7 +37,7 @@ local PARAMS = { 'to_offsets.0.weight', 'to_offsets.0.bias', 'to_offsets.2.weigh
                  'rel_pos_bias.mlp.2.weight', 'rel_pos_bias.mlp.2.bias', 'to_q.weight', 'to_k.weight', 'to_v.weight',
                  'to_out.weight', 'to_out.bias' }
 
-local copy = H.merge
+local copy = op.merge
 
 -- the fixture entries of a case, with the prefix removed
 local function case(name) return H.fixture_case(FX, name) end

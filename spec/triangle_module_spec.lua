@@ -25,7 +25,7 @@ local CASES = {
 local function case(name) return H.fixture_case(FX, name) end
 
 -- CFG with the options o on top
-local function config(o) return H.merge(CFG, o) end
+local function config(o) return op.merge(CFG, o) end
 
 local function layer(name, dtype)
   local c = case(name)

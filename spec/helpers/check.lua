@@ -31,14 +31,6 @@ function H.fixture_case(fx, name)
   return c
 end
 
--- a shallow copy of table t with extra's keys on top (a module's options: a case's configuration plus a few)
-function H.merge(t, extra)
-  local r = {}
-  for k, v in pairs(t) do r[k] = v end
-  for k, v in pairs(extra or {}) do r[k] = v end
-  return r
-end
-
 -- asserts |a - b| <= atol + rtol*|b| elementwise; shapes must match exactly
 function H.assert_close(a, b, rtol, atol, what)
   what = what or 'tensor'
