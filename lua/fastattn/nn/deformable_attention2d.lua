@@ -322,7 +322,7 @@ function DA:_backward(fn, input, gradOutput, scale, acc)
                           { grad_input = gxs:view(P, dim / G, H, W), grad_grid = ggrid }, self._pad, self._ac)
   -- both paths of the key positions, then d kpos / d t = coef (channels first again)
   local gpos = gkpos:view(P, Hk, Wk, 2)
-  if pdt ~= dt then gpos:add_(ggrid:to(pdt)) else gpos:add_(ggrid) end
+  gpos:add_(pdt ~= dt and buffer(self, '_ggridPos', { P, Hk, Wk, 2 }, pdt, dev):copy(ggrid) or ggrid)
   local gT = buffer(self, '_gT', { P, 2, Hk, Wk }, dt, dev)
   gT:copy(gpos:permute(1, 4, 2, 3)):mul_(c.coef3)
   if gvgrid ~= nil then gT:add_(gvgrid, self.offset_scale) end
