@@ -76,14 +76,6 @@ static int check_bias_like(const char *fn, const char *arg, const fa_tensor *t, 
   return 0;
 }
 
-/* results are written in place: they must be dense */
-static int check_dense(const char *fn, const char *arg, const fa_tensor *t) {
-  if (!fa_is_contiguous(t))
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a contiguous tensor (the result is written into it), got a non-contiguous view",
-                    fn, arg);
-  return 0;
-}
-
 /* an output against every input (and the outputs before it): the kernels read the inputs while they write */
 static int check_no_overlap(const char *fn, const char *arg, const fa_tensor *t, const fa_tensor *const *in, int nin,
                             const char *const *in_names, const fa_tensor *const *prev, const char *const *prev_names, int np) {
@@ -93,14 +85,6 @@ static int check_no_overlap(const char *fn, const char *arg, const fa_tensor *t,
   for (int i = 0; i < np; i++)
     if (prev[i] && (rc = fa_check_no_overlap(fn, arg, t, prev_names[i], prev[i]))) return rc;
   return 0;
-}
-
-/* dense copies of the inputs that are not contiguous: data[i], tmp[i] (fa_free after) */
-static int dense_inputs(const fa_tensor *const *t, int n, const void **data, void **tmp) {
-  int rc = 0;
-  for (int i = 0; i < n; i++) tmp[i] = NULL;
-  for (int i = 0; i < n && !rc; i++) rc = fa_contiguous_data(t[i], &data[i], &tmp[i]);
-  return rc;
 }
 
 static void set_in(fa_cpb_in *x, const void **d) {
@@ -115,14 +99,14 @@ int fa_cpb_forward(fa_tensor *out, const fa_tensor *qpos, const fa_tensor *kpos,
   fa_cpb_geom g;
   int rc;
   if ((rc = cpb_check(fn, in, opts, &g))) return rc;
-  if ((rc = check_bias_like(fn, "out", out, w1, &g, 0)) || (rc = check_dense(fn, "out", out)) ||
+  if ((rc = check_bias_like(fn, "out", out, w1, &g, 0)) || (rc = fa_check_dense(fn, "out", out)) ||
       (rc = check_no_overlap(fn, "out", out, in, NIN, IN_NAMES, NULL, NULL, 0)))
     return rc;
   if (fa_numel(out) == 0) return 0;
   const void *d[NIN];
   void *tmp[NIN];
   fa_cpb_in x;
-  if (!(rc = dense_inputs(in, NIN, d, tmp))) {
+  if (!(rc = fa_dense_inputs(in, NIN, d, tmp))) {
     set_in(&x, d);
     rc = g.device >= 0 ? fa_cu_cpb_forward(&g, (float *)out->data, &x) : fa_cpb_cpu_forward(&g, out->data, &x);
   }
@@ -148,7 +132,7 @@ int fa_cpb_backward(fa_tensor *grad_kpos, fa_tensor *grad_w1, fa_tensor *grad_b1
     const fa_tensor *t = gt[i], *ref = in[i + 1]; /* grad_kpos: kpos; grad_w1: w1, ... */
     if (!t) continue;
     if ((rc = fa_check_like(fn, GNAMES[i], t, IN_NAMES[i + 1], ref)) ||
-        (rc = fa_check_same_shape(fn, GNAMES[i], t, IN_NAMES[i + 1], ref)) || (rc = check_dense(fn, GNAMES[i], t)) ||
+        (rc = fa_check_same_shape(fn, GNAMES[i], t, IN_NAMES[i + 1], ref)) || (rc = fa_check_dense(fn, GNAMES[i], t)) ||
         (rc = check_no_overlap(fn, GNAMES[i], t, in, NIN + 1, ALL_NAMES, (const fa_tensor *const *)gt, GNAMES, i)))
       return rc;
   }
@@ -163,7 +147,7 @@ int fa_cpb_backward(fa_tensor *grad_kpos, fa_tensor *grad_w1, fa_tensor *grad_b1
   fa_cpb_grads gr;
   void **gp[NG] = {&gr.kpos, &gr.w1, &gr.b1, &gr.w2, &gr.b2, &gr.w3, &gr.b3};
   for (int i = 0; i < NG; i++) *gp[i] = gt[i] && fa_numel(gt[i]) > 0 ? gt[i]->data : NULL;
-  if ((rc = dense_inputs(in, NIN + 1, d, tmp))) goto done;
+  if ((rc = fa_dense_inputs(in, NIN + 1, d, tmp))) goto done;
   set_in(&x, d);
   const void *gb = d[NIN];
   if (g.device >= 0 && grad_bias->dtype != FA_FLOAT32) { /* a 16-bit grad_bias on CUDA: the kernels read float32 */

@@ -64,6 +64,8 @@ int fa_check_same_shape(const char *fn, const char *arg, const fa_tensor *t, con
 int fa_check_contiguous(const char *fn, const char *arg, const fa_tensor *t);
 /* t has exactly the n sizes want; what names them in the message, e.g. "(C, 2)" */
 int fa_check_shape(const char *fn, const char *arg, const fa_tensor *t, const int64_t *want, int n, const char *what);
+/* a result written in place: it must be contiguous */
+int fa_check_dense(const char *fn, const char *arg, const fa_tensor *t);
 /* t->shape[dim] == size */
 int fa_check_dim(const char *fn, const char *arg, const fa_tensor *t, int dim, int64_t size);
 /* all three at once: defined, same device and dtype as ref */
@@ -193,6 +195,13 @@ static inline int fa_contiguous_data(const fa_tensor *t, const void **data, void
   *tmp = c.data;
   *data = c.data;
   return 0;
+}
+/* fa_contiguous_data over n inputs (tmp[i] NULL where no copy was made, also after a failure) */
+static inline int fa_dense_inputs(const fa_tensor *const *t, int n, const void **data, void **tmp) {
+  int rc = 0;
+  for (int i = 0; i < n; i++) tmp[i] = NULL;
+  for (int i = 0; i < n && !rc; i++) rc = fa_contiguous_data(t[i], &data[i], &tmp[i]);
+  return rc;
 }
 
 /* ---- CUDA side: one fa_cu_<op> per public entry, same arguments, called after validation when the

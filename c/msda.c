@@ -173,20 +173,12 @@ static int msda_check(const char *fn, const fa_tensor *out, const char *out_name
   return read_levels(fn, shapes, lsi, g, lv);
 }
 
-/* outputs are written in place: they must be dense */
-static int check_dense_output(const char *fn, const char *arg, const fa_tensor *t) {
-  if (!fa_is_contiguous(t))
-    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a contiguous tensor (the result is written into it), got a non-contiguous view",
-                    fn, arg);
-  return 0;
-}
-
 /* a gradient: shaped, typed and placed as ref, contiguous; NULL = not wanted */
 static int check_output(const char *fn, const char *arg, const fa_tensor *t, const char *ref_arg, const fa_tensor *ref) {
   int rc;
   if (!t) return 0;
   if ((rc = fa_check_like(fn, arg, t, ref_arg, ref)) || (rc = fa_check_same_shape(fn, arg, t, ref_arg, ref)) ||
-      (rc = check_dense_output(fn, arg, t)))
+      (rc = fa_check_dense(fn, arg, t)))
     return rc;
   return 0;
 }
@@ -436,14 +428,6 @@ static void bwd_f32(const fa_msda_geom *g, const msda_bufs *b) { bwd_cpu(g, 0, b
 static void bwd_f64(const fa_msda_geom *g, const msda_bufs *b) { bwd_cpu(g, 1, b); }
 
 /* ------------------------------------------------------------------ entry points */
-/* dense copies of the inputs that are strided views (NULL stays NULL); fa_free(dev, tmp[i]) after */
-static int dense_inputs(const fa_tensor *const *t, const void **data, void **tmp, int n) {
-  int rc = 0;
-  for (int i = 0; i < n; i++) tmp[i] = NULL;
-  for (int i = 0; i < n && !rc; i++) rc = fa_contiguous_data(t[i], &data[i], &tmp[i]);
-  return rc;
-}
-
 int fa_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spatial_shapes,
                     const fa_tensor *level_start_index, const fa_tensor *sampling_locations,
                     const fa_tensor *attention_weights, const fa_msda_opts *opts) {
@@ -453,14 +437,14 @@ int fa_msda_forward(fa_tensor *out, const fa_tensor *value, const fa_tensor *spa
   fa_msda_geom g;
   rc = msda_check(fn, out, "out", value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                   opts, &g, &lv);
-  if (!rc) rc = check_dense_output(fn, "out", out);
+  if (!rc) rc = fa_check_dense(fn, "out", out);
   if (!rc) rc = no_overlap(fn, "out", out, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                            value, NULL);
   if (rc || fa_numel(out) == 0) { free(lv); return rc; }
   const fa_tensor *in[3] = {value, sampling_locations, attention_weights};
   const void *p[3];
   void *tmp[3];
-  if (!(rc = dense_inputs(in, p, tmp, 3))) {
+  if (!(rc = fa_dense_inputs(in, 3, p, tmp))) {
     if (g.device >= 0) rc = fa_cu_msda_forward(&g, out->data, p[0], (const float *)p[1], (const float *)p[2]);
     else if (g.dtype == FA_FLOAT64) fwd_f64(&g, out->data, p[0], p[1], p[2]);
     else fwd_f32(&g, out->data, p[0], p[1], p[2]);
@@ -502,7 +486,7 @@ int fa_msda_backward(fa_tensor *grad_value, fa_tensor *grad_sampling_locations, 
   const fa_tensor *in[4] = {grad_out, value, sampling_locations, attention_weights};
   const void *p[4];
   void *tmp[4];
-  if (!(rc = dense_inputs(in, p, tmp, 4))) {
+  if (!(rc = fa_dense_inputs(in, 4, p, tmp))) {
     if (g.device >= 0) {
       rc = fa_cu_msda_backward(&g, gv, (float *)gl, (float *)ga, p[0], p[1], (const float *)p[2], (const float *)p[3]);
     } else {

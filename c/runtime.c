@@ -215,6 +215,13 @@ int fa_check_shape(const char *fn, const char *arg, const fa_tensor *t, const in
   return 0;
 }
 
+int fa_check_dense(const char *fn, const char *arg, const fa_tensor *t) {
+  if (!fa_is_contiguous(t))
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected a contiguous tensor (the result is written into it), got a non-contiguous view",
+                    fn, arg);
+  return 0;
+}
+
 int fa_check_dtype(const char *fn, const char *arg, const fa_tensor *t, int dtype) {
   if (t->dtype != dtype)
     return fa_error(FA_ERR_ARG, "%s: argument '%s': expected dtype %s, got %s", fn, arg, fa_dtype_name(dtype),
