@@ -216,10 +216,8 @@ function DS:_unpack(fn, input)
   return xq, xkv, B, V, H, W, tbl
 end
 
--- (B, V, N, heads*D) rows -> (B, V, heads, N, D) into buffer key
-local function split(self, key, t, B, V, N, heads, D)
-  return buffer(self, key, { B, V, heads, N, D }, t):copy(t:view(B, V, N, heads, D):permute(1, 2, 4, 3, 5))
-end
+-- (B, V, N, heads*D) rows as a (B, V, heads, N, D) view (fa.deform_sdpa reads strided q, k, v, grad_out)
+local function heads_view(t, B, V, N, heads, D) return t:view(B, V, N, heads, D):permute(1, 2, 4, 3, 5) end
 
 ---------------------------------------------------------------------------- forward
 function DS:updateOutput(input)
@@ -231,9 +229,10 @@ function DS:updateOutput(input)
   local rows = { B, V, N, dim }
   local xq4, xkv4 = xq:view(rows), xkv:view(rows)
 
-  local q = split(self, '_qa', self.to_q:forward(xq4), B, V, N, heads, D)
-  local k = split(self, '_ka', self.to_k:forward(xkv4), B, V, N, heads, D)
-  local v = split(self, '_va', self.to_v:forward(xkv4), B, V, N, heads, D)
+  local q = heads_view(self.to_q:forward(xq4), B, V, N, heads, D)
+  local k = heads_view(self.to_k:forward(xkv4), B, V, N, heads, D)
+  local v = heads_view(self.to_v:forward(xkv4), B, V, N, heads, D)
+  self._qa, self._ka, self._va = q, k, v
 
   -- coords = sigmoid(t + logit(ref)), (B, V, N, V, S, 2) in pdt
   local t = self.to_offsets:forward(xq4)
@@ -279,7 +278,7 @@ function DS:_backward(fn, input, gradOutput, scale, acc)
 
   local gy = nn._contiguous(self, '_gyC', gradOutput):view(rows)
   local gO = child(self.to_out, self._o, gy)
-  local gOa = split(self, '_gOa', gO, B, V, N, heads, D)
+  local gOa = heads_view(gO, B, V, N, heads, D)
   self._bopts = self._bopts or {}
   local bo = self._bopts
   bo.deterministic = self.deterministic or nil
