@@ -199,8 +199,9 @@ function DS:_unpack(fn, input)
   if not ok then
     local want
     if self.height then
+      local h, w = self.height, self.width
       want = string.format('a tensor of size (B, %d, %d, %d, %d) or (B, %d, %d, %d) (views, height, width, dim)', V,
-                           H, W, dim, V, H * W, dim)
+                           h, w, dim, V, h * w, dim)
     else
       want = string.format('a tensor of size (B, %d, H, W, %d) (views, height, width, dim; a (B, V, H*W, dim) ' ..
                            'input needs the height and width options)', V, dim)
