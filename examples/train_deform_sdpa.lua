@@ -42,7 +42,7 @@ M.cli = {
           'is reconstructed from noisy views displaced by unknown per-view fields, against a fixed-coordinate baseline.',
   footer = '`make demo-deform-sdpa` runs it with the defaults (about a minute on 2 CPU cores).',
   options = {
-    opt.steps(600), opt.batch(8, 'samples'), opt.lr(4e-3),
+    opt.steps(400), opt.batch(8, 'samples'), opt.lr(4e-3),
     { 'size', 'int', 16, min = 8, help = 'view side in pixels' },
     opt.device(),
     { 'views', 'int', 4, min = 2, help = 'views per sample (the reference and --views - 1 displaced ones)' },
@@ -319,57 +319,62 @@ end
 ---------------------------------------------------------------------------- the picture of the offsets
 local function xml(s) return (tostring(s):gsub('&', '&amp;'):gsub('<', '&lt;'):gsub('>', '&gt;')) end
 
--- the clean reference view of sample 1 of x in grey; for every `every`-th reference pixel (a ring) and every
--- other view (a colour): a thin line to each of its sampling points in that view (dots) and the true match
--- (a black cross). Coordinates in reference-view pixels: every view is drawn on the reference's frame.
+-- one panel per other view v (V - 1 panels): the clean reference view of sample 1 of x in grey and, for every
+-- `every`-th reference pixel (a white ring), a line to each of its sampling points in view v (dots, the view's
+-- colour) and the true match of the pixel in view v (a black cross). Coordinates in pixels: view v's points are
+-- drawn on the reference's frame, so a learned point sits on its cross.
 function M.writeOffsets(path, model, x, t, o, title, every)
   every = every or 3
   model:evaluate()
   model:forward(x)
   model:training()
   local coords = model.attn._coords:to('float64', 'cpu'):select(1, 1) -- (V, N, V, S, 2)
+  local fields = M.makeFields(o)
   local size, V, S = o.size, o.views, o.samples
   local img = t.clean:to('float64', 'cpu'):select(1, 1):view(size, size):table()
   local lo, hi = math.huge, -math.huge
   for r = 1, size do for c = 1, size do lo, hi = math.min(lo, img[r][c]), math.max(hi, img[r][c]) end end
-  local px = 24
-  local W = size * px
-  local out = { string.format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="-%d -%d %d %d">',
-                              W + 2 * px, W + 5 * px, px, 4 * px, W + 2 * px, W + 5 * px),
-                string.format('<text x="0" y="-%d" font-family="sans-serif" font-size="%d">%s</text>', 2 * px, px * 0.7,
-                              xml(title or 'sampling points')) }
+  local px = 16
+  local side, gap = size * px, 3 * px
+  local Wt, Ht = (V - 1) * (side + gap) + gap, side + 6 * px
+  local out = { string.format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d">',
+                              Wt, Ht, Wt, Ht),
+                string.format('<rect width="%d" height="%d" fill="white"/>', Wt, Ht),
+                string.format('<text x="%d" y="%d" font-family="sans-serif" font-size="%d">%s</text>', gap, 2 * px,
+                              px, xml(title or 'sampling points')) }
   local colours = { '#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45' }
-  local legend = {}
-  for v = 2, V do legend[#legend + 1] = string.format('<tspan fill="%s">view %d</tspan>', colours[(v - 2) % 8 + 1], v) end
-  out[#out + 1] = string.format('<text x="0" y="-%d" font-family="sans-serif" font-size="%d">%s; black +: true match</text>',
-                                px / 2, px * 0.6, table.concat(legend, ' '))
-  for r = 1, size do
-    for c = 1, size do
-      local g = math.floor(200 * (img[r][c] - lo) / math.max(hi - lo, 1e-9) + 30.5)
-      out[#out + 1] = string.format('<rect x="%d" y="%d" width="%d" height="%d" fill="rgb(%d,%d,%d)"/>', (c - 1) * px,
-                                    (r - 1) * px, px, px, g, g, g)
-    end
-  end
   local cv = coords:table()
-  local function at(u) return (u + 0.5) * px end -- pixel index -> SVG (pixel centres)
   local start = math.floor(every / 2)
-  for y = start, size - 1, every do
-    for xx = start, size - 1, every do
-      local p = y * size + xx
-      out[#out + 1] = string.format('<circle cx="%.1f" cy="%.1f" r="%.1f" fill="none" stroke="white" stroke-width="2"/>',
-                                    at(xx), at(y), px / 4)
-      for v = 2, V do
-        local col = colours[(v - 2) % 8 + 1]
+  for v = 2, V do
+    local ox, oy = gap + (v - 2) * (side + gap), 4 * px
+    local col = colours[(v - 2) % #colours + 1]
+    local function at(u, o0) return o0 + (u + 0.5) * px end -- pixel index -> SVG (pixel centres)
+    out[#out + 1] = string.format('<text x="%d" y="%d" font-family="sans-serif" font-size="%d" fill="%s">view %d ' ..
+                                  '(black +: true match)</text>', ox, oy - px / 2, px * 0.8, col, v)
+    for r = 1, size do
+      for c = 1, size do
+        local g = math.floor(200 * (img[r][c] - lo) / math.max(hi - lo, 1e-9) + 30.5)
+        out[#out + 1] = string.format('<rect x="%d" y="%d" width="%d" height="%d" fill="rgb(%d,%d,%d)"/>',
+                                      ox + (c - 1) * px, oy + (r - 1) * px, px, px, g, g, g)
+      end
+    end
+    for y = start, size - 1, every do
+      for xx = start, size - 1, every do
+        local p = y * size + xx
+        local cx, cy = at(xx, ox), at(y, oy)
         for s = 1, S do
           local c = cv[1][p + 1][v][s]
-          local sx, sy = c[1] * (size - 1), c[2] * (size - 1)
-          out[#out + 1] = string.format('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="1.5" ' ..
-                                        'stroke-opacity="0.8"/>', at(xx), at(y), at(sx), at(sy), col)
-          out[#out + 1] = string.format('<circle cx="%.1f" cy="%.1f" r="%.1f" fill="%s"/>', at(sx), at(sy), px / 7, col)
+          local sx, sy = at(c[1] * (size - 1), ox), at(c[2] * (size - 1), oy)
+          out[#out + 1] = string.format('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="1.5"/>',
+                                        cx, cy, sx, sy, col)
+          out[#out + 1] = string.format('<circle cx="%.1f" cy="%.1f" r="%.1f" fill="%s"/>', sx, sy, px / 5, col)
         end
-        local qx, qy = M.match(M.makeFields(o), v, xx, y, size)
-        out[#out + 1] = string.format('<path d="M %.1f %.1f h %.1f M %.1f %.1f v %.1f" stroke="black" stroke-width="2"/>',
-                                      at(qx) - px / 4, at(qy), px / 2, at(qx), at(qy) - px / 4, px / 2)
+        local qx, qy = M.match(fields, v, xx, y, size)
+        out[#out + 1] = string.format('<path d="M %.1f %.1f h %.1f M %.1f %.1f v %.1f" stroke="black" ' ..
+                                      'stroke-width="2"/>', at(qx, ox) - px / 3, at(qy, oy), 2 * px / 3, at(qx, ox),
+                                      at(qy, oy) - px / 3, 2 * px / 3)
+        out[#out + 1] = string.format('<circle cx="%.1f" cy="%.1f" r="%.1f" fill="none" stroke="white" ' ..
+                                      'stroke-width="1.5"/>', cx, cy, px / 4)
       end
     end
   end
