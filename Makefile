@@ -126,12 +126,14 @@ demo-deform-sdpa: deps
 bench-cpu: $(LIB)
 	bin/fastattn bench/cpu.lua
 
-# GPU benchmarks (on the GPU machine): core ops, MSDA and triangle attention, each with its peers in the same run
+# GPU benchmarks (on the GPU machine): core ops, MSDA, triangle attention, DeformableAttention2D and the fused
+# deformable SDPA, each with its peers in the same run
 bench: $(LIB)
 	bin/fastattn bench/gpu.lua
 	bin/fastattn bench/msda.lua
 	bin/fastattn bench/triangle_attention.lua
 	bin/fastattn bench/deformable_attention2d.lua
+	bin/fastattn bench/deform_sdpa.lua
 
 repl: deps $(LIB)
 	bin/fastattn

@@ -288,7 +288,7 @@ end
 -- distance (pixels) from the true match to the nearest of the pixel's sampling points in view v, over the
 -- batch; and the mean over the views
 function M.matchError(model, o)
-  local coords = model.attn._coords:to('float64', 'cpu') -- (B, V, N, V, S, 2)
+  local coords = model.attn:samplingPoints():to('float64', 'cpu') -- (B, V, N, V, S, 2)
   local B, V, S, size = coords:size(1), o.views, o.samples, o.size
   local pc = ffi.cast('double*', coords:contiguous().desc.data)
   local N = size * size
@@ -328,7 +328,7 @@ function M.writeOffsets(path, model, x, t, o, title, every)
   model:evaluate()
   model:forward(x)
   model:training()
-  local coords = model.attn._coords:to('float64', 'cpu'):select(1, 1) -- (V, N, V, S, 2)
+  local coords = model.attn:samplingPoints():to('float64', 'cpu'):select(1, 1) -- (V, N, V, S, 2)
   local fields = M.makeFields(o)
   local size, V, S = o.size, o.views, o.samples
   local img = t.clean:to('float64', 'cpu'):select(1, 1):view(size, size):table()

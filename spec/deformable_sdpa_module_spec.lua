@@ -219,7 +219,8 @@ describe('nn.DeformableSDPA', function()
       local b = m.to_offsets.bias:get(3) -- 0.3 in float32 (the default dtype the parameters were made in)
       assert.is_near(0.3, b, 1e-7)
       m:forward(fa.randn(1, 2, Hh, W, 4, 'float64'))
-      local c = m._coords -- (1, 2, 15, 2, 2, 2)
+      local c = m:samplingPoints() -- (1, 2, 15, 2, 2, 2)
+      assert.are.same({ 1, 2, 15, 2, 2, 2 }, c:size())
       for i = 0, Hh - 1 do
         for j = 0, W - 1 do
           local ex = math.min(math.max(j / (W - 1), 0.25 / (W - 1)), 1 - 0.25 / (W - 1))
@@ -322,6 +323,8 @@ describe('nn.DeformableSDPA', function()
     it('backward before forward, or with another input size, is an error', function()
       local m = nn.DeformableSDPA{ dim = 4, heads = 1, views = 1, samples = 1 }
       local x = fa.randn(1, 1, 2, 2, 4)
+      fails("fa%.nn%.DeformableSDPA:samplingPoints: no forward yet %(call forward first%)",
+            function() m:samplingPoints() end)
       fails("fa%.nn%.DeformableSDPA:backward: expected the input of the last forward %(call forward first%)",
             function() m:backward(x, x) end)
       m:forward(x)

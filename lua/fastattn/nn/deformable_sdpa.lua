@@ -7,6 +7,7 @@
 --   gx = m:backward(x, gy)
 --   y = m:forward{query, key_value}          queries from one tensor, keys and values from another of its size
 --   gq, gkv = unpack(m:backward({query, key_value}, gy))      (also {query = q, key_value = kv})
+--   pts = m:samplingPoints()       the last forward's coordinates (B, V, H*W, V, samples, 2), x first, in [0, 1]
 -- Options: dim (required), views (required), heads = 8, samples = 4, dim_head = dim / heads, height, width
 -- (needed for a (B, V, H*W, dim) input; a 5-d input names them itself and must agree), qkv_bias = false,
 -- scale = dim_head^-1/2, offset_init = 0.5, deterministic = false (fa.deform_sdpa's option).
@@ -256,6 +257,12 @@ function DS:updateOutput(input)
   self._size = { B, H, W }
   self.output = y:view(xq:size())
   return self.output
+end
+
+-- the coordinates of the last forward (a kept buffer: the next forward overwrites it)
+function DS:samplingPoints()
+  if self._coords == nil then E.fail('fa.nn.DeformableSDPA:samplingPoints', 'no forward yet (call forward first)') end
+  return self._coords
 end
 
 ---------------------------------------------------------------------------- backward
