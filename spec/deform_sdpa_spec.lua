@@ -222,6 +222,27 @@ describe('fa.deform_sdpa', function()
     end
   end)
 
+  it('reads strided q, k, v, grad_out and out (last dim contiguous) in place, with the same bits', function()
+    fa.manualSeed(6)
+    local x = inputs({ 2, 2, 3, 4, 3, 2, 5 })
+    -- views of (B, V, L, NH, D) buffers (the projection's layout) and of a wider D
+    local function view(t) return t:transpose(3, 4):contiguous():transpose(3, 4) end
+    local function wide(t)
+      local w = fa.randn(2, 2, 3, 12, 8, 'float64')
+      w:narrow(5, 2, 5):copy(t)
+      return w:narrow(5, 2, 5)
+    end
+    local xs = { q = view(x.q), k = wide(x.k), v = view(x.v), coords = x.coords, W = x.W, H = x.H, scale = x.scale }
+    assert(xs.q:stride(5) == 1 and not xs.q:isContiguous() and not xs.k:isContiguous())
+    local gout = fa.randn(2, 2, 3, 12, 5, 'float64')
+    local out, lse = fa.deform_sdpa(x.q, x.k, x.v, x.coords, x.W, x.H, x.scale)
+    local outs, lses = fa.deform_sdpa(xs.q, xs.k, xs.v, xs.coords, xs.W, xs.H, xs.scale)
+    assert(out:equal(outs) and lse:equal(lses), 'forward')
+    local a = { fa.deform_sdpa_backward(gout, x.q, x.k, x.v, x.coords, x.W, x.H, x.scale, out, lse) }
+    local b = { fa.deform_sdpa_backward(wide(gout), xs.q, xs.k, xs.v, xs.coords, xs.W, xs.H, xs.scale, view(out), lse) }
+    for i, n in ipairs(GRADS) do assert(a[i]:equal(b[i]), n) end
+  end)
+
   it('accepts opts.deterministic on the CPU with the same bits', function()
     local x, gout = small()
     local a, b = backward(x, gout), backward(x, gout, { deterministic = true })
