@@ -20,7 +20,10 @@ static int ds_check(const char *fn, const fa_tensor *q, const fa_tensor *k, cons
     return rc;
   if (W < 1) return fa_error(FA_ERR_ARG, "%s: argument 'W': expected an integer >= 1, got %lld", fn, (long long)W);
   if (H < 1) return fa_error(FA_ERR_ARG, "%s: argument 'H': expected an integer >= 1, got %lld", fn, (long long)H);
-  if (W > (int64_t)1 << 30 || H > (int64_t)1 << 30 || q->shape[3] != W * H)
+  if (W > (int64_t)1 << 30 || H > (int64_t)1 << 30)
+    return fa_error(FA_ERR_ARG, "%s: argument '%s': expected an integer <= 2^30, got %lld", fn, W > (int64_t)1 << 30 ? "W" : "H",
+                    (long long)(W > (int64_t)1 << 30 ? W : H));
+  if (q->shape[3] != W * H)
     return fa_error(FA_ERR_ARG, "%s: argument 'q': expected H*W = %lld rows in dimension 4 (W = %lld, H = %lld), got shape %s",
                     fn, (long long)(W * H), (long long)W, (long long)H, fa_shape_str(q, b1));
   memset(g, 0, sizeof *g);

@@ -64,8 +64,8 @@ local function deform_sdpa(q, k, v, coords, W, H, scale, opts)
   local o = E.opts(fn, 'opts', opts, FWD_OPTS)
   local c = c_opts(fn, o)
   local ok = q:dim() == 5 -- for a q of the wrong rank C reports q before it looks at out and lse
-  local out = o.out ~= nil and E.tensor(fn, 'opts.out', o.out) or like(ok and q:size() or { 0 }, q)
-  local lse = o.lse ~= nil and E.tensor(fn, 'opts.lse', o.lse)
+  local out = E.tensor(fn, 'opts.out', o.out, true) or like(ok and q:size() or { 0 }, q)
+  local lse = E.tensor(fn, 'opts.lse', o.lse, true)
               or like(ok and { q:size(1), q:size(2), q:size(3), q:size(4) } or { 0 }, q, lse_dtype(q))
   E.check(C.fa_deform_sdpa_forward(out.desc, lse.desc, q.desc, k.desc, v.desc, coords.desc, W, H, scale, c), fn, RENAME)
   return out, lse
