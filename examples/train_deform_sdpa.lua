@@ -40,7 +40,7 @@ M.cli = {
   usage = 'bin/fastattn examples/train_deform_sdpa.lua [options]',
   about = 'trains a multi-view denoiser with nn.DeformableSDPA: the reference view of a synthetic textured scene\n' ..
           'is reconstructed from noisy views displaced by unknown per-view fields, against a fixed-coordinate baseline.',
-  footer = '`make demo-deform-sdpa` runs it with the defaults (about a minute on 2 CPU cores).',
+  footer = '`make demo-deform-sdpa` runs it with the defaults (about 40 s on 2 CPU cores: both models).',
   options = {
     opt.steps(400), opt.batch(8, 'samples'), opt.lr(4e-3),
     { 'size', 'int', 16, min = 8, help = 'view side in pixels' },

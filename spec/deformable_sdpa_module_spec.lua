@@ -103,6 +103,10 @@ end
 local CASE = make_case('nn.DeformableSDPA', PARAMS, false, { 'base', 'single', 'far' })
 CASE.gradcheck = { { shape = 'gc_rect', what = 'V 2, S 3, 3x4' }, { shape = 'gc_b2', what = 'B 2, V 3, S 1, dim_head 3' } }
 CASE.threads = { { shape = 'th' }, { shape = 'base' } }
+-- GPU: float32 against the CPU's float64 (TF32 off); |a - ref| <= t (max|ref| + |ref|). Not yet run on a GPU.
+CASE.gpu = { shapes = { { shape = 'th', what = 'B 2, V 3, S 4, 5x7' }, { shape = 'base', what = 'fixture base' } },
+             dtypes = { 'float32' }, variants = { { name = 'default' } } }
+CASE.tol.gpu = { float32 = 1e-4 }
 local KV_CASE = make_case('nn.DeformableSDPA {query, key_value}', PARAMS_BIAS, true, { 'kv' })
 KV_CASE.gradcheck = { { shape = 'gc_kv', what = 'two inputs, q/k/v biases' } }
 
