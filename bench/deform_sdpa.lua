@@ -24,8 +24,8 @@ local bench = require 'bench.lib'
 local opt = bench.args({
   prog = 'bench/deform_sdpa.lua',
   usage = 'bin/fastattn bench/deform_sdpa.lua [--cpu | --check] [options]',
-  about = 'fa.deform_sdpa (fused deformable scaled-dot-product attention) against the PyTorch grid_sample reference and\n' ..
-          'the Triton peer (where importable), on the GPU (needs a CUDA GPU) or, with --cpu, on the CPU.',
+  about = 'fa.deform_sdpa (fused deformable scaled-dot-product attention) against the PyTorch grid_sample\n' ..
+          'reference and the Triton peer (where importable), on the GPU (needs a CUDA GPU) or, with --cpu, on the CPU.',
   footer = 'bench/RESULTS.md has the numbers and what they mean.',
   options = {
     { 'cpu', 'flag', help = 'the CPU comparison (float32, against torch on the CPU) instead of the GPU one' },
@@ -36,7 +36,8 @@ local opt = bench.args({
       help = 'GPU dtypes (the CPU runs float32)' },
     { 'reps', 'int', nil, min = 1, default_text = '15 (GPU), 5 (CPU)', help = 'timed calls (the median is reported)' },
     { 'peer', 'choice', '1', choices = { '0', '1' }, help = 'run the PyTorch and Triton peers (0: skip them)' },
-    { 'python', 'string', nil, meta = 'PATH', default_text = '$PYTHON or python3', help = 'python with torch for the peers' },
+    { 'python', 'string', nil, meta = 'PATH', default_text = '$PYTHON or python3',
+      help = 'python with torch for the peers' },
     { 'out', 'path', nil, help = 'also write the markdown output here' },
     { 'tsv', 'path', nil, help = 'also write the result table as tab-separated text here' },
     { 'threads', 'int', nil, min = 1, default_text = 'all cores', help = 'CPU threads, ours and torch (--cpu)' },
@@ -54,8 +55,8 @@ local result
 local function parse(s)
   local B, V, S, NH, D, Hh, W = s:match('^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)x(%d+)$')
   if not B then
-    io.stderr:write(string.format('bench/deform_sdpa.lua: option --configs: expected B:views:samples:heads:dim_head:HxW, ' ..
-                                  'got "%s"\n', s))
+    io.stderr:write(string.format('bench/deform_sdpa.lua: option --configs: expected ' ..
+                                  'B:views:samples:heads:dim_head:HxW, got "%s"\n', s))
     os.exit(1)
   end
   return { B = tonumber(B), V = tonumber(V), S = tonumber(S), NH = tonumber(NH), D = tonumber(D), H = tonumber(Hh),
@@ -112,7 +113,8 @@ local function run_check()
   local gq, gk, gv, gc = fa.deform_sdpa_backward(x.gout, x.q, x.k, x.v, x.coords, c.W, c.H, scale, out, lse)
   local path = os.tmpname()
   fa.save(path, { q = x.q, k = x.k, v = x.v, coords = x.coords, grad_out = x.gout, out = out, grad_q = gq, grad_k = gk,
-                  grad_v = gv, grad_coords = gc }, { config = cs, W = tostring(c.W), H = tostring(c.H), scale = string.format('%.17g', scale) })
+                  grad_v = gv, grad_coords = gc },
+          { config = cs, W = tostring(c.W), H = tostring(c.H), scale = string.format('%.17g', scale) })
   local recs, info = run_peer('--check ' .. path)
   os.remove(path)
   R:line(string.format('## fa.deform_sdpa against the peers: %s, float64, CPU', cs))

@@ -75,7 +75,9 @@ local function make_case(name, names, two, fixtures)
   local function input(x) return two and { x.x, x.kv } or x.x end
   local C = {
     name = name, convention = false, grads = grads,
-    inputs = function(shape) return CFG[shape][1] and random_inputs(shape, names, two) or (fixture_inputs(shape, names)) end,
+    inputs = function(shape)
+      return CFG[shape][1] and random_inputs(shape, names, two) or (fixture_inputs(shape, names))
+    end,
     forward = function(x) return layer_of(x, names):forward(input(x)):clone() end,
     backward = function(x, gout)
       local m = layer_of(x, names)
@@ -101,7 +103,8 @@ local function make_case(name, names, two, fixtures)
 end
 
 local CASE = make_case('nn.DeformableSDPA', PARAMS, false, { 'base', 'single', 'far' })
-CASE.gradcheck = { { shape = 'gc_rect', what = 'V 2, S 3, 3x4' }, { shape = 'gc_b2', what = 'B 2, V 3, S 1, dim_head 3' } }
+CASE.gradcheck = { { shape = 'gc_rect', what = 'V 2, S 3, 3x4' },
+                   { shape = 'gc_b2', what = 'B 2, V 3, S 1, dim_head 3' } }
 CASE.threads = { { shape = 'th' }, { shape = 'base' } }
 -- GPU: float32 against the CPU's float64 (TF32 off); |a - ref| <= t (max|ref| + |ref|). Not yet run on a GPU.
 CASE.gpu = { shapes = { { shape = 'th', what = 'B 2, V 3, S 4, 5x7' }, { shape = 'base', what = 'fixture base' } },
@@ -264,7 +267,8 @@ describe('nn.DeformableSDPA', function()
       local E = 'fa%.nn%.DeformableSDPA: '
       fails(E .. "argument 'dim': expected an integer >= 1, got nil", function() nn.DeformableSDPA{ views = 2 } end)
       fails(E .. "argument 'views': expected an integer >= 1, got nil", function() nn.DeformableSDPA{ dim = 8 } end)
-      fails(E .. "argument 'views': expected an integer >= 1, got 0", function() nn.DeformableSDPA{ dim = 8, views = 0 } end)
+      fails(E .. "argument 'views': expected an integer >= 1, got 0", function()
+        nn.DeformableSDPA{ dim = 8, views = 0 } end)
       fails(E .. "argument 'samples': expected an integer >= 1, got 1%.5", function()
         nn.DeformableSDPA{ dim = 8, views = 2, samples = 1.5 } end)
       fails(E .. "argument 'dim': expected a multiple of heads = 8 %(or give dim_head%), got 12", function()
@@ -302,7 +306,8 @@ describe('nn.DeformableSDPA', function()
             "3, 12, 8%) %(views, height, width, dim%), got a float64 tensor of size 2x3x4x3x8",
             function() m:forward(c.x:view(2, 3, 4, 3, 8)) end)
       fails("fa%.nn%.DeformableSDPA:forward: argument 'input': expected a tensor of size %(B, 3, 3, 4, 8%) or %(B, " ..
-            "3, 12, 8%) .*got a float64 tensor of size 2x3x11x8", function() m:forward(fa.randn(2, 3, 11, 8, 'float64')) end)
+            "3, 12, 8%) .*got a float64 tensor of size 2x3x11x8",
+            function() m:forward(fa.randn(2, 3, 11, 8, 'float64')) end)
     end)
 
     it('two inputs: {query, key_value} or named; the gradients as a table; errors name the entry', function()
