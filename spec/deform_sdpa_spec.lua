@@ -146,7 +146,7 @@ local CASE = {
                { shape = { 1, 2, 8, 9, 7, 5, 64 }, what = '9x7, 8 heads, D 64' },
                { shape = { 1, 2, 2, 6, 5, 3, 128 }, what = 'D 128' },
                { shape = { 1, 2, 1, 5, 3, 2, 256 }, what = 'D 256' },
-               { shape = { 2, 2, 3, 4, 3, 2, 24 }, what = 'D 24 (float16/bfloat16: no 16-byte vectors)' },
+               { shape = { 2, 2, 3, 4, 3, 2, 20 }, what = 'D 20 (float16/bfloat16: no 16-byte vectors)' },
                { shape = { 1, 1, 1, 1, 1, 3, 4 }, what = '1x1 map' },
                { shape = { 1, 3, 70, 3, 3, 2, 16 }, what = '70 heads (two head tiles: coords partials)' },
                { shape = { 2, 4, 4, 18, 18, 8, 32 }, what = '18x18, 8 samples x 4 views, D 32' },
