@@ -100,10 +100,10 @@ WEAK int fa_cu_cpb_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const 
 }
 WEAK int fa_cu_deform_sdpa_forward(const fa_ds_geom *g, void *out, float *lse, const void *q, const void *k, const void *v,
                                    const float *coords) {
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_deform_sdpa_forward: no CUDA kernel for fa.deform_sdpa in this build");
+  return FA_NO_CUDA("fa_deform_sdpa_forward");
 }
 WEAK int fa_cu_deform_sdpa_backward(const fa_ds_geom *g, void *grad_q, void *grad_k, void *grad_v, float *grad_coords,
                                     const void *grad_out, const void *q, const void *k, const void *v, const float *coords,
                                     const void *out, const float *lse) {
-  return fa_error(FA_ERR_UNSUPPORTED, "fa_deform_sdpa_backward: no CUDA kernel for fa.deform_sdpa in this build");
+  return FA_NO_CUDA("fa_deform_sdpa_backward");
 }
