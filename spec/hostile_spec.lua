@@ -639,6 +639,9 @@ local MODS = {
   { 'MSDeformAttn', 'nn.MSDeformAttn{d_model = 4, n_levels = 2, n_heads = 1, n_points = 1}',
     '{fa.randn(1, 2, 4), fa.rand(1, 2, 2, 2), fa.randn(1, 5, 4), {{2, 2}, {1, 1}}}', 'fa.ones(1, 2, 4)', 70,
     'attention_weights.bias,attention_weights.weight,output_proj.bias,output_proj.weight,sampling_offsets.bias,sampling_offsets.weight,value_proj.bias,value_proj.weight' },
+  { 'DeformableSDPA', 'nn.DeformableSDPA{dim = 4, heads = 2, views = 2, samples = 2}', 'fa.randn(1, 2, 2, 3, 4)',
+    'fa.ones(1, 2, 2, 3, 4)', 3 * 16 + 8 * 5 + 20,
+    'to_k.weight,to_offsets.bias,to_offsets.weight,to_out.bias,to_out.weight,to_q.weight,to_v.weight' },
 }
 local KEYS = 'local k = {}; for n in pairs(m:stateDict()) do k[#k + 1] = n end; table.sort(k); return table.concat(k, ",")'
 for _, d in ipairs(MODS) do
