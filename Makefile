@@ -38,7 +38,7 @@ LIB := build/libfastattn.so
 BUSTED := busted
 DEPS_PKGS := luajit libluajit-5.1-dev lua-busted libopenblas-dev rlwrap
 
-.PHONY: all deps test test-gpu sanitize demo demo-convnet demo-triangle demo-deform2d bench bench-cpu repl install clean fixtures
+.PHONY: all deps test test-gpu sanitize demo demo-convnet demo-triangle demo-deform2d demo-deform-sdpa bench bench-cpu repl install clean fixtures
 all: $(LIB)
 
 # build/fa_cuda.0 or .1 records the last choice, so switching FA_CUDA relinks the library
@@ -118,16 +118,22 @@ demo-deform2d: deps
 	$(MAKE) -j$(NPROC) all
 	bin/fastattn examples/train_deform2d.lua
 
+demo-deform-sdpa: deps
+	$(MAKE) -j$(NPROC) all
+	bin/fastattn examples/train_deform_sdpa.lua
+
 # CPU benchmark against PyTorch on the CPU (same threads)
 bench-cpu: $(LIB)
 	bin/fastattn bench/cpu.lua
 
-# GPU benchmarks (on the GPU machine): core ops, MSDA and triangle attention, each with its peers in the same run
+# GPU benchmarks (on the GPU machine): core ops, MSDA, triangle attention, DeformableAttention2D and the fused
+# deformable SDPA, each with its peers in the same run
 bench: $(LIB)
 	bin/fastattn bench/gpu.lua
 	bin/fastattn bench/msda.lua
 	bin/fastattn bench/triangle_attention.lua
 	bin/fastattn bench/deformable_attention2d.lua
+	bin/fastattn bench/deform_sdpa.lua
 
 repl: deps $(LIB)
 	bin/fastattn

@@ -4,6 +4,7 @@
 #include "msda.h"
 #include "attention.h"
 #include "cpb.h"
+#include "deform_sdpa.h"
 
 #define FA_NO_CUDA(fn) fa_error(FA_ERR_UNSUPPORTED, "%s: this fastattn was built without CUDA (rebuild where nvcc is found, without FA_CUDA=0)", fn)
 #define WEAK __attribute__((weak))
@@ -96,4 +97,13 @@ WEAK int fa_cuda_event_elapsed(float *ms, void *start, void *end) { return FA_NO
 WEAK int fa_cu_cpb_forward(const fa_cpb_geom *g, float *out, const fa_cpb_in *in) { return FA_NO_CUDA("fa_cpb_forward"); }
 WEAK int fa_cu_cpb_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in) {
   return FA_NO_CUDA("fa_cpb_backward");
+}
+WEAK int fa_cu_deform_sdpa_forward(const fa_ds_geom *g, void *out, float *lse, const void *q, const void *k, const void *v,
+                                   const float *coords) {
+  return FA_NO_CUDA("fa_deform_sdpa_forward");
+}
+WEAK int fa_cu_deform_sdpa_backward(const fa_ds_geom *g, void *grad_q, void *grad_k, void *grad_v, float *grad_coords,
+                                    const void *grad_out, const void *q, const void *k, const void *v, const float *coords,
+                                    const void *out, const float *lse) {
+  return FA_NO_CUDA("fa_deform_sdpa_backward");
 }

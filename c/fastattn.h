@@ -273,6 +273,26 @@ int fa_cpb_backward(fa_tensor *grad_kpos, fa_tensor *grad_w1, fa_tensor *grad_b1
                     const fa_tensor *kpos, const fa_tensor *w1, const fa_tensor *b1, const fa_tensor *w2,
                     const fa_tensor *b2, const fa_tensor *w3, const fa_tensor *b3, const fa_cpb_opts *opts);
 
+/* ---------------------------------------------------------------- fused deformable SDPA (fa.deform_sdpa) */
+/* A zeroed struct (or NULL) is the default. */
+typedef struct fa_deform_sdpa_opts {
+  int32_t deterministic;  /* GPU backward bit-identical run to run (the CPU always is, for any thread count) */
+} fa_deform_sdpa_opts;
+/* q, k, v (B, V, heads, H*W, D) (row-major pixels), coords (B, V, H*W, V, S, 2) in [0, 1], x first: query
+ * (b, v1, h, l) attends to the keys and values of every view v2 sampled at coords[b, v1, l, v2, s] as
+ * F.grid_sample(map, 2 coords - 1, mode='bilinear', padding_mode='zeros', align_corners=True) (taps outside read
+ * 0; a point wholly outside gives key 0 and value 0, still a softmax term): out = softmax(scale q.k) v (B, V,
+ * heads, H*W, D), lse (B, V, heads, H*W) float32 (float64 for float64 inputs). W, H >= 1. q, k, v, grad_out
+ * and out may be strided views; coords is copied when not contiguous; results are contiguous. CPU: float32 or
+ * float64 throughout. CUDA: q, k, v in float32, bfloat16 or float16, coords float32. Backward: grad_q/k/v like
+ * q/k/v, grad_coords like coords, overwritten; NULL = not wanted. */
+int fa_deform_sdpa_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, const fa_tensor *k, const fa_tensor *v,
+                           const fa_tensor *coords, int64_t W, int64_t H, double scale, const fa_deform_sdpa_opts *opts);
+int fa_deform_sdpa_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_v, fa_tensor *grad_coords,
+                            const fa_tensor *grad_out, const fa_tensor *q, const fa_tensor *k, const fa_tensor *v,
+                            const fa_tensor *coords, int64_t W, int64_t H, double scale, const fa_tensor *out,
+                            const fa_tensor *lse, const fa_deform_sdpa_opts *opts);
+
 /* ---------------------------------------------------------------- CUDA runtime */
 /* All of these exist in a build without CUDA: they report no device (count 0) or return FA_ERR_UNSUPPORTED. */
 int fa_cuda_device_count(void);

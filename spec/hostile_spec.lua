@@ -639,6 +639,9 @@ local MODS = {
   { 'MSDeformAttn', 'nn.MSDeformAttn{d_model = 4, n_levels = 2, n_heads = 1, n_points = 1}',
     '{fa.randn(1, 2, 4), fa.rand(1, 2, 2, 2), fa.randn(1, 5, 4), {{2, 2}, {1, 1}}}', 'fa.ones(1, 2, 4)', 70,
     'attention_weights.bias,attention_weights.weight,output_proj.bias,output_proj.weight,sampling_offsets.bias,sampling_offsets.weight,value_proj.bias,value_proj.weight' },
+  { 'DeformableSDPA', 'nn.DeformableSDPA{dim = 4, heads = 2, views = 2, samples = 2}', 'fa.randn(1, 2, 2, 3, 4)',
+    'fa.ones(1, 2, 2, 3, 4)', 3 * 16 + 8 * 5 + 20,
+    'to_k.weight,to_offsets.bias,to_offsets.weight,to_out.bias,to_out.weight,to_q.weight,to_v.weight' },
 }
 local KEYS = 'local k = {}; for n in pairs(m:stateDict()) do k[#k + 1] = n end; table.sort(k); return table.concat(k, ",")'
 for _, d in ipairs(MODS) do
@@ -892,6 +895,42 @@ E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_w2 = fa.zeros(5,
 E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_kpos = k})", 'fa.cpb_backward', A('grad_kpos'), OVERLAP)
 E(CB .. "fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3, {grad_qpos = false})", 'fa.cpb_backward', 'unknown option "grad_qpos"')
 OK(CB .. "local gk = fa.cpb_backward(g, q, k, w1, b1, w2, b2, w3, b3); return table.concat(gk:size(), 'x')", '2x4x2')
+
+---------------------------------------------------------------------------- deform_sdpa
+AREA 'deform_sdpa'
+local DI = "local q, k, v, c = fa.randn(1, 2, 2, 6, 4), fa.randn(1, 2, 2, 6, 4), fa.randn(1, 2, 2, 6, 4), " ..
+           "fa.rand(1, 2, 6, 2, 3, 2); "
+E(DI .. "fa.deform_sdpa('q', k, v, c, 3, 2, 0.5)", 'fa.deform_sdpa', A('q', '"q"'))
+E(DI .. "fa.deform_sdpa(q, k, v, nil, 3, 2, 0.5)", 'fa.deform_sdpa', A('coords', 'nil'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3.5, 2, 0.5)", 'fa.deform_sdpa', A('W', '3%.5'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, nan, 0.5)", 'fa.deform_sdpa', A('H', 'nan'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2)", 'fa.deform_sdpa', A('scale', 'nil'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, nan)", 'fa.deform_sdpa', A('scale', 'nan'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, inf)", 'fa.deform_sdpa', A('scale', 'inf'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 2, 2, 0.5)", 'fa.deform_sdpa', A('q', '1x2x2x6x4'))
+E(DI .. "fa.deform_sdpa(q:view(2, 2, 6, 4), k, v, c, 3, 2, 0.5)", 'fa.deform_sdpa', A('q', '4%-D'))
+E(DI .. "fa.deform_sdpa(q, k:double(), v, c, 3, 2, 0.5)", 'fa.deform_sdpa', A('k', 'float64'))
+E(DI .. "fa.deform_sdpa(q, k, v:narrow(5, 1, 3), c, 3, 2, 0.5)", 'fa.deform_sdpa', A('v', '1x2x2x6x3'))
+E(DI .. "fa.deform_sdpa(q, k, v, c:narrow(6, 1, 1), 3, 2, 0.5)", 'fa.deform_sdpa', A('coords', '1x2x6x2x3x1'))
+E(DI .. "fa.deform_sdpa(q, k, v, c:double(), 3, 2, 0.5)", 'fa.deform_sdpa', A('coords', 'float64'))
+E(DI .. "fa.deform_sdpa(q:int(), k:int(), v:int(), c, 3, 2, 0.5)", 'fa.deform_sdpa', A('q', 'int32'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, 0.5, 'x')", 'fa.deform_sdpa', A('opts', '"x"'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, 0.5, {determinstic = true})", 'fa.deform_sdpa', 'unknown option "determinstic"')
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, 0.5, {out = fa.zeros(1, 2, 2, 6, 1):expand(1, 2, 2, 6, 4)})", 'fa.deform_sdpa', A('out'))
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, 0.5, {out = k})", 'fa.deform_sdpa', A('out'), OVERLAP)
+E(DI .. "fa.deform_sdpa(q, k, v, c, 3, 2, 0.5, {}, {})", 'fa.deform_sdpa', 'argument #9')
+OK(DI .. "local o, l = fa.deform_sdpa(q, k, v, c, 3, 2, 0.5); return table.concat(o:size(), 'x') .. ' ' .. table.concat(l:size(), 'x')", '1x2x2x6x4 1x2x2x6')
+OK(DI .. "local o = fa.deform_sdpa(q, k, v, c:narrow(5, 1, 0), 3, 2, 0.5); return o:abs():max()", '0')
+OK(DI .. "local qt = fa.randn(1, 2, 2, 4, 6):transpose(4, 5); return fa.deform_sdpa(qt, k, v, c, 3, 2, 0.5):equal((fa.deform_sdpa(qt:contiguous(), k, v, c, 3, 2, 0.5)))", 'true')
+local DB = DI .. "local o, l = fa.deform_sdpa(q, k, v, c, 3, 2, 0.5); local g = fa.randn(1, 2, 2, 6, 4); "
+E(DB .. "fa.deform_sdpa_backward(g:double(), q, k, v, c, 3, 2, 0.5, o, l)", 'fa.deform_sdpa_backward', A('grad_out', 'float64'))
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l:double())", 'fa.deform_sdpa_backward', A('lse', 'float64'))
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o)", 'fa.deform_sdpa_backward', A('lse', 'nil'))
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l, {grad_coords = 'x'})", 'fa.deform_sdpa_backward', A('grad_coords', '"x"'))
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l, {grad_coords = c})", 'fa.deform_sdpa_backward', A('grad_coords'), OVERLAP)
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l, {grad_k = fa.zeros(1, 2, 2, 6, 1):expand(1, 2, 2, 6, 4)})", 'fa.deform_sdpa_backward', A('grad_k'))
+E(DB .. "fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l, {lse = l})", 'fa.deform_sdpa_backward', 'unknown option "lse"')
+OK(DB .. "local gq, gk, gv, gc = fa.deform_sdpa_backward(g, q, k, v, c, 3, 2, 0.5, o, l, {grad_q = false}); return tostring(gq) .. ' ' .. table.concat(gc:size(), 'x')", 'nil 1x2x6x2x3x2')
 
 ---------------------------------------------------------------------------- global state, fa.util, fa.cuda
 AREA 'global'

@@ -73,6 +73,7 @@ setmetatable(fa, {
                    attention = 'fastattn.attention', attention_backward = 'fastattn.attention',
                    triangle_attention = 'fastattn.attention', triangle_attention_backward = 'fastattn.attention',
                    cpb = 'fastattn.cpb', cpb_backward = 'fastattn.cpb',
+                   deform_sdpa = 'fastattn.deform_sdpa', deform_sdpa_backward = 'fastattn.deform_sdpa',
                    util = 'fastattn.util' }
     if mods[k] then
       local m = require(mods[k])

@@ -34,6 +34,7 @@ local MODULES = {
   MSDeformAttn = 'msdeformattn',
   TriangleAttention = 'triangle_attention',
   DeformableAttention2D = 'deformable_attention2d',
+  DeformableSDPA = 'deformable_sdpa',
 }
 nn._MODULES = MODULES
 

@@ -1,0 +1,226 @@
+"""The peers of fa.deform_sdpa, timed on the shapes of bench/deform_sdpa.lua.
+
+  python3 bench/peers/deform_sdpa_torch.py --device cuda --configs 2:8:32:8:32:18x18 --dtypes float32,bfloat16
+  python3 bench/peers/deform_sdpa_torch.py --device cpu --threads 2 --configs 1:4:8:4:32:12x12 --dtypes float32
+  python3 bench/peers/deform_sdpa_torch.py --check FILE   (FILE: a safetensors file written by the bench's --check)
+
+A config is B:views:samples:heads:dim_head:HxW (q, k, v (B, V, heads, H*W, D), coords (B, V, H*W, V, S, 2) uniform
+in [0, 1], scale dim_head^-1/2).
+Implementations (--impls):
+  torch   F.grid_sample(map, 2 coords - 1, mode='bilinear', padding_mode='zeros', align_corners=True) per view (the
+          heads packed as channels: one grid for all heads), then softmax(scale q.k) v over the V*S sampled keys
+          (the formulation of the issue and of the Triton peer's ops/torch.py); the sampled keys and values
+          (B, V, heads, H*W, V*S, D) are materialised; always available. fwd+bwd: gradients of q, k, v and coords.
+  triton  the fused deformable SDPA in Triton (Alexander0Yang/fused-deform-multi-head-scaled-dot-product-attention-
+          triton: `from ops.triton import deform_sdpa_triton`), where importable from the PYTHONPATH (e.g.
+          PYTHONPATH=.peers/fused-deform-sdpa); CUDA only. It has no coordinates' gradient: its fwd+bwd gives q, k, v.
+fwd = forward under no_grad; fwdbwd = forward + backward of a fixed random output gradient. CUDA: CUDA events around
+each call, a 256 MB buffer write before each (flushes the L2), 3 warm-up calls, the lower median of --reps calls;
+extra memory = peak allocation above the inputs (q, k, v, coords, output gradient), outputs and gradients included.
+CPU: wall clock, the smallest of --rounds lower medians. 16-bit dtypes: q, k, v (and the grid handed to
+grid_sample, which must match) in that dtype; coords float32.
+Prints one JSON object per line: {"impl": "info", ...} and per case {"impl", "config", "dtype", "fwd_ms",
+"fwdbwd_ms", "extra_mb_fwd", "extra_mb_fwdbwd"} or "error_fwd" / "error_fwdbwd"; with --check
+{"impl": "check", "peer", "max_abs_diff", "max_abs"} per peer and result.
+"""
+import argparse
+import json
+import struct
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def deform_sdpa_torch(q, k, v, coords, W, H, scale):
+    """q, k, v (B, V, NH, L, D), coords (B, V, L, V, S, 2) in [0, 1] -> out (B, V, NH, L, D)"""
+    B, V, NH, L, D = q.shape
+    S = coords.shape[4]
+    grid_all = (2 * coords - 1).to(q.dtype)
+
+    def sample(x):  # -> (B, V1, NH, L, V2*S, D)
+        maps = x.reshape(B, V, NH, H, W, D).permute(0, 1, 2, 5, 3, 4)  # (B, V2, NH, D, H, W)
+        per_view = []
+        for v2 in range(V):
+            m = maps[:, v2].reshape(B, NH * D, H, W)
+            grid = grid_all[:, :, :, v2].reshape(B, V * L, S, 2)
+            s = F.grid_sample(m, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
+            per_view.append(s.reshape(B, NH, D, V, L, S))
+        s = torch.stack(per_view, dim=5)  # (B, NH, D, V1, L, V2, S)
+        return s.permute(0, 3, 1, 4, 5, 6, 2).reshape(B, V, NH, L, V * S, D)
+
+    ks, vs = sample(k), sample(v)
+    scores = scale * torch.einsum('bvhld,bvhlnd->bvhln', q, ks)
+    if q.dtype in (torch.bfloat16, torch.float16):  # the softmax in float32, as an attention kernel keeps it
+        scores = scores.float()
+    return torch.einsum('bvhln,bvhlnd->bvhld', torch.softmax(scores, dim=-1).to(q.dtype), vs)
+
+
+def triton_peer():
+    try:
+        from ops.triton import deform_sdpa_triton
+        return deform_sdpa_triton, None
+    except Exception as e:  # noqa: BLE001
+        return None, 'unavailable (%s: %s)' % (type(e).__name__, (str(e).splitlines() or [''])[0][:100])
+
+
+def parse_config(s):
+    B, V, S, NH, D, hw = s.split(':')
+    H, W = (int(x) for x in hw.split('x'))
+    return int(B), int(V), int(S), int(NH), int(D), H, W
+
+
+def timer(device, reps, rounds):
+    if device == 'cuda':
+        flush = torch.empty(64 * 1024 * 1024, device='cuda')
+        e0 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        e1 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+
+        def t(fn):
+            for _ in range(3):
+                fn()
+            for r in range(reps):
+                flush.fill_(r)
+                e0[r].record()
+                fn()
+                e1[r].record()
+            torch.cuda.synchronize()
+            ts = sorted(e0[r].elapsed_time(e1[r]) for r in range(reps))
+            return ts[(len(ts) - 1) // 2]
+        return t
+
+    def t(fn):
+        fn()
+        best = float('inf')
+        for _ in range(rounds):
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            ts.sort()
+            best = min(best, ts[(len(ts) - 1) // 2])
+        return best
+    return t
+
+
+def extra_memory(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    keep = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del keep
+    return peak / 1e6
+
+
+def read_safetensors(path):
+    with open(path, 'rb') as f:
+        n = struct.unpack('<Q', f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    dts = {'F32': np.float32, 'F64': np.float64}
+    out = {}
+    for k, v in header.items():
+        if k == '__metadata__':
+            continue
+        a, b = v['data_offsets']
+        out[k] = torch.from_numpy(np.frombuffer(data[a:b], dtype=dts[v['dtype']]).reshape(v['shape']).copy())
+    return out, header.get('__metadata__', {})
+
+
+def check(path):
+    """our output and gradients (float64, CPU) against the torch formulation; the Triton peer needs CUDA"""
+    t, meta = read_safetensors(path)
+    W, H, scale = int(meta['W']), int(meta['H']), float(meta['scale'])
+    x = [t[n].clone().requires_grad_(True) for n in ('q', 'k', 'v', 'coords')]
+    out = deform_sdpa_torch(*x, W, H, scale)
+    grads = torch.autograd.grad(out, x, t['grad_out'])
+    for name, got, want in [('out', out, t['out'])] + [('grad_' + n, g, t['grad_' + n])
+                                                       for n, g in zip(('q', 'k', 'v', 'coords'), grads)]:
+        print(json.dumps({'impl': 'check', 'peer': 'torch', 'result': name,
+                          'max_abs_diff': (got - want).abs().max().item(), 'max_abs': want.abs().max().item()}))
+    fn, why = triton_peer()
+    if fn is None or not torch.cuda.is_available():
+        print(json.dumps({'impl': 'check', 'peer': 'triton', 'error': why or 'unavailable (no CUDA device)'}))
+        return
+    xs = [t[n].float().cuda() for n in ('q', 'k', 'v', 'coords')]
+    y = fn(*xs, W, H, scale).double().cpu()
+    print(json.dumps({'impl': 'check', 'peer': 'triton', 'result': 'out (float32)',
+                      'max_abs_diff': (y - t['out']).abs().max().item(), 'max_abs': t['out'].abs().max().item()}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--device', default='cuda')
+    ap.add_argument('--configs', default='2:8:32:8:32:18x18')
+    ap.add_argument('--dtypes', default='float32')
+    ap.add_argument('--impls', default='torch,triton')
+    ap.add_argument('--reps', type=int, default=15)
+    ap.add_argument('--rounds', type=int, default=3)
+    ap.add_argument('--threads', type=int, default=0)
+    ap.add_argument('--check', default='')
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    info = {'impl': 'info', 'torch': torch.__version__, 'device': 'cpu' if a.check else a.device,
+            'threads': torch.get_num_threads()}
+    fn_triton, why = triton_peer()
+    info['triton'] = why or 'available'
+    if a.device == 'cuda' and not a.check:
+        info['gpu'] = torch.cuda.get_device_name()
+    print(json.dumps(info), flush=True)
+    if a.check:
+        check(a.check)
+        return
+    t = timer(a.device, a.reps, a.rounds)
+    for cs in a.configs.split(','):
+        B, V, S, NH, D, H, W = parse_config(cs)
+        L, scale = H * W, D ** -0.5
+        for dt in a.dtypes.split(','):
+            dtype = getattr(torch, dt)
+            for impl in a.impls.split(','):
+                r = {'impl': impl, 'config': cs, 'dtype': dt}
+                try:
+                    if impl == 'triton':
+                        if fn_triton is None:
+                            raise RuntimeError(why)
+                        if a.device != 'cuda':
+                            raise RuntimeError('n/a (CUDA only)')
+                    torch.manual_seed(0)
+                    q, k, v = (torch.randn(B, V, NH, L, D, device=a.device).to(dtype).requires_grad_(True)
+                               for _ in range(3))
+                    coords = torch.rand(B, V, L, V, S, 2, device=a.device, requires_grad=impl == 'torch')
+                    go = torch.randn(B, V, NH, L, D, device=a.device).to(dtype)
+                    wrt = [q, k, v] + ([coords] if impl == 'torch' else [])
+                    f = deform_sdpa_torch if impl == 'torch' else fn_triton
+                except Exception as e:  # noqa: BLE001
+                    r['error_fwd'] = r['error_fwdbwd'] = (str(e).splitlines() or [''])[0][:160]
+                    print(json.dumps(r), flush=True)
+                    continue
+
+                def fwd():
+                    with torch.no_grad():
+                        return f(q, k, v, coords, W, H, scale)
+
+                def fb():
+                    return torch.autograd.grad(f(q, k, v, coords, W, H, scale), wrt, go)
+                for phase, fn in (('fwd', fwd), ('fwdbwd', fb)):
+                    try:
+                        r[phase + '_ms'] = t(fn)
+                        if a.device == 'cuda':
+                            r['extra_mb_' + phase] = extra_memory(fn)
+                    except Exception as e:  # noqa: BLE001
+                        msg = str(e)
+                        r['error_' + phase] = 'OOM' if 'out of memory' in msg else (msg.splitlines() or [''])[0][:160]
+                    if a.device == 'cuda':
+                        torch.cuda.empty_cache()
+                print(json.dumps(r), flush=True)
+                del q, k, v, coords, go, wrt
+
+
+if __name__ == '__main__':
+    main()

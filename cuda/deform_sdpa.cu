@@ -1,0 +1,689 @@
+// deform_sdpa.cu: fused deformable scaled-dot-product attention on the GPU (fa.deform_sdpa, c/deform_sdpa.h).
+//
+// q, k, v, grad_out, out (B, V, NH, L, D) T through the strides of the geometry (last dim contiguous), coords
+// (B, V, L, V, S, 2) float32 dense, lse float32 (B, V, NH, L); T = float32, bfloat16 or float16, arithmetic
+// float32. Sampling rules of cuda/bilinear.cuh (grid_sample, align_corners=True, padding 'zeros').
+//
+// Layout of the work: a "group" of TPG lanes owns one (query position, head), NC * VEC channels per lane (16-byte
+// loads where D, the pointers and the strides allow, else 1 channel per load). A block takes QT query positions
+// of one (b, v1) and HT heads; the V*S samples go in rounds of SC: the block computes each sample's footprint
+// (cell, tap mask, 4 bilinear weights: the coordinates do not depend on the head) once into shared memory, and
+// every head's group reads it from there. Per sample a group loads the taps inside the image (a tap outside
+// reads 0; a sample with no tap inside is key 0 / value 0, still a softmax term), blends, reduces q.k over its
+// lanes (xor shuffles: every lane holds the same bits) and runs the exp2-domain online softmax of cuda/attn.cuh.
+//
+// Backward: P = exp2(scale2 s - lse2) recomputed, delta = <grad_out, out> per row. bwd_kernel (the forward's
+// layout) gives grad_q (its own row: no atomics) and the coordinates' gradient: each group reduces its per-tap
+// dot products into d/du, d/dv of the sample, the block sums them over its heads in head order through shared
+// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel). grad_k/grad_v:
+//   fast: the same kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
+//     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
+//   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
+//     its cell on the (H+1)x(W+1) grid of (b, v2) (head-independent: one sort for all heads), a stable CUB radix
+//     sort groups the samples by cell in sample order, and gather_kernel takes one grad_k/grad_v row (b, v2, h,
+//     pixel) per group and sums over the samples of the 4 cells around the pixel in that fixed order: each row
+//     written once, in the dtype, no atomics, bit-identical run to run.
+#include "dense.cuh"
+#include "bilinear.cuh"
+#include "attn.cuh"
+#include "deform_sdpa.h"
+#include <cub/cub.cuh>
+
+namespace {
+
+constexpr unsigned FULL = 0xffffffffu;
+constexpr int SC = 32;  // samples per round (footprints in shared memory)
+
+struct Params {
+  int B, V, NH, L, D, W, H, S, VS;
+  int QT, HT, nht, ltiles;  // query positions and heads per block, head tiles, query tiles per (b, v1)
+  float scale, scale2;      // scale, scale * log2 e
+  int64_t qb, qv, qh, ql, kb, kv, kh, kl, vb, vv, vh, vl, gb, gv, gh, gl, ob, ov, oh, ol;
+  int Sx;                   // (H+1)*(W+1): the cell grid of one (b, v2)
+};
+
+// the footprint of a sample: top-left tap pixel y0*W + x0 (may be outside), mask | v2 << 4 (bit k: tap k
+// inside; taps (y0,x0), (y0,x0+1), (y0+1,x0), (y0+1,x0+1)), fractions, weights (0 for taps outside)
+struct Foot {
+  int pix, mv;
+  float fx, fy;
+  float w[4];
+};
+
+// (x0, y0): the cell, for the sort by cell (meaningful when a tap is inside)
+__device__ __forceinline__ void footprint(const Params &p, const float *c, int v2, Foot &f, int &x0, int &y0) {
+  // u = cx * (W - 1): ((2 cx - 1) + 1) (W - 1) / 2 of grid_sample with one rounding (the CPU's double)
+  const float u = __fmul_rn(c[0], (float)(p.W - 1)), v = __fmul_rn(c[1], (float)(p.H - 1));
+  f.pix = 0;
+  f.mv = v2 << 4;
+  f.fx = f.fy = 0.f;
+  f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+  x0 = y0 = 0;
+  if (!fa_bl_near(u, v, (int64_t)p.H, (int64_t)p.W)) return;  // NaN too
+  fa_bl_cell(u, v, x0, y0, f.fx, f.fy);
+  if (!fa_bl_cell_near(x0, y0, p.H, p.W)) return;
+  bool vx0, vx1, vy0, vy1;
+  fa_bl_inside(x0, y0, p.H, p.W, vx0, vx1, vy0, vy1);
+  const unsigned m = fa_bl_mask(vx0, vx1, vy0, vy1);
+  const float hx = fa_bl_comp(f.fx), hy = fa_bl_comp(f.fy);
+  f.pix = y0 * p.W + x0;
+  f.mv |= (int)m;
+  f.w[0] = (m & 1u) ? fa_bl_weight<0>(f.fx, f.fy, hx, hy) : 0.f;
+  f.w[1] = (m & 2u) ? fa_bl_weight<1>(f.fx, f.fy, hx, hy) : 0.f;
+  f.w[2] = (m & 4u) ? fa_bl_weight<2>(f.fx, f.fy, hx, hy) : 0.f;
+  f.w[3] = (m & 8u) ? fa_bl_weight<3>(f.fx, f.fy, hx, hy) : 0.f;
+}
+
+template <int TPG> __device__ __forceinline__ float gsum(float x) {
+#pragma unroll
+  for (int o = TPG / 2; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o, TPG);
+  return x;
+}
+
+// VEC channels at p (VEC = 1: a plain load)
+template <typename T, int VEC> __device__ __forceinline__ void ld(float (&f)[VEC], const T *p) {
+  if constexpr (VEC == 1) f[0] = fa_to_f<T>(*p);
+  else load_vec<T, VEC>(f, p);
+}
+template <typename T, int VEC> __device__ __forceinline__ void st(T *p, const float (&f)[VEC]) {
+  if constexpr (VEC == 1) *p = fa_from_f<T>(f[0]);
+  else store_vec<T, VEC>(p, f);
+}
+
+// p[0 .. VEC) += f (float32 buffer). sm_90 has vector reductions: one instruction per 4 floats.
+template <int VEC> __device__ __forceinline__ void red_add(float *p, const float (&f)[VEC]) {
+#if __CUDA_ARCH__ >= 900
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4)
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + i), "f"(f[i]), "f"(f[i + 1]),
+                   "f"(f[i + 2]), "f"(f[i + 3]) : "memory");
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i++) atomicAdd(p + i, f[i]);
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < VEC; i++) atomicAdd(p + i, f[i]);
+#endif
+}
+
+// The block's place: (b, v1, query tile) from blockIdx.x, head tile from blockIdx.y; the group (qt, hh) of this
+// thread, clamped into range for idle groups (they run along for the shuffles and write nothing).
+struct Place {
+  int b, v1, l0, qt, h, l, lane;
+  bool active;
+};
+template <int TPG> __device__ __forceinline__ Place place(const Params &p) {
+  Place w;
+  const int t = blockIdx.x % p.ltiles, bv = blockIdx.x / p.ltiles;
+  w.b = bv / p.V;
+  w.v1 = bv % p.V;
+  w.l0 = t * p.QT;
+  w.lane = threadIdx.x % TPG;
+  const int grp = threadIdx.x / TPG;
+  int qt = grp / p.HT, hh = grp % p.HT;
+  const int h = blockIdx.y * p.HT + hh, l = w.l0 + qt;
+  w.active = qt < p.QT && h < p.NH && l < p.L;
+  w.qt = qt < p.QT ? qt : 0;
+  w.h = h < p.NH ? h : p.NH - 1;
+  w.l = w.l0 + w.qt < p.L ? w.l0 + w.qt : p.L - 1;
+  if (!w.active) w.qt = w.l - w.l0;
+  return w;
+}
+
+// footprints of samples [n0, n0 + SC) of the block's query positions into fs[qt * SC + j]
+__device__ __forceinline__ void stage_feet(const Params &p, Foot *fs, const float *coords, int b, int v1, int l0,
+                                           int n0) {
+  const int nq = min(p.QT, p.L - l0);
+  for (int i = threadIdx.x; i < nq * SC; i += blockDim.x) {
+    const int qt = i / SC, j = i % SC, n = n0 + j;
+    if (n >= p.VS) continue;
+    const int64_t e = (((int64_t)b * p.V + v1) * p.L + l0 + qt) * p.VS + n;
+    int x0, y0;
+    footprint(p, coords + 2 * e, n / p.S, fs[i], x0, y0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict__ q,
+                                                  const T *__restrict__ k, const T *__restrict__ v,
+                                                  const float *__restrict__ coords, const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  Foot *fs = (Foot *)smem4;
+  const Place w = place<TPG>(p);
+  float qr[NC][VEC], acc[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + w.lane) * VEC;
+    ch[c] = d < p.D;
+    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = 0.f;
+      acc[c][e] = 0.f;
+    }
+  }
+  const T *kbase = k + w.b * p.kb + w.h * p.kh, *vbase = v + w.b * p.vb + w.h * p.vh;
+  float m = -INFINITY, lsum = 0.f;
+  for (int n0 = 0; n0 < p.VS; n0 += SC) {
+    __syncthreads();
+    stage_feet(p, fs, coords, w.b, w.v1, w.l0, n0);
+    __syncthreads();
+    const int nj = min(SC, p.VS - n0);
+    for (int j = 0; j < nj; j++) {
+      const float4 *fp = (const float4 *)&fs[w.qt * SC + j];
+      const float4 a = fp[0], wt = fp[1];
+      const int pix = __float_as_int(a.x), mv = __float_as_int(a.y);
+      const float wk[4] = {wt.x, wt.y, wt.z, wt.w};
+      const int v2 = mv >> 4;
+      const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
+      const T *kr = kbase + v2 * p.kv, *vr = vbase + v2 * p.vv;
+      float ks[NC][VEC], vs[NC][VEC];
+      float part = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; c++) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) ks[c][e] = vs[c][e] = 0.f;
+        if (!ch[c]) continue;
+        const int d = (c * TPG + w.lane) * VEC;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1)) continue;
+          float x[VEC], y[VEC];
+          ld<T, VEC>(x, kr + off[t] * p.kl + d);
+          ld<T, VEC>(y, vr + off[t] * p.vl + d);
+#pragma unroll
+          for (int e = 0; e < VEC; e++) {
+            ks[c][e] = fmaf(wk[t], x[e], ks[c][e]);
+            vs[c][e] = fmaf(wk[t], y[e], vs[c][e]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks[c][e], part);
+      }
+      const float s2 = gsum<TPG>(part) * p.scale2;
+      const float alpha = fa_attn_rescale(m, s2);
+      const float pe = fa_attn_exp(s2, m);
+      lsum = lsum * alpha + pe;
+#pragma unroll
+      for (int c = 0; c < NC; c++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs[c][e], acc[c][e] * alpha);
+    }
+  }
+  if (!w.active) return;
+  const int64_t row = (((int64_t)w.b * p.V + w.v1) * p.NH + w.h) * p.L + w.l;
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
+    st<T, VEC>(out + row * p.D + (c * TPG + w.lane) * VEC, o);
+  }
+  if (w.lane == 0) lse[row] = fa_attn_lse(m, lsum);
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+// grad_q (gq, when wanted), the coordinates' gradient (gc: grad_coords or the head tile's partials, when wanted),
+// and grad_k / grad_v: scattered with atomics into gk32 / gv32 (when not NULL), or (P, dS) recorded into pd
+// (deterministic; when not NULL)
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__restrict__ gc, float *__restrict__ gk32,
+                                                  float *__restrict__ gv32, float2 *__restrict__ pd,
+                                                  const T *__restrict__ go, const T *__restrict__ q,
+                                                  const T *__restrict__ k, const T *__restrict__ v,
+                                                  const float *__restrict__ coords, const T *__restrict__ o,
+                                                  const float *__restrict__ lse, const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  Foot *fs = (Foot *)smem4;
+  float2 *gcs = (float2 *)(fs + p.QT * SC);  // [qt][hh][j]
+  const Place w = place<TPG>(p);
+  const int hh = w.h - blockIdx.y * p.HT;
+  float qr[NC][VEC], gr[NC][VEC], dq[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql;
+  const T *grow = go + w.b * p.gb + w.v1 * p.gv + w.h * p.gh + w.l * p.gl;
+  const T *orow = o + w.b * p.ob + w.v1 * p.ov + w.h * p.oh + w.l * p.ol;
+  float dpart = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + w.lane) * VEC;
+    ch[c] = d < p.D;
+    float y[VEC];
+    if (ch[c]) {
+      ld<T, VEC>(qr[c], qrow + d);
+      ld<T, VEC>(gr[c], grow + d);
+      ld<T, VEC>(y, orow + d);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
+      dq[c][e] = 0.f;
+      dpart = fmaf(gr[c][e], y[e], dpart);
+    }
+  }
+  const float delta = gsum<TPG>(dpart);
+  const int64_t row = (((int64_t)w.b * p.V + w.v1) * p.NH + w.h) * p.L + w.l;
+  const float lse2 = lse[row] * FA_ATTN_LOG2E;
+  const int64_t e0 = (((int64_t)w.b * p.V + w.v1) * p.L + w.l) * p.VS;  // the query position's first sample
+  const T *kbase = k + w.b * p.kb + w.h * p.kh, *vbase = v + w.b * p.vb + w.h * p.vh;
+  const int64_t LD = (int64_t)p.L * p.D;
+  for (int n0 = 0; n0 < p.VS; n0 += SC) {
+    __syncthreads();
+    stage_feet(p, fs, coords, w.b, w.v1, w.l0, n0);
+    __syncthreads();
+    const int nj = min(SC, p.VS - n0);
+    for (int j = 0; j < nj; j++) {
+      const Foot f = fs[w.qt * SC + j];
+      const int v2 = f.mv >> 4, mv = f.mv;
+      const int off[4] = {f.pix, f.pix + 1, f.pix + p.W, f.pix + p.W + 1};
+      const T *kr = kbase + v2 * p.kv, *vr = vbase + v2 * p.vv;
+      float kt[4][NC][VEC];
+      float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // partial q.k_t, dO.v_t
+#pragma unroll
+      for (int t = 0; t < 4; t++)
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+#pragma unroll
+          for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
+          if (!ch[c] || !(mv >> t & 1)) continue;
+          const int d = (c * TPG + w.lane) * VEC;
+          float y[VEC];
+          ld<T, VEC>(kt[t][c], kr + off[t] * p.kl + d);
+          ld<T, VEC>(y, vr + off[t] * p.vl + d);
+#pragma unroll
+          for (int e = 0; e < VEC; e++) {
+            a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
+            g[t] = fmaf(gr[c][e], y[e], g[t]);
+          }
+        }
+      const float hx = fa_bl_comp(f.fx), hy = fa_bl_comp(f.fy);
+      const float s = gsum<TPG>(f.w[0] * a[0] + f.w[1] * a[1] + f.w[2] * a[2] + f.w[3] * a[3]);
+      const float dp = gsum<TPG>(f.w[0] * g[0] + f.w[1] * g[1] + f.w[2] * g[2] + f.w[3] * g[3]);
+      const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta);
+      const float sds = p.scale * ds;
+#pragma unroll
+      for (int c = 0; c < NC; c++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++)
+          dq[c][e] = fmaf(ds, f.w[3] * kt[3][c][e] + f.w[2] * kt[2][c][e] + f.w[1] * kt[1][c][e] + f.w[0] * kt[0][c][e],
+                          dq[c][e]);
+      if (gc) {
+        const float du = gsum<TPG>(sds * fa_bl_du(a, f.fy, hy) + pr * fa_bl_du(g, f.fy, hy));
+        const float dv = gsum<TPG>(sds * fa_bl_dv(a, f.fx, hx) + pr * fa_bl_dv(g, f.fx, hx));
+        if (w.active && w.lane == 0) gcs[(w.qt * p.HT + hh) * SC + j] = make_float2(du, dv);
+      }
+      if (pd && w.active && w.lane == 0) pd[(e0 + n0 + j) * p.NH + w.h] = make_float2(pr, ds);
+      if (gk32 || gv32) {
+        if (!w.active) continue;
+        const int64_t map = (((int64_t)w.b * p.V + v2) * p.NH + w.h) * LD;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1)) continue;
+#pragma unroll
+          for (int c = 0; c < NC; c++) {
+            if (!ch[c]) continue;
+            const int64_t at = map + (int64_t)off[t] * p.D + (c * TPG + w.lane) * VEC;
+            float x[VEC];
+            if (gk32) {
+#pragma unroll
+              for (int e = 0; e < VEC; e++) x[e] = sds * f.w[t] * qr[c][e];
+              red_add<VEC>(gk32 + at, x);
+            }
+            if (gv32) {
+#pragma unroll
+              for (int e = 0; e < VEC; e++) x[e] = pr * f.w[t] * gr[c][e];
+              red_add<VEC>(gv32 + at, x);
+            }
+          }
+        }
+      }
+    }
+    if (gc) {  // the round's coordinate gradients, summed over the block's heads in head order
+      __syncthreads();
+      const int nh = min(p.HT, p.NH - (int)blockIdx.y * p.HT), nq = min(p.QT, p.L - w.l0);
+      const bool whole = p.nht == 1;
+      for (int i = threadIdx.x; i < nq * nj; i += blockDim.x) {
+        const int qt = i / nj, j = i % nj;
+        float su = 0.f, sv = 0.f;
+        for (int x = 0; x < nh; x++) {
+          const float2 r = gcs[(qt * p.HT + x) * SC + j];
+          su += r.x;
+          sv += r.y;
+        }
+        const int64_t e = (((int64_t)w.b * p.V + w.v1) * p.L + w.l0 + qt) * p.VS + n0 + j;
+        float *dst = gc + (whole ? 0 : (int64_t)blockIdx.y * p.B * p.V * p.L * p.VS * 2);
+        dst[2 * e] = whole ? su * (float)(p.W - 1) : su;
+        dst[2 * e + 1] = whole ? sv * (float)(p.H - 1) : sv;
+      }
+    }
+  }
+  if (!gq || !w.active) return;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
+    st<T, VEC>(gq + row * p.D + (c * TPG + w.lane) * VEC, x);
+  }
+}
+
+// grad_coords = the head tiles' partials summed in tile order, times (W - 1, H - 1)
+__global__ void finish_coords_kernel(float *__restrict__ gc, const float *__restrict__ part, int64_t n, int tiles,
+                                     float sx, float sy) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int t = 0; t < tiles; t++) s += part[(int64_t)t * n + i];
+    gc[i] = s * ((i & 1) ? sy : sx);
+  }
+}
+
+template <typename T>
+__global__ void cast_kernel(T *__restrict__ dst, const float *__restrict__ src, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = fa_from_f<T>(src[i]);
+}
+
+// ------------------------------------------------------------------------------------------------ gather
+// key of sample i = its cell (x0, y0) on the (H+1)x(W+1) grid of (b, v2); samples with no tap inside get nkeys
+// (sorted last, never read); wt[i] = the 4 weights; counts[key] += 1
+__global__ void keys_kernel(unsigned *__restrict__ keys, unsigned *__restrict__ ids, float4 *__restrict__ wt,
+                            int *__restrict__ counts, const float *__restrict__ coords, const __grid_constant__ Params p,
+                            int npts, unsigned nkeys) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < npts; i += gridDim.x * blockDim.x) {
+    const int n = i % p.VS, b = i / (p.V * p.L * p.VS), v2 = n / p.S;
+    Foot f;
+    int x0, y0;
+    footprint(p, coords + 2 * (int64_t)i, v2, f, x0, y0);
+    unsigned key = nkeys;
+    if (f.mv & 15) {
+      key = (unsigned)((b * p.V + v2) * p.Sx + (y0 + 1) * (p.W + 1) + (x0 + 1));
+      atomicAdd(counts + key, 1);
+    }
+    keys[i] = key;
+    ids[i] = (unsigned)i;
+    wt[i] = make_float4(f.w[0], f.w[1], f.w[2], f.w[3]);
+  }
+}
+
+// one group of TPG lanes per grad_k / grad_v row (b, v2, h, pixel): sums over the samples of the 4 cells around
+// the pixel (cell order fixed, samples in sample order within a cell)
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(256) gather_kernel(T *__restrict__ gk, T *__restrict__ gv, const unsigned *__restrict__ ids,
+                                                     const float *__restrict__ wt, const int *__restrict__ offs,
+                                                     const float2 *__restrict__ pd, const T *__restrict__ q,
+                                                     const T *__restrict__ go, const __grid_constant__ Params p,
+                                                     int64_t rows) {
+  const int lane = threadIdx.x % TPG;
+  const int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / TPG;
+  if (r >= rows) return;  // whole groups leave together (no shuffles below)
+  const int pix = (int)(r % p.L), h = (int)(r / p.L % p.NH);
+  const int bv = (int)(r / ((int64_t)p.L * p.NH)), b = bv / p.V;
+  const int pi = pix / p.W, pj = pix % p.W, Wx = p.W + 1;
+  const int kb = bv * p.Sx;
+  // cells whose sample has this pixel as tap k: 0 at (pi, pj), 1 at (pi, pj-1), 2 at (pi-1, pj), 3 at (pi-1, pj-1);
+  // cell (y0, x0) is key (y0+1)*(W+1) + (x0+1)
+  const int k0 = kb + (pi + 1) * Wx + pj + 1, k2 = kb + pi * Wx + pj + 1;
+  const int kk[4] = {k0, k0 - 1, k2, k2 - 1};
+  float ak[NC][VEC], av[NC][VEC];
+#pragma unroll
+  for (int c = 0; c < NC; c++)
+#pragma unroll
+    for (int e = 0; e < VEC; e++) ak[c][e] = av[c][e] = 0.f;
+#pragma unroll
+  for (int t = 0; t < 4; t++) {
+    const int beg = offs[kk[t]], end = offs[kk[t] + 1];
+    for (int x = beg; x < end; x++) {
+      const unsigned i = ids[x];
+      const float wgt = wt[4 * (int64_t)i + t];
+      const float2 pds = pd[(int64_t)i * p.NH + h];
+      const int qp = (int)(i / (unsigned)p.VS), l = qp % p.L, v1 = qp / p.L % p.V;
+      const float cq = p.scale * pds.y * wgt, cg = pds.x * wgt;
+      const T *qr = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+      const T *gr = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+#pragma unroll
+      for (int c = 0; c < NC; c++) {
+        const int d = (c * TPG + lane) * VEC;
+        if (d >= p.D) continue;
+        float y[VEC];
+        if (gk) {
+          ld<T, VEC>(y, qr + d);
+#pragma unroll
+          for (int e = 0; e < VEC; e++) ak[c][e] = fmaf(cq, y[e], ak[c][e]);
+        }
+        if (gv) {
+          ld<T, VEC>(y, gr + d);
+#pragma unroll
+          for (int e = 0; e < VEC; e++) av[c][e] = fmaf(cg, y[e], av[c][e]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    if (d >= p.D) continue;
+    if (gk) st<T, VEC>(gk + r * p.D + d, ak[c]);
+    if (gv) st<T, VEC>(gv + r * p.D + d, av[c]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host
+struct Plan {
+  Params p;
+  int vec, tpg, nc, threads;
+  size_t smem_fwd, smem_bwd;
+  dim3 grid;
+};
+
+// the launch shape: 16-byte vectors where D, the pointers and every stride allow (else 1 channel per load and
+// 32 lanes), TPG lanes * NC vectors per row; blocks of about 256 threads (QT query positions x HT heads)
+template <typename T>
+static int make_plan(const char *fn, Plan &pl, const fa_ds_geom *g, const void *const *ptrs, int nptrs,
+                     const fa_ds_strides *const *strides, int nstrides) {
+  if (g->D > 256)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'q': expected at most 256 channels (D) on CUDA, got %lld", fn,
+                    (long long)g->D);
+  if (g->L >= ((int64_t)1 << 30) || g->B * g->V * g->L * g->V * g->S >= ((int64_t)1 << 31) ||
+      g->B * g->V * (g->H + 1) * (g->W + 1) >= ((int64_t)1 << 31))
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'coords': expected fewer than 2^31 samples on CUDA, got shape (%lld, %lld, %lld, %lld, %lld, 2)",
+                    fn, (long long)g->B, (long long)g->V, (long long)g->L, (long long)g->V, (long long)g->S);
+  Params &p = pl.p;
+  memset(&p, 0, sizeof p);
+  p.B = (int)g->B; p.V = (int)g->V; p.NH = (int)g->NH; p.L = (int)g->L; p.D = (int)g->D;
+  p.W = (int)g->W; p.H = (int)g->H; p.S = (int)g->S; p.VS = (int)(g->V * g->S);
+  p.scale = (float)g->scale;
+  p.scale2 = (float)(g->scale * 1.4426950408889634);
+  p.qb = g->q.b; p.qv = g->q.v; p.qh = g->q.h; p.ql = g->q.l;
+  p.kb = g->k.b; p.kv = g->k.v; p.kh = g->k.h; p.kl = g->k.l;
+  p.vb = g->v.b; p.vv = g->v.v; p.vh = g->v.h; p.vl = g->v.l;
+  p.gb = g->go.b; p.gv = g->go.v; p.gh = g->go.h; p.gl = g->go.l;
+  p.ob = g->o.b; p.ov = g->o.v; p.oh = g->o.h; p.ol = g->o.l;
+  p.Sx = (p.H + 1) * (p.W + 1);
+  const int V16 = 16 / (int)sizeof(T);
+  bool vec = vec_ok<T>(g->D, ptrs, nptrs);
+  for (int i = 0; i < nstrides && vec; i++) {
+    const fa_ds_strides *s = strides[i];
+    vec = s->b % V16 == 0 && s->v % V16 == 0 && s->h % V16 == 0 && s->l % V16 == 0;
+  }
+  if (vec) {
+    pl.vec = V16;
+    const int need = (int)((g->D + V16 - 1) / V16);
+    int t = 1;
+    while (t < need && t < 32) t *= 2;
+    pl.tpg = t;
+    pl.nc = need > 32 ? 2 : 1;  // D <= 256: at most 64 float32 vectors
+  } else {
+    pl.vec = 1;
+    pl.tpg = 32;
+    pl.nc = g->D <= 64 ? 2 : 8;
+  }
+  // heads per block: all when they fit (the coordinates' gradient summed in the block), at most 64 groups
+  p.HT = (int)(g->NH < 64 ? g->NH : 64);
+  if (p.HT * pl.tpg > 256) p.HT = 256 / pl.tpg;
+  if (p.HT < 1) p.HT = 1;
+  p.nht = (int)((g->NH + p.HT - 1) / p.HT);
+  int qt = 256 / (p.HT * pl.tpg);
+  if (qt > 64 / p.HT) qt = 64 / p.HT;
+  if (qt > 16) qt = 16;
+  if (qt < 1) qt = 1;
+  if (qt > g->L) qt = (int)g->L;
+  p.QT = qt;
+  p.ltiles = (p.L + qt - 1) / qt;
+  pl.threads = (qt * p.HT * pl.tpg + 31) / 32 * 32;
+  pl.smem_fwd = (size_t)qt * SC * sizeof(Foot);
+  pl.smem_bwd = pl.smem_fwd + (size_t)qt * p.HT * SC * sizeof(float2);
+  const int64_t bx = g->B * g->V * (int64_t)p.ltiles;
+  if (bx >= ((int64_t)1 << 31) || p.nht > 65535)
+    return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'q': shape too large for CUDA (%lld blocks x %d head tiles)", fn,
+                    (long long)bx, p.nht);
+  pl.grid = dim3((unsigned)bx, (unsigned)p.nht);
+  return 0;
+}
+
+// dispatch on (VEC, TPG, NC): a call of `body` with compile-time VEC_, TPG_, NC_
+#define DS_SWITCH(pl, T, body)                                                                         \
+  do {                                                                                                 \
+    constexpr int V16_ = 16 / (int)sizeof(T);                                                          \
+    if ((pl).vec == 1) {                                                                               \
+      constexpr int VEC_ = 1, TPG_ = 32;                                                               \
+      if ((pl).nc == 2) { constexpr int NC_ = 2; body; } else { constexpr int NC_ = 8; body; }         \
+    } else {                                                                                           \
+      constexpr int VEC_ = V16_, NC_ = 1;                                                              \
+      switch ((pl).tpg) {                                                                              \
+        case 1: { constexpr int TPG_ = 1; body; } break;                                               \
+        case 2: { constexpr int TPG_ = 2; body; } break;                                               \
+        case 4: { constexpr int TPG_ = 4; body; } break;                                               \
+        case 8: { constexpr int TPG_ = 8; body; } break;                                               \
+        case 16: { constexpr int TPG_ = 16; body; } break;                                             \
+        default:                                                                                       \
+          if ((pl).nc == 2) { constexpr int TPG_ = 32, NC2_ = 2; { constexpr int NC_ = NC2_; body; } }    \
+          else { constexpr int TPG_ = 32; body; }                                                      \
+      }                                                                                                \
+    }                                                                                                  \
+  } while (0)
+
+template <typename T>
+static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const T *k, const T *v, const float *coords) {
+  static const char *fn = "fa_deform_sdpa_forward";
+  Plan pl;
+  const void *ptrs[4] = {q, k, v, out};
+  const fa_ds_strides *ss[3] = {&g->q, &g->k, &g->v};
+  int rc = make_plan<T>(fn, pl, g, ptrs, 4, ss, 3);
+  if (rc) return rc;
+  cudaStream_t st = fa_cu_stream(g->device);
+  DS_SWITCH(pl, T, (fwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p)));
+  return fa_cu_launch_check(fn);
+}
+
+template <typename T>
+static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const T *go, const T *q, const T *k,
+                      const T *v, const float *coords, const T *o, const float *lse) {
+  static const char *fn = "fa_deform_sdpa_backward";
+  const int dev = g->device;
+  cudaStream_t st = fa_cu_stream(dev);
+  const int64_t nkv = g->B * g->V * g->NH * g->L * g->D, npts = g->B * g->V * g->L * g->V * g->S;
+  int rc;
+  if (g->B * g->V * g->NH * g->L == 0) {  // no rows (NH = 0 leaves grad_coords, a sum over no heads: 0)
+    if (gc && npts && (rc = fa_cu_check(cudaMemsetAsync(gc, 0, npts * 2 * sizeof(float), st), fn))) return rc;
+    return 0;
+  }
+  Plan pl;
+  const void *ptrs[8] = {q, k, v, go, o, gq, gk, gv};
+  const fa_ds_strides *ss[5] = {&g->q, &g->k, &g->v, &g->go, &g->o};
+  if ((rc = make_plan<T>(fn, pl, g, ptrs, 8, ss, 5))) return rc;
+  Temps tmp(dev);
+  const bool det = g->deterministic != 0;
+  float *gk32 = nullptr, *gv32 = nullptr, *gcdst = gc;
+  float2 *pd = nullptr;
+  if (gc && pl.p.nht > 1 && !(gcdst = (float *)tmp.get((int64_t)pl.p.nht * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
+  if (!det) {
+    if (gk) {
+      gk32 = sizeof(T) == 4 ? (float *)gk : (float *)tmp.get(nkv * sizeof(float));
+      if (!gk32) return FA_ERR_MEMORY;
+      if ((rc = fa_cu_check(cudaMemsetAsync(gk32, 0, nkv * sizeof(float), st), fn))) return rc;
+    }
+    if (gv) {
+      gv32 = sizeof(T) == 4 ? (float *)gv : (float *)tmp.get(nkv * sizeof(float));
+      if (!gv32) return FA_ERR_MEMORY;
+      if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nkv * sizeof(float), st), fn))) return rc;
+    }
+  } else if ((gk || gv) && npts) {
+    if (!(pd = (float2 *)tmp.get(npts * g->NH * (int64_t)sizeof(float2)))) return FA_ERR_MEMORY;
+  }
+  if (gq || gc || gk32 || gv32 || pd) {
+    DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
+                         gq, gc ? gcdst : nullptr, gk32, gv32, pd, go, q, k, v, coords, o, lse, pl.p)));
+    if ((rc = fa_cu_launch_check(fn))) return rc;
+  }
+  if (gc && pl.p.nht > 1 && npts) {
+    finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, pl.p.nht,
+                                                                          (float)(g->W - 1), (float)(g->H - 1));
+    if ((rc = fa_cu_launch_check(fn))) return rc;
+  }
+  if (!det) {
+    if (sizeof(T) != 4) {
+      if (gk) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gk, gk32, nkv);
+      if (gv) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gv, gv32, nkv);
+    }
+    return fa_cu_launch_check(fn);
+  }
+  if (!(gk || gv)) return 0;
+  if (npts == 0) {  // no samples: nothing attends to the keys
+    if (gk && (rc = fa_cu_check(cudaMemsetAsync(gk, 0, nkv * sizeof(T), st), fn))) return rc;
+    if (gv && (rc = fa_cu_check(cudaMemsetAsync(gv, 0, nkv * sizeof(T), st), fn))) return rc;
+    return 0;
+  }
+  // deterministic grad_k / grad_v: sort the samples by cell, gather per row
+  const int n = (int)npts;
+  const unsigned nkeys = (unsigned)(g->B * g->V * (int64_t)pl.p.Sx);
+  int bits = 1;
+  while (bits < 32 && ((uint64_t)1 << bits) <= nkeys) bits++;
+  unsigned *keys = (unsigned *)tmp.get((int64_t)n * 4), *ids = (unsigned *)tmp.get((int64_t)n * 4);
+  unsigned *skeys = (unsigned *)tmp.get((int64_t)n * 4), *sids = (unsigned *)tmp.get((int64_t)n * 4);
+  float4 *wt = (float4 *)tmp.get((int64_t)n * 16);
+  int *counts = (int *)tmp.get(((int64_t)nkeys + 2) * 4), *offs = (int *)tmp.get(((int64_t)nkeys + 2) * 4);
+  if (!keys || !ids || !skeys || !sids || !wt || !counts || !offs) return FA_ERR_MEMORY;
+  if ((rc = fa_cu_check(cudaMemsetAsync(counts, 0, ((int64_t)nkeys + 2) * 4, st), fn))) return rc;
+  keys_kernel<<<fa_cu_blocks(n, 256, dev), 256, 0, st>>>(keys, ids, wt, counts, coords, pl.p, n, nkeys);
+  if ((rc = fa_cu_launch_check(fn))) return rc;
+  size_t b1 = 0, b2 = 0;
+  if ((rc = fa_cu_check(cub::DeviceRadixSort::SortPairs(nullptr, b1, keys, skeys, ids, sids, n, 0, bits, st), fn)) ||
+      (rc = fa_cu_check(cub::DeviceScan::ExclusiveSum(nullptr, b2, counts, offs, (int)nkeys + 1, st), fn)))
+    return rc;
+  void *cubtmp = tmp.get((int64_t)(b1 > b2 ? b1 : b2));
+  if (!cubtmp) return FA_ERR_MEMORY;
+  if ((rc = fa_cu_check(cub::DeviceScan::ExclusiveSum(cubtmp, b2, counts, offs, (int)nkeys + 1, st), fn)) ||
+      (rc = fa_cu_check(cub::DeviceRadixSort::SortPairs(cubtmp, b1, keys, skeys, ids, sids, n, 0, bits, st), fn)))
+    return rc;
+  const int64_t rows = g->B * g->V * g->NH * g->L;
+  const int gpb = 256 / pl.tpg;
+  const int64_t blocks = (rows + gpb - 1) / gpb;
+  if (blocks >= ((int64_t)1 << 31)) return fa_error(FA_ERR_UNSUPPORTED, "%s: argument 'k': too many rows for CUDA", fn);
+  DS_SWITCH(pl, T, (gather_kernel<T, VEC_, TPG_, NC_><<<(unsigned)blocks, 256, 0, st>>>(
+                       gk, gv, sids, (const float *)wt, offs, pd, q, go, pl.p, rows)));
+  return fa_cu_launch_check(fn);
+}
+
+}  // namespace
+
+int fa_cu_deform_sdpa_forward(const fa_ds_geom *g, void *out, float *lse, const void *q, const void *k, const void *v,
+                              const float *coords) {
+  FA_CU_FLOAT_DISPATCH("fa_deform_sdpa_forward", g->dtype,
+                       forward_t<T>(g, (T *)out, lse, (const T *)q, (const T *)k, (const T *)v, coords))
+}
+
+int fa_cu_deform_sdpa_backward(const fa_ds_geom *g, void *grad_q, void *grad_k, void *grad_v, float *grad_coords,
+                               const void *grad_out, const void *q, const void *k, const void *v, const float *coords,
+                               const void *out, const float *lse) {
+  FA_CU_FLOAT_DISPATCH("fa_deform_sdpa_backward", g->dtype,
+                       backward_t<T>(g, (T *)grad_q, (T *)grad_k, (T *)grad_v, grad_coords, (const T *)grad_out,
+                                     (const T *)q, (const T *)k, (const T *)v, coords, (const T *)out, lse))
+}
