@@ -170,7 +170,9 @@ local function bench_run(device)
   local dtypes = device == 'cuda' and opt.dtypes or { 'float32' }
   local rows = bench.cases{ configs = CONFIGS, dtypes = dtypes, parse = parse, device = device,
                             run = function(c, dtype) return ours(c, dtype, device, time) end,
-                            note = function(r) return string.format('fwd %.3f ms, fwd+bwd %.3f ms, cpb %.3f ms', r.fwd, r.fb, r.cpb) end }
+                            note = function(r)
+                              return string.format('fwd %.3f ms, fwd+bwd %.3f ms, cpb %.3f ms', r.fwd, r.fb, r.cpb)
+                            end }
   if free then free() end
   -- the peers (tf32 runs as float32 with torch's TF32 switch: a second call)
   local peer, info = {}, nil
