@@ -156,14 +156,25 @@ function H.assert_short_run(ex, args, c)
   return model, o, losses
 end
 
--- the SVG loss curve an example wrote to path (removed afterwards)
-function H.assert_plot(path)
+-- the SVG file an example wrote to path (removed afterwards): its text, asserted to be one <svg> element
+function H.read_svg(path)
   local f = luassert(io.open(path))
   local svg = f:read('*a')
   f:close()
   os.remove(path)
   luassert.matches('^<svg', svg)
   luassert.matches('</svg>%s*$', svg)
+  return svg
+end
+
+-- the SVG loss curve an example wrote to path (removed afterwards)
+function H.assert_plot(path) H.read_svg(path) end
+
+-- ex.parseArgs's message for the given arguments (asserting that it refused them with nil)
+function H.arg_error(ex, ...)
+  local o, err = ex.parseArgs({ ... })
+  luassert.is_nil(o)
+  return err
 end
 
 -- `make <target>` runs the example at path, and the example's header names `make <target>`
@@ -171,6 +182,25 @@ function H.assert_demo_target(target, path)
   luassert(H.make_recipe(target):find('bin/fastattn ' .. path, 1, true), 'make ' .. target .. ' runs it')
   local src = luassert(io.open(path)):read('*a')
   luassert(src:match('^(.-)\nlocal '):find('--   make ' .. target .. ' ', 1, true), 'the header names make ' .. target)
+end
+
+-- the example at path on the command line: --help exits 0, its text matches the pattern head and holds its usage
+-- line, each of the plain strings in wants and "`make <target>` runs it"; --steps abc is refused with exit code 1;
+-- `make <target>` runs it (H.assert_demo_target)
+function H.assert_example_cli(path, target, head, wants)
+  local out, code = H.run_script(path, '--help')
+  luassert.are.equal(0, code)
+  luassert.matches(head, out)
+  local all = { 'usage: bin/fastattn ' .. path .. ' [options]' }
+  for _, w in ipairs(wants) do all[#all + 1] = w end
+  all[#all + 1] = '`make ' .. target .. '` runs it'
+  for _, want in ipairs(all) do
+    luassert(out:find(want, 1, true), 'help lacks ' .. want .. ':\n' .. out)
+  end
+  out, code = H.run_script(path, '--steps abc')
+  luassert.are.equal(1, code)
+  luassert.matches('option %-%-steps: expected a positive integer, got "abc"', out)
+  H.assert_demo_target(target, path)
 end
 
 return H
