@@ -91,6 +91,15 @@ function H.err_of(f, ...)
   return tostring(e)
 end
 
+-- a pcall that must fail with a message matching pattern, raised outside the library
+function H.fails(pattern, f)
+  local ok, err = pcall(f)
+  luassert.is_false(ok, 'expected an error matching ' .. pattern)
+  err = tostring(err)
+  luassert(err:find(pattern), string.format('message %q does not match %q', err, pattern))
+  luassert.is_nil(err:find('lua/fastattn/', 1, true))
+end
+
 -- asserts that msg contains each of the given plain strings
 function H.has(msg, ...)
   for _, s in ipairs({ ... }) do
@@ -175,6 +184,48 @@ function H.arg_error(ex, ...)
   local o, err = ex.parseArgs({ ... })
   luassert.is_nil(o)
   return err
+end
+
+-- module behaviour (a module of one tensor input, float64): updateGradInput (against want_gx) and then
+-- accGradParameters equal backward; a second backward of scale 0.5 accumulates the gradients to 1.5 times, each
+-- named parameter gradient then 1.5 want_gp[name]; rtol, atol: against want_gx and want_gp
+function H.assert_grad_parts(m, x, gout, want_gx, want_gp, rtol, atol)
+  m:forward(x)
+  m:zeroGradParameters()
+  local g1 = m:updateGradInput(x, gout):clone()
+  m:accGradParameters(x, gout, 1)
+  local _, grads = m:getParameters()
+  local once = grads:clone()
+  H.assert_close(g1, want_gx, rtol, atol, 'updateGradInput')
+  m:backward(x, gout, 0.5)
+  H.assert_close(grads, once * 1.5, 1e-12, 1e-14, 'accumulated grads')
+  H.assert_close(m.gradInput, g1, 1e-12, 1e-14, 'gradInput')
+  for n, g in pairs(m:namedGradParameters()) do
+    H.assert_close(g, want_gp[n] * 1.5, rtol, atol, n)
+  end
+end
+
+-- a second forward and backward of the same size write into the first's output, gradient and the module's
+-- buffers m[name] for each name of names
+function H.assert_reuses_buffers(m, x, gout, names)
+  local ptr = function(t) return tostring(t.desc.data) end
+  local function inner()
+    local t = {}
+    for i, n in ipairs(names) do t[i] = ptr(m[n]) end
+    return t
+  end
+  local y1 = ptr(m:forward(x))
+  local g1 = ptr(m:backward(x, gout))
+  local in1 = inner()
+  luassert.are.equal(y1, ptr(m:forward(x)))
+  luassert.are.equal(g1, ptr(m:backward(x, gout)))
+  luassert.are.same(in1, inner())
+end
+
+-- batches: the module's output for sample 2 of x alone is its output for it within the batch
+function H.assert_sample_alone(m, x, rtol, atol)
+  local full = m:forward(x):clone()
+  H.assert_close(m:forward(x:narrow(1, 2, 1)), full:narrow(1, 2, 1), rtol, atol, 'sample 2')
 end
 
 -- `make <target>` runs the example at path, and the example's header names `make <target>`
