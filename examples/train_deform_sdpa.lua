@@ -122,6 +122,20 @@ local KERNEL = (function()
   return k
 end)()
 
+-- one pass of the separable blur over a C x C image, zero outside: along the rows (step 1) or the columns (step C)
+local function blur(src, dst, C, step)
+  for r = 0, C - 1 do
+    for c = 0, C - 1 do
+      local at = step == 1 and c or r -- the coordinate the pass runs along
+      local s = 0
+      for d = -KR, KR do
+        if at + d >= 0 and at + d < C then s = s + KERNEL[d] * src[r * C + c + d * step] end
+      end
+      dst[r * C + c] = s
+    end
+  end
+end
+
 -- n samples: x (n, V, size, size, F) features (noisy intensity, one-hot view, position Fourier features) and
 -- the targets t = {clean = (n, size, size, 1) the clean reference view, noisy = (n, size, size, 1) its noisy
 -- input, views = (n, V, size, size) the clean views}. fa's RNG draws the texture and the noise.
@@ -135,27 +149,8 @@ function M.makeBatch(n, o, fields)
   local views = fa.empty({ n, V, size, size }, 'float64')
   local pv = ffi.cast('double*', views.desc.data)
   for i = 0, n - 1 do
-    local w = pw + i * C * C
-    for r = 0, C - 1 do -- separable blur, zero outside
-      for c = 0, C - 1 do
-        local s = 0
-        for d = -KR, KR do
-          local cc = c + d
-          if cc >= 0 and cc < C then s = s + KERNEL[d] * w[r * C + cc] end
-        end
-        tmp[r * C + c] = s
-      end
-    end
-    for r = 0, C - 1 do
-      for c = 0, C - 1 do
-        local s = 0
-        for d = -KR, KR do
-          local rr = r + d
-          if rr >= 0 and rr < C then s = s + KERNEL[d] * tmp[rr * C + c] end
-        end
-        canvas[r * C + c] = s
-      end
-    end
+    blur(pw + i * C * C, tmp, C, 1)
+    blur(tmp, canvas, C, C)
     for v = 1, V do -- view v at (x, y) shows the canvas at (x, y) + m + d_v(x, y), bilinearly
       local out = pv + ((i * V) + v - 1) * size * size
       for y = 0, size - 1 do
