@@ -135,18 +135,14 @@ local function ours(c, dtype, device, time)
     if device == 'cuda' then
       out, lse, fo, bo = nil, nil, nil, nil
       for _, phase in ipairs({ 'fwd', 'fb' }) do
-        collectgarbage()
-        fa.cuda.synchronize()
-        local base = fa.cuda.memoryAllocated()
-        fa.cuda.resetPeakStats()
-        local o, l = fa.deform_sdpa(x.q, x.k, x.v, x.coords, c.W, c.H, scale)
-        if phase == 'fb' then
-          local g = { fa.deform_sdpa_backward(x.gout, x.q, x.k, x.v, x.coords, c.W, c.H, scale, o, l,
-                                              { deterministic = opt.deterministic or nil }) }
-          assert(#g == 4)
-        end
-        fa.cuda.synchronize()
-        r['mem_' .. phase] = fa.cuda.memoryStats().peak - base
+        r['mem_' .. phase] = bench.extraMemory(function()
+          local o, l = fa.deform_sdpa(x.q, x.k, x.v, x.coords, c.W, c.H, scale)
+          if phase == 'fb' then
+            local g = { fa.deform_sdpa_backward(x.gout, x.q, x.k, x.v, x.coords, c.W, c.H, scale, o, l,
+                                                { deterministic = opt.deterministic or nil }) }
+            assert(#g == 4)
+          end
+        end)
       end
     end
   end)

@@ -129,14 +129,10 @@ local function ours(c, dtype, device, time)
     end)
     if device == 'cuda' then
       local m2 = layer(c):to(dt, device)
-      collectgarbage()
-      fa.cuda.synchronize()
-      local base = fa.cuda.memoryAllocated()
-      fa.cuda.resetPeakStats()
-      m2:forward(x)
-      m2:backward(x, gy)
-      fa.cuda.synchronize()
-      r.mem = fa.cuda.memoryStats().peak - base
+      r.mem = bench.extraMemory(function()
+        m2:forward(x)
+        m2:backward(x, gy)
+      end)
     end
   end)
   if tf32 then fa.cuda.allowTF32(false) end

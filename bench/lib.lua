@@ -18,6 +18,8 @@
 --                                   reads each call's events before queueing the next (bench/msda.lua's
 --                                   method); otherwise all are read at the end. free() releases the buffer.
 --   bw = B.copyBandwidth()          device-to-device copy of 1 GiB: bytes read + written per second
+--   bytes = B.extraMemory(fn)       the peak CUDA allocation during fn() above what was allocated before it
+--                                   (garbage collected first); what fn keeps in its locals counts
 --   lines, err = B.runPeer(script, args, {python =, echo = true})
 --                                   runs bench/peers/<script> with a python that imports torch; its output
 --                                   lines; err (nil when it ran) says "unavailable (...)" or how it failed
@@ -115,6 +117,16 @@ function B.copyBandwidth()
   collectgarbage()
   fa.cuda.emptyCache()
   return bw
+end
+
+function B.extraMemory(fn)
+  collectgarbage()
+  fa.cuda.synchronize()
+  local base = fa.cuda.memoryAllocated()
+  fa.cuda.resetPeakStats()
+  fn()
+  fa.cuda.synchronize()
+  return fa.cuda.memoryStats().peak - base
 end
 
 ---------------------------------------------------------------------------- the Python peers
