@@ -65,26 +65,10 @@ end
 
 -- runs bench/peers/deform_sdpa_torch.py: its JSON lines as tables, and its info line or why not
 local function run_peer(args)
-  if opt.peer == '0' then return {}, 'skipped (--peer 0)' end
-  local lines, err = bench.runPeer('deform_sdpa_torch.py', args, { python = opt.python })
-  local recs, info = {}, err
-  for _, line in ipairs(lines) do
-    local impl = line:match('^{"impl": "([^"]+)"')
-    if impl == 'info' then info = info or line
-    elseif impl then
-      local r = { impl = impl }
-      for k, v in line:gmatch('"([%w_]+)": (%-?[%d%.eE%+%-]+)') do r[k] = tonumber(v) end
-      for k, v in line:gmatch('"([%w_]+)": "([^"]*)"') do r[k] = v end
-      recs[#recs + 1] = r
-    end
-  end
-  return recs, info
+  return bench.peerRecords('deform_sdpa_torch.py', args, { python = opt.python, skip = opt.peer == '0' })
 end
 
-local function peer_ms(p, phase)
-  if p and p[phase .. '_ms'] then return fmt(p[phase .. '_ms'], 3) end
-  return p and p['error_' .. phase] or '-'
-end
+local peer_ms = bench.peerMs
 -- "fwd / fwd+bwd" ms, or the one reason when neither ran for the same reason
 local function peer_both(p)
   if p and not p.fwd_ms and not p.fwdbwd_ms and p.error_fwd and p.error_fwd == p.error_fwdbwd then return p.error_fwd end
@@ -151,18 +135,14 @@ local function ours(c, dtype, device, time)
     if device == 'cuda' then
       out, lse, fo, bo = nil, nil, nil, nil
       for _, phase in ipairs({ 'fwd', 'fb' }) do
-        collectgarbage()
-        fa.cuda.synchronize()
-        local base = fa.cuda.memoryAllocated()
-        fa.cuda.resetPeakStats()
-        local o, l = fa.deform_sdpa(x.q, x.k, x.v, x.coords, c.W, c.H, scale)
-        if phase == 'fb' then
-          local g = { fa.deform_sdpa_backward(x.gout, x.q, x.k, x.v, x.coords, c.W, c.H, scale, o, l,
-                                              { deterministic = opt.deterministic or nil }) }
-          assert(#g == 4)
-        end
-        fa.cuda.synchronize()
-        r['mem_' .. phase] = fa.cuda.memoryStats().peak - base
+        r['mem_' .. phase] = bench.extraMemory(function()
+          local o, l = fa.deform_sdpa(x.q, x.k, x.v, x.coords, c.W, c.H, scale)
+          if phase == 'fb' then
+            local g = { fa.deform_sdpa_backward(x.gout, x.q, x.k, x.v, x.coords, c.W, c.H, scale, o, l,
+                                                { deterministic = opt.deterministic or nil }) }
+            assert(#g == 4)
+          end
+        end)
       end
     end
   end)
@@ -189,29 +169,15 @@ local function bench_run(device)
                          fa.cuda.deviceName(), bw / 1e9, opt.deterministic and '; backward deterministic' or ''))
   else
     fa.setNumThreads(threads)
-    time = function(f)
-      local best = math.huge
-      for _ = 1, opt.rounds do best = math.min(best, bench.cpuTime(f, { runs = REPS, warmup = 1 }) * 1e3) end
-      return best
-    end
+    time = function(f) return bench.cpuBest(f, opt.rounds, REPS) end
     R:line(string.format('## fa.deform_sdpa on the CPU, float32, %d threads; the smallest of %d medians of %d runs',
                          threads, opt.rounds, REPS))
   end
   R:line('')
   local dtypes = device == 'cuda' and opt.dtypes or { 'float32' }
-  local rows = {}
-  for _, cs in ipairs(CONFIGS) do
-    local c = parse(cs)
-    for _, dtype in ipairs(dtypes) do
-      local r = ours(c, dtype, device, time)
-      r.config, r.dtype = cs, dtype
-      rows[#rows + 1] = r
-      io.stderr:write(r.err and string.format('%s %s: error: %s\n', cs, dtype, r.err)
-                      or string.format('%s %s: fwd %.3f ms, fwd+bwd %.3f ms\n', cs, dtype, r.fwd, r.fb))
-      collectgarbage()
-      if device == 'cuda' then fa.cuda.emptyCache() end
-    end
-  end
+  local rows = bench.cases{ configs = CONFIGS, dtypes = dtypes, parse = parse, device = device,
+                            run = function(c, dtype) return ours(c, dtype, device, time) end,
+                            note = function(r) return string.format('fwd %.3f ms, fwd+bwd %.3f ms', r.fwd, r.fb) end }
   if free then free() end
   local peer = {}
   local recs, info = run_peer(string.format('--device %s --configs %s --dtypes %s --reps %d --rounds %d%s', device,

@@ -75,26 +75,10 @@ end
 
 -- runs bench/peers/deform2d_torch.py: its JSON lines as tables, and its info line or why not
 local function run_peer(args)
-  if opt.peer == '0' then return {}, 'skipped (--peer 0)' end
-  local lines, err = bench.runPeer('deform2d_torch.py', args, { python = opt.python })
-  local recs, info = {}, err
-  for _, line in ipairs(lines) do
-    local impl = line:match('^{"impl": "([^"]+)"')
-    if impl == 'info' then info = info or line
-    elseif impl then
-      local r = { impl = impl }
-      for k, v in line:gmatch('"([%w_]+)": (%-?[%d%.eE%+%-]+)') do r[k] = tonumber(v) end
-      for k, v in line:gmatch('"([%w_]+)": "([^"]*)"') do r[k] = v end
-      recs[#recs + 1] = r
-    end
-  end
-  return recs, info
+  return bench.peerRecords('deform2d_torch.py', args, { python = opt.python, skip = opt.peer == '0' })
 end
 
-local function peer_ms(p, phase)
-  if p and p[phase .. '_ms'] then return fmt(p[phase .. '_ms'], 3) end
-  return p and p['error_' .. phase] or '-'
-end
+local peer_ms = bench.peerMs
 
 ---------------------------------------------------------------------------- --check
 local function run_check()
@@ -145,14 +129,10 @@ local function ours(c, dtype, device, time)
     end)
     if device == 'cuda' then
       local m2 = layer(c):to(dt, device)
-      collectgarbage()
-      fa.cuda.synchronize()
-      local base = fa.cuda.memoryAllocated()
-      fa.cuda.resetPeakStats()
-      m2:forward(x)
-      m2:backward(x, gy)
-      fa.cuda.synchronize()
-      r.mem = fa.cuda.memoryStats().peak - base
+      r.mem = bench.extraMemory(function()
+        m2:forward(x)
+        m2:backward(x, gy)
+      end)
     end
   end)
   if tf32 then fa.cuda.allowTF32(false) end
@@ -178,29 +158,17 @@ local function bench_run(device)
                          .. 'flushed before every call', fa.cuda.deviceName(), gemm_tf))
   else
     fa.setNumThreads(threads)
-    time = function(f)
-      local best = math.huge
-      for _ = 1, opt.rounds do best = math.min(best, bench.cpuTime(f, { runs = REPS, warmup = 1 }) * 1e3) end
-      return best
-    end
+    time = function(f) return bench.cpuBest(f, opt.rounds, REPS) end
     R:line(string.format('## nn.DeformableAttention2D on the CPU, float32, %d threads; the smallest of %d medians of %d '
                          .. 'runs', threads, opt.rounds, REPS))
   end
   R:line('')
   local dtypes = device == 'cuda' and opt.dtypes or { 'float32' }
-  local rows = {}
-  for _, cs in ipairs(CONFIGS) do
-    local c = parse(cs)
-    for _, dtype in ipairs(dtypes) do
-      local r = ours(c, dtype, device, time)
-      r.config, r.dtype = cs, dtype
-      rows[#rows + 1] = r
-      io.stderr:write(r.err and string.format('%s %s: error: %s\n', cs, dtype, r.err)
-                      or string.format('%s %s: fwd %.3f ms, fwd+bwd %.3f ms, cpb %.3f ms\n', cs, dtype, r.fwd, r.fb, r.cpb))
-      collectgarbage()
-      if device == 'cuda' then fa.cuda.emptyCache() end
-    end
-  end
+  local rows = bench.cases{ configs = CONFIGS, dtypes = dtypes, parse = parse, device = device,
+                            run = function(c, dtype) return ours(c, dtype, device, time) end,
+                            note = function(r)
+                              return string.format('fwd %.3f ms, fwd+bwd %.3f ms, cpb %.3f ms', r.fwd, r.fb, r.cpb)
+                            end }
   if free then free() end
   -- the peers (tf32 runs as float32 with torch's TF32 switch: a second call)
   local peer, info = {}, nil

@@ -8,6 +8,7 @@
 --   s = B.cpuTime(fn, {runs =, warmup = 2, budget = nil})
 --                                   median wall-clock seconds of fn over `runs` calls after `warmup` calls;
 --                                   stops after `budget` seconds (at least 3 runs)
+--   ms = B.cpuBest(fn, rounds, runs) the smallest of `rounds` cpuTime medians (warmup 1), in milliseconds
 --   time, free = B.gpuTimer{reps =, warmup = 3, syncEach = false}
 --   ms = time(fn, nsets)            median milliseconds of fn(k) on the GPU, k rotating over 1..nsets (inputs
 --                                   that do not all fit in the L2): warm-up calls, then `reps` calls each
@@ -17,14 +18,25 @@
 --                                   reads each call's events before queueing the next (bench/msda.lua's
 --                                   method); otherwise all are read at the end. free() releases the buffer.
 --   bw = B.copyBandwidth()          device-to-device copy of 1 GiB: bytes read + written per second
+--   bytes = B.extraMemory(fn)       the peak CUDA allocation during fn() above what was allocated before it
+--                                   (garbage collected first); what fn keeps in its locals counts
 --   lines, err = B.runPeer(script, args, {python =, echo = true})
 --                                   runs bench/peers/<script> with a python that imports torch; its output
 --                                   lines; err (nil when it ran) says "unavailable (...)" or how it failed
+--   recs, info = B.peerRecords(script, args, {python =, skip = false})
+--                                   B.runPeer of a script that prints one JSON object a line ({"impl": ...}, flat):
+--                                   the records as tables (numbers as numbers), and its info line or why not
+--                                   (skip: 'skipped (--peer 0)', nothing run)
+--   B.peerMs(p, phase)              record p's <phase>_ms as "1.234", its error_<phase>, or '-' without p
 --   B.pct(floor, t)                 "37%": a time as a fraction of its hardware floor (floor / t)
 --   B.fmt(x, digits), B.ratio(a, b, digits, suffix)   numbers or '-' when missing
 --   T = B.table(columns)            columns: {{'op'}, {'ours ms', right = true}, ...}; T:add(cells)
 --   T:markdown() / T:tsv()          the lines of a markdown table / tab-separated text with a header line
 --   R = B.report()                  R:line(s) prints and keeps; R:save(path) writes the kept lines
+--   rows = B.cases{configs =, dtypes =, parse =, run =, note =, device =}
+--                                   per config and dtype r = run(parse(config), dtype) (r.err: why it failed),
+--                                   r.config and r.dtype set, a line on stderr (note(r): what it measured), then
+--                                   the garbage collected (and on 'cuda' the cache emptied); the list of r
 local fa = require 'fastattn'
 
 local B = {}
@@ -59,6 +71,12 @@ function B.cpuTime(fn, o)
     if o.budget and B.now() - start > o.budget and i >= 3 then break end
   end
   return B.median(t)
+end
+
+function B.cpuBest(fn, rounds, runs)
+  local best = math.huge
+  for _ = 1, rounds do best = math.min(best, B.cpuTime(fn, { runs = runs, warmup = 1 }) * 1e3) end
+  return best
 end
 
 function B.gpuTimer(o)
@@ -99,6 +117,16 @@ function B.copyBandwidth()
   collectgarbage()
   fa.cuda.emptyCache()
   return bw
+end
+
+function B.extraMemory(fn)
+  collectgarbage()
+  fa.cuda.synchronize()
+  local base = fa.cuda.memoryAllocated()
+  fa.cuda.resetPeakStats()
+  fn()
+  fa.cuda.synchronize()
+  return fa.cuda.memoryStats().peak - base
 end
 
 ---------------------------------------------------------------------------- the Python peers
@@ -148,6 +176,28 @@ function B.runPeer(script, args, o)
   return lines, nil
 end
 
+function B.peerRecords(script, args, o)
+  if o.skip then return {}, 'skipped (--peer 0)' end
+  local lines, err = B.runPeer(script, args, { python = o.python })
+  local recs, info = {}, err
+  for _, line in ipairs(lines) do
+    local impl = line:match('^{"impl": "([^"]+)"')
+    if impl == 'info' then info = info or line
+    elseif impl then
+      local r = { impl = impl }
+      for k, v in line:gmatch('"([%w_]+)": (%-?[%d%.eE%+%-]+)') do r[k] = tonumber(v) end
+      for k, v in line:gmatch('"([%w_]+)": "([^"]*)"') do r[k] = v end
+      recs[#recs + 1] = r
+    end
+  end
+  return recs, info
+end
+
+function B.peerMs(p, phase)
+  if p and p[phase .. '_ms'] then return B.fmt(p[phase .. '_ms'], 3) end
+  return p and p['error_' .. phase] or '-'
+end
+
 ---------------------------------------------------------------------------- output
 function B.fmt(x, digits) return x and string.format('%.' .. (digits or 3) .. 'f', x) or '-' end
 function B.ratio(a, b, digits, suffix)
@@ -191,6 +241,23 @@ function Report:line(s)
   self.lines[#self.lines + 1] = s
 end
 function Report:lines_of(t) for _, s in ipairs(t) do self:line(s) end end
+
+function B.cases(o)
+  local rows = {}
+  for _, cs in ipairs(o.configs) do
+    local c = o.parse(cs)
+    for _, dtype in ipairs(o.dtypes) do
+      local r = o.run(c, dtype)
+      r.config, r.dtype = cs, dtype
+      rows[#rows + 1] = r
+      io.stderr:write(r.err and string.format('%s %s: error: %s\n', cs, dtype, r.err)
+                      or string.format('%s %s: %s\n', cs, dtype, o.note(r)))
+      collectgarbage()
+      if o.device == 'cuda' then fa.cuda.emptyCache() end
+    end
+  end
+  return rows
+end
 
 -- writes text to path (the benches' --out and --tsv); a failure is reported, the run's output is already printed
 function B.write(path, text)

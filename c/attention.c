@@ -237,20 +237,6 @@ static int check_lse(const char *fn, const fa_tensor *lse, const fa_tensor *q, c
   return 0;
 }
 
-/* every pair (outputs[i], inputs[j]) and (outputs[i], outputs[j < i]) disjoint; NULLs skipped */
-static int no_overlap(const char *fn, const fa_tensor *const *outs, const char *const *onames, int no,
-                      const fa_tensor *const *ins, const char *const *inames, int ni) {
-  int rc;
-  for (int i = 0; i < no; i++) {
-    if (!outs[i]) continue;
-    for (int j = 0; j < ni; j++)
-      if (ins[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], inames[j], ins[j]))) return rc;
-    for (int j = 0; j < i; j++)
-      if (outs[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], onames[j], outs[j]))) return rc;
-  }
-  return 0;
-}
-
 /* ------------------------------------------------------------------ conversions */
 /* a dense copy of t's shape in dtype on t's device (*buf = its data, fa_free after); t itself when it has dtype */
 static int as_dtype(const fa_tensor *t, int dtype, fa_tensor *out, void **buf) {
@@ -302,7 +288,7 @@ int fa_attention_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, con
     const fa_tensor *outs[2] = {out, lse};
     static const char *const onames[2] = {"out", "lse"};
     const fa_tensor *ins[5] = {q, k, v, opts ? opts->bias : NULL, opts ? opts->mask : NULL};
-    if ((rc = no_overlap(fn, outs, onames, 2, ins, IN_NAMES, 5))) return rc;
+    if ((rc = fa_check_no_overlaps(fn, outs, onames, 2, ins, IN_NAMES, 5))) return rc;
   }
   fill_strides(&g.o, out, sh.n, sh.keep, g.nb);
   fill_strides_lse(&g.lse, lse, sh.n, sh.keep, g.nb);
@@ -356,7 +342,7 @@ int fa_attention_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *grad_
     static const char *const onames[4] = {"grad_q", "grad_k", "grad_v", "grad_bias"};
     const fa_tensor *ins[8] = {q, k, v, bias, opts ? opts->mask : NULL, grad_out, out, lse};
     static const char *const inames[8] = {"q", "k", "v", "bias", "mask", "grad_out", "out", "lse"};
-    if ((rc = no_overlap(fn, outs, onames, 4, ins, inames, 8))) return rc;
+    if ((rc = fa_check_no_overlaps(fn, outs, onames, 4, ins, inames, 8))) return rc;
   }
   fill_strides(&g.go, grad_out, sh.n, sh.keep, g.nb);
   fill_strides(&g.o, out, sh.n, sh.keep, g.nb);

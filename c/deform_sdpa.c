@@ -76,20 +76,6 @@ static int check_lse(const char *fn, const fa_tensor *lse, const fa_tensor *q, c
   return written ? fa_check_dense(fn, "lse", lse) : 0;
 }
 
-/* every pair (outs[i], ins[j]) and (outs[i], outs[j < i]) disjoint; NULLs skipped */
-static int no_overlap(const char *fn, const fa_tensor *const *outs, const char *const *onames, int no,
-                      const fa_tensor *const *ins, const char *const *inames, int ni) {
-  int rc;
-  for (int i = 0; i < no; i++) {
-    if (!outs[i]) continue;
-    for (int j = 0; j < ni; j++)
-      if (ins[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], inames[j], ins[j]))) return rc;
-    for (int j = 0; j < i; j++)
-      if (outs[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], onames[j], outs[j]))) return rc;
-  }
-  return 0;
-}
-
 /* a (B, V, NH, L, D) input as the kernels read it: its data and strides, or a dense copy (*tmp, fa_free after)
  * when its last dim is not contiguous */
 static int qkv_view(const fa_tensor *t, const void **data, fa_ds_strides *s, void **tmp) {
@@ -120,7 +106,7 @@ int fa_deform_sdpa_forward(fa_tensor *out, fa_tensor *lse, const fa_tensor *q, c
     static const char *const onames[2] = {"out", "lse"};
     const fa_tensor *ins[4] = {q, k, v, coords};
     static const char *const inames[4] = {"q", "k", "v", "coords"};
-    if ((rc = no_overlap(fn, outs, onames, 2, ins, inames, 4))) return rc;
+    if ((rc = fa_check_no_overlaps(fn, outs, onames, 2, ins, inames, 4))) return rc;
   }
   if (fa_numel(lse) == 0) return 0;
   /* --- validation done --- */
@@ -156,7 +142,7 @@ int fa_deform_sdpa_backward(fa_tensor *grad_q, fa_tensor *grad_k, fa_tensor *gra
     static const char *const onames[4] = {"grad_q", "grad_k", "grad_v", "grad_coords"};
     const fa_tensor *ins[7] = {q, k, v, coords, grad_out, out, lse};
     static const char *const inames[7] = {"q", "k", "v", "coords", "grad_out", "out", "lse"};
-    if ((rc = no_overlap(fn, outs, onames, 4, ins, inames, 7))) return rc;
+    if ((rc = fa_check_no_overlaps(fn, outs, onames, 4, ins, inames, 7))) return rc;
   }
   void *gq = grad_q && fa_numel(grad_q) ? grad_q->data : NULL;
   void *gk = grad_k && fa_numel(grad_k) ? grad_k->data : NULL;

@@ -75,6 +75,9 @@ int fa_check_like(const char *fn, const char *arg, const fa_tensor *t, const cha
 int fa_overlaps(const fa_tensor *a, const fa_tensor *b);
 /* an output must not share memory with an input (or another output) it is computed from */
 int fa_check_no_overlap(const char *fn, const char *arg, const fa_tensor *out, const char *in_arg, const fa_tensor *in);
+/* every pair (outs[i], ins[j]) and (outs[i], outs[j < i]) disjoint (fa_check_no_overlap); NULLs skipped */
+int fa_check_no_overlaps(const char *fn, const fa_tensor *const *outs, const char *const *onames, int no,
+                         const fa_tensor *const *ins, const char *const *inames, int ni);
 
 /* ---- 16-bit float conversions (round to nearest even) ---- */
 static inline float fa_bf16_to_f32(uint16_t h) {

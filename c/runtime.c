@@ -315,3 +315,16 @@ int fa_check_no_overlap(const char *fn, const char *arg, const fa_tensor *out, c
                     "result is written into it), got one that overlaps it", fn, arg, in_arg);
   return 0;
 }
+
+int fa_check_no_overlaps(const char *fn, const fa_tensor *const *outs, const char *const *onames, int no,
+                         const fa_tensor *const *ins, const char *const *inames, int ni) {
+  int rc;
+  for (int i = 0; i < no; i++) {
+    if (!outs[i]) continue;
+    for (int j = 0; j < ni; j++)
+      if (ins[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], inames[j], ins[j]))) return rc;
+    for (int j = 0; j < i; j++)
+      if (outs[j] && (rc = fa_check_no_overlap(fn, onames[i], outs[i], onames[j], outs[j]))) return rc;
+  }
+  return 0;
+}

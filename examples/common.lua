@@ -10,6 +10,9 @@
 --   common.heldOut(model, n, bs, fn)                   fn(m, start) per batch of m <= bs of n samples, in evaluate mode
 --   common.seed(s)                                     seeds Lua's RNG (the data) and fa's (weights, noise)
 --   common.plot(path, losses, title)                   writes the loss curve and says where (path false: nothing)
+--   common.evalForward(model, x)                       a forward in evaluate mode (for a picture or a metric)
+--   common.COLOURS, common.xml(s), common.range(rows)  the pictures' palette, text escaped for SVG, min and max
+--   common.writeSvg(path, lines)                       the SVG lines and '</svg>' written to path
 --   return common.script(M, 'train_x.lua')             runs M.main(arg) when run as that script; returns M
 local fa = require 'fastattn'
 local nn = fa.nn
@@ -96,6 +99,34 @@ function C.heldOut(model, n, bs, fn)
   model:evaluate()
   for start = 1, n, bs do fn(math.min(bs, n - start + 1), start) end
   model:training()
+end
+
+-- a forward of x in evaluate mode (dropout off), the model back in training mode: the state a picture or a
+-- metric of the model reads
+function C.evalForward(model, x)
+  model:evaluate()
+  model:forward(x)
+  model:training()
+end
+
+---------------------------------------------------------------------------- pictures (SVG)
+C.COLOURS = { '#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45' }
+
+function C.xml(s) return (tostring(s):gsub('&', '&amp;'):gsub('<', '&lt;'):gsub('>', '&gt;')) end
+
+-- the smallest and the largest value of a table of rows of numbers
+function C.range(rows)
+  local lo, hi = math.huge, -math.huge
+  for r = 1, #rows do for c = 1, #rows[r] do lo, hi = math.min(lo, rows[r][c]), math.max(hi, rows[r][c]) end end
+  return lo, hi
+end
+
+-- writes the lines of an SVG picture (from its <svg> line on) and the closing '</svg>' to path
+function C.writeSvg(path, lines)
+  lines[#lines + 1] = '</svg>'
+  local f = assert(io.open(path, 'w'))
+  f:write(table.concat(lines, '\n'), '\n')
+  f:close()
 end
 
 ---------------------------------------------------------------------------- main

@@ -221,9 +221,7 @@ end
 -- every key's reference point (a small ring), the offset (a line) and the sampled point (a dot), in image
 -- pixels. The grid is the layer's vgrid (return_vgrid) mapped as grid_sample reads it.
 function M.writeGrid(path, model, x, title)
-  model:evaluate()
-  model:forward(x)
-  model:training()
+  common.evalForward(model, x)
   local blocks = model.blocks
   local attn = blocks:get(blocks:size()).attn
   local vgrid = attn.output[2]:to('float64', 'cpu') -- (G, 2, Hk, Wk) for one image
@@ -236,13 +234,12 @@ function M.writeGrid(path, model, x, title)
   -- i.e. image coordinate (ix + 0.5) * stride
   local function img_xy(vx, vy) return vx * fmap / ax * stride, vy * fmap / ay * stride end
   local img = x:to('float64', 'cpu'):view(size, size):table()
-  local lo, hi = math.huge, -math.huge
-  for r = 1, size do for c = 1, size do lo, hi = math.min(lo, img[r][c]), math.max(hi, img[r][c]) end end
+  local lo, hi = common.range(img)
   local px = 16 -- SVG units per image pixel
   local out = { string.format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="-%d -%d %d %d">',
                               size * px + 2 * px, size * px + 4 * px, px, 3 * px, size * px + 2 * px, size * px + 4 * px),
                 string.format('<text x="0" y="-%d" font-family="sans-serif" font-size="%d">%s</text>', px, px,
-                              ((title or 'sampling grid'):gsub('&', '&amp;'):gsub('<', '&lt;'):gsub('>', '&gt;'))) }
+                              common.xml(title or 'sampling grid')) }
   for r = 1, size do
     for c = 1, size do
       local v = math.floor(255 * (img[r][c] - lo) / math.max(hi - lo, 1e-9) + 0.5)
@@ -250,7 +247,7 @@ function M.writeGrid(path, model, x, title)
                                     (r - 1) * px, px, px, v, v, v)
     end
   end
-  local colours = { '#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45' }
+  local colours = common.COLOURS
   local vg = vgrid:table()
   for g = 1, G do
     local col = colours[(g - 1) % #colours + 1]
@@ -266,10 +263,7 @@ function M.writeGrid(path, model, x, title)
       end
     end
   end
-  out[#out + 1] = '</svg>'
-  local f = assert(io.open(path, 'w'))
-  f:write(table.concat(out, '\n'), '\n')
-  f:close()
+  common.writeSvg(path, out)
 end
 
 ---------------------------------------------------------------------------- main

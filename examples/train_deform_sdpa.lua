@@ -122,6 +122,20 @@ local KERNEL = (function()
   return k
 end)()
 
+-- one pass of the separable blur over a C x C image, zero outside: along the rows (step 1) or the columns (step C)
+local function blur(src, dst, C, step)
+  for r = 0, C - 1 do
+    for c = 0, C - 1 do
+      local at = step == 1 and c or r -- the coordinate the pass runs along
+      local s = 0
+      for d = -KR, KR do
+        if at + d >= 0 and at + d < C then s = s + KERNEL[d] * src[r * C + c + d * step] end
+      end
+      dst[r * C + c] = s
+    end
+  end
+end
+
 -- n samples: x (n, V, size, size, F) features (noisy intensity, one-hot view, position Fourier features) and
 -- the targets t = {clean = (n, size, size, 1) the clean reference view, noisy = (n, size, size, 1) its noisy
 -- input, views = (n, V, size, size) the clean views}. fa's RNG draws the texture and the noise.
@@ -135,27 +149,8 @@ function M.makeBatch(n, o, fields)
   local views = fa.empty({ n, V, size, size }, 'float64')
   local pv = ffi.cast('double*', views.desc.data)
   for i = 0, n - 1 do
-    local w = pw + i * C * C
-    for r = 0, C - 1 do -- separable blur, zero outside
-      for c = 0, C - 1 do
-        local s = 0
-        for d = -KR, KR do
-          local cc = c + d
-          if cc >= 0 and cc < C then s = s + KERNEL[d] * w[r * C + cc] end
-        end
-        tmp[r * C + c] = s
-      end
-    end
-    for r = 0, C - 1 do
-      for c = 0, C - 1 do
-        local s = 0
-        for d = -KR, KR do
-          local rr = r + d
-          if rr >= 0 and rr < C then s = s + KERNEL[d] * tmp[rr * C + c] end
-        end
-        canvas[r * C + c] = s
-      end
-    end
+    blur(pw + i * C * C, tmp, C, 1)
+    blur(tmp, canvas, C, C)
     for v = 1, V do -- view v at (x, y) shows the canvas at (x, y) + m + d_v(x, y), bilinearly
       local out = pv + ((i * V) + v - 1) * size * size
       for y = 0, size - 1 do
@@ -317,23 +312,18 @@ function M.matchError(model, o)
 end
 
 ---------------------------------------------------------------------------- the picture of the offsets
-local function xml(s) return (tostring(s):gsub('&', '&amp;'):gsub('<', '&lt;'):gsub('>', '&gt;')) end
-
 -- one panel per other view v (V - 1 panels): the clean reference view of sample 1 of x in grey and, for every
 -- `every`-th reference pixel (a white ring), a line to each of its sampling points in view v (dots, the view's
 -- colour) and the true match of the pixel in view v (a black cross). Coordinates in pixels: view v's points are
 -- drawn on the reference's frame, so a learned point sits on its cross.
 function M.writeOffsets(path, model, x, t, o, title, every)
   every = every or 3
-  model:evaluate()
-  model:forward(x)
-  model:training()
+  common.evalForward(model, x)
   local coords = model.attn:samplingPoints():to('float64', 'cpu'):select(1, 1) -- (V, N, V, S, 2)
   local fields = M.makeFields(o)
   local size, V, S = o.size, o.views, o.samples
   local img = t.clean:to('float64', 'cpu'):select(1, 1):view(size, size):table()
-  local lo, hi = math.huge, -math.huge
-  for r = 1, size do for c = 1, size do lo, hi = math.min(lo, img[r][c]), math.max(hi, img[r][c]) end end
+  local lo, hi = common.range(img)
   local px = 16
   local side, gap = size * px, 3 * px
   local Wt, Ht = (V - 1) * (side + gap) + gap, side + 6 * px
@@ -341,8 +331,8 @@ function M.writeOffsets(path, model, x, t, o, title, every)
                               Wt, Ht, Wt, Ht),
                 string.format('<rect width="%d" height="%d" fill="white"/>', Wt, Ht),
                 string.format('<text x="%d" y="%d" font-family="sans-serif" font-size="%d">%s</text>', gap, 2 * px,
-                              px, xml(title or 'sampling points')) }
-  local colours = { '#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45' }
+                              px, common.xml(title or 'sampling points')) }
+  local colours = common.COLOURS
   local cv = coords:table()
   local start = math.floor(every / 2)
   for v = 2, V do
@@ -378,10 +368,7 @@ function M.writeOffsets(path, model, x, t, o, title, every)
       end
     end
   end
-  out[#out + 1] = '</svg>'
-  local f = assert(io.open(path, 'w'))
-  f:write(table.concat(out, '\n'), '\n')
-  f:close()
+  common.writeSvg(path, out)
 end
 
 ---------------------------------------------------------------------------- main
@@ -420,11 +407,11 @@ function M.main(args)
   end
   print(line .. string.format(', noisy input %.4f', r.input))
   local x, t = batchOnDevice(o, math.min(o.test, 16), M.makeFields(o))
-  model:evaluate(); model:forward(x); model:training()
+  common.evalForward(model, x)
   local err = M.matchError(model, o)
   line = string.format('nearest sampling point to the true match in the other views: learned %.2f px', err)
   if base then
-    base:evaluate(); base:forward(x); base:training()
+    common.evalForward(base, x)
     line = line .. string.format(', fixed %.2f px', M.matchError(base, o))
   end
   print(line)

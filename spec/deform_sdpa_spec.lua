@@ -38,9 +38,7 @@ local function fixture(name)
   local size = f('size')
   local x = { q = f('q'), k = f('k'), v = f('v'), coords = f('coords'), W = size:get(1), H = size:get(2),
               scale = size:get(3) }
-  local want = { out = f('out') }
-  for _, n in ipairs(GRADS) do want[n] = f('grad_' .. n) end
-  return x, nil, f('grad_out'), want
+  return x, nil, op.fixture_expect(f, GRADS)
 end
 
 local small = function() local x, _, gout = fixture('small') return x, gout end

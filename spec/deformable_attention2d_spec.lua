@@ -205,14 +205,7 @@ describe('nn.DeformableAttention2D as an op', function()
 end)
 op.describe_gpu('nn.DeformableAttention2D with TF32', function() op.run(TF32_CASE) end)
 
--- a pcall that must fail with a message matching pattern, raised outside the library
-local function fails(pattern, f)
-  local ok, err = pcall(f)
-  assert.is_false(ok, 'expected an error matching ' .. pattern)
-  err = tostring(err)
-  assert(err:find(pattern), string.format('message %q does not match %q', err, pattern))
-  assert.is_nil(err:find('lua/fastattn/', 1, true))
-end
+local fails = H.fails
 
 describe('nn.DeformableAttention2D', function()
   describe('against the reference', function()
@@ -353,39 +346,19 @@ describe('nn.DeformableAttention2D', function()
   describe('module behaviour', function()
     it('updateGradInput + accGradParameters equal backward; gradients accumulate; scale', function()
       local c = case('gqa1')
-      local m = layer(CFG.gqa1, 'float64', nil, c.param)
-      m:forward(c.x)
-      m:zeroGradParameters()
-      local g1 = m:updateGradInput(c.x, c.grad_output):clone()
-      m:accGradParameters(c.x, c.grad_output, 1)
-      local _, grads = m:getParameters()
-      local once = grads:clone()
-      H.assert_close(g1, c.grad.x, 1e-10, 1e-12, 'updateGradInput')
-      m:backward(c.x, c.grad_output, 0.5)
-      H.assert_close(grads, once * 1.5, 1e-12, 1e-14, 'accumulated grads')
-      H.assert_close(m.gradInput, g1, 1e-12, 1e-14, 'gradInput')
-      for n, g in pairs(m:namedGradParameters()) do
-        H.assert_close(g, c.grad.param[n] * 1.5, 1e-10, 1e-12, n)
-      end
+      H.assert_grad_parts(layer(CFG.gqa1, 'float64', nil, c.param), c.x, c.grad_output, c.grad.x, c.grad.param,
+                          1e-10, 1e-12)
     end)
 
     it('reuses its buffers across calls of the same size', function()
       local c = case('mha')
-      local m = layer(CFG.mha, 'float64', nil, c.param)
-      local ptr = function(t) return tostring(t.desc.data) end
-      local y1 = ptr(m:forward(c.x))
-      local g1 = ptr(m:backward(c.x, c.grad_output))
-      local inner = { ptr(m._bias), ptr(m._kpos), ptr(m._gbias), ptr(m._gkpos) }
-      assert.are.equal(y1, ptr(m:forward(c.x)))
-      assert.are.equal(g1, ptr(m:backward(c.x, c.grad_output)))
-      assert.are.same(inner, { ptr(m._bias), ptr(m._kpos), ptr(m._gbias), ptr(m._gkpos) })
+      H.assert_reuses_buffers(layer(CFG.mha, 'float64', nil, c.param), c.x, c.grad_output,
+                              { '_bias', '_kpos', '_gbias', '_gkpos' })
     end)
 
     it('batches: each sample as alone', function()
       local c = case('gqa1')
-      local m = layer(CFG.gqa1, 'float64', nil, c.param)
-      local full = m:forward(c.x):clone()
-      H.assert_close(m:forward(c.x:narrow(1, 2, 1)), full:narrow(1, 2, 1), 1e-12, 1e-14, 'sample 2')
+      H.assert_sample_alone(layer(CFG.gqa1, 'float64', nil, c.param), c.x, 1e-12, 1e-14)
     end)
 
     it('dropout: in training it drops attention weights (seeded), backward matches finite differences; ' ..

@@ -139,14 +139,7 @@ CASE.errors = {
 describe('nn.DeformableSDPA as an op', function() op.run(CASE) end)
 describe('nn.DeformableSDPA with two inputs as an op', function() op.run(KV_CASE) end)
 
--- a pcall that must fail with a message matching pattern, raised outside the library
-local function fails(pattern, f)
-  local ok, err = pcall(f)
-  assert.is_false(ok, 'expected an error matching ' .. pattern)
-  err = tostring(err)
-  assert(err:find(pattern), string.format('message %q does not match %q', err, pattern))
-  assert.is_nil(err:find('lua/fastattn/', 1, true))
-end
+local fails = H.fails
 
 local function sigmoid(t) return 1 / (1 + math.exp(-t)) end
 
@@ -347,20 +340,8 @@ describe('nn.DeformableSDPA', function()
   describe('module behaviour', function()
     it('updateGradInput + accGradParameters equal backward; gradients accumulate; scale', function()
       local c = case('base')
-      local m = layer(CFG.base, 'float64', c.param)
-      m:forward(c.x)
-      m:zeroGradParameters()
-      local g1 = m:updateGradInput(c.x, c.grad_output):clone()
-      m:accGradParameters(c.x, c.grad_output, 1)
-      local _, grads = m:getParameters()
-      local once = grads:clone()
-      H.assert_close(g1, c.grad.x, 1e-11, 1e-12, 'updateGradInput')
-      m:backward(c.x, c.grad_output, 0.5)
-      H.assert_close(grads, once * 1.5, 1e-12, 1e-14, 'accumulated grads')
-      H.assert_close(m.gradInput, g1, 1e-12, 1e-14, 'gradInput')
-      for n, g in pairs(m:namedGradParameters()) do
-        H.assert_close(g, c.grad.param[n] * 1.5, 1e-11, 1e-12, n)
-      end
+      H.assert_grad_parts(layer(CFG.base, 'float64', c.param), c.x, c.grad_output, c.grad.x, c.grad.param,
+                          1e-11, 1e-12)
     end)
 
     it('the offsets learn: a step against the offset head gradient lowers a loss of the coordinates', function()
@@ -382,21 +363,13 @@ describe('nn.DeformableSDPA', function()
 
     it('reuses its buffers across calls of the same size', function()
       local c = case('base')
-      local m = layer(CFG.base, 'float64', c.param)
-      local ptr = function(t) return tostring(t.desc.data) end
-      local y1 = ptr(m:forward(c.x))
-      local g1 = ptr(m:backward(c.x, c.grad_output))
-      local inner = { ptr(m._coords), ptr(m._oa), ptr(m._gcoords), ptr(m._gqa), ptr(m._gT) }
-      assert.are.equal(y1, ptr(m:forward(c.x)))
-      assert.are.equal(g1, ptr(m:backward(c.x, c.grad_output)))
-      assert.are.same(inner, { ptr(m._coords), ptr(m._oa), ptr(m._gcoords), ptr(m._gqa), ptr(m._gT) })
+      H.assert_reuses_buffers(layer(CFG.base, 'float64', c.param), c.x, c.grad_output,
+                              { '_coords', '_oa', '_gcoords', '_gqa', '_gT' })
     end)
 
     it('batches: each sample as alone', function()
       local c = case('base')
-      local m = layer(CFG.base, 'float64', c.param)
-      local full = m:forward(c.x):clone()
-      H.assert_close(m:forward(c.x:narrow(1, 2, 1)), full:narrow(1, 2, 1), 1e-13, 1e-14, 'sample 2')
+      H.assert_sample_alone(layer(CFG.base, 'float64', c.param), c.x, 1e-13, 1e-14)
     end)
 
     it('deterministic = true gives the same numbers on the CPU', function()

@@ -5,7 +5,6 @@ local fa = require 'fastattn'
 local H = require 'helpers.check'
 
 local function load_example() return H.load_example('examples/train_deform2d.lua') end
-local function run(args) return H.run_script('examples/train_deform2d.lua', args) end
 
 describe('examples/train_deform2d.lua', function()
   it('the loss falls in a short run (two blocks, GQA 4 over 2)', function()
@@ -41,7 +40,7 @@ describe('examples/train_deform2d.lua', function()
 
   it('rejects bad options (parseArgs: nil and the message)', function()
     local ex = load_example()
-    local function e(...) local o, err = ex.parseArgs({ ... }); assert.is_nil(o); return err end
+    local function e(...) return H.arg_error(ex, ...) end
     assert.are.equal('train_deform2d.lua: option --device: expected cpu or cuda, got "tpu"', e('--device', 'tpu'))
     assert.are.equal('train_deform2d.lua: option --steps: expected a positive integer, got "abc"', e('--steps', 'abc'))
     assert.are.equal('train_deform2d.lua: option --size: expected a multiple of 8, got 36', e('--size', '36'))
@@ -64,10 +63,7 @@ describe('examples/train_deform2d.lua', function()
     local x = ex.makeBatch(1, 32, 0.2)
     local path = os.tmpname()
     ex.writeGrid(path, model, x, 'a <title>')
-    local svg = assert(io.open(path)):read('*a')
-    os.remove(path)
-    assert.matches('^<svg', svg)
-    assert.matches('</svg>%s*$', svg)
+    local svg = H.read_svg(path)
     assert.truthy(svg:find('a &lt;title&gt;', 1, true))
     local _, rects = svg:gsub('<rect ', '')
     local _, lines = svg:gsub('<line ', '')
@@ -78,16 +74,7 @@ describe('examples/train_deform2d.lua', function()
   end)
 
   it('on the command line: --help, bad options refused (exit code 1), and the make target', function()
-    local out, code = run('--help')
-    assert.are.equal(0, code)
-    assert.matches('^train_deform2d%.lua: trains a small DAT%-style classifier', out)
-    for _, want in ipairs({ 'usage: bin/fastattn examples/train_deform2d.lua [options]', '--kv_heads N', '--grid FILE',
-                            '`make demo-deform2d` runs it' }) do
-      assert(out:find(want, 1, true), 'help lacks ' .. want .. ':\n' .. out)
-    end
-    out, code = run('--steps abc')
-    assert.are.equal(1, code)
-    assert.matches('option %-%-steps: expected a positive integer, got "abc"', out)
-    H.assert_demo_target('demo-deform2d', 'examples/train_deform2d.lua')
+    H.assert_example_cli('examples/train_deform2d.lua', 'demo-deform2d', '^train_deform2d%.lua: trains a small DAT%-style '
+                         .. 'classifier', { '--kv_heads N', '--grid FILE' })
   end)
 end)

@@ -5,7 +5,6 @@ local fa = require 'fastattn'
 local H = require 'helpers.check'
 
 local function load_example() return H.load_example('examples/train_deform_sdpa.lua') end
-local function run(args) return H.run_script('examples/train_deform_sdpa.lua', args) end
 
 describe('examples/train_deform_sdpa.lua', function()
   it('the loss falls in a short run, and the learned points approach the true matches', function()
@@ -97,7 +96,7 @@ describe('examples/train_deform_sdpa.lua', function()
 
   it('rejects bad options (parseArgs: nil and the message)', function()
     local ex = load_example()
-    local function e(...) local o, err = ex.parseArgs({ ... }); assert.is_nil(o); return err end
+    local function e(...) return H.arg_error(ex, ...) end
     assert.are.equal('train_deform_sdpa.lua: option --device: expected cpu or cuda, got "tpu"', e('--device', 'tpu'))
     assert.are.equal('train_deform_sdpa.lua: option --steps: expected a positive integer, got "abc"', e('--steps', 'abc'))
     assert.are.equal('train_deform_sdpa.lua: option --dim: expected a multiple of --heads (4), got 18', e('--dim', '18'))
@@ -115,10 +114,7 @@ describe('examples/train_deform_sdpa.lua', function()
     local x, t = ex.makeBatch(1, o, ex.makeFields(o))
     local path = os.tmpname()
     ex.writeOffsets(path, model, x, t, o, 'a <title>')
-    local svg = assert(io.open(path)):read('*a')
-    os.remove(path)
-    assert.matches('^<svg', svg)
-    assert.matches('</svg>%s*$', svg)
+    local svg = H.read_svg(path)
     assert.truthy(svg:find('a &lt;title&gt;', 1, true))
     local _, rects = svg:gsub('<rect ', '')
     local _, lines = svg:gsub('<line ', '')
@@ -131,16 +127,7 @@ describe('examples/train_deform_sdpa.lua', function()
   end)
 
   it('on the command line: --help, bad options refused (exit code 1), and the make target', function()
-    local out, code = run('--help')
-    assert.are.equal(0, code)
-    assert.matches('^train_deform_sdpa%.lua: trains a multi%-view denoiser', out)
-    for _, want in ipairs({ 'usage: bin/fastattn examples/train_deform_sdpa.lua [options]', '--views N', '--offsets FILE',
-                            '`make demo-deform-sdpa` runs it' }) do
-      assert(out:find(want, 1, true), 'help lacks ' .. want .. ':\n' .. out)
-    end
-    out, code = run('--steps abc')
-    assert.are.equal(1, code)
-    assert.matches('option %-%-steps: expected a positive integer, got "abc"', out)
-    H.assert_demo_target('demo-deform-sdpa', 'examples/train_deform_sdpa.lua')
+    H.assert_example_cli('examples/train_deform_sdpa.lua', 'demo-deform-sdpa',
+                         '^train_deform_sdpa%.lua: trains a multi%-view denoiser', { '--views N', '--offsets FILE' })
   end)
 end)

@@ -25,15 +25,13 @@ Prints one JSON object per line: {"impl": "info", ...}, {"impl": "gemm", "n", "m
 matmul cube) and per case {"impl", "config", "dtype", "fwd_ms", "fwdbwd_ms", "extra_mb_fwd", "extra_mb_fwdbwd"}
 or "error_fwd" / "error_fwdbwd"; with --check {"impl": "check", "peer", "max_abs_diff", "max_abs"} per peer.
 """
-import argparse
 import json
 import os
-import struct
 import sys
-import time
 
-import numpy as np
 import torch
+
+from peerlib import first_line, parser, print_info, read_safetensors, run_cases, timer, unavailable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "spec", "fixtures"))
 from deform2d_ref import DeformableAttention2D  # noqa: E402
@@ -47,7 +45,7 @@ def real_module(impl):
             from deformable_gqa import DeformableAttention2D
         return DeformableAttention2D, None
     except Exception as e:  # noqa: BLE001
-        return None, 'unavailable (%s: %s)' % (type(e).__name__, (str(e).splitlines() or [''])[0][:100])
+        return None, unavailable(e)
 
 
 def build(impl, cfg, device):
@@ -72,66 +70,6 @@ def parse_config(s):
     return (B, dim, H, W, int(heads), int(ng), int(dh))
 
 
-def timer(device, reps, rounds):
-    if device == 'cuda':
-        flush = torch.empty(64 * 1024 * 1024, device='cuda')
-        e0 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        e1 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-
-        def t(fn):
-            for _ in range(3):
-                fn()
-            for r in range(reps):
-                flush.fill_(r)
-                e0[r].record()
-                fn()
-                e1[r].record()
-            torch.cuda.synchronize()
-            ts = sorted(e0[r].elapsed_time(e1[r]) for r in range(reps))
-            return ts[(len(ts) - 1) // 2]
-        return t
-
-    def t(fn):
-        fn()
-        best = float('inf')
-        for _ in range(rounds):
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            ts.sort()
-            best = min(best, ts[(len(ts) - 1) // 2])
-        return best
-    return t
-
-
-def extra_memory(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    keep = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del keep
-    return peak / 1e6
-
-
-def read_safetensors(path):
-    with open(path, 'rb') as f:
-        n = struct.unpack('<Q', f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    dts = {'F32': np.float32, 'F64': np.float64}
-    out = {}
-    for k, v in header.items():
-        if k == '__metadata__':
-            continue
-        a, b = v['data_offsets']
-        out[k] = torch.from_numpy(np.frombuffer(data[a:b], dtype=dts[v['dtype']]).reshape(v['shape']).copy())
-    return out, header.get('__metadata__', {})
-
-
 def check(path):
     t, meta = read_safetensors(path)
     cfg = parse_config(meta['config'])
@@ -145,33 +83,18 @@ def check(path):
             print(json.dumps({'impl': 'check', 'peer': impl, 'max_abs_diff': (y - want).abs().max().item(),
                               'max_abs': want.abs().max().item()}))
         except Exception as e:  # noqa: BLE001
-            print(json.dumps({'impl': 'check', 'peer': impl, 'error': (str(e).splitlines() or [''])[0][:160]}))
+            print(json.dumps({'impl': 'check', 'peer': impl, 'error': first_line(e)}))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--device', default='cuda')
-    ap.add_argument('--configs', default='1x512x64x64:8:2:64')
-    ap.add_argument('--dtypes', default='float32')
-    ap.add_argument('--impls', default='torch,lucidrains,gqa')
-    ap.add_argument('--reps', type=int, default=15)
-    ap.add_argument('--rounds', type=int, default=3)
-    ap.add_argument('--threads', type=int, default=0)
+    ap = parser('1x512x64x64:8:2:64', 'torch,lucidrains,gqa')
     ap.add_argument('--tf32', type=int, default=0)
-    ap.add_argument('--check', default='')
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = bool(a.tf32)
     torch.backends.cudnn.allow_tf32 = bool(a.tf32)
-    info = {'impl': 'info', 'torch': torch.__version__, 'device': 'cpu' if a.check else a.device,
-            'threads': torch.get_num_threads()}
-    for impl in ('lucidrains', 'gqa'):
-        cls, why = real_module(impl)
-        info[impl] = why or 'available'
-    if a.device == 'cuda' and not a.check:
-        info['gpu'] = torch.cuda.get_device_name()
-    print(json.dumps(info), flush=True)
+    print_info(a, {impl: real_module(impl)[1] or 'available' for impl in ('lucidrains', 'gqa')})
     if a.check:
         check(a.check)
         return
@@ -182,42 +105,22 @@ def main():
         ms = t(lambda: x @ x)
         print(json.dumps({'impl': 'gemm', 'n': n, 'ms': ms, 'tflops': 2 * n ** 3 / (ms * 1e-3) / 1e12}), flush=True)
         del x
-    for cs in a.configs.split(','):
-        cfg = parse_config(cs)
-        for dt in a.dtypes.split(','):
-            dtype = getattr(torch, dt)
-            for impl in a.impls.split(','):
-                r = {'impl': impl, 'config': cs, 'dtype': dt}
-                try:
-                    torch.manual_seed(0)
-                    m = build(impl, cfg, a.device).to(dtype)
-                    x = torch.randn(cfg[0], cfg[1], cfg[2], cfg[3], device=a.device, dtype=dtype, requires_grad=True)
-                    go = torch.randn_like(x)
-                    params = [x] + list(m.parameters())
-                except Exception as e:  # noqa: BLE001
-                    r['error_fwd'] = r['error_fwdbwd'] = (str(e).splitlines() or [''])[0][:160]
-                    print(json.dumps(r), flush=True)
-                    continue
 
-                def fwd():
-                    with torch.no_grad():
-                        return m(x)
+    def setup(cfg, dtype, impl):
+        torch.manual_seed(0)
+        m = build(impl, cfg, a.device).to(dtype)
+        x = torch.randn(cfg[0], cfg[1], cfg[2], cfg[3], device=a.device, dtype=dtype, requires_grad=True)
+        go = torch.randn_like(x)
+        params = [x] + list(m.parameters())
 
-                def fb():
-                    return torch.autograd.grad(m(x), params, go)
-                for phase, fn in (('fwd', fwd), ('fwdbwd', fb)):
-                    try:
-                        r[phase + '_ms'] = t(fn)
-                        if a.device == 'cuda':
-                            r['extra_mb_' + phase] = extra_memory(fn)
-                    except torch.cuda.OutOfMemoryError if hasattr(torch.cuda, 'OutOfMemoryError') else RuntimeError as e:
-                        r['error_' + phase] = 'OOM' if 'out of memory' in str(e) else (str(e).splitlines() or [''])[0][:160]
-                    except Exception as e:  # noqa: BLE001
-                        r['error_' + phase] = (str(e).splitlines() or [''])[0][:160]
-                    if a.device == 'cuda':
-                        torch.cuda.empty_cache()
-                print(json.dumps(r), flush=True)
-                del m, x, go, params
+        def fwd():
+            with torch.no_grad():
+                return m(x)
+
+        def fb():
+            return torch.autograd.grad(m(x), params, go)
+        return fwd, fb
+    run_cases(a, t, parse_config, setup)
 
 
 if __name__ == '__main__':

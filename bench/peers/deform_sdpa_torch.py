@@ -23,14 +23,12 @@ Prints one JSON object per line: {"impl": "info", ...} and per case {"impl", "co
 "fwdbwd_ms", "extra_mb_fwd", "extra_mb_fwdbwd"} or "error_fwd" / "error_fwdbwd"; with --check
 {"impl": "check", "peer", "max_abs_diff", "max_abs"} per peer and result.
 """
-import argparse
 import json
-import struct
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from peerlib import parser, print_info, read_safetensors, run_cases, timer, unavailable
 
 
 def deform_sdpa_torch(q, k, v, coords, W, H, scale):
@@ -62,73 +60,13 @@ def triton_peer():
         from ops.triton import deform_sdpa_triton
         return deform_sdpa_triton, None
     except Exception as e:  # noqa: BLE001
-        return None, 'unavailable (%s: %s)' % (type(e).__name__, (str(e).splitlines() or [''])[0][:100])
+        return None, unavailable(e)
 
 
 def parse_config(s):
     B, V, S, NH, D, hw = s.split(':')
     H, W = (int(x) for x in hw.split('x'))
     return int(B), int(V), int(S), int(NH), int(D), H, W
-
-
-def timer(device, reps, rounds):
-    if device == 'cuda':
-        flush = torch.empty(64 * 1024 * 1024, device='cuda')
-        e0 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        e1 = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-
-        def t(fn):
-            for _ in range(3):
-                fn()
-            for r in range(reps):
-                flush.fill_(r)
-                e0[r].record()
-                fn()
-                e1[r].record()
-            torch.cuda.synchronize()
-            ts = sorted(e0[r].elapsed_time(e1[r]) for r in range(reps))
-            return ts[(len(ts) - 1) // 2]
-        return t
-
-    def t(fn):
-        fn()
-        best = float('inf')
-        for _ in range(rounds):
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            ts.sort()
-            best = min(best, ts[(len(ts) - 1) // 2])
-        return best
-    return t
-
-
-def extra_memory(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    keep = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del keep
-    return peak / 1e6
-
-
-def read_safetensors(path):
-    with open(path, 'rb') as f:
-        n = struct.unpack('<Q', f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    dts = {'F32': np.float32, 'F64': np.float64}
-    out = {}
-    for k, v in header.items():
-        if k == '__metadata__':
-            continue
-        a, b = v['data_offsets']
-        out[k] = torch.from_numpy(np.frombuffer(data[a:b], dtype=dts[v['dtype']]).reshape(v['shape']).copy())
-    return out, header.get('__metadata__', {})
 
 
 def check(path):
@@ -153,73 +91,39 @@ def check(path):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--device', default='cuda')
-    ap.add_argument('--configs', default='2:8:32:8:32:18x18')
-    ap.add_argument('--dtypes', default='float32')
-    ap.add_argument('--impls', default='torch,triton')
-    ap.add_argument('--reps', type=int, default=15)
-    ap.add_argument('--rounds', type=int, default=3)
-    ap.add_argument('--threads', type=int, default=0)
-    ap.add_argument('--check', default='')
-    a = ap.parse_args()
+    a = parser('2:8:32:8:32:18x18', 'torch,triton').parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
-    info = {'impl': 'info', 'torch': torch.__version__, 'device': 'cpu' if a.check else a.device,
-            'threads': torch.get_num_threads()}
     fn_triton, why = triton_peer()
-    info['triton'] = why or 'available'
-    if a.device == 'cuda' and not a.check:
-        info['gpu'] = torch.cuda.get_device_name()
-    print(json.dumps(info), flush=True)
+    print_info(a, {'triton': why or 'available'})
     if a.check:
         check(a.check)
         return
-    t = timer(a.device, a.reps, a.rounds)
-    for cs in a.configs.split(','):
-        B, V, S, NH, D, H, W = parse_config(cs)
+
+    def setup(cfg, dtype, impl):
+        B, V, S, NH, D, H, W = cfg
         L, scale = H * W, D ** -0.5
-        for dt in a.dtypes.split(','):
-            dtype = getattr(torch, dt)
-            for impl in a.impls.split(','):
-                r = {'impl': impl, 'config': cs, 'dtype': dt}
-                try:
-                    if impl == 'triton':
-                        if fn_triton is None:
-                            raise RuntimeError(why)
-                        if a.device != 'cuda':
-                            raise RuntimeError('n/a (CUDA only)')
-                    torch.manual_seed(0)
-                    q, k, v = (torch.randn(B, V, NH, L, D, device=a.device).to(dtype).requires_grad_(True)
-                               for _ in range(3))
-                    coords = torch.rand(B, V, L, V, S, 2, device=a.device, requires_grad=impl == 'torch')
-                    go = torch.randn(B, V, NH, L, D, device=a.device).to(dtype)
-                    wrt = [q, k, v] + ([coords] if impl == 'torch' else [])
-                    f = deform_sdpa_torch if impl == 'torch' else fn_triton
-                except Exception as e:  # noqa: BLE001
-                    r['error_fwd'] = r['error_fwdbwd'] = (str(e).splitlines() or [''])[0][:160]
-                    print(json.dumps(r), flush=True)
-                    continue
+        if impl == 'triton':
+            if fn_triton is None:
+                raise RuntimeError(why)
+            if a.device != 'cuda':
+                raise RuntimeError('n/a (CUDA only)')
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, V, NH, L, D, device=a.device).to(dtype).requires_grad_(True) for _ in range(3))
+        coords = torch.rand(B, V, L, V, S, 2, device=a.device, requires_grad=impl == 'torch')
+        go = torch.randn(B, V, NH, L, D, device=a.device).to(dtype)
+        wrt = [q, k, v] + ([coords] if impl == 'torch' else [])
+        f = deform_sdpa_torch if impl == 'torch' else fn_triton
 
-                def fwd():
-                    with torch.no_grad():
-                        return f(q, k, v, coords, W, H, scale)
+        def fwd():
+            with torch.no_grad():
+                return f(q, k, v, coords, W, H, scale)
 
-                def fb():
-                    return torch.autograd.grad(f(q, k, v, coords, W, H, scale), wrt, go)
-                for phase, fn in (('fwd', fwd), ('fwdbwd', fb)):
-                    try:
-                        r[phase + '_ms'] = t(fn)
-                        if a.device == 'cuda':
-                            r['extra_mb_' + phase] = extra_memory(fn)
-                    except Exception as e:  # noqa: BLE001
-                        msg = str(e)
-                        r['error_' + phase] = 'OOM' if 'out of memory' in msg else (msg.splitlines() or [''])[0][:160]
-                    if a.device == 'cuda':
-                        torch.cuda.empty_cache()
-                print(json.dumps(r), flush=True)
-                del q, k, v, coords, go, wrt
+        def fb():
+            return torch.autograd.grad(f(q, k, v, coords, W, H, scale), wrt, go)
+        return fwd, fb
+    run_cases(a, timer(a.device, a.reps, a.rounds), parse_config, setup)
 
 
 if __name__ == '__main__':

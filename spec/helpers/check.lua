@@ -91,6 +91,15 @@ function H.err_of(f, ...)
   return tostring(e)
 end
 
+-- a pcall that must fail with a message matching pattern, raised outside the library
+function H.fails(pattern, f)
+  local ok, err = pcall(f)
+  luassert.is_false(ok, 'expected an error matching ' .. pattern)
+  err = tostring(err)
+  luassert(err:find(pattern), string.format('message %q does not match %q', err, pattern))
+  luassert.is_nil(err:find('lua/fastattn/', 1, true))
+end
+
 -- asserts that msg contains each of the given plain strings
 function H.has(msg, ...)
   for _, s in ipairs({ ... }) do
@@ -156,14 +165,67 @@ function H.assert_short_run(ex, args, c)
   return model, o, losses
 end
 
--- the SVG loss curve an example wrote to path (removed afterwards)
-function H.assert_plot(path)
+-- the SVG file an example wrote to path (removed afterwards): its text, asserted to be one <svg> element
+function H.read_svg(path)
   local f = luassert(io.open(path))
   local svg = f:read('*a')
   f:close()
   os.remove(path)
   luassert.matches('^<svg', svg)
   luassert.matches('</svg>%s*$', svg)
+  return svg
+end
+
+-- the SVG loss curve an example wrote to path (removed afterwards)
+function H.assert_plot(path) H.read_svg(path) end
+
+-- ex.parseArgs's message for the given arguments (asserting that it refused them with nil)
+function H.arg_error(ex, ...)
+  local o, err = ex.parseArgs({ ... })
+  luassert.is_nil(o)
+  return err
+end
+
+-- module behaviour (a module of one tensor input, float64): updateGradInput (against want_gx) and then
+-- accGradParameters equal backward; a second backward of scale 0.5 accumulates the gradients to 1.5 times, each
+-- named parameter gradient then 1.5 want_gp[name]; rtol, atol: against want_gx and want_gp
+function H.assert_grad_parts(m, x, gout, want_gx, want_gp, rtol, atol)
+  m:forward(x)
+  m:zeroGradParameters()
+  local g1 = m:updateGradInput(x, gout):clone()
+  m:accGradParameters(x, gout, 1)
+  local _, grads = m:getParameters()
+  local once = grads:clone()
+  H.assert_close(g1, want_gx, rtol, atol, 'updateGradInput')
+  m:backward(x, gout, 0.5)
+  H.assert_close(grads, once * 1.5, 1e-12, 1e-14, 'accumulated grads')
+  H.assert_close(m.gradInput, g1, 1e-12, 1e-14, 'gradInput')
+  for n, g in pairs(m:namedGradParameters()) do
+    H.assert_close(g, want_gp[n] * 1.5, rtol, atol, n)
+  end
+end
+
+-- a second forward and backward of the same size write into the first's output, gradient and the module's
+-- buffers m[name] for each name of names
+function H.assert_reuses_buffers(m, x, gout, names)
+  local ptr = function(t) return tostring(t.desc.data) end
+  local function inner()
+    local t = {}
+    for i, n in ipairs(names) do t[i] = ptr(m[n]) end
+    return t
+  end
+  local y1 = ptr(m:forward(x))
+  local g1 = ptr(m:backward(x, gout))
+  local in1 = inner()
+  luassert.are.equal(y1, ptr(m:forward(x)))
+  luassert.are.equal(g1, ptr(m:backward(x, gout)))
+  luassert.are.same(in1, inner())
+end
+
+-- batches: the module's output for sample 2 of x alone is its output for it within the batch
+function H.assert_sample_alone(m, x, rtol, atol)
+  local full = m:forward(x):clone()
+  H.assert_close(m:forward(x:narrow(1, 2, 1)), full:narrow(1, 2, 1), rtol, atol, 'sample 2')
 end
 
 -- `make <target>` runs the example at path, and the example's header names `make <target>`
@@ -171,6 +233,25 @@ function H.assert_demo_target(target, path)
   luassert(H.make_recipe(target):find('bin/fastattn ' .. path, 1, true), 'make ' .. target .. ' runs it')
   local src = luassert(io.open(path)):read('*a')
   luassert(src:match('^(.-)\nlocal '):find('--   make ' .. target .. ' ', 1, true), 'the header names make ' .. target)
+end
+
+-- the example at path on the command line: --help exits 0, its text matches the pattern head and holds its usage
+-- line, each of the plain strings in wants and "`make <target>` runs it"; --steps abc is refused with exit code 1;
+-- `make <target>` runs it (H.assert_demo_target)
+function H.assert_example_cli(path, target, head, wants)
+  local out, code = H.run_script(path, '--help')
+  luassert.are.equal(0, code)
+  luassert.matches(head, out)
+  local all = { 'usage: bin/fastattn ' .. path .. ' [options]' }
+  for _, w in ipairs(wants) do all[#all + 1] = w end
+  all[#all + 1] = '`make ' .. target .. '` runs it'
+  for _, want in ipairs(all) do
+    luassert(out:find(want, 1, true), 'help lacks ' .. want .. ':\n' .. out)
+  end
+  out, code = H.run_script(path, '--steps abc')
+  luassert.are.equal(1, code)
+  luassert.matches('option %-%-steps: expected a positive integer, got "abc"', out)
+  H.assert_demo_target(target, path)
 end
 
 return H

@@ -70,6 +70,14 @@ local function merge(...)
 end
 op.merge = merge  -- the tables' fields, later ones winning (cases build their options with it)
 
+-- what case.fixture.load returns after x and opts: the output gradient f('grad_out') and want = {out = f('out'),
+-- <name> = f('grad_<name>') for each name of grads}; f(key) reads the fixture's entry key
+function op.fixture_expect(f, grads)
+  local want = { out = f('out') }
+  for _, n in ipairs(grads) do want[n] = f('grad_' .. n) end
+  return f('grad_out'), want
+end
+
 -- floating-point inputs to dtype and device (the float32_on_gpu ones stay float32 under a 16-bit dtype)
 local function cast(case, x, dtype, device)
   local y = {}

@@ -38,6 +38,9 @@ local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 local E = require 'fastattn.errors'
 local op = F._impl
+local U = require 'fastattn.nn.layer_util'
+local buffer = U.buffer
+local DT = fa.dtypes
 
 local DA = nn.class('DeformableAttention2D', nn.Module)
 
@@ -121,22 +124,10 @@ function DA:__tostring__()
 end
 
 ---------------------------------------------------------------------------- helpers
-local function buffer(self, key, shape, dtype, device)
-  self[key] = nn._buffer(self[key], shape, dtype, device)
-  return self[key]
-end
-
 -- the CPB's three linears (weight, bias each)
 function DA:_mlp()
   local m = self.rel_pos_bias.mlp.modules
   return m[1].modules[1], m[2].modules[1], m[3]
-end
-
--- the dtype of the positions and the bias: float32 under a 16-bit module dtype
-local DT = fa.dtypes
-local function pos_dtype(x)
-  local dt = x.desc.dtype
-  return (dt == DT.bfloat16 or dt == DT.float16) and DT.float32 or dt
 end
 
 -- the normalisation's divisors of x and y for an h x w grid: the reference divides x by h - 1 and y by w - 1
@@ -197,7 +188,7 @@ function DA:updateOutput(input)
   local x, B, H, W = self:_check(fn, input)
   local G, heads, Hkv, D, dim = self.offset_groups, self.heads, self.num_groups, self.dim_head, self.dim
   local P, N, inner = B * G, H * W, heads * D
-  local dt, dev, pdt = x.desc.dtype, x.desc.device, pos_dtype(x)
+  local dt, dev, pdt = x.desc.dtype, x.desc.device, U.posDtype(x)
 
   -- queries and the offset network (on the queries grouped as (P, inner/G, H, W): a view)
   local q = self.to_q:forward(x)
@@ -257,14 +248,11 @@ end
 -- the input gradient; with acc, the children's fused backward calls also add their parameter gradients
 function DA:_backward(fn, input, gradOutput, scale, acc)
   local x, B, H, W = self:_check(fn, input)
-  local sz = self._size
-  if sz == nil or sz[1] ~= B or sz[2] ~= H or sz[3] ~= W or self._oa == nil then
-    E.fail(fn, 'expected the input of the last forward (call forward first)')
-  end
+  local sz = U.lastForward(self, fn, B, H, W)
   local Hk, Wk = sz[4], sz[5]
   local G, heads, Hkv, D, dim = self.offset_groups, self.heads, self.num_groups, self.dim_head, self.dim
   local P, N, M, inner, innerkv = B * G, H * W, Hk * Wk, heads * D, Hkv * D
-  local dt, dev, pdt = x.desc.dtype, x.desc.device, pos_dtype(x)
+  local dt, dev, pdt = x.desc.dtype, x.desc.device, U.posDtype(x)
   local gy, gvgrid = gradOutput, nil
   if self.return_vgrid then
     if type(gradOutput) ~= 'table' or fa.isTensor(gradOutput) then
@@ -274,10 +262,7 @@ function DA:_backward(fn, input, gradOutput, scale, acc)
     if gvgrid ~= nil then nn._checkGradOutput(fn, gvgrid, x, { P, 2, Hk, Wk }, 'the sampling grid') end
   end
   nn._checkGradOutput(fn, gy, x, { B, dim, H, W })
-  local function child(m, inp, g)
-    if acc then return m:backward(inp, g, scale) end
-    return m:updateGradInput(inp, g)
-  end
+  local child = U.childBackward(acc, scale)
   local c = self._const
 
   -- output projection, then the attention core

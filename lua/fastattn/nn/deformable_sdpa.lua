@@ -38,6 +38,8 @@ local nn = require 'fastattn.nn'
 local F = require 'fastattn.functional'
 local E = require 'fastattn.errors'
 local op = F._impl
+local U = require 'fastattn.nn.layer_util'
+local buffer = U.buffer
 
 local DS = nn.class('DeformableSDPA', nn.Module)
 
@@ -130,17 +132,6 @@ function DS:__tostring__()
 end
 
 ---------------------------------------------------------------------------- helpers
-local function buffer(self, key, shape, dtype, device)
-  self[key] = nn._buffer(self[key], shape, dtype, device)
-  return self[key]
-end
-
--- the coordinates' dtype: float32 under a 16-bit module dtype
-local function pos_dtype(x)
-  local dt = x.desc.dtype
-  return (dt == DT.bfloat16 or dt == DT.float16) and DT.float32 or dt
-end
-
 -- logit(ref) (N, V*S*2) for an H x W image, cached per size, dtype and device: the pixel's position in [0, 1]
 -- (x = j/(W-1), y = i/(H-1); 0.5 on a side of 1 pixel), a quarter pixel inside at the edges
 local function logit_ref(self, H, W, dtype, device)
@@ -227,7 +218,7 @@ function DS:updateOutput(input)
   local xq, xkv, B, V, H, W = self:_unpack(fn, input)
   local heads, D, S, dim = self.heads, self.dim_head, self.samples, self.dim
   local N, inner = H * W, heads * D
-  local dt, dev, pdt = xq.desc.dtype, xq.desc.device, pos_dtype(xq)
+  local dt, dev, pdt = xq.desc.dtype, xq.desc.device, U.posDtype(xq)
   local rows = { B, V, N, dim }
   local xq4, xkv4 = xq:view(rows), xkv:view(rows)
 
@@ -269,20 +260,14 @@ end
 -- the input gradient(s); with acc, the children's fused backward calls also add their parameter gradients
 function DS:_backward(fn, input, gradOutput, scale, acc)
   local xq, xkv, B, V, H, W, tbl = self:_unpack(fn, input)
-  local sz = self._size
-  if sz == nil or sz[1] ~= B or sz[2] ~= H or sz[3] ~= W or self._oa == nil then
-    E.fail(fn, 'expected the input of the last forward (call forward first)')
-  end
+  U.lastForward(self, fn, B, H, W)
   nn._checkGradOutput(fn, gradOutput, xq, xq:size())
   local heads, D, S, dim = self.heads, self.dim_head, self.samples, self.dim
   local N, inner = H * W, heads * D
-  local dt, dev, pdt = xq.desc.dtype, xq.desc.device, pos_dtype(xq)
+  local dt, dev, pdt = xq.desc.dtype, xq.desc.device, U.posDtype(xq)
   local rows = { B, V, N, dim }
   local xq4, xkv4 = xq:view(rows), xkv:view(rows)
-  local function child(m, inp, g)
-    if acc then return m:backward(inp, g, scale) end
-    return m:updateGradInput(inp, g)
-  end
+  local child = U.childBackward(acc, scale)
 
   local gy = nn._contiguous(self, '_gyC', gradOutput):view(rows)
   local gO = child(self.to_out, self._o, gy)
