@@ -1,5 +1,5 @@
--- fastattn.nn.layer_util: what the deformable attention layers (nn/deformable_attention2d.lua,
--- nn/deformable_sdpa.lua) share inside their forward and backward.
+-- fastattn.nn.layer_util: what the attention layers (nn/deformable_attention2d.lua, nn/deformable_sdpa.lua,
+-- nn/msdeformattn.lua, nn/triangle_attention.lua) share inside their forward and backward.
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
 local E = require 'fastattn.errors'

@@ -32,6 +32,7 @@
 local ffi = require 'ffi'
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
+local U = require 'fastattn.nn.layer_util'
 local F = require 'fastattn.functional'
 local E = require 'fastattn.errors'
 
@@ -317,10 +318,7 @@ function MSDeformAttn:_backward(BWD, input, gradOutput, scale, acc)
   if loc == nil or loc:size(1) ~= N or loc:size(2) ~= Lq or self._value:size(2) ~= S or self._nref ~= nref then
     E.fail(BWD, 'expected the input of the last forward (call forward first)')
   end
-  local function child(m, inp, g)
-    if acc then return m:backward(inp, g, scale) end
-    return m:updateGradInput(inp, g)
-  end
+  local child = U.childBackward(acc, scale)
 
   local gCore = child(self.output_proj, self._core, gradOutput)
   local gV = buffer(self, '_gValue', { N, S, M, self.d_head }, q)

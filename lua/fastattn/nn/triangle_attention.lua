@@ -34,6 +34,7 @@
 -- Every intermediate lives in a buffer kept by the module and reused by the next call of the same size.
 local fa = require 'fastattn'
 local nn = require 'fastattn.nn'
+local U = require 'fastattn.nn.layer_util'
 local F = require 'fastattn.functional'
 local E = require 'fastattn.errors'
 local op = F._impl
@@ -200,10 +201,7 @@ function TriangleAttention:_backward(fn, input, gradOutput, scale, acc)
      or not self.layer_norm.output:isSameSizeAs(z) then
     E.fail(fn, 'expected the input of the last forward (call forward first)')
   end
-  local function child(m, inp, g)
-    if acc then return m:backward(inp, g, scale) end
-    return m:updateGradInput(inp, g)
-  end
+  local child = U.childBackward(acc, scale)
   local x = self.layer_norm.output
   local p1, p2, p3, p4, p5 = self:_perm()
 
