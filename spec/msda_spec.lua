@@ -55,9 +55,8 @@ local function fixture(name)
   local mode = f('mode')
   local x = { value = f('value'), spatial_shapes = f('spatial_shapes'), level_start_index = f('level_start_index'),
               sampling_locations = f('sampling_locations'), attention_weights = f('attention_weights') }
-  local want = { out = f('out') }
-  for _, n in ipairs(GRADS) do want[n] = f('grad_' .. n) end
-  return x, { padding = mode:get(1) == 1 and 'border' or 'zeros', align_corners = mode:get(2) == 1 }, f('grad_out'), want
+  return x, { padding = mode:get(1) == 1 and 'border' or 'zeros', align_corners = mode:get(2) == 1 },
+         op.fixture_expect(f, GRADS)
 end
 
 -- 1 where the point is at least 1e-4 px away from an integer coordinate: a float32 location moves a point

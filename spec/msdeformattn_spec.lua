@@ -298,12 +298,7 @@ describe('nn.MSDeformAttn', function()
   end)
 
   it('reports bad options and inputs that are not a table', function()
-    local function fails(pattern, fn)
-      local ok, err = pcall(fn)
-      assert.is_false(ok, 'expected an error matching ' .. pattern)
-      assert.matches(pattern, err)
-      assert.is_nil(err:find('lua/fastattn/', 1, true))
-    end
+    local fails = H.fails
     fails("fa%.nn%.MSDeformAttn: argument 'd_model': expected a multiple of n_heads = 3, got 16", function()
       nn.MSDeformAttn{ d_model = 16, n_heads = 3 }
     end)
