@@ -24,35 +24,15 @@ Prints one JSON object per line: {"impl": "info", ...} and per case {"impl", "co
 {"impl": "check", "peer", "max_abs_diff", "max_abs"} per peer and result.
 """
 import json
+import os
+import sys
 
 import torch
-import torch.nn.functional as F
 
 from peerlib import parser, print_info, read_safetensors, run_cases, timer, unavailable
 
-
-def deform_sdpa_torch(q, k, v, coords, W, H, scale):
-    """q, k, v (B, V, NH, L, D), coords (B, V, L, V, S, 2) in [0, 1] -> out (B, V, NH, L, D)"""
-    B, V, NH, L, D = q.shape
-    S = coords.shape[4]
-    grid_all = (2 * coords - 1).to(q.dtype)
-
-    def sample(x):  # -> (B, V1, NH, L, V2*S, D)
-        maps = x.reshape(B, V, NH, H, W, D).permute(0, 1, 2, 5, 3, 4)  # (B, V2, NH, D, H, W)
-        per_view = []
-        for v2 in range(V):
-            m = maps[:, v2].reshape(B, NH * D, H, W)
-            grid = grid_all[:, :, :, v2].reshape(B, V * L, S, 2)
-            s = F.grid_sample(m, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
-            per_view.append(s.reshape(B, NH, D, V, L, S))
-        s = torch.stack(per_view, dim=5)  # (B, NH, D, V1, L, V2, S)
-        return s.permute(0, 3, 1, 4, 5, 6, 2).reshape(B, V, NH, L, V * S, D)
-
-    ks, vs = sample(k), sample(v)
-    scores = scale * torch.einsum('bvhld,bvhlnd->bvhln', q, ks)
-    if q.dtype in (torch.bfloat16, torch.float16):  # the softmax in float32, as an attention kernel keeps it
-        scores = scores.float()
-    return torch.einsum('bvhln,bvhlnd->bvhld', torch.softmax(scores, dim=-1).to(q.dtype), vs)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'spec', 'fixtures'))
+from deform_sdpa_ref import deform_sdpa_reference as deform_sdpa_torch  # noqa: E402
 
 
 def triton_peer():
