@@ -475,6 +475,91 @@ __global__ void __launch_bounds__(256) gather_kernel(T *__restrict__ gk, T *__re
   }
 }
 
+// ------------------------------------------------------------------------------------------------ key side
+// grad_k / grad_v without global atomics (the default where a map fits in shared memory): one block per map
+// (b, v2, h) and query split blockIdx.y of nz; the map's grad_k and grad_v accumulate in shared memory (float32,
+// [pixel][D], shared-memory atomics: order not fixed, so not the deterministic path), every query position of b
+// visits its S samples in v2 with (P, dS) from bwd_kernel's record pd. nz == 1: the block writes its rows once,
+// in the dtype; nz > 1: float32 atomics of the partial maps into gk32 / gv32 (zeroed). A group of G lanes per query
+// position, channel d = c * G + lane (consecutive lanes, consecutive banks); lane j of a group computes the
+// footprint of sample s0 + j and the group reads it by shuffles.
+template <typename T, int G, int NCH>
+__global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32,
+                                                  float *__restrict__ gv32, const float2 *__restrict__ pd,
+                                                  const T *__restrict__ q, const T *__restrict__ go,
+                                                  const float *__restrict__ coords, const __grid_constant__ Params p,
+                                                  int nz) {
+  extern __shared__ float4 smem4[];
+  const int LD = p.L * p.D;  // the planner keeps 2 * LD floats within the shared memory
+  float *ak = (float *)smem4, *av = ak + LD;
+  const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
+  for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) ak[i] = 0.f;
+  __syncthreads();
+  const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
+  const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
+  // every group runs the same number of iterations (shuffles over whole warps); idle groups write nothing
+  for (int qb = q0; qb < q1; qb += ngrp) {
+    const int qi = qb + grp;
+    const bool active = qi < q1;
+    const int qa = active ? qi : q0, v1 = qa / p.L, l = qa % p.L;
+    const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+    const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+    float qr[NCH], gr[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; c++) {
+      const int d = c * G + lane;
+      qr[c] = d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
+      gr[c] = d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
+    }
+    const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
+    for (int s0 = 0; s0 < p.S; s0 += G) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      float2 pds = make_float2(0.f, 0.f);
+      if (active && s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
+        pds = pd[(e0 + s0 + lane) * p.NH + h];
+      }
+      const int ns = min(G, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, G), mv = __shfl_sync(FULL, f.mv, j, G);
+        float wt[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wt[t] = __shfl_sync(FULL, f.w[t], j, G);
+        const float pr = __shfl_sync(FULL, pds.x, j, G), sds = p.scale * __shfl_sync(FULL, pds.y, j, G);
+        if (!active) continue;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1)) continue;
+          const int o = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+          const float ck = sds * wt[t], cv = pr * wt[t];
+#pragma unroll
+          for (int c = 0; c < NCH; c++) {
+            const int d = c * G + lane;
+            if (d >= p.D) continue;
+            if (gk || gk32) atomicAdd(ak + o + d, ck * qr[c]);
+            if (gv || gv32) atomicAdd(av + o + d, cv * gr[c]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t base = (int64_t)map * LD;
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    if (nz == 1) {
+      if (gk) gk[base + i] = fa_from_f<T>(ak[i]);
+      if (gv) gv[base + i] = fa_from_f<T>(av[i]);
+    } else {
+      if (gk32) atomicAdd(gk32 + base + i, ak[i]);
+      if (gv32) atomicAdd(gv32 + base + i, av[i]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 struct Plan {
   Params p;
@@ -583,6 +668,77 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   return fa_cu_launch_check(fn);
 }
 
+// the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits; false when a map's
+// two float32 accumulators do not fit in one block's shared memory (bwd_kernel's atomics then)
+struct KvPlan {
+  int g, nch, nz, threads;
+  size_t smem;
+};
+static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  kp.smem = (size_t)(2 * g->L * g->D) * sizeof(float);
+  const int64_t maps = g->B * g->V * g->NH;
+  if (kp.smem > (size_t)optin || maps >= ((int64_t)1 << 31)) return false;
+  if (g->D <= 32) {
+    kp.nch = 1;
+    kp.g = 4;
+    while (kp.g < g->D) kp.g *= 2;
+  } else {
+    kp.g = 32;
+    kp.nch = 2;
+    while (kp.nch * 32 < g->D) kp.nch *= 2;
+  }
+  kp.threads = 1024;
+  // about one block per SM or more: split the query positions when there are few maps
+  const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
+  int64_t nz = 1;
+  if (2 * maps < sms) {
+    nz = (sms + maps - 1) / maps;
+    const int64_t most = (nq + ngrp - 1) / ngrp;
+    if (nz > most) nz = most;
+    if (nz > 65535) nz = 65535;
+    if (nz < 1) nz = 1;
+  }
+  kp.nz = (int)nz;
+  return true;
+}
+
+#define KV_SWITCH(kp, body)                                                                            \
+  do {                                                                                                 \
+    if ((kp).nch == 1) {                                                                               \
+      constexpr int NCH_ = 1;                                                                          \
+      switch ((kp).g) {                                                                                \
+        case 4: { constexpr int G_ = 4; body; } break;                                                 \
+        case 8: { constexpr int G_ = 8; body; } break;                                                 \
+        case 16: { constexpr int G_ = 16; body; } break;                                               \
+        default: { constexpr int G_ = 32; body; }                                                      \
+      }                                                                                                \
+    } else {                                                                                           \
+      constexpr int G_ = 32;                                                                           \
+      switch ((kp).nch) {                                                                              \
+        case 2: { constexpr int NCH_ = 2; body; } break;                                               \
+        case 4: { constexpr int NCH_ = 4; body; } break;                                               \
+        default: { constexpr int NCH_ = 8; body; }                                                     \
+      }                                                                                                \
+    }                                                                                                  \
+  } while (0)
+
+template <typename T, int G, int NCH>
+static int kv_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
+                     float *gv32, const float2 *pd, const T *q, const T *go, const float *coords) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(kv_kernel<T, G, NCH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)kp.smem), fn)))
+    return rc;
+  const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
+  kv_kernel<T, G, NCH><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, pd, q, go, coords, p, kp.nz);
+  return fa_cu_launch_check(fn);
+}
+
 template <typename T>
 static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const T *go, const T *q, const T *k,
                       const T *v, const float *coords, const T *o, const float *lse) {
@@ -604,7 +760,11 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   float *gk32 = nullptr, *gv32 = nullptr, *gcdst = gc;
   float2 *pd = nullptr;
   if (gc && pl.p.nht > 1 && !(gcdst = (float *)tmp.get((int64_t)pl.p.nht * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
-  if (!det) {
+  // grad_k / grad_v: key side (kv_kernel, from bwd_kernel's (P, dS) record) where a map fits in shared memory,
+  // else bwd_kernel's atomics; deterministic: the record, sorted and gathered
+  KvPlan kp;
+  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, dev);
+  if (!det && (!keyside || kp.nz > 1)) {
     if (gk) {
       gk32 = sizeof(T) == 4 ? (float *)gk : (float *)tmp.get(nkv * sizeof(float));
       if (!gk32) return FA_ERR_MEMORY;
@@ -615,12 +775,14 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
       if (!gv32) return FA_ERR_MEMORY;
       if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nkv * sizeof(float), st), fn))) return rc;
     }
-  } else if ((gk || gv) && npts) {
+  }
+  if ((det || keyside) && (gk || gv) && npts) {
     if (!(pd = (float2 *)tmp.get(npts * g->NH * (int64_t)sizeof(float2)))) return FA_ERR_MEMORY;
   }
   if (gq || gc || gk32 || gv32 || pd) {
+    float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
     DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
-                         gq, gc ? gcdst : nullptr, gk32, gv32, pd, go, q, k, v, coords, o, lse, pl.p)));
+                         gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
   if (gc && pl.p.nht > 1 && npts) {
@@ -629,9 +791,15 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
   if (!det) {
+    if (keyside) {
+      const bool own = kp.nz == 1;
+      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, st, fn, own ? gk : nullptr, own ? gv : nullptr,
+                                                 own ? nullptr : gk32, own ? nullptr : gv32, pd, q, go, coords)));
+      if (rc) return rc;
+    }
     if (sizeof(T) != 4) {
-      if (gk) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gk, gk32, nkv);
-      if (gv) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gv, gv32, nkv);
+      if (gk32) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gk, gk32, nkv);
+      if (gv32) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gv, gv32, nkv);
     }
     return fa_cu_launch_check(fn);
   }
