@@ -229,6 +229,116 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
   if (w.lane == 0) lse[row] = fa_attn_lse(m, lsum);
 }
 
+// The forward with the maps in shared memory (fwd_map_plan: 16-byte vectors, both maps of a (b, v2, h) fit): a
+// block takes QT query positions of b (flat over (v1, l): p.ltiles tiles per (b, h)) and one head, and walks the
+// views v2 in order: the block copies the k and v maps of (b, v2, h) into shared memory (as stored, in the dtype),
+// then each group gathers its query's S samples there. Lane j of a group computes the footprint of sample s0 + j
+// (the coordinates: group-wide loads), the group reads it by shuffles. Samples in the order n = v2 * S + s, as
+// fwd_kernel. Every L1 line a gather touches is then one map of one head, loaded once per block and view.
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, float *__restrict__ lse,
+                                                      const T *__restrict__ q, const T *__restrict__ k,
+                                                      const T *__restrict__ v, const float *__restrict__ coords,
+                                                      const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  const int LDm = p.L * p.D;  // D a multiple of VEC: every row 16-byte aligned
+  T *km = (T *)smem4, *vm = km + LDm;
+  const int nq = p.V * p.L;
+  const int tile = blockIdx.x % p.ltiles, bh = blockIdx.x / p.ltiles, h = bh % p.NH, b = bh / p.NH;
+  const int lane = threadIdx.x % TPG, qi = tile * p.QT + threadIdx.x / TPG;
+  const bool active = qi < nq;
+  const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;  // idle groups run along on a valid row
+  float qr[NC][VEC], acc[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = 0.f;
+      acc[c][e] = 0.f;
+    }
+  }
+  float m = -INFINITY, lsum = 0.f;
+  const int64_t e0 = ((int64_t)b * nq + qa) * p.VS;
+  const int rowv = p.D / VEC, nvec = p.L * rowv;
+  for (int v2 = 0; v2 < p.V; v2++) {
+    __syncthreads();
+    const T *ks = k + b * p.kb + v2 * p.kv + h * p.kh, *vs = v + b * p.vb + v2 * p.vv + h * p.vh;
+    for (int i = threadIdx.x; i < 2 * nvec; i += blockDim.x) {
+      const int r = i < nvec ? i : i - nvec, row = r / rowv, c = (r % rowv) * VEC;
+      const T *src = i < nvec ? ks + row * p.kl + c : vs + row * p.vl + c;
+      T *dst = (i < nvec ? km : vm) + row * p.D + c;
+      *(uint4 *)dst = __ldg((const uint4 *)src);
+    }
+    __syncthreads();
+    for (int s0 = 0; s0 < p.S; s0 += TPG) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + v2 * p.S + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(TPG, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, TPG), mv = __shfl_sync(FULL, f.mv, j, TPG);
+        float wk[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
+        const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
+        float ks2[NC][VEC], vs2[NC][VEC];
+        float part = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+#pragma unroll
+          for (int e = 0; e < VEC; e++) ks2[c][e] = vs2[c][e] = 0.f;
+          if (!ch[c]) continue;
+          const int d = (c * TPG + lane) * VEC;
+#pragma unroll
+          for (int t = 0; t < 4; t++) {
+            if (!(mv >> t & 1)) continue;
+            float x[VEC], y[VEC];
+            ld<T, VEC>(x, km + off[t] * p.D + d);
+            ld<T, VEC>(y, vm + off[t] * p.D + d);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+              ks2[c][e] = fmaf(wk[t], x[e], ks2[c][e]);
+              vs2[c][e] = fmaf(wk[t], y[e], vs2[c][e]);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks2[c][e], part);
+        }
+        const float s2 = gsum<TPG>(part) * p.scale2;
+        const float alpha = fa_attn_rescale(m, s2);
+        const float pe = fa_attn_exp(s2, m);
+        lsum = lsum * alpha + pe;
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+#pragma unroll
+          for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs2[c][e], acc[c][e] * alpha);
+      }
+    }
+  }
+  if (!active) return;
+  const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
+    st<T, VEC>(out + row * p.D + (c * TPG + lane) * VEC, o);
+  }
+  if (lane == 0) lse[row] = fa_attn_lse(m, lsum);
+}
+
 // ------------------------------------------------------------------------------------------------ backward
 // grad_q (gq, when wanted), the coordinates' gradient (gc: grad_coords or the head tile's partials, when wanted),
 // and grad_k / grad_v: scattered with atomics into gk32 / gv32 (when not NULL), or (P, dS) recorded into pd
@@ -655,6 +765,40 @@ static int make_plan(const char *fn, Plan &pl, const fa_ds_geom *g, const void *
     }                                                                                                  \
   } while (0)
 
+// the forward's map mode (fwd_map_kernel) where 16-byte vectors work, S >= 1, both maps of a (b, v2, h) fit in one
+// block's shared memory, and a block gathers at least as many taps per view as a map has pixels; it rewrites
+// pl's QT (query positions per block), ltiles (tiles per (b, h)), threads, smem_fwd and grid
+template <typename T> static bool fwd_map_plan(Plan &pl, const fa_ds_geom *g, int dev) {
+  if (pl.vec == 1 || g->S < 1) return false;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const size_t smem = (size_t)(2 * g->L * g->D) * sizeof(T);
+  if (smem > (size_t)optin) return false;
+  const int threads = 512, qt = threads / pl.tpg;
+  const int64_t nq = g->V * g->L, tiles = (nq + qt - 1) / qt, blocks = g->B * g->NH * tiles;
+  if (4 * (qt < nq ? qt : nq) * g->S < g->L || blocks >= ((int64_t)1 << 31)) return false;
+  pl.p.QT = qt;
+  pl.p.ltiles = (int)tiles;
+  pl.threads = threads;
+  pl.smem_fwd = smem;
+  pl.grid = dim3((unsigned)blocks, 1);
+  return true;
+}
+
+template <typename T, int VEC, int TPG, int NC>
+static int fwd_map_launch(const Plan &pl, cudaStream_t st, const char *fn, T *out, float *lse, const T *q, const T *k,
+                          const T *v, const float *coords) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(fwd_map_kernel<T, VEC, TPG, NC>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_fwd), fn)))
+    return rc;
+  fwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p);
+  return fa_cu_launch_check(fn);
+}
+
 template <typename T>
 static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const T *k, const T *v, const float *coords) {
   static const char *fn = "fa_deform_sdpa_forward";
@@ -664,6 +808,11 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   int rc = make_plan<T>(fn, pl, g, ptrs, 4, ss, 3);
   if (rc) return rc;
   cudaStream_t st = fa_cu_stream(g->device);
+  if (fwd_map_plan<T>(pl, g, g->device)) {
+    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors
+    DS_SWITCH(pl, T, if constexpr (VEC_ > 1) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords)));
+    return rc;
+  }
   DS_SWITCH(pl, T, (fwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p)));
   return fa_cu_launch_check(fn);
 }
