@@ -235,6 +235,18 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
 // then each group gathers its query's S samples there. Lane j of a group computes the footprint of sample s0 + j
 // (the coordinates: group-wide loads), the group reads it by shuffles. Samples in the order n = v2 * S + s, as
 // fwd_kernel. Every L1 line a gather touches is then one map of one head, loaded once per block and view.
+// the k and v maps (L x D, row strides p.kl / p.vl, 16-byte aligned rows) into km / vm (dense), by the block
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_maps(T *km, T *vm, const T *ks, const T *vs, const Params &p) {
+  const int rowv = p.D / VEC, nvec = p.L * rowv;
+  for (int i = threadIdx.x; i < 2 * nvec; i += blockDim.x) {
+    const int r = i < nvec ? i : i - nvec, row = r / rowv, c = (r % rowv) * VEC;
+    const T *src = i < nvec ? ks + row * p.kl + c : vs + row * p.vl + c;
+    T *dst = (i < nvec ? km : vm) + row * p.D + c;
+    *(uint4 *)dst = __ldg((const uint4 *)src);
+  }
+}
+
 template <typename T, int VEC, int TPG, int NC>
 __global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, float *__restrict__ lse,
                                                       const T *__restrict__ q, const T *__restrict__ k,
@@ -264,16 +276,9 @@ __global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, fl
   }
   float m = -INFINITY, lsum = 0.f;
   const int64_t e0 = ((int64_t)b * nq + qa) * p.VS;
-  const int rowv = p.D / VEC, nvec = p.L * rowv;
   for (int v2 = 0; v2 < p.V; v2++) {
     __syncthreads();
-    const T *ks = k + b * p.kb + v2 * p.kv + h * p.kh, *vs = v + b * p.vb + v2 * p.vv + h * p.vh;
-    for (int i = threadIdx.x; i < 2 * nvec; i += blockDim.x) {
-      const int r = i < nvec ? i : i - nvec, row = r / rowv, c = (r % rowv) * VEC;
-      const T *src = i < nvec ? ks + row * p.kl + c : vs + row * p.vl + c;
-      T *dst = (i < nvec ? km : vm) + row * p.D + c;
-      *(uint4 *)dst = __ldg((const uint4 *)src);
-    }
+    copy_maps<T, VEC>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh, p);
     __syncthreads();
     for (int s0 = 0; s0 < p.S; s0 += TPG) {
       Foot f;
@@ -485,6 +490,124 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
   }
 }
 
+// bwd_kernel in map mode (the forward's map mode: a block = QT query positions of one (b, h), the views' k/v maps
+// staged in shared memory): grad_q, the (P, dS) record pd, and the coordinates' gradient of each head into its
+// partial gcp[h] (npts x 2, unscaled; finish_coords_kernel sums them in head order). No grad_k / grad_v here.
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, float *__restrict__ gcp,
+                                                         float2 *__restrict__ pd, const T *__restrict__ go,
+                                                         const T *__restrict__ q, const T *__restrict__ k,
+                                                         const T *__restrict__ v, const float *__restrict__ coords,
+                                                         const T *__restrict__ o, const float *__restrict__ lse,
+                                                         const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  const int LDm = p.L * p.D;
+  T *km = (T *)smem4, *vm = km + LDm;
+  const int nq = p.V * p.L;
+  const int tile = blockIdx.x % p.ltiles, bh = blockIdx.x / p.ltiles, h = bh % p.NH, b = bh / p.NH;
+  const int lane = threadIdx.x % TPG, qi = tile * p.QT + threadIdx.x / TPG;
+  const bool active = qi < nq;
+  const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;
+  float qr[NC][VEC], gr[NC][VEC], dq[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+  const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+  const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
+  float dpart = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    float y[VEC];
+    if (ch[c]) {
+      ld<T, VEC>(qr[c], qrow + d);
+      ld<T, VEC>(gr[c], grow + d);
+      ld<T, VEC>(y, orow + d);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
+      dq[c][e] = 0.f;
+      dpart = fmaf(gr[c][e], y[e], dpart);
+    }
+  }
+  const float delta = gsum<TPG>(dpart);
+  const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+  const float lse2 = lse[row] * FA_ATTN_LOG2E;
+  const int64_t e0 = ((int64_t)b * nq + qa) * p.VS, npts2 = (int64_t)p.B * nq * p.VS * 2;
+  for (int v2 = 0; v2 < p.V; v2++) {
+    __syncthreads();
+    copy_maps<T, VEC>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh, p);
+    __syncthreads();
+    for (int s0 = 0; s0 < p.S; s0 += TPG) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.fx = f.fy = 0.f;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + v2 * p.S + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(TPG, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, TPG), mv = __shfl_sync(FULL, f.mv, j, TPG);
+        const float fx = __shfl_sync(FULL, f.fx, j, TPG), fy = __shfl_sync(FULL, f.fy, j, TPG);
+        float wk[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
+        const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
+        float kt[4][NC][VEC];
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // partial q.k_t, dO.v_t
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+#pragma unroll
+          for (int c = 0; c < NC; c++) {
+#pragma unroll
+            for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
+            if (!ch[c] || !(mv >> t & 1)) continue;
+            const int d = (c * TPG + lane) * VEC;
+            float y[VEC];
+            ld<T, VEC>(kt[t][c], km + off[t] * p.D + d);
+            ld<T, VEC>(y, vm + off[t] * p.D + d);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+              a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
+              g[t] = fmaf(gr[c][e], y[e], g[t]);
+            }
+          }
+        const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
+        const float s = gsum<TPG>(wk[0] * a[0] + wk[1] * a[1] + wk[2] * a[2] + wk[3] * a[3]);
+        const float dp = gsum<TPG>(wk[0] * g[0] + wk[1] * g[1] + wk[2] * g[2] + wk[3] * g[3]);
+        const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta);
+        const float sds = p.scale * ds;
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+#pragma unroll
+          for (int e = 0; e < VEC; e++)
+            dq[c][e] = fmaf(ds, wk[3] * kt[3][c][e] + wk[2] * kt[2][c][e] + wk[1] * kt[1][c][e] + wk[0] * kt[0][c][e],
+                            dq[c][e]);
+        const int64_t e = e0 + v2 * p.S + s0 + j;
+        if (gcp) {
+          const float du = gsum<TPG>(sds * fa_bl_du(a, fy, hy) + pr * fa_bl_du(g, fy, hy));
+          const float dv = gsum<TPG>(sds * fa_bl_dv(a, fx, hx) + pr * fa_bl_dv(g, fx, hx));
+          if (active && lane == 0) *(float2 *)(gcp + h * npts2 + 2 * e) = make_float2(du, dv);
+        }
+        if (pd && active && lane == 0) pd[e * p.NH + h] = make_float2(pr, ds);
+      }
+    }
+  }
+  if (!gq || !active) return;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
+    st<T, VEC>(gq + row * p.D + (c * TPG + lane) * VEC, x);
+  }
+}
+
 // grad_coords = the head tiles' partials summed in tile order, times (W - 1, H - 1)
 __global__ void finish_coords_kernel(float *__restrict__ gc, const float *__restrict__ part, int64_t n, int tiles,
                                      float sx, float sy) {
@@ -600,14 +723,18 @@ __global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restr
                                                   const float *__restrict__ coords, const __grid_constant__ Params p,
                                                   int nz) {
   extern __shared__ float4 smem4[];
-  const int LD = p.L * p.D;  // the planner keeps 2 * LD floats within the shared memory
-  float *ak = (float *)smem4, *av = ak + LD;
+  // per thread 3 float4: the sample its lane prepared (pix, mask, scale dS w_t, P w_t), then the map's
+  // accumulators (the planner keeps 48 * blockDim.x + 8 * L * D bytes within the shared memory)
+  float4 *prep = smem4;
+  const int LD = p.L * p.D;
+  float *ak = (float *)(smem4 + 3 * blockDim.x), *av = ak + LD;
   const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
   for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) ak[i] = 0.f;
   __syncthreads();
   const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
   const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
-  // every group runs the same number of iterations (shuffles over whole warps); idle groups write nothing
+  const bool wk = gk || gk32, wv = gv || gv32;
+  // every group runs the same number of iterations (__syncwarp over whole warps); idle groups write nothing
   for (int qb = q0; qb < q1; qb += ngrp) {
     const int qi = qb + grp;
     const bool active = qi < q1;
@@ -633,28 +760,32 @@ __global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restr
         footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
         pds = pd[(e0 + s0 + lane) * p.NH + h];
       }
+      const float sds = p.scale * pds.y;
+      __syncwarp();  // the previous round's reads of prep are done
+      prep[3 * threadIdx.x] = make_float4(__int_as_float(f.pix), __int_as_float(f.mv), 0.f, 0.f);
+      prep[3 * threadIdx.x + 1] = make_float4(sds * f.w[0], sds * f.w[1], sds * f.w[2], sds * f.w[3]);
+      prep[3 * threadIdx.x + 2] = make_float4(pds.x * f.w[0], pds.x * f.w[1], pds.x * f.w[2], pds.x * f.w[3]);
+      __syncwarp();
       const int ns = min(G, p.S - s0);
-      for (int j = 0; j < ns; j++) {
-        const int pix = __shfl_sync(FULL, f.pix, j, G), mv = __shfl_sync(FULL, f.mv, j, G);
-        float wt[4];
+      if (active)
+        for (int j = 0; j < ns; j++) {
+          const float4 *fp = prep + 3 * (grp * G + j);
+          const float4 a = fp[0], ck4 = fp[1], cv4 = fp[2];
+          const int pix = __float_as_int(a.x), mv = __float_as_int(a.y);
+          const float ck[4] = {ck4.x, ck4.y, ck4.z, ck4.w}, cv[4] = {cv4.x, cv4.y, cv4.z, cv4.w};
 #pragma unroll
-        for (int t = 0; t < 4; t++) wt[t] = __shfl_sync(FULL, f.w[t], j, G);
-        const float pr = __shfl_sync(FULL, pds.x, j, G), sds = p.scale * __shfl_sync(FULL, pds.y, j, G);
-        if (!active) continue;
+          for (int t = 0; t < 4; t++) {
+            if (!(mv >> t & 1)) continue;
+            const int o = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
 #pragma unroll
-        for (int t = 0; t < 4; t++) {
-          if (!(mv >> t & 1)) continue;
-          const int o = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
-          const float ck = sds * wt[t], cv = pr * wt[t];
-#pragma unroll
-          for (int c = 0; c < NCH; c++) {
-            const int d = c * G + lane;
-            if (d >= p.D) continue;
-            if (gk || gk32) atomicAdd(ak + o + d, ck * qr[c]);
-            if (gv || gv32) atomicAdd(av + o + d, cv * gr[c]);
+            for (int c = 0; c < NCH; c++) {
+              const int d = c * G + lane;
+              if (d >= p.D) continue;
+              if (wk) atomicAdd(ak + o + d, ck[t] * qr[c]);
+              if (wv) atomicAdd(av + o + d, cv[t] * gr[c]);
+            }
           }
         }
-      }
     }
   }
   __syncthreads();
@@ -674,7 +805,7 @@ __global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restr
 struct Plan {
   Params p;
   int vec, tpg, nc, threads;
-  size_t smem_fwd, smem_bwd;
+  size_t smem_fwd, smem_bwd, smem_map;
   dim3 grid;
 };
 
@@ -765,10 +896,10 @@ static int make_plan(const char *fn, Plan &pl, const fa_ds_geom *g, const void *
     }                                                                                                  \
   } while (0)
 
-// the forward's map mode (fwd_map_kernel) where 16-byte vectors work, S >= 1, both maps of a (b, v2, h) fit in one
-// block's shared memory, and a block gathers at least as many taps per view as a map has pixels; it rewrites
-// pl's QT (query positions per block), ltiles (tiles per (b, h)), threads, smem_fwd and grid
-template <typename T> static bool fwd_map_plan(Plan &pl, const fa_ds_geom *g, int dev) {
+// the map mode (fwd_map_kernel, bwd_map_kernel) where 16-byte vectors work, S >= 1, both maps of a (b, v2, h) fit
+// in one block's shared memory, and a block gathers at least as many taps per view as a map has pixels; it
+// rewrites pl's QT (query positions per block), ltiles (tiles per (b, h)), threads, smem_map and grid
+template <typename T> static bool map_plan(Plan &pl, const fa_ds_geom *g, int dev, int threads) {
   if (pl.vec == 1 || g->S < 1) return false;
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
@@ -777,13 +908,13 @@ template <typename T> static bool fwd_map_plan(Plan &pl, const fa_ds_geom *g, in
   }
   const size_t smem = (size_t)(2 * g->L * g->D) * sizeof(T);
   if (smem > (size_t)optin) return false;
-  const int threads = 512, qt = threads / pl.tpg;
+  const int qt = threads / pl.tpg;
   const int64_t nq = g->V * g->L, tiles = (nq + qt - 1) / qt, blocks = g->B * g->NH * tiles;
   if (4 * (qt < nq ? qt : nq) * g->S < g->L || blocks >= ((int64_t)1 << 31)) return false;
   pl.p.QT = qt;
   pl.p.ltiles = (int)tiles;
   pl.threads = threads;
-  pl.smem_fwd = smem;
+  pl.smem_map = smem;
   pl.grid = dim3((unsigned)blocks, 1);
   return true;
 }
@@ -793,9 +924,21 @@ static int fwd_map_launch(const Plan &pl, cudaStream_t st, const char *fn, T *ou
                           const T *v, const float *coords) {
   int rc;
   if ((rc = fa_cu_check(cudaFuncSetAttribute(fwd_map_kernel<T, VEC, TPG, NC>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_fwd), fn)))
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)))
     return rc;
-  fwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p);
+  fwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(out, lse, q, k, v, coords, pl.p);
+  return fa_cu_launch_check(fn);
+}
+
+template <typename T, int VEC, int TPG, int NC>
+static int bwd_map_launch(const Plan &pl, cudaStream_t st, const char *fn, T *gq, float *gcp, float2 *pd, const T *go,
+                          const T *q, const T *k, const T *v, const float *coords, const T *o, const float *lse) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(bwd_map_kernel<T, VEC, TPG, NC>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)))
+    return rc;
+  bwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(gq, gcp, pd, go, q, k, v, coords, o, lse,
+                                                                            pl.p);
   return fa_cu_launch_check(fn);
 }
 
@@ -808,9 +951,9 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   int rc = make_plan<T>(fn, pl, g, ptrs, 4, ss, 3);
   if (rc) return rc;
   cudaStream_t st = fa_cu_stream(g->device);
-  if (fwd_map_plan<T>(pl, g, g->device)) {
-    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors
-    DS_SWITCH(pl, T, if constexpr (VEC_ > 1) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords)));
+  if (map_plan<T>(pl, g, g->device, 512)) {
+    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
+    DS_SWITCH(pl, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords)));
     return rc;
   }
   DS_SWITCH(pl, T, (fwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p)));
@@ -829,7 +972,8 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
     cudaGetLastError();
     return false;
   }
-  kp.smem = (size_t)(2 * g->L * g->D) * sizeof(float);
+  kp.threads = 1024;
+  kp.smem = (size_t)kp.threads * 3 * sizeof(float4) + (size_t)(2 * g->L * g->D) * sizeof(float);
   const int64_t maps = g->B * g->V * g->NH;
   if (kp.smem > (size_t)optin || maps >= ((int64_t)1 << 31)) return false;
   if (g->D <= 32) {
@@ -841,7 +985,6 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
     kp.nch = 2;
     while (kp.nch * 32 < g->D) kp.nch *= 2;
   }
-  kp.threads = 1024;
   // about one block per SM or more: split the query positions when there are few maps
   const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
   int64_t nz = 1;
@@ -908,11 +1051,17 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   const bool det = g->deterministic != 0;
   float *gk32 = nullptr, *gv32 = nullptr, *gcdst = gc;
   float2 *pd = nullptr;
-  if (gc && pl.p.nht > 1 && !(gcdst = (float *)tmp.get((int64_t)pl.p.nht * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
-  // grad_k / grad_v: key side (kv_kernel, from bwd_kernel's (P, dS) record) where a map fits in shared memory,
-  // else bwd_kernel's atomics; deterministic: the record, sorted and gathered
+  // grad_k / grad_v: key side (kv_kernel, from the (P, dS) record) where a map fits in shared memory, else
+  // bwd_kernel's atomics; deterministic: the record, sorted and gathered
   KvPlan kp;
   const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, dev);
+  // the query side: bwd_map_kernel (maps in shared memory, one head per block: the coordinates' gradient in
+  // per-head partials) unless grad_k / grad_v need bwd_kernel's atomics or the maps do not fit
+  Plan pm = pl;
+  const bool bmap = (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
+  const int gtiles = bmap ? (int)g->NH : pl.p.nht;
+  const bool gpart = bmap || pl.p.nht > 1;
+  if (gc && gpart && !(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
   if (!det && (!keyside || kp.nz > 1)) {
     if (gk) {
       gk32 = sizeof(T) == 4 ? (float *)gk : (float *)tmp.get(nkv * sizeof(float));
@@ -928,14 +1077,19 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   if ((det || keyside) && (gk || gv) && npts) {
     if (!(pd = (float2 *)tmp.get(npts * g->NH * (int64_t)sizeof(float2)))) return FA_ERR_MEMORY;
   }
-  if (gq || gc || gk32 || gv32 || pd) {
+  if (bmap && (gq || gc || pd)) {
+    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
+    DS_SWITCH(pm, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (bwd_map_launch<T, VEC_, TPG_, NC_>(pm, st, fn, gq, gc ? gcdst : nullptr,
+                                                                                       pd, go, q, k, v, coords, o, lse)));
+    if (rc) return rc;
+  } else if (!bmap && (gq || gc || gk32 || gv32 || pd)) {
     float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
     DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
                          gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
-  if (gc && pl.p.nht > 1 && npts) {
-    finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, pl.p.nht,
+  if (gc && gpart && npts) {
+    finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, gtiles,
                                                                           (float)(g->W - 1), (float)(g->H - 1));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
