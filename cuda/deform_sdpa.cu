@@ -919,24 +919,51 @@ template <typename T> static bool map_plan(Plan &pl, const fa_ds_geom *g, int de
   return true;
 }
 
+// map mode: fewer query positions per block (down to half, whole warps) where that fills the last wave of blocks
+// better: per_sm blocks of pl.threads fit an SM (fewer threads never fit fewer); minimises waves x (block size +
+// the maps' copy, about L / S query positions' worth)
+static void balance(Plan &pl, int per_sm, int dev) {
+  const int64_t slots = (int64_t)(per_sm > 0 ? per_sm : 1) * fa_cu_sm_count(dev);
+  const int tpg = pl.tpg, qmax = pl.p.QT, step = 32 / tpg > 1 ? 32 / tpg : 1;
+  const int64_t nq = (int64_t)pl.p.V * pl.p.L, bh = (int64_t)pl.p.B * pl.p.NH, fixed = pl.p.L / pl.p.S;
+  int best = qmax;
+  int64_t bcost = -1;
+  for (int qt = qmax; qt >= qmax / 2 && qt >= step; qt -= step) {
+    const int64_t blocks = bh * ((nq + qt - 1) / qt), cost = (blocks + slots - 1) / slots * (qt + fixed);
+    if (bcost < 0 || cost < bcost) { bcost = cost; best = qt; }
+  }
+  const int64_t tiles = (nq + best - 1) / best;
+  if (bh * tiles >= ((int64_t)1 << 31)) return;
+  pl.p.QT = best;
+  pl.p.ltiles = (int)tiles;
+  pl.threads = best * tpg;
+  pl.grid = dim3((unsigned)(bh * tiles), 1);
+}
+
 template <typename T, int VEC, int TPG, int NC>
-static int fwd_map_launch(const Plan &pl, cudaStream_t st, const char *fn, T *out, float *lse, const T *q, const T *k,
-                          const T *v, const float *coords) {
-  int rc;
+static int fwd_map_launch(Plan pl, cudaStream_t st, const char *fn, T *out, float *lse, const T *q, const T *k,
+                          const T *v, const float *coords, int dev) {
+  int rc, per_sm = 1;
   if ((rc = fa_cu_check(cudaFuncSetAttribute(fwd_map_kernel<T, VEC, TPG, NC>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)))
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)) ||
+      (rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fwd_map_kernel<T, VEC, TPG, NC>,
+                                                                      pl.threads, pl.smem_map), fn)))
     return rc;
+  balance(pl, per_sm, dev);
   fwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(out, lse, q, k, v, coords, pl.p);
   return fa_cu_launch_check(fn);
 }
 
 template <typename T, int VEC, int TPG, int NC>
-static int bwd_map_launch(const Plan &pl, cudaStream_t st, const char *fn, T *gq, float *gcp, float2 *pd, const T *go,
-                          const T *q, const T *k, const T *v, const float *coords, const T *o, const float *lse) {
-  int rc;
+static int bwd_map_launch(Plan pl, cudaStream_t st, const char *fn, T *gq, float *gcp, float2 *pd, const T *go,
+                          const T *q, const T *k, const T *v, const float *coords, const T *o, const float *lse, int dev) {
+  int rc, per_sm = 1;
   if ((rc = fa_cu_check(cudaFuncSetAttribute(bwd_map_kernel<T, VEC, TPG, NC>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)))
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)) ||
+      (rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd_map_kernel<T, VEC, TPG, NC>,
+                                                                      pl.threads, pl.smem_map), fn)))
     return rc;
+  balance(pl, per_sm, dev);
   bwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(gq, gcp, pd, go, q, k, v, coords, o, lse,
                                                                             pl.p);
   return fa_cu_launch_check(fn);
@@ -953,7 +980,7 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   cudaStream_t st = fa_cu_stream(g->device);
   if (map_plan<T>(pl, g, g->device, 512)) {
     rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
-    DS_SWITCH(pl, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords)));
+    DS_SWITCH(pl, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords, g->device)));
     return rc;
   }
   DS_SWITCH(pl, T, (fwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p)));
@@ -1080,7 +1107,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   if (bmap && (gq || gc || pd)) {
     rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
     DS_SWITCH(pm, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (bwd_map_launch<T, VEC_, TPG_, NC_>(pm, st, fn, gq, gc ? gcdst : nullptr,
-                                                                                       pd, go, q, k, v, coords, o, lse)));
+                                                                                       pd, go, q, k, v, coords, o, lse, dev)));
     if (rc) return rc;
   } else if (!bmap && (gq || gc || gk32 || gv32 || pd)) {
     float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
