@@ -12,11 +12,18 @@
 // reads 0; a sample with no tap inside is key 0 / value 0, still a softmax term), blends, reduces q.k over its
 // lanes (xor shuffles: every lane holds the same bits) and runs the exp2-domain online softmax of cuda/attn.cuh.
 //
+// Map mode (the planner's choice where 16-byte vectors work and the k/v maps of one (b, v2, h) fit in shared
+// memory): fwd_map_kernel / bwd_map_kernel take many query positions of one (b, head) per block and stage each
+// view's maps in shared memory, so that no gather goes to L1/L2 (fwd_kernel / bwd_kernel otherwise).
+//
 // Backward: P = exp2(scale2 s - lse2) recomputed, delta = <grad_out, out> per row. bwd_kernel (the forward's
 // layout) gives grad_q (its own row: no atomics) and the coordinates' gradient: each group reduces its per-tap
 // dot products into d/du, d/dv of the sample, the block sums them over its heads in head order through shared
-// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel). grad_k/grad_v:
-//   fast: the same kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
+// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel); bwd_map_kernel
+// (one head per block) writes per-head partials, summed in head order by finish_coords_kernel. grad_k/grad_v:
+//   fast, where a map's two float32 accumulators fit in shared memory: the query side records (P, dS) per
+//     (sample, head), kv_kernel (a block per map) scatters into the map in shared memory and writes it once;
+//   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
 //     its cell on the (H+1)x(W+1) grid of (b, v2) (head-independent: one sort for all heads), a stable CUB radix
@@ -229,12 +236,6 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
   if (w.lane == 0) lse[row] = fa_attn_lse(m, lsum);
 }
 
-// The forward with the maps in shared memory (fwd_map_plan: 16-byte vectors, both maps of a (b, v2, h) fit): a
-// block takes QT query positions of b (flat over (v1, l): p.ltiles tiles per (b, h)) and one head, and walks the
-// views v2 in order: the block copies the k and v maps of (b, v2, h) into shared memory (as stored, in the dtype),
-// then each group gathers its query's S samples there. Lane j of a group computes the footprint of sample s0 + j
-// (the coordinates: group-wide loads), the group reads it by shuffles. Samples in the order n = v2 * S + s, as
-// fwd_kernel. Every L1 line a gather touches is then one map of one head, loaded once per block and view.
 // the k and v maps (L x D, row strides p.kl / p.vl, 16-byte aligned rows) into km / vm (dense), by the block
 template <typename T, int VEC>
 __device__ __forceinline__ void copy_maps(T *km, T *vm, const T *ks, const T *vs, const Params &p) {
@@ -247,6 +248,12 @@ __device__ __forceinline__ void copy_maps(T *km, T *vm, const T *ks, const T *vs
   }
 }
 
+// The forward with the maps in shared memory (map_plan: 16-byte vectors, both maps of a (b, v2, h) fit): a
+// block takes QT query positions of b (flat over (v1, l): p.ltiles tiles per (b, h)) and one head, and walks the
+// views v2 in order: the block copies the k and v maps of (b, v2, h) into shared memory (as stored, in the dtype),
+// then each group gathers its query's S samples there. Lane j of a group computes the footprint of sample s0 + j
+// (the coordinates: group-wide loads), the group reads it by shuffles. Samples in the order n = v2 * S + s, as
+// fwd_kernel. The gathers then read shared memory only; each map leaves global memory once per block.
 template <typename T, int VEC, int TPG, int NC>
 __global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, float *__restrict__ lse,
                                                       const T *__restrict__ q, const T *__restrict__ k,
