@@ -12,11 +12,18 @@
 // reads 0; a sample with no tap inside is key 0 / value 0, still a softmax term), blends, reduces q.k over its
 // lanes (xor shuffles: every lane holds the same bits) and runs the exp2-domain online softmax of cuda/attn.cuh.
 //
+// Map mode (the planner's choice where 16-byte vectors work and the k/v maps of one (b, v2, h) fit in shared
+// memory): fwd_map_kernel / bwd_map_kernel take many query positions of one (b, head) per block and stage each
+// view's maps in shared memory, so that no gather goes to L1/L2 (fwd_kernel / bwd_kernel otherwise).
+//
 // Backward: P = exp2(scale2 s - lse2) recomputed, delta = <grad_out, out> per row. bwd_kernel (the forward's
 // layout) gives grad_q (its own row: no atomics) and the coordinates' gradient: each group reduces its per-tap
 // dot products into d/du, d/dv of the sample, the block sums them over its heads in head order through shared
-// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel). grad_k/grad_v:
-//   fast: the same kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
+// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel); bwd_map_kernel
+// (one head per block) writes per-head partials, summed in head order by finish_coords_kernel. grad_k/grad_v:
+//   fast, where a map's two float32 accumulators fit in shared memory: the query side records (P, dS) per
+//     (sample, head), kv_kernel (a block per map) scatters into the map in shared memory and writes it once;
+//   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
 //     its cell on the (H+1)x(W+1) grid of (b, v2) (head-independent: one sort for all heads), a stable CUB radix
@@ -229,6 +236,121 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
   if (w.lane == 0) lse[row] = fa_attn_lse(m, lsum);
 }
 
+// the k and v maps (L x D, row strides p.kl / p.vl, 16-byte aligned rows) into km / vm (dense), by the block
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_maps(T *km, T *vm, const T *ks, const T *vs, const Params &p) {
+  const int rowv = p.D / VEC, nvec = p.L * rowv;
+  for (int i = threadIdx.x; i < 2 * nvec; i += blockDim.x) {
+    const int r = i < nvec ? i : i - nvec, row = r / rowv, c = (r % rowv) * VEC;
+    const T *src = i < nvec ? ks + row * p.kl + c : vs + row * p.vl + c;
+    T *dst = (i < nvec ? km : vm) + row * p.D + c;
+    *(uint4 *)dst = __ldg((const uint4 *)src);
+  }
+}
+
+// The forward with the maps in shared memory (map_plan: 16-byte vectors, both maps of a (b, v2, h) fit): a
+// block takes QT query positions of b (flat over (v1, l): p.ltiles tiles per (b, h)) and one head, and walks the
+// views v2 in order: the block copies the k and v maps of (b, v2, h) into shared memory (as stored, in the dtype),
+// then each group gathers its query's S samples there. Lane j of a group computes the footprint of sample s0 + j
+// (the coordinates: group-wide loads), the group reads it by shuffles. Samples in the order n = v2 * S + s, as
+// fwd_kernel. The gathers then read shared memory only; each map leaves global memory once per block.
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, float *__restrict__ lse,
+                                                      const T *__restrict__ q, const T *__restrict__ k,
+                                                      const T *__restrict__ v, const float *__restrict__ coords,
+                                                      const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  const int LDm = p.L * p.D;  // D a multiple of VEC: every row 16-byte aligned
+  T *km = (T *)smem4, *vm = km + LDm;
+  const int nq = p.V * p.L;
+  const int tile = blockIdx.x % p.ltiles, bh = blockIdx.x / p.ltiles, h = bh % p.NH, b = bh / p.NH;
+  const int lane = threadIdx.x % TPG, qi = tile * p.QT + threadIdx.x / TPG;
+  const bool active = qi < nq;
+  const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;  // idle groups run along on a valid row
+  float qr[NC][VEC], acc[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = 0.f;
+      acc[c][e] = 0.f;
+    }
+  }
+  float m = -INFINITY, lsum = 0.f;
+  const int64_t e0 = ((int64_t)b * nq + qa) * p.VS;
+  for (int v2 = 0; v2 < p.V; v2++) {
+    __syncthreads();
+    copy_maps<T, VEC>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh, p);
+    __syncthreads();
+    for (int s0 = 0; s0 < p.S; s0 += TPG) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + v2 * p.S + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(TPG, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, TPG), mv = __shfl_sync(FULL, f.mv, j, TPG);
+        float wk[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
+        const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
+        float ks2[NC][VEC], vs2[NC][VEC];
+        float part = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+#pragma unroll
+          for (int e = 0; e < VEC; e++) ks2[c][e] = vs2[c][e] = 0.f;
+          if (!ch[c]) continue;
+          const int d = (c * TPG + lane) * VEC;
+#pragma unroll
+          for (int t = 0; t < 4; t++) {
+            if (!(mv >> t & 1)) continue;
+            float x[VEC], y[VEC];
+            ld<T, VEC>(x, km + off[t] * p.D + d);
+            ld<T, VEC>(y, vm + off[t] * p.D + d);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+              ks2[c][e] = fmaf(wk[t], x[e], ks2[c][e]);
+              vs2[c][e] = fmaf(wk[t], y[e], vs2[c][e]);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks2[c][e], part);
+        }
+        const float s2 = gsum<TPG>(part) * p.scale2;
+        const float alpha = fa_attn_rescale(m, s2);
+        const float pe = fa_attn_exp(s2, m);
+        lsum = lsum * alpha + pe;
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+#pragma unroll
+          for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs2[c][e], acc[c][e] * alpha);
+      }
+    }
+  }
+  if (!active) return;
+  const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
+    st<T, VEC>(out + row * p.D + (c * TPG + lane) * VEC, o);
+  }
+  if (lane == 0) lse[row] = fa_attn_lse(m, lsum);
+}
+
 // ------------------------------------------------------------------------------------------------ backward
 // grad_q (gq, when wanted), the coordinates' gradient (gc: grad_coords or the head tile's partials, when wanted),
 // and grad_k / grad_v: scattered with atomics into gk32 / gv32 (when not NULL), or (P, dS) recorded into pd
@@ -375,6 +497,124 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
   }
 }
 
+// bwd_kernel in map mode (the forward's map mode: a block = QT query positions of one (b, h), the views' k/v maps
+// staged in shared memory): grad_q, the (P, dS) record pd, and the coordinates' gradient of each head into its
+// partial gcp[h] (npts x 2, unscaled; finish_coords_kernel sums them in head order). No grad_k / grad_v here.
+template <typename T, int VEC, int TPG, int NC>
+__global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, float *__restrict__ gcp,
+                                                         float2 *__restrict__ pd, const T *__restrict__ go,
+                                                         const T *__restrict__ q, const T *__restrict__ k,
+                                                         const T *__restrict__ v, const float *__restrict__ coords,
+                                                         const T *__restrict__ o, const float *__restrict__ lse,
+                                                         const __grid_constant__ Params p) {
+  extern __shared__ float4 smem4[];
+  const int LDm = p.L * p.D;
+  T *km = (T *)smem4, *vm = km + LDm;
+  const int nq = p.V * p.L;
+  const int tile = blockIdx.x % p.ltiles, bh = blockIdx.x / p.ltiles, h = bh % p.NH, b = bh / p.NH;
+  const int lane = threadIdx.x % TPG, qi = tile * p.QT + threadIdx.x / TPG;
+  const bool active = qi < nq;
+  const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;
+  float qr[NC][VEC], gr[NC][VEC], dq[NC][VEC];
+  bool ch[NC];
+  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+  const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+  const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
+  float dpart = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    float y[VEC];
+    if (ch[c]) {
+      ld<T, VEC>(qr[c], qrow + d);
+      ld<T, VEC>(gr[c], grow + d);
+      ld<T, VEC>(y, orow + d);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
+      dq[c][e] = 0.f;
+      dpart = fmaf(gr[c][e], y[e], dpart);
+    }
+  }
+  const float delta = gsum<TPG>(dpart);
+  const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+  const float lse2 = lse[row] * FA_ATTN_LOG2E;
+  const int64_t e0 = ((int64_t)b * nq + qa) * p.VS, npts2 = (int64_t)p.B * nq * p.VS * 2;
+  for (int v2 = 0; v2 < p.V; v2++) {
+    __syncthreads();
+    copy_maps<T, VEC>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh, p);
+    __syncthreads();
+    for (int s0 = 0; s0 < p.S; s0 += TPG) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.fx = f.fy = 0.f;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + v2 * p.S + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(TPG, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, TPG), mv = __shfl_sync(FULL, f.mv, j, TPG);
+        const float fx = __shfl_sync(FULL, f.fx, j, TPG), fy = __shfl_sync(FULL, f.fy, j, TPG);
+        float wk[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
+        const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
+        float kt[4][NC][VEC];
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // partial q.k_t, dO.v_t
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+#pragma unroll
+          for (int c = 0; c < NC; c++) {
+#pragma unroll
+            for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
+            if (!ch[c] || !(mv >> t & 1)) continue;
+            const int d = (c * TPG + lane) * VEC;
+            float y[VEC];
+            ld<T, VEC>(kt[t][c], km + off[t] * p.D + d);
+            ld<T, VEC>(y, vm + off[t] * p.D + d);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+              a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
+              g[t] = fmaf(gr[c][e], y[e], g[t]);
+            }
+          }
+        const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
+        const float s = gsum<TPG>(wk[0] * a[0] + wk[1] * a[1] + wk[2] * a[2] + wk[3] * a[3]);
+        const float dp = gsum<TPG>(wk[0] * g[0] + wk[1] * g[1] + wk[2] * g[2] + wk[3] * g[3]);
+        const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta);
+        const float sds = p.scale * ds;
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+#pragma unroll
+          for (int e = 0; e < VEC; e++)
+            dq[c][e] = fmaf(ds, wk[3] * kt[3][c][e] + wk[2] * kt[2][c][e] + wk[1] * kt[1][c][e] + wk[0] * kt[0][c][e],
+                            dq[c][e]);
+        const int64_t e = e0 + v2 * p.S + s0 + j;
+        if (gcp) {
+          const float du = gsum<TPG>(sds * fa_bl_du(a, fy, hy) + pr * fa_bl_du(g, fy, hy));
+          const float dv = gsum<TPG>(sds * fa_bl_dv(a, fx, hx) + pr * fa_bl_dv(g, fx, hx));
+          if (active && lane == 0) *(float2 *)(gcp + h * npts2 + 2 * e) = make_float2(du, dv);
+        }
+        if (pd && active && lane == 0) pd[e * p.NH + h] = make_float2(pr, ds);
+      }
+    }
+  }
+  if (!gq || !active) return;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
+    st<T, VEC>(gq + row * p.D + (c * TPG + lane) * VEC, x);
+  }
+}
+
 // grad_coords = the head tiles' partials summed in tile order, times (W - 1, H - 1)
 __global__ void finish_coords_kernel(float *__restrict__ gc, const float *__restrict__ part, int64_t n, int tiles,
                                      float sx, float sy) {
@@ -475,11 +715,104 @@ __global__ void __launch_bounds__(256) gather_kernel(T *__restrict__ gk, T *__re
   }
 }
 
+// ------------------------------------------------------------------------------------------------ key side
+// grad_k / grad_v without global atomics (the default where a map fits in shared memory): one block per map
+// (b, v2, h) and query split blockIdx.y of nz; the map's grad_k and grad_v accumulate in shared memory (float32,
+// [pixel][D], shared-memory atomics: order not fixed, so not the deterministic path), every query position of b
+// visits its S samples in v2 with (P, dS) from bwd_kernel's record pd. nz == 1: the block writes its rows once,
+// in the dtype; nz > 1: float32 atomics of the partial maps into gk32 / gv32 (zeroed). A group of G lanes per query
+// position, channel d = c * G + lane (consecutive lanes, consecutive banks); lane j of a group computes the
+// footprint of sample s0 + j and the group reads it by shuffles.
+template <typename T, int G, int NCH>
+__global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32,
+                                                  float *__restrict__ gv32, const float2 *__restrict__ pd,
+                                                  const T *__restrict__ q, const T *__restrict__ go,
+                                                  const float *__restrict__ coords, const __grid_constant__ Params p,
+                                                  int nz) {
+  extern __shared__ float4 smem4[];
+  // per thread 3 float4: the sample its lane prepared (pix, mask, scale dS w_t, P w_t), then the map's
+  // accumulators (the planner keeps 48 * blockDim.x + 8 * L * D bytes within the shared memory)
+  float4 *prep = smem4;
+  const int LD = p.L * p.D;
+  float *ak = (float *)(smem4 + 3 * blockDim.x), *av = ak + LD;
+  const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
+  for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) ak[i] = 0.f;
+  __syncthreads();
+  const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
+  const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
+  const bool wk = gk || gk32, wv = gv || gv32;
+  // every group runs the same number of iterations (__syncwarp over whole warps); idle groups write nothing
+  for (int qb = q0; qb < q1; qb += ngrp) {
+    const int qi = qb + grp;
+    const bool active = qi < q1;
+    const int qa = active ? qi : q0, v1 = qa / p.L, l = qa % p.L;
+    const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+    const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+    float qr[NCH], gr[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; c++) {
+      const int d = c * G + lane;
+      qr[c] = d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
+      gr[c] = d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
+    }
+    const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
+    for (int s0 = 0; s0 < p.S; s0 += G) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      float2 pds = make_float2(0.f, 0.f);
+      if (active && s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
+        pds = pd[(e0 + s0 + lane) * p.NH + h];
+      }
+      const float sds = p.scale * pds.y;
+      __syncwarp();  // the previous round's reads of prep are done
+      prep[3 * threadIdx.x] = make_float4(__int_as_float(f.pix), __int_as_float(f.mv), 0.f, 0.f);
+      prep[3 * threadIdx.x + 1] = make_float4(sds * f.w[0], sds * f.w[1], sds * f.w[2], sds * f.w[3]);
+      prep[3 * threadIdx.x + 2] = make_float4(pds.x * f.w[0], pds.x * f.w[1], pds.x * f.w[2], pds.x * f.w[3]);
+      __syncwarp();
+      const int ns = min(G, p.S - s0);
+      if (active)
+        for (int j = 0; j < ns; j++) {
+          const float4 *fp = prep + 3 * (grp * G + j);
+          const float4 a = fp[0], ck4 = fp[1], cv4 = fp[2];
+          const int pix = __float_as_int(a.x), mv = __float_as_int(a.y);
+          const float ck[4] = {ck4.x, ck4.y, ck4.z, ck4.w}, cv[4] = {cv4.x, cv4.y, cv4.z, cv4.w};
+#pragma unroll
+          for (int t = 0; t < 4; t++) {
+            if (!(mv >> t & 1)) continue;
+            const int o = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+#pragma unroll
+            for (int c = 0; c < NCH; c++) {
+              const int d = c * G + lane;
+              if (d >= p.D) continue;
+              if (wk) atomicAdd(ak + o + d, ck[t] * qr[c]);
+              if (wv) atomicAdd(av + o + d, cv[t] * gr[c]);
+            }
+          }
+        }
+    }
+  }
+  __syncthreads();
+  const int64_t base = (int64_t)map * LD;
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    if (nz == 1) {
+      if (gk) gk[base + i] = fa_from_f<T>(ak[i]);
+      if (gv) gv[base + i] = fa_from_f<T>(av[i]);
+    } else {
+      if (gk32) atomicAdd(gk32 + base + i, ak[i]);
+      if (gv32) atomicAdd(gv32 + base + i, av[i]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 struct Plan {
   Params p;
   int vec, tpg, nc, threads;
-  size_t smem_fwd, smem_bwd;
+  size_t smem_fwd, smem_bwd, smem_map;
   dim3 grid;
 };
 
@@ -570,6 +903,79 @@ static int make_plan(const char *fn, Plan &pl, const fa_ds_geom *g, const void *
     }                                                                                                  \
   } while (0)
 
+// the map mode (fwd_map_kernel, bwd_map_kernel) where 16-byte vectors work, S >= 1, both maps of a (b, v2, h) fit
+// in one block's shared memory, and a block gathers at least as many taps per view as a map has pixels; it
+// rewrites pl's QT (query positions per block), ltiles (tiles per (b, h)), threads, smem_map and grid
+template <typename T> static bool map_plan(Plan &pl, const fa_ds_geom *g, int dev, int threads) {
+  if (pl.vec == 1 || g->S < 1) return false;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const size_t smem = (size_t)(2 * g->L * g->D) * sizeof(T);
+  if (smem > (size_t)optin) return false;
+  const int qt = threads / pl.tpg;
+  const int64_t nq = g->V * g->L, tiles = (nq + qt - 1) / qt, blocks = g->B * g->NH * tiles;
+  if (4 * (qt < nq ? qt : nq) * g->S < g->L || blocks >= ((int64_t)1 << 31)) return false;
+  pl.p.QT = qt;
+  pl.p.ltiles = (int)tiles;
+  pl.threads = threads;
+  pl.smem_map = smem;
+  pl.grid = dim3((unsigned)blocks, 1);
+  return true;
+}
+
+// map mode: fewer query positions per block (down to half, whole warps) where that fills the last wave of blocks
+// better: per_sm blocks of pl.threads fit an SM (fewer threads never fit fewer); minimises waves x (block size +
+// the maps' copy, about L / S query positions' worth)
+static void balance(Plan &pl, int per_sm, int dev) {
+  const int64_t slots = (int64_t)(per_sm > 0 ? per_sm : 1) * fa_cu_sm_count(dev);
+  const int tpg = pl.tpg, qmax = pl.p.QT, step = 32 / tpg > 1 ? 32 / tpg : 1;
+  const int64_t nq = (int64_t)pl.p.V * pl.p.L, bh = (int64_t)pl.p.B * pl.p.NH, fixed = pl.p.L / pl.p.S;
+  int best = qmax;
+  int64_t bcost = -1;
+  for (int qt = qmax; qt >= qmax / 2 && qt >= step; qt -= step) {
+    const int64_t blocks = bh * ((nq + qt - 1) / qt), cost = (blocks + slots - 1) / slots * (qt + fixed);
+    if (bcost < 0 || cost < bcost) { bcost = cost; best = qt; }
+  }
+  const int64_t tiles = (nq + best - 1) / best;
+  if (bh * tiles >= ((int64_t)1 << 31)) return;
+  pl.p.QT = best;
+  pl.p.ltiles = (int)tiles;
+  pl.threads = best * tpg;
+  pl.grid = dim3((unsigned)(bh * tiles), 1);
+}
+
+template <typename T, int VEC, int TPG, int NC>
+static int fwd_map_launch(Plan pl, cudaStream_t st, const char *fn, T *out, float *lse, const T *q, const T *k,
+                          const T *v, const float *coords, int dev) {
+  int rc, per_sm = 1;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(fwd_map_kernel<T, VEC, TPG, NC>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)) ||
+      (rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fwd_map_kernel<T, VEC, TPG, NC>,
+                                                                      pl.threads, pl.smem_map), fn)))
+    return rc;
+  balance(pl, per_sm, dev);
+  fwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(out, lse, q, k, v, coords, pl.p);
+  return fa_cu_launch_check(fn);
+}
+
+template <typename T, int VEC, int TPG, int NC>
+static int bwd_map_launch(Plan pl, cudaStream_t st, const char *fn, T *gq, float *gcp, float2 *pd, const T *go,
+                          const T *q, const T *k, const T *v, const float *coords, const T *o, const float *lse, int dev) {
+  int rc, per_sm = 1;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(bwd_map_kernel<T, VEC, TPG, NC>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_map), fn)) ||
+      (rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd_map_kernel<T, VEC, TPG, NC>,
+                                                                      pl.threads, pl.smem_map), fn)))
+    return rc;
+  balance(pl, per_sm, dev);
+  bwd_map_kernel<T, VEC, TPG, NC><<<pl.grid, pl.threads, pl.smem_map, st>>>(gq, gcp, pd, go, q, k, v, coords, o, lse,
+                                                                            pl.p);
+  return fa_cu_launch_check(fn);
+}
+
 template <typename T>
 static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const T *k, const T *v, const float *coords) {
   static const char *fn = "fa_deform_sdpa_forward";
@@ -579,7 +985,83 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   int rc = make_plan<T>(fn, pl, g, ptrs, 4, ss, 3);
   if (rc) return rc;
   cudaStream_t st = fa_cu_stream(g->device);
+  if (map_plan<T>(pl, g, g->device, 512)) {
+    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
+    DS_SWITCH(pl, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (fwd_map_launch<T, VEC_, TPG_, NC_>(pl, st, fn, out, lse, q, k, v, coords, g->device)));
+    return rc;
+  }
   DS_SWITCH(pl, T, (fwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_fwd, st>>>(out, lse, q, k, v, coords, pl.p)));
+  return fa_cu_launch_check(fn);
+}
+
+// the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits; false when a map's
+// two float32 accumulators do not fit in one block's shared memory (bwd_kernel's atomics then)
+struct KvPlan {
+  int g, nch, nz, threads;
+  size_t smem;
+};
+static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  kp.threads = 1024;
+  kp.smem = (size_t)kp.threads * 3 * sizeof(float4) + (size_t)(2 * g->L * g->D) * sizeof(float);
+  const int64_t maps = g->B * g->V * g->NH;
+  if (kp.smem > (size_t)optin || maps >= ((int64_t)1 << 31)) return false;
+  if (g->D <= 32) {
+    kp.nch = 1;
+    kp.g = 4;
+    while (kp.g < g->D) kp.g *= 2;
+  } else {
+    kp.g = 32;
+    kp.nch = 2;
+    while (kp.nch * 32 < g->D) kp.nch *= 2;
+  }
+  // about one block per SM or more: split the query positions when there are few maps
+  const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
+  int64_t nz = 1;
+  if (2 * maps < sms) {
+    nz = (sms + maps - 1) / maps;
+    const int64_t most = (nq + ngrp - 1) / ngrp;
+    if (nz > most) nz = most;
+    if (nz > 65535) nz = 65535;
+    if (nz < 1) nz = 1;
+  }
+  kp.nz = (int)nz;
+  return true;
+}
+
+#define KV_SWITCH(kp, body)                                                                            \
+  do {                                                                                                 \
+    if ((kp).nch == 1) {                                                                               \
+      constexpr int NCH_ = 1;                                                                          \
+      switch ((kp).g) {                                                                                \
+        case 4: { constexpr int G_ = 4; body; } break;                                                 \
+        case 8: { constexpr int G_ = 8; body; } break;                                                 \
+        case 16: { constexpr int G_ = 16; body; } break;                                               \
+        default: { constexpr int G_ = 32; body; }                                                      \
+      }                                                                                                \
+    } else {                                                                                           \
+      constexpr int G_ = 32;                                                                           \
+      switch ((kp).nch) {                                                                              \
+        case 2: { constexpr int NCH_ = 2; body; } break;                                               \
+        case 4: { constexpr int NCH_ = 4; body; } break;                                               \
+        default: { constexpr int NCH_ = 8; body; }                                                     \
+      }                                                                                                \
+    }                                                                                                  \
+  } while (0)
+
+template <typename T, int G, int NCH>
+static int kv_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
+                     float *gv32, const float2 *pd, const T *q, const T *go, const float *coords) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(kv_kernel<T, G, NCH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)kp.smem), fn)))
+    return rc;
+  const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
+  kv_kernel<T, G, NCH><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, pd, q, go, coords, p, kp.nz);
   return fa_cu_launch_check(fn);
 }
 
@@ -603,8 +1085,18 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   const bool det = g->deterministic != 0;
   float *gk32 = nullptr, *gv32 = nullptr, *gcdst = gc;
   float2 *pd = nullptr;
-  if (gc && pl.p.nht > 1 && !(gcdst = (float *)tmp.get((int64_t)pl.p.nht * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
-  if (!det) {
+  // grad_k / grad_v: key side (kv_kernel, from the (P, dS) record) where a map fits in shared memory, else
+  // bwd_kernel's atomics; deterministic: the record, sorted and gathered
+  KvPlan kp;
+  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, dev);
+  // the query side: bwd_map_kernel (maps in shared memory, one head per block: the coordinates' gradient in
+  // per-head partials) unless grad_k / grad_v need bwd_kernel's atomics or the maps do not fit
+  Plan pm = pl;
+  const bool bmap = (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
+  const int gtiles = bmap ? (int)g->NH : pl.p.nht;
+  const bool gpart = bmap || pl.p.nht > 1;
+  if (gc && gpart && !(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
+  if (!det && (!keyside || kp.nz > 1)) {
     if (gk) {
       gk32 = sizeof(T) == 4 ? (float *)gk : (float *)tmp.get(nkv * sizeof(float));
       if (!gk32) return FA_ERR_MEMORY;
@@ -615,23 +1107,36 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
       if (!gv32) return FA_ERR_MEMORY;
       if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nkv * sizeof(float), st), fn))) return rc;
     }
-  } else if ((gk || gv) && npts) {
+  }
+  if ((det || keyside) && (gk || gv) && npts) {
     if (!(pd = (float2 *)tmp.get(npts * g->NH * (int64_t)sizeof(float2)))) return FA_ERR_MEMORY;
   }
-  if (gq || gc || gk32 || gv32 || pd) {
+  if (bmap && (gq || gc || pd)) {
+    rc = FA_ERR_UNSUPPORTED;  // not reached: the map mode has 16-byte vectors (and NC 2 only for float32 D > 128)
+    DS_SWITCH(pm, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (bwd_map_launch<T, VEC_, TPG_, NC_>(pm, st, fn, gq, gc ? gcdst : nullptr,
+                                                                                       pd, go, q, k, v, coords, o, lse, dev)));
+    if (rc) return rc;
+  } else if (!bmap && (gq || gc || gk32 || gv32 || pd)) {
+    float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
     DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
-                         gq, gc ? gcdst : nullptr, gk32, gv32, pd, go, q, k, v, coords, o, lse, pl.p)));
+                         gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
-  if (gc && pl.p.nht > 1 && npts) {
-    finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, pl.p.nht,
+  if (gc && gpart && npts) {
+    finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, gtiles,
                                                                           (float)(g->W - 1), (float)(g->H - 1));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
   if (!det) {
+    if (keyside) {
+      const bool own = kp.nz == 1;
+      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, st, fn, own ? gk : nullptr, own ? gv : nullptr,
+                                                 own ? nullptr : gk32, own ? nullptr : gv32, pd, q, go, coords)));
+      if (rc) return rc;
+    }
     if (sizeof(T) != 4) {
-      if (gk) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gk, gk32, nkv);
-      if (gv) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gv, gv32, nkv);
+      if (gk32) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gk, gk32, nkv);
+      if (gv32) cast_kernel<T><<<fa_cu_blocks(nkv, 256, dev), 256, 0, st>>>(gv, gv32, nkv);
     }
     return fa_cu_launch_check(fn);
   }
