@@ -567,14 +567,30 @@ __global__ void reduce_w_kernel(const float *part, int ncta, int C, int CP, int 
   }
 }
 
-// grad_kpos[p, j] = -sum_i gd[p, i*M + j] in query order
-__global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N, int64_t M) {
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < P * M * 2; e += (int64_t)gridDim.x * blockDim.x) {
-    int64_t p = e / (2 * M), jk = e % (2 * M);
-    const float *src = gd + p * N * M * 2 + jk;
+// grad_kpos[p, j] = -sum_i gd[p, i*M + j]. A CTA per 32 consecutive outputs e = p*2M + 2j + axis: its KR rows of
+// threads sum the queries i = r, r + KR, ... in order, then row 0 adds the KR partial sums in row order (a fixed
+// order: deterministic). One thread per output (the kernel before) left the GPU idle: 4096 threads at the README
+// size, each summing 4096 values.
+constexpr int KR = 32;
+__global__ void __launch_bounds__(32 * KR) reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N, int64_t M) {
+  __shared__ float ps[KR][33];
+  const int64_t n = P * M * 2;
+  for (int64_t e0 = blockIdx.x * (int64_t)32; e0 < n; e0 += (int64_t)gridDim.x * 32) { // uniform over the CTA
+    const int64_t e = e0 + threadIdx.x;
     float s = 0.f;
-    for (int64_t i = 0; i < N; i++) s += src[i * M * 2];
-    gk[e] = 0.f - s;
+    if (e < n) {
+      const int64_t p = e / (2 * M), jk = e % (2 * M);
+      const float *src = gd + p * N * M * 2 + jk;
+      for (int64_t i = threadIdx.y; i < N; i += KR) s += src[i * M * 2];
+    }
+    ps[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && e < n) {
+      float t = 0.f;
+      for (int r = 0; r < KR; r++) t += ps[r][threadIdx.x];
+      gk[e] = 0.f - t;
+    }
+    __syncthreads();
   }
 }
 
@@ -1090,7 +1106,8 @@ static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float 
     rc = fa_cu_launch_check(fn);
   }
   if (!rc && gr->kpos && g->P * g->M > 0) {
-    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 32, dev), dim3(32, KR), 0, st>>>(gd, (float *)gr->kpos, g->P,
+                                                                                     g->N, g->M);
     rc = fa_cu_launch_check(fn);
   }
   fa_cu_temp_free(dev, gd);
@@ -1169,7 +1186,8 @@ static int reduce_grads(const fa_cpb_geom *g, const fa_cpb_grads *gr, const floa
                                                                  (T *)gr->b3);
   int rc = fa_cu_launch_check(fn);
   if (!rc && gr->kpos && g->P * g->M > 0) {
-    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 32, dev), dim3(32, KR), 0, st>>>(gd, (float *)gr->kpos, g->P,
+                                                                                     g->N, g->M);
     rc = fa_cu_launch_check(fn);
   }
   return rc;
