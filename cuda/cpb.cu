@@ -724,13 +724,22 @@ __global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g
   const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + TP - 1) / TP, tiles = g.P * tpp;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t p = tile / tpp, u0 = tile % tpp * TP + warp * 16;
-    __syncwarp();
-    for (int e = lane; e < 16 * O; e += 32) {
-      const int t = e % 16, o = e / 16;
-      gg(t * O + o) = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
+    // grad_bias's loads issued before the positions' (their latencies overlap), stored after the features
+    constexpr int GL = (16 * BOMAX + 31) / 32;
+    float gv[GL];
+#pragma unroll
+    for (int k = 0; k < GL; k++) {
+      const int e = lane + 32 * k, t = e % 16, o = e / 16;
+      gv[k] = e < 16 * O && u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
     }
     float f0[2], f1[2], d0[2], d1[2];
     pair_features(qpos, kpos + p * M * 2, u0, gq, NM, M, f0, f1, d0, d1);
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < GL; k++) {
+      const int e = lane + 32 * k, t = e % 16, o = e / 16;
+      if (e < 16 * O) gg(t * O + o) = gv[k];
+    }
     __syncwarp();
     // per chunk of z2's columns: z2 as mma_fwd_kernel (the same products in the same order per element: the same
     // masks; h1 into h1s with the first chunk), h2, gw3 and gb3, gz2 = (g w3) [h2 > 0], gb2, gz2 into gzs
@@ -772,14 +781,26 @@ __global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g
           gb3a[o] += s;
         }
       }
+      if (O == 1) { // (the layer's usual case: g hoisted, w3 by pairs; fmaf(., ., 0) as the loop's first step)
+        const float g0 = gg(gq), g1 = gg(gq + 8);
 #pragma unroll
-      for (int nt = 0; nt < NTC; nt++) {
+        for (int nt = 0; nt < NTC; nt++) {
+          const float2 ww = *(const float2 *)(w3 + cb + nt * 8 + 2 * tq);
+          acc[nt][0] = acc[nt][0] > 0.f ? fmaf(g0, ww.x, 0.f) : 0.f;
+          acc[nt][1] = acc[nt][1] > 0.f ? fmaf(g0, ww.y, 0.f) : 0.f;
+          acc[nt][2] = acc[nt][2] > 0.f ? fmaf(g1, ww.x, 0.f) : 0.f;
+          acc[nt][3] = acc[nt][3] > 0.f ? fmaf(g1, ww.y, 0.f) : 0.f;
+        }
+      } else {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int c = cb + nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
-          float s = 0.f;
-          for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
-          acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
+        for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int c = cb + nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
+            float s = 0.f;
+            for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
+            acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
+          }
         }
       }
       {
