@@ -260,6 +260,108 @@ template <int MODE, typename T> static size_t mma_fwd_smem(int CP, int O) {
   return (MODE == X3 ? 2 : 1) * (size_t)CP * w2_pitch<MODE, T>(CP) * sizeof(typename W2S<MODE, T>::type) +
          (4 * (size_t)CP + (size_t)O * CP + O) * 4;
 }
+// x = hi + lo, both tf32
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+  hi = to_tf32(x);
+  lo = to_tf32(x - __uint_as_float(hi));
+}
+
+// Shared by mma_fwd_kernel and mma_bwd_kernel (the backward's recompute must give the forward's relu masks).
+// h1 = relu(w1 f + b1) of k-step kk as the A fragments of the lane's rows gq (r = 0) and gq + 8 (r = 1), from f
+// (f0 = x, f1 = y of the two rows): 16-bit hi + lo, columns kk*16 + 2tq + 8h (+1) (m16n8k16); tf32 hi (X3: + lo),
+// columns kk*8 + tq + 4h (m16n8k8); fragment register 2h + r. h1row (backward, else nullptr): the lane's row gq of
+// h1s (pitch ldh), which gets h1 (16-bit: the hi part, the value the gw2 product uses; float32: the value).
+template <typename T, int MODE>
+__device__ __forceinline__ void h1_frag(int kk, int tq, const float (&f0)[2], const float (&f1)[2], const float *w1x,
+                                        const float *w1y, const float *b1, uint32_t (&ahi)[4], uint32_t (&alo)[4],
+                                        typename W2S<MODE, T>::type *h1row, int ldh) {
+  if constexpr (MODE == HALF16) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int c = kk * 16 + 2 * tq + 8 * h;
+      const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
+        v0 = v0 > 0.f ? v0 : 0.f;
+        v1 = v1 > 0.f ? v1 : 0.f;
+        Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
+        if (h1row) *(uint32_t *)(h1row + 8 * r * ldh + c) = ahi[2 * h + r];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int c = kk * 8 + tq + 4 * h;
+      const float wx = w1x[c], wy = w1y[c], bb = b1[c];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
+        v = v > 0.f ? v : 0.f;
+        ahi[2 * h + r] = to_tf32(v);
+        if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
+        if (h1row) h1row[8 * r * ldh + c] = v;
+      }
+    }
+  }
+}
+
+// z2 += h1 w2^T over k-step kk for the NTC n-tiles from n-tile nb (even): acc[i] is n-tile nb + i. w2's B fragments
+// by ldmatrix.x4 at bbase (the lane's row (lane & 7) + ((lane >> 4) << 3), column half (lane >> 3) & 1): b0, b1 of
+// an n-tile pair's first tile, b2, b3 of its second. 16-bit: hi then lo per n-tile; TF32: one product; X3: w2 =
+// hi + lo, its lo parts in shared memory lo_off bytes on (LOS) or split here, c += a_lo b_hi + a_hi b_lo + a_hi b_hi.
+template <typename T, int MODE, int LD, int NTC, bool LOS>
+__device__ __forceinline__ void z2_step(float (&acc)[NTC][4], int nb, int kk, const uint32_t (&ahi)[4],
+                                        const uint32_t (&alo)[4], uint32_t bbase, uint32_t lo_off) {
+  typedef typename W2S<MODE, T>::type TS;
+  constexpr int KS = MODE == HALF16 ? 16 : 8;
+#pragma unroll
+  for (int np = 0; np < NTC / 2; np++) {
+    uint32_t b[4];
+    const uint32_t addr = bbase + (uint32_t)(((nb + 2 * np) * 8 * LD + kk * KS) * sizeof(TS));
+    ldsm4(b, addr);
+    if constexpr (MODE == HALF16) {
+      Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
+      Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
+      Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
+      Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
+    } else if constexpr (MODE == TF32) {
+      mma_tf32(acc[2 * np], ahi, b[0], b[1]);
+      mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
+    } else {
+      uint32_t bh[4], bl[4];
+      if constexpr (LOS) {
+        ldsm4(bl, addr + lo_off);
+#pragma unroll
+        for (int q = 0; q < 4; q++) bh[q] = b[q];
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; q++) split_tf32(__uint_as_float(b[q]), bh[q], bl[q]);
+      }
+      mma_tf32(acc[2 * np], alo, bh[0], bh[1]);
+      mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
+      mma_tf32(acc[2 * np], ahi, bh[0], bh[1]);
+      mma_tf32(acc[2 * np + 1], alo, bh[2], bh[3]);
+      mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
+      mma_tf32(acc[2 * np + 1], ahi, bh[2], bh[3]);
+    }
+  }
+}
+
+// f and df = d f / d d of the lane's rows gq, gq + 8 of the warp's 16 pairs from u0 (0 past the end)
+__device__ __forceinline__ void pair_features(const float *qpos, const float *kp, int64_t u0, int gq, int64_t NM,
+                                              int64_t M, float (&f0)[2], float (&f1)[2], float (&d0)[2], float (&d1)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int64_t u = u0 + gq + 8 * r;
+    f0[r] = f1[r] = d0[r] = d1[r] = 0.f;
+    if (u < NM) {
+      const int64_t i = u / M, j = u % M;
+      feature(qpos[2 * i], kp[2 * j], f0[r], d0[r]);
+      feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d1[r]);
+    }
+  }
+}
 
 template <typename T, int MODE, int CP>
 __global__ void __launch_bounds__(FTHREADS) mma_fwd_kernel(const fa_cpb_geom g, W w, float *out, const float *qpos,
@@ -285,82 +387,20 @@ __global__ void __launch_bounds__(FTHREADS) mma_fwd_kernel(const fa_cpb_geom g, 
   __syncthreads();
   const float *w1x = sm, *w1y = sm + CP, *b1 = sm + 2 * CP, *b2 = sm + 3 * CP, *w3 = sm + 4 * CP, *b3 = w3 + O * CP;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-  // ldmatrix x4 over w2 rows n0..n0+15, k0..k0+KS-1: matrices (rows 0-7, k lower half), (rows 0-7, upper),
-  // (rows 8-15, lower), (rows 8-15, upper) = b0, b1 of the n-tile n0, then of n0 + 8
   const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
   const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + 15) / 16, tiles = g.P * tpp;
   for (int64_t tile = (int64_t)blockIdx.x * FW + warp; tile < tiles; tile += (int64_t)gridDim.x * FW) {
     const int64_t p = tile / tpp, u0 = tile % tpp * 16;
-    const float *kp = kpos + p * M * 2;
-    float f0[2], f1[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int64_t u = u0 + gq + 8 * r;
-      float d;
-      f0[r] = f1[r] = 0.f;
-      if (u < NM) {
-        const int64_t i = u / M, j = u % M;
-        feature(qpos[2 * i], kp[2 * j], f0[r], d);
-        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d);
-      }
-    }
+    float f0[2], f1[2], d0[2], d1[2];
+    pair_features(qpos, kpos + p * M * 2, u0, gq, NM, M, f0, f1, d0, d1);
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < CP / KS; kk++) {
       uint32_t ahi[4], alo[4];
-      if constexpr (MODE == HALF16) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int c = kk * 16 + 2 * tq + 8 * h;
-          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
-#pragma unroll
-          for (int r = 0; r < 2; r++) {
-            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
-            v0 = v0 > 0.f ? v0 : 0.f;
-            v1 = v1 > 0.f ? v1 : 0.f;
-            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int c = kk * 8 + tq + 4 * h;
-          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
-#pragma unroll
-          for (int r = 0; r < 2; r++) {
-            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
-            v = v > 0.f ? v : 0.f;
-            ahi[2 * h + r] = to_tf32(v);
-            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
-          }
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < CP / 16; np++) {
-        uint32_t b[4];
-        const uint32_t addr = bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS));
-        ldsm4(b, addr);
-        if constexpr (MODE == HALF16) {
-          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
-          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
-          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
-          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
-        } else if constexpr (MODE == TF32) {
-          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
-          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
-        } else {
-          uint32_t bl[4];
-          ldsm4(bl, addr + (uint32_t)(CP * LD * sizeof(TS)));
-          mma_tf32(acc[2 * np], alo, b[0], b[1]);
-          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
-          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
-          mma_tf32(acc[2 * np + 1], alo, b[2], b[3]);
-          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
-          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
-        }
-      }
+      h1_frag<T, MODE>(kk, tq, f0, f1, w1x, w1y, b1, ahi, alo, nullptr, 0);
+      z2_step<T, MODE, LD, NT, true>(acc, 0, kk, ahi, alo, bbase, (uint32_t)(CP * LD * sizeof(TS)));
     }
     // h2 = relu(z2 + b2) in place: acc[nt][0..1] row gq, acc[nt][2..3] row gq + 8, columns nt*8 + 2tq + (0, 1)
 #pragma unroll
@@ -527,27 +567,46 @@ __global__ void reduce_w_kernel(const float *part, int ncta, int C, int CP, int 
   }
 }
 
-// grad_kpos[p, j] = -sum_i gd[p, i*M + j] in query order
-__global__ void reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N, int64_t M) {
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < P * M * 2; e += (int64_t)gridDim.x * blockDim.x) {
-    int64_t p = e / (2 * M), jk = e % (2 * M);
-    const float *src = gd + p * N * M * 2 + jk;
+// grad_kpos[p, j] = -sum_i gd[p, i*M + j]. A CTA per 32 consecutive outputs e = p*2M + 2j + axis: its KR rows of
+// threads sum the queries i = r, r + KR, ... in order, then row 0 adds the KR partial sums in row order (a fixed
+// order: deterministic). One thread per output (the kernel before) left the GPU idle: 4096 threads at the README
+// size, each summing 4096 values.
+constexpr int KR = 32;
+__global__ void __launch_bounds__(32 * KR) reduce_k_kernel(const float *gd, float *gk, int64_t P, int64_t N, int64_t M) {
+  __shared__ float ps[KR][33];
+  const int64_t n = P * M * 2;
+  for (int64_t e0 = blockIdx.x * (int64_t)32; e0 < n; e0 += (int64_t)gridDim.x * 32) { // uniform over the CTA
+    const int64_t e = e0 + threadIdx.x;
     float s = 0.f;
-    for (int64_t i = 0; i < N; i++) s += src[i * M * 2];
-    gk[e] = 0.f - s;
+    if (e < n) {
+      const int64_t p = e / (2 * M), jk = e % (2 * M);
+      const float *src = gd + p * N * M * 2 + jk;
+      for (int64_t i = threadIdx.y; i < N; i += KR) s += src[i * M * 2];
+    }
+    ps[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && e < n) {
+      float t = 0.f;
+      for (int r = 0; r < KR; r++) t += ps[r][threadIdx.x];
+      gk[e] = 0.f - t;
+    }
+    __syncthreads();
   }
 }
 
-// ---- the mma.sync backward for 16-bit weights (CP = 16, 32, 64 or 128, O <= BOMAX; else bwd_kernel). A CTA of
-// FW warps stages w2 once and loops over tiles of 128 pairs of one p, 16 per warp. Per warp, in registers: the
-// recompute of z2 (as mma_fwd_kernel: h1 = hi + lo, the same masks), h2, gz2 = (g w3) [h2 > 0], gh1 = gz2 w2 (gz2's
-// accumulators repacked as A fragments, w2 by ldmatrix.trans), gz1 = gh1 [pre1 > 0], gd. The sums over pairs of
-// one column (gw3, gb2, gw1, gb1) go through a butterfly over the 8 lane groups (a fixed order) into the warp's
-// own accumulators in shared memory. Then, after a barrier, gw2 += gz2^T h1 over the CTA's 128 pairs (gz2 and
-// h1's hi part staged in shared memory by every warp): warp w owns a stripe of gw2's rows (and a part of its
-// columns when CP < 128) in registers for the whole kernel. Roundings as bwd_kernel: gz2 and h1 (hi) rounded to
-// the dtype in the gw2 and gh1 products, float32 accumulation. At the end the CTA's partial (part_len layout) is
-// written: gw2 from the registers, the rest summed over the warps in warp order; reduce_w_kernel does the rest.
+// ---- the mma.sync backward (CP = 16, 32, 64 or 128, O <= BOMAX; else bwd_kernel). A CTA of BW warps (16; 8
+// where 16 warps' shared memory does not fit: C 128 in float32 or with O > 2) stages w2 once and loops over tiles
+// of BW*16 pairs of one p, 16 per warp. Per warp: the recompute of z2 (h1_frag and z2_step, as mma_fwd_kernel:
+// the same masks), h2, gz2 = (g w3) [h2 > 0] (16 warps at C 128: in two column halves, 32 accumulators each, h1's
+// fragments recomputed per half, so that the kernel fits 128 registers), gh1 = gz2 w2 (16-bit: A by ldmatrix from
+// the warp's rounded gz2 rows in shared memory; float32: from z2's accumulators; w2 by ldmatrix.trans or scalar
+// loads), gz1 = gh1 [pre1 > 0], gd. The sums over pairs of one column (gw3, gb2, gw1, gb1) go through a butterfly
+// over the 8 lane groups (a fixed order) into the warp's own accumulators in shared memory. Then, after a barrier,
+// gw2 += gz2^T h1 over the CTA's pairs (gz2 and h1's hi part staged in shared memory by every warp): warp w owns a
+// stripe of gw2's rows (and a part of its columns) in registers for the whole kernel. Roundings as bwd_kernel: gz2
+// and h1 (hi) rounded to the dtype in the gw2 and gh1 products, float32 accumulation. At the end the CTA's partial
+// (part_len layout) is written: gw2 from the registers, the rest summed over the warps in warp order;
+// reduce_w_kernel does the rest.
 constexpr int BOMAX = 8;
 
 __device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t addr) {
@@ -596,31 +655,27 @@ __device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase
   }
 }
 
-// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (FW*16 x (CP + 8) each, in the dtype or float32), then
+// w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (BW*16 x (CP + 8) each, in the dtype or float32), then
 // 16-bit: the small weights, the warps' accumulators, the warps' grad_bias rows; float32: the warps' accumulators
-template <int MODE, typename T> static size_t mma_bwd_smem(int CP, int O) {
+template <int MODE, typename T, int BW> static size_t mma_bwd_smem(int CP, int O) {
   const size_t es = sizeof(typename W2S<MODE, T>::type), nacc = 4 * (size_t)CP + (size_t)O * CP + O;
-  return (size_t)CP * w2_pitch<MODE, T>(CP) * es + 2 * (size_t)FW * 16 * (CP + 8) * es +
-         (MODE == HALF16 ? nacc * 4 * (1 + FW) + (size_t)FW * 16 * O * 4 : nacc * 4 * FW);
+  return (size_t)CP * w2_pitch<MODE, T>(CP) * es + 2 * (size_t)BW * 16 * (CP + 8) * es +
+         (MODE == HALF16 ? nacc * 4 * (1 + BW) + (size_t)BW * 16 * O * 4 : nacc * 4 * BW);
 }
-// x = hi + lo, both tf32
-__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
-  hi = to_tf32(x);
-  lo = to_tf32(x - __uint_as_float(hi));
-}
-
-template <typename T, int MODE, int CP>
-__global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
-                                                              const float *grad_bias, const float *qpos,
-                                                              const float *kpos) {
+template <typename T, int MODE, int CP, int BW>
+__global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g, W w, float *part, float *gd,
+                                                             const float *grad_bias, const float *qpos,
+                                                             const float *kpos) {
   typedef typename W2S<MODE, T>::type TS; // w2, h1s, gzs: the dtype (HALF16) or float32 (TF32: w2 tf32-rounded)
   constexpr bool H16 = MODE == HALF16;
-  constexpr int LD = w2_pitch<MODE, T>(CP), LH = CP + 8, NT = CP / 8, KT = CP / 16, TP = FW * 16;
+  constexpr int NTH = BW * 32, LD = w2_pitch<MODE, T>(CP), LH = CP + 8, NT = CP / 8, KT = CP / 16, TP = BW * 16;
   // gw2's stripes: WS of 16 rows; NP parts of its columns (GNT n-tiles each); warps past WS * NP idle there
-  constexpr int WS = KT, NP = (FW / WS < NT ? FW / WS : NT), GNT = NT / NP;
-  // gh1 in chunks of HNT n-tiles (registers)
-  constexpr int HMAX = H16 ? 8 : 4, HNT = NT < HMAX ? NT : HMAX, HV = 2 * HNT < 8 ? 8 : 2 * HNT,
-                ZV = 2 * NT < 8 ? 8 : 2 * NT;
+  constexpr int WS = KT, NP = (BW / WS < NT ? BW / WS : NT), GNT = NT / NP;
+  // z2 in ZC chunks of NTC n-tiles (16 warps at C 128: 128 registers; h1's fragments recomputed per chunk), gh1
+  // in chunks of HNT n-tiles; the butterflies' vector lengths
+  constexpr int ZC = H16 && BW == 16 && NT == 16 ? 2 : 1, NTC = NT / ZC, HNT = NT < 4 ? NT : 4,
+                HV = 2 * HNT < 8 ? 8 : 2 * HNT, ZV = 2 * NTC < 8 ? 8 : 2 * NTC;
+  static_assert(H16 || ZC == 1, "float32: gh1's A fragments come from z2's accumulators");
   extern __shared__ __align__(128) unsigned char smem[];
   TS *w2s = (TS *)smem, *h1s = w2s + CP * LD, *gzs = h1s + TP * LH;
   float *sm = (float *)(gzs + TP * LH);
@@ -630,20 +685,20 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   // padding columns of its gzs rows (8 floats x 16 rows >= 16 O; never read as gz2)
   float *accw = H16 ? sm + nacc : sm;
   const float *smw = H16 ? sm : w.w1x;
-  for (int e = threadIdx.x; e < CP * CP; e += FTHREADS) {
+  for (int e = threadIdx.x; e < CP * CP; e += NTH) {
     if constexpr (MODE == HALF16) w2s[e / CP * LD + e % CP] = ((const T *)w.w2)[e];
     else if constexpr (MODE == TF32) w2s[e / CP * LD + e % CP] = __uint_as_float(to_tf32(((const float *)w.w2)[e]));
     else w2s[e / CP * LD + e % CP] = ((const float *)w.w2)[e]; // X3: split where read
   }
   if (H16)
-    for (int e = threadIdx.x; e < nacc; e += FTHREADS) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
-  for (int e = threadIdx.x; e < FW * nacc; e += FTHREADS) accw[e] = 0.f;
+    for (int e = threadIdx.x; e < nacc; e += NTH) sm[e] = w.w1x[e]; // w1x, w1y, b1, b2, w3, b3
+  for (int e = threadIdx.x; e < BW * nacc; e += NTH) accw[e] = 0.f;
   __syncthreads();
   const float *w1x = smw, *w1y = smw + CP, *b1 = smw + 2 * CP, *b2 = smw + 3 * CP, *w3 = smw + 4 * CP;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
   // this warp's accumulators (the partial's layout after gw2) and grad_bias rows
   float *aw = accw + warp * nacc, *gw1xa = aw, *gw1ya = aw + CP, *gb1a = aw + 2 * CP, *gb2a = aw + 3 * CP,
-        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *ggw = accw + FW * nacc + warp * 16 * O;
+        *gw3a = aw + 4 * CP, *gb3a = gw3a + O * CP, *ggw = accw + BW * nacc + warp * 16 * O;
   auto gg = [&](int e) -> float & { // grad_bias of the warp's row e / O, output e % O
     if constexpr (H16) return ggw[e];
     else return ((float *)gzs)[(warp * 16 + (e >> 3)) * LH + CP + (e & 7)];
@@ -652,13 +707,16 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   const uint32_t bbase = smem_u32(w2s + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * (KS / 2));
   // ldmatrix.trans lane offsets: B of gh1 (rows k of w2, columns n), B of gw2 (rows = pairs of h1s, columns n):
   // matrix q = lane / 8 at row (lane & 7) + (q & 1) * 8, column (q >> 1) * 8; A of gw2 from gzs (rows = pairs, columns
-  // = m): row (lane & 7) + (q >> 1) * 8, column (q & 1) * 8
+  // = m): row (lane & 7) + (q >> 1) * 8, column (q & 1) * 8. A of gh1 (16-bit) from the warp's gzs rows by ldmatrix
+  // (no .trans): row lane & 15, column (lane >> 4) * 8 (a0..a3 = rows 0-7 / 8-15 x k 0-7, then k 8-15)
   const int tr_r = (lane & 7) + ((lane >> 3) & 1) * 8, tr_c = (lane >> 4) * 8;
   const uint32_t w2t = smem_u32(w2s + tr_r * LD + tr_c);
+  const uint32_t gha = smem_u32(gzs + (warp * 16 + (lane & 15)) * LH + (lane >> 4) * 8);
   const int stripe = warp % WS, npart = warp / WS;
   const bool gw2_mine = warp < WS * NP;
   const uint32_t gza = smem_u32(gzs + ((lane & 7) + (lane >> 4) * 8) * LH + stripe * 16 + ((lane >> 3) & 1) * 8);
   const uint32_t h1b = smem_u32(h1s + tr_r * LH + npart * GNT * 8 + tr_c);
+  TS *const h1row = h1s + (warp * 16 + gq) * LH;
   float gw2[GNT][4];
 #pragma unroll
   for (int n = 0; n < GNT; n++) gw2[n][0] = gw2[n][1] = gw2[n][2] = gw2[n][3] = 0.f;
@@ -666,174 +724,139 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
   const int64_t NM = g.N * g.M, M = g.M, tpp = (NM + TP - 1) / TP, tiles = g.P * tpp;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t p = tile / tpp, u0 = tile % tpp * TP + warp * 16;
-    const float *kp = kpos + p * M * 2;
-    __syncwarp();
-    for (int e = lane; e < 16 * O; e += 32) {
-      const int t = e % 16, o = e / 16;
-      gg(t * O + o) = u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
+    // grad_bias's loads issued before the positions' (their latencies overlap), stored after the features
+    constexpr int GL = (16 * BOMAX + 31) / 32;
+    float gv[GL];
+#pragma unroll
+    for (int k = 0; k < GL; k++) {
+      const int e = lane + 32 * k, t = e % 16, o = e / 16;
+      gv[k] = e < 16 * O && u0 + t < NM ? grad_bias[(p * O + o) * NM + u0 + t] : 0.f;
     }
     float f0[2], f1[2], d0[2], d1[2];
+    pair_features(qpos, kpos + p * M * 2, u0, gq, NM, M, f0, f1, d0, d1);
+    __syncwarp();
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int64_t u = u0 + gq + 8 * r;
-      f0[r] = f1[r] = d0[r] = d1[r] = 0.f;
-      if (u < NM) {
-        const int64_t i = u / M, j = u % M;
-        feature(qpos[2 * i], kp[2 * j], f0[r], d0[r]);
-        feature(qpos[2 * i + 1], kp[2 * j + 1], f1[r], d1[r]);
-      }
+    for (int k = 0; k < GL; k++) {
+      const int e = lane + 32 * k, t = e % 16, o = e / 16;
+      if (e < 16 * O) gg(t * O + o) = gv[k];
     }
     __syncwarp();
-    // z2 as mma_fwd_kernel (the same products in the same order: the same masks); h1 into h1s (16-bit: its hi part)
-    float acc[NT][4];
+    // per chunk of z2's columns: z2 as mma_fwd_kernel (the same products in the same order per element: the same
+    // masks; h1 into h1s with the first chunk), h2, gw3 and gb3, gz2 = (g w3) [h2 > 0], gb2, gz2 into gzs
+    // (16-bit: rounded; it is the A operand of gh1 and gw2)
+    float acc[NTC][4];
+#pragma unroll 1 // rolled: the ncu profile of the old kernel showed 55% of stalls on instruction fetch
+    for (int zc = 0; zc < ZC; zc++) {
+      const int nb = zc * NTC, cb = nb * 8;
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      for (int nt = 0; nt < NTC; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll 2 // (instruction cache)
+      for (int kk = 0; kk < CP / KS; kk++) {
+        uint32_t ahi[4], alo[4];
+        h1_frag<T, MODE>(kk, tq, f0, f1, w1x, w1y, b1, ahi, alo, zc == 0 ? h1row : nullptr, LH);
+        z2_step<T, MODE, LD, NTC, false>(acc, nb, kk, ahi, alo, bbase, 0);
+      }
 #pragma unroll
-    for (int kk = 0; kk < CP / KS; kk++) {
-      uint32_t ahi[4], alo[4];
+      for (int nt = 0; nt < NTC; nt++) {
+        const float2 bb = *(const float2 *)(b2 + cb + nt * 8 + 2 * tq);
+        acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
+        acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
+        acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
+        acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
+      }
+      for (int o = 0; o < O; o++) {
+        const float g0 = gg(gq * O + o), g1 = gg((gq + 8) * O + o);
+        float v[ZV];
+#pragma unroll
+        for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTC; nt++) {
+          v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
+          v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
+        }
+        add_columns<ZV, 2 * NTC>(v, gw3a + o * CP, cb, CP, lane);
+        if (zc == 0 && lane == 0) {
+          float s = 0.f;
+          for (int t = 0; t < 16; t++) s += gg(t * O + o);
+          gb3a[o] += s;
+        }
+      }
+      if (O == 1) { // (the layer's usual case: g hoisted, w3 by pairs; fmaf(., ., 0) as the loop's first step)
+        const float g0 = gg(gq), g1 = gg(gq + 8);
+#pragma unroll
+        for (int nt = 0; nt < NTC; nt++) {
+          const float2 ww = *(const float2 *)(w3 + cb + nt * 8 + 2 * tq);
+          acc[nt][0] = acc[nt][0] > 0.f ? fmaf(g0, ww.x, 0.f) : 0.f;
+          acc[nt][1] = acc[nt][1] > 0.f ? fmaf(g0, ww.y, 0.f) : 0.f;
+          acc[nt][2] = acc[nt][2] > 0.f ? fmaf(g1, ww.x, 0.f) : 0.f;
+          acc[nt][3] = acc[nt][3] > 0.f ? fmaf(g1, ww.y, 0.f) : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int c = cb + nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
+            float s = 0.f;
+#pragma unroll 1
+            for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
+            acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
+          }
+        }
+      }
+      {
+        float v[ZV];
+#pragma unroll
+        for (int i = 0; i < ZV; i++) v[i] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTC; nt++) {
+          v[2 * nt] = acc[nt][0] + acc[nt][2];
+          v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
+        }
+        add_columns<ZV, 2 * NTC>(v, gb2a, cb, CP, lane);
+      }
       if constexpr (H16) {
+        // n-tiles 2jj, 2jj + 1 of the chunk = k-step j of gh1: row gq / gq + 8, columns j*16 + 8h + 2tq (+1)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int c = kk * 16 + 2 * tq + 8 * h;
-          const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+        for (int jj = 0; jj < NTC / 2; jj++) {
 #pragma unroll
-          for (int r = 0; r < 2; r++) {
-            float v0 = fmaf(wx.x, f0[r], fmaf(wy.x, f1[r], bb.x)), v1 = fmaf(wx.y, f0[r], fmaf(wy.y, f1[r], bb.y));
-            v0 = v0 > 0.f ? v0 : 0.f;
-            v1 = v1 > 0.f ? v1 : 0.f;
-            Mma16<T>::split(v0, v1, ahi[2 * h + r], alo[2 * h + r]);
-            *(uint32_t *)(h1s + (warp * 16 + gq + 8 * r) * LH + c) = ahi[2 * h + r];
+          for (int h = 0; h < 2; h++) {
+            uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LH + cb + jj * 16 + h * 8 + 2 * tq);
+            row[0] = pack16<T>(acc[2 * jj + h][0], acc[2 * jj + h][1]);
+            row[4 * LH] = pack16<T>(acc[2 * jj + h][2], acc[2 * jj + h][3]); // 8 rows down (LH / 2 words per row)
           }
         }
       } else {
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int c = kk * 8 + tq + 4 * h;
-          const float wx = w1x[c], wy = w1y[c], bb = b1[c];
-#pragma unroll
-          for (int r = 0; r < 2; r++) {
-            float v = fmaf(wx, f0[r], fmaf(wy, f1[r], bb));
-            v = v > 0.f ? v : 0.f;
-            ahi[2 * h + r] = to_tf32(v);
-            if constexpr (MODE == X3) alo[2 * h + r] = to_tf32(v - __uint_as_float(ahi[2 * h + r]));
-            h1s[(warp * 16 + gq + 8 * r) * LH + c] = v;
-          }
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < NT / 2; np++) {
-        uint32_t b[4];
-        ldsm4(b, bbase + (uint32_t)((np * 16 * LD + kk * KS) * sizeof(TS)));
-        if constexpr (H16) {
-          Mma16<T>::run(acc[2 * np], ahi, b[0], b[1]);
-          Mma16<T>::run(acc[2 * np], alo, b[0], b[1]);
-          Mma16<T>::run(acc[2 * np + 1], ahi, b[2], b[3]);
-          Mma16<T>::run(acc[2 * np + 1], alo, b[2], b[3]);
-        } else if constexpr (MODE == TF32) {
-          mma_tf32(acc[2 * np], ahi, b[0], b[1]);
-          mma_tf32(acc[2 * np + 1], ahi, b[2], b[3]);
-        } else {
-          uint32_t bh[4], bl[4];
-#pragma unroll
-          for (int q = 0; q < 4; q++) split_tf32(__uint_as_float(b[q]), bh[q], bl[q]);
-          mma_tf32(acc[2 * np], alo, bh[0], bh[1]);
-          mma_tf32(acc[2 * np], ahi, bl[0], bl[1]);
-          mma_tf32(acc[2 * np], ahi, bh[0], bh[1]);
-          mma_tf32(acc[2 * np + 1], alo, bh[2], bh[3]);
-          mma_tf32(acc[2 * np + 1], ahi, bl[2], bl[3]);
-          mma_tf32(acc[2 * np + 1], ahi, bh[2], bh[3]);
+        for (int nt = 0; nt < NTC; nt++) {
+          float *row = gzs + (warp * 16 + gq) * LH + cb + nt * 8 + 2 * tq;
+          *(float2 *)row = make_float2(acc[nt][0], acc[nt][1]);
+          *(float2 *)(row + 8 * LH) = make_float2(acc[nt][2], acc[nt][3]);
         }
       }
     }
-    // h2 = relu(z2 + b2) in place; gw3 += g^T h2; gb3 += sum g
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      const float2 bb = *(const float2 *)(b2 + nt * 8 + 2 * tq);
-      acc[nt][0] = fmaxf(acc[nt][0] + bb.x, 0.f);
-      acc[nt][1] = fmaxf(acc[nt][1] + bb.y, 0.f);
-      acc[nt][2] = fmaxf(acc[nt][2] + bb.x, 0.f);
-      acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
-    }
-    for (int o = 0; o < O; o++) {
-      const float g0 = gg(gq * O + o), g1 = gg((gq + 8) * O + o);
-      float v[ZV];
-#pragma unroll
-      for (int i = 0; i < ZV; i++) v[i] = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
-        v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
-      }
-      add_columns<ZV, 2 * NT>(v, gw3a + o * CP, 0, CP, lane);
-      if (lane == 0) {
-        float s = 0.f;
-        for (int t = 0; t < 16; t++) s += gg(t * O + o);
-        gb3a[o] += s;
-      }
-    }
-    // gz2 = (g w3) [h2 > 0] in place (float32); gb2 += its column sums; its dtype rounding into gzs
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int c = nt * 8 + 2 * tq + (e & 1), t = gq + (e >> 1) * 8;
-        float s = 0.f;
-        for (int o = 0; o < O; o++) s = fmaf(gg(t * O + o), w3[o * CP + c], s);
-        acc[nt][e] = acc[nt][e] > 0.f ? s : 0.f;
-      }
-    }
-    {
-      float v[ZV];
-#pragma unroll
-      for (int i = 0; i < ZV; i++) v[i] = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        v[2 * nt] = acc[nt][0] + acc[nt][2];
-        v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
-      }
-      add_columns<ZV, 2 * NT>(v, gb2a, 0, CP, lane);
-    }
-    // gz2 into gzs (16-bit: rounded, and kept as the A fragments of gh1 = gz2 w2: k-step j = n-tiles 2j, 2j + 1)
-    uint32_t ga[H16 ? KT : 1][4];
-    if constexpr (H16) {
-#pragma unroll
-      for (int j = 0; j < KT; j++) {
-        ga[j][0] = pack16<T>(acc[2 * j][0], acc[2 * j][1]);
-        ga[j][1] = pack16<T>(acc[2 * j][2], acc[2 * j][3]);
-        ga[j][2] = pack16<T>(acc[2 * j + 1][0], acc[2 * j + 1][1]);
-        ga[j][3] = pack16<T>(acc[2 * j + 1][2], acc[2 * j + 1][3]);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          uint32_t *row = (uint32_t *)(gzs + (warp * 16 + gq) * LH + j * 16 + h * 8 + 2 * tq);
-          row[0] = ga[j][2 * h];
-          row[4 * LH] = ga[j][2 * h + 1]; // 8 rows down (LH / 2 words per row)
-        }
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        float *row = gzs + (warp * 16 + gq) * LH + nt * 8 + 2 * tq;
-        *(float2 *)row = make_float2(acc[nt][0], acc[nt][1]);
-        *(float2 *)(row + 8 * LH) = make_float2(acc[nt][2], acc[nt][3]);
-      }
-    }
+    __syncwarp(); // the warp's gzs rows: read back by ldmatrix (16-bit gh1) in other lanes
     // gh1 = gz2 w2 in chunks of HNT n-tiles; gz1 = gh1 [pre1 > 0]; gw1, gb1 column sums; gd
     float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};
-#pragma unroll
+#pragma unroll 1 // rolled (instruction cache)
     for (int ch = 0; ch < NT / HNT; ch++) {
+      const int hb = ch * HNT * 8;
       float hacc[HNT][4];
 #pragma unroll
       for (int nt = 0; nt < HNT; nt++) hacc[nt][0] = hacc[nt][1] = hacc[nt][2] = hacc[nt][3] = 0.f;
       if constexpr (H16) {
 #pragma unroll
-        for (int j = 0; j < KT; j++)
+        for (int j = 0; j < KT; j++) {
+          uint32_t a[4];
+          ldsm4(a, gha + (uint32_t)(j * 16 * sizeof(TS)));
 #pragma unroll
           for (int np = 0; np < HNT / 2; np++) {
             uint32_t b[4];
-            ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + ch * HNT * 8 + np * 16) * sizeof(TS)));
-            Mma16<T>::run(hacc[2 * np], ga[j], b[0], b[1]);
-            Mma16<T>::run(hacc[2 * np + 1], ga[j], b[2], b[3]);
+            ldsm4t(b, w2t + (uint32_t)((j * 16 * LD + hb + np * 16) * sizeof(TS)));
+            Mma16<T>::run(hacc[2 * np], a, b[0], b[1]);
+            Mma16<T>::run(hacc[2 * np + 1], a, b[2], b[3]);
           }
+        }
       } else {
         // k-step = gz2's n-tile kt, its k order permuted to the accumulators' (k = t <-> column 2t, t + 4 <-> 2t + 1),
         // so A comes from the accumulators as they are and B rows 2t, 2t + 1 of the n-tile (w2 row = k)
@@ -846,7 +869,7 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
             if constexpr (MODE == X3) split_tf32(av[q], ah[q], al[q]);
             else ah[q] = to_tf32(av[q]);
           }
-          const TS *brow = w2s + (kt * 8 + 2 * tq) * LD + ch * HNT * 8 + gq;
+          const TS *brow = w2s + (kt * 8 + 2 * tq) * LD + hb + gq;
 #pragma unroll
           for (int nt = 0; nt < HNT; nt++) {
             const float x0 = brow[nt * 8], x1 = brow[LD + nt * 8];
@@ -863,29 +886,53 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
           }
         }
       }
-      float va[HV], vx[HV], vy[HV];
+      // gz1 in place (masked by the float32 pre-activation); the lane's columns hb + nt*8 + 2tq + e
 #pragma unroll
-      for (int i = 0; i < HV; i++) va[i] = vx[i] = vy[i] = 0.f;
+      for (int nt = 0; nt < HNT; nt++) {
+        const int c = hb + nt * 8 + 2 * tq;
+        const float2 wx = *(const float2 *)(w1x + c), wy = *(const float2 *)(w1y + c), bb = *(const float2 *)(b1 + c);
+        const float wxe[2] = {wx.x, wx.y}, wye[2] = {wy.x, wy.y}, be[2] = {bb.x, bb.y};
 #pragma unroll
-      for (int nt = 0; nt < HNT; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          const int c = ch * HNT * 8 + nt * 8 + 2 * tq + e;
-          float z[2];
+        for (int e = 0; e < 2; e++)
 #pragma unroll
           for (int r = 0; r < 2; r++) {
-            const float pre = fmaf(w1x[c], f0[r], fmaf(w1y[c], f1[r], b1[c]));
-            z[r] = pre > 0.f ? hacc[nt][2 * r + e] : 0.f;
-            s0[r] = fmaf(z[r], w1x[c], s0[r]);
-            s1[r] = fmaf(z[r], w1y[c], s1[r]);
+            const float pre = fmaf(wxe[e], f0[r], fmaf(wye[e], f1[r], be[e]));
+            const float z = pre > 0.f ? hacc[nt][2 * r + e] : 0.f;
+            hacc[nt][2 * r + e] = z;
+            s0[r] = fmaf(z, wxe[e], s0[r]);
+            s1[r] = fmaf(z, wye[e], s1[r]);
           }
-          va[2 * nt + e] = z[0] + z[1];
-          vx[2 * nt + e] = fmaf(z[1], f0[1], z[0] * f0[0]);
-          vy[2 * nt + e] = fmaf(z[1], f1[1], z[0] * f1[0]);
-        }
-      add_columns<HV, 2 * HNT>(va, gb1a, ch * HNT * 8, CP, lane);
-      add_columns<HV, 2 * HNT>(vx, gw1xa, ch * HNT * 8, CP, lane);
-      add_columns<HV, 2 * HNT>(vy, gw1ya, ch * HNT * 8, CP, lane);
+      }
+      {
+        float v[HV];
+#pragma unroll
+        for (int i = 0; i < HV; i++) v[i] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < HNT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) v[2 * nt + e] = hacc[nt][e] + hacc[nt][2 + e];
+        add_columns<HV, 2 * HNT>(v, gb1a, hb, CP, lane);
+      }
+      {
+        float v[HV];
+#pragma unroll
+        for (int i = 0; i < HV; i++) v[i] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < HNT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) v[2 * nt + e] = fmaf(hacc[nt][2 + e], f0[1], hacc[nt][e] * f0[0]);
+        add_columns<HV, 2 * HNT>(v, gw1xa, hb, CP, lane);
+      }
+      {
+        float v[HV];
+#pragma unroll
+        for (int i = 0; i < HV; i++) v[i] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < HNT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) v[2 * nt + e] = fmaf(hacc[nt][2 + e], f1[1], hacc[nt][e] * f1[0]);
+        add_columns<HV, 2 * HNT>(v, gw1ya, hb, CP, lane);
+      }
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -965,9 +1012,9 @@ __global__ void __launch_bounds__(FTHREADS, 1) mma_bwd_kernel(const fa_cpb_geom 
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nacc; e += FTHREADS) {
+  for (int e = threadIdx.x; e < nacc; e += NTH) {
     float s = 0.f;
-    for (int k = 0; k < FW; k++) s += accw[k * nacc + e];
+    for (int k = 0; k < BW; k++) s += accw[k * nacc + e];
     mine[(int64_t)CP * CP + e] = s;
   }
 }
@@ -1081,7 +1128,8 @@ static int backward_t(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float 
     rc = fa_cu_launch_check(fn);
   }
   if (!rc && gr->kpos && g->P * g->M > 0) {
-    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 32, dev), dim3(32, KR), 0, st>>>(gd, (float *)gr->kpos, g->P,
+                                                                                     g->N, g->M);
     rc = fa_cu_launch_check(fn);
   }
   fa_cu_temp_free(dev, gd);
@@ -1160,24 +1208,25 @@ static int reduce_grads(const fa_cpb_geom *g, const fa_cpb_grads *gr, const floa
                                                                  (T *)gr->b3);
   int rc = fa_cu_launch_check(fn);
   if (!rc && gr->kpos && g->P * g->M > 0) {
-    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 256, dev), 256, 0, st>>>(gd, (float *)gr->kpos, g->P, g->N, g->M);
+    reduce_k_kernel<<<fa_cu_blocks(g->P * g->M * 2, 32, dev), dim3(32, KR), 0, st>>>(gd, (float *)gr->kpos, g->P,
+                                                                                     g->N, g->M);
     rc = fa_cu_launch_check(fn);
   }
   return rc;
 }
 
-template <typename T, int MODE, int CP>
-static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
+template <typename T, int MODE, int CP, int BW>
+static int mma_backward_bw(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
                            const Prep &pr, const char *fn) {
   const int dev = g->device, O = (int)g->O;
-  const size_t sm = mma_bwd_smem<MODE, T>(CP, O);
-  auto kern = mma_bwd_kernel<T, MODE, CP>;
+  const size_t sm = mma_bwd_smem<MODE, T, BW>(CP, O);
+  auto kern = mma_bwd_kernel<T, MODE, CP, BW>;
   int rc = set_smem(kern, sm, dev, g->C, fn);
   if (rc) return rc;
   int nb = 0;
-  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, FTHREADS, sm), fn))) return rc;
+  if ((rc = fa_cu_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, BW * 32, sm), fn))) return rc;
   if (nb < 1) nb = 1;
-  const int64_t NM = g->N * g->M, tiles = g->P * ((NM + FW * 16 - 1) / (FW * 16));
+  const int64_t NM = g->N * g->M, tiles = g->P * ((NM + BW * 16 - 1) / (BW * 16));
   int64_t grid = (int64_t)fa_cu_sm_count(dev) * nb; // fixed by the device: the partials' order is too
   if (grid > tiles) grid = tiles;
   if (grid < 1) grid = 1;
@@ -1185,14 +1234,36 @@ static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const f
   float *gd = (float *)fa_cu_temp_alloc(dev, (g->P * NM * 2 > 0 ? g->P * NM * 2 : 1) * 4);
   if (!part || !gd) rc = FA_ERR_MEMORY;
   if (!rc) {
-    kern<<<(unsigned)grid, FTHREADS, sm, fa_cu_stream(dev)>>>(*g, pr.w, part, gd, grad_bias, (const float *)in->qpos,
-                                                              (const float *)in->kpos);
+    kern<<<(unsigned)grid, BW * 32, sm, fa_cu_stream(dev)>>>(*g, pr.w, part, gd, grad_bias, (const float *)in->qpos,
+                                                             (const float *)in->kpos);
     rc = fa_cu_launch_check(fn);
   }
   if (!rc) rc = reduce_grads<T>(g, gr, part, grid, CP, gd, fn);
   fa_cu_temp_free(dev, gd);
   fa_cu_temp_free(dev, part);
   return rc;
+}
+
+// mma_bwd_kernel's warps per CTA: 16 where their shared memory fits (never float32 at C 128), else 8 (C >= 64;
+// 16-bit C 128 with O > 2, float32 C 128, devices with less shared memory); 0: neither fits (bwd_kernel)
+template <typename T, int MODE, int CP> static int bwd_warps(const fa_cpb_geom *g) {
+  const size_t optin = (size_t)smem_optin(g->device);
+  const int O = (int)g->O;
+  if constexpr (MODE == HALF16 || CP < 128)
+    if (mma_bwd_smem<MODE, T, 16>(CP, O) <= optin) return 16;
+  if constexpr (CP >= 64)
+    if (mma_bwd_smem<MODE, T, 8>(CP, O) <= optin) return 8;
+  return 0;
+}
+
+template <typename T, int MODE, int CP>
+static int mma_backward_cp(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *grad_bias, const fa_cpb_in *in,
+                           const Prep &pr, const char *fn) {
+  if constexpr (MODE != HALF16 && CP == 128) return mma_backward_bw<T, MODE, CP, 8>(g, gr, grad_bias, in, pr, fn);
+  else if constexpr (CP < 64) return mma_backward_bw<T, MODE, CP, 16>(g, gr, grad_bias, in, pr, fn);
+  else
+    return bwd_warps<T, MODE, CP>(g) == 16 ? mma_backward_bw<T, MODE, CP, 16>(g, gr, grad_bias, in, pr, fn)
+                                           : mma_backward_bw<T, MODE, CP, 8>(g, gr, grad_bias, in, pr, fn);
 }
 
 template <typename T, int MODE>
@@ -1214,8 +1285,14 @@ static int mma_backward(const fa_cpb_geom *g, const fa_cpb_grads *gr, const floa
 
 // C <= 128, O <= BOMAX and the shared memory fits: mma_bwd_kernel; else bwd_kernel (WMMA)
 template <typename T, int MODE> static bool mma_bwd_fits(const fa_cpb_geom *g) {
-  const int cp = fast_cp(g->C);
-  return cp > 0 && g->O <= BOMAX && mma_bwd_smem<MODE, T>(cp, (int)g->O) <= (size_t)smem_optin(g->device);
+  if (g->O > BOMAX) return false;
+  switch (fast_cp(g->C)) {
+  case 16: return bwd_warps<T, MODE, 16>(g) > 0;
+  case 32: return bwd_warps<T, MODE, 32>(g) > 0;
+  case 64: return bwd_warps<T, MODE, 64>(g) > 0;
+  case 128: return bwd_warps<T, MODE, 128>(g) > 0;
+  default: return false;
+  }
 }
 template <typename T>
 static int backward_d(const fa_cpb_geom *g, const fa_cpb_grads *gr, const float *gb, const fa_cpb_in *in) {
