@@ -654,6 +654,20 @@ __device__ __forceinline__ void add_columns(float (&v)[V], float *dst, int cbase
     if (idx < NV && c < CP) dst[c] += v[i];
   }
 }
+// add_columns of the accumulators' two rows per column: a[nt][e] * r0 + a[nt][2 + e] * r1 (WEIGHTED), else their sum
+template <bool WEIGHTED, int V, int NT>
+__device__ __forceinline__ void add_row_pairs(const float (&a)[NT][4], float r0, float r1, float *dst, int cbase,
+                                              int CP, int lane) {
+  float v[V];
+#pragma unroll
+  for (int i = 0; i < V; i++) v[i] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int e = 0; e < 2; e++)
+      v[2 * nt + e] = WEIGHTED ? fmaf(a[nt][2 + e], r1, a[nt][e] * r0) : a[nt][e] + a[nt][2 + e];
+  add_columns<V, 2 * NT>(v, dst, cbase, CP, lane);
+}
 
 // w2 (CP x w2_pitch), h1 and gz2 of the CTA's pairs (BW*16 x (CP + 8) each, in the dtype or float32), then
 // 16-bit: the small weights, the warps' accumulators, the warps' grad_bias rows; float32: the warps' accumulators
@@ -765,16 +779,7 @@ __global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g
         acc[nt][3] = fmaxf(acc[nt][3] + bb.y, 0.f);
       }
       for (int o = 0; o < O; o++) {
-        const float g0 = gg(gq * O + o), g1 = gg((gq + 8) * O + o);
-        float v[ZV];
-#pragma unroll
-        for (int i = 0; i < ZV; i++) v[i] = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NTC; nt++) {
-          v[2 * nt] = fmaf(g1, acc[nt][2], g0 * acc[nt][0]);
-          v[2 * nt + 1] = fmaf(g1, acc[nt][3], g0 * acc[nt][1]);
-        }
-        add_columns<ZV, 2 * NTC>(v, gw3a + o * CP, cb, CP, lane);
+        add_row_pairs<true, ZV>(acc, gg(gq * O + o), gg((gq + 8) * O + o), gw3a + o * CP, cb, CP, lane);
         if (zc == 0 && lane == 0) {
           float s = 0.f;
           for (int t = 0; t < 16; t++) s += gg(t * O + o);
@@ -804,17 +809,7 @@ __global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g
           }
         }
       }
-      {
-        float v[ZV];
-#pragma unroll
-        for (int i = 0; i < ZV; i++) v[i] = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NTC; nt++) {
-          v[2 * nt] = acc[nt][0] + acc[nt][2];
-          v[2 * nt + 1] = acc[nt][1] + acc[nt][3];
-        }
-        add_columns<ZV, 2 * NTC>(v, gb2a, cb, CP, lane);
-      }
+      add_row_pairs<false, ZV>(acc, 0.f, 0.f, gb2a, cb, CP, lane);
       if constexpr (H16) {
         // n-tiles 2jj, 2jj + 1 of the chunk = k-step j of gh1: row gq / gq + 8, columns j*16 + 8h + 2tq (+1)
 #pragma unroll
@@ -903,36 +898,9 @@ __global__ void __launch_bounds__(BW * 32, 1) mma_bwd_kernel(const fa_cpb_geom g
             s1[r] = fmaf(z, wye[e], s1[r]);
           }
       }
-      {
-        float v[HV];
-#pragma unroll
-        for (int i = 0; i < HV; i++) v[i] = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < HNT; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) v[2 * nt + e] = hacc[nt][e] + hacc[nt][2 + e];
-        add_columns<HV, 2 * HNT>(v, gb1a, hb, CP, lane);
-      }
-      {
-        float v[HV];
-#pragma unroll
-        for (int i = 0; i < HV; i++) v[i] = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < HNT; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) v[2 * nt + e] = fmaf(hacc[nt][2 + e], f0[1], hacc[nt][e] * f0[0]);
-        add_columns<HV, 2 * HNT>(v, gw1xa, hb, CP, lane);
-      }
-      {
-        float v[HV];
-#pragma unroll
-        for (int i = 0; i < HV; i++) v[i] = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < HNT; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) v[2 * nt + e] = fmaf(hacc[nt][2 + e], f1[1], hacc[nt][e] * f1[0]);
-        add_columns<HV, 2 * HNT>(v, gw1ya, hb, CP, lane);
-      }
+      add_row_pairs<false, HV>(hacc, 0.f, 0.f, gb1a, hb, CP, lane);
+      add_row_pairs<true, HV>(hacc, f0[0], f0[1], gw1xa, hb, CP, lane);
+      add_row_pairs<true, HV>(hacc, f1[0], f1[1], gw1ya, hb, CP, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

@@ -152,6 +152,170 @@ __device__ __forceinline__ void stage_feet(const Params &p, Foot *fs, const floa
   }
 }
 
+// ------------------------------------------------------------------------------------------------ per-sample steps
+// Shared by the kernels that read k / v in global memory (row strides p.kl / p.vl) and those that read the maps
+// in shared memory (row stride p.D): kr / vr the rows' base, ks / vs their strides (as the caller's type).
+
+// the group's slice of a query row (q: qr, zero past D), ch[c] = chunk c inside D, acc zeroed
+template <typename T, int VEC, int TPG, int NC>
+__device__ __forceinline__ void load_q_row(float (&qr)[NC][VEC], float (&acc)[NC][VEC], bool (&ch)[NC], const T *qrow,
+                                           int lane, const Params &p) {
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = 0.f;
+      acc[c][e] = 0.f;
+    }
+  }
+}
+
+// one sample of the forward: the taps blended into k / v, q.k over the group, the online-softmax update
+template <typename T, int VEC, int TPG, int NC, typename SK, typename SV>
+__device__ __forceinline__ void fwd_sample(float (&acc)[NC][VEC], float &m, float &lsum, const float (&qr)[NC][VEC],
+                                           const bool (&ch)[NC], const T *kr, SK ks_, const T *vr, SV vs_,
+                                           const int (&off)[4], const float (&wk)[4], int mv, int lane,
+                                           const Params &p) {
+  float ks[NC][VEC], vs[NC][VEC];
+  float part = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+#pragma unroll
+    for (int e = 0; e < VEC; e++) ks[c][e] = vs[c][e] = 0.f;
+    if (!ch[c]) continue;
+    const int d = (c * TPG + lane) * VEC;
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+      if (!(mv >> t & 1)) continue;
+      float x[VEC], y[VEC];
+      ld<T, VEC>(x, kr + off[t] * ks_ + d);
+      ld<T, VEC>(y, vr + off[t] * vs_ + d);
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        ks[c][e] = fmaf(wk[t], x[e], ks[c][e]);
+        vs[c][e] = fmaf(wk[t], y[e], vs[c][e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks[c][e], part);
+  }
+  const float s2 = gsum<TPG>(part) * p.scale2;
+  const float alpha = fa_attn_rescale(m, s2);
+  const float pe = fa_attn_exp(s2, m);
+  lsum = lsum * alpha + pe;
+#pragma unroll
+  for (int c = 0; c < NC; c++)
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs[c][e], acc[c][e] * alpha);
+}
+
+// the forward's output row (acc / lsum) and its log-sum-exp
+template <typename T, int VEC, int TPG, int NC>
+__device__ __forceinline__ void store_out(T *out, float *lse, int64_t row, const float (&acc)[NC][VEC],
+                                          const bool (&ch)[NC], float m, float lsum, int lane, const Params &p) {
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
+    st<T, VEC>(out + row * p.D + (c * TPG + lane) * VEC, o);
+  }
+  if (lane == 0) lse[row] = fa_attn_lse(m, lsum);
+}
+
+// the backward's rows: q (qr), dO (gr), both zero past D; dq zeroed; returns delta = dO.o over the group
+template <typename T, int VEC, int TPG, int NC>
+__device__ __forceinline__ float load_bwd_rows(float (&qr)[NC][VEC], float (&gr)[NC][VEC], float (&dq)[NC][VEC],
+                                               bool (&ch)[NC], const T *qrow, const T *grow, const T *orow, int lane,
+                                               const Params &p) {
+  float dpart = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    const int d = (c * TPG + lane) * VEC;
+    ch[c] = d < p.D;
+    float y[VEC];
+    if (ch[c]) {
+      ld<T, VEC>(qr[c], qrow + d);
+      ld<T, VEC>(gr[c], grow + d);
+      ld<T, VEC>(y, orow + d);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
+      dq[c][e] = 0.f;
+      dpart = fmaf(gr[c][e], y[e], dpart);
+    }
+  }
+  return gsum<TPG>(dpart);
+}
+
+// one sample of the backward: the taps of k kept (kt), partial q.k_t (a) and dO.v_t (g) per tap; then P (pr) and
+// dS (ds) from the blended scores, and dq += ds * the blended k
+template <typename T, int VEC, int TPG, int NC, typename SK, typename SV>
+__device__ __forceinline__ void bwd_sample(float (&dq)[NC][VEC], float (&a)[4], float (&g)[4], float &pr, float &ds,
+                                           const float (&qr)[NC][VEC], const float (&gr)[NC][VEC],
+                                           const bool (&ch)[NC], const T *kr, SK ks_, const T *vr, SV vs_,
+                                           const int (&off)[4], const float (&wk)[4], int mv, float lse2, float delta,
+                                           int lane, const Params &p) {
+  float kt[4][NC][VEC];
+#pragma unroll
+  for (int t = 0; t < 4; t++) a[t] = g[t] = 0.f;
+#pragma unroll
+  for (int t = 0; t < 4; t++)
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+#pragma unroll
+      for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
+      if (!ch[c] || !(mv >> t & 1)) continue;
+      const int d = (c * TPG + lane) * VEC;
+      float y[VEC];
+      ld<T, VEC>(kt[t][c], kr + off[t] * ks_ + d);
+      ld<T, VEC>(y, vr + off[t] * vs_ + d);
+#pragma unroll
+      for (int e = 0; e < VEC; e++) {
+        a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
+        g[t] = fmaf(gr[c][e], y[e], g[t]);
+      }
+    }
+  const float s = gsum<TPG>(wk[0] * a[0] + wk[1] * a[1] + wk[2] * a[2] + wk[3] * a[3]);
+  const float dp = gsum<TPG>(wk[0] * g[0] + wk[1] * g[1] + wk[2] * g[2] + wk[3] * g[3]);
+  pr = exp2f(s * p.scale2 - lse2);
+  ds = pr * (dp - delta);
+#pragma unroll
+  for (int c = 0; c < NC; c++)
+#pragma unroll
+    for (int e = 0; e < VEC; e++)
+      dq[c][e] = fmaf(ds, wk[3] * kt[3][c][e] + wk[2] * kt[2][c][e] + wk[1] * kt[1][c][e] + wk[0] * kt[0][c][e],
+                      dq[c][e]);
+}
+
+// the coordinates' gradient of a sample (du, dv; unscaled), from its tap partials and fractions
+__device__ __forceinline__ void coord_grad(const float (&a)[4], const float (&g)[4], float fx, float fy, float sds,
+                                           float pr, float &du, float &dv) {
+  const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
+  du = sds * fa_bl_du(a, fy, hy) + pr * fa_bl_du(g, fy, hy);
+  dv = sds * fa_bl_dv(a, fx, hx) + pr * fa_bl_dv(g, fx, hx);
+}
+
+// grad_q's row: scale * dq
+template <typename T, int VEC, int TPG, int NC>
+__device__ __forceinline__ void store_gq(T *gq, int64_t row, const float (&dq)[NC][VEC], const bool (&ch)[NC],
+                                         int lane, const Params &p) {
+#pragma unroll
+  for (int c = 0; c < NC; c++) {
+    if (!ch[c]) continue;
+    float x[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
+    st<T, VEC>(gq + row * p.D + (c * TPG + lane) * VEC, x);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ forward
 template <typename T, int VEC, int TPG, int NC>
 __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict__ q,
@@ -162,18 +326,7 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
   const Place w = place<TPG>(p);
   float qr[NC][VEC], acc[NC][VEC];
   bool ch[NC];
-  const T *qrow = q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    const int d = (c * TPG + w.lane) * VEC;
-    ch[c] = d < p.D;
-    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-      if (!ch[c]) qr[c][e] = 0.f;
-      acc[c][e] = 0.f;
-    }
-  }
+  load_q_row<T, VEC, TPG, NC>(qr, acc, ch, q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql, w.lane, p);
   const T *kbase = k + w.b * p.kb + w.h * p.kh, *vbase = v + w.b * p.vb + w.h * p.vh;
   float m = -INFINITY, lsum = 0.f;
   for (int n0 = 0; n0 < p.VS; n0 += SC) {
@@ -188,52 +341,13 @@ __global__ void __launch_bounds__(256) fwd_kernel(T *__restrict__ out, float *__
       const float wk[4] = {wt.x, wt.y, wt.z, wt.w};
       const int v2 = mv >> 4;
       const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
-      const T *kr = kbase + v2 * p.kv, *vr = vbase + v2 * p.vv;
-      float ks[NC][VEC], vs[NC][VEC];
-      float part = 0.f;
-#pragma unroll
-      for (int c = 0; c < NC; c++) {
-#pragma unroll
-        for (int e = 0; e < VEC; e++) ks[c][e] = vs[c][e] = 0.f;
-        if (!ch[c]) continue;
-        const int d = (c * TPG + w.lane) * VEC;
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-          if (!(mv >> t & 1)) continue;
-          float x[VEC], y[VEC];
-          ld<T, VEC>(x, kr + off[t] * p.kl + d);
-          ld<T, VEC>(y, vr + off[t] * p.vl + d);
-#pragma unroll
-          for (int e = 0; e < VEC; e++) {
-            ks[c][e] = fmaf(wk[t], x[e], ks[c][e]);
-            vs[c][e] = fmaf(wk[t], y[e], vs[c][e]);
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks[c][e], part);
-      }
-      const float s2 = gsum<TPG>(part) * p.scale2;
-      const float alpha = fa_attn_rescale(m, s2);
-      const float pe = fa_attn_exp(s2, m);
-      lsum = lsum * alpha + pe;
-#pragma unroll
-      for (int c = 0; c < NC; c++)
-#pragma unroll
-        for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs[c][e], acc[c][e] * alpha);
+      fwd_sample<T, VEC, TPG, NC>(acc, m, lsum, qr, ch, kbase + v2 * p.kv, p.kl, vbase + v2 * p.vv, p.vl, off, wk, mv,
+                                  w.lane, p);
     }
   }
   if (!w.active) return;
-  const int64_t row = (((int64_t)w.b * p.V + w.v1) * p.NH + w.h) * p.L + w.l;
-  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    if (!ch[c]) continue;
-    float o[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
-    st<T, VEC>(out + row * p.D + (c * TPG + w.lane) * VEC, o);
-  }
-  if (w.lane == 0) lse[row] = fa_attn_lse(m, lsum);
+  store_out<T, VEC, TPG, NC>(out, lse, (((int64_t)w.b * p.V + w.v1) * p.NH + w.h) * p.L + w.l, acc, ch, m, lsum,
+                             w.lane, p);
 }
 
 // the k and v maps (L x D, row strides p.kl / p.vl, 16-byte aligned rows) into km / vm (dense), by the block
@@ -269,18 +383,7 @@ __global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, fl
   const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;  // idle groups run along on a valid row
   float qr[NC][VEC], acc[NC][VEC];
   bool ch[NC];
-  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    const int d = (c * TPG + lane) * VEC;
-    ch[c] = d < p.D;
-    if (ch[c]) ld<T, VEC>(qr[c], qrow + d);
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-      if (!ch[c]) qr[c][e] = 0.f;
-      acc[c][e] = 0.f;
-    }
-  }
+  load_q_row<T, VEC, TPG, NC>(qr, acc, ch, q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql, lane, p);
   float m = -INFINITY, lsum = 0.f;
   const int64_t e0 = ((int64_t)b * nq + qa) * p.VS;
   for (int v2 = 0; v2 < p.V; v2++) {
@@ -303,52 +406,12 @@ __global__ void __launch_bounds__(512, 2) fwd_map_kernel(T *__restrict__ out, fl
 #pragma unroll
         for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
         const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
-        float ks2[NC][VEC], vs2[NC][VEC];
-        float part = 0.f;
-#pragma unroll
-        for (int c = 0; c < NC; c++) {
-#pragma unroll
-          for (int e = 0; e < VEC; e++) ks2[c][e] = vs2[c][e] = 0.f;
-          if (!ch[c]) continue;
-          const int d = (c * TPG + lane) * VEC;
-#pragma unroll
-          for (int t = 0; t < 4; t++) {
-            if (!(mv >> t & 1)) continue;
-            float x[VEC], y[VEC];
-            ld<T, VEC>(x, km + off[t] * p.D + d);
-            ld<T, VEC>(y, vm + off[t] * p.D + d);
-#pragma unroll
-            for (int e = 0; e < VEC; e++) {
-              ks2[c][e] = fmaf(wk[t], x[e], ks2[c][e]);
-              vs2[c][e] = fmaf(wk[t], y[e], vs2[c][e]);
-            }
-          }
-#pragma unroll
-          for (int e = 0; e < VEC; e++) part = fmaf(qr[c][e], ks2[c][e], part);
-        }
-        const float s2 = gsum<TPG>(part) * p.scale2;
-        const float alpha = fa_attn_rescale(m, s2);
-        const float pe = fa_attn_exp(s2, m);
-        lsum = lsum * alpha + pe;
-#pragma unroll
-        for (int c = 0; c < NC; c++)
-#pragma unroll
-          for (int e = 0; e < VEC; e++) acc[c][e] = fmaf(pe, vs2[c][e], acc[c][e] * alpha);
+        fwd_sample<T, VEC, TPG, NC>(acc, m, lsum, qr, ch, km, p.D, vm, p.D, off, wk, mv, lane, p);
       }
     }
   }
   if (!active) return;
-  const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
-  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    if (!ch[c]) continue;
-    float o[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; e++) o[e] = acc[c][e] * inv;
-    st<T, VEC>(out + row * p.D + (c * TPG + lane) * VEC, o);
-  }
-  if (lane == 0) lse[row] = fa_attn_lse(m, lsum);
+  store_out<T, VEC, TPG, NC>(out, lse, (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l, acc, ch, m, lsum, lane, p);
 }
 
 // ------------------------------------------------------------------------------------------------ backward
@@ -369,28 +432,10 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
   const int hh = w.h - blockIdx.y * p.HT;
   float qr[NC][VEC], gr[NC][VEC], dq[NC][VEC];
   bool ch[NC];
-  const T *qrow = q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql;
-  const T *grow = go + w.b * p.gb + w.v1 * p.gv + w.h * p.gh + w.l * p.gl;
-  const T *orow = o + w.b * p.ob + w.v1 * p.ov + w.h * p.oh + w.l * p.ol;
-  float dpart = 0.f;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    const int d = (c * TPG + w.lane) * VEC;
-    ch[c] = d < p.D;
-    float y[VEC];
-    if (ch[c]) {
-      ld<T, VEC>(qr[c], qrow + d);
-      ld<T, VEC>(gr[c], grow + d);
-      ld<T, VEC>(y, orow + d);
-    }
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
-      dq[c][e] = 0.f;
-      dpart = fmaf(gr[c][e], y[e], dpart);
-    }
-  }
-  const float delta = gsum<TPG>(dpart);
+  const float delta = load_bwd_rows<T, VEC, TPG, NC>(
+      qr, gr, dq, ch, q + w.b * p.qb + w.v1 * p.qv + w.h * p.qh + w.l * p.ql,
+      go + w.b * p.gb + w.v1 * p.gv + w.h * p.gh + w.l * p.gl, o + w.b * p.ob + w.v1 * p.ov + w.h * p.oh + w.l * p.ol,
+      w.lane, p);
   const int64_t row = (((int64_t)w.b * p.V + w.v1) * p.NH + w.h) * p.L + w.l;
   const float lse2 = lse[row] * FA_ATTN_LOG2E;
   const int64_t e0 = (((int64_t)w.b * p.V + w.v1) * p.L + w.l) * p.VS;  // the query position's first sample
@@ -405,40 +450,15 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
       const Foot f = fs[w.qt * SC + j];
       const int v2 = f.mv >> 4, mv = f.mv;
       const int off[4] = {f.pix, f.pix + 1, f.pix + p.W, f.pix + p.W + 1};
-      const T *kr = kbase + v2 * p.kv, *vr = vbase + v2 * p.vv;
-      float kt[4][NC][VEC];
-      float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // partial q.k_t, dO.v_t
-#pragma unroll
-      for (int t = 0; t < 4; t++)
-#pragma unroll
-        for (int c = 0; c < NC; c++) {
-#pragma unroll
-          for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
-          if (!ch[c] || !(mv >> t & 1)) continue;
-          const int d = (c * TPG + w.lane) * VEC;
-          float y[VEC];
-          ld<T, VEC>(kt[t][c], kr + off[t] * p.kl + d);
-          ld<T, VEC>(y, vr + off[t] * p.vl + d);
-#pragma unroll
-          for (int e = 0; e < VEC; e++) {
-            a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
-            g[t] = fmaf(gr[c][e], y[e], g[t]);
-          }
-        }
-      const float hx = fa_bl_comp(f.fx), hy = fa_bl_comp(f.fy);
-      const float s = gsum<TPG>(f.w[0] * a[0] + f.w[1] * a[1] + f.w[2] * a[2] + f.w[3] * a[3]);
-      const float dp = gsum<TPG>(f.w[0] * g[0] + f.w[1] * g[1] + f.w[2] * g[2] + f.w[3] * g[3]);
-      const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta);
+      float a[4], g[4], pr, ds;  // partial q.k_t, dO.v_t
+      bwd_sample<T, VEC, TPG, NC>(dq, a, g, pr, ds, qr, gr, ch, kbase + v2 * p.kv, p.kl, vbase + v2 * p.vv, p.vl, off,
+                                  f.w, mv, lse2, delta, w.lane, p);
       const float sds = p.scale * ds;
-#pragma unroll
-      for (int c = 0; c < NC; c++)
-#pragma unroll
-        for (int e = 0; e < VEC; e++)
-          dq[c][e] = fmaf(ds, f.w[3] * kt[3][c][e] + f.w[2] * kt[2][c][e] + f.w[1] * kt[1][c][e] + f.w[0] * kt[0][c][e],
-                          dq[c][e]);
       if (gc) {
-        const float du = gsum<TPG>(sds * fa_bl_du(a, f.fy, hy) + pr * fa_bl_du(g, f.fy, hy));
-        const float dv = gsum<TPG>(sds * fa_bl_dv(a, f.fx, hx) + pr * fa_bl_dv(g, f.fx, hx));
+        float du, dv;
+        coord_grad(a, g, f.fx, f.fy, sds, pr, du, dv);
+        du = gsum<TPG>(du);
+        dv = gsum<TPG>(dv);
         if (w.active && w.lane == 0) gcs[(w.qt * p.HT + hh) * SC + j] = make_float2(du, dv);
       }
       if (pd && w.active && w.lane == 0) pd[(e0 + n0 + j) * p.NH + w.h] = make_float2(pr, ds);
@@ -487,14 +507,7 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
     }
   }
   if (!gq || !w.active) return;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    if (!ch[c]) continue;
-    float x[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
-    st<T, VEC>(gq + row * p.D + (c * TPG + w.lane) * VEC, x);
-  }
+  store_gq<T, VEC, TPG, NC>(gq, row, dq, ch, w.lane, p);
 }
 
 // bwd_kernel in map mode (the forward's map mode: a block = QT query positions of one (b, h), the views' k/v maps
@@ -517,28 +530,9 @@ __global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, flo
   const int qa = active ? qi : nq - 1, v1 = qa / p.L, l = qa % p.L;
   float qr[NC][VEC], gr[NC][VEC], dq[NC][VEC];
   bool ch[NC];
-  const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
-  const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
-  const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
-  float dpart = 0.f;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    const int d = (c * TPG + lane) * VEC;
-    ch[c] = d < p.D;
-    float y[VEC];
-    if (ch[c]) {
-      ld<T, VEC>(qr[c], qrow + d);
-      ld<T, VEC>(gr[c], grow + d);
-      ld<T, VEC>(y, orow + d);
-    }
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-      if (!ch[c]) qr[c][e] = gr[c][e] = y[e] = 0.f;
-      dq[c][e] = 0.f;
-      dpart = fmaf(gr[c][e], y[e], dpart);
-    }
-  }
-  const float delta = gsum<TPG>(dpart);
+  const float delta = load_bwd_rows<T, VEC, TPG, NC>(qr, gr, dq, ch, q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql,
+                                                     go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl,
+                                                     o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol, lane, p);
   const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
   const float lse2 = lse[row] * FA_ATTN_LOG2E;
   const int64_t e0 = ((int64_t)b * nq + qa) * p.VS, npts2 = (int64_t)p.B * nq * p.VS * 2;
@@ -564,40 +558,15 @@ __global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, flo
 #pragma unroll
         for (int t = 0; t < 4; t++) wk[t] = __shfl_sync(FULL, f.w[t], j, TPG);
         const int off[4] = {pix, pix + 1, pix + p.W, pix + p.W + 1};
-        float kt[4][NC][VEC];
-        float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // partial q.k_t, dO.v_t
-#pragma unroll
-        for (int t = 0; t < 4; t++)
-#pragma unroll
-          for (int c = 0; c < NC; c++) {
-#pragma unroll
-            for (int e = 0; e < VEC; e++) kt[t][c][e] = 0.f;
-            if (!ch[c] || !(mv >> t & 1)) continue;
-            const int d = (c * TPG + lane) * VEC;
-            float y[VEC];
-            ld<T, VEC>(kt[t][c], km + off[t] * p.D + d);
-            ld<T, VEC>(y, vm + off[t] * p.D + d);
-#pragma unroll
-            for (int e = 0; e < VEC; e++) {
-              a[t] = fmaf(qr[c][e], kt[t][c][e], a[t]);
-              g[t] = fmaf(gr[c][e], y[e], g[t]);
-            }
-          }
-        const float hx = fa_bl_comp(fx), hy = fa_bl_comp(fy);
-        const float s = gsum<TPG>(wk[0] * a[0] + wk[1] * a[1] + wk[2] * a[2] + wk[3] * a[3]);
-        const float dp = gsum<TPG>(wk[0] * g[0] + wk[1] * g[1] + wk[2] * g[2] + wk[3] * g[3]);
-        const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta);
+        float a[4], g[4], pr, ds;  // partial q.k_t, dO.v_t
+        bwd_sample<T, VEC, TPG, NC>(dq, a, g, pr, ds, qr, gr, ch, km, p.D, vm, p.D, off, wk, mv, lse2, delta, lane, p);
         const float sds = p.scale * ds;
-#pragma unroll
-        for (int c = 0; c < NC; c++)
-#pragma unroll
-          for (int e = 0; e < VEC; e++)
-            dq[c][e] = fmaf(ds, wk[3] * kt[3][c][e] + wk[2] * kt[2][c][e] + wk[1] * kt[1][c][e] + wk[0] * kt[0][c][e],
-                            dq[c][e]);
         const int64_t e = e0 + v2 * p.S + s0 + j;
         if (gcp) {
-          const float du = gsum<TPG>(sds * fa_bl_du(a, fy, hy) + pr * fa_bl_du(g, fy, hy));
-          const float dv = gsum<TPG>(sds * fa_bl_dv(a, fx, hx) + pr * fa_bl_dv(g, fx, hx));
+          float du, dv;
+          coord_grad(a, g, fx, fy, sds, pr, du, dv);
+          du = gsum<TPG>(du);
+          dv = gsum<TPG>(dv);
           if (active && lane == 0) *(float2 *)(gcp + h * npts2 + 2 * e) = make_float2(du, dv);
         }
         if (pd && active && lane == 0) pd[e * p.NH + h] = make_float2(pr, ds);
@@ -605,14 +574,7 @@ __global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, flo
     }
   }
   if (!gq || !active) return;
-#pragma unroll
-  for (int c = 0; c < NC; c++) {
-    if (!ch[c]) continue;
-    float x[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; e++) x[e] = p.scale * dq[c][e];
-    st<T, VEC>(gq + row * p.D + (c * TPG + lane) * VEC, x);
-  }
+  store_gq<T, VEC, TPG, NC>(gq, row, dq, ch, lane, p);
 }
 
 // grad_coords = the head tiles' partials summed in tile order, times (W - 1, H - 1)
