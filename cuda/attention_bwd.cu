@@ -14,7 +14,6 @@ __device__ __forceinline__ float bwd_ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-template <bool B> struct BFlag { static constexpr bool value = B; };
 // a row's L2 that the fast path below takes: finite (not a lost row, a row past Lq or NaN)
 __device__ __forceinline__ bool fin(float L2) { return L2 > -INFINITY && L2 < INFINITY; }
 
@@ -468,8 +467,10 @@ __global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params
   }
 #pragma unroll
   for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  // ST fast path (bwd_score): the warp's 16 rows inside Lq with a finite L2, no dropout, key limits
-  const bool fast = ST && kvec && p.pdrop <= 0.f && __all_sync(FULL, ri[1] < g.Lq && fin(L2[0]) && fin(L2[1]));
+  // ST fast path (bwd_score): the warp's 16 rows inside Lq with a finite L2, no dropout, key limits; D <= 64
+  // (at D = 128 its registers spill)
+  const bool fast = ST && D <= 64 && kvec && p.pdrop <= 0.f &&
+                    __all_sync(FULL, ri[1] < g.Lq && fin(L2[0]) && fin(L2[1]));
 
   for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
     const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
@@ -501,8 +502,7 @@ __global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params
     uint32_t da[MBN / 16][4];
     const float *Bt = Bs + (it & 1) * MBM * SBP;
     const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
-    auto scores = [&](auto hb) {
-      constexpr bool HB = decltype(hb)::value;
+    if (fast) {
       const float *Wt = Wf + (it & 1) * MBN;
 #pragma unroll
       for (int n = 0; n < NT; n++) {
@@ -511,7 +511,7 @@ __global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params
         float de[4];
 #pragma unroll
         for (int u = 0; u < 2; u++) {
-          const float2 bv = HB ? *reinterpret_cast<const float2 *>(Bt + (w * 16 + gi + 8 * u) * SBP + cl)
+          const float2 bv = bt ? *reinterpret_cast<const float2 *>(Bt + (w * 16 + gi + 8 * u) * SBP + cl)
                                : make_float2(0.f, 0.f);
           float pv;
           bwd_score(s[n][2 * u], dp[n][2 * u], bv.x, wv.x, p.scale2, L2[u], C2[u], dl[u], pv, de[2 * u]);
@@ -520,10 +520,6 @@ __global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params
         da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
         da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
       }
-    };
-    if (fast) {
-      if (bt) scores(BFlag<true>());
-      else scores(BFlag<false>());
     } else
 #pragma unroll
     for (int n = 0; n < NT; n++) {
