@@ -31,7 +31,8 @@ __device__ __forceinline__ void cp_rows_full(T *dst, const T *src, int64_t rs) {
   const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
 #pragma unroll
   for (int i = 0; i < ROWS / RS; i++, src += step)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src)
+                 : "memory");
 }
 template <int ROWS, int BP>
 __device__ __forceinline__ void cp_bias_full(float *Bs, const float *src, int64_t rs) {
@@ -65,9 +66,10 @@ __device__ __forceinline__ void stage_tiles(const fa_attn_geom &g, float *Bs, un
 }
 
 // The fast per-score path of the three backward kernels (ST, no dropout, every row of the tile inside Lq with a
-// finite L2 (so no score of a kept key was NaN or +inf in the forward), key limits lim = +inf (kept) / -inf (masked or past Lk)): logit2's arithmetic on the staged bias, the
-// limit by fminf (a NaN score of a left-out key still becomes -inf), P = exp2((x - L2) - C2), dS = P (dP - delta),
-// and dS = 0 where P = 0 (a left-out key: as the per-score path's skip, even for a non-finite dP)
+// finite L2, so that no kept key's score was NaN or +inf in the forward; key limits lim = +inf (kept) or -inf
+// (masked or past Lk)): logit2's arithmetic on the staged bias, the limit by fminf (a NaN score of a left-out key
+// still becomes -inf), P = exp2((x - L2) - C2), dS = P (dP - delta), and dS = 0 where P = 0 (a left-out key: as
+// the per-score path's skip, even for a non-finite dP)
 __device__ __forceinline__ void bwd_score(float s, float dp, float b, float lim, float scale2, float L2, float C2,
                                           float dl, float &pv, float &ds) {
   float x = fmaf(b, FA_ATTN_LOG2E, s * scale2);
@@ -203,17 +205,23 @@ __global__ void __launch_bounds__(THREADS, D <= 32 ? 3 : 1) mma_bwd_kernel(Param
 
   // the (query head, query tile) pairs in order, flattened: tile t+1 streams in while tile t is used
   const int64_t qt = (g.Lq + BQ - 1) / BQ, nt = p.G * qt;
-  auto fetch = [&](int64_t t, int buf) {  // one commit group per tile
-    const int64_t gh = t / qt, i0 = (t - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+  // (query head, first row) of the next tile to fetch and of the tile in use, counted instead of divided
+  int64_t fgh = 0, fi0 = 0, cgh = 0, ci0 = 0;
+  auto fetch = [&](int buf) {  // one commit group per tile, in order
+    const int64_t gh = fgh, i0 = fi0, h = hk * p.G + gh, zh = z * g.H + h;
+    if ((fi0 += BQ) >= g.Lq) {
+      fi0 = 0;
+      fgh++;
+    }
     const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     T *Qb = QO + buf * 2 * BQ * PD;
     cp_tile_rows<T, D, BQ>(Qb, q + fa_attn_off(g.q, b, h, i0), g.q.r, nr);
     cp_tile_rows<T, D, BQ>(Qb + BQ * PD, go + fa_attn_off(g.go, b, h, i0), g.go.r, nr);
     if (ST)
       stage_tiles<BQ, SBT>(g, Bs + buf * BQ * SBT, Ms + buf * mrows * SMP,
-                        g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
-                        g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
-                        nr, nk);
+                           g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
+                           g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
+                           nr, nk);
     float *Lb = LD + buf * 3 * BQ;
     for (int r = threadIdx.x; r < BQ; r += THREADS) {
       const int64_t e = zh * g.Lq + i0 + min(r, nr - 1);
@@ -223,17 +231,21 @@ __global__ void __launch_bounds__(THREADS, D <= 32 ? 3 : 1) mma_bwd_kernel(Param
     }
     cp_commit();
   };
-  if (nt > 0) fetch(0, 0);
+  if (nt > 0) fetch(0);
   for (int64_t it = 0; it < nt; it++) {
     const int buf = (int)(it & 1);
     if (it + 1 < nt) {
-      fetch(it + 1, buf ^ 1);
+      fetch(buf ^ 1);
       cp_wait_group<1>();
     } else {
       cp_wait_all();
     }
     __syncthreads();
-    const int64_t gh = it / qt, i0 = (it - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int64_t gh = cgh, i0 = ci0, h = hk * p.G + gh, zh = z * g.H + h;
+    if ((ci0 += BQ) >= g.Lq) {
+      ci0 = 0;
+      cgh++;
+    }
     const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
     const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
@@ -427,8 +439,8 @@ __global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params
     cp_tile_rows<T, D, MBN>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, nk);
     cp_tile_rows<T, D, MBN>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, nk);
     if (ST) {
-      stage_tiles<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
-                         nrow, nk);
+      stage_tiles<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr,
+                            mt ? mt + j0 : nullptr, nrow, nk);
       if (kvec && threadIdx.x < MBN) wreg = (int)threadIdx.x < nk && (!mt || mt[j0 + threadIdx.x]) ? INFINITY : -INFINITY;
     }
     cp_commit();
