@@ -7,6 +7,78 @@
 
 namespace fa_attn {
 
+// exp2 of the backward's probabilities, as the forward's ex2_ftz: a subnormal P (< 2^-126) flushes to 0 (nothing
+// next to the 16-bit operands); exp2f's non-ftz path costs a compare and two predicated multiplies more per score
+__device__ __forceinline__ float bwd_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+// a row's L2 that the fast path below takes: finite (not a lost row, a row past Lq or NaN)
+__device__ __forceinline__ bool fin(float L2) { return L2 > -INFINITY && L2 < INFINITY; }
+
+// cp_tile of ROWS full rows when the 16-byte chunks of a row divide the CTA (thread t: chunk t % C of rows
+// t / C + i THREADS / C) and stage_bm's bias tile of ROWS full rows and 64 keys (thread t: 16 bytes at key
+// 4 (t % 16) of rows t / 16 + 8 i): the 64-bit row offset added, not multiplied, per copy and no zero-fill
+// lengths; the same bytes land in the same places. FULL_ROWS: the D for which the row copy applies.
+template <int D, int ROWS> constexpr bool FULL_ROWS = THREADS % (D / 8) == 0 && ROWS % (THREADS / (D / 8)) == 0;
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void cp_rows_full(T *dst, const T *src, int64_t rs) {
+  constexpr int C = D / 8, RS = THREADS / C;
+  const int r = threadIdx.x / C, c = threadIdx.x % C;
+  src += (int64_t)r * rs + c * 8;
+  const int64_t step = RS * rs;
+  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
+#pragma unroll
+  for (int i = 0; i < ROWS / RS; i++, src += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src)
+                 : "memory");
+}
+template <int ROWS, int BP>
+__device__ __forceinline__ void cp_bias_full(float *Bs, const float *src, int64_t rs) {
+  src += (int64_t)(threadIdx.x >> 4) * rs + (threadIdx.x & 15) * 4;
+  const int64_t step = 8 * rs;
+  const uint32_t d = smem_addr(Bs + (threadIdx.x >> 4) * BP + (threadIdx.x & 15) * 4);
+#pragma unroll
+  for (int i = 0; i < ROWS / 8; i++, src += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * 8 * BP * 4), "l"(src) : "memory");
+}
+// a T tile (cp_tile) and a staged bias / mask tile (stage_bm), by the full-tile copies above where they apply
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void cp_tile_rows(T *dst, const T *src, int64_t rs, int valid) {
+  if constexpr (FULL_ROWS<D, ROWS>) {
+    if (valid == ROWS) {
+      cp_rows_full<T, D, ROWS>(dst, src, rs);
+      return;
+    }
+  }
+  cp_tile<T, D>(dst, src, rs, ROWS, valid);
+}
+template <int ROWS, int BP>
+__device__ __forceinline__ void stage_tiles(const fa_attn_geom &g, float *Bs, unsigned char *Ms, const float *bb,
+                                            const unsigned char *mb, int nr, int nk) {
+  static_assert(ROWS % 8 == 0 && THREADS == 128, "16 threads per bias row, 8 rows per pass");
+  if (bb && nr == ROWS && nk == 64) {
+    cp_bias_full<ROWS, BP>(Bs, bb, g.bias.r);
+    bb = nullptr;
+  }
+  stage_bm<ROWS, BP>(g, Bs, Ms, bb, mb, nr, nk);
+}
+
+// The fast per-score path of the three backward kernels (ST, no dropout, every row of the tile inside Lq with a
+// finite L2, so that no kept key's score was NaN or +inf in the forward; key limits lim = +inf (kept) or -inf
+// (masked or past Lk)): logit2's arithmetic on the staged bias, the limit by fminf (a NaN score of a left-out key
+// still becomes -inf), P = exp2((x - L2) - C2), dS = P (dP - delta), and dS = 0 where P = 0 (a left-out key: as
+// the per-score path's skip, even for a non-finite dP)
+__device__ __forceinline__ void bwd_score(float s, float dp, float b, float lim, float scale2, float L2, float C2,
+                                          float dl, float &pv, float &ds) {
+  float x = fmaf(b, FA_ATTN_LOG2E, s * scale2);
+  x = fminf(x, lim);
+  const float ex = bwd_ex2((x - L2) - C2);
+  pv = ex;
+  ds = ex == 0.f ? 0.f : ex * (dp - dl);
+}
+
 // The row statistics (RowStats, cuda/attn.cuh) in st[0, n), st[n, 2n), st[2n, 3n) (n = Z*H*Lq rows): delta =
 // rowsum(dO * O) in float32 (a warp per row, fa_attn_rowdot's order); L2, C2 from lse, or for a coarse row from
 // its scores, recomputed here by logit2 over every key (such rows are rare: a padding row under OpenFold's
@@ -96,7 +168,7 @@ __global__ void __launch_bounds__(THREADS) delta_kernel(Params p, float *st, con
 // are one flat loop whose next tile (Q, dO, lse, delta; with ST the bias / select-mask tiles, stage_bm, read
 // key-major) streams in by cp.async while the current one is used.
 template <typename T, int D, int BQ, bool ST>
-__global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
+__global__ void __launch_bounds__(THREADS, D <= 32 ? 3 : 1) mma_bwd_kernel(Params p, T *gk, T *gv, float *gbias, const T *q,
                                                           const T *k, const T *v, const float *bias, const void *mask,
                                                           const T *go, RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NQ = BQ / 8, OT = D / 8, PF = BQ + 1;
@@ -133,17 +205,23 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 
   // the (query head, query tile) pairs in order, flattened: tile t+1 streams in while tile t is used
   const int64_t qt = (g.Lq + BQ - 1) / BQ, nt = p.G * qt;
-  auto fetch = [&](int64_t t, int buf) {  // one commit group per tile
-    const int64_t gh = t / qt, i0 = (t - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+  // (query head, first row) of the next tile to fetch and of the tile in use, counted instead of divided
+  int64_t fgh = 0, fi0 = 0, cgh = 0, ci0 = 0;
+  auto fetch = [&](int buf) {  // one commit group per tile, in order
+    const int64_t gh = fgh, i0 = fi0, h = hk * p.G + gh, zh = z * g.H + h;
+    if ((fi0 += BQ) >= g.Lq) {
+      fi0 = 0;
+      fgh++;
+    }
     const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     T *Qb = QO + buf * 2 * BQ * PD;
-    cp_tile<T, D>(Qb, q + fa_attn_off(g.q, b, h, i0), g.q.r, BQ, nr);
-    cp_tile<T, D>(Qb + BQ * PD, go + fa_attn_off(g.go, b, h, i0), g.go.r, BQ, nr);
+    cp_tile_rows<T, D, BQ>(Qb, q + fa_attn_off(g.q, b, h, i0), g.q.r, nr);
+    cp_tile_rows<T, D, BQ>(Qb + BQ * PD, go + fa_attn_off(g.go, b, h, i0), g.go.r, nr);
     if (ST)
-      stage_bm<BQ, SBT>(g, Bs + buf * BQ * SBT, Ms + buf * mrows * SMP,
-                        g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
-                        g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
-                        nr, nk);
+      stage_tiles<BQ, SBT>(g, Bs + buf * BQ * SBT, Ms + buf * mrows * SMP,
+                           g.has_bias ? bias + fa_attn_off(g.bias, b, h, i0) + j0 : nullptr,
+                           g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0 : nullptr,
+                           nr, nk);
     float *Lb = LD + buf * 3 * BQ;
     for (int r = threadIdx.x; r < BQ; r += THREADS) {
       const int64_t e = zh * g.Lq + i0 + min(r, nr - 1);
@@ -153,17 +231,21 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
     }
     cp_commit();
   };
-  if (nt > 0) fetch(0, 0);
+  if (nt > 0) fetch(0);
   for (int64_t it = 0; it < nt; it++) {
     const int buf = (int)(it & 1);
     if (it + 1 < nt) {
-      fetch(it + 1, buf ^ 1);
+      fetch(buf ^ 1);
       cp_wait_group<1>();
     } else {
       cp_wait_all();
     }
     __syncthreads();
-    const int64_t gh = it / qt, i0 = (it - gh * qt) * BQ, h = hk * p.G + gh, zh = z * g.H + h;
+    const int64_t gh = cgh, i0 = ci0, h = hk * p.G + gh, zh = z * g.H + h;
+    if ((ci0 += BQ) >= g.Lq) {
+      ci0 = 0;
+      cgh++;
+    }
     const int nr = (int)min((int64_t)BQ, g.Lq - i0);
     const float *bb = g.has_bias ? bias + fa_attn_off(g.bias, b, h, 0) : nullptr;
     const unsigned char *mb8 = g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, 0) : nullptr;
@@ -196,6 +278,37 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
         }
       }
       uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+      // ST fast path (bwd_score): a full tile of rows with finite L2, no dropout, the mask absent or shared by the
+      // rows (this thread's two keys then have one limit each for the whole tile)
+      bool fast = false;
+      float lim[2] = {0.f, 0.f};
+      if constexpr (ST) {
+        bool ok = nr == BQ && p.pdrop <= 0.f && (!mb8 || mrows == 1);
+        for (int r = lane; r < BQ; r += 32) ok = ok && fin(Lr[r]);
+        fast = __all_sync(FULL, ok);
+#pragma unroll
+        for (int u = 0; u < 2; u++) lim[u] = kv[u] && (!mb8 || Mt[w * 16 + gi + 8 * u] != 0) ? INFINITY : -INFINITY;
+      }
+      if (fast) {
+#pragma unroll
+        for (int n = 0; n < NQ; n++) {
+          const int il = n * 8 + 2 * ti;
+          const float2 L = *reinterpret_cast<const float2 *>(Lr + il), C = *reinterpret_cast<const float2 *>(Cr + il),
+                       Dd = *reinterpret_cast<const float2 *>(Dls + il);
+          float pe[4], de[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int u = e >> 1, c = e & 1, jl = w * 16 + gi + 8 * u;
+            bwd_score(st[n][e], dpt[n][e], bb ? Bt[(il + c) * SBT + jl] : 0.f, lim[u], p.scale2, c ? L.y : L.x,
+                      c ? C.y : C.x, c ? Dd.y : Dd.x, pe[e], de[e]);
+            if (gbias) Sf[jl * PF + il + c] = de[e];
+          }
+          pa[n >> 1][(n & 1) * 2] = Mma<T>::pack(pe[0], pe[1]);
+          pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+          da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+          da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+        }
+      } else
 #pragma unroll
       for (int n = 0; n < NQ; n++) {
         float pe[4], de[4];
@@ -293,7 +406,7 @@ __global__ void __launch_bounds__(THREADS, 1) mma_bwd_kernel(Params p, T *gk, T 
 // recomputes S = Q K^T and dP = dO V^T, forms dS = P (dP - delta) in registers and adds dS K (K as the
 // row-major B operand through ldmatrix.trans): dQ written once.
 template <typename T, int D, bool ST>
-__global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
+__global__ void __launch_bounds__(THREADS, D <= 48 ? 3 : 1) mma_dq_kernel(Params p, T *gq, const T *q, const T *k, const T *v,
                                                          const float *bias, const void *mask, const T *go,
                                                          RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, OT = D / 8;
@@ -303,6 +416,11 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   float *Bs = (float *)(KV + 4 * MBN * PD);  // ST: 2 bias tiles (MBM x SBP), then 2 mask tiles (mrows x SMP)
   unsigned char *Ms = (unsigned char *)(Bs + (g.has_bias ? 2 * MBM * SBP : 0));
   const int mrows = g.mask.r == 0 ? 1 : MBM;
+  // ST with no mask or a key-vector one (kvec): 2 key-limit rows (+inf kept, -inf masked or past Lk), loaded into
+  // wreg by threads < MBN when a tile is fetched and stored once the load had a tile's time to land (the forward's)
+  float *Wf = (float *)(Ms + (g.mask_mode == 1 ? 2 * mrows * SMP : 0));
+  const bool kvec = g.mask_mode == 0 || g.mask.r == 0;
+  float wreg = 0.f;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t ntiles = (g.Lq + MBM - 1) / MBM;
   const int64_t zh = blockIdx.x / ntiles, row0 = (blockIdx.x % ntiles) * MBM;
@@ -318,15 +436,18 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
       ST && g.mask_mode == 1 ? (const unsigned char *)mask + fa_attn_off(g.mask, b, h, row0) : nullptr;
   auto fetch = [&](int64_t j0, int buf) {
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
-    cp_tile<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, MBN, nk);
-    cp_tile<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, MBN, nk);
-    if (ST)
-      stage_bm<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr, mt ? mt + j0 : nullptr,
-                         nrow, nk);
+    cp_tile_rows<T, D, MBN>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r, nk);
+    cp_tile_rows<T, D, MBN>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r, nk);
+    if (ST) {
+      stage_tiles<MBM, SBP>(g, Bs + buf * MBM * SBP, Ms + buf * mrows * SMP, bt ? bt + j0 : nullptr,
+                            mt ? mt + j0 : nullptr, nrow, nk);
+      if (kvec && threadIdx.x < MBN) wreg = (int)threadIdx.x < nk && (!mt || mt[j0 + threadIdx.x]) ? INFINITY : -INFINITY;
+    }
     cp_commit();
   };
   if (g.Lk > 0) {
     fetch(0, 0);
+    if (ST && kvec && threadIdx.x < MBN) Wf[threadIdx.x] = wreg;
     cp_wait_group<1>();
   } else {
     cp_wait_all();
@@ -358,6 +479,10 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
   }
 #pragma unroll
   for (int t = 0; t < OT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  // ST fast path (bwd_score): the warp's 16 rows inside Lq with a finite L2, no dropout, key limits; D <= 64
+  // (at D = 128 its registers spill)
+  const bool fast = ST && D <= 64 && kvec && p.pdrop <= 0.f &&
+                    __all_sync(FULL, ri[1] < g.Lq && fin(L2[0]) && fin(L2[1]));
 
   for (int64_t j0 = 0, it = 0; j0 < g.Lk; j0 += MBN, it++) {
     const T *Ks = KV + (it & 1) * 2 * MBN * PD, *Vs = Ks + MBN * PD;
@@ -389,6 +514,25 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
     uint32_t da[MBN / 16][4];
     const float *Bt = Bs + (it & 1) * MBM * SBP;
     const unsigned char *Mt = Ms + (it & 1) * mrows * SMP;
+    if (fast) {
+      const float *Wt = Wf + (it & 1) * MBN;
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        const int cl = n * 8 + 2 * ti;
+        const float2 wv = *reinterpret_cast<const float2 *>(Wt + cl);
+        float de[4];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const float2 bv = bt ? *reinterpret_cast<const float2 *>(Bt + (w * 16 + gi + 8 * u) * SBP + cl)
+                               : make_float2(0.f, 0.f);
+          float pv;
+          bwd_score(s[n][2 * u], dp[n][2 * u], bv.x, wv.x, p.scale2, L2[u], C2[u], dl[u], pv, de[2 * u]);
+          bwd_score(s[n][2 * u + 1], dp[n][2 * u + 1], bv.y, wv.y, p.scale2, L2[u], C2[u], dl[u], pv, de[2 * u + 1]);
+        }
+        da[n >> 1][(n & 1) * 2] = Mma<T>::pack(de[0], de[1]);
+        da[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(de[2], de[3]);
+      }
+    } else
 #pragma unroll
     for (int n = 0; n < NT; n++) {
       float de[4];
@@ -426,6 +570,8 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
         Mma<T>::mma(acc[2 * d2], da[kk], bk[0], bk[1]);
         Mma<T>::mma(acc[2 * d2 + 1], da[kk], bk[2], bk[3]);
       }
+    // the next tile's limits, fetched above: the reads of that buffer ended at this iteration's first barrier
+    if (ST && kvec && threadIdx.x < MBN && j0 + MBN < g.Lk) Wf[((it + 1) & 1) * MBN + threadIdx.x] = wreg;
     __syncthreads();
   }
   const float sc = (float)g.scale;
@@ -450,15 +596,16 @@ __global__ void __launch_bounds__(THREADS) mma_dq_kernel(Params p, T *gq, const 
 // ST (needs stageable() and p.bias_inv: the bias is the same for every broadcast combination): the bias tile is
 // read once into shared memory, the select-mask tile of each combination comes by cp.async with Q, dO, K, V.
 template <typename T, int D, bool ST>
-__global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbias, float *part, int64_t nch,
+__global__ void __launch_bounds__(THREADS, ST || D >= 64 ? 3 : 1) mma_dbias_kernel(Params p, float *gbias, float *part, int64_t nch,
                                                             const T *q, const T *k, const T *v, const float *bias,
                                                             const void *mask, const T *go, RowStats rs) {
   constexpr int PD = D + 8, KD = D / 16, NT = MBN / 8, TILE = 2 * (MBM + MBN) * PD;
   extern __shared__ __align__(16) unsigned char smraw[];
   T *buf0 = (T *)smraw;  // per buffer: Q, dO (MBM rows), K, V (MBN rows)
   const fa_attn_geom &g = p.g;
-  float *Bsm = (float *)(buf0 + 2 * TILE);  // ST: the bias tile (MBM x SBP), then 2 mask tiles (mrows x SMP)
-  unsigned char *Ms = (unsigned char *)(Bsm + (ST ? MBM * SBP : 0));
+  // ST: the bias tile (MBM x SBP); the row statistics (2 buffers of L2, delta, C2 x MBM); ST: 2 mask tiles (mrows x SMP)
+  float *Bsm = (float *)(buf0 + 2 * TILE), *LDb = Bsm + (ST ? MBM * SBP : 0);
+  unsigned char *Ms = (unsigned char *)(LDb + 6 * MBM);
   const int mrows = g.mask.r == 0 ? 1 : MBM;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   const int64_t itiles = (g.Lq + MBM - 1) / MBM, jtiles = (g.Lk + MBN - 1) / MBN;
@@ -497,18 +644,67 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
     }
     h = co[FA_ATTN_MAX_BATCH];
   };
-  auto fetch = [&](int64_t rz, int bi) {
+  // lin: one broadcast dim and it is a batch dim (the triangle's rows i): the offsets of combination rz are
+  // those of r0 plus (rz - r0) steps, set up once per CTA (lo[0..5]: q, dO, K, V, mask offsets and zh at r0;
+  // lo[6..11]: their steps) instead of outer()'s 64-bit divisions and fa_attn_off's sums per combination
+  __shared__ int64_t lo[12];
+  const bool lin = p.nred == 1 && p.red[0] < g.nb;
+  if (lin && threadIdx.x == 0 && r0 < r1) {
     FaAttnBatch b;
     int64_t z, h;
-    outer(rz, b, z, h);
+    outer(r0, b, z, h);
+    const int d = p.red[0];
+    int64_t zs = 1;
+    for (int e = d + 1; e < g.nb; e++) zs *= g.bs[e];
+    lo[0] = fa_attn_off(g.q, b, h, i0);
+    lo[1] = fa_attn_off(g.go, b, h, i0);
+    lo[2] = fa_attn_off(g.k, b, h / p.G, j0);
+    lo[3] = fa_attn_off(g.v, b, h / p.G, j0);
+    lo[4] = g.mask_mode == 1 ? fa_attn_off(g.mask, b, h, i0) + j0 : 0;
+    lo[5] = z * g.H + h;
+    lo[6] = g.q.b[d];
+    lo[7] = g.go.b[d];
+    lo[8] = g.k.b[d];
+    lo[9] = g.v.b[d];
+    lo[10] = g.mask_mode == 1 ? g.mask.b[d] : 0;
+    lo[11] = zs * g.H;
+  }
+  __syncthreads();
+  auto fetch = [&](int64_t rz, int bi) {
+    int64_t oq, ogo, okk, ov, om, zh;
+    if (lin) {
+      const int64_t dr = rz - r0;
+      oq = lo[0] + dr * lo[6];
+      ogo = lo[1] + dr * lo[7];
+      okk = lo[2] + dr * lo[8];
+      ov = lo[3] + dr * lo[9];
+      om = lo[4] + dr * lo[10];
+      zh = lo[5] + dr * lo[11];
+    } else {
+      FaAttnBatch b;
+      int64_t z, h;
+      outer(rz, b, z, h);
+      oq = fa_attn_off(g.q, b, h, i0);
+      ogo = fa_attn_off(g.go, b, h, i0);
+      okk = fa_attn_off(g.k, b, h / p.G, j0);
+      ov = fa_attn_off(g.v, b, h / p.G, j0);
+      om = g.mask_mode == 1 ? fa_attn_off(g.mask, b, h, i0) + j0 : 0;
+      zh = z * g.H + h;
+    }
     T *Qs = buf0 + bi * TILE, *Os = Qs + MBM * PD, *Ks = Os + MBM * PD, *Vs = Ks + MBN * PD;
-    cp_tile<T, D>(Qs, q + fa_attn_off(g.q, b, h, i0), g.q.r, MBM, nr);
-    cp_tile<T, D>(Os, go + fa_attn_off(g.go, b, h, i0), g.go.r, MBM, nr);
-    cp_tile<T, D>(Ks, k + fa_attn_off(g.k, b, h / p.G, j0), g.k.r, MBN, nk);
-    cp_tile<T, D>(Vs, v + fa_attn_off(g.v, b, h / p.G, j0), g.v.r, MBN, nk);
+    cp_tile_rows<T, D, MBM>(Qs, q + oq, g.q.r, nr);
+    cp_tile_rows<T, D, MBM>(Os, go + ogo, g.go.r, nr);
+    cp_tile_rows<T, D, MBN>(Ks, k + okk, g.k.r, nk);
+    cp_tile_rows<T, D, MBN>(Vs, v + ov, g.v.r, nk);
     if (ST && g.mask_mode == 1)
-      stage_bm<MBM, SBP>(g, nullptr, Ms + bi * mrows * SMP, nullptr,
-                         (const unsigned char *)mask + fa_attn_off(g.mask, b, h, i0) + j0, nr, nk);
+      stage_bm<MBM, SBP>(g, nullptr, Ms + bi * mrows * SMP, nullptr, (const unsigned char *)mask + om, nr, nk);
+    float *Lb = LDb + bi * 3 * MBM;
+    for (int r = threadIdx.x; r < MBM; r += THREADS) {
+      const int64_t e = zh * g.Lq + i0 + min(r, nr - 1);
+      cp4(Lb + r, rs.L2 + e, r < nr);
+      cp4(Lb + MBM + r, rs.delta + e, r < nr);
+      cp4(Lb + 2 * MBM + r, rs.C2 + e, r < nr);
+    }
     cp_commit();
   };
   if (ST) {  // bias_inv: the same bias for every rz, read at rz = 0's outer coordinates
@@ -535,27 +731,37 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
       cp_wait_all();
     }
     __syncthreads();
-    FaAttnBatch b;
-    int64_t z, h;
-    outer(rz, b, z, h);
-    const int64_t zh = z * g.H + h;
+    // the outer coordinates only where they are used: the per-score path's bias / mask rows, dropout's index
+    int64_t zh = 0;
+    const float *brow[2] = {nullptr, nullptr};
+    const void *mrow[2] = {nullptr, nullptr};
     int64_t ri[2];
     bool live[2];
     float L2[2], C2[2], dl[2];
-    const float *brow[2];
-    const void *mrow[2];
+    const float *Ls = LDb + (rz & 1) * 3 * MBM;  // L2, delta, C2 of the tile's rows (staged with the tile)
 #pragma unroll
     for (int u = 0; u < 2; u++) {
-      ri[u] = i0 + w * 16 + gi + 8 * u;
+      const int rl = w * 16 + gi + 8 * u;
+      ri[u] = i0 + rl;
       const bool rv = ri[u] < g.Lq;
-      L2[u] = rv ? rs.L2[zh * g.Lq + ri[u]] : -INFINITY;
-      C2[u] = rv ? rs.C2[zh * g.Lq + ri[u]] : 0.f;
+      L2[u] = rv ? Ls[rl] : -INFINITY;
+      C2[u] = rv ? Ls[2 * MBM + rl] : 0.f;
       live[u] = rv && L2[u] != -INFINITY;
-      dl[u] = rv ? rs.delta[zh * g.Lq + ri[u]] : 0.f;
-      brow[u] = rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
-      mrow[u] = g.mask_mode == 1 && rv   ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
-                : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
-                                         : nullptr;
+      dl[u] = rv ? Ls[MBM + rl] : 0.f;
+    }
+    if (!ST || p.pdrop > 0.f) {
+      FaAttnBatch b;
+      int64_t z, h;
+      outer(rz, b, z, h);
+      zh = z * g.H + h;
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const bool rv = ri[u] < g.Lq;
+        brow[u] = rv ? bias + fa_attn_off(g.bias, b, h, ri[u]) : nullptr;
+        mrow[u] = g.mask_mode == 1 && rv ? (const void *)((const unsigned char *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                  : g.mask_mode == 2 && rv ? (const void *)((const float *)mask + fa_attn_off(g.mask, b, h, ri[u]))
+                                           : nullptr;
+      }
     }
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -579,6 +785,30 @@ __global__ void __launch_bounds__(THREADS) mma_dbias_kernel(Params p, float *gbi
         Mma<T>::mma(dp[2 * n2 + 1], of, bv[2], bv[3]);
       }
     }
+    // ST fast path (bwd_score): a full tile, the warp's rows with a finite L2, no dropout, the mask absent or a
+    // key vector (its staged row gives each key's limit)
+    const bool fast = ST && nr == MBM && nk == MBN && p.pdrop <= 0.f && (g.mask_mode == 0 || mrows == 1) &&
+                      __all_sync(FULL, fin(L2[0]) && fin(L2[1]));
+    if (fast) {
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        const int cl = n * 8 + 2 * ti;
+        float2 lim = make_float2(INFINITY, INFINITY);
+        if (g.mask_mode == 1) {
+          const uchar2 mk = *reinterpret_cast<const uchar2 *>(Mt + cl);
+          lim = make_float2(mk.x ? INFINITY : -INFINITY, mk.y ? INFINITY : -INFINITY);
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const float2 bv = *reinterpret_cast<const float2 *>(Bsm + (w * 16 + gi + 8 * u) * SBP + cl);
+          float pv, ds0, ds1;
+          bwd_score(s[n][2 * u], dp[n][2 * u], bv.x, lim.x, p.scale2, L2[u], C2[u], dl[u], pv, ds0);
+          bwd_score(s[n][2 * u + 1], dp[n][2 * u + 1], bv.y, lim.y, p.scale2, L2[u], C2[u], dl[u], pv, ds1);
+          acc[n][2 * u] += ds0;
+          acc[n][2 * u + 1] += ds1;
+        }
+      }
+    } else
 #pragma unroll
     for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -690,7 +920,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       }
       if (gq) {
         const int64_t qblocks = g->Z * g->H * ((g->Lq + MBM - 1) / MBM);
-#define ATTN_MMA_DQ_SMEM(DD, ST) ((size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T) + (ST ? stage_bytes(g, MBM, SBP, 2) : 0))
+#define ATTN_MMA_DQ_SMEM(DD, ST)                                                                                      \
+  ((size_t)(2 * MBM + 4 * MBN) * (DD + 8) * sizeof(T) + (ST ? stage_bytes(g, MBM, SBP, 2) + 2 * MBN * sizeof(float) : 0))
 #define ATTN_MMA_DQ_(DD, ST)                                                                                          \
   launch(fn, dev, mma_dq_kernel<T, DD, ST>, qblocks, ATTN_MMA_DQ_SMEM(DD, ST), p, gq, q, k, v, bias, mask, go, rs)
 #define ATTN_MMA_DQ(DD)                                                                                               \
@@ -716,27 +947,50 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
       // (no tiles when Lq or Lk is 0: grad_bias stays the zeros c/attention.c wrote)
       const int64_t tiles = p.nkeep_all * ((g->Lq + MBM - 1) / MBM) * ((g->Lk + MBN - 1) / MBN);
       if (gbias && full && tiles > 0) {
-        // the reduction over the broadcast dims split in nch chunks when the gradient's tiles alone would leave
-        // the SMs idle (H (N/64)^2 CTAs: 64 at N = 256), partials then summed in a fixed order
-        int nsm = 0;
-        if ((rc = fa_cu_check(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev), fn))) return rc;
-        int64_t nch = ((int64_t)4 * nsm + tiles - 1) / tiles;
-        nch = max((int64_t)1, min(nch, min((int64_t)16, p.nred_all / 32)));
-        float *part = nullptr;
-        if (nch > 1 && !(part = (float *)tmp.get(nch * p.nkeep_all * g->Lq * g->Lk * (int64_t)sizeof(float))))
-          return FA_ERR_MEMORY;
-        const int64_t dblocks = nch * tiles;
 #define ATTN_MMA_DB_SMEM(DD, ST)                                                                                      \
   ((size_t)4 * (MBM + MBN) * (DD + 8) * sizeof(T) + (ST ? (size_t)MBM * SBP * sizeof(float) : 0) +                   \
+   (size_t)6 * MBM * sizeof(float) +                                                                                  \
    (ST && g->mask_mode == 1 ? (size_t)2 * (g->mask.r == 0 ? 1 : MBM) * SMP : 0))
+#define ATTN_MMA_DB_ST(DD)                                                                                            \
+  (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
+                      ATTN_MMA_DB_SMEM(DD, false)))
+#define ATTN_MMA_DB_CTAS(DD)                                                                                          \
+  (ATTN_MMA_DB_ST(DD) ? ctas_per_sm(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true))                 \
+                      : ctas_per_sm(dev, mma_dbias_kernel<T, DD, false>, ATTN_MMA_DB_SMEM(DD, false)))
+        // the reduction over the broadcast dims split in nch chunks, partials then summed in a fixed order: the
+        // nch (at most 16, chunks of at least 32 broadcast combinations, scratch up to 64 MB unless one is all
+        // it takes) whose waves of resident CTAs take the fewest chunk iterations (CTAs run for equal times):
+        // at H = 4, 3 CTAs per SM on 132 SMs, N = 1024 gives 3 (8 waves of 342 instead of 3 of 1024), N = 256
+        // gives 6 (one wave of 43). Fixed per device: deterministic.
+        int nsm = 0, per_sm = 0;
+        if ((rc = fa_cu_check(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev), fn))) return rc;
+        switch (D) {
+          case 16: per_sm = ATTN_MMA_DB_CTAS(16); break;
+          case 32: per_sm = ATTN_MMA_DB_CTAS(32); break;
+          case 48: per_sm = ATTN_MMA_DB_CTAS(48); break;
+          case 64: per_sm = ATTN_MMA_DB_CTAS(64); break;
+          case 80: per_sm = ATTN_MMA_DB_CTAS(80); break;
+          case 96: per_sm = ATTN_MMA_DB_CTAS(96); break;
+          case 112: per_sm = ATTN_MMA_DB_CTAS(112); break;
+          default: per_sm = ATTN_MMA_DB_CTAS(128); break;
+        }
+        const int64_t slots = (int64_t)max(nsm, 1) * max(per_sm, 1), chunk = p.nkeep_all * g->Lq * g->Lk * (int64_t)sizeof(float);
+        const int64_t maxch = max((int64_t)1, min((int64_t)16, p.nred_all / 32));
+        int64_t nch = 1, best = (tiles + slots - 1) / slots * p.nred_all;
+        for (int64_t c = 2; c <= maxch && c * chunk <= ((int64_t)64 << 20); c++) {
+          const int64_t cost = (c * tiles + slots - 1) / slots * ((p.nred_all + c - 1) / c);
+          if (cost * 20 < best * 19) {  // 5% or more fewer
+            best = cost;
+            nch = c;
+          }
+        }
+        float *part = nullptr;
+        if (nch > 1 && !(part = (float *)tmp.get(nch * chunk))) return FA_ERR_MEMORY;
+        const int64_t dblocks = nch * tiles;
 #define ATTN_MMA_DB_(DD, ST)                                                                                          \
   launch(fn, dev, mma_dbias_kernel<T, DD, ST>, dblocks, ATTN_MMA_DB_SMEM(DD, ST), p, gbias, part, nch, q, k, v, bias, \
          mask, go, rs)
-#define ATTN_MMA_DB(DD)                                                                                               \
-  (stb && pick_staged(dev, mma_dbias_kernel<T, DD, true>, ATTN_MMA_DB_SMEM(DD, true), mma_dbias_kernel<T, DD, false>, \
-                      ATTN_MMA_DB_SMEM(DD, false))                                                                    \
-       ? ATTN_MMA_DB_(DD, true)                                                                                       \
-       : ATTN_MMA_DB_(DD, false))
+#define ATTN_MMA_DB(DD) (ATTN_MMA_DB_ST(DD) ? ATTN_MMA_DB_(DD, true) : ATTN_MMA_DB_(DD, false))
         switch (D) {
           case 16: rc = ATTN_MMA_DB(16); break;
           case 32: rc = ATTN_MMA_DB(32); break;
@@ -749,6 +1003,8 @@ static int backward_t(const fa_attn_geom *g, T *gq, T *gk, T *gv, float *gbias, 
         }
 #undef ATTN_MMA_DB
 #undef ATTN_MMA_DB_
+#undef ATTN_MMA_DB_CTAS
+#undef ATTN_MMA_DB_ST
 #undef ATTN_MMA_DB_SMEM
         if (rc || nch == 1) return rc;
         return launch(fn, dev, dbias_sum_kernel, (int64_t)fa_cu_blocks(p.nkeep_all * g->Lq * g->Lk, THREADS, dev), 0, p,
