@@ -151,13 +151,14 @@ local CASE = {
                { shape = { 1, 2, 2, 3, 3, 0, 8 }, what = 'S 0' }, { shape = { 1, 2, 0, 3, 3, 2, 8 }, what = 'heads 0' },
                { shape = { 1, 2, 2, 3, 3, 2, 0 }, what = 'D 0' } },
     variants = { { name = 'default' }, { name = 'deterministic', deterministic = true } },
-    -- with one sampled key (V = S = 1) P = 1 and grad_q = scale (dP - delta) k is 0 analytically (the float64
-    -- reference ~1e-16): judged against the size of the cancelling terms dP = <dO, v_n>, delta = <dO, O>, i.e.
-    -- scale * max_row sum_d |dO_d O_d| * max|k|
+    -- with one sampled key (V = S = 1) P = 1 and dS = dP - delta = 0, so grad_q = scale dS k and grad_k (the
+    -- bilinear weights times scale dS q) are 0 analytically (the float64 reference ~1e-16): judged against the
+    -- size of the cancelling terms dP = <dO, v_n>, delta = <dO, O>: scale * max_row sum_d |dO_d O_d| * max|k| (or |q|)
     scale = function(k, x, gout)
-      if k ~= 'q' or x.coords:size(4) * x.coords:size(5) ~= 1 then return nil end
+      if (k ~= 'q' and k ~= 'k') or x.coords:size(4) * x.coords:size(5) ~= 1 then return nil end
       local out = fa.deform_sdpa(x.q, x.k, x.v, x.coords, x.W, x.H, x.scale)
-      return x.scale * (gout:abs() * out:abs()):sum(5):max() * x.k:abs():max()
+      local other = k == 'q' and x.k or x.q
+      return x.scale * (gout:abs() * out:abs()):sum(5):max() * other:abs():max()
     end,
   },
 }
