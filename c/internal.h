@@ -140,11 +140,15 @@ static inline double fa_u64_to_unit_double(uint32_t a, uint32_t b) {
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && defined(__x86_64__) && defined(__GLIBC__)
 #if __GNUC__ >= 11
 #define FA_HOT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+/* also AVX-512 (x86-64-v4): for loops that gain from 16 float lanes (layer norm: 1.2-1.3x on Zen 5) */
+#define FA_WIDE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#define FA_WIDE_CLONES FA_HOT_CLONES
 #endif
 #else
 #define FA_HOT_CLONES
+#define FA_WIDE_CLONES
 #endif
 
 /* exp for the float32 kernels: Cephes' expf (range reduction by ln 2, degree-6 polynomial; within

@@ -8,8 +8,9 @@
  *   grad_weight += sum_rows grad_out * xhat,  grad_bias += sum_rows grad_out   (accumulated)
  *
  * x, out, grad_out, grad_x may have any strides (a non-contiguous row is gathered into a per-thread
- * buffer); weight/bias/mean/rstd may too. Statistics accumulate in double for both dtypes (the row
- * sits in cache, so this costs nothing measurable and makes float32 rows of any length accurate).
+ * buffer); weight/bias/mean/rstd may too. Statistics accumulate in double (float32 rows: float partial sums
+ * over 256 values in 16 lanes, added in double, so rows of any length stay accurate); float32 rows are
+ * normalised and their grad_x formed in float (twice the lanes of double, no conversions).
  * The weight/bias gradients are reduced deterministically: rows are cut into a fixed number of
  * partitions (independent of the thread count), each summed in row order into its own buffer, and
  * the partitions are added in partition order. mean/rstd may be NULL in the forward (inference). */
@@ -64,8 +65,13 @@ static const void *param_ptr(const fa_tensor *t, int64_t n, void *buf) {
  * chain (a third faster than simdlen(4) on the forward). */
 static inline double sum_f32(const float *x, int64_t n) {
   double s = 0;
-#pragma omp simd reduction(+ : s) simdlen(8)
-  for (int64_t j = 0; j < n; j++) s += x[j];
+  for (int64_t j0 = 0; j0 < n; j0 += 256) { /* float partial sums of 16 lanes over 256 values, added in double */
+    float f = 0;
+    const int64_t m = n - j0 < 256 ? n - j0 : 256;
+#pragma omp simd reduction(+ : f) simdlen(16)
+    for (int64_t j = 0; j < m; j++) f += x[j0 + j];
+    s += f;
+  }
   return s;
 }
 static inline double sum_f64(const double *x, int64_t n) {
@@ -76,8 +82,14 @@ static inline double sum_f64(const double *x, int64_t n) {
 }
 static inline double sqdev_f32(const float *x, int64_t n, double mean) {
   double s = 0;
-#pragma omp simd reduction(+ : s) simdlen(8)
-  for (int64_t j = 0; j < n; j++) s += (x[j] - mean) * (x[j] - mean);
+  const float mf = (float)mean;
+  for (int64_t j0 = 0; j0 < n; j0 += 256) {
+    float f = 0;
+    const int64_t m = n - j0 < 256 ? n - j0 : 256;
+#pragma omp simd reduction(+ : f) simdlen(16)
+    for (int64_t j = 0; j < m; j++) f += (x[j0 + j] - mf) * (x[j0 + j] - mf);
+    s += f;
+  }
   return s;
 }
 static inline double sqdev_f64(const double *x, int64_t n, double mean) {
@@ -91,19 +103,28 @@ static inline double sqdev_f64(const double *x, int64_t n, double mean) {
 static inline __attribute__((always_inline)) void gsums_f32(const float *go, const float *x, const float *w,
                                                             int64_t n, double mean, double *sg, double *sgx) {
   double a = 0, b = 0;
-  if (w) {
-#pragma omp simd reduction(+ : a, b) simdlen(8)
-    for (int64_t j = 0; j < n; j++) {
-      double g = (double)go[j] * w[j];
-      a += g;
-      b += g * (x[j] - mean);
+  const float mf = (float)mean;
+  for (int64_t j0 = 0; j0 < n; j0 += 256) { /* float partials over 256 values, added in double (as sum_f32) */
+    float fa_ = 0, fb = 0;
+    const int64_t m = n - j0 < 256 ? n - j0 : 256;
+    const float *gq = go + j0, *xq = x + j0;
+    if (w) {
+      const float *wq = w + j0;
+#pragma omp simd reduction(+ : fa_, fb) simdlen(16)
+      for (int64_t j = 0; j < m; j++) {
+        const float g = gq[j] * wq[j];
+        fa_ += g;
+        fb += g * (xq[j] - mf);
+      }
+    } else {
+#pragma omp simd reduction(+ : fa_, fb) simdlen(16)
+      for (int64_t j = 0; j < m; j++) {
+        fa_ += gq[j];
+        fb += gq[j] * (xq[j] - mf);
+      }
     }
-  } else {
-#pragma omp simd reduction(+ : a, b) simdlen(8)
-    for (int64_t j = 0; j < n; j++) {
-      a += go[j];
-      b += go[j] * (x[j] - mean);
-    }
+    a += fa_;
+    b += fb;
   }
   *sg = a;
   *sgx = b;
@@ -138,9 +159,21 @@ static inline __attribute__((always_inline)) void ln_fwd_row(int dbl, void *o, c
   double mean = (dbl ? sum_f64(x, n) : sum_f32(x, n)) / (double)n;
   double var = (dbl ? sqdev_f64(x, n, mean) : sqdev_f32(x, n, mean)) / (double)n;
   double rstd = 1.0 / sqrt(var + eps);
-  if (!dbl) { /* normalise with the float32 statistics that are saved, as the backward sees them */
-    mean = (float)mean;
-    rstd = (float)rstd;
+  if (!dbl) { /* normalise with the float32 statistics that are saved, as the backward sees them, in float:
+               * 8 lanes a vector instead of 4 doubles and no conversions (one rounding per operation) */
+    const float mf = (float)mean, rf = (float)rstd, *xf = x, *wf = w, *bf = b;
+    float *of = o;
+    if (w && b)
+      for (int64_t j = 0; j < n; j++) of[j] = (xf[j] - mf) * rf * wf[j] + bf[j];
+    else if (w)
+      for (int64_t j = 0; j < n; j++) of[j] = (xf[j] - mf) * rf * wf[j];
+    else if (b)
+      for (int64_t j = 0; j < n; j++) of[j] = (xf[j] - mf) * rf + bf[j];
+    else
+      for (int64_t j = 0; j < n; j++) of[j] = (xf[j] - mf) * rf;
+    *mean_out = mf;
+    *rstd_out = rf;
+    return;
   }
   if (w && b)
     for (int64_t j = 0; j < n; j++) st(o, j, (ld(x, j, dbl) - mean) * rstd * ld(w, j, dbl) + ld(b, j, dbl), dbl);
@@ -163,6 +196,18 @@ static inline __attribute__((always_inline)) void ln_bwd_row(int dbl, void *gx, 
     if (dbl) gsums_f64(go, x, w, n, mean, &sg, &sgx);
     else gsums_f32(go, x, w, n, mean, &sg, &sgx);
     double mg = sg / (double)n, mgx = sgx * rstd / (double)n;
+    if (!dbl) { /* float32: grad_x in float (8 lanes, no conversions); the partials stay double */
+      const float *gof = go, *xf = x, *wf = w, mf = (float)mean, rf = (float)rstd, mgf = (float)mg,
+                  mxf = (float)(rstd * mgx);
+      float *gxf = gx;
+      for (int64_t j = 0; j < n; j++) {
+        const float g = gof[j], xc = xf[j] - mf;
+        pdw[j] += (double)g * ((double)xf[j] - mean) * rstd; /* as the loops below: identical partials */
+        pdb[j] += g;
+        gxf[j] = rf * (g * wf[j] - mgf - xc * mxf);
+      }
+      return;
+    }
     for (int64_t j = 0; j < n; j++) {
       double g = ld(go, j, dbl), xc = ld(x, j, dbl) - mean;
       pdw[j] += g * xc * rstd; /* the same expressions as below: identical results */
@@ -196,13 +241,13 @@ static inline __attribute__((always_inline)) void ln_bwd_row(int dbl, void *gx, 
 /* ------------------------------------------------------------------ drivers */
 /* The parallel loops are outlined by OpenMP before inlining, so dbl would be a run-time value inside
  * them; each iteration hands the row kernels a literal instead (one branch per row). The row functions
- * are compiled for AVX2 + FMA and the baseline (FA_HOT_CLONES), picked at load time. */
-FA_HOT_CLONES static void ln_fwd_row_any(int dbl, void *o, const void *x, const void *w, const void *b, int64_t n,
+ * are compiled for AVX-512, AVX2 + FMA and the baseline (FA_WIDE_CLONES), picked at load time. */
+FA_WIDE_CLONES static void ln_fwd_row_any(int dbl, void *o, const void *x, const void *w, const void *b, int64_t n,
                                          double eps, double *mean, double *rstd) {
   if (dbl) ln_fwd_row(1, o, x, w, b, n, eps, mean, rstd);
   else ln_fwd_row(0, o, x, w, b, n, eps, mean, rstd);
 }
-FA_HOT_CLONES static void ln_bwd_row_any(int dbl, void *gx, const void *go, const void *x, const void *w, double mean,
+FA_WIDE_CLONES static void ln_bwd_row_any(int dbl, void *gx, const void *go, const void *x, const void *w, double mean,
                                          double rstd, int64_t n, double *pdw, double *pdb) {
   if (dbl) ln_bwd_row(1, gx, go, x, w, mean, rstd, n, pdw, pdb);
   else ln_bwd_row(0, gx, go, x, w, mean, rstd, n, pdw, pdb);
