@@ -59,10 +59,10 @@ static const void *param_ptr(const fa_tensor *t, int64_t n, void *buf) {
 }
 
 /* ------------------------------------------------------------------ row reductions */
-/* Double accumulators. `#pragma omp simd` is lowered before inlining, so a reduction loop vectorises
- * only where its pointer types are fixed: hence a float and a double version of each. simdlen(8):
- * eight partial sums (two AVX2 or four SSE2 registers), so that the adds are not one long dependency
- * chain (a third faster than simdlen(4) on the forward). */
+/* Double results. `#pragma omp simd` is lowered before inlining, so a reduction loop vectorises only where
+ * its pointer types are fixed: hence a float and a double version of each. Several partial sums (simdlen 8
+ * for double, 16 for float) so that the adds are not one long dependency chain; the float versions sum
+ * chunks of 256 values in float and add the chunks in double (about 2x faster than double lanes). */
 static inline double sum_f32(const float *x, int64_t n) {
   double s = 0;
   for (int64_t j0 = 0; j0 < n; j0 += 256) { /* float partial sums of 16 lanes over 256 values, added in double */
@@ -160,7 +160,7 @@ static inline __attribute__((always_inline)) void ln_fwd_row(int dbl, void *o, c
   double var = (dbl ? sqdev_f64(x, n, mean) : sqdev_f32(x, n, mean)) / (double)n;
   double rstd = 1.0 / sqrt(var + eps);
   if (!dbl) { /* normalise with the float32 statistics that are saved, as the backward sees them, in float:
-               * 8 lanes a vector instead of 4 doubles and no conversions (one rounding per operation) */
+               * twice the lanes of double and no conversions (one rounding per operation) */
     const float mf = (float)mean, rf = (float)rstd, *xf = x, *wf = w, *bf = b;
     float *of = o;
     if (w && b)
@@ -196,7 +196,7 @@ static inline __attribute__((always_inline)) void ln_bwd_row(int dbl, void *gx, 
     if (dbl) gsums_f64(go, x, w, n, mean, &sg, &sgx);
     else gsums_f32(go, x, w, n, mean, &sg, &sgx);
     double mg = sg / (double)n, mgx = sgx * rstd / (double)n;
-    if (!dbl) { /* float32: grad_x in float (8 lanes, no conversions); the partials stay double */
+    if (!dbl) { /* float32: grad_x in float (twice the lanes, no conversions); the partials stay double */
       const float *gof = go, *xf = x, *wf = w, mf = (float)mean, rf = (float)rstd, mgf = (float)mg,
                   mxf = (float)(rstd * mgx);
       float *gxf = gx;
@@ -231,6 +231,16 @@ static inline __attribute__((always_inline)) void ln_bwd_row(int dbl, void *gx, 
   if (dbl) gsums_f64(go, x, w, n, mean, &sg, &sgx);
   else gsums_f32(go, x, w, n, mean, &sg, &sgx);
   double mg = sg / (double)n, mgx = sgx * rstd / (double)n;
+  if (!dbl) { /* float32: as the training case above, so grad_x has the same bits with or without the partials */
+    const float *gof = go, *xf = x, *wf = w, mf = (float)mean, rf = (float)rstd, mgf = (float)mg,
+                mxf = (float)(rstd * mgx);
+    float *gxf = gx;
+    if (w)
+      for (int64_t j = 0; j < n; j++) gxf[j] = rf * (gof[j] * wf[j] - mgf - (xf[j] - mf) * mxf);
+    else
+      for (int64_t j = 0; j < n; j++) gxf[j] = rf * (gof[j] - mgf - (xf[j] - mf) * mxf);
+    return;
+  }
   if (w)
     for (int64_t j = 0; j < n; j++)
       st(gx, j, rstd * (ld(go, j, dbl) * ld(w, j, dbl) - mg - (ld(x, j, dbl) - mean) * rstd * mgx), dbl);

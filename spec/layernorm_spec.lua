@@ -123,6 +123,17 @@ describe('fa_layernorm', function()
     for i = 1, 4 do assert.is_true(res[1][i]:equal(res[2][i]), 'result ' .. i) end
   end)
 
+  it('gives grad_x the same bits with and without the parameter gradients', function()
+    for _, dt in ipairs({ 'float32', 'float64' }) do
+      fa.manualSeed(4)
+      local x, go, w = fa.randn(40, 600, dt), fa.randn(40, 600, dt), fa.randn(600, dt)
+      local _, mean, rstd = forward(x, w, nil, 600)
+      local both = backward(go, x, mean, rstd, w, 600, fa.zeros(600, dt), fa.zeros(600, dt))
+      assert.is_true(backward(go, x, mean, rstd, w, 600):equal(both), dt .. ': grad_x alone')
+      assert.is_true(backward(go, x, mean, rstd, w, 600, fa.zeros(600, dt)):equal(both), dt .. ': with grad_weight')
+    end
+  end)
+
   it('rejects bad arguments with messages naming them', function()
     local x = fa.randn(3, 5, 7)
     local e = err_of(function() forward(x, nil, nil, 6) end)
