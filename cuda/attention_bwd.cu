@@ -17,23 +17,9 @@ __device__ __forceinline__ float bwd_ex2(float x) {
 // a row's L2 that the fast path below takes: finite (not a lost row, a row past Lq or NaN)
 __device__ __forceinline__ bool fin(float L2) { return L2 > -INFINITY && L2 < INFINITY; }
 
-// cp_tile of ROWS full rows when the 16-byte chunks of a row divide the CTA (thread t: chunk t % C of rows
-// t / C + i THREADS / C) and stage_bm's bias tile of ROWS full rows and 64 keys (thread t: 16 bytes at key
-// 4 (t % 16) of rows t / 16 + 8 i): the 64-bit row offset added, not multiplied, per copy and no zero-fill
-// lengths; the same bytes land in the same places. FULL_ROWS: the D for which the row copy applies.
-template <int D, int ROWS> constexpr bool FULL_ROWS = THREADS % (D / 8) == 0 && ROWS % (THREADS / (D / 8)) == 0;
-template <typename T, int D, int ROWS>
-__device__ __forceinline__ void cp_rows_full(T *dst, const T *src, int64_t rs) {
-  constexpr int C = D / 8, RS = THREADS / C;
-  const int r = threadIdx.x / C, c = threadIdx.x % C;
-  src += (int64_t)r * rs + c * 8;
-  const int64_t step = RS * rs;
-  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
-#pragma unroll
-  for (int i = 0; i < ROWS / RS; i++, src += step)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src)
-                 : "memory");
-}
+// stage_bm's bias tile of ROWS full rows and 64 keys (thread t: 16 bytes at key 4 (t % 16) of rows
+// t / 16 + 8 i), as cp_rows_full (cuda/attn.cuh) copies T rows: the 64-bit row offset added per copy, no
+// zero-fill lengths; the same bytes land in the same places.
 template <int ROWS, int BP>
 __device__ __forceinline__ void cp_bias_full(float *Bs, const float *src, int64_t rs) {
   src += (int64_t)(threadIdx.x >> 4) * rs + (threadIdx.x & 15) * 4;

@@ -15,21 +15,6 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 
-// cp_tile of MBN full rows when the 16-byte chunks of a row divide the CTA (D in {16, 32, 64, 128}): thread t
-// copies chunk t % C of rows t / C + i (THREADS / C), the 64-bit row offset added, not multiplied, per copy
-template <typename T, int D>
-__device__ __forceinline__ void cp_tile_full(T *dst, const T *src, int64_t rs) {
-  constexpr int C = D / 8, RS = THREADS / C;
-  static_assert(THREADS % C == 0, "chunks per row must divide the CTA");
-  const int r = threadIdx.x / C, c = threadIdx.x % C;
-  src += (int64_t)r * rs + c * 8;
-  const int64_t step = RS * rs;
-  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
-#pragma unroll
-  for (int i = 0; i < MBN / RS; i++, src += step)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src) : "memory");
-}
-
 // ST: the bias / select-mask tiles of each key tile come through shared memory with K and V (stage_bm)
 template <typename T, int D, bool ST>
 __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, float *lse, const T *q, const T *k,
@@ -64,10 +49,10 @@ __global__ void __launch_bounds__(THREADS) mma_fwd_kernel(Params p, T *out, floa
   auto fetch = [&](int64_t j0, int buf) {  // one commit group per key tile
     const int nk = (int)min((int64_t)MBN, g.Lk - j0);
     bool kvdone = false;
-    if constexpr (THREADS % (D / 8) == 0) {
+    if constexpr (FULL_ROWS<D, MBN>) {
       if (nk == MBN) {
-        cp_tile_full<T, D>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r);
-        cp_tile_full<T, D>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r);
+        cp_rows_full<T, D, MBN>(KV + buf * 2 * MBN * PD, kb + j0 * g.k.r, g.k.r);
+        cp_rows_full<T, D, MBN>(KV + (buf * 2 + 1) * MBN * PD, vb + j0 * g.v.r, g.v.r);
         kvdone = true;
       }
     }

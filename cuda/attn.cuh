@@ -565,6 +565,23 @@ template <> struct Mma<__half> {
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// cp_tile of ROWS full rows when the 16-byte chunks of a row divide the CTA (thread t: chunk t % C of rows
+// t / C + i THREADS / C): the 64-bit row offset added, not multiplied, per copy and no zero-fill lengths; the
+// same bytes land in the same places. FULL_ROWS: the D for which it applies. The forward's K/V tiles and the
+// backward's tiles.
+template <int D, int ROWS> constexpr bool FULL_ROWS = THREADS % (D / 8) == 0 && ROWS % (THREADS / (D / 8)) == 0;
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void cp_rows_full(T *dst, const T *src, int64_t rs) {
+  constexpr int C = D / 8, RS = THREADS / C;
+  const int r = threadIdx.x / C, c = threadIdx.x % C;
+  src += (int64_t)r * rs + c * 8;
+  const int64_t step = RS * rs;
+  const uint32_t d = smem_addr(dst + r * (D + 8) + c * 8);
+#pragma unroll
+  for (int i = 0; i < ROWS / RS; i++, src += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + i * RS * (D + 8) * (int)sizeof(T)), "l"(src)
+                 : "memory");
+}
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
