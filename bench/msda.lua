@@ -178,19 +178,9 @@ end
 ---------------------------------------------------------------------------- the torch peer
 -- runs bench/peers/msda_torch.py: {key -> record} with key = config/dtype/locs, and its info line (or why not)
 local function run_peer(args)
-  if opt.peer == '0' then return {}, 'skipped (--peer 0)' end
-  local lines, err = bench.runPeer('msda_torch.py', args, { python = opt.python })
-  local res, info = {}, err
-  for _, line in ipairs(lines) do
-    local impl = line:match('"impl": "([^"]+)"')
-    if impl == 'info' then info = info or line
-    elseif impl then
-      local r = {}
-      for k, v in line:gmatch('"([%w_]+)": ([%d%.e%-]+)') do r[k] = tonumber(v) end
-      r.config, r.dtype, r.locs = line:match('"config": "(%w+)"'), line:match('"dtype": "(%w+)"'), line:match('"locs": "(%w+)"')
-      res[r.config .. '/' .. r.dtype .. '/' .. r.locs] = r
-    end
-  end
+  local recs, info = bench.peerRecords('msda_torch.py', args, { python = opt.python, skip = opt.peer == '0' })
+  local res = {}
+  for _, r in ipairs(recs) do res[r.config .. '/' .. r.dtype .. '/' .. r.locs] = r end
   return res, info
 end
 

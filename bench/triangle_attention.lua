@@ -119,27 +119,14 @@ end
 ---------------------------------------------------------------------------- the peers
 -- runs bench/peers/triangle_torch.py: {impl/n/dtype -> record}, the GEMM record, and its info line (or why not)
 local function run_peer(args)
-  if opt.peer == '0' then return {}, nil, 'skipped (--peer 0)' end
-  local lines, err = bench.runPeer('triangle_torch.py', args, { python = opt.python })
-  local res, gemm, info = {}, nil, err
-  for _, line in ipairs(lines) do
-    local impl = line:match('^{"impl": "([^"]+)"')
-    if impl == 'info' then info = info or line
-    elseif impl then
-      local r = {}
-      for k, v in line:gmatch('"([%w_]+)": ([%d%.eE%+%-]+)') do r[k] = tonumber(v) end
-      for k, v in line:gmatch('"([%w_]+)": "([^"]*)"') do r[k] = v end
-      if impl == 'gemm' then gemm = r else res[impl .. '/' .. r.n .. '/' .. r.dtype] = r end
-    end
+  local recs, info = bench.peerRecords('triangle_torch.py', args, { python = opt.python, skip = opt.peer == '0' })
+  local res, gemm = {}, nil
+  for _, r in ipairs(recs) do
+    if r.impl == 'gemm' then gemm = r else res[r.impl .. '/' .. r.n .. '/' .. r.dtype] = r end
   end
   return res, gemm, info
 end
 
--- "12.3" or the peer's error ("OOM", "unavailable (...)")
-local function peer_ms(p, phase)
-  if p[phase .. '_ms'] then return bench.fmt(p[phase .. '_ms'], 3) end
-  return p['error_' .. phase] or '-'
-end
 
 ---------------------------------------------------------------------------- output
 local R = bench.report()
@@ -187,8 +174,8 @@ local function bench_cpu()
     local row = { n, fmt(mf, 3), fmt(mb, 3), fmt(tflops(fwd_flops(n), mf) * 1e3, 1), fmt(tflops(3.5 * fwd_flops(n), mb) * 1e3, 1) }
     for _, p in ipairs(peers) do
       local r = peer[p .. '/' .. n .. '/float32'] or {}
-      row[#row + 1] = peer_ms(r, 'fwd')
-      row[#row + 1] = peer_ms(r, 'fwdbwd')
+      row[#row + 1] = bench.peerMs(r, 'fwd')
+      row[#row + 1] = bench.peerMs(r, 'fwdbwd')
       row[#row + 1] = bench.ratio(r.fwd_ms, mf, 1, 'x')
       row[#row + 1] = bench.ratio(r.fwdbwd_ms, mb, 1, 'x')
     end
@@ -203,13 +190,8 @@ end
 ---------------------------------------------------------------------------- GPU
 -- peak allocation of fn() above what is allocated before it; fn returns the tensors it allocated as outputs
 local function extra_memory(fn)
-  collectgarbage()
-  fa.cuda.synchronize()
-  local base = fa.cuda.memoryAllocated()
-  fa.cuda.resetPeakStats()
-  local outs = { fn() }
-  fa.cuda.synchronize()
-  local peak = fa.cuda.memoryStats().peak - base
+  local outs
+  local peak = bench.extraMemory(function() outs = { fn() } end)
   local ob = 0
   for i = 1, table.maxn(outs) do ob = ob + bytes(outs[i]) end
   return peak, peak - ob
@@ -337,7 +319,7 @@ local function bench_gpu()
         local b = best[n .. '/' .. dtype] or {}
         for _, p in ipairs(opt.peers) do
           local r = peer[p .. '/' .. n .. '/' .. dtype] or {}
-          pt:add({ n, dtype, PEER_NAMES[p], peer_ms(r, 'fwd'), fmt(r.fwd_tflops, 1), peer_ms(r, 'fwdbwd'),
+          pt:add({ n, dtype, PEER_NAMES[p], bench.peerMs(r, 'fwd'), fmt(r.fwd_tflops, 1), bench.peerMs(r, 'fwdbwd'),
                    fmt(r.fwdbwd_tflops, 1), fmt(r.extra_mb_fwd, 1), fmt(r.extra_mb_fwdbwd, 1),
                    bench.ratio(r.fwd_ms, b.fwd, 2, 'x'), bench.ratio(r.fwdbwd_ms, b.fb, 2, 'x') })
         end
