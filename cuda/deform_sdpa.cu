@@ -88,6 +88,24 @@ template <int TPG> __device__ __forceinline__ float gsum(float x) {
   return x;
 }
 
+// the group sums of a and of b with log2(TPG) + 1 shuffles instead of 2 log2(TPG): the group's lower half sums a,
+// its upper half b, then the halves swap (lane: the lane in the group; every lane ends with the same bits)
+template <int TPG> __device__ __forceinline__ void gsum2(float a, float b, float &sa, float &sb, int lane) {
+  if constexpr (TPG == 1) {
+    sa = a;
+    sb = b;
+  } else {
+    const bool up = lane & (TPG / 2);
+    float x = up ? b : a;
+    x += __shfl_xor_sync(FULL, up ? a : b, TPG / 2, TPG);
+#pragma unroll
+    for (int o = TPG / 4; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o, TPG);
+    const float z = __shfl_xor_sync(FULL, x, TPG / 2, TPG);
+    sa = up ? z : x;
+    sb = up ? x : z;
+  }
+}
+
 // VEC channels at p (VEC = 1: a plain load)
 template <typename T, int VEC> __device__ __forceinline__ void ld(float (&f)[VEC], const T *p) {
   if constexpr (VEC == 1) f[0] = fa_to_f<T>(*p);
@@ -702,12 +720,25 @@ __global__ void __launch_bounds__(256) gather_kernel(T *__restrict__ gk, T *__re
 }
 
 // ------------------------------------------------------------------------------------------------ key side
-// kv_kernel's shared memory: the k and v maps [pixel][D] in the dtype, then the float32 accumulators of grad_k and
-// grad_v [pixel][D], then 2 float4 per thread (the footprint its lane prepared); each part 16-byte aligned
+// kv_kernel's shared memory: the k and v maps [pixel][D] in the dtype, then the float32 accumulators [pixel][D]
+// (grad_k, grad_v) as float2, then 2 float4 per thread (the footprint its lane prepared); each part 16-byte aligned
 __host__ __device__ __forceinline__ size_t r16(size_t x) { return (x + 15) & ~(size_t)15; }
 __host__ __device__ __forceinline__ size_t kv_acc_off(size_t LD, size_t tsize) { return r16(2 * LD * tsize); }
 __host__ __device__ __forceinline__ size_t kv_prep_off(size_t LD, size_t tsize) {
   return kv_acc_off(LD, tsize) + r16(8 * LD);
+}
+
+// p->x += x, p->y += y (shared memory) as one 64-bit compare-and-swap loop: sm_80 and sm_90 have no native float
+// add in shared memory (atomicAdd(float *) there compiles to LDS + FADD + ATOMS.CAS loop per float), so a pair
+// per loop halves the loops of grad_k and grad_v
+__device__ __forceinline__ void smem_add2(float2 *p, float x, float y) {
+  unsigned long long *a = (unsigned long long *)p;
+  unsigned long long old = *(volatile unsigned long long *)a, seen;
+  do {
+    seen = old;
+    const float nx = __uint_as_float((unsigned)seen) + x, ny = __uint_as_float((unsigned)(seen >> 32)) + y;
+    old = atomicCAS(a, seen, (unsigned long long)__float_as_uint(nx) | (unsigned long long)__float_as_uint(ny) << 32);
+  } while (old != seen);
 }
 
 // kv_kernel's block size: at most 1024 threads, 512 for D > 64 (NCH >= 4: 64 registers spill for float32)
@@ -718,8 +749,8 @@ __host__ __device__ constexpr int kv_max_threads(int nch) { return nch >= 4 ? 51
 // copies the map's k and v into shared memory and zeroes float32 accumulators; every query position of b visits
 // its S samples in v2 and recomputes what the query side computed: s = q . (sum_t w_t k_t), dP = dO . (sum_t w_t
 // v_t) (group sums), P = exp2(scale2 s - lse2), dS = P (dP - delta) with delta = <dO, O> of its row (formed here,
-// once per (query, map)); then scale dS w_t q and P w_t dO go into the 4 taps with shared-memory atomics (order
-// not fixed: not the deterministic path). nz == 1: the block writes its rows once, in the dtype; nz > 1: float32
+// once per (query, map)); then scale dS w_t q and P w_t dO go into the 4 taps with shared-memory atomics, a 64-bit
+// CAS per (tap, channel) for the pair (order not fixed: not the deterministic path). nz == 1: the block writes its rows once, in the dtype; nz > 1: float32
 // atomics of the partial maps into gk32 / gv32 (zeroed). A group of G lanes per query position, channel
 // d = c * G + lane (consecutive lanes, consecutive banks); lane j of a group computes the footprint of sample
 // s0 + j into prep and the group reads it back as 2 broadcast float4. mvec > 1: k / v rows allow 16-byte copies.
@@ -733,7 +764,7 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
   extern __shared__ float4 smem4[];
   const int LD = p.L * p.D;
   T *km = (T *)smem4, *vm = km + LD;
-  float *ak = (float *)((char *)smem4 + kv_acc_off(LD, sizeof(T))), *av = ak + LD;
+  float2 *acc = (float2 *)((char *)smem4 + kv_acc_off(LD, sizeof(T)));  // (grad_k, grad_v) of [pixel][D]
   float4 *prep = (float4 *)((char *)smem4 + kv_prep_off(LD, sizeof(T)));
   const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
   const T *ksrc = k + b * p.kb + v2 * p.kv + h * p.kh, *vsrc = v + b * p.vb + v2 * p.vv + h * p.vh;
@@ -746,7 +777,7 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
       else vm[r] = vsrc[row * p.vl + c];
     }
   }
-  for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) ak[i] = 0.f;
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) acc[i] = make_float2(0.f, 0.f);
   __syncthreads();
   const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
   const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
@@ -808,7 +839,8 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
           sp = fmaf(qr[c], kb, sp);
           gp = fmaf(gr[c], vb, gp);
         }
-        const float s = gsum<G>(sp), dp = gsum<G>(gp);
+        float s, dp;
+        gsum2<G>(sp, gp, s, dp, lane);
         const float pr = exp2f(s * p.scale2 - lse2), sds = p.scale * (pr * (dp - delta));
         if (!active) continue;  // no shuffles below
 #pragma unroll
@@ -820,8 +852,7 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
           for (int c = 0; c < NCH; c++) {
             const int d = c * G + lane;
             if (d >= p.D) continue;
-            if (wk) atomicAdd(ak + at + d, ck * qr[c]);
-            if (wv) atomicAdd(av + at + d, cv * gr[c]);
+            smem_add2(acc + at + d, wk ? ck * qr[c] : 0.f, wv ? cv * gr[c] : 0.f);
           }
         }
       }
@@ -830,12 +861,13 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
   __syncthreads();
   const int64_t base = (int64_t)map * LD;
   for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    const float2 a = acc[i];
     if (nz == 1) {
-      if (gk) gk[base + i] = fa_from_f<T>(ak[i]);
-      if (gv) gv[base + i] = fa_from_f<T>(av[i]);
+      if (gk) gk[base + i] = fa_from_f<T>(a.x);
+      if (gv) gv[base + i] = fa_from_f<T>(a.y);
     } else {
-      if (gk32) atomicAdd(gk32 + base + i, ak[i]);
-      if (gv32) atomicAdd(gv32 + base + i, av[i]);
+      if (gk32) atomicAdd(gk32 + base + i, a.x);
+      if (gv32) atomicAdd(gv32 + base + i, a.y);
     }
   }
 }
