@@ -817,44 +817,63 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restric
       prep[2 * threadIdx.x] = make_float4(__int_as_float(f.pix), __int_as_float(f.mv), 0.f, 0.f);
       prep[2 * threadIdx.x + 1] = make_float4(f.w[0], f.w[1], f.w[2], f.w[3]);
       __syncwarp();
+      // two samples per step (their score chains overlap); the second of an odd count is a footprint without
+      // taps (lanes past S prepared one): its scores are computed and nothing is written
       const int ns = min(G, p.S - s0);
-      for (int j = 0; j < ns; j++) {
-        const float4 *fp = prep + 2 * (grp * G + j);
-        const float4 a = fp[0], w4 = fp[1];
-        const int pix = __float_as_int(a.x), mv = __float_as_int(a.y);
-        const float wt[4] = {w4.x, w4.y, w4.z, w4.w};
-        float sp = 0.f, gp = 0.f;
+      for (int j = 0; j < ns; j += 2) {
+        int pix[2], mv[2];
+        float wt[2][4], pr[2], sds[2];
 #pragma unroll
-        for (int c = 0; c < NCH; c++) {
-          const int d = c * G + lane;
-          if (d >= p.D) continue;
-          float kb = 0.f, vb = 0.f;
-#pragma unroll
-          for (int t = 0; t < 4; t++) {
-            if (!(mv >> t & 1)) continue;  // a tap outside: 0 (its pixel may not exist)
-            const int at = (pix + (t & 1) + (t >> 1) * p.W) * p.D + d;
-            kb = fmaf(wt[t], fa_to_f<T>(km[at]), kb);
-            vb = fmaf(wt[t], fa_to_f<T>(vm[at]), vb);
-          }
-          sp = fmaf(qr[c], kb, sp);
-          gp = fmaf(gr[c], vb, gp);
+        for (int u = 0; u < 2; u++) {
+          const float4 *fp = prep + 2 * (grp * G + j + u);
+          const float4 a = fp[0], w4 = fp[1];
+          pix[u] = __float_as_int(a.x);
+          mv[u] = __float_as_int(a.y);
+          wt[u][0] = w4.x;
+          wt[u][1] = w4.y;
+          wt[u][2] = w4.z;
+          wt[u][3] = w4.w;
         }
-        float s, dp;
-        gsum2<G>(sp, gp, s, dp, lane);
-        const float pr = exp2f(s * p.scale2 - lse2), sds = p.scale * (pr * (dp - delta));
-        if (!active) continue;  // no shuffles below
+        float sp[2] = {0.f, 0.f}, gp[2] = {0.f, 0.f};
 #pragma unroll
-        for (int t = 0; t < 4; t++) {
-          if (!(mv >> t & 1)) continue;
-          const int at = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
-          const float ck = sds * wt[t], cv = pr * wt[t];
+        for (int u = 0; u < 2; u++)
 #pragma unroll
           for (int c = 0; c < NCH; c++) {
             const int d = c * G + lane;
             if (d >= p.D) continue;
-            smem_add2(acc + at + d, wk ? ck * qr[c] : 0.f, wv ? cv * gr[c] : 0.f);
+            float kb = 0.f, vb = 0.f;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+              if (!(mv[u] >> t & 1)) continue;  // a tap outside: 0 (its pixel may not exist)
+              const int at = (pix[u] + (t & 1) + (t >> 1) * p.W) * p.D + d;
+              kb = fmaf(wt[u][t], fa_to_f<T>(km[at]), kb);
+              vb = fmaf(wt[u][t], fa_to_f<T>(vm[at]), vb);
+            }
+            sp[u] = fmaf(qr[c], kb, sp[u]);
+            gp[u] = fmaf(gr[c], vb, gp[u]);
           }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          float s, dp;
+          gsum2<G>(sp[u], gp[u], s, dp, lane);
+          pr[u] = exp2f(s * p.scale2 - lse2);
+          sds[u] = p.scale * (pr[u] * (dp - delta));
         }
+        if (!active) continue;  // no shuffles below
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+          for (int t = 0; t < 4; t++) {
+            if (!(mv[u] >> t & 1)) continue;
+            const int at = (pix[u] + (t & 1) + (t >> 1) * p.W) * p.D;
+            const float ck = sds[u] * wt[u][t], cv = pr[u] * wt[u][t];
+#pragma unroll
+            for (int c = 0; c < NCH; c++) {
+              const int d = c * G + lane;
+              if (d >= p.D) continue;
+              smem_add2(acc + at + d, wk ? ck * qr[c] : 0.f, wv ? cv * gr[c] : 0.f);
+            }
+          }
       }
     }
   }
