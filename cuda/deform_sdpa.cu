@@ -19,10 +19,12 @@
 // Backward: P = exp2(scale2 s - lse2) recomputed, delta = <grad_out, out> per row. bwd_kernel (the forward's
 // layout) gives grad_q (its own row: no atomics) and the coordinates' gradient: each group reduces its per-tap
 // dot products into d/du, d/dv of the sample, the block sums them over its heads in head order through shared
-// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel); bwd_map_kernel
-// (one head per block) writes per-head partials, summed in head order by finish_coords_kernel. grad_k/grad_v:
-//   fast, where a map's two float32 accumulators fit in shared memory: the query side records (P, dS) per
-//     (sample, head), kv_kernel (a block per map) scatters into the map in shared memory and writes it once;
+// memory; bwd_map_kernel (one head per block) has one writer per head. Several writers per coordinate (heads, or
+// head tiles): float atomics into grad_coords in the default mode, per-writer partials summed in order by
+// finish_coords_kernel when deterministic. grad_k/grad_v:
+//   fast, where a map (k, v in the dtype) and two float32 accumulators fit in shared memory: kv_kernel (a block
+//     per map) recomputes P and dS of every sample landing in its map (no record), scatters into the map in
+//     shared memory and writes it once;
 //   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
@@ -749,18 +751,18 @@ __host__ __device__ constexpr int kv_max_threads(int nch) { return nch >= 4 ? 51
 // copies the map's k and v into shared memory and zeroes float32 accumulators; every query position of b visits
 // its S samples in v2 and recomputes what the query side computed: s = q . (sum_t w_t k_t), dP = dO . (sum_t w_t
 // v_t) (group sums), P = exp2(scale2 s - lse2), dS = P (dP - delta) with delta = <dO, O> of its row (formed here,
-// once per (query, map)); then scale dS w_t q and P w_t dO go into the 4 taps with shared-memory atomics, a 64-bit
-// CAS per (tap, channel) for the pair (order not fixed: not the deterministic path). nz == 1: the block writes its rows once, in the dtype; nz > 1: float32
-// atomics of the partial maps into gk32 / gv32 (zeroed). A group of G lanes per query position, channel
-// d = c * G + lane (consecutive lanes, consecutive banks); lane j of a group computes the footprint of sample
-// s0 + j into prep and the group reads it back as 2 broadcast float4. mvec > 1: k / v rows allow 16-byte copies.
+// once per (query, map)); then scale dS w_t q and P w_t dO go into the 4 taps with shared-memory atomics, one
+// 64-bit CAS per (tap, channel) for the pair (order not fixed: not the deterministic path). nz == 1: the block
+// writes its rows once, in the dtype; nz > 1: float32 atomics of the partial maps into gk32 / gv32 (zeroed). A
+// group of G lanes per query position, channel d = c * G + lane (consecutive lanes, consecutive banks); lane j of
+// a group computes the footprint of sample s0 + j into prep and the group reads it back as 2 broadcast float4.
+// mvec > 1: k / v rows allow 16-byte copies.
 template <typename T, int G, int NCH>
-__global__ void __launch_bounds__(kv_max_threads(NCH), 1) kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32,
-                                                  float *__restrict__ gv32, const T *__restrict__ q,
-                                                  const T *__restrict__ k, const T *__restrict__ v,
-                                                  const T *__restrict__ go, const T *__restrict__ o,
-                                                  const float *__restrict__ lse, const float *__restrict__ coords,
-                                                  const __grid_constant__ Params p, int nz, int mvec) {
+__global__ void __launch_bounds__(kv_max_threads(NCH), 1)
+    kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
+              const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ go,
+              const T *__restrict__ o, const float *__restrict__ lse, const float *__restrict__ coords,
+              const __grid_constant__ Params p, int nz, int mvec) {
   extern __shared__ float4 smem4[];
   const int LD = p.L * p.D;
   T *km = (T *)smem4, *vm = km + LD;
