@@ -19,10 +19,12 @@
 // Backward: P = exp2(scale2 s - lse2) recomputed, delta = <grad_out, out> per row. bwd_kernel (the forward's
 // layout) gives grad_q (its own row: no atomics) and the coordinates' gradient: each group reduces its per-tap
 // dot products into d/du, d/dv of the sample, the block sums them over its heads in head order through shared
-// memory (several head tiles: partials per tile, summed in tile order by finish_coords_kernel); bwd_map_kernel
-// (one head per block) writes per-head partials, summed in head order by finish_coords_kernel. grad_k/grad_v:
-//   fast, where a map's two float32 accumulators fit in shared memory: the query side records (P, dS) per
-//     (sample, head), kv_kernel (a block per map) scatters into the map in shared memory and writes it once;
+// memory; bwd_map_kernel (one head per block) has one writer per head. Several writers per coordinate (heads, or
+// head tiles): float atomics into grad_coords in the default mode, per-writer partials summed in order by
+// finish_coords_kernel when deterministic. grad_k/grad_v:
+//   fast, where a map (k, v in the dtype) and two float32 accumulators fit in shared memory: kv_kernel (a block
+//     per map) recomputes P and dS of every sample landing in its map (no record), scatters into the map in
+//     shared memory and writes it once;
 //   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
@@ -47,6 +49,7 @@ struct Params {
   float scale, scale2;      // scale, scale * log2 e
   int64_t qb, qv, qh, ql, kb, kv, kh, kl, vb, vv, vh, vl, gb, gv, gh, gl, ob, ov, oh, ol;
   int Sx;                   // (H+1)*(W+1): the cell grid of one (b, v2)
+  int gatom;                // backward, not deterministic: the coordinates' gradient by float atomics into grad_coords
 };
 
 // the footprint of a sample: top-left tap pixel y0*W + x0 (may be outside), mask | v2 << 4 (bit k: tap k
@@ -87,6 +90,24 @@ template <int TPG> __device__ __forceinline__ float gsum(float x) {
   return x;
 }
 
+// the group sums of a and of b with log2(TPG) + 1 shuffles instead of 2 log2(TPG): the group's lower half sums a,
+// its upper half b, then the halves swap (lane: the lane in the group; every lane ends with the same bits)
+template <int TPG> __device__ __forceinline__ void gsum2(float a, float b, float &sa, float &sb, int lane) {
+  if constexpr (TPG == 1) {
+    sa = a;
+    sb = b;
+  } else {
+    const bool up = lane & (TPG / 2);
+    float x = up ? b : a;
+    x += __shfl_xor_sync(FULL, up ? a : b, TPG / 2, TPG);
+#pragma unroll
+    for (int o = TPG / 4; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o, TPG);
+    const float z = __shfl_xor_sync(FULL, x, TPG / 2, TPG);
+    sa = up ? z : x;
+    sb = up ? x : z;
+  }
+}
+
 // VEC channels at p (VEC = 1: a plain load)
 template <typename T, int VEC> __device__ __forceinline__ void ld(float (&f)[VEC], const T *p) {
   if constexpr (VEC == 1) f[0] = fa_to_f<T>(*p);
@@ -112,6 +133,16 @@ template <int VEC> __device__ __forceinline__ void red_add(float *p, const float
 #else
 #pragma unroll
   for (int i = 0; i < VEC; i++) atomicAdd(p + i, f[i]);
+#endif
+}
+
+// p[0], p[1] += x, y (float32 global memory, 8-byte aligned)
+__device__ __forceinline__ void red_add2(float *p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
 #endif
 }
 
@@ -500,9 +531,16 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
           sv += r.y;
         }
         const int64_t e = (((int64_t)w.b * p.V + w.v1) * p.L + w.l0 + qt) * p.VS + n0 + j;
-        float *dst = gc + (whole ? 0 : (int64_t)blockIdx.y * p.B * p.V * p.L * p.VS * 2);
-        dst[2 * e] = whole ? su * (float)(p.W - 1) : su;
-        dst[2 * e + 1] = whole ? sv * (float)(p.H - 1) : sv;
+        if (whole) {
+          gc[2 * e] = su * (float)(p.W - 1);
+          gc[2 * e + 1] = sv * (float)(p.H - 1);
+        } else if (p.gatom) {  // head tiles add into grad_coords (zeroed); order not fixed
+          red_add2(gc + 2 * e, su * (float)(p.W - 1), sv * (float)(p.H - 1));
+        } else {
+          float *dst = gc + (int64_t)blockIdx.y * p.B * p.V * p.L * p.VS * 2;
+          dst[2 * e] = su;
+          dst[2 * e + 1] = sv;
+        }
       }
     }
   }
@@ -511,7 +549,8 @@ __global__ void __launch_bounds__(256) bwd_kernel(T *__restrict__ gq, float *__r
 }
 
 // bwd_kernel in map mode (the forward's map mode: a block = QT query positions of one (b, h), the views' k/v maps
-// staged in shared memory): grad_q, the (P, dS) record pd, and the coordinates' gradient of each head into its
+// staged in shared memory): grad_q, the (P, dS) record pd (deterministic only), and the coordinates' gradient:
+// p.gatom: float atomics of every head into grad_coords (gcp = grad_coords, zeroed); else each head into its
 // partial gcp[h] (npts x 2, unscaled; finish_coords_kernel sums them in head order). No grad_k / grad_v here.
 template <typename T, int VEC, int TPG, int NC>
 __global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, float *__restrict__ gcp,
@@ -567,7 +606,12 @@ __global__ void __launch_bounds__(256, 2) bwd_map_kernel(T *__restrict__ gq, flo
           coord_grad(a, g, fx, fy, sds, pr, du, dv);
           du = gsum<TPG>(du);
           dv = gsum<TPG>(dv);
-          if (active && lane == 0) *(float2 *)(gcp + h * npts2 + 2 * e) = make_float2(du, dv);
+          if (active && lane == 0) {
+            if (p.gatom)  // every head adds into grad_coords (zeroed), scaled; order not fixed
+              red_add2(gcp + 2 * e, du * (float)(p.W - 1), dv * (float)(p.H - 1));
+            else
+              *(float2 *)(gcp + h * npts2 + 2 * e) = make_float2(du, dv);
+          }
         }
         if (pd && active && lane == 0) pd[e * p.NH + h] = make_float2(pr, ds);
       }
@@ -678,94 +722,173 @@ __global__ void __launch_bounds__(256) gather_kernel(T *__restrict__ gk, T *__re
 }
 
 // ------------------------------------------------------------------------------------------------ key side
-// grad_k / grad_v without global atomics (the default where a map fits in shared memory): one block per map
-// (b, v2, h) and query split blockIdx.y of nz; the map's grad_k and grad_v accumulate in shared memory (float32,
-// [pixel][D], shared-memory atomics: order not fixed, so not the deterministic path), every query position of b
-// visits its S samples in v2 with (P, dS) from bwd_kernel's record pd. nz == 1: the block writes its rows once,
-// in the dtype; nz > 1: float32 atomics of the partial maps into gk32 / gv32 (zeroed). A group of G lanes per query
-// position, channel d = c * G + lane (consecutive lanes, consecutive banks); lane j of a group computes the
-// footprint of sample s0 + j and the group reads it by shuffles.
+// kv_kernel's shared memory: the k and v maps [pixel][D] in the dtype, then the float32 accumulators [pixel][D]
+// (grad_k, grad_v) as float2, then 2 float4 per thread (the footprint its lane prepared); each part 16-byte aligned
+__host__ __device__ __forceinline__ size_t r16(size_t x) { return (x + 15) & ~(size_t)15; }
+__host__ __device__ __forceinline__ size_t kv_acc_off(size_t LD, size_t tsize) { return r16(2 * LD * tsize); }
+__host__ __device__ __forceinline__ size_t kv_prep_off(size_t LD, size_t tsize) {
+  return kv_acc_off(LD, tsize) + r16(8 * LD);
+}
+
+// p->x += x, p->y += y (shared memory) as one 64-bit compare-and-swap loop: sm_80 and sm_90 have no native float
+// add in shared memory (atomicAdd(float *) there compiles to LDS + FADD + ATOMS.CAS loop per float), so a pair
+// per loop halves the loops of grad_k and grad_v
+__device__ __forceinline__ void smem_add2(float2 *p, float x, float y) {
+  unsigned long long *a = (unsigned long long *)p;
+  unsigned long long old = *(volatile unsigned long long *)a, seen;
+  do {
+    seen = old;
+    const float nx = __uint_as_float((unsigned)seen) + x, ny = __uint_as_float((unsigned)(seen >> 32)) + y;
+    old = atomicCAS(a, seen, (unsigned long long)__float_as_uint(nx) | (unsigned long long)__float_as_uint(ny) << 32);
+  } while (old != seen);
+}
+
+// kv_kernel's block size: at most 1024 threads, 512 for D > 64 (NCH >= 4: 64 registers spill for float32)
+__host__ __device__ constexpr int kv_max_threads(int nch) { return nch >= 4 ? 512 : 1024; }
+
+// grad_k / grad_v without global atomics and without a (P, dS) record (the default where a map and its
+// accumulators fit in shared memory): one block per map (b, v2, h) and query split blockIdx.y of nz. The block
+// copies the map's k and v into shared memory and zeroes float32 accumulators; every query position of b visits
+// its S samples in v2 and recomputes what the query side computed: s = q . (sum_t w_t k_t), dP = dO . (sum_t w_t
+// v_t) (group sums), P = exp2(scale2 s - lse2), dS = P (dP - delta) with delta = <dO, O> of its row (formed here,
+// once per (query, map)); then scale dS w_t q and P w_t dO go into the 4 taps with shared-memory atomics, one
+// 64-bit CAS per (tap, channel) for the pair (order not fixed: not the deterministic path). nz == 1: the block
+// writes its rows once, in the dtype; nz > 1: float32 atomics of the partial maps into gk32 / gv32 (zeroed). A
+// group of G lanes per query position, channel d = c * G + lane (consecutive lanes, consecutive banks); lane j of
+// a group computes the footprint of sample s0 + j into prep and the group reads it back as 2 broadcast float4.
+// mvec > 1: k / v rows allow 16-byte copies.
 template <typename T, int G, int NCH>
-__global__ void __launch_bounds__(1024) kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32,
-                                                  float *__restrict__ gv32, const float2 *__restrict__ pd,
-                                                  const T *__restrict__ q, const T *__restrict__ go,
-                                                  const float *__restrict__ coords, const __grid_constant__ Params p,
-                                                  int nz) {
+__global__ void __launch_bounds__(kv_max_threads(NCH), 1)
+    kv_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
+              const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ go,
+              const T *__restrict__ o, const float *__restrict__ lse, const float *__restrict__ coords,
+              const __grid_constant__ Params p, int nz, int mvec) {
   extern __shared__ float4 smem4[];
-  // per thread 3 float4: the sample its lane prepared (pix, mask, scale dS w_t, P w_t), then the map's
-  // accumulators (the planner keeps 48 * blockDim.x + 8 * L * D bytes within the shared memory)
-  float4 *prep = smem4;
   const int LD = p.L * p.D;
-  float *ak = (float *)(smem4 + 3 * blockDim.x), *av = ak + LD;
+  T *km = (T *)smem4, *vm = km + LD;
+  float2 *acc = (float2 *)((char *)smem4 + kv_acc_off(LD, sizeof(T)));  // (grad_k, grad_v) of [pixel][D]
+  float4 *prep = (float4 *)((char *)smem4 + kv_prep_off(LD, sizeof(T)));
   const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
-  for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) ak[i] = 0.f;
+  const T *ksrc = k + b * p.kb + v2 * p.kv + h * p.kh, *vsrc = v + b * p.vb + v2 * p.vv + h * p.vh;
+  if (mvec > 1) {
+    copy_maps<T, 16 / (int)sizeof(T)>(km, vm, ksrc, vsrc, p);
+  } else {
+    for (int i = threadIdx.x; i < 2 * LD; i += blockDim.x) {
+      const int r = i < LD ? i : i - LD, row = r / p.D, c = r % p.D;
+      if (i < LD) km[r] = ksrc[row * p.kl + c];
+      else vm[r] = vsrc[row * p.vl + c];
+    }
+  }
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) acc[i] = make_float2(0.f, 0.f);
   __syncthreads();
   const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
   const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
   const bool wk = gk || gk32, wv = gv || gv32;
-  // every group runs the same number of iterations (__syncwarp over whole warps); idle groups write nothing
+  // every group runs the same iterations (whole warps in the shuffles and __syncwarp); idle groups write nothing
   for (int qb = q0; qb < q1; qb += ngrp) {
     const int qi = qb + grp;
     const bool active = qi < q1;
     const int qa = active ? qi : q0, v1 = qa / p.L, l = qa % p.L;
     const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
     const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
-    float qr[NCH], gr[NCH];
+    const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
+    float qr[NCH], gr[NCH], dpart = 0.f;
 #pragma unroll
     for (int c = 0; c < NCH; c++) {
       const int d = c * G + lane;
-      qr[c] = d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
-      gr[c] = d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
+      qr[c] = gr[c] = 0.f;
+      if (d < p.D) {
+        qr[c] = fa_to_f<T>(qrow[d]);
+        gr[c] = fa_to_f<T>(grow[d]);
+        dpart = fmaf(gr[c], fa_to_f<T>(orow[d]), dpart);
+      }
     }
+    const float delta = gsum<G>(dpart);
+    const float lse2 = lse[(((int64_t)b * p.V + v1) * p.NH + h) * p.L + l] * FA_ATTN_LOG2E;
     const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
     for (int s0 = 0; s0 < p.S; s0 += G) {
       Foot f;
       f.pix = 0;
       f.mv = 0;
       f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
-      float2 pds = make_float2(0.f, 0.f);
       if (active && s0 + lane < p.S) {
         int x0, y0;
         footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
-        pds = pd[(e0 + s0 + lane) * p.NH + h];
       }
-      const float sds = p.scale * pds.y;
       __syncwarp();  // the previous round's reads of prep are done
-      prep[3 * threadIdx.x] = make_float4(__int_as_float(f.pix), __int_as_float(f.mv), 0.f, 0.f);
-      prep[3 * threadIdx.x + 1] = make_float4(sds * f.w[0], sds * f.w[1], sds * f.w[2], sds * f.w[3]);
-      prep[3 * threadIdx.x + 2] = make_float4(pds.x * f.w[0], pds.x * f.w[1], pds.x * f.w[2], pds.x * f.w[3]);
+      prep[2 * threadIdx.x] = make_float4(__int_as_float(f.pix), __int_as_float(f.mv), 0.f, 0.f);
+      prep[2 * threadIdx.x + 1] = make_float4(f.w[0], f.w[1], f.w[2], f.w[3]);
       __syncwarp();
+      // two samples per step (their score chains overlap); the second of an odd count is a footprint without
+      // taps (lanes past S prepared one): its scores are computed and nothing is written
       const int ns = min(G, p.S - s0);
-      if (active)
-        for (int j = 0; j < ns; j++) {
-          const float4 *fp = prep + 3 * (grp * G + j);
-          const float4 a = fp[0], ck4 = fp[1], cv4 = fp[2];
-          const int pix = __float_as_int(a.x), mv = __float_as_int(a.y);
-          const float ck[4] = {ck4.x, ck4.y, ck4.z, ck4.w}, cv[4] = {cv4.x, cv4.y, cv4.z, cv4.w};
+      for (int j = 0; j < ns; j += 2) {
+        int pix[2], mv[2];
+        float wt[2][4], pr[2], sds[2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const float4 *fp = prep + 2 * (grp * G + j + u);
+          const float4 a = fp[0], w4 = fp[1];
+          pix[u] = __float_as_int(a.x);
+          mv[u] = __float_as_int(a.y);
+          wt[u][0] = w4.x;
+          wt[u][1] = w4.y;
+          wt[u][2] = w4.z;
+          wt[u][3] = w4.w;
+        }
+        float sp[2] = {0.f, 0.f}, gp[2] = {0.f, 0.f};
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+          for (int c = 0; c < NCH; c++) {
+            const int d = c * G + lane;
+            if (d >= p.D) continue;
+            float kb = 0.f, vb = 0.f;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+              if (!(mv[u] >> t & 1)) continue;  // a tap outside: 0 (its pixel may not exist)
+              const int at = (pix[u] + (t & 1) + (t >> 1) * p.W) * p.D + d;
+              kb = fmaf(wt[u][t], fa_to_f<T>(km[at]), kb);
+              vb = fmaf(wt[u][t], fa_to_f<T>(vm[at]), vb);
+            }
+            sp[u] = fmaf(qr[c], kb, sp[u]);
+            gp[u] = fmaf(gr[c], vb, gp[u]);
+          }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          float s, dp;
+          gsum2<G>(sp[u], gp[u], s, dp, lane);
+          pr[u] = exp2f(s * p.scale2 - lse2);
+          sds[u] = p.scale * (pr[u] * (dp - delta));
+        }
+        if (!active) continue;  // no shuffles below
+#pragma unroll
+        for (int u = 0; u < 2; u++)
 #pragma unroll
           for (int t = 0; t < 4; t++) {
-            if (!(mv >> t & 1)) continue;
-            const int o = (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+            if (!(mv[u] >> t & 1)) continue;
+            const int at = (pix[u] + (t & 1) + (t >> 1) * p.W) * p.D;
+            const float ck = sds[u] * wt[u][t], cv = pr[u] * wt[u][t];
 #pragma unroll
             for (int c = 0; c < NCH; c++) {
               const int d = c * G + lane;
               if (d >= p.D) continue;
-              if (wk) atomicAdd(ak + o + d, ck[t] * qr[c]);
-              if (wv) atomicAdd(av + o + d, cv[t] * gr[c]);
+              smem_add2(acc + at + d, wk ? ck * qr[c] : 0.f, wv ? cv * gr[c] : 0.f);
             }
           }
-        }
+      }
     }
   }
   __syncthreads();
   const int64_t base = (int64_t)map * LD;
   for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    const float2 a = acc[i];
     if (nz == 1) {
-      if (gk) gk[base + i] = fa_from_f<T>(ak[i]);
-      if (gv) gv[base + i] = fa_from_f<T>(av[i]);
+      if (gk) gk[base + i] = fa_from_f<T>(a.x);
+      if (gv) gv[base + i] = fa_from_f<T>(a.y);
     } else {
-      if (gk32) atomicAdd(gk32 + base + i, ak[i]);
-      if (gv32) atomicAdd(gv32 + base + i, av[i]);
+      if (gk32) atomicAdd(gk32 + base + i, a.x);
+      if (gv32) atomicAdd(gv32 + base + i, a.y);
     }
   }
 }
@@ -956,22 +1079,21 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
   return fa_cu_launch_check(fn);
 }
 
-// the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits; false when a map's
-// two float32 accumulators do not fit in one block's shared memory (bwd_kernel's atomics then)
+// the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits, 1024 threads (512 or
+// 256 where that lets it fit); false when a map (k and v in the dtype) and its two float32 accumulators do not fit
+// in one block's shared memory (bwd_kernel's atomics then)
 struct KvPlan {
   int g, nch, nz, threads;
   size_t smem;
 };
-static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
+static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  kp.threads = 1024;
-  kp.smem = (size_t)kp.threads * 3 * sizeof(float4) + (size_t)(2 * g->L * g->D) * sizeof(float);
-  const int64_t maps = g->B * g->V * g->NH;
-  if (kp.smem > (size_t)optin || maps >= ((int64_t)1 << 31)) return false;
+  const int64_t maps = g->B * g->V * g->NH, LD = g->L * g->D;
+  if (maps >= ((int64_t)1 << 31) || LD >= ((int64_t)1 << 24)) return false;
   if (g->D <= 32) {
     kp.nch = 1;
     kp.g = 4;
@@ -981,6 +1103,12 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
     kp.nch = 2;
     while (kp.nch * 32 < g->D) kp.nch *= 2;
   }
+  const size_t fixed = kv_prep_off((size_t)LD, tsize);
+  kp.threads = 0;
+  for (int t = kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
+    if (fixed + (size_t)t * 2 * sizeof(float4) <= (size_t)optin) kp.threads = t;
+  if (!kp.threads) return false;
+  kp.smem = fixed + (size_t)kp.threads * 2 * sizeof(float4);
   // about one block per SM or more: split the query positions when there are few maps
   const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
   int64_t nz = 1;
@@ -1016,14 +1144,16 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, int dev) {
   } while (0)
 
 template <typename T, int G, int NCH>
-static int kv_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
-                     float *gv32, const float2 *pd, const T *q, const T *go, const float *coords) {
+static int kv_launch(const KvPlan &kp, const Params &p, int mvec, cudaStream_t st, const char *fn, T *gk, T *gv,
+                     float *gk32, float *gv32, const T *q, const T *k, const T *v, const T *go, const T *o,
+                     const float *lse, const float *coords) {
   int rc;
   if ((rc = fa_cu_check(cudaFuncSetAttribute(kv_kernel<T, G, NCH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)kp.smem), fn)))
     return rc;
   const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
-  kv_kernel<T, G, NCH><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, pd, q, go, coords, p, kp.nz);
+  kv_kernel<T, G, NCH><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, q, k, v, go, o, lse, coords, p, kp.nz,
+                                                          mvec);
   return fa_cu_launch_check(fn);
 }
 
@@ -1047,17 +1177,26 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   const bool det = g->deterministic != 0;
   float *gk32 = nullptr, *gv32 = nullptr, *gcdst = gc;
   float2 *pd = nullptr;
-  // grad_k / grad_v: key side (kv_kernel, from the (P, dS) record) where a map fits in shared memory, else
-  // bwd_kernel's atomics; deterministic: the record, sorted and gathered
+  pl.p.gatom = det ? 0 : 1;
+  // grad_k / grad_v: key side (kv_kernel, recomputing P and dS: no record) where a map and its accumulators fit
+  // in shared memory, else bwd_kernel's atomics; deterministic: the (P, dS) record, sorted and gathered
   KvPlan kp;
-  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, dev);
-  // the query side: bwd_map_kernel (maps in shared memory, one head per block: the coordinates' gradient in
-  // per-head partials) unless grad_k / grad_v need bwd_kernel's atomics or the maps do not fit
+  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev);
+  // the query side: bwd_map_kernel (maps in shared memory, one head per block) unless grad_k / grad_v need
+  // bwd_kernel's atomics or the maps do not fit
   Plan pm = pl;
   const bool bmap = (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
   const int gtiles = bmap ? (int)g->NH : pl.p.nht;
+  // several writers per coordinate (heads, or head tiles): deterministic, partials summed in order by
+  // finish_coords_kernel; else float atomics into grad_coords, zeroed here
   const bool gpart = bmap || pl.p.nht > 1;
-  if (gc && gpart && !(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
+  if (gc && gpart && npts) {
+    if (det) {
+      if (!(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
+    } else if ((rc = fa_cu_check(cudaMemsetAsync(gc, 0, npts * 2 * sizeof(float), st), fn))) {
+      return rc;
+    }
+  }
   if (!det && (!keyside || kp.nz > 1)) {
     if (gk) {
       gk32 = sizeof(T) == 4 ? (float *)gk : (float *)tmp.get(nkv * sizeof(float));
@@ -1070,7 +1209,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
       if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nkv * sizeof(float), st), fn))) return rc;
     }
   }
-  if ((det || keyside) && (gk || gv) && npts) {
+  if (det && (gk || gv) && npts) {
     if (!(pd = (float2 *)tmp.get(npts * g->NH * (int64_t)sizeof(float2)))) return FA_ERR_MEMORY;
   }
   if (bmap && (gq || gc || pd)) {
@@ -1084,7 +1223,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
                          gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
     if ((rc = fa_cu_launch_check(fn))) return rc;
   }
-  if (gc && gpart && npts) {
+  if (gc && gpart && det && npts) {
     finish_coords_kernel<<<fa_cu_blocks(npts * 2, 256, dev), 256, 0, st>>>(gc, gcdst, npts * 2, gtiles,
                                                                           (float)(g->W - 1), (float)(g->H - 1));
     if ((rc = fa_cu_launch_check(fn))) return rc;
@@ -1092,8 +1231,9 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   if (!det) {
     if (keyside) {
       const bool own = kp.nz == 1;
-      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, st, fn, own ? gk : nullptr, own ? gv : nullptr,
-                                                 own ? nullptr : gk32, own ? nullptr : gv32, pd, q, go, coords)));
+      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, own ? gk : nullptr, own ? gv : nullptr,
+                                                 own ? nullptr : gk32, own ? nullptr : gv32, q, k, v, go, o, lse,
+                                                 coords)));
       if (rc) return rc;
     }
     if (sizeof(T) != 4) {
