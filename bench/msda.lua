@@ -1,4 +1,5 @@
--- bench/msda.lua: multi-scale deformable attention, ours vs the PyTorch grid_sample reference, one run.
+-- bench/msda.lua: multi-scale deformable attention, ours vs the PyTorch grid_sample reference and, where it is on
+-- the PYTHONPATH, msda-triton (its bfloat16 row timed in float16: it has no bfloat16), one run.
 --
 --   bin/fastattn bench/msda.lua                 GPU: enc/dec/tri x float32/bfloat16 x locations uniform/local
 --   bin/fastattn bench/msda.lua --cpu           CPU: reduced enc (N=1, Lq=S=5017) vs torch on the CPU, same threads
@@ -176,12 +177,16 @@ local function bytes_of(cfg, es)
 end
 
 ---------------------------------------------------------------------------- the torch peer
--- runs bench/peers/msda_torch.py: {key -> record} with key = config/dtype/locs, and its info line (or why not)
+-- runs bench/peers/msda_torch.py: {key -> torch record} and {key -> msda-triton record} with key =
+-- config/dtype/locs, and its info line (or why not)
 local function run_peer(args)
   local recs, info = bench.peerRecords('msda_torch.py', args, { python = opt.python, skip = opt.peer == '0' })
-  local res = {}
-  for _, r in ipairs(recs) do res[r.config .. '/' .. r.dtype .. '/' .. r.locs] = r end
-  return res, info
+  local torch, triton = {}, {}
+  for _, r in ipairs(recs) do
+    local t = r.impl == 'msda-triton' and triton or torch
+    t[r.config .. '/' .. r.dtype .. '/' .. r.locs] = r
+  end
+  return torch, info, triton
 end
 
 ---------------------------------------------------------------------------- output
@@ -280,22 +285,29 @@ local function bench_gpu()
     end
   end
   free()
-  local peer, info = run_peer(string.format('--device cuda --configs %s --dtypes %s --locs %s --reps %d',
+  local peer, info, tpeer = run_peer(string.format('--device cuda --configs %s --dtypes %s --locs %s --reps %d',
     table.concat(opt.configs, ','), table.concat(opt.dtypes, ','), table.concat(opt.locs, ','), math.min(opt.reps, 15)))
   R:line('peer: ' .. tostring(info))
   R:line('')
   result = bench.table({ { 'config' }, { 'dtype' }, { 'locations' }, { 'variant' }, { 'fwd ms' }, { 'fwd % of HBM floor' },
                          { 'bwd ms' }, { 'fwd+bwd ms' }, { 'fwd+bwd % of floor' }, { 'torch fwd ms' }, { 'torch fwd+bwd ms' },
-                         { 'vs torch fwd' }, { 'vs torch fwd+bwd' } })
+                         { 'vs torch fwd' }, { 'vs torch fwd+bwd' }, { 'msda-triton fwd ms' },
+                         { 'msda-triton fwd+bwd ms' }, { 'vs msda-triton fwd' }, { 'vs msda-triton fwd+bwd' } })
   for _, r in ipairs(results) do
-    local p = peer[r.config .. '/' .. r.dtype .. '/' .. r.locs] or {}
+    local key = r.config .. '/' .. r.dtype .. '/' .. r.locs
+    local p, tp = peer[key] or {}, tpeer[key]
+    -- msda-triton has no bfloat16: its float16 time stands in (marked)
+    local tmark = tp and tp.timed_dtype and ' (' .. tp.timed_dtype .. ')' or ''
+    local function tms(phase) return bench.peerMs(tp, phase) .. (tp and tp[phase .. '_ms'] and tmark or '') end
     if r.err then
       result:add({ r.config, r.dtype, r.locs, r.variant, 'error: ' .. r.err, '-', '-', '-', '-', fmt(p.fwd_ms, 3),
-                   fmt(p.fwdbwd_ms, 3), '-', '-' })
+                   fmt(p.fwdbwd_ms, 3), '-', '-', tms('fwd'), tms('fwdbwd'), '-', '-' })
     else
       result:add({ r.config, r.dtype, r.locs, r.variant, fmt(r.fwd, 4), bench.pct(r.floor_f, r.fwd), fmt(r.bwd, 4),
                    fmt(r.fb, 4), bench.pct(r.floor_fb, r.fb), fmt(p.fwd_ms, 3), fmt(p.fwdbwd_ms, 3),
-                   bench.ratio(p.fwd_ms, r.fwd, 1, 'x'), bench.ratio(p.fwdbwd_ms, r.fb, 1, 'x') })
+                   bench.ratio(p.fwd_ms, r.fwd, 1, 'x'), bench.ratio(p.fwdbwd_ms, r.fb, 1, 'x'), tms('fwd'),
+                   tms('fwdbwd'), bench.ratio(tp and tp.fwd_ms, r.fwd, 1, 'x'),
+                   bench.ratio(tp and tp.fwdbwd_ms, r.fb, 1, 'x') })
     end
   end
   R:lines_of(result:markdown())

@@ -101,6 +101,52 @@ def time_cpu(fn, reps):
     return t[len(t) // 2]
 
 
+def time_msda_triton(cfg, dtype_name, locs, value, levels, loc, attn, grad, reps, flush):
+    """msda-triton (rziga/msda-triton, where importable) on the same inputs: padding 'zeros', align_corners=False
+    (Deformable DETR's grid_sample semantics, as ours). It takes float16/float32/float64 only: a bfloat16 row is
+    timed in float16 (same bytes). Also its forward's largest difference from the float64 reference."""
+    rec = {"impl": "msda-triton", "config": cfg, "dtype": dtype_name, "locs": locs}
+    try:
+        from msda_triton.frontend import triton_multiscale_deformable_attention as msda
+    except Exception as e:  # noqa: BLE001
+        rec["error_fwd"] = rec["error_fwdbwd"] = "unavailable (%s)" % type(e).__name__
+        return rec
+    dt = torch.float16 if value.dtype == torch.bfloat16 else value.dtype
+    if dt != value.dtype:
+        rec["timed_dtype"] = "float16"
+    shapes = torch.tensor(levels, dtype=torch.int64, device=value.device)
+    val, lo, at, gr = value.to(dt), loc.to(dt), attn.to(dt), grad.to(dt)
+    try:
+        def fwd():
+            with torch.no_grad():
+                return msda(val, shapes, lo, at, "zeros", False)
+
+        v = val.clone().requires_grad_(True)
+        l = lo.clone().requires_grad_(True)
+        w = at.clone().requires_grad_(True)
+
+        def fwdbwd():
+            out = msda(v, shapes, l, w, "zeros", False)
+            torch.autograd.grad(out, (v, l, w), gr.view(out.shape))
+
+        ref = ms_deform_attn_core_pytorch(value.double(), levels, loc.double(), attn.double())
+        rec["fwd_max_abs_err"] = (fwd().double().reshape(ref.shape) - ref).abs().max().item()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        rec["fwd_ms"] = time_cuda(fwd, reps, flush)
+        rec["extra_mb_fwd"] = (torch.cuda.max_memory_allocated() - base) / 1e6
+        torch.cuda.reset_peak_memory_stats()
+        rec["fwdbwd_ms"] = time_cuda(fwdbwd, reps, flush)
+        rec["extra_mb_fwdbwd"] = (torch.cuda.max_memory_allocated() - base) / 1e6
+    except Exception as e:  # noqa: BLE001
+        msg = "error: %s %s" % (type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+        for phase in ("fwd", "fwdbwd"):
+            if phase + "_ms" not in rec:
+                rec["error_" + phase] = msg
+    return rec
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -109,6 +155,7 @@ def main():
     ap.add_argument("--locs", default="uniform,local")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--triton", type=int, default=1, help="also time msda-triton where importable (cuda)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -149,6 +196,9 @@ def main():
                     rec["fwd_ms"] = time_cpu(fwd, a.reps)
                     rec["fwdbwd_ms"] = time_cpu(fwdbwd, a.reps)
                 print(json.dumps(rec), flush=True)
+                if a.device == "cuda" and a.triton:
+                    print(json.dumps(time_msda_triton(cfg, dtype_name, locs, value, levels, loc, attn, grad,
+                                                      a.reps, flush)), flush=True)
                 del value, loc, attn, grad, v, l, w, locd, attnd
 
 
