@@ -893,6 +893,149 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1)
   }
 }
 
+// p->x += x, p->y += y as smem_add2, starting from old (a value of *p read before: the first compare-and-swap is
+// issued without a dependent load, so the callers can read the words of several channels at once)
+__device__ __forceinline__ void smem_add2_from(float2 *p, float x, float y, unsigned long long old) {
+  unsigned long long *a = (unsigned long long *)p, seen;
+  do {
+    seen = old;
+    const float nx = __uint_as_float((unsigned)seen) + x, ny = __uint_as_float((unsigned)(seen >> 32)) + y;
+    old = atomicCAS(a, seen, (unsigned long long)__float_as_uint(nx) | (unsigned long long)__float_as_uint(ny) << 32);
+  } while (old != seen);
+}
+
+// kv_kernel with 4 channels per lane (kv_plan's choice where the rows allow 16-byte vectors and D <= 4 G, G <= 32):
+// the same work and shared memory as kv_kernel (less the prep area), but a group of G = D / 4 lanes per query
+// position, so that a warp takes 32 / G query positions at once and the per-sample work that does not depend on
+// the channel (footprint shuffles, tap masks and addresses, the group sums, exp2, the branches) is shared by
+// fewer lanes: kv_kernel's warp per query position at D 32 issued ~200 warp instructions per (query, sample, head).
+// Gathers: lane j reads channels 4j .. 4j+3 of a tap's row (one 16-byte float32 / 8-byte 16-bit load; a group
+// reads a whole row, a warp 32/G rows: no bank conflicts for float32 rows of 128 bytes). Scatter: lane j adds
+// channels c' G + j (c' = (c + group in warp) mod 4, c = 0..3; q and dO at those channels read once per query
+// position): the groups of a warp add to different 64-byte (float32 D 32) column blocks at once (2 wavefronts per
+// 64-bit access, the least), and the compare-and-swap loops of a tap start from loads issued two at a time.
+template <typename T, int G>
+__global__ void __launch_bounds__(1024, 1)
+    kv4_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
+               const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ go,
+               const T *__restrict__ o, const float *__restrict__ lse, const float *__restrict__ coords,
+               const __grid_constant__ Params p, int nz) {
+  extern __shared__ float4 smem4[];
+  const int LD = p.L * p.D;
+  T *km = (T *)smem4, *vm = km + LD;
+  float2 *acc = (float2 *)((char *)smem4 + kv_acc_off(LD, sizeof(T)));  // (grad_k, grad_v) of [pixel][D]
+  const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
+  copy_maps<T, 16 / (int)sizeof(T)>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh,
+                                    p);
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) acc[i] = make_float2(0.f, 0.f);
+  __syncthreads();
+  const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
+  const int rot = (threadIdx.x % 32) / G;  // the group in its warp
+  const int d0 = 4 * lane;                 // gather channels d0 .. d0 + 3
+  const bool gch = d0 < p.D;               // D a multiple of 4: all four or none
+  // scatter channel c of the lane: ((c + rot) & 3) * G + lane (formed where used: 4 registers fewer)
+#define KV4_DSC(c) ((((c) + rot) & 3) * G + lane)
+  const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
+  const bool wk = gk || gk32, wv = gv || gv32;
+  // every group runs the same iterations (whole warps in the shuffles); idle groups write nothing
+  for (int qb = q0; qb < q1; qb += ngrp) {
+    const int qi = qb + grp;
+    const bool active = qi < q1;
+    const int qa = active ? qi : q0, v1 = qa / p.L, l = qa % p.L;
+    const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+    const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+    const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
+    float qr[4] = {0.f, 0.f, 0.f, 0.f}, gr[4] = {0.f, 0.f, 0.f, 0.f}, qs[4], gs[4], dpart = 0.f;
+    if (gch) {
+      float orr[4];
+      ld<T, 4>(qr, qrow + d0);
+      ld<T, 4>(gr, grow + d0);
+      ld<T, 4>(orr, orow + d0);
+#pragma unroll
+      for (int e = 0; e < 4; e++) dpart = fmaf(gr[e], orr[e], dpart);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+      const int d = KV4_DSC(c);
+      qs[c] = wk && d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
+      gs[c] = wv && d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
+    }
+    const float delta = gsum<G>(dpart);
+    const float lse2 = lse[(((int64_t)b * p.V + v1) * p.NH + h) * p.L + l] * FA_ATTN_LOG2E;
+    const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
+    for (int s0 = 0; s0 < p.S; s0 += G) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (active && s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(G, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, G), mv = __shfl_sync(FULL, f.mv, j, G);
+        float wt[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wt[t] = __shfl_sync(FULL, f.w[t], j, G);
+        float kb[4] = {0.f, 0.f, 0.f, 0.f}, vb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1) || !gch) continue;  // a tap outside: 0 (its pixel may not exist)
+          const int at = (pix + (t & 1) + (t >> 1) * p.W) * p.D + d0;
+          float kx[4], vx[4];
+          ld<T, 4>(kx, km + at);
+          ld<T, 4>(vx, vm + at);
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            kb[e] = fmaf(wt[t], kx[e], kb[e]);
+            vb[e] = fmaf(wt[t], vx[e], vb[e]);
+          }
+        }
+        float sp = 0.f, gp = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          sp = fmaf(qr[e], kb[e], sp);
+          gp = fmaf(gr[e], vb[e], gp);
+        }
+        float s, dp;
+        gsum2<G>(sp, gp, s, dp, lane);
+        if (!active) continue;  // no shuffles below
+        const float pr = exp2f(s * p.scale2 - lse2), sds = p.scale * (pr * (dp - delta));
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1)) continue;
+          float2 *row = acc + (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+          const float ck = sds * wt[t], cv = pr * wt[t];
+#pragma unroll
+          for (int c = 0; c < 4; c += 2) {  // two channels' words read at once (4 at once spilled at 64 registers)
+            unsigned long long old[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++)
+              if (KV4_DSC(c + u) < p.D) old[u] = *(volatile unsigned long long *)(row + KV4_DSC(c + u));
+#pragma unroll
+            for (int u = 0; u < 2; u++)
+              if (KV4_DSC(c + u) < p.D) smem_add2_from(row + KV4_DSC(c + u), ck * qs[c + u], cv * gs[c + u], old[u]);
+          }
+        }
+      }
+    }
+  }
+#undef KV4_DSC
+  __syncthreads();
+  const int64_t base = (int64_t)map * LD;
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    const float2 a = acc[i];
+    if (nz == 1) {
+      if (gk) gk[base + i] = fa_from_f<T>(a.x);
+      if (gv) gv[base + i] = fa_from_f<T>(a.y);
+    } else {
+      if (gk32) atomicAdd(gk32 + base + i, a.x);
+      if (gv32) atomicAdd(gv32 + base + i, a.y);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 struct Plan {
   Params p;
@@ -1081,12 +1224,14 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
 
 // the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits, 1024 threads (512 or
 // 256 where that lets it fit); false when a map (k and v in the dtype) and its two float32 accumulators do not fit
-// in one block's shared memory (bwd_kernel's atomics then)
+// in one block's shared memory (bwd_kernel's atomics then). v4: kv4_kernel (G lanes x 4 channels) where the rows
+// allow 16-byte vectors (vec > 1: D a multiple of 4) and D <= 128.
 struct KvPlan {
   int g, nch, nz, threads;
+  bool v4;
   size_t smem;
 };
-static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
+static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev, int vec) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     cudaGetLastError();
@@ -1094,7 +1239,12 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
   }
   const int64_t maps = g->B * g->V * g->NH, LD = g->L * g->D;
   if (maps >= ((int64_t)1 << 31) || LD >= ((int64_t)1 << 24)) return false;
-  if (g->D <= 32) {
+  kp.v4 = vec > 1 && g->D <= 128;
+  if (kp.v4) {
+    kp.nch = 1;
+    kp.g = 2;
+    while (4 * kp.g < g->D) kp.g *= 2;
+  } else if (g->D <= 32) {
     kp.nch = 1;
     kp.g = 4;
     while (kp.g < g->D) kp.g *= 2;
@@ -1103,12 +1253,12 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
     kp.nch = 2;
     while (kp.nch * 32 < g->D) kp.nch *= 2;
   }
-  const size_t fixed = kv_prep_off((size_t)LD, tsize);
+  const size_t fixed = kv_prep_off((size_t)LD, tsize), prep = kp.v4 ? 0 : 2 * sizeof(float4);  // v4: no prep
   kp.threads = 0;
-  for (int t = kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
-    if (fixed + (size_t)t * 2 * sizeof(float4) <= (size_t)optin) kp.threads = t;
+  for (int t = kp.v4 ? 1024 : kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
+    if (fixed + (size_t)t * prep <= (size_t)optin) kp.threads = t;
   if (!kp.threads) return false;
-  kp.smem = fixed + (size_t)kp.threads * 2 * sizeof(float4);
+  kp.smem = fixed + (size_t)kp.threads * prep;
   // about one block per SM or more: split the query positions when there are few maps
   const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
   int64_t nz = 1;
@@ -1142,6 +1292,19 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
       }                                                                                                \
     }                                                                                                  \
   } while (0)
+
+template <typename T, int G>
+static int kv4_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
+                      float *gv32, const T *q, const T *k, const T *v, const T *go, const T *o, const float *lse,
+                      const float *coords) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(kv4_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)kp.smem), fn)))
+    return rc;
+  const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
+  kv4_kernel<T, G><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, q, k, v, go, o, lse, coords, p, kp.nz);
+  return fa_cu_launch_check(fn);
+}
 
 template <typename T, int G, int NCH>
 static int kv_launch(const KvPlan &kp, const Params &p, int mvec, cudaStream_t st, const char *fn, T *gk, T *gv,
@@ -1181,7 +1344,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   // grad_k / grad_v: key side (kv_kernel, recomputing P and dS: no record) where a map and its accumulators fit
   // in shared memory, else bwd_kernel's atomics; deterministic: the (P, dS) record, sorted and gathered
   KvPlan kp;
-  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev);
+  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev, pl.vec);
   // the query side: bwd_map_kernel (maps in shared memory, one head per block) unless grad_k / grad_v need
   // bwd_kernel's atomics or the maps do not fit
   Plan pm = pl;
@@ -1231,9 +1394,20 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   if (!det) {
     if (keyside) {
       const bool own = kp.nz == 1;
-      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, own ? gk : nullptr, own ? gv : nullptr,
-                                                 own ? nullptr : gk32, own ? nullptr : gv32, q, k, v, go, o, lse,
-                                                 coords)));
+      T *ok = own ? gk : nullptr, *ov = own ? gv : nullptr;
+      float *ok32 = own ? nullptr : gk32, *ov32 = own ? nullptr : gv32;
+      if (kp.v4) {
+        switch (kp.g) {
+          case 2: rc = kv4_launch<T, 2>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
+          case 4: rc = kv4_launch<T, 4>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
+          case 8: rc = kv4_launch<T, 8>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
+          case 16: rc = kv4_launch<T, 16>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
+          default: rc = kv4_launch<T, 32>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords);
+        }
+      } else {
+        KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse,
+                                                   coords)));
+      }
       if (rc) return rc;
     }
     if (sizeof(T) != 4) {
