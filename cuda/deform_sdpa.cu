@@ -893,8 +893,9 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1)
   }
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
 // p->x += x, p->y += y as smem_add2, starting from old (a value of *p read before: the first compare-and-swap is
-// issued without a dependent load, so the callers can read the words of several channels at once)
+// issued without a dependent load); smem_add4_from's sm_80 half
 __device__ __forceinline__ void smem_add2_from(float2 *p, float x, float y, unsigned long long old) {
   unsigned long long *a = (unsigned long long *)p, seen;
   do {
@@ -903,17 +904,45 @@ __device__ __forceinline__ void smem_add2_from(float2 *p, float x, float y, unsi
     old = atomicCAS(a, seen, (unsigned long long)__float_as_uint(nx) | (unsigned long long)__float_as_uint(ny) << 32);
   } while (old != seen);
 }
+#endif
 
-// kv_kernel with 4 channels per lane (kv_plan's choice where the rows allow 16-byte vectors and D <= 4 G, G <= 32):
-// the same work and shared memory as kv_kernel (less the prep area), but a group of G = D / 4 lanes per query
-// position, so that a warp takes 32 / G query positions at once and the per-sample work that does not depend on
-// the channel (footprint shuffles, tap masks and addresses, the group sums, exp2, the branches) is shared by
-// fewer lanes: kv_kernel's warp per query position at D 32 issued ~200 warp instructions per (query, sample, head).
-// Gathers: lane j reads channels 4j .. 4j+3 of a tap's row (one 16-byte float32 / 8-byte 16-bit load; a group
-// reads a whole row, a warp 32/G rows: no bank conflicts for float32 rows of 128 bytes). Scatter: lane j adds
-// channels c' G + j (c' = (c + group in warp) mod 4, c = 0..3; q and dO at those channels read once per query
-// position): the groups of a warp add to different 64-byte (float32 D 32) column blocks at once (2 wavefronts per
-// 64-bit access, the least), and the compare-and-swap loops of a tap start from loads issued two at a time.
+// p[0] += (k0, v0), p[1] += (k1, v1) (shared memory, p 16-byte aligned), starting from old (a value of p[0 .. 2)
+// read before). sm_90: one 128-bit compare-and-swap loop for the four floats (atom.shared.cas.b128 is one
+// ATOMS.CAS there: checked on the sm_90a cubin, no loop around it); sm_80: two 64-bit loops.
+__device__ __forceinline__ void smem_add4_from(float2 *p, float k0, float v0, float k1, float v1, ulonglong2 old) {
+#if __CUDA_ARCH__ >= 900
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  unsigned long long s0, s1;
+  do {
+    s0 = old.x;
+    s1 = old.y;
+    const unsigned long long n0 = (unsigned long long)__float_as_uint(__uint_as_float((unsigned)s0) + k0) |
+                                  (unsigned long long)__float_as_uint(__uint_as_float((unsigned)(s0 >> 32)) + v0) << 32;
+    const unsigned long long n1 = (unsigned long long)__float_as_uint(__uint_as_float((unsigned)s1) + k1) |
+                                  (unsigned long long)__float_as_uint(__uint_as_float((unsigned)(s1 >> 32)) + v1) << 32;
+    asm volatile(
+        "{\n .reg .b128 d, c, n;\n mov.b128 c, {%2, %3};\n mov.b128 n, {%4, %5};\n"
+        " atom.shared.cas.b128 d, [%6], c, n;\n mov.b128 {%0, %1}, d;\n}"
+        : "=l"(old.x), "=l"(old.y)
+        : "l"(s0), "l"(s1), "l"(n0), "l"(n1), "r"(a)
+        : "memory");
+  } while (old.x != s0 || old.y != s1);
+#else
+  smem_add2_from(p, k0, v0, old.x);
+  smem_add2_from(p + 1, k1, v1, old.y);
+#endif
+}
+
+// kv_kernel with 4 channels per lane (kv_plan's choice where the rows allow 16-byte vectors and D <= 128): the same
+// work and shared memory as kv_kernel (less the prep area), but a group of G lanes per query position (G the least
+// power of two >= 2 with 4 G >= D), so that a warp takes 32 / G query positions at once and the per-sample work that
+// does not depend on the channel (footprint shuffles, tap masks and addresses, the group sums, exp2, branches) is
+// shared by fewer lanes: kv_kernel's warp per query position at D 32 issued ~200 warp instructions per (query,
+// sample, head). Gathers: lane j reads channels 4j .. 4j+3 of a tap's row (one 16-byte float32 / 8-byte 16-bit
+// load; a group reads a whole row: no bank conflicts for float32 rows of 128 bytes). Scatter: lane j adds the
+// channel pairs (2P, 2P+1), P = c' G + j, c' = (c + group in warp) mod 2, c = 0, 1 (q and dO at those channels read
+// once per query position), each pair's (grad_k, grad_v) 16 bytes by one 128-bit compare-and-swap loop on sm_90
+// (two 64-bit loops on sm_80) that starts from a load of the words issued before (no dependent load per loop).
 template <typename T, int G>
 __global__ void __launch_bounds__(1024, 1)
     kv4_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
@@ -933,8 +962,9 @@ __global__ void __launch_bounds__(1024, 1)
   const int rot = (threadIdx.x % 32) / G;  // the group in its warp
   const int d0 = 4 * lane;                 // gather channels d0 .. d0 + 3
   const bool gch = d0 < p.D;               // D a multiple of 4: all four or none
-  // scatter channel c of the lane: ((c + rot) & 3) * G + lane (formed where used: 4 registers fewer)
-#define KV4_DSC(c) ((((c) + rot) & 3) * G + lane)
+  // scatter channel pair c (0, 1) of the lane: channels 2 P and 2 P + 1, P = ((c + rot) & 1) * G + lane (formed
+  // where used: registers)
+#define KV4_DSC(c) (2 * ((((c) + rot) & 1) * G + lane))
   const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
   const bool wk = gk || gk32, wv = gv || gv32;
   // every group runs the same iterations (whole warps in the shuffles); idle groups write nothing
@@ -955,8 +985,8 @@ __global__ void __launch_bounds__(1024, 1)
       for (int e = 0; e < 4; e++) dpart = fmaf(gr[e], orr[e], dpart);
     }
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
-      const int d = KV4_DSC(c);
+    for (int c = 0; c < 4; c++) {  // qs / gs [2 c' + e]: channel KV4_DSC(c') + e (D even: both or neither)
+      const int d = KV4_DSC(c >> 1) + (c & 1);
       qs[c] = wk && d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
       gs[c] = wv && d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
     }
@@ -1007,16 +1037,15 @@ __global__ void __launch_bounds__(1024, 1)
           if (!(mv >> t & 1)) continue;
           float2 *row = acc + (pix + (t & 1) + (t >> 1) * p.W) * p.D;
           const float ck = sds * wt[t], cv = pr * wt[t];
+          ulonglong2 old[2];
 #pragma unroll
-          for (int c = 0; c < 4; c += 2) {  // two channels' words read at once (4 at once spilled at 64 registers)
-            unsigned long long old[2];
+          for (int c = 0; c < 2; c++)
+            if (KV4_DSC(c) < p.D) old[c] = *(const ulonglong2 *)(row + KV4_DSC(c));  // a guess: the CAS checks it
 #pragma unroll
-            for (int u = 0; u < 2; u++)
-              if (KV4_DSC(c + u) < p.D) old[u] = *(volatile unsigned long long *)(row + KV4_DSC(c + u));
-#pragma unroll
-            for (int u = 0; u < 2; u++)
-              if (KV4_DSC(c + u) < p.D) smem_add2_from(row + KV4_DSC(c + u), ck * qs[c + u], cv * gs[c + u], old[u]);
-          }
+          for (int c = 0; c < 2; c++)
+            if (KV4_DSC(c) < p.D)
+              smem_add4_from(row + KV4_DSC(c), ck * qs[2 * c], cv * gs[2 * c], ck * qs[2 * c + 1], cv * gs[2 * c + 1],
+                             old[c]);
         }
       }
     }
