@@ -943,12 +943,19 @@ __device__ __forceinline__ void smem_add4_from(float2 *p, float k0, float v0, fl
 // channel pairs (2P, 2P+1), P = c' G + j, c' = (c + group in warp) mod 2, c = 0, 1 (q and dO at those channels read
 // once per query position), each pair's (grad_k, grad_v) 16 bytes by one 128-bit compare-and-swap loop on sm_90
 // (two 64-bit loops on sm_80) that starts from a load of the words issued before (no dependent load per loop).
+// float32 (FUSE): the kernel is the whole backward (no bwd_map_kernel): it also adds scale * sum_s dS k_blend of
+// its (query, map) into grad_q (gq32: float32, zeroed; red.global.add.v4 on sm_90, 8 maps per row) and each
+// sample's d/du, d/dv (bwd_map_kernel's per-tap partials q.k_t, dO.v_t and coord_grad) into grad_coords (gc,
+// zeroed; float atomics over heads, as bwd_map_kernel's default mode). 16-bit: grad_q would need a float32 scratch
+// (10.6 MB at the main config, past the memory goal), so bwd_map_kernel gives grad_q and grad_coords there.
+__host__ __device__ constexpr int kv4_threads(size_t tsize) { return tsize == 4 ? 640 : 1024; }
 template <typename T, int G>
-__global__ void __launch_bounds__(1024, 1)
+__global__ void __launch_bounds__(kv4_threads(sizeof(T)), 1)
     kv4_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
                const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ go,
                const T *__restrict__ o, const float *__restrict__ lse, const float *__restrict__ coords,
-               const __grid_constant__ Params p, int nz) {
+               const __grid_constant__ Params p, int nz, float *__restrict__ gq32, float *__restrict__ gc) {
+  constexpr bool FUSE = sizeof(T) == 4;
   extern __shared__ float4 smem4[];
   const int LD = p.L * p.D;
   T *km = (T *)smem4, *vm = km + LD;
@@ -991,12 +998,15 @@ __global__ void __launch_bounds__(1024, 1)
       gs[c] = wv && d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
     }
     const float delta = gsum<G>(dpart);
-    const float lse2 = lse[(((int64_t)b * p.V + v1) * p.NH + h) * p.L + l] * FA_ATTN_LOG2E;
+    const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+    const float lse2 = lse[row] * FA_ATTN_LOG2E;
     const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
+    float dq[4] = {0.f, 0.f, 0.f, 0.f};  // FUSE: sum_s dS k_blend over the lane's gather channels
     for (int s0 = 0; s0 < p.S; s0 += G) {
       Foot f;
       f.pix = 0;
       f.mv = 0;
+      f.fx = f.fy = 0.f;
       f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
       if (active && s0 + lane < p.S) {
         int x0, y0;
@@ -1009,6 +1019,7 @@ __global__ void __launch_bounds__(1024, 1)
 #pragma unroll
         for (int t = 0; t < 4; t++) wt[t] = __shfl_sync(FULL, f.w[t], j, G);
         float kb[4] = {0.f, 0.f, 0.f, 0.f}, vb[4] = {0.f, 0.f, 0.f, 0.f};
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // FUSE: partial q.k_t, dO.v_t per tap
 #pragma unroll
         for (int t = 0; t < 4; t++) {
           if (!(mv >> t & 1) || !gch) continue;  // a tap outside: 0 (its pixel may not exist)
@@ -1019,34 +1030,64 @@ __global__ void __launch_bounds__(1024, 1)
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             kb[e] = fmaf(wt[t], kx[e], kb[e]);
-            vb[e] = fmaf(wt[t], vx[e], vb[e]);
+            if constexpr (FUSE) {  // bwd_map_kernel's order: per-tap dots, then the weights
+              a[t] = fmaf(qr[e], kx[e], a[t]);
+              g[t] = fmaf(gr[e], vx[e], g[t]);
+            } else {
+              vb[e] = fmaf(wt[t], vx[e], vb[e]);
+            }
           }
         }
         float sp = 0.f, gp = 0.f;
+        if constexpr (FUSE) {
+          sp = wt[0] * a[0] + wt[1] * a[1] + wt[2] * a[2] + wt[3] * a[3];
+          gp = wt[0] * g[0] + wt[1] * g[1] + wt[2] * g[2] + wt[3] * g[3];
+        } else {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          sp = fmaf(qr[e], kb[e], sp);
-          gp = fmaf(gr[e], vb[e], gp);
+          for (int e = 0; e < 4; e++) {
+            sp = fmaf(qr[e], kb[e], sp);
+            gp = fmaf(gr[e], vb[e], gp);
+          }
         }
         float s, dp;
         gsum2<G>(sp, gp, s, dp, lane);
+        const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta), sds = p.scale * ds;
+        if constexpr (FUSE) {
+          if (gc) {  // uniform: every group runs the shuffles
+            const float fx = __shfl_sync(FULL, f.fx, j, G), fy = __shfl_sync(FULL, f.fy, j, G);
+            float du, dv;
+            coord_grad(a, g, fx, fy, sds, pr, du, dv);
+            gsum2<G>(du, dv, du, dv, lane);
+            if (active && lane == 0)
+              red_add2(gc + 2 * (e0 + s0 + j), du * (float)(p.W - 1), dv * (float)(p.H - 1));
+          }
+#pragma unroll
+          for (int e = 0; e < 4; e++) dq[e] = fmaf(ds, kb[e], dq[e]);
+        }
         if (!active) continue;  // no shuffles below
-        const float pr = exp2f(s * p.scale2 - lse2), sds = p.scale * (pr * (dp - delta));
 #pragma unroll
         for (int t = 0; t < 4; t++) {
           if (!(mv >> t & 1)) continue;
-          float2 *row = acc + (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+          float2 *arow = acc + (pix + (t & 1) + (t >> 1) * p.W) * p.D;
           const float ck = sds * wt[t], cv = pr * wt[t];
           ulonglong2 old[2];
 #pragma unroll
           for (int c = 0; c < 2; c++)
-            if (KV4_DSC(c) < p.D) old[c] = *(const ulonglong2 *)(row + KV4_DSC(c));  // a guess: the CAS checks it
+            if (KV4_DSC(c) < p.D) old[c] = *(const ulonglong2 *)(arow + KV4_DSC(c));  // a guess: the CAS checks it
 #pragma unroll
           for (int c = 0; c < 2; c++)
             if (KV4_DSC(c) < p.D)
-              smem_add4_from(row + KV4_DSC(c), ck * qs[2 * c], cv * gs[2 * c], ck * qs[2 * c + 1], cv * gs[2 * c + 1],
+              smem_add4_from(arow + KV4_DSC(c), ck * qs[2 * c], cv * gs[2 * c], ck * qs[2 * c + 1], cv * gs[2 * c + 1],
                              old[c]);
         }
+      }
+    }
+    if constexpr (FUSE) {
+      if (gq32 && active && gch) {
+        float x[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = p.scale * dq[e];
+        red_add<4>(gq32 + row * p.D + d0, x);
       }
     }
   }
@@ -1284,7 +1325,7 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev, int 
   }
   const size_t fixed = kv_prep_off((size_t)LD, tsize), prep = kp.v4 ? 0 : 2 * sizeof(float4);  // v4: no prep
   kp.threads = 0;
-  for (int t = kp.v4 ? 1024 : kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
+  for (int t = kp.v4 ? kv4_threads(tsize) : kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
     if (fixed + (size_t)t * prep <= (size_t)optin) kp.threads = t;
   if (!kp.threads) return false;
   kp.smem = fixed + (size_t)kp.threads * prep;
@@ -1325,13 +1366,14 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev, int 
 template <typename T, int G>
 static int kv4_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
                       float *gv32, const T *q, const T *k, const T *v, const T *go, const T *o, const float *lse,
-                      const float *coords) {
+                      const float *coords, float *gq32, float *gc) {
   int rc;
   if ((rc = fa_cu_check(cudaFuncSetAttribute(kv4_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)kp.smem), fn)))
     return rc;
   const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
-  kv4_kernel<T, G><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, q, k, v, go, o, lse, coords, p, kp.nz);
+  kv4_kernel<T, G><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, q, k, v, go, o, lse, coords, p, kp.nz, gq32,
+                                                      gc);
   return fa_cu_launch_check(fn);
 }
 
@@ -1374,14 +1416,18 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   // in shared memory, else bwd_kernel's atomics; deterministic: the (P, dS) record, sorted and gathered
   KvPlan kp;
   const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev, pl.vec);
+  // float32 with kv4_kernel: that kernel gives grad_q and grad_coords as well (float atomics into both, zeroed
+  // here), no query-side kernel
+  const bool fuse = keyside && kp.v4 && sizeof(T) == 4;
   // the query side: bwd_map_kernel (maps in shared memory, one head per block) unless grad_k / grad_v need
   // bwd_kernel's atomics or the maps do not fit
   Plan pm = pl;
-  const bool bmap = (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
+  const bool bmap = !fuse && (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
   const int gtiles = bmap ? (int)g->NH : pl.p.nht;
   // several writers per coordinate (heads, or head tiles): deterministic, partials summed in order by
   // finish_coords_kernel; else float atomics into grad_coords, zeroed here
-  const bool gpart = bmap || pl.p.nht > 1;
+  const bool gpart = fuse || bmap || pl.p.nht > 1;
+  if (fuse && gq && (rc = fa_cu_check(cudaMemsetAsync(gq, 0, nkv * sizeof(float), st), fn))) return rc;
   if (gc && gpart && npts) {
     if (det) {
       if (!(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
@@ -1409,7 +1455,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
     DS_SWITCH(pm, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (bwd_map_launch<T, VEC_, TPG_, NC_>(pm, st, fn, gq, gc ? gcdst : nullptr,
                                                                                        pd, go, q, k, v, coords, o, lse, dev)));
     if (rc) return rc;
-  } else if (!bmap && (gq || gc || gk32 || gv32 || pd)) {
+  } else if (!fuse && !bmap && (gq || gc || gk32 || gv32 || pd)) {
     float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
     DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
                          gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
@@ -1425,13 +1471,14 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
       const bool own = kp.nz == 1;
       T *ok = own ? gk : nullptr, *ov = own ? gv : nullptr;
       float *ok32 = own ? nullptr : gk32, *ov32 = own ? nullptr : gv32;
+      float *fq = fuse ? (float *)gq : nullptr, *fc = fuse ? gc : nullptr;  // float32 only (fuse)
       if (kp.v4) {
         switch (kp.g) {
-          case 2: rc = kv4_launch<T, 2>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
-          case 4: rc = kv4_launch<T, 4>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
-          case 8: rc = kv4_launch<T, 8>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
-          case 16: rc = kv4_launch<T, 16>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords); break;
-          default: rc = kv4_launch<T, 32>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords);
+          case 2: rc = kv4_launch<T, 2>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 4: rc = kv4_launch<T, 4>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 8: rc = kv4_launch<T, 8>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 16: rc = kv4_launch<T, 16>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          default: rc = kv4_launch<T, 32>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc);
         }
       } else {
         KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse,
