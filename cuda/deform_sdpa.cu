@@ -25,6 +25,8 @@
 //   fast, where a map (k, v in the dtype) and two float32 accumulators fit in shared memory: kv_kernel (a block
 //     per map) recomputes P and dS of every sample landing in its map (no record), scatters into the map in
 //     shared memory and writes it once;
+//     kv4_kernel, the same with 4 channels per lane where rows allow vectors and D <= 128; for float32 it is the
+//     whole default backward (grad_q and grad_coords too, by float atomics; bwd_map_kernel not launched);
 //   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
