@@ -10,8 +10,11 @@
 //     once (the op is memory-bound: 6x6 stride 4 reads 16x more than it writes). grad_x gathers over the
 //     taps that reach each input pixel (no atomics); grad_weight: per-(channel, position slice) partial sums
 //     for every tap, added in slice order by a second kernel (deterministic).
-//   1x1, stride 1, no padding: out_n = W_g @ x_n,g, one strided-batched cuBLAS GEMM per group over the batch,
-//     accumulating onto the bias written first (the cuBLASLt bias epilogue measured slower for this layout).
+//   1x1, stride 1, no padding: with tensor cores (TF32 or 16-bit) and one group, x is transposed to
+//     channels-last (plus bias columns) and out_n = Wa @ xt_n^T is one strided-batched GEMM with both operands
+//     K-major, bias included; grad_x likewise. Otherwise out_n = W_g @ x_n,g, one strided-batched GEMM per
+//     group over the batch, accumulating onto the bias written first. grad_weight: one batched GEMM per group
+//     into per-image float32 products, added in image order.
 //   general: im2col of a chunk of images into a temporary (at most ~256 MiB), cuBLAS GEMMs per group;
 //     grad_x by GEMM into columns and a gathering col2im (deterministic).
 // Bias (general and 1x1 paths): written into the output first and the GEMM
@@ -550,6 +553,187 @@ static int64_t chunk_images(const Conv &g, int es) {
   return nb < 1 ? 1 : nb;
 }
 
+// ------------------------------------------------------------------ 1x1 on tensor cores: packed operands
+// The NCHW layout makes x (C x P per image, P contiguous) the MN-major operand of out_n = W @ x_n, which
+// TF32 wgmma cannot read (only 16-bit types may be MN-major) and which the 16-bit kernels read slower than
+// K-major: the 1x1 conv measured 1.5-1.75x cuDNN's time while linear (same FLOPs, both operands K-major)
+// matched PyTorch. So x is first transposed into xt_n (P x Kp, channels contiguous), and out_n = Wa @ xt_n^T
+// is one strided-batched GEMM with both operands K-major (Wa's batch stride 0). The bias rides in the GEMM
+// as extra K columns (ones in xt, the bias in Wa), so the output is written once and never re-read; TF32
+// splits the bias into a TF32-exact high part and the float32 remainder (two columns), which keeps it to
+// 2^-20 (tensor cores may truncate to TF32) where one TF32 column would be off by up to 2^-10.
+// Kp: C plus those columns, rounded up to 8 (16-byte rows).
+// grad_x likewise: gout transposed to (P x Op) and W^T packed (C x Op).
+struct PwPack {
+  int64_t s0, s1, s2, s3; // strides of the source (image, channel, row, column)
+  int64_t C, Wd, P, Kp;   // channels, row length, positions per image, packed row length
+  int ones;               // columns C .. C + ones - 1 are 1 (the bias columns), the rest up to Kp 0
+};
+static int pw_ones(int dtype, bool has_bias) { return !has_bias ? 0 : dtype == FA_FLOAT32 ? 2 : 1; }
+static int64_t pw_kp(int64_t C, int ones) { return (C + ones + 7) / 8 * 8; }
+// the packed path: G == 1, tensor cores (16-bit or TF32 allowed; exact float32 keeps the FP32 kernels, whose
+// speed does not depend on the layout), packed rows within the grid's y limit
+static bool pw_packed(const Conv &g, int dtype) {
+  return g.G == 1 && (dtype != FA_FLOAT32 || fa_cu_tf32_allowed()) && pw_kp(std::max(g.C, g.O), 2) / 32 < 65535;
+}
+// images per chunk: the packed operand stays under ~256 MiB, chunks of equal size
+static int64_t pw_chunk(int64_t N, int64_t per_image) {
+  int64_t cap = ((int64_t)256 << 20) / std::max<int64_t>(per_image, 1);
+  if (cap < 1) cap = 1;
+  int64_t chunks = (N + cap - 1) / cap;
+  return (N + chunks - 1) / chunks;
+}
+
+// dst (nb, P, Kp) dense: dst[i][p][c] = src image n0 + i at (c, p) for c < C, 1 for the ones columns, else 0.
+// 32 x 32 tiles through shared memory: reads along p, writes along c, both coalesced
+template <typename T>
+__global__ void __launch_bounds__(256) pw_pack(T *dst, const T *src, PwPack k, int64_t n0, int64_t nb) {
+  __shared__ float tile[32][33];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t p0 = (int64_t)blockIdx.x * 32, c0 = (int64_t)blockIdx.y * 32, p = p0 + tx;
+  int64_t soff = 0;
+  if (p < k.P) {
+    int64_t h = p / k.Wd;
+    soff = h * k.s2 + (p - h * k.Wd) * k.s3;
+  }
+  for (int64_t i = blockIdx.z; i < nb; i += gridDim.z) {
+    const T *sp = src + (n0 + i) * k.s0 + soff;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      int64_t c = c0 + ty + 8 * j;
+      float v = 0.f;
+      if (p < k.P) {
+        if (c < k.C) v = fa_to_f<T>(sp[c * k.s1]);
+        else if (c < k.C + k.ones) v = 1.f;
+      }
+      tile[ty + 8 * j][tx] = v;
+    }
+    __syncthreads();
+    T *dp = dst + i * k.P * k.Kp;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      int64_t pp = p0 + ty + 8 * j, c = c0 + tx;
+      if (pp < k.P && c < k.Kp) dp[pp * k.Kp + c] = fa_from_f<T>(tile[tx][ty + 8 * j]);
+    }
+    __syncthreads();
+  }
+}
+
+// wa (R x Kp) dense: wa[r][c] = src[r * rs + c * cs] for c < K, then the bias columns (ones == 1: bias[r];
+// ones == 2: its TF32-exact high part and the float32 rest), then zeros
+template <typename T>
+__global__ void pw_pack_w(T *wa, const T *src, int64_t rs, int64_t cs, const T *bias, int64_t R, int64_t K, int64_t Kp, int ones) {
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < R * Kp; e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = e / Kp, c = e - r * Kp;
+    T v = fa_from_f<T>(0.f);
+    if (c < K) {
+      v = src[r * rs + c * cs];
+    } else if (c < K + ones) {
+      if (ones == 1) {
+        v = bias[r];
+      } else {
+        float b = fa_to_f<T>(bias[r]);
+        float hi = isfinite(b) ? __uint_as_float(__float_as_uint(b) & 0xffffe000u) : b;
+        v = fa_from_f<T>(c == K ? hi : b - hi);
+      }
+    }
+    wa[e] = v;
+  }
+}
+
+template <typename T>
+static int pw_launch_pack(T *dst, const T *src, const PwPack &k, int64_t n0, int64_t nb, cudaStream_t st, const char *fn) {
+  dim3 grid((unsigned)((k.P + 31) / 32), (unsigned)((k.Kp + 31) / 32), (unsigned)std::min<int64_t>(nb, 65535));
+  pw_pack<T><<<grid, 256, 0, st>>>(dst, src, k, n0, nb);
+  return fa_cu_launch_check(fn);
+}
+
+// out (N, O, P) dense = W (O x C) @ x_n + bias, x strided
+template <typename T>
+static int pw_forward_packed(T *y, const fa_tensor *x, const T *w, const T *b, const Conv &g, int dev) {
+  const int dt = x->dtype, es = (int)sizeof(T), ones = pw_ones(dt, b != nullptr);
+  const int64_t Kp = pw_kp(g.C, ones), nb = pw_chunk(g.N, g.P * Kp * es);
+  cudaStream_t st = fa_cu_stream(dev);
+  T *wa = (T *)fa_cu_temp_alloc(dev, g.O * Kp * es);
+  if (!wa) return FA_ERR_MEMORY;
+  T *xt = (T *)fa_cu_temp_alloc(dev, nb * g.P * Kp * es);
+  if (!xt) { fa_cu_temp_free(dev, wa); return FA_ERR_MEMORY; }
+  pw_pack_w<T><<<fa_cu_blocks(g.O * Kp, 256, dev), 256, 0, st>>>(wa, w, g.C, 1, b, g.O, g.C, Kp, ones);
+  int rc = fa_cu_launch_check(FWD);
+  const PwPack k = {g.xs[0], g.xs[1], g.xs[2], g.xs[3], g.C, g.W, g.P, Kp, ones};
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    if ((rc = pw_launch_pack<T>(xt, (const T *)x->data, k, n0, cnt, st, FWD))) break;
+    // out_n (O x P) = Wa (O x Kp) @ xt_n^T, xt_n stored (P x Kp)
+    rc = gemm(dev, dt, false, false, true, g.O, g.P, Kp, wa, Kp, 0, xt, Kp, g.P * Kp, 0.f, y + n0 * g.O * g.P, g.P, g.O * g.P, cnt, FWD);
+  }
+  fa_cu_temp_free(dev, xt);
+  fa_cu_temp_free(dev, wa);
+  return rc;
+}
+
+// gx (N, C, P) dense = W^T (C x O) @ gout_n, gout dense (N, O, P)
+template <typename T>
+static int pw_grad_x_packed(T *gx, const T *go, const T *w, const Conv &g, int dev, int dt) {
+  const int es = (int)sizeof(T);
+  const int64_t Op = pw_kp(g.O, 0), nb = pw_chunk(g.N, g.P * Op * es);
+  cudaStream_t st = fa_cu_stream(dev);
+  T *wt = (T *)fa_cu_temp_alloc(dev, g.C * Op * es);
+  if (!wt) return FA_ERR_MEMORY;
+  T *gt = (T *)fa_cu_temp_alloc(dev, nb * g.P * Op * es);
+  if (!gt) { fa_cu_temp_free(dev, wt); return FA_ERR_MEMORY; }
+  pw_pack_w<T><<<fa_cu_blocks(g.C * Op, 256, dev), 256, 0, st>>>(wt, w, 1, g.C, nullptr, g.C, g.O, Op, 0); // wt[c][o] = W[o][c]
+  int rc = fa_cu_launch_check(BWD);
+  const PwPack k = {g.O * g.P, g.P, g.Wo, 1, g.O, g.Wo, g.P, Op, 0};
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    if ((rc = pw_launch_pack<T>(gt, go, k, n0, cnt, st, BWD))) break;
+    // gx_n (C x P) = Wt (C x Op) @ gt_n^T, gt_n stored (P x Op)
+    rc = gemm(dev, dt, false, false, true, g.C, g.P, Op, wt, Op, 0, gt, Op, g.P * Op, 0.f, gx + n0 * g.C * g.P, g.P, g.C * g.P, cnt, BWD);
+  }
+  fa_cu_temp_free(dev, gt);
+  fa_cu_temp_free(dev, wt);
+  return rc;
+}
+
+// gw32 (O x Cg, float32) += sum over images n, in order, of gout_n,g (Og x P) @ x_n,g^T (P x Cg), per group:
+// both operands K-major (P contiguous); one batched GEMM per group and chunk of images into per-image float32
+// products, then added in image order (deterministic). A single image accumulates directly (beta = 1).
+template <typename T>
+static int pw_grad_w(float *gw32, const T *go, const T *xp, const Conv &g, int dev, int dt) {
+  const int64_t nw = g.Og * g.Cg;
+  cudaStream_t st = fa_cu_stream(dev);
+  if (g.N == 1) {
+    int rc = 0;
+    for (int64_t k = 0; k < g.G && !rc; k++)
+      rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + k * g.Og * g.P, g.P, 0, xp + k * g.Cg * g.P, g.P, 0, 1.f,
+                gw32 + k * nw, g.Cg, 0, 1, BWD);
+    return rc;
+  }
+  int64_t nb = std::max<int64_t>(2, std::min<int64_t>(g.N, ((int64_t)64 << 20) / std::max<int64_t>(nw * 4, 1)));
+  nb = std::min(nb, g.N);
+  float *part = (float *)fa_cu_temp_alloc(dev, nb * nw * 4);
+  if (!part) return FA_ERR_MEMORY;
+  fa_cu_geom flat = {};
+  flat.ndim = 1;
+  flat.shape[0] = nw;
+  flat.stride[0] = 1;
+  for (int d = 1; d < FA_MAX_DIMS; d++) flat.shape[d] = 1;
+  int rc = 0;
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    for (int64_t k = 0; k < g.G && !rc; k++) {
+      rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + (n0 * g.O + k * g.Og) * g.P, g.P, g.O * g.P,
+                xp + (n0 * g.C + k * g.Cg) * g.P, g.P, g.C * g.P, 0.f, part, g.Cg, nw, cnt, BWD);
+      if (rc) break;
+      add_slices<float><<<(unsigned)((nw + 255) / 256), 256, 0, st>>>(gw32 + k * nw, flat, part, nw, (int)cnt);
+      rc = fa_cu_launch_check(BWD);
+    }
+  }
+  fa_cu_temp_free(dev, part);
+  return rc;
+}
+
 // ------------------------------------------------------------------ forward
 template <typename T>
 static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias, const Conv &g) {
@@ -571,17 +755,21 @@ static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight
   } else if (is_depthwise(g)) {
     rc = dw_forward<T>(y, (const T *)x->data, w, b, g, dev);
   } else if (is_pointwise(g)) {
-    DenseView dx;
-    if ((rc = dx.in(x))) return rc;
-    const T *xp = dx.p<T>();
-    for (int64_t k = 0; k < g.G && !rc; k++) { // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P) [+ b_g per row]
-      const T *wk = w + k * g.Og * g.Cg, *xk = xp + k * g.Cg * g.P;
-      T *yk = y + k * g.Og * g.P;
-      // The group's channels start as the bias and the GEMM adds onto them. (The cuBLASLt bias epilogue,
-      // fa_cu_gemm_bias, was measured slower here on the H100 with TF32/bf16 at batch 32: 0.80 vs 0.76 ms
-      // and 0.55 vs 0.51 ms; linear keeps it.)
-      if (b && (rc = fill_channels<T>(y, b, g, k * g.Og, g.Og, st))) break;
-      rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, wk, g.Cg, 0, xk, g.P, g.C * g.P, beta, yk, g.P, g.O * g.P, g.N, FWD);
+    if (pw_packed(g, dt)) {
+      rc = pw_forward_packed<T>(y, x, w, b, g, dev); // x read in place, any strides
+    } else {
+      DenseView dx;
+      if ((rc = dx.in(x))) return rc;
+      const T *xp = dx.p<T>();
+      for (int64_t k = 0; k < g.G && !rc; k++) { // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P) [+ b_g per row]
+        const T *wk = w + k * g.Og * g.Cg, *xk = xp + k * g.Cg * g.P;
+        T *yk = y + k * g.Og * g.P;
+        // The group's channels start as the bias and the GEMM adds onto them. (The cuBLASLt bias epilogue,
+        // fa_cu_gemm_bias, was measured slower here on the H100 with TF32/bf16 at batch 32: 0.80 vs 0.76 ms
+        // and 0.55 vs 0.51 ms; linear keeps it.)
+        if (b && (rc = fill_channels<T>(y, b, g, k * g.Og, g.Og, st))) break;
+        rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, wk, g.Cg, 0, xk, g.P, g.C * g.P, beta, yk, g.P, g.O * g.P, g.N, FWD);
+      }
     }
   } else {
     int64_t nb = chunk_images(g, es), ckk = g.Cg * g.kk;
@@ -629,13 +817,12 @@ static int backward_t(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad
     if (!(rc = dx.in(x)) && !(rc = dgx.out(grad_x))) {
       const T *xp = dx.p<T>();
       T *gx = dgx.p<T>();
-      for (int64_t k = 0; k < g.G && !rc && gx; k++) // gx_n,g (Cg x P) = W_g^T (Cg x Og) @ gout_n,g (Og x P)
-        rc = gemm(dev, dt, false, true, false, g.Cg, g.P, g.Og, w + k * g.Og * g.Cg, g.Cg, 0, go + k * g.Og * g.P, g.P, g.O * g.P,
-                  0.f, gx + k * g.Cg * g.P, g.P, g.C * g.P, g.N, BWD);
-      for (int64_t n = 0; n < g.N && !rc && gw32; n++) // gw_g (Og x Cg) += gout_n,g (Og x P) @ x_n,g^T (P x Cg)
-        for (int64_t k = 0; k < g.G && !rc; k++)
-          rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + (n * g.O + k * g.Og) * g.P, g.P, 0,
-                    xp + (n * g.C + k * g.Cg) * g.P, g.P, 0, 1.f, gw32 + k * g.Og * g.Cg, g.Cg, 0, 1, BWD);
+      if (gx && pw_packed(g, dt)) rc = pw_grad_x_packed<T>(gx, go, w, g, dev, dt);
+      else
+        for (int64_t k = 0; k < g.G && !rc && gx; k++) // gx_n,g (Cg x P) = W_g^T (Cg x Og) @ gout_n,g (Og x P)
+          rc = gemm(dev, dt, false, true, false, g.Cg, g.P, g.Og, w + k * g.Og * g.Cg, g.Cg, 0, go + k * g.Og * g.P, g.P, g.O * g.P,
+                    0.f, gx + k * g.Cg * g.P, g.P, g.C * g.P, g.N, BWD);
+      if (!rc && gw32) rc = pw_grad_w<T>(gw32, go, xp, g, dev, dt);
       if (!rc) rc = dgx.finish();
     }
   } else {

@@ -556,6 +556,87 @@ op.describe_gpu('CUDA kernels against the CPU', function()
         end
       end
     end)
+    -- 1x1 with tensor cores (TF32 or 16-bit, one group): x (grad_out in the backward) is transposed to
+    -- channels-last with bias columns and one strided-batched GEMM runs on K-major operands; grad_weight is one
+    -- batched GEMM into per-image products added in order. Channel counts off multiples of 8 and 32 (padding
+    -- of the packed rows and tiles), positions over several 32-wide tiles, batch 1 and several, bias or not,
+    -- x dense, transposed (H, W), channels-last and narrowed (misaligned).
+    describe('1x1 on tensor cores (channels-last packed operands)', function()
+      -- N, C, H, W, O, bias, layout of x
+      local pcases = {
+        { 1, 40, 6, 7, 24, true, 'dense' },
+        { 4, 37, 5, 9, 19, false, 'transposed' },
+        { 3, 16, 4, 8, 33, true, 'channels-last' },
+        { 2, 24, 5, 6, 16, true, 'narrowed' },
+        { 2, 70, 9, 10, 66, true, 'dense' },
+        { 5, 8, 1, 3, 8, false, 'channels-last' },
+      }
+      for _, dt in ipairs(DTYPES) do
+        local tf32 = dt == 'float32' and not ON_CPU
+        local tol = tf32 and 5e-3 or TOL[dt]
+        for _, c in ipairs(pcases) do
+          local N, Cc, H, W, O, bias, layout = unpack(c)
+          it(string.format('x %s (%s), %d -> %d channels, %s%s, %s', shape_str({ N, Cc, H, W }), layout, Cc, O,
+            tf32 and 'float32 with TF32' or dt, bias and ', bias' or '', 'forward and backward'), function()
+            if not needs('fa_conv2d_forward', 'fa_conv2d_backward') then return end
+            local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+            local xo = {}
+            if layout == 'transposed' then xo.transpose = { 3, 4 }
+            elseif layout == 'channels-last' then xo.transpose = { 2, 4 }
+            elseif layout == 'narrowed' then xo.narrow = true end
+            local xr, xg = rand({ N, Cc, H, W }, dt, xo)
+            local wr, wg = rand({ O, Cc, 1, 1 }, dt, { scale = 1 / math.sqrt(Cc) })
+            local br, bg
+            if bias then br, bg = rand({ O }, dt) end
+            local gor, gog = rand({ N, O, H, W }, dt)
+            local o64, gx64 = cpu_out({ N, O, H, W }), cpu_out({ N, Cc, H, W })
+            local gw64, gwg = rand({ O, Cc, 1, 1 }, dt)
+            local gb64, gbg
+            if bias then gb64, gbg = rand({ O }, dt) end
+            call('fa_conv2d_forward', o64.desc, xr.desc, wr.desc, d(br), p)
+            call('fa_conv2d_backward', gx64.desc, gw64.desc, d(gb64), gor.desc, xr.desc, wr.desc, p)
+            local o, gx = gpu_out({ N, O, H, W }, dt), gpu_out({ N, Cc, H, W }, dt)
+            if tf32 then C.fa_cuda_allow_tf32(1) end
+            local ok, err = pcall(function()
+              call('fa_conv2d_forward', o.desc, xg.desc, wg.desc, d(bg), p)
+              call('fa_conv2d_backward', gx.desc, gwg.desc, d(gbg), gog.desc, xg.desc, wg.desc, p)
+            end)
+            if tf32 then C.fa_cuda_allow_tf32(0) end
+            assert(ok, err)
+            close(o, o64, tol, 'out')
+            close(gx, gx64, tol, 'grad_x')
+            close(gwg, gw64, tol, 'grad_weight')
+            if bias then close(gbg, gb64, tol, 'grad_bias') end
+          end)
+        end
+      end
+      it('keeps the float32 bias to 2^-20 under TF32 (split into two TF32 columns)', function()
+        if not needs('fa_conv2d_forward') then return end
+        local N, Cc, H, W, O = 2, 24, 3, 5, 16
+        local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+        local _, xg = rand({ N, Cc, H, W }, 'float32')
+        local wg = fa.zeros({ O, Cc, 1, 1 }, { dtype = 'float32', device = DEV })
+        -- biases with all 24 mantissa bits in use: one TF32 column (10 bits) would be off by up to 2^-10
+        local br, bg = rand({ O }, 'float32', { scale = 1000 })
+        local o = gpu_out({ N, O, H, W }, 'float32')
+        if not ON_CPU then C.fa_cuda_allow_tf32(1) end
+        local ok, err = pcall(call, 'fa_conv2d_forward', o.desc, xg.desc, wg.desc, bg.desc, p)
+        if not ON_CPU then C.fa_cuda_allow_tf32(0) end
+        assert(ok, err)
+        local oc = o:to('float64', 'cpu'):contiguous()
+        local bp = ffi.cast('double*', br.desc.data)
+        local op_ = ffi.cast('double*', oc.desc.data)
+        for n = 0, N - 1 do
+          for k = 0, O - 1 do
+            for q = 0, H * W - 1 do
+              local got, want = op_[(n * O + k) * H * W + q], bp[k]
+              assert(math.abs(got - want) <= 2 ^ -20 * math.abs(want),
+                string.format('out[%d][%d][%d] = %.9g, bias %.9g', n, k, q, got, want))
+            end
+          end
+        end
+      end)
+    end)
     it('names the argument on another device', function()
       if ON_CPU then return end
       if not needs('fa_conv2d_forward') then return end
