@@ -364,6 +364,140 @@ __global__ void __launch_bounds__(256, NQ == 0 ? 5 : 1) dw_fwd_tiled(T *out, con
   }
 }
 
+// Pipelined variant of the 16-byte path (dw_fwd_tiled<T, 0>) for planes whose patch loads fit in registers
+// (at most DWV_U per thread): a block walks items (plane, tile) with a stride of the grid, and the loads of
+// its next item are issued before the current item's taps are computed, so DRAM latency overlaps the
+// shared-memory work instead of following it (the one-item-per-block kernel measured bound by
+// load -> barrier -> compute -> store in sequence: bfloat16, half the bytes, took as long as float32). The
+// taps are read two per 16-byte broadcast load.
+struct DwItem {
+  const char *xp;          // image n, channel c of x (bytes)
+  int64_t plane;           // n * O + o
+  int o, ty0, tx0, ih0, iw0, ra, rb, qa, qb, m0, nch;
+};
+template <typename T>
+__device__ __forceinline__ DwItem dw_item(uint32_t item, const T *x, const Conv &g, const Dw &d) {
+  constexpr int V = 16 / sizeof(T);
+  DwItem r;
+  uint32_t plane = item / (uint32_t)d.tiles, tile = item - plane * (uint32_t)d.tiles;
+  uint32_t n = plane / (uint32_t)g.O, o = plane - n * (uint32_t)g.O, c = o / (uint32_t)d.mult;
+  r.plane = plane;
+  r.o = (int)o;
+  r.ty0 = (int)(tile / d.tiles_w) * d.TH;
+  r.tx0 = (int)(tile % d.tiles_w) * d.TW;
+  r.ih0 = r.ty0 * g.sh - g.ph;
+  r.iw0 = r.tx0 * g.sw - g.pw;
+  r.xp = reinterpret_cast<const char *>(x + (int64_t)n * g.xs[0] + (int64_t)c * g.xs[1]);
+  r.ra = min(d.PH, max(0, -r.ih0));
+  r.rb = max(r.ra, min(d.PH, (int)g.H - r.ih0));
+  r.qa = min(d.PW, max(0, -r.iw0));
+  r.qb = max(r.qa, min(d.PW, (int)g.W - r.iw0));
+  r.m0 = (r.iw0 + r.qa) / V;
+  r.nch = (r.qb > r.qa && r.rb > r.ra) ? (r.iw0 + r.qb - 1) / V - r.m0 + 1 : 0;
+  return r;
+}
+// issue the item's 16-byte loads: (row, chunk) pair threadIdx.x + u * blockDim.x into v[u] (rr[u] = -1: none)
+template <typename T>
+__device__ __forceinline__ void dw_issue(uint4 (&v)[DWV_U], int (&rr)[DWV_U], int (&mm)[DWV_U], const DwItem &it, const Conv &g) {
+  constexpr int V = 16 / sizeof(T);
+  const int items = (it.rb - it.ra) * it.nch;
+  const T *xp = reinterpret_cast<const T *>(it.xp);
+#pragma unroll
+  for (int u = 0; u < DWV_U; u++) {
+    int e = threadIdx.x + u * blockDim.x;
+    rr[u] = -1;
+    if (e < items) {
+      int k = e / it.nch;
+      rr[u] = it.ra + k;
+      mm[u] = it.m0 + (e - k * it.nch);
+      v[u] = __ldg(reinterpret_cast<const uint4 *>(xp + (int64_t)(it.ih0 + rr[u]) * g.xs[2] + (int64_t)mm[u] * V));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256, 4) dw_fwd_pipe(T *out, const T *x, const T *w, const T *bias, Conv g, Dw d, uint32_t nitems) {
+  constexpr int V = 16 / sizeof(T);
+  extern __shared__ float sm[];
+  const int plane_words = d.PH * d.RQ, PW = d.PW, PH = d.PH, kk2 = (g.kk + 1) & ~1;
+  float *patch = sm;
+  float4 *taps = reinterpret_cast<float4 *>(sm + ((g.sw * plane_words + 3) & ~3)); // (w, off) pairs, two per float4
+  float2 *taps2 = reinterpret_cast<float2 *>(taps);
+  uint32_t item = blockIdx.x;
+  if (item >= nitems) return;
+  int jo[V]; // phase plane and index of element j of a chunk, less the tile origin's index
+#pragma unroll
+  for (int j = 0; j < V; j++) jo[j] = ((j + g.pw) % g.sw) * plane_words + (j + g.pw) / g.sw;
+  uint4 v[DWV_U];
+  int rr[DWV_U], mm[DWV_U];
+  DwItem cur = dw_item<T>(item, x, g, d);
+  dw_issue<T>(v, rr, mm, cur, g);
+  for (;;) {
+    __syncthreads(); // the previous item's taps and patch are no longer read
+    // zero the patch cells outside the image (rows, then the padding columns of the rows inside)
+    const int nzr = PH - (cur.rb - cur.ra), npad = PW - (cur.qb - cur.qa);
+    for (int e = threadIdx.x; e < nzr * PW; e += blockDim.x) {
+      int k = e / PW, q = e - k * PW, r = k < cur.ra ? k : cur.rb + (k - cur.ra);
+      patch[(q % g.sw) * plane_words + r * d.RQ + q / g.sw] = 0.f;
+    }
+    for (int e = threadIdx.x; e < (cur.rb - cur.ra) * npad; e += blockDim.x) {
+      int k = e / npad, j = e - k * npad, q = j < cur.qa ? j : cur.qb + (j - cur.qa);
+      patch[(q % g.sw) * plane_words + (cur.ra + k) * d.RQ + q / g.sw] = 0.f;
+    }
+    for (int t = threadIdx.x; t < kk2; t += blockDim.x) {
+      float wt = 0.f;
+      int off = 0;
+      if (t < g.kk) {
+        int i = t / g.kw, j = t - i * g.kw, cq = j * g.dw;
+        off = (cq % g.sw) * plane_words + i * g.dh * d.RQ + cq / g.sw;
+        wt = fa_to_f<T>(w[(int64_t)cur.o * g.kk + t]);
+      }
+      taps2[t] = make_float2(wt, __int_as_float(off));
+    }
+    { // the prefetched chunks into the patch: element j of chunk m is patch column V m + j - iw0
+      const int a = cur.iw0 + cur.qa, b = cur.iw0 + cur.qb, vs = V / g.sw;
+#pragma unroll
+      for (int u = 0; u < DWV_U; u++) {
+        if (rr[u] < 0) continue;
+        const T *e = reinterpret_cast<const T *>(&v[u]);
+        float *pr = patch + rr[u] * d.RQ + vs * mm[u] - cur.tx0;
+        const int iwc = mm[u] * V;
+#pragma unroll
+        for (int j = 0; j < V; j++)
+          if (iwc + j >= a && iwc + j < b) pr[jo[j]] = fa_to_f<T>(e[j]);
+      }
+    }
+    __syncthreads();
+    const DwItem now = cur;
+    const uint32_t next = item + gridDim.x;
+    if (next < nitems) { // the next item's loads fly while this one is computed
+      cur = dw_item<T>(next, x, g, d);
+      dw_issue<T>(v, rr, mm, cur, g);
+    }
+    const float bv = bias ? fa_to_f<T>(bias[now.o]) : 0.f;
+    T *op = out + now.plane * g.P;
+    for (int e = threadIdx.x; e < d.TH * d.TW; e += blockDim.x) {
+      int ty = e / d.TW, tx = e - ty * d.TW, ho = now.ty0 + ty, wo = now.tx0 + tx;
+      if (ho >= g.Ho || wo >= g.Wo) continue;
+      const float *pp = patch + ty * g.sh * d.RQ + tx;
+      float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll 3
+      for (int t = 0; t + 1 < g.kk; t += 2) {
+        float4 tp = taps[t >> 1];
+        acc0 += pp[__float_as_int(tp.y)] * tp.x;
+        acc1 += pp[__float_as_int(tp.w)] * tp.z;
+      }
+      if (g.kk & 1) { // no zero-weight pad tap: 0 * inf would make a NaN
+        float2 tp = taps2[g.kk - 1];
+        acc0 += pp[__float_as_int(tp.y)] * tp.x;
+      }
+      op[(int64_t)ho * g.Wo + wo] = fa_from_f<T>(acc0 + acc1 + bv);
+    }
+    if (next >= nitems) break;
+    item = next;
+  }
+}
+
 // fallback when a patch does not fit in shared memory: one thread per output, reading x directly
 template <typename T>
 __global__ void __launch_bounds__(256) dw_fwd_direct(T *out, const T *x, const T *w, const T *bias, Conv g, int mult, int64_t total) {
@@ -466,6 +600,24 @@ static void dw_patch(const Conv &g, Dw &d) {
   d.RQ = best;
 }
 static int64_t dw_smem(const Conv &g, const Dw &d) { return ((int64_t)g.sw * d.PH * d.RQ + 2 + 2 * (int64_t)g.kk) * 4; }
+static int64_t dw_smem_pipe(const Conv &g, const Dw &d) { return ((int64_t)g.sw * d.PH * d.RQ + 4 + 2 * (int64_t)(g.kk + 1)) * 4; }
+// dw_fwd_pipe's condition: every tile's in-image (row, 16-byte chunk) pairs fit in DWV_U loads per thread
+static bool dw_pipe_fits(const Conv &g, const Dw &d, int V, int threads) {
+  if (dw_smem_pipe(g, d) > 48 * 1024) return false;
+  int64_t tiles_h = (g.Ho + d.TH - 1) / d.TH, rows = 0, chunks = 0;
+  if (tiles_h > 65536 || d.tiles_w > 65536) return false;
+  for (int64_t t = 0; t < tiles_h; t++) {
+    int64_t ih0 = t * d.TH * g.sh - g.ph;
+    int64_t ra = std::min<int64_t>(d.PH, std::max<int64_t>(0, -ih0)), rb = std::max(ra, std::min<int64_t>(d.PH, g.H - ih0));
+    rows = std::max(rows, rb - ra);
+  }
+  for (int64_t t = 0; t < d.tiles_w; t++) {
+    int64_t iw0 = t * d.TW * g.sw - g.pw;
+    int64_t qa = std::min<int64_t>(d.PW, std::max<int64_t>(0, -iw0)), qb = std::max(qa, std::min<int64_t>(d.PW, g.W - iw0));
+    if (qb > qa) chunks = std::max(chunks, (iw0 + qb - 1) / V - (iw0 + qa) / V + 1);
+  }
+  return rows * chunks <= (int64_t)DWV_U * threads;
+}
 
 template <typename T>
 static int dw_forward(T *out, const T *x, const T *w, const T *bias, const Conv &g, int dev) {
@@ -494,7 +646,17 @@ static int dw_forward(T *out, const T *x, const T *w, const T *bias, const Conv 
     constexpr int V = 16 / sizeof(T);
     const bool vec = V % g.sw == 0 && g.xs[3] == 1 && g.xs[2] % V == 0 && g.xs[1] % V == 0 && g.xs[0] % V == 0 && g.W % V == 0 &&
                      fa_cu_aligned16(x);
-    if (vec) dw_fwd_tiled<T, 0><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
+    if (vec && dw_pipe_fits(g, d, V, threads)) {
+      const void *kern = (const void *)dw_fwd_pipe<T>;
+      size_t sp = (size_t)dw_smem_pipe(g, d);
+      int per = 0;
+      if (sp > 48 * 1024 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, threads, sp) != cudaSuccess || per < 1) {
+        cudaGetLastError();
+        per = 1;
+      }
+      int64_t grid = std::min<int64_t>(blocks, (int64_t)per * fa_cu_sm_count(dev));
+      dw_fwd_pipe<T><<<(unsigned)grid, threads, sp, st>>>(out, x, w, bias, g, d, (uint32_t)blocks);
+    } else if (vec) dw_fwd_tiled<T, 0><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 1) dw_fwd_tiled<T, 1><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 2) dw_fwd_tiled<T, 2><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 3) dw_fwd_tiled<T, 3><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
@@ -585,12 +747,14 @@ static int64_t pw_chunk(int64_t N, int64_t per_image) {
 }
 
 // dst (nb, P, Kp) dense: dst[i][p][c] = src image n0 + i at (c, p) for c < C, 1 for the ones columns, else 0.
-// 32 x 32 tiles through shared memory: reads along p, writes along c, both coalesced
+// 32 (p) x 64 (c) tiles through shared memory: reads along p, writes along c, both coalesced; 8 loads in
+// flight per thread (a 16-bit warp load is only 64 bytes)
+enum { PW_TP = 32, PW_TC = 64 };
 template <typename T>
 __global__ void __launch_bounds__(256) pw_pack(T *dst, const T *src, PwPack k, int64_t n0, int64_t nb) {
-  __shared__ float tile[32][33];
+  __shared__ float tile[PW_TC][PW_TP + 1];
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
-  const int64_t p0 = (int64_t)blockIdx.x * 32, c0 = (int64_t)blockIdx.y * 32, p = p0 + tx;
+  const int64_t p0 = (int64_t)blockIdx.x * PW_TP, c0 = (int64_t)blockIdx.y * PW_TC, p = p0 + tx;
   int64_t soff = 0;
   if (p < k.P) {
     int64_t h = p / k.Wd;
@@ -599,7 +763,7 @@ __global__ void __launch_bounds__(256) pw_pack(T *dst, const T *src, PwPack k, i
   for (int64_t i = blockIdx.z; i < nb; i += gridDim.z) {
     const T *sp = src + (n0 + i) * k.s0 + soff;
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < PW_TC / 8; j++) {
       int64_t c = c0 + ty + 8 * j;
       float v = 0.f;
       if (p < k.P) {
@@ -611,9 +775,13 @@ __global__ void __launch_bounds__(256) pw_pack(T *dst, const T *src, PwPack k, i
     __syncthreads();
     T *dp = dst + i * k.P * k.Kp;
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-      int64_t pp = p0 + ty + 8 * j, c = c0 + tx;
-      if (pp < k.P && c < k.Kp) dp[pp * k.Kp + c] = fa_from_f<T>(tile[tx][ty + 8 * j]);
+    for (int j = 0; j < PW_TP / 8; j++) {
+      int64_t pp = p0 + ty + 8 * j;
+#pragma unroll
+      for (int hc = 0; hc < PW_TC; hc += 32) {
+        int64_t c = c0 + hc + tx;
+        if (pp < k.P && c < k.Kp) dp[pp * k.Kp + c] = fa_from_f<T>(tile[hc + tx][ty + 8 * j]);
+      }
     }
     __syncthreads();
   }
@@ -643,7 +811,7 @@ __global__ void pw_pack_w(T *wa, const T *src, int64_t rs, int64_t cs, const T *
 
 template <typename T>
 static int pw_launch_pack(T *dst, const T *src, const PwPack &k, int64_t n0, int64_t nb, cudaStream_t st, const char *fn) {
-  dim3 grid((unsigned)((k.P + 31) / 32), (unsigned)((k.Kp + 31) / 32), (unsigned)std::min<int64_t>(nb, 65535));
+  dim3 grid((unsigned)((k.P + PW_TP - 1) / PW_TP), (unsigned)((k.Kp + PW_TC - 1) / PW_TC), (unsigned)std::min<int64_t>(nb, 65535));
   pw_pack<T><<<grid, 256, 0, st>>>(dst, src, k, n0, nb);
   return fa_cu_launch_check(fn);
 }

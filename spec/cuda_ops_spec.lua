@@ -466,6 +466,14 @@ op.describe_gpu('CUDA kernels against the CPU', function()
       -- groups 1 and 2 is not 16-byte aligned, so those take the fallback (bias written first, GEMM beta = 1)
       { 3, 6, 5, 7, 9, 1, 1, 1, 1, 0, 0, 1, 1, 3, true, 'grouped 1x1 with bias' },
       { 5, 16, 12, 20, 24, 1, 1, 1, 1, 0, 0, 1, 1, 1, true, '1x1 with bias, 5 images' },
+      -- more (plane, tile) items than the device holds blocks: the pipelined 16-byte kernel walks several
+      -- items per block, prefetching the next (odd cases: dense x; even: the same shape strided)
+      { 4, 320, 32, 32, 320, 6, 6, 4, 4, 1, 1, 1, 1, 320, true, 'depthwise 6x6/4, 1280 planes' },
+      { 4, 320, 32, 32, 320, 6, 6, 4, 4, 1, 1, 1, 1, 320, true, 'depthwise 6x6/4, 1280 planes' },
+      { 3, 200, 24, 72, 200, 3, 3, 1, 1, 1, 1, 1, 1, 200, false, 'depthwise 3x3, 600 planes of 9 tiles' },
+      { 3, 200, 24, 72, 200, 3, 3, 1, 1, 1, 1, 1, 1, 200, false, 'depthwise 3x3, 600 planes of 9 tiles' },
+      { 2, 100, 40, 64, 200, 5, 5, 2, 2, 2, 2, 1, 1, 100, true, 'depthwise 5x5/2, multiplier 2, 400 planes of 3 tiles' },
+      { 2, 100, 40, 64, 200, 5, 5, 2, 2, 2, 2, 1, 1, 100, true, 'depthwise 5x5/2, multiplier 2, 400 planes of 3 tiles' },
     }
     for _, dt in ipairs(DTYPES) do
       for ci, c in ipairs(cases) do
