@@ -342,6 +342,45 @@ op.describe_gpu('CUDA kernels against the CPU', function()
     end
   end)
 
+  describe('grid sampling, taps outside the image', function()
+    -- the 32-bit kernel reads a stand-in element for taps outside the image and selects 0 instead: an
+    -- infinite value there must not turn points outside into NaN (0 * inf)
+    for _, dt in ipairs(DTYPES) do
+      it('an infinite first element does not reach points outside the image, ' .. dt, function()
+        if not needs('fa_grid_sample_forward') then return end
+        local N, Cc, H, W, Ho, Wo = 2, 11, 6, 7, 5, 8
+        local ir = fa.randn({ N, Cc, H, W }, 'float64')
+        for n = 1, N do
+          for c = 1, Cc do ir[n][c][1][1] = 1 / 0 end
+        end
+        ir = ir:to(dt):double()
+        local ig = ir:to(dt):to(DEV)
+        -- even columns of the grid: far outside (left of and above the image); odd: inside, away from (0, 0)
+        local gr = fa.empty({ N, Ho, Wo, 2 }, 'float64')
+        for n = 1, N do
+          for h = 1, Ho do
+            for w = 1, Wo do
+              local out_ = w % 2 == 0
+              gr[n][h][w][1] = out_ and -1.5 - 0.1 * h or 0.1 + 0.05 * w
+              gr[n][h][w][2] = out_ and -1.7 or 0.2 + 0.1 * h
+            end
+          end
+        end
+        gr = gr:to(dt):double()
+        local gg = gr:to(dt):to(DEV)
+        for pad = 0, 0 do
+          local o64 = cpu_out({ N, Cc, Ho, Wo })
+          call('fa_grid_sample_forward', o64.desc, ir.desc, gr.desc, pad, 0)
+          local o = gpu_out({ N, Cc, Ho, Wo }, dt)
+          call('fa_grid_sample_forward', o.desc, ig.desc, gg.desc, pad, 0)
+          close(o, o64, TOL[dt], 'out')
+          local oc = o:to('float64', 'cpu'):contiguous()
+          assert.are.equal(0, oc[1][1][1][2]) -- an outside point: exactly 0
+        end
+      end)
+    end
+  end)
+
   ------------------------------------------------------------------------------------------ criterions
   describe('MSE', function()
     for _, dt in ipairs(DTYPES) do
