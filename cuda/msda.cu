@@ -250,8 +250,18 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
 #pragma unroll
     for (int i = 0; i < VEC; i++) go[i] = 0.f;
   // VEC <= 4 (the planner gives the backward 16-byte float32 / 8-byte 16-bit vectors): one red.v4 per lane
-  // and corner, a group's instruction covers the row's float32 channels contiguously (whole sectors)
+  // and corner, a group's instruction covers the row's float32 channels contiguously (whole sectors). (The
+  // scatter is written as one segment of a segmented layout, as when 16-bit lanes held 8 channels in two
+  // segments: so the float32 kernels compile to the same PTX as before.)
   static_assert(VEC <= 4, "the backward scatters at most 4 channels per lane");
+  constexpr int NSEG = 1, SEGW = VEC;
+  float sgo[VEC];
+  int segoff[NSEG];
+  bool segok[NSEG];
+#pragma unroll
+  for (int i = 0; i < VEC; i++) sgo[i] = go[i];
+  segoff[0] = lane * VEC;
+  segok[0] = chan;
   // merge steps: partner groups at lane distance TPG, 2*TPG, ... < 32
   constexpr int NSTEP = TPG >= 32 ? 0 : TPG == 16 ? 1 : TPG == 8 ? 2 : TPG == 4 ? 3 : TPG == 2 ? 4 : 5;
 
@@ -324,7 +334,7 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
           for (int k = 0; k < 4; k++) {
             float u[VEC];
 #pragma unroll
-            for (int i = 0; i < VEC; i++) u[i] = f.c[k] * go[i];
+            for (int i = 0; i < VEC; i++) u[i] = f.c[k] * sgo[i];
             if constexpr (MERGE) {
 #pragma unroll
               for (int t = 0; t < NSTEP; t++) {
@@ -338,7 +348,16 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
               }
             }
             const bool need = MERGE ? ((f.step >> k) & 1) != 0 : f.c[k] != 0.f;
-            if (alive && need && chan) red_add<VEC>(gv32 + rb + off[k] + lane * VEC, u);
+            if (alive && need) {
+#pragma unroll
+              for (int sg = 0; sg < NSEG; sg++) {
+                if (!segok[sg]) continue;
+                float w[SEGW];
+#pragma unroll
+                for (int i = 0; i < SEGW; i++) w[i] = u[sg * SEGW + i];
+                red_add<SEGW>(gv32 + rb + off[k] + segoff[sg], w);
+              }
+            }
           }
         }
       }
