@@ -153,6 +153,18 @@ op('conv1x1', { 'float32', 'tf32', 'bfloat16' }, function(B, dt)
   return function(k) chk(C.fa_conv2d_forward(y.desc, xs[k].desc, w.desc, b.desc, p)) end, nil, 2 * B * 4096 * 512 * 512,
     'Bx512x64x64, 512 -> 512'
 end)
+-- backward of the same 1x1 conv: grad_x, grad_weight and grad_bias (no PyTorch peer row yet: torch_gpu.py
+-- would time torch.autograd.grad of F.conv2d for 'conv1x1_bwd')
+op('conv1x1_bwd', { 'float32', 'tf32', 'bfloat16' }, function(B, dt)
+  local st = storage(dt)
+  local s = { B, 512, 64, 64 }
+  local xs, gos = sets(function() return randn(s, st) end), sets(function() return randn(s, st) end)
+  local w = randn({ 512, 512, 1, 1 }, st)
+  local gx, gw, gb = empty(s, st), empty({ 512, 512, 1, 1 }, st):fill(0), empty({ 512 }, st):fill(0)
+  local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+  return function(k) chk(C.fa_conv2d_backward(gx.desc, gw.desc, gb.desc, gos[k].desc, xs[k].desc, w.desc, p)) end, nil,
+    4 * B * 4096 * 512 * 512, 'Bx512x64x64, 512 -> 512, grad x/w/b'
+end)
 op('linear', { 'float32', 'tf32' }, function(B, dt)
   local st = storage(dt)
   local xs = sets(function() return randn({ B * 4096, 512 }, st) end)

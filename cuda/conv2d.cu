@@ -10,8 +10,11 @@
 //     once (the op is memory-bound: 6x6 stride 4 reads 16x more than it writes). grad_x gathers over the
 //     taps that reach each input pixel (no atomics); grad_weight: per-(channel, position slice) partial sums
 //     for every tap, added in slice order by a second kernel (deterministic).
-//   1x1, stride 1, no padding: out_n = W_g @ x_n,g, one strided-batched cuBLAS GEMM per group over the batch,
-//     accumulating onto the bias written first (the cuBLASLt bias epilogue measured slower for this layout).
+//   1x1, stride 1, no padding: with tensor cores (TF32 or 16-bit) and one group, x is transposed to
+//     channels-last (plus bias columns) and out_n = Wa @ xt_n^T is one strided-batched GEMM with both operands
+//     K-major, bias included; grad_x likewise. Otherwise out_n = W_g @ x_n,g, one strided-batched GEMM per
+//     group over the batch, accumulating onto the bias written first. grad_weight: one batched GEMM per group
+//     into per-image float32 products, added in image order.
 //   general: im2col of a chunk of images into a temporary (at most ~256 MiB), cuBLAS GEMMs per group;
 //     grad_x by GEMM into columns and a gathering col2im (deterministic).
 // Bias (general and 1x1 paths): written into the output first and the GEMM
@@ -361,6 +364,140 @@ __global__ void __launch_bounds__(256, NQ == 0 ? 5 : 1) dw_fwd_tiled(T *out, con
   }
 }
 
+// Pipelined variant of the 16-byte path (dw_fwd_tiled<T, 0>) for planes whose patch loads fit in registers
+// (at most DWV_U per thread): a block walks items (plane, tile) with a stride of the grid, and the loads of
+// its next item are issued before the current item's taps are computed, so DRAM latency overlaps the
+// shared-memory work instead of following it (the one-item-per-block kernel measured bound by
+// load -> barrier -> compute -> store in sequence: bfloat16, half the bytes, took as long as float32). The
+// taps are read two per 16-byte broadcast load.
+struct DwItem {
+  const char *xp;          // image n, channel c of x (bytes)
+  int64_t plane;           // n * O + o
+  int o, ty0, tx0, ih0, iw0, ra, rb, qa, qb, m0, nch;
+};
+template <typename T>
+__device__ __forceinline__ DwItem dw_item(uint32_t item, const T *x, const Conv &g, const Dw &d) {
+  constexpr int V = 16 / sizeof(T);
+  DwItem r;
+  uint32_t plane = item / (uint32_t)d.tiles, tile = item - plane * (uint32_t)d.tiles;
+  uint32_t n = plane / (uint32_t)g.O, o = plane - n * (uint32_t)g.O, c = o / (uint32_t)d.mult;
+  r.plane = plane;
+  r.o = (int)o;
+  r.ty0 = (int)(tile / d.tiles_w) * d.TH;
+  r.tx0 = (int)(tile % d.tiles_w) * d.TW;
+  r.ih0 = r.ty0 * g.sh - g.ph;
+  r.iw0 = r.tx0 * g.sw - g.pw;
+  r.xp = reinterpret_cast<const char *>(x + (int64_t)n * g.xs[0] + (int64_t)c * g.xs[1]);
+  r.ra = min(d.PH, max(0, -r.ih0));
+  r.rb = max(r.ra, min(d.PH, (int)g.H - r.ih0));
+  r.qa = min(d.PW, max(0, -r.iw0));
+  r.qb = max(r.qa, min(d.PW, (int)g.W - r.iw0));
+  r.m0 = (r.iw0 + r.qa) / V;
+  r.nch = (r.qb > r.qa && r.rb > r.ra) ? (r.iw0 + r.qb - 1) / V - r.m0 + 1 : 0;
+  return r;
+}
+// issue the item's 16-byte loads: (row, chunk) pair threadIdx.x + u * blockDim.x into v[u] (rr[u] = -1: none)
+template <typename T>
+__device__ __forceinline__ void dw_issue(uint4 (&v)[DWV_U], int (&rr)[DWV_U], int (&mm)[DWV_U], const DwItem &it, const Conv &g) {
+  constexpr int V = 16 / sizeof(T);
+  const int items = (it.rb - it.ra) * it.nch;
+  const T *xp = reinterpret_cast<const T *>(it.xp);
+#pragma unroll
+  for (int u = 0; u < DWV_U; u++) {
+    int e = threadIdx.x + u * blockDim.x;
+    rr[u] = -1;
+    if (e < items) {
+      int k = e / it.nch;
+      rr[u] = it.ra + k;
+      mm[u] = it.m0 + (e - k * it.nch);
+      v[u] = __ldg(reinterpret_cast<const uint4 *>(xp + (int64_t)(it.ih0 + rr[u]) * g.xs[2] + (int64_t)mm[u] * V));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256, 4) dw_fwd_pipe(T *out, const T *x, const T *w, const T *bias, Conv g, Dw d, uint32_t nitems) {
+  constexpr int V = 16 / sizeof(T);
+  extern __shared__ float sm[];
+  const int plane_words = d.PH * d.RQ, PW = d.PW, PH = d.PH, kk2 = (g.kk + 1) & ~1;
+  float *patch = sm;
+  float4 *taps = reinterpret_cast<float4 *>(sm + ((g.sw * plane_words + 3) & ~3)); // (w, off) pairs, two per float4
+  float2 *taps2 = reinterpret_cast<float2 *>(taps);
+  uint32_t item = blockIdx.x;
+  if (item >= nitems) return;
+  int jo[V]; // phase plane and index of element j of a chunk, less the tile origin's index
+#pragma unroll
+  for (int j = 0; j < V; j++) jo[j] = ((j + g.pw) % g.sw) * plane_words + (j + g.pw) / g.sw;
+  uint4 v[DWV_U];
+  int rr[DWV_U], mm[DWV_U];
+  DwItem cur = dw_item<T>(item, x, g, d);
+  dw_issue<T>(v, rr, mm, cur, g);
+  for (;;) {
+    __syncthreads(); // the previous item's taps and patch are no longer read
+    // zero the patch cells outside the image (rows, then the padding columns of the rows inside)
+    const int nzr = PH - (cur.rb - cur.ra), npad = PW - (cur.qb - cur.qa);
+    for (int e = threadIdx.x; e < nzr * PW; e += blockDim.x) {
+      int k = e / PW, q = e - k * PW, r = k < cur.ra ? k : cur.rb + (k - cur.ra);
+      patch[(q % g.sw) * plane_words + r * d.RQ + q / g.sw] = 0.f;
+    }
+    for (int e = threadIdx.x; e < (cur.rb - cur.ra) * npad; e += blockDim.x) {
+      int k = e / npad, j = e - k * npad, q = j < cur.qa ? j : cur.qb + (j - cur.qa);
+      patch[(q % g.sw) * plane_words + (cur.ra + k) * d.RQ + q / g.sw] = 0.f;
+    }
+    for (int t = threadIdx.x; t < kk2; t += blockDim.x) {
+      float wt = 0.f;
+      int off = 0;
+      if (t < g.kk) {
+        int i = t / g.kw, j = t - i * g.kw, cq = j * g.dw;
+        off = (cq % g.sw) * plane_words + i * g.dh * d.RQ + cq / g.sw;
+        wt = fa_to_f<T>(w[(int64_t)cur.o * g.kk + t]);
+      }
+      taps2[t] = make_float2(wt, __int_as_float(off));
+    }
+    { // the prefetched chunks into the patch: element j of chunk m is patch column V m + j - iw0
+      const int a = cur.iw0 + cur.qa, b = cur.iw0 + cur.qb, vs = V / g.sw;
+#pragma unroll
+      for (int u = 0; u < DWV_U; u++) {
+        if (rr[u] < 0) continue;
+        const T *e = reinterpret_cast<const T *>(&v[u]);
+        float *pr = patch + rr[u] * d.RQ + vs * mm[u] - cur.tx0;
+        const int iwc = mm[u] * V;
+#pragma unroll
+        for (int j = 0; j < V; j++)
+          if (iwc + j >= a && iwc + j < b) pr[jo[j]] = fa_to_f<T>(e[j]);
+      }
+    }
+    __syncthreads();
+    const DwItem now = cur;
+    const uint32_t next = item + gridDim.x;
+    if (next < nitems) { // the next item's loads fly while this one is computed
+      cur = dw_item<T>(next, x, g, d);
+      dw_issue<T>(v, rr, mm, cur, g);
+    }
+    const float bv = bias ? fa_to_f<T>(bias[now.o]) : 0.f;
+    T *op = out + now.plane * g.P;
+    for (int e = threadIdx.x; e < d.TH * d.TW; e += blockDim.x) {
+      int ty = e / d.TW, tx = e - ty * d.TW, ho = now.ty0 + ty, wo = now.tx0 + tx;
+      if (ho >= g.Ho || wo >= g.Wo) continue;
+      const float *pp = patch + ty * g.sh * d.RQ + tx;
+      float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll 3
+      for (int t = 0; t + 1 < g.kk; t += 2) {
+        float4 tp = taps[t >> 1];
+        acc0 += pp[__float_as_int(tp.y)] * tp.x;
+        acc1 += pp[__float_as_int(tp.w)] * tp.z;
+      }
+      if (g.kk & 1) { // no zero-weight pad tap: 0 * inf would make a NaN
+        float2 tp = taps2[g.kk - 1];
+        acc0 += pp[__float_as_int(tp.y)] * tp.x;
+      }
+      op[(int64_t)ho * g.Wo + wo] = fa_from_f<T>(acc0 + acc1 + bv);
+    }
+    if (next >= nitems) break;
+    item = next;
+  }
+}
+
 // fallback when a patch does not fit in shared memory: one thread per output, reading x directly
 template <typename T>
 __global__ void __launch_bounds__(256) dw_fwd_direct(T *out, const T *x, const T *w, const T *bias, Conv g, int mult, int64_t total) {
@@ -463,6 +600,24 @@ static void dw_patch(const Conv &g, Dw &d) {
   d.RQ = best;
 }
 static int64_t dw_smem(const Conv &g, const Dw &d) { return ((int64_t)g.sw * d.PH * d.RQ + 2 + 2 * (int64_t)g.kk) * 4; }
+static int64_t dw_smem_pipe(const Conv &g, const Dw &d) { return ((int64_t)g.sw * d.PH * d.RQ + 4 + 2 * (int64_t)(g.kk + 1)) * 4; }
+// dw_fwd_pipe's condition: every tile's in-image (row, 16-byte chunk) pairs fit in DWV_U loads per thread
+static bool dw_pipe_fits(const Conv &g, const Dw &d, int V, int threads) {
+  if (dw_smem_pipe(g, d) > 48 * 1024) return false;
+  int64_t tiles_h = (g.Ho + d.TH - 1) / d.TH, rows = 0, chunks = 0;
+  if (tiles_h > 65536 || d.tiles_w > 65536) return false;
+  for (int64_t t = 0; t < tiles_h; t++) {
+    int64_t ih0 = t * d.TH * g.sh - g.ph;
+    int64_t ra = std::min<int64_t>(d.PH, std::max<int64_t>(0, -ih0)), rb = std::max(ra, std::min<int64_t>(d.PH, g.H - ih0));
+    rows = std::max(rows, rb - ra);
+  }
+  for (int64_t t = 0; t < d.tiles_w; t++) {
+    int64_t iw0 = t * d.TW * g.sw - g.pw;
+    int64_t qa = std::min<int64_t>(d.PW, std::max<int64_t>(0, -iw0)), qb = std::max(qa, std::min<int64_t>(d.PW, g.W - iw0));
+    if (qb > qa) chunks = std::max(chunks, (iw0 + qb - 1) / V - (iw0 + qa) / V + 1);
+  }
+  return rows * chunks <= (int64_t)DWV_U * threads;
+}
 
 template <typename T>
 static int dw_forward(T *out, const T *x, const T *w, const T *bias, const Conv &g, int dev) {
@@ -491,7 +646,17 @@ static int dw_forward(T *out, const T *x, const T *w, const T *bias, const Conv 
     constexpr int V = 16 / sizeof(T);
     const bool vec = V % g.sw == 0 && g.xs[3] == 1 && g.xs[2] % V == 0 && g.xs[1] % V == 0 && g.xs[0] % V == 0 && g.W % V == 0 &&
                      fa_cu_aligned16(x);
-    if (vec) dw_fwd_tiled<T, 0><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
+    if (vec && dw_pipe_fits(g, d, V, threads)) {
+      const void *kern = (const void *)dw_fwd_pipe<T>;
+      size_t sp = (size_t)dw_smem_pipe(g, d);
+      int per = 0;
+      if (sp > 48 * 1024 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, threads, sp) != cudaSuccess || per < 1) {
+        cudaGetLastError();
+        per = 1;
+      }
+      int64_t grid = std::min<int64_t>(blocks, (int64_t)per * fa_cu_sm_count(dev));
+      dw_fwd_pipe<T><<<(unsigned)grid, threads, sp, st>>>(out, x, w, bias, g, d, (uint32_t)blocks);
+    } else if (vec) dw_fwd_tiled<T, 0><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 1) dw_fwd_tiled<T, 1><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 2) dw_fwd_tiled<T, 2><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
     else if (nq == 3) dw_fwd_tiled<T, 3><<<nb, threads, sb, st>>>(out, x, w, bias, g, d);
@@ -550,6 +715,193 @@ static int64_t chunk_images(const Conv &g, int es) {
   return nb < 1 ? 1 : nb;
 }
 
+// ------------------------------------------------------------------ 1x1 on tensor cores: packed operands
+// The NCHW layout makes x (C x P per image, P contiguous) the MN-major operand of out_n = W @ x_n, which
+// TF32 wgmma cannot read (only 16-bit types may be MN-major) and which the 16-bit kernels read slower than
+// K-major: the 1x1 conv measured 1.5-1.75x cuDNN's time while linear (same FLOPs, both operands K-major)
+// matched PyTorch. So x is first transposed into xt_n (P x Kp, channels contiguous), and out_n = Wa @ xt_n^T
+// is one strided-batched GEMM with both operands K-major (Wa's batch stride 0). The bias rides in the GEMM
+// as extra K columns (ones in xt, the bias in Wa), so the output is written once and never re-read; TF32
+// splits the bias into a TF32-exact high part and the float32 remainder (two columns), which keeps it to
+// 2^-20 (tensor cores may truncate to TF32) where one TF32 column would be off by up to 2^-10.
+// Kp: C plus those columns, rounded up to 8 (16-byte rows).
+// grad_x likewise: gout transposed to (P x Op) and W^T packed (C x Op).
+struct PwPack {
+  int64_t s0, s1, s2, s3; // strides of the source (image, channel, row, column)
+  int64_t C, Wd, P, Kp;   // channels, row length, positions per image, packed row length
+  int ones;               // columns C .. C + ones - 1 are 1 (the bias columns), the rest up to Kp 0
+};
+static int pw_ones(int dtype, bool has_bias) { return !has_bias ? 0 : dtype == FA_FLOAT32 ? 2 : 1; }
+static int64_t pw_kp(int64_t C, int ones) { return (C + ones + 7) / 8 * 8; }
+// the packed path: G == 1, tensor cores (16-bit or TF32 allowed; exact float32 keeps the FP32 kernels, whose
+// speed does not depend on the layout), packed rows within the grid's y limit
+static bool pw_packed(const Conv &g, int dtype) {
+  return g.G == 1 && (dtype != FA_FLOAT32 || fa_cu_tf32_allowed()) && pw_kp(std::max(g.C, g.O), 2) / 32 < 65535;
+}
+// images per chunk: the packed operand stays under ~256 MiB, chunks of equal size
+static int64_t pw_chunk(int64_t N, int64_t per_image) {
+  int64_t cap = ((int64_t)256 << 20) / std::max<int64_t>(per_image, 1);
+  if (cap < 1) cap = 1;
+  int64_t chunks = (N + cap - 1) / cap;
+  return (N + chunks - 1) / chunks;
+}
+
+// dst (nb, P, Kp) dense: dst[i][p][c] = src image n0 + i at (c, p) for c < C, 1 for the ones columns, else 0.
+// 32 (p) x 64 (c) tiles through shared memory: reads along p, writes along c, both coalesced; 8 loads in
+// flight per thread (a 16-bit warp load is only 64 bytes)
+enum { PW_TP = 32, PW_TC = 64 };
+template <typename T>
+__global__ void __launch_bounds__(256) pw_pack(T *dst, const T *src, PwPack k, int64_t n0, int64_t nb) {
+  __shared__ float tile[PW_TC][PW_TP + 1];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int64_t p0 = (int64_t)blockIdx.x * PW_TP, c0 = (int64_t)blockIdx.y * PW_TC, p = p0 + tx;
+  int64_t soff = 0;
+  if (p < k.P) {
+    int64_t h = p / k.Wd;
+    soff = h * k.s2 + (p - h * k.Wd) * k.s3;
+  }
+  for (int64_t i = blockIdx.z; i < nb; i += gridDim.z) {
+    const T *sp = src + (n0 + i) * k.s0 + soff;
+#pragma unroll
+    for (int j = 0; j < PW_TC / 8; j++) {
+      int64_t c = c0 + ty + 8 * j;
+      float v = 0.f;
+      if (p < k.P) {
+        if (c < k.C) v = fa_to_f<T>(sp[c * k.s1]);
+        else if (c < k.C + k.ones) v = 1.f;
+      }
+      tile[ty + 8 * j][tx] = v;
+    }
+    __syncthreads();
+    T *dp = dst + i * k.P * k.Kp;
+#pragma unroll
+    for (int j = 0; j < PW_TP / 8; j++) {
+      int64_t pp = p0 + ty + 8 * j;
+#pragma unroll
+      for (int hc = 0; hc < PW_TC; hc += 32) {
+        int64_t c = c0 + hc + tx;
+        if (pp < k.P && c < k.Kp) dp[pp * k.Kp + c] = fa_from_f<T>(tile[hc + tx][ty + 8 * j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// wa (R x Kp) dense: wa[r][c] = src[r * rs + c * cs] for c < K, then the bias columns (ones == 1: bias[r];
+// ones == 2: its TF32-exact high part and the float32 rest), then zeros
+template <typename T>
+__global__ void pw_pack_w(T *wa, const T *src, int64_t rs, int64_t cs, const T *bias, int64_t R, int64_t K, int64_t Kp, int ones) {
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < R * Kp; e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = e / Kp, c = e - r * Kp;
+    T v = fa_from_f<T>(0.f);
+    if (c < K) {
+      v = src[r * rs + c * cs];
+    } else if (c < K + ones) {
+      if (ones == 1) {
+        v = bias[r];
+      } else {
+        float b = fa_to_f<T>(bias[r]);
+        float hi = isfinite(b) ? __uint_as_float(__float_as_uint(b) & 0xffffe000u) : b;
+        v = fa_from_f<T>(c == K ? hi : b - hi);
+      }
+    }
+    wa[e] = v;
+  }
+}
+
+template <typename T>
+static int pw_launch_pack(T *dst, const T *src, const PwPack &k, int64_t n0, int64_t nb, cudaStream_t st, const char *fn) {
+  dim3 grid((unsigned)((k.P + PW_TP - 1) / PW_TP), (unsigned)((k.Kp + PW_TC - 1) / PW_TC), (unsigned)std::min<int64_t>(nb, 65535));
+  pw_pack<T><<<grid, 256, 0, st>>>(dst, src, k, n0, nb);
+  return fa_cu_launch_check(fn);
+}
+
+// out (N, O, P) dense = W (O x C) @ x_n + bias, x strided
+template <typename T>
+static int pw_forward_packed(T *y, const fa_tensor *x, const T *w, const T *b, const Conv &g, int dev) {
+  const int dt = x->dtype, es = (int)sizeof(T), ones = pw_ones(dt, b != nullptr);
+  const int64_t Kp = pw_kp(g.C, ones), nb = pw_chunk(g.N, g.P * Kp * es);
+  cudaStream_t st = fa_cu_stream(dev);
+  T *wa = (T *)fa_cu_temp_alloc(dev, g.O * Kp * es);
+  if (!wa) return FA_ERR_MEMORY;
+  T *xt = (T *)fa_cu_temp_alloc(dev, nb * g.P * Kp * es);
+  if (!xt) { fa_cu_temp_free(dev, wa); return FA_ERR_MEMORY; }
+  pw_pack_w<T><<<fa_cu_blocks(g.O * Kp, 256, dev), 256, 0, st>>>(wa, w, g.C, 1, b, g.O, g.C, Kp, ones);
+  int rc = fa_cu_launch_check(FWD);
+  const PwPack k = {g.xs[0], g.xs[1], g.xs[2], g.xs[3], g.C, g.W, g.P, Kp, ones};
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    if ((rc = pw_launch_pack<T>(xt, (const T *)x->data, k, n0, cnt, st, FWD))) break;
+    // out_n (O x P) = Wa (O x Kp) @ xt_n^T, xt_n stored (P x Kp)
+    rc = gemm(dev, dt, false, false, true, g.O, g.P, Kp, wa, Kp, 0, xt, Kp, g.P * Kp, 0.f, y + n0 * g.O * g.P, g.P, g.O * g.P, cnt, FWD);
+  }
+  fa_cu_temp_free(dev, xt);
+  fa_cu_temp_free(dev, wa);
+  return rc;
+}
+
+// gx (N, C, P) dense = W^T (C x O) @ gout_n, gout dense (N, O, P)
+template <typename T>
+static int pw_grad_x_packed(T *gx, const T *go, const T *w, const Conv &g, int dev, int dt) {
+  const int es = (int)sizeof(T);
+  const int64_t Op = pw_kp(g.O, 0), nb = pw_chunk(g.N, g.P * Op * es);
+  cudaStream_t st = fa_cu_stream(dev);
+  T *wt = (T *)fa_cu_temp_alloc(dev, g.C * Op * es);
+  if (!wt) return FA_ERR_MEMORY;
+  T *gt = (T *)fa_cu_temp_alloc(dev, nb * g.P * Op * es);
+  if (!gt) { fa_cu_temp_free(dev, wt); return FA_ERR_MEMORY; }
+  pw_pack_w<T><<<fa_cu_blocks(g.C * Op, 256, dev), 256, 0, st>>>(wt, w, 1, g.C, nullptr, g.C, g.O, Op, 0); // wt[c][o] = W[o][c]
+  int rc = fa_cu_launch_check(BWD);
+  const PwPack k = {g.O * g.P, g.P, g.Wo, 1, g.O, g.Wo, g.P, Op, 0};
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    if ((rc = pw_launch_pack<T>(gt, go, k, n0, cnt, st, BWD))) break;
+    // gx_n (C x P) = Wt (C x Op) @ gt_n^T, gt_n stored (P x Op)
+    rc = gemm(dev, dt, false, false, true, g.C, g.P, Op, wt, Op, 0, gt, Op, g.P * Op, 0.f, gx + n0 * g.C * g.P, g.P, g.C * g.P, cnt, BWD);
+  }
+  fa_cu_temp_free(dev, gt);
+  fa_cu_temp_free(dev, wt);
+  return rc;
+}
+
+// gw32 (O x Cg, float32) += sum over images n, in order, of gout_n,g (Og x P) @ x_n,g^T (P x Cg), per group:
+// both operands K-major (P contiguous); one batched GEMM per group and chunk of images into per-image float32
+// products, then added in image order (deterministic). A single image accumulates directly (beta = 1).
+template <typename T>
+static int pw_grad_w(float *gw32, const T *go, const T *xp, const Conv &g, int dev, int dt) {
+  const int64_t nw = g.Og * g.Cg;
+  cudaStream_t st = fa_cu_stream(dev);
+  if (g.N == 1) {
+    int rc = 0;
+    for (int64_t k = 0; k < g.G && !rc; k++)
+      rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + k * g.Og * g.P, g.P, 0, xp + k * g.Cg * g.P, g.P, 0, 1.f,
+                gw32 + k * nw, g.Cg, 0, 1, BWD);
+    return rc;
+  }
+  int64_t nb = std::max<int64_t>(2, std::min<int64_t>(g.N, ((int64_t)64 << 20) / std::max<int64_t>(nw * 4, 1)));
+  nb = std::min(nb, g.N);
+  float *part = (float *)fa_cu_temp_alloc(dev, nb * nw * 4);
+  if (!part) return FA_ERR_MEMORY;
+  fa_cu_geom flat = {};
+  flat.ndim = 1;
+  flat.shape[0] = nw;
+  flat.stride[0] = 1;
+  for (int d = 1; d < FA_MAX_DIMS; d++) flat.shape[d] = 1;
+  int rc = 0;
+  for (int64_t n0 = 0; n0 < g.N && !rc; n0 += nb) {
+    int64_t cnt = std::min(nb, g.N - n0);
+    for (int64_t k = 0; k < g.G && !rc; k++) {
+      rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + (n0 * g.O + k * g.Og) * g.P, g.P, g.O * g.P,
+                xp + (n0 * g.C + k * g.Cg) * g.P, g.P, g.C * g.P, 0.f, part, g.Cg, nw, cnt, BWD);
+      if (rc) break;
+      add_slices<float><<<(unsigned)((nw + 255) / 256), 256, 0, st>>>(gw32 + k * nw, flat, part, nw, (int)cnt);
+      rc = fa_cu_launch_check(BWD);
+    }
+  }
+  fa_cu_temp_free(dev, part);
+  return rc;
+}
+
 // ------------------------------------------------------------------ forward
 template <typename T>
 static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight, const fa_tensor *bias, const Conv &g) {
@@ -571,17 +923,21 @@ static int forward_t(fa_tensor *out, const fa_tensor *x, const fa_tensor *weight
   } else if (is_depthwise(g)) {
     rc = dw_forward<T>(y, (const T *)x->data, w, b, g, dev);
   } else if (is_pointwise(g)) {
-    DenseView dx;
-    if ((rc = dx.in(x))) return rc;
-    const T *xp = dx.p<T>();
-    for (int64_t k = 0; k < g.G && !rc; k++) { // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P) [+ b_g per row]
-      const T *wk = w + k * g.Og * g.Cg, *xk = xp + k * g.Cg * g.P;
-      T *yk = y + k * g.Og * g.P;
-      // The group's channels start as the bias and the GEMM adds onto them. (The cuBLASLt bias epilogue,
-      // fa_cu_gemm_bias, was measured slower here on the H100 with TF32/bf16 at batch 32: 0.80 vs 0.76 ms
-      // and 0.55 vs 0.51 ms; linear keeps it.)
-      if (b && (rc = fill_channels<T>(y, b, g, k * g.Og, g.Og, st))) break;
-      rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, wk, g.Cg, 0, xk, g.P, g.C * g.P, beta, yk, g.P, g.O * g.P, g.N, FWD);
+    if (pw_packed(g, dt)) {
+      rc = pw_forward_packed<T>(y, x, w, b, g, dev); // x read in place, any strides
+    } else {
+      DenseView dx;
+      if ((rc = dx.in(x))) return rc;
+      const T *xp = dx.p<T>();
+      for (int64_t k = 0; k < g.G && !rc; k++) { // out_n,g (Og x P) = W_g (Og x Cg) @ x_n,g (Cg x P) [+ b_g per row]
+        const T *wk = w + k * g.Og * g.Cg, *xk = xp + k * g.Cg * g.P;
+        T *yk = y + k * g.Og * g.P;
+        // The group's channels start as the bias and the GEMM adds onto them. (The cuBLASLt bias epilogue,
+        // fa_cu_gemm_bias, was measured slower here on the H100 with TF32/bf16 at batch 32: 0.80 vs 0.76 ms
+        // and 0.55 vs 0.51 ms; linear keeps it.)
+        if (b && (rc = fill_channels<T>(y, b, g, k * g.Og, g.Og, st))) break;
+        rc = gemm(dev, dt, false, false, false, g.Og, g.P, g.Cg, wk, g.Cg, 0, xk, g.P, g.C * g.P, beta, yk, g.P, g.O * g.P, g.N, FWD);
+      }
     }
   } else {
     int64_t nb = chunk_images(g, es), ckk = g.Cg * g.kk;
@@ -629,13 +985,12 @@ static int backward_t(fa_tensor *grad_x, fa_tensor *grad_weight, fa_tensor *grad
     if (!(rc = dx.in(x)) && !(rc = dgx.out(grad_x))) {
       const T *xp = dx.p<T>();
       T *gx = dgx.p<T>();
-      for (int64_t k = 0; k < g.G && !rc && gx; k++) // gx_n,g (Cg x P) = W_g^T (Cg x Og) @ gout_n,g (Og x P)
-        rc = gemm(dev, dt, false, true, false, g.Cg, g.P, g.Og, w + k * g.Og * g.Cg, g.Cg, 0, go + k * g.Og * g.P, g.P, g.O * g.P,
-                  0.f, gx + k * g.Cg * g.P, g.P, g.C * g.P, g.N, BWD);
-      for (int64_t n = 0; n < g.N && !rc && gw32; n++) // gw_g (Og x Cg) += gout_n,g (Og x P) @ x_n,g^T (P x Cg)
-        for (int64_t k = 0; k < g.G && !rc; k++)
-          rc = gemm(dev, dt, true, false, true, g.Og, g.Cg, g.P, go + (n * g.O + k * g.Og) * g.P, g.P, 0,
-                    xp + (n * g.C + k * g.Cg) * g.P, g.P, 0, 1.f, gw32 + k * g.Og * g.Cg, g.Cg, 0, 1, BWD);
+      if (gx && pw_packed(g, dt)) rc = pw_grad_x_packed<T>(gx, go, w, g, dev, dt);
+      else
+        for (int64_t k = 0; k < g.G && !rc && gx; k++) // gx_n,g (Cg x P) = W_g^T (Cg x Og) @ gout_n,g (Og x P)
+          rc = gemm(dev, dt, false, true, false, g.Cg, g.P, g.Og, w + k * g.Og * g.Cg, g.Cg, 0, go + k * g.Og * g.P, g.P, g.O * g.P,
+                    0.f, gx + k * g.Cg * g.P, g.P, g.C * g.P, g.N, BWD);
+      if (!rc && gw32) rc = pw_grad_w<T>(gw32, go, xp, g, dev, dt);
       if (!rc) rc = dgx.finish();
     }
   } else {

@@ -25,6 +25,8 @@
 //   fast, where a map (k, v in the dtype) and two float32 accumulators fit in shared memory: kv_kernel (a block
 //     per map) recomputes P and dS of every sample landing in its map (no record), scatters into the map in
 //     shared memory and writes it once;
+//     kv4_kernel, the same with 4 channels per lane where rows allow vectors and D <= 128; for float32 it is the
+//     whole default backward (grad_q and grad_coords too, by float atomics; bwd_map_kernel not launched);
 //   fast, else: bwd_kernel scatters scale*dS*w*q and P*w*dO into the 4 taps with float32 atomics (vector
 //     red.global.add on sm_90) into grad_k/grad_v (float32) or a float32 scratch cast at the end;
 //   deterministic: the kernel records (P, dS) per (sample, head); keys_kernel gives every sample the key of
@@ -893,6 +895,219 @@ __global__ void __launch_bounds__(kv_max_threads(NCH), 1)
   }
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+// p->x += x, p->y += y as smem_add2, starting from old (a value of *p read before: the first compare-and-swap is
+// issued without a dependent load); smem_add4_from's sm_80 half
+__device__ __forceinline__ void smem_add2_from(float2 *p, float x, float y, unsigned long long old) {
+  unsigned long long *a = (unsigned long long *)p, seen;
+  do {
+    seen = old;
+    const float nx = __uint_as_float((unsigned)seen) + x, ny = __uint_as_float((unsigned)(seen >> 32)) + y;
+    old = atomicCAS(a, seen, (unsigned long long)__float_as_uint(nx) | (unsigned long long)__float_as_uint(ny) << 32);
+  } while (old != seen);
+}
+#endif
+
+// p[0] += (k0, v0), p[1] += (k1, v1) (shared memory, p 16-byte aligned), starting from old (a value of p[0 .. 2)
+// read before). sm_90: one 128-bit compare-and-swap loop for the four floats (atom.shared.cas.b128 is one
+// ATOMS.CAS there: checked on the sm_90a cubin, no loop around it); sm_80: two 64-bit loops.
+__device__ __forceinline__ void smem_add4_from(float2 *p, float k0, float v0, float k1, float v1, ulonglong2 old) {
+#if __CUDA_ARCH__ >= 900
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  unsigned long long s0, s1;
+  do {
+    s0 = old.x;
+    s1 = old.y;
+    const unsigned long long n0 = (unsigned long long)__float_as_uint(__uint_as_float((unsigned)s0) + k0) |
+                                  (unsigned long long)__float_as_uint(__uint_as_float((unsigned)(s0 >> 32)) + v0) << 32;
+    const unsigned long long n1 = (unsigned long long)__float_as_uint(__uint_as_float((unsigned)s1) + k1) |
+                                  (unsigned long long)__float_as_uint(__uint_as_float((unsigned)(s1 >> 32)) + v1) << 32;
+    asm volatile(
+        "{\n .reg .b128 d, c, n;\n mov.b128 c, {%2, %3};\n mov.b128 n, {%4, %5};\n"
+        " atom.shared.cas.b128 d, [%6], c, n;\n mov.b128 {%0, %1}, d;\n}"
+        : "=l"(old.x), "=l"(old.y)
+        : "l"(s0), "l"(s1), "l"(n0), "l"(n1), "r"(a)
+        : "memory");
+  } while (old.x != s0 || old.y != s1);
+#else
+  smem_add2_from(p, k0, v0, old.x);
+  smem_add2_from(p + 1, k1, v1, old.y);
+#endif
+}
+
+// kv_kernel with 4 channels per lane (kv_plan's choice where the rows allow 16-byte vectors and D <= 128): the same
+// work and shared memory as kv_kernel (less the prep area), but a group of G lanes per query position (G the least
+// power of two >= 2 with 4 G >= D), so that a warp takes 32 / G query positions at once and the per-sample work that
+// does not depend on the channel (footprint shuffles, tap masks and addresses, the group sums, exp2, branches) is
+// shared by fewer lanes: kv_kernel's warp per query position at D 32 issued ~200 warp instructions per (query,
+// sample, head). Gathers: lane j reads channels 4j .. 4j+3 of a tap's row (one 16-byte float32 / 8-byte 16-bit
+// load; a group reads a whole row: no bank conflicts for float32 rows of 128 bytes). Scatter: lane j adds the
+// channel pairs (2P, 2P+1), P = c' G + j, c' = (c + group in warp) mod 2, c = 0, 1 (q and dO at those channels read
+// once per query position), each pair's (grad_k, grad_v) 16 bytes by one 128-bit compare-and-swap loop on sm_90
+// (two 64-bit loops on sm_80) that starts from a load of the words issued before (no dependent load per loop).
+// float32 (FUSE): the kernel is the whole backward (no bwd_map_kernel): it also adds scale * sum_s dS k_blend of
+// its (query, map) into grad_q (gq32: float32, zeroed; red.global.add.v4 on sm_90, 8 maps per row) and each
+// sample's d/du, d/dv (bwd_map_kernel's per-tap partials q.k_t, dO.v_t and coord_grad) into grad_coords (gc,
+// zeroed; float atomics over heads, as bwd_map_kernel's default mode). 16-bit: grad_q would need a float32 scratch
+// (10.6 MB at the main config, past the memory goal), so bwd_map_kernel gives grad_q and grad_coords there.
+__host__ __device__ constexpr int kv4_threads(size_t tsize) { return tsize == 4 ? 640 : 1024; }
+template <typename T, int G>
+__global__ void __launch_bounds__(kv4_threads(sizeof(T)), 1)
+    kv4_kernel(T *__restrict__ gk, T *__restrict__ gv, float *__restrict__ gk32, float *__restrict__ gv32,
+               const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ go,
+               const T *__restrict__ o, const float *__restrict__ lse, const float *__restrict__ coords,
+               const __grid_constant__ Params p, int nz, float *__restrict__ gq32, float *__restrict__ gc) {
+  constexpr bool FUSE = sizeof(T) == 4;
+  extern __shared__ float4 smem4[];
+  const int LD = p.L * p.D;
+  T *km = (T *)smem4, *vm = km + LD;
+  float2 *acc = (float2 *)((char *)smem4 + kv_acc_off(LD, sizeof(T)));  // (grad_k, grad_v) of [pixel][D]
+  const int map = blockIdx.x, h = map % p.NH, bv = map / p.NH, v2 = bv % p.V, b = bv / p.V;
+  copy_maps<T, 16 / (int)sizeof(T)>(km, vm, k + b * p.kb + v2 * p.kv + h * p.kh, v + b * p.vb + v2 * p.vv + h * p.vh,
+                                    p);
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) acc[i] = make_float2(0.f, 0.f);
+  __syncthreads();
+  const int lane = threadIdx.x % G, grp = threadIdx.x / G, ngrp = blockDim.x / G;
+  const int rot = (threadIdx.x % 32) / G;  // the group in its warp
+  const int d0 = 4 * lane;                 // gather channels d0 .. d0 + 3
+  const bool gch = d0 < p.D;               // D a multiple of 4: all four or none
+  // scatter channel pair c (0, 1) of the lane: channels 2 P and 2 P + 1, P = ((c + rot) & 1) * G + lane (formed
+  // where used: registers)
+#define KV4_DSC(c) (2 * ((((c) + rot) & 1) * G + lane))
+  const int nq = p.V * p.L, per = (nq + nz - 1) / nz, q0 = blockIdx.y * per, q1 = min(nq, q0 + per);
+  const bool wk = gk || gk32, wv = gv || gv32;
+  // every group runs the same iterations (whole warps in the shuffles); idle groups write nothing
+  for (int qb = q0; qb < q1; qb += ngrp) {
+    const int qi = qb + grp;
+    const bool active = qi < q1;
+    const int qa = active ? qi : q0, v1 = qa / p.L, l = qa % p.L;
+    const T *qrow = q + b * p.qb + v1 * p.qv + h * p.qh + l * p.ql;
+    const T *grow = go + b * p.gb + v1 * p.gv + h * p.gh + l * p.gl;
+    const T *orow = o + b * p.ob + v1 * p.ov + h * p.oh + l * p.ol;
+    float qr[4] = {0.f, 0.f, 0.f, 0.f}, gr[4] = {0.f, 0.f, 0.f, 0.f}, qs[4], gs[4], dpart = 0.f;
+    if (gch) {
+      float orr[4];
+      ld<T, 4>(qr, qrow + d0);
+      ld<T, 4>(gr, grow + d0);
+      ld<T, 4>(orr, orow + d0);
+#pragma unroll
+      for (int e = 0; e < 4; e++) dpart = fmaf(gr[e], orr[e], dpart);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) {  // qs / gs [2 c' + e]: channel KV4_DSC(c') + e (D even: both or neither)
+      const int d = KV4_DSC(c >> 1) + (c & 1);
+      qs[c] = wk && d < p.D ? fa_to_f<T>(qrow[d]) : 0.f;
+      gs[c] = wv && d < p.D ? fa_to_f<T>(grow[d]) : 0.f;
+    }
+    const float delta = gsum<G>(dpart);
+    const int64_t row = (((int64_t)b * p.V + v1) * p.NH + h) * p.L + l;
+    const float lse2 = lse[row] * FA_ATTN_LOG2E;
+    const int64_t e0 = ((int64_t)b * nq + qa) * p.VS + (int64_t)v2 * p.S;  // the samples of (query, v2)
+    float dq[4] = {0.f, 0.f, 0.f, 0.f};  // FUSE: sum_s dS k_blend over the lane's gather channels
+    for (int s0 = 0; s0 < p.S; s0 += G) {
+      Foot f;
+      f.pix = 0;
+      f.mv = 0;
+      f.fx = f.fy = 0.f;
+      f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0.f;
+      if (active && s0 + lane < p.S) {
+        int x0, y0;
+        footprint(p, coords + 2 * (e0 + s0 + lane), v2, f, x0, y0);
+      }
+      const int ns = min(G, p.S - s0);
+      for (int j = 0; j < ns; j++) {
+        const int pix = __shfl_sync(FULL, f.pix, j, G), mv = __shfl_sync(FULL, f.mv, j, G);
+        float wt[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) wt[t] = __shfl_sync(FULL, f.w[t], j, G);
+        float kb[4] = {0.f, 0.f, 0.f, 0.f}, vb[4] = {0.f, 0.f, 0.f, 0.f};
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, g[4] = {0.f, 0.f, 0.f, 0.f};  // FUSE: partial q.k_t, dO.v_t per tap
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1) || !gch) continue;  // a tap outside: 0 (its pixel may not exist)
+          const int at = (pix + (t & 1) + (t >> 1) * p.W) * p.D + d0;
+          float kx[4], vx[4];
+          ld<T, 4>(kx, km + at);
+          ld<T, 4>(vx, vm + at);
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            kb[e] = fmaf(wt[t], kx[e], kb[e]);
+            if constexpr (FUSE) {  // bwd_map_kernel's order: per-tap dots, then the weights
+              a[t] = fmaf(qr[e], kx[e], a[t]);
+              g[t] = fmaf(gr[e], vx[e], g[t]);
+            } else {
+              vb[e] = fmaf(wt[t], vx[e], vb[e]);
+            }
+          }
+        }
+        float sp = 0.f, gp = 0.f;
+        if constexpr (FUSE) {
+          sp = wt[0] * a[0] + wt[1] * a[1] + wt[2] * a[2] + wt[3] * a[3];
+          gp = wt[0] * g[0] + wt[1] * g[1] + wt[2] * g[2] + wt[3] * g[3];
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            sp = fmaf(qr[e], kb[e], sp);
+            gp = fmaf(gr[e], vb[e], gp);
+          }
+        }
+        float s, dp;
+        gsum2<G>(sp, gp, s, dp, lane);
+        const float pr = exp2f(s * p.scale2 - lse2), ds = pr * (dp - delta), sds = p.scale * ds;
+        if constexpr (FUSE) {
+          if (gc) {  // uniform: every group runs the shuffles
+            const float fx = __shfl_sync(FULL, f.fx, j, G), fy = __shfl_sync(FULL, f.fy, j, G);
+            float du, dv;
+            coord_grad(a, g, fx, fy, sds, pr, du, dv);
+            gsum2<G>(du, dv, du, dv, lane);
+            if (active && lane == 0)
+              red_add2(gc + 2 * (e0 + s0 + j), du * (float)(p.W - 1), dv * (float)(p.H - 1));
+          }
+#pragma unroll
+          for (int e = 0; e < 4; e++) dq[e] = fmaf(ds, kb[e], dq[e]);
+        }
+        if (!active) continue;  // no shuffles below
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          if (!(mv >> t & 1)) continue;
+          float2 *arow = acc + (pix + (t & 1) + (t >> 1) * p.W) * p.D;
+          const float ck = sds * wt[t], cv = pr * wt[t];
+          ulonglong2 old[2];
+#pragma unroll
+          for (int c = 0; c < 2; c++)
+            if (KV4_DSC(c) < p.D) old[c] = *(const ulonglong2 *)(arow + KV4_DSC(c));  // a guess: the CAS checks it
+#pragma unroll
+          for (int c = 0; c < 2; c++)
+            if (KV4_DSC(c) < p.D)
+              smem_add4_from(arow + KV4_DSC(c), ck * qs[2 * c], cv * gs[2 * c], ck * qs[2 * c + 1], cv * gs[2 * c + 1],
+                             old[c]);
+        }
+      }
+    }
+    if constexpr (FUSE) {
+      if (gq32 && active && gch) {
+        float x[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = p.scale * dq[e];
+        red_add<4>(gq32 + row * p.D + d0, x);
+      }
+    }
+  }
+#undef KV4_DSC
+  __syncthreads();
+  const int64_t base = (int64_t)map * LD;
+  for (int i = threadIdx.x; i < LD; i += blockDim.x) {
+    const float2 a = acc[i];
+    if (nz == 1) {
+      if (gk) gk[base + i] = fa_from_f<T>(a.x);
+      if (gv) gv[base + i] = fa_from_f<T>(a.y);
+    } else {
+      if (gk32) atomicAdd(gk32 + base + i, a.x);
+      if (gv32) atomicAdd(gv32 + base + i, a.y);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ host
 struct Plan {
   Params p;
@@ -1081,12 +1296,14 @@ static int forward_t(const fa_ds_geom *g, T *out, float *lse, const T *q, const 
 
 // the key-side launch (kv_kernel): G lanes x NCH channels per query position, nz query splits, 1024 threads (512 or
 // 256 where that lets it fit); false when a map (k and v in the dtype) and its two float32 accumulators do not fit
-// in one block's shared memory (bwd_kernel's atomics then)
+// in one block's shared memory (bwd_kernel's atomics then). v4: kv4_kernel (G lanes x 4 channels) where the rows
+// allow 16-byte vectors (vec > 1: D a multiple of 4) and D <= 128.
 struct KvPlan {
   int g, nch, nz, threads;
+  bool v4;
   size_t smem;
 };
-static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
+static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev, int vec) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     cudaGetLastError();
@@ -1094,7 +1311,12 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
   }
   const int64_t maps = g->B * g->V * g->NH, LD = g->L * g->D;
   if (maps >= ((int64_t)1 << 31) || LD >= ((int64_t)1 << 24)) return false;
-  if (g->D <= 32) {
+  kp.v4 = vec > 1 && g->D <= 128;
+  if (kp.v4) {
+    kp.nch = 1;
+    kp.g = 2;
+    while (4 * kp.g < g->D) kp.g *= 2;
+  } else if (g->D <= 32) {
     kp.nch = 1;
     kp.g = 4;
     while (kp.g < g->D) kp.g *= 2;
@@ -1103,12 +1325,12 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
     kp.nch = 2;
     while (kp.nch * 32 < g->D) kp.nch *= 2;
   }
-  const size_t fixed = kv_prep_off((size_t)LD, tsize);
+  const size_t fixed = kv_prep_off((size_t)LD, tsize), prep = kp.v4 ? 0 : 2 * sizeof(float4);  // v4: no prep
   kp.threads = 0;
-  for (int t = kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
-    if (fixed + (size_t)t * 2 * sizeof(float4) <= (size_t)optin) kp.threads = t;
+  for (int t = kp.v4 ? kv4_threads(tsize) : kv_max_threads(kp.nch); t >= 256 && !kp.threads; t /= 2)
+    if (fixed + (size_t)t * prep <= (size_t)optin) kp.threads = t;
   if (!kp.threads) return false;
-  kp.smem = fixed + (size_t)kp.threads * 2 * sizeof(float4);
+  kp.smem = fixed + (size_t)kp.threads * prep;
   // about one block per SM or more: split the query positions when there are few maps
   const int64_t sms = fa_cu_sm_count(dev), nq = g->V * g->L, ngrp = kp.threads / kp.g;
   int64_t nz = 1;
@@ -1142,6 +1364,20 @@ static bool kv_plan(KvPlan &kp, const fa_ds_geom *g, size_t tsize, int dev) {
       }                                                                                                \
     }                                                                                                  \
   } while (0)
+
+template <typename T, int G>
+static int kv4_launch(const KvPlan &kp, const Params &p, cudaStream_t st, const char *fn, T *gk, T *gv, float *gk32,
+                      float *gv32, const T *q, const T *k, const T *v, const T *go, const T *o, const float *lse,
+                      const float *coords, float *gq32, float *gc) {
+  int rc;
+  if ((rc = fa_cu_check(cudaFuncSetAttribute(kv4_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)kp.smem), fn)))
+    return rc;
+  const dim3 grid((unsigned)(p.B * p.V * p.NH), (unsigned)kp.nz);
+  kv4_kernel<T, G><<<grid, kp.threads, kp.smem, st>>>(gk, gv, gk32, gv32, q, k, v, go, o, lse, coords, p, kp.nz, gq32,
+                                                      gc);
+  return fa_cu_launch_check(fn);
+}
 
 template <typename T, int G, int NCH>
 static int kv_launch(const KvPlan &kp, const Params &p, int mvec, cudaStream_t st, const char *fn, T *gk, T *gv,
@@ -1181,15 +1417,19 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   // grad_k / grad_v: key side (kv_kernel, recomputing P and dS: no record) where a map and its accumulators fit
   // in shared memory, else bwd_kernel's atomics; deterministic: the (P, dS) record, sorted and gathered
   KvPlan kp;
-  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev);
+  const bool keyside = !det && (gk || gv) && npts && kv_plan(kp, g, sizeof(T), dev, pl.vec);
+  // float32 with kv4_kernel: that kernel gives grad_q and grad_coords as well (float atomics into both, zeroed
+  // here), no query-side kernel
+  const bool fuse = keyside && kp.v4 && sizeof(T) == 4;
   // the query side: bwd_map_kernel (maps in shared memory, one head per block) unless grad_k / grad_v need
   // bwd_kernel's atomics or the maps do not fit
   Plan pm = pl;
-  const bool bmap = (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
+  const bool bmap = !fuse && (det || keyside || !(gk || gv)) && map_plan<T>(pm, g, dev, 256);
   const int gtiles = bmap ? (int)g->NH : pl.p.nht;
   // several writers per coordinate (heads, or head tiles): deterministic, partials summed in order by
   // finish_coords_kernel; else float atomics into grad_coords, zeroed here
-  const bool gpart = bmap || pl.p.nht > 1;
+  const bool gpart = fuse || bmap || pl.p.nht > 1;
+  if (fuse && gq && (rc = fa_cu_check(cudaMemsetAsync(gq, 0, nkv * sizeof(float), st), fn))) return rc;
   if (gc && gpart && npts) {
     if (det) {
       if (!(gcdst = (float *)tmp.get((int64_t)gtiles * npts * 2 * sizeof(float)))) return FA_ERR_MEMORY;
@@ -1217,7 +1457,7 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
     DS_SWITCH(pm, T, if constexpr (VEC_ > 1 && (NC_ == 1 || sizeof(T) == 4)) rc = (bwd_map_launch<T, VEC_, TPG_, NC_>(pm, st, fn, gq, gc ? gcdst : nullptr,
                                                                                        pd, go, q, k, v, coords, o, lse, dev)));
     if (rc) return rc;
-  } else if (!bmap && (gq || gc || gk32 || gv32 || pd)) {
+  } else if (!fuse && !bmap && (gq || gc || gk32 || gv32 || pd)) {
     float *bk = keyside ? nullptr : gk32, *bv = keyside ? nullptr : gv32;
     DS_SWITCH(pl, T, (bwd_kernel<T, VEC_, TPG_, NC_><<<pl.grid, pl.threads, pl.smem_bwd, st>>>(
                          gq, gc ? gcdst : nullptr, bk, bv, pd, go, q, k, v, coords, o, lse, pl.p)));
@@ -1231,9 +1471,21 @@ static int backward_t(const fa_ds_geom *g, T *gq, T *gk, T *gv, float *gc, const
   if (!det) {
     if (keyside) {
       const bool own = kp.nz == 1;
-      KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, own ? gk : nullptr, own ? gv : nullptr,
-                                                 own ? nullptr : gk32, own ? nullptr : gv32, q, k, v, go, o, lse,
-                                                 coords)));
+      T *ok = own ? gk : nullptr, *ov = own ? gv : nullptr;
+      float *ok32 = own ? nullptr : gk32, *ov32 = own ? nullptr : gv32;
+      float *fq = fuse ? (float *)gq : nullptr, *fc = fuse ? gc : nullptr;  // float32 only (fuse)
+      if (kp.v4) {
+        switch (kp.g) {
+          case 2: rc = kv4_launch<T, 2>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 4: rc = kv4_launch<T, 4>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 8: rc = kv4_launch<T, 8>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          case 16: rc = kv4_launch<T, 16>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc); break;
+          default: rc = kv4_launch<T, 32>(kp, pl.p, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse, coords, fq, fc);
+        }
+      } else {
+        KV_SWITCH(kp, rc = (kv_launch<T, G_, NCH_>(kp, pl.p, pl.vec, st, fn, ok, ov, ok32, ov32, q, k, v, go, o, lse,
+                                                   coords)));
+      }
       if (rc) return rc;
     }
     if (sizeof(T) != 4) {

@@ -249,32 +249,19 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
   else
 #pragma unroll
     for (int i = 0; i < VEC; i++) go[i] = 0.f;
-  // grad_out in the layout of the scatter: segments of 4 channels contiguous across the group's lanes, so a
-  // red.v4 instruction of the group covers whole 32-byte sectors. With 8 channels per lane (16-bit) lane j
-  // scatters channels [4j, 4j+4) and [4*TPG + 4j, 4*TPG + 4j + 4): fetched from their owners by shuffles.
-  constexpr int NSEG = VEC == 8 ? 2 : 1, SEGW = VEC / NSEG;
+  // VEC <= 4 (the planner gives the backward 16-byte float32 / 8-byte 16-bit vectors): one red.v4 per lane
+  // and corner, a group's instruction covers the row's float32 channels contiguously (whole sectors). (The
+  // scatter is written as one segment of a segmented layout, as when 16-bit lanes held 8 channels in two
+  // segments: so the float32 kernels compile to the same PTX as before.)
+  static_assert(VEC <= 4, "the backward scatters at most 4 channels per lane");
+  constexpr int NSEG = 1, SEGW = VEC;
   float sgo[VEC];
   int segoff[NSEG];
   bool segok[NSEG];
-  if constexpr (VEC == 8) {
 #pragma unroll
-    for (int sg = 0; sg < 2; sg++) {
-      const int ch = sg * 4 * TPG + 4 * lane, src = ch >> 3;
-      const bool hi = (ch & 4) != 0;
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float lo_v = __shfl_sync(FULL, go[e], src, TPG), hi_v = __shfl_sync(FULL, go[4 + e], src, TPG);
-        sgo[sg * 4 + e] = hi ? hi_v : lo_v;
-      }
-      segoff[sg] = ch;
-      segok[sg] = c0 + ch < p.D;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; i++) sgo[i] = go[i];
-    segoff[0] = lane * VEC;
-    segok[0] = chan;
-  }
+  for (int i = 0; i < VEC; i++) sgo[i] = go[i];
+  segoff[0] = lane * VEC;
+  segok[0] = chan;
   // merge steps: partner groups at lane distance TPG, 2*TPG, ... < 32
   constexpr int NSTEP = TPG >= 32 ? 0 : TPG == 16 ? 1 : TPG == 8 ? 2 : TPG == 4 ? 3 : TPG == 2 ? 4 : 5;
 
@@ -399,6 +386,182 @@ __global__ void __launch_bounds__(THREADS) bwd_kernel(float *__restrict__ gv32, 
   }
 }
 
+// ------------------------------------------------------------------------------------------------ small problems
+// Few rows (the decoder: 4 800 rows of 16 points): the kernels above give a group of TPG lanes per row, i.e.
+// ~150 blocks, and walk the row's points one after the other, each point a dependent round trip to HBM. Here a
+// warp owns a row: SL = 32 / TPG slices of TPG lanes, slice k takes the points k, k + SL, ... Every lane
+// computes the footprints of its own points (redundant across the slice's lanes, no broadcast shuffles) and
+// issues the loads of U points at once (unconditional: the addresses are clamped), so a row's corners are in
+// flight together. The slices' partial sums meet by shuffles in a fixed order. Query order (n, q, m); one
+// channel chunk (TPG <= 16).
+template <int TPG> struct Small {
+  static constexpr int SL = 32 / TPG;
+};
+
+template <typename T, int VEC, int TPG>
+__global__ void __launch_bounds__(THREADS) fwd_small_kernel(T *__restrict__ out, const T *__restrict__ value,
+                                                            const float *__restrict__ loc,
+                                                            const float *__restrict__ attn,
+                                                            const __grid_constant__ Params p, int groups) {
+  constexpr int SL = Small<TPG>::SL, U = VEC >= 8 ? 2 : 4;
+  const int lane = threadIdx.x % TPG, sl = (threadIdx.x % 32) / TPG;
+  const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / 32);
+  const bool active = gid < groups;
+  const int g = active ? gid : groups - 1;
+  const int m = g % p.M, n = g / (p.M * p.Lq);
+  const int c = lane * VEC;
+  const bool chan = c < p.D;
+  const int64_t MD = (int64_t)p.M * p.D;
+  const T *__restrict__ vb = value + (int64_t)m * p.D + (chan ? c : 0);
+  const int i0 = g * p.LP;
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; i++) acc[i] = 0.f;
+  for (int r0 = 0; r0 < p.LP; r0 += SL * U) {  // uniform over the warp (shuffles inside)
+    const int s0 = r0 + sl;
+    Foot f[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int s = s0 + u * SL;
+      int x0, y0;
+      float fx, fy, sx, sy;
+      if (s < p.LP && cell(p, s / p.P, loc[2 * (i0 + s)], loc[2 * (i0 + s) + 1], x0, y0, fx, fy, sx, sy))
+        footprint(p, n, s / p.P, x0, y0, fx, fy, attn[i0 + s], f[u]);
+      else
+        no_footprint(p, n, f[u]);
+    }
+    float v[U][4][VEC];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t d01 = (f[u].step >> 4 & 1) * MD, d10 = (int64_t)(f[u].step >> 5) * MD;
+      const T *b = vb + (int64_t)f[u].pix * MD;
+      load_vec<T, VEC>(v[u][0], b);
+      load_vec<T, VEC>(v[u][1], b + d01);
+      load_vec<T, VEC>(v[u][2], b + d10);
+      load_vec<T, VEC>(v[u][3], b + d10 + d01);
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++)
+      if (chan && (f[u].c[0] != 0.f || f[u].c[1] != 0.f || f[u].c[2] != 0.f || f[u].c[3] != 0.f))  // as fwd_kernel
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+          acc[i] = fmaf(f[u].c[3], v[u][3][i],
+                        fmaf(f[u].c[2], v[u][2][i], fmaf(f[u].c[1], v[u][1][i], fmaf(f[u].c[0], v[u][0][i], acc[i]))));
+  }
+#pragma unroll
+  for (int d = TPG; d < 32; d *= 2)
+#pragma unroll
+    for (int i = 0; i < VEC; i++) acc[i] += __shfl_xor_sync(FULL, acc[i], d);
+  if (active && chan && sl == 0) store_vec<T, VEC>(out + (int64_t)g * p.D + c, acc);
+}
+
+// The backward of the small plan (atomics into gv32, as bwd_kernel without the merge). Per point the lanes of
+// a slice form partial dots <grad_out, corner> over their channels, summed over the slice by xor shuffles; lane
+// 0 of the slice writes the point's gradients.
+template <typename T, int VEC, int TPG>
+__global__ void __launch_bounds__(THREADS) bwd_small_kernel(float *__restrict__ gv32, float *__restrict__ gloc,
+                                                            float *__restrict__ gattn, const T *__restrict__ gout,
+                                                            const T *__restrict__ value, const float *__restrict__ loc,
+                                                            const float *__restrict__ attn,
+                                                            const __grid_constant__ Params p, int groups, int points) {
+  static_assert(VEC <= 4, "the backward scatters at most 4 channels per lane");
+  constexpr int SL = Small<TPG>::SL, U = 4;
+  const int lane = threadIdx.x % TPG, sl = (threadIdx.x % 32) / TPG;
+  const int gid = (int)((blockIdx.x * (unsigned)THREADS + threadIdx.x) / 32);
+  const bool active = gid < groups;
+  const int g = active ? gid : groups - 1;
+  const int m = g % p.M, n = g / (p.M * p.Lq);
+  const int c = lane * VEC;
+  const bool chan = c < p.D;
+  const int64_t MD = (int64_t)p.M * p.D;
+  const int64_t coff = (int64_t)m * p.D + (chan ? c : 0);
+  const int i0 = g * p.LP;
+  float go[VEC];
+  if (chan) load_vec<T, VEC>(go, gout + (int64_t)g * p.D + c);
+  else
+#pragma unroll
+    for (int i = 0; i < VEC; i++) go[i] = 0.f;
+  for (int r0 = 0; r0 < p.LP; r0 += SL * U) {  // uniform over the warp (shuffles inside)
+    const int s0 = r0 + sl;
+    Foot f[U];
+    float fx[U], fy[U], gx[U], gy[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int s = s0 + u * SL;
+      int x0, y0;
+      float sx, sy;
+      fx[u] = fy[u] = gx[u] = gy[u] = 0.f;
+      if (s < p.LP && cell(p, s / p.P, loc[2 * (i0 + s)], loc[2 * (i0 + s) + 1], x0, y0, fx[u], fy[u], sx, sy)) {
+        const float a = attn[i0 + s];
+        footprint(p, n, s / p.P, x0, y0, fx[u], fy[u], a, f[u]);
+        gx[u] = a * sx;
+        gy[u] = a * sy;
+      } else {
+        fx[u] = fy[u] = 0.f;
+        no_footprint(p, n, f[u]);
+      }
+    }
+    if (points) {  // uniform over the grid
+      float dot[U][4];
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int64_t d01 = (f[u].step >> 4 & 1) * MD, d10 = (int64_t)(f[u].step >> 5) * MD;
+        const int64_t off[4] = {0, d01, d10, d10 + d01};
+        const T *b = value + (int64_t)f[u].pix * MD + coff;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+          float v[VEC];
+          load_vec<T, VEC>(v, b + off[k]);
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < VEC; i++) d = fmaf(go[i], v[i], d);
+          dot[u][k] = d;
+        }
+      }
+#pragma unroll
+      for (int d = TPG / 2; d >= 1; d /= 2)
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+          for (int k = 0; k < 4; k++) dot[u][k] += __shfl_xor_sync(FULL, dot[u][k], d);
+      if (lane == 0 && active) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int s = s0 + u * SL;
+          if (s >= p.LP) break;  // uniform over the slice
+          float t[4];
+#pragma unroll
+          for (int k = 0; k < 4; k++) t[k] = (f[u].mask >> k & 1u) ? dot[u][k] : 0.f;
+          const float hx = 1.f - fx[u], hy = 1.f - fy[u];
+          const float dA = hx * hy * t[0] + fx[u] * hy * t[1] + hx * fy[u] * t[2] + fx[u] * fy[u] * t[3];
+          const int i = i0 + s;
+          if (gattn) gattn[i] = dA;
+          if (gloc) {
+            gloc[2 * i] = gx[u] * fa_bl_du(t, fy[u], hy);
+            gloc[2 * i + 1] = gy[u] * fa_bl_dv(t, fx[u], hx);
+          }
+        }
+      }
+    }
+    if (gv32 && active && chan) {
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int64_t d01 = (f[u].step >> 4 & 1) * MD, d10 = (int64_t)(f[u].step >> 5) * MD;
+        const int64_t off[4] = {0, d01, d10, d10 + d01};
+        float *b = gv32 + (int64_t)f[u].pix * MD + coff;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+          if (f[u].c[k] == 0.f) continue;
+          float w[VEC];
+#pragma unroll
+          for (int i = 0; i < VEC; i++) w[i] = f[u].c[k] * go[i];
+          red_add<VEC>(b + off[k], w);
+        }
+      }
+    }
+  }
+}
+
 // point gradients = sum of the channel chunks' partials, in chunk order
 __global__ void finish_points_kernel(float *__restrict__ gloc, float *__restrict__ gattn,
                                      const float *__restrict__ part, int64_t npts, int chunks) {
@@ -417,6 +580,15 @@ template <typename T>
 __global__ void cast_kernel(T *__restrict__ dst, const float *__restrict__ src, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     dst[i] = fa_from_f<T>(src[i]);
+}
+// the same, 4 elements per thread and step (n4 = n / 4; dst 8-byte and src 16-byte aligned)
+template <typename T>
+__global__ void cast4_kernel(T *__restrict__ dst, const float *__restrict__ src, int64_t n4) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+    float f[4];
+    load_vec<float, 4>(f, src + 4 * i);
+    store_vec<T, 4>(dst + 4 * i, f);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ gather
@@ -501,6 +673,7 @@ __global__ void __launch_bounds__(THREADS) gather_kernel(T *__restrict__ gv, con
 struct Plan {
   Params p;
   bool head, merge;  // the variants: head order (else query order), warp merge (head order only)
+  bool small;        // the small-problem kernels (a warp per row)
   int vec, tpg, chunks, groups;
   int64_t npts;
 };
@@ -536,7 +709,14 @@ static int make_plan(const char *fn, Plan &pl, const fa_msda_geom *g, bool backw
   pl.head = g->order == FA_MSDA_ORDER_QUERY ? false : g->order == FA_MSDA_ORDER_HEAD ? true : backward ? self : true;
   pl.merge = pl.head && (g->merge == FA_MSDA_OFF ? false : g->merge == FA_MSDA_ON ? true : backward && self);
   p.qfast = pl.head;
-  pl.vec = vec_ok<T>(g->D, ptrs, nptrs) ? 16 / (int)sizeof(T) : 1;
+  // Vectors: 16 bytes in the forward; in the backward 4 channels (16 bytes float32, 8 bytes 16-bit), so that a
+  // lane's red.v4 of 4 float32 sums is its whole share of the row and a group's instruction covers the row's
+  // float32 channels contiguously, as for float32 (8 channels per lane took two half-row instructions per
+  // group: 2x the L2 requests, the bfloat16 backward 0.96 ms against float32's 0.78 on the H200).
+  const int vb = backward ? 4 * (int)sizeof(T) : 16;
+  bool vok = g->D % (vb / (int)sizeof(T)) == 0;
+  for (int i = 0; i < nptrs; i++) vok = vok && (!ptrs[i] || ((uintptr_t)ptrs[i] & (vb - 1)) == 0);
+  pl.vec = vok ? vb / (int)sizeof(T) : 1;
   int need = (int)((g->D + pl.vec - 1) / pl.vec), t = 1;
   while (t < need && t < 32) t *= 2;
   pl.tpg = pl.vec == 1 ? 32 : t;
@@ -547,6 +727,11 @@ static int make_plan(const char *fn, Plan &pl, const fa_msda_geom *g, bool backw
   pl.chunks = (int)chunks;
   pl.groups = (int)(g->N * g->Lq * g->M);
   pl.npts = g->N * g->Lq * g->M * g->L * g->P;
+  // Small problems (fwd_small_kernel, bwd_small_kernel): when the group kernels would run fewer than 256
+  // blocks (< 2 per SM on 132 SMs; the decoder: 4 800 rows x 8 lanes = 150 blocks) and the planner chooses
+  // (order and merge not forced); fast path only (the deterministic backward keeps its kernels).
+  pl.small = pl.tpg <= 16 && (int64_t)pl.groups * pl.tpg <= 256 * THREADS && g->order == FA_MSDA_ORDER_AUTO &&
+             g->merge == FA_MSDA_AUTO && !(backward && g->deterministic);
   return 0;
 }
 
@@ -568,6 +753,12 @@ static dim3 grid_of(const Plan &pl, int64_t groups) {
 template <typename T>
 static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, const float *loc, const float *attn) {
   constexpr int V = 16 / sizeof(T);
+  if (pl.small) {  // a warp per row (pl.vec == V, pl.tpg <= 16)
+    const dim3 grid((unsigned)(((int64_t)pl.groups * 32 + THREADS - 1) / THREADS));
+    MSDA_TPG_SWITCH(pl.tpg, if constexpr (TPG_ <= 16) fwd_small_kernel<T, V, TPG_><<<grid, THREADS, 0, st>>>(
+                                out, value, loc, attn, pl.p, pl.groups))
+    return;
+  }
   const dim3 grid = grid_of(pl, pl.groups);
   if (pl.vec == 1) {
     fwd_kernel<T, 1, 32><<<grid, THREADS, 0, st>>>(out, value, loc, attn, pl.p, pl.groups);
@@ -579,7 +770,7 @@ static void launch_fwd(const Plan &pl, cudaStream_t st, T *out, const T *value, 
 template <typename T, bool HEAD, bool MERGE, bool SCATTER>
 static void launch_bwd_v(const Plan &pl, cudaStream_t st, float *gv32, float *gloc, float *gattn, float *part,
                          const T *gout, const T *value, const float *loc, const float *attn, int points) {
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = 4;  // make_plan: 4 channels per lane in the backward
   const dim3 grid = grid_of(pl, pl.groups);
   if (pl.vec == 1) {
     bwd_kernel<T, 1, 32, HEAD, MERGE, SCATTER><<<grid, THREADS, 0, st>>>(gv32, gloc, gattn, part, gout, value, loc,
@@ -610,7 +801,7 @@ static void launch_bwd(const Plan &pl, cudaStream_t st, float *gv32, float *gloc
 template <typename T>
 static void launch_gather(const Plan &pl, cudaStream_t st, T *gv, const unsigned *ids, const float *coef,
                           const int *offs, const T *gout) {
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = 4;  // the backward's plan
   const int rows = pl.p.N * pl.p.S * pl.p.M;
   const dim3 grid = grid_of(pl, rows);
   if (pl.vec == 1) {
@@ -672,9 +863,20 @@ static int backward_t(const fa_msda_geom *g, T *gv, float *gloc, float *gattn, c
       if (!gv32) return FA_ERR_MEMORY;
       if ((rc = fa_cu_check(cudaMemsetAsync(gv32, 0, nv * sizeof(float), st), fn))) return rc;
     }
-    launch_bwd<T>(pl, st, gv32, gloc, gattn, part, go, val, lc, at, gv != nullptr, points);
+    if (pl.small) {  // pl.vec == 4, pl.tpg <= 16, one chunk (part == nullptr)
+      const dim3 grid((unsigned)(((int64_t)pl.groups * 32 + THREADS - 1) / THREADS));
+      MSDA_TPG_SWITCH(pl.tpg, if constexpr (TPG_ <= 16) bwd_small_kernel<T, 4, TPG_><<<grid, THREADS, 0, st>>>(
+                                  gv32, gloc, gattn, go, val, lc, at, p, pl.groups, points))
+    } else {
+      launch_bwd<T>(pl, st, gv32, gloc, gattn, part, go, val, lc, at, gv != nullptr, points);
+    }
     finish_points();
-    if (gv && sizeof(T) != 4) cast_kernel<T><<<fa_cu_blocks(nv, 256, dev), 256, 0, st>>>(gv, gv32, nv);
+    if (gv && sizeof(T) != 4) {
+      if (nv % 4 == 0 && ((uintptr_t)gv & 7) == 0 && fa_cu_aligned16(gv32))
+        cast4_kernel<T><<<fa_cu_blocks(nv / 4, 256, dev), 256, 0, st>>>(gv, gv32, nv / 4);
+      else
+        cast_kernel<T><<<fa_cu_blocks(nv, 256, dev), 256, 0, st>>>(gv, gv32, nv);
+    }
     return fa_cu_launch_check(fn);
   }
   // deterministic: point gradients without atomics, then grad_value by sorting and gathering

@@ -342,6 +342,45 @@ op.describe_gpu('CUDA kernels against the CPU', function()
     end
   end)
 
+  describe('grid sampling, taps outside the image', function()
+    -- the 32-bit kernel reads a stand-in element for taps outside the image and selects 0 instead: an
+    -- infinite value there must not turn points outside into NaN (0 * inf)
+    for _, dt in ipairs(DTYPES) do
+      it('an infinite first element does not reach points outside the image, ' .. dt, function()
+        if not needs('fa_grid_sample_forward') then return end
+        local N, Cc, H, W, Ho, Wo = 2, 11, 6, 7, 5, 8
+        local ir = fa.randn({ N, Cc, H, W }, 'float64')
+        for n = 1, N do
+          for c = 1, Cc do ir[n][c][1][1] = 1 / 0 end
+        end
+        ir = ir:to(dt):double()
+        local ig = ir:to(dt):to(DEV)
+        -- even columns of the grid: far outside (left of and above the image); odd: inside, away from (0, 0)
+        local gr = fa.empty({ N, Ho, Wo, 2 }, 'float64')
+        for n = 1, N do
+          for h = 1, Ho do
+            for w = 1, Wo do
+              local out_ = w % 2 == 0
+              gr[n][h][w][1] = out_ and -1.5 - 0.1 * h or 0.1 + 0.05 * w
+              gr[n][h][w][2] = out_ and -1.7 or 0.2 + 0.1 * h
+            end
+          end
+        end
+        gr = gr:to(dt):double()
+        local gg = gr:to(dt):to(DEV)
+        for pad = 0, 0 do
+          local o64 = cpu_out({ N, Cc, Ho, Wo })
+          call('fa_grid_sample_forward', o64.desc, ir.desc, gr.desc, pad, 0)
+          local o = gpu_out({ N, Cc, Ho, Wo }, dt)
+          call('fa_grid_sample_forward', o.desc, ig.desc, gg.desc, pad, 0)
+          close(o, o64, TOL[dt], 'out')
+          local oc = o:to('float64', 'cpu'):contiguous()
+          assert.are.equal(0, oc[1][1][1][2]) -- an outside point: exactly 0
+        end
+      end)
+    end
+  end)
+
   ------------------------------------------------------------------------------------------ criterions
   describe('MSE', function()
     for _, dt in ipairs(DTYPES) do
@@ -466,6 +505,14 @@ op.describe_gpu('CUDA kernels against the CPU', function()
       -- groups 1 and 2 is not 16-byte aligned, so those take the fallback (bias written first, GEMM beta = 1)
       { 3, 6, 5, 7, 9, 1, 1, 1, 1, 0, 0, 1, 1, 3, true, 'grouped 1x1 with bias' },
       { 5, 16, 12, 20, 24, 1, 1, 1, 1, 0, 0, 1, 1, 1, true, '1x1 with bias, 5 images' },
+      -- more (plane, tile) items than the device holds blocks: the pipelined 16-byte kernel walks several
+      -- items per block, prefetching the next (odd cases: dense x; even: the same shape strided)
+      { 4, 320, 32, 32, 320, 6, 6, 4, 4, 1, 1, 1, 1, 320, true, 'depthwise 6x6/4, 1280 planes' },
+      { 4, 320, 32, 32, 320, 6, 6, 4, 4, 1, 1, 1, 1, 320, true, 'depthwise 6x6/4, 1280 planes' },
+      { 3, 200, 24, 72, 200, 3, 3, 1, 1, 1, 1, 1, 1, 200, false, 'depthwise 3x3, 600 planes of 9 tiles' },
+      { 3, 200, 24, 72, 200, 3, 3, 1, 1, 1, 1, 1, 1, 200, false, 'depthwise 3x3, 600 planes of 9 tiles' },
+      { 2, 100, 40, 64, 200, 5, 5, 2, 2, 2, 2, 1, 1, 100, true, 'depthwise 5x5/2, multiplier 2, 400 planes of 3 tiles' },
+      { 2, 100, 40, 64, 200, 5, 5, 2, 2, 2, 2, 1, 1, 100, true, 'depthwise 5x5/2, multiplier 2, 400 planes of 3 tiles' },
     }
     for _, dt in ipairs(DTYPES) do
       for ci, c in ipairs(cases) do
@@ -555,6 +602,87 @@ op.describe_gpu('CUDA kernels against the CPU', function()
           end
         end
       end
+    end)
+    -- 1x1 with tensor cores (TF32 or 16-bit, one group): x (grad_out in the backward) is transposed to
+    -- channels-last with bias columns and one strided-batched GEMM runs on K-major operands; grad_weight is one
+    -- batched GEMM into per-image products added in order. Channel counts off multiples of 8 and 32 (padding
+    -- of the packed rows and tiles), positions over several 32-wide tiles, batch 1 and several, bias or not,
+    -- x dense, transposed (H, W), channels-last and narrowed (misaligned).
+    describe('1x1 on tensor cores (channels-last packed operands)', function()
+      -- N, C, H, W, O, bias, layout of x
+      local pcases = {
+        { 1, 40, 6, 7, 24, true, 'dense' },
+        { 4, 37, 5, 9, 19, false, 'transposed' },
+        { 3, 16, 4, 8, 33, true, 'channels-last' },
+        { 2, 24, 5, 6, 16, true, 'narrowed' },
+        { 2, 70, 9, 10, 66, true, 'dense' },
+        { 5, 8, 1, 3, 8, false, 'channels-last' },
+      }
+      for _, dt in ipairs(DTYPES) do
+        local tf32 = dt == 'float32' and not ON_CPU
+        local tol = tf32 and 5e-3 or TOL[dt]
+        for _, c in ipairs(pcases) do
+          local N, Cc, H, W, O, bias, layout = unpack(c)
+          it(string.format('x %s (%s), %d -> %d channels, %s%s, %s', shape_str({ N, Cc, H, W }), layout, Cc, O,
+            tf32 and 'float32 with TF32' or dt, bias and ', bias' or '', 'forward and backward'), function()
+            if not needs('fa_conv2d_forward', 'fa_conv2d_backward') then return end
+            local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+            local xo = {}
+            if layout == 'transposed' then xo.transpose = { 3, 4 }
+            elseif layout == 'channels-last' then xo.transpose = { 2, 4 }
+            elseif layout == 'narrowed' then xo.narrow = true end
+            local xr, xg = rand({ N, Cc, H, W }, dt, xo)
+            local wr, wg = rand({ O, Cc, 1, 1 }, dt, { scale = 1 / math.sqrt(Cc) })
+            local br, bg
+            if bias then br, bg = rand({ O }, dt) end
+            local gor, gog = rand({ N, O, H, W }, dt)
+            local o64, gx64 = cpu_out({ N, O, H, W }), cpu_out({ N, Cc, H, W })
+            local gw64, gwg = rand({ O, Cc, 1, 1 }, dt)
+            local gb64, gbg
+            if bias then gb64, gbg = rand({ O }, dt) end
+            call('fa_conv2d_forward', o64.desc, xr.desc, wr.desc, d(br), p)
+            call('fa_conv2d_backward', gx64.desc, gw64.desc, d(gb64), gor.desc, xr.desc, wr.desc, p)
+            local o, gx = gpu_out({ N, O, H, W }, dt), gpu_out({ N, Cc, H, W }, dt)
+            if tf32 then C.fa_cuda_allow_tf32(1) end
+            local ok, err = pcall(function()
+              call('fa_conv2d_forward', o.desc, xg.desc, wg.desc, d(bg), p)
+              call('fa_conv2d_backward', gx.desc, gwg.desc, d(gbg), gog.desc, xg.desc, wg.desc, p)
+            end)
+            if tf32 then C.fa_cuda_allow_tf32(0) end
+            assert(ok, err)
+            close(o, o64, tol, 'out')
+            close(gx, gx64, tol, 'grad_x')
+            close(gwg, gw64, tol, 'grad_weight')
+            if bias then close(gbg, gb64, tol, 'grad_bias') end
+          end)
+        end
+      end
+      it('keeps the float32 bias to 2^-20 under TF32 (split into two TF32 columns)', function()
+        if not needs('fa_conv2d_forward') then return end
+        local N, Cc, H, W, O = 2, 24, 3, 5, 16
+        local p = ffi.new('fa_conv2d_params', 1, 1, 0, 0, 1, 1, 1)
+        local _, xg = rand({ N, Cc, H, W }, 'float32')
+        local wg = fa.zeros({ O, Cc, 1, 1 }, { dtype = 'float32', device = DEV })
+        -- biases with all 24 mantissa bits in use: one TF32 column (10 bits) would be off by up to 2^-10
+        local br, bg = rand({ O }, 'float32', { scale = 1000 })
+        local o = gpu_out({ N, O, H, W }, 'float32')
+        if not ON_CPU then C.fa_cuda_allow_tf32(1) end
+        local ok, err = pcall(call, 'fa_conv2d_forward', o.desc, xg.desc, wg.desc, bg.desc, p)
+        if not ON_CPU then C.fa_cuda_allow_tf32(0) end
+        assert(ok, err)
+        local oc = o:to('float64', 'cpu'):contiguous()
+        local bp = ffi.cast('double*', br.desc.data)
+        local op_ = ffi.cast('double*', oc.desc.data)
+        for n = 0, N - 1 do
+          for k = 0, O - 1 do
+            for q = 0, H * W - 1 do
+              local got, want = op_[(n * O + k) * H * W + q], bp[k]
+              assert(math.abs(got - want) <= 2 ^ -20 * math.abs(want),
+                string.format('out[%d][%d][%d] = %.9g, bias %.9g', n, k, q, got, want))
+            end
+          end
+        end
+      end)
     end)
     it('names the argument on another device', function()
       if ON_CPU then return end

@@ -92,6 +92,11 @@ local GPU_SHAPES = {
   { { 2, 0, 2, 4, { { 2, 3 }, { 1, 1 } }, 3 }, what = 'Lq = 0 (grad value zeroed)' },
   { { 0, 5, 2, 4, { { 2, 3 }, { 1, 1 } }, 3 }, what = 'N = 0' },
   { { 2, 500, 8, 32, LEVELS4, 4 }, variants = { { deterministic = true } }, what = 'deterministic, large' },
+  -- the planner's default above the small-problem threshold (cuda/msda.cu: group kernels when the rows x lanes
+  -- exceed 256 blocks of 256 threads; below it a warp per row)
+  { { 1, 4200, 4, 32, LEVELS4, 4 }, variants = { { name = 'default' } }, what = 'above the small-problem size' },
+  { { 1, 5, 2, 4, { { 5, 7 }, { 2, 3 } }, 70 }, what = 'small plan, 140 points per row (several rounds)' },
+  { { 1, 3, 1, 3, { { 1, 3 } }, 2 }, what = 'N*S*M*D = 9 (16-bit grad_value cast one element at a time)' },
 }
 for _, D in ipairs({ 4, 8, 32, 64, 128, 6, 24, 40, 256 }) do
   GPU_SHAPES[#GPU_SHAPES + 1] = { { 2, 37, 2, D, { { 5, 7 }, { 1, 1 }, { 2, 3 } }, 4 }, what = 'D = ' .. D }
