@@ -153,8 +153,8 @@ op('conv1x1', { 'float32', 'tf32', 'bfloat16' }, function(B, dt)
   return function(k) chk(C.fa_conv2d_forward(y.desc, xs[k].desc, w.desc, b.desc, p)) end, nil, 2 * B * 4096 * 512 * 512,
     'Bx512x64x64, 512 -> 512'
 end)
--- backward of the same 1x1 conv: grad_x, grad_weight and grad_bias (no PyTorch peer row yet: torch_gpu.py
--- would time torch.autograd.grad of F.conv2d for 'conv1x1_bwd')
+-- backward of the same 1x1 conv: grad_x, grad_weight and grad_bias (PyTorch: aten's convolution_backward, the
+-- call autograd makes)
 op('conv1x1_bwd', { 'float32', 'tf32', 'bfloat16' }, function(B, dt)
   local st = storage(dt)
   local s = { B, 512, 64, 64 }

@@ -115,6 +115,13 @@ def ops(B):
         w, b = randn((512, 512, 1, 1), dt) / 23, randn((512,), dt)
         return lambda k: F.conv2d(xs[k], w, b)
 
+    def conv1x1_bwd(dt):  # grad x, grad w, grad b of the same conv (aten's convolution_backward: what autograd calls)
+        xs = [randn(img, dt) for _ in range(S)]
+        gos = [randn(img, dt) for _ in range(S)]
+        w = randn((512, 512, 1, 1), dt) / 23
+        return lambda k: torch.ops.aten.convolution_backward(gos[k], xs[k], w, [512], [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, True, True])
+
     def linear(dt):
         xs = [randn((B * 4096, 512), dt) for _ in range(S)]
         w, b = randn((512, 512), dt) / 23, randn((512,), dt)
@@ -133,6 +140,8 @@ def ops(B):
         ('grid_sample_dat', 'float32', grid_dat),
         ('dwconv6x6s4', 'float32', dwconv), ('dwconv6x6s4', 'bfloat16', dwconv),
         ('conv1x1', 'float32', conv1x1), ('conv1x1', 'tf32', conv1x1), ('conv1x1', 'bfloat16', conv1x1),
+        ('conv1x1_bwd', 'float32', conv1x1_bwd), ('conv1x1_bwd', 'tf32', conv1x1_bwd),
+        ('conv1x1_bwd', 'bfloat16', conv1x1_bwd),
         ('linear', 'float32', linear), ('linear', 'tf32', linear),
         ('matmul', 'float32', matmul), ('matmul', 'tf32', matmul), ('matmul', 'bfloat16', matmul),
     ]
